@@ -1,0 +1,33 @@
+"""egp-onnx: Entropy-Guided Pruning for ONNX models.
+
+Public API: :func:`analyze` and :func:`compress`, their reports, and the error types.
+"""
+
+from egp_onnx.errors import (
+    CalibrationError,
+    ConfigError,
+    EgpError,
+    ModelError,
+    NothingToPruneError,
+    OutputError,
+)
+from egp_onnx.pipeline import CompressionResult, analyze, compress
+from egp_onnx.report import AnalysisReport, CompressionReport, LayerRecord, RectifierRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnalysisReport",
+    "CalibrationError",
+    "CompressionReport",
+    "CompressionResult",
+    "ConfigError",
+    "EgpError",
+    "LayerRecord",
+    "ModelError",
+    "NothingToPruneError",
+    "OutputError",
+    "RectifierRecord",
+    "analyze",
+    "compress",
+]

@@ -1,0 +1,334 @@
+"""Calibration data: readers for .npz, .npy, folders of them, image folders, and any
+onnxruntime-style CalibrationDataReader; every batch is checked against the model's inputs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from egp_onnx.errors import CalibrationError
+
+LABELS_KEY = "labels"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+Batch = dict[str, np.ndarray]
+
+
+class CalibrationDataReader(Protocol):
+    """onnxruntime.quantization's reader protocol: get_next() gives a feed dict, then None."""
+
+    def get_next(self) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, dims (None where symbolic) and numpy dtype."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: np.dtype[Any]
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (initializers listed as inputs are left out)."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in tensor_type.shape.dim
+        )
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        specs.append(InputSpec(value.name, dims, dtype))
+    return specs
+
+
+def _check_arrays(arrays: Batch, specs: Sequence[InputSpec], where: str) -> int:
+    """Check names, ranks, fixed dims, dtypes and finiteness; return the sample count."""
+    wanted = {s.name for s in specs}
+    missing = sorted(wanted - arrays.keys())
+    if missing:
+        raise CalibrationError(
+            f"{where}: no data for model input(s) {', '.join(missing)} "
+            f"(found {', '.join(sorted(arrays)) or 'nothing'})"
+        )
+    unknown = sorted(arrays.keys() - wanted)
+    if unknown:
+        raise CalibrationError(
+            f"{where}: {', '.join(unknown)} is not a model input "
+            f"(model inputs: {', '.join(sorted(wanted))}; labels go under '{LABELS_KEY}')"
+        )
+    samples: int | None = None
+    for spec in specs:
+        array = arrays[spec.name]
+        if array.ndim != len(spec.shape):
+            raise CalibrationError(
+                f"{where}: input '{spec.name}' has rank {array.ndim} {array.shape}, "
+                f"the model expects rank {len(spec.shape)} {_shape_text(spec.shape)}"
+            )
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+            if axis > 0 and want is not None and got != want:
+                raise CalibrationError(
+                    f"{where}: input '{spec.name}' has shape {array.shape}, "
+                    f"the model expects {_shape_text(spec.shape)}"
+                )
+        if array.dtype != spec.dtype:
+            raise CalibrationError(
+                f"{where}: input '{spec.name}' has dtype {array.dtype}, the model expects "
+                f"{spec.dtype} (convert with .astype(np.{spec.dtype.name}))"
+            )
+        if array.ndim == 0 or array.shape[0] == 0:
+            raise CalibrationError(f"{where}: input '{spec.name}' holds no samples")
+        if samples is not None and array.shape[0] != samples:
+            raise CalibrationError(f"{where}: inputs hold different numbers of samples")
+        samples = array.shape[0]
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise CalibrationError(f"{where}: input '{spec.name}' contains NaN or Inf values")
+    assert samples is not None  # specs is never empty: checked in CalibrationData
+    return samples
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+class CalibrationData:
+    """Calibration batches for one model, streamed shard by shard and re-batched.
+
+    A shard is one file's worth (or one reader batch) of samples. Shards are loaded lazily and
+    checked as they arrive; the first shard is checked when the data is opened, so obvious
+    mismatches fail before any work starts.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[InputSpec],
+        shards: Sequence[Callable[[], tuple[Batch, np.ndarray | None]]],
+        description: str,
+    ) -> None:
+        if not specs:
+            raise CalibrationError("the model has no inputs to feed")
+        if not shards:
+            raise CalibrationError(f"{description}: no calibration data found")
+        self.specs = list(specs)
+        self.description = description
+        self._shards = list(shards)
+        first, _ = self._load(0)
+        self._first = first
+
+    def _load(self, i: int) -> tuple[Batch, np.ndarray | None]:
+        arrays, labels = self._shards[i]()
+        where = self.description if len(self._shards) == 1 else f"{self.description} (part {i + 1})"
+        samples = _check_arrays(arrays, self.specs, where)
+        if labels is not None and len(labels) != samples:
+            raise CalibrationError(f"{where}: {len(labels)} labels for {samples} samples")
+        return arrays, labels
+
+    def batches(self, batch_size: int) -> Iterator[tuple[Batch, np.ndarray | None]]:
+        """Yield (feed, labels) batches of ``batch_size`` samples (the last may be smaller)."""
+        fixed = self.specs[0].shape[0] if self.specs[0].shape else None
+        if fixed is not None:
+            batch_size = fixed
+        pending: list[tuple[Batch, np.ndarray | None]] = []
+        pending_size = 0
+        for i in range(len(self._shards)):
+            arrays, labels = self._load(i)
+            pending.append((arrays, labels))
+            pending_size += next(iter(arrays.values())).shape[0]
+            while pending_size >= batch_size:
+                merged, merged_labels = _concat(pending)
+                yield _take(merged, 0, batch_size), _slice(merged_labels, 0, batch_size)
+                rest = _take(merged, batch_size, None)
+                pending = [(rest, _slice(merged_labels, batch_size, None))]
+                pending_size -= batch_size
+        if pending_size and fixed is None:
+            yield _concat(pending)
+
+    def arrays(self) -> tuple[Batch, np.ndarray | None]:
+        """All samples at once (for small held-out sets)."""
+        return _concat([self._load(i) for i in range(len(self._shards))])
+
+    def __len__(self) -> int:
+        """Number of shards."""
+        return len(self._shards)
+
+
+def _take(arrays: Batch, start: int, stop: int | None) -> Batch:
+    return {k: v[start:stop] for k, v in arrays.items()}
+
+
+def _slice(labels: np.ndarray | None, start: int, stop: int | None) -> np.ndarray | None:
+    return None if labels is None else labels[start:stop]
+
+
+def _concat(parts: list[tuple[Batch, np.ndarray | None]]) -> tuple[Batch, np.ndarray | None]:
+    if len(parts) == 1:
+        return parts[0]
+    arrays = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+    labels = None
+    if all(p[1] is not None for p in parts):
+        labels = np.concatenate([p[1] for p in parts if p[1] is not None])
+    return arrays, labels
+
+
+def _read_npz(path: Path) -> tuple[Batch, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
+    if not arrays:
+        raise CalibrationError(f"calibration file {path} is empty")
+    labels = arrays.pop(LABELS_KEY, None)
+    return arrays, labels
+
+
+def _read_npy(path: Path, specs: Sequence[InputSpec]) -> tuple[Batch, np.ndarray | None]:
+    if len(specs) != 1:
+        raise CalibrationError(
+            f"{path}: a .npy file feeds a single-input model; this model has inputs "
+            f"{', '.join(s.name for s in specs)}: use an .npz keyed by input name"
+        )
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
+    if array.ndim == len(specs[0].shape) - 1 and array.size:
+        array = array[None]  # one sample without its batch axis
+    return {specs[0].name: array}, None
+
+
+def _image_shards(
+    folder: Path, images: list[tuple[Path, int | None]], spec: InputSpec,
+    mean: Sequence[float], std: Sequence[float], chunk: int,
+) -> list[Callable[[], tuple[Batch, np.ndarray | None]]]:
+    if len(spec.shape) != 4 or any(d is None for d in spec.shape[1:]):
+        raise CalibrationError(
+            f"{folder}: images need a model input of fixed shape (N, C, H, W); "
+            f"'{spec.name}' is {_shape_text(spec.shape)}"
+        )
+    channels, height, width = (int(d) for d in spec.shape[1:])  # type: ignore[arg-type]
+    if channels not in (1, 3):
+        raise CalibrationError(f"{folder}: images need 1 or 3 input channels, model has {channels}")
+    mean_a = _per_channel(mean, channels, "--mean")
+    std_a = _per_channel(std, channels, "--std")
+    if (std_a == 0).any():
+        raise CalibrationError("--std values must be non-zero")
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise CalibrationError(
+            "reading images needs Pillow: pip install 'egp-onnx[images]'"
+        ) from exc
+
+    def load(part: list[tuple[Path, int | None]]) -> tuple[Batch, np.ndarray | None]:
+        batch = np.empty((len(part), channels, height, width), dtype=np.float32)
+        for i, (path, _) in enumerate(part):
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("L" if channels == 1 else "RGB").resize((width, height))
+                    pixels = np.asarray(img, dtype=np.float32) / 255.0
+            except (OSError, ValueError) as exc:
+                raise CalibrationError(f"cannot read image {path}: {exc}") from exc
+            pixels = pixels.reshape(height, width, -1).transpose(2, 0, 1)
+            batch[i] = (pixels - mean_a[:, None, None]) / std_a[:, None, None]
+        labels = None
+        if all(label is not None for _, label in part):
+            labels = np.array([label for _, label in part], dtype=np.int64)
+        return {spec.name: batch.astype(spec.dtype)}, labels
+
+    return [
+        (lambda part=images[i : i + chunk]: load(part)) for i in range(0, len(images), chunk)
+    ]
+
+
+def _per_channel(values: Sequence[float], channels: int, option: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float32).reshape(-1)
+    if array.size == 1:
+        return np.repeat(array, channels)
+    if array.size != channels:
+        raise CalibrationError(f"{option} needs 1 or {channels} values, got {array.size}")
+    return array
+
+
+def open_calibration(
+    source: str | os.PathLike[str] | CalibrationDataReader,
+    model: onnx.ModelProto,
+    *,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    image_chunk: int = 256,
+) -> CalibrationData:
+    """Open calibration data for ``model`` and check it against the model's inputs.
+
+    Args:
+        source: an .npz (keys = input names, optional ``labels``), an .npy (single-input
+            models), a folder of .npz/.npy files, a folder of images (optionally in one
+            sub-folder per class, which gives labels), or a CalibrationDataReader.
+        model: the model the data feeds.
+        mean: per-channel mean subtracted from images scaled to [0, 1].
+        std: per-channel standard deviation images are divided by.
+        image_chunk: images decoded per shard.
+
+    Raises:
+        CalibrationError: the data is missing, empty, unreadable or does not match the inputs.
+    """
+    specs = input_specs(model)
+    if hasattr(source, "get_next"):
+        return _from_reader(source, specs)  # type: ignore[arg-type]
+    path = Path(source)  # type: ignore[arg-type]
+    if not path.exists():
+        raise CalibrationError(f"calibration data not found: {path}")
+    if path.is_file():
+        if path.suffix == ".npz":
+            return CalibrationData(specs, [lambda: _read_npz(path)], str(path))
+        if path.suffix == ".npy":
+            return CalibrationData(specs, [lambda: _read_npy(path, specs)], str(path))
+        raise CalibrationError(f"{path}: calibration files must be .npz or .npy")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".npz", ".npy"))
+    if files:
+        shards = [
+            (lambda p=p: _read_npz(p)) if p.suffix == ".npz" else (lambda p=p: _read_npy(p, specs))
+            for p in files
+        ]
+        return CalibrationData(specs, shards, str(path))
+    images = _find_images(path)
+    if not images:
+        raise CalibrationError(f"{path}: no .npz, .npy or image files in the calibration folder")
+    if len(specs) != 1:
+        raise CalibrationError(f"{path}: image folders feed single-input models only")
+    return CalibrationData(
+        specs, _image_shards(path, images, specs[0], mean, std, image_chunk), str(path)
+    )
+
+
+def _find_images(folder: Path) -> list[tuple[Path, int | None]]:
+    top = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if top:
+        return [(p, None) for p in top]
+    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    found: list[tuple[Path, int | None]] = []
+    for label, sub in enumerate(classes):
+        found.extend(
+            (p, label) for p in sorted(sub.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+    return found
+
+
+def _from_reader(reader: CalibrationDataReader, specs: Sequence[InputSpec]) -> CalibrationData:
+    feeds: list[Batch] = []
+    while (feed := reader.get_next()) is not None:
+        feeds.append({k: np.asarray(v) for k, v in feed.items()})
+    return CalibrationData(
+        specs, [(lambda f=f: (f, None)) for f in feeds], type(reader).__name__
+    )

@@ -1,0 +1,32 @@
+"""Errors egp-onnx raises for bad input; the CLI turns each into one line and exit code 2."""
+
+from __future__ import annotations
+
+
+class EgpError(Exception):
+    """Base class: a problem with the user's input that the user can fix.
+
+    The message is one line that names the problem and, where possible, the fix.
+    """
+
+    exit_code = 2
+
+
+class ModelError(EgpError):
+    """The model file is missing, unreadable, not ONNX, or fails onnx.checker."""
+
+
+class CalibrationError(EgpError):
+    """Calibration data is missing, empty, non-finite or does not match the model's inputs."""
+
+
+class ConfigError(EgpError):
+    """An option is outside its range or options contradict each other."""
+
+
+class OutputError(EgpError):
+    """An output path cannot be written (exists without force, equals the input, unwritable)."""
+
+
+class NothingToPruneError(EgpError):
+    """The model has no Conv/Gemm/MatMul layer with an initializer weight that feeds a ReLU."""

@@ -1,0 +1,144 @@
+"""Loading models and writing outputs atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from egp_onnx.errors import ModelError, OutputError
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read, check and shape-infer an ONNX model; the file itself is never modified.
+
+    Unnamed nodes get deterministic names (``OpType_index``) so that reports can name them.
+
+    Raises:
+        ModelError: the file is missing, unreadable, not an ONNX model, or fails onnx.checker.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"model file not found: {p}")
+    if not p.is_file():
+        raise ModelError(f"model path is not a file: {p}")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {p}: {exc.strerror}") from exc
+    try:
+        model = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{p} is not an ONNX model (protobuf parse failed: {exc})") from exc
+    if model.ir_version == 0 or not model.graph.node:
+        raise ModelError(f"{p} is not an ONNX model (no IR version or no graph nodes)")
+    try:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load external data of {p}: {exc}") from exc
+    return prepare_model(model, source=str(p))
+
+
+def prepare_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
+    """Return a checked, shape-inferred copy of ``model`` with every node named."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    try:
+        onnx.checker.check_model(copy)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{source} fails onnx.checker: {first}") from exc
+    try:
+        copy = onnx.shape_inference.infer_shapes(copy)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"{source}: ONNX shape inference failed: {first}") from exc
+    name_nodes(copy.graph)
+    return copy
+
+
+def name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every unnamed node a unique, deterministic name (in place, on our own copy)."""
+    taken = {n.name for n in graph.node if n.name}
+    for index, node in enumerate(graph.node):
+        if node.name:
+            continue
+        name = f"{node.op_type}_{index}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+
+
+def check_output_paths(
+    outputs: Iterable[str | os.PathLike[str] | None],
+    inputs: Iterable[str | os.PathLike[str]],
+    force: bool,
+) -> None:
+    """Refuse output paths that would lose data, before any work starts.
+
+    Raises:
+        OutputError: an output equals an input, exists without ``force``, or its folder is
+            missing or not writable.
+    """
+    resolved_inputs = {Path(p).resolve() for p in inputs}
+    seen: set[Path] = set()
+    for out in outputs:
+        if out is None:
+            continue
+        target = Path(out).resolve()
+        if target in resolved_inputs:
+            raise OutputError(f"output {out} is the input file; choose another output path")
+        if target in seen:
+            raise OutputError(f"output path {out} is given twice")
+        seen.add(target)
+        if target.is_dir():
+            raise OutputError(f"output {out} is a directory; give a file path")
+        if target.exists() and not force:
+            raise OutputError(f"output {out} exists; pass --force to overwrite it")
+        folder = target.parent
+        if not folder.is_dir():
+            raise OutputError(f"output folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise OutputError(f"output folder {folder} is not writable")
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Serialize ``model`` and write it atomically."""
+    try:
+        data = model.SerializeToString(deterministic=True)
+    except ValueError as exc:
+        raise OutputError(f"cannot serialize the model for {path}: {exc}") from exc
+    try:
+        write_bytes_atomic(path, data)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def save_text(text: str, path: str | os.PathLike[str]) -> None:
+    """Write a text file (a report) atomically."""
+    try:
+        write_bytes_atomic(path, text.encode("utf-8"))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc

@@ -1,0 +1,213 @@
+"""Which layer owns which rectifier: pure analysis of an ONNX graph, no rewriting.
+
+A layer is a Conv, Gemm or MatMul whose weight is an initializer. It owns a rectifier when its
+output reaches the rectifier's input through per-channel affine ops only (BatchNormalization,
+Identity, Add/Sub/Mul/Div by a constant) or through a residual Add, where the owner is the layer
+on the deeper (non-shortcut) branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+RECTIFIER_OPS = ("Relu",)
+#: Activations that are measured and reported, but never drive pruning (more than two regions).
+REPORTED_ACTIVATIONS = ("LeakyRelu", "PRelu", "Clip", "HardSwish", "HardSigmoid", "Gelu", "Elu", "Selu")
+_AFFINE_UNARY = ("BatchNormalization", "Identity")
+_AFFINE_BINARY = ("Add", "Sub", "Mul", "Div")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A Conv/Gemm/MatMul node whose weight initializer egp-onnx may prune."""
+
+    name: str
+    op_type: str
+    weight: str  # initializer name
+    out_channels: int
+
+
+@dataclass(frozen=True)
+class RectifierSite:
+    """An activation node, the tensor whose sign is counted, and the layer that owns it."""
+
+    name: str
+    op_type: str
+    input: str
+    owner: Layer | None
+    channel_last: bool
+
+    @property
+    def prunable(self) -> bool:
+        """Only a ReLU with an owning layer guides pruning."""
+        return self.op_type in RECTIFIER_OPS and self.owner is not None
+
+
+class GraphIndex:
+    """Producer/consumer maps and constants of a graph, built once."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers.setdefault(inp, []).append(node)
+        self.graph_inputs = {i.name for i in graph.input if i.name not in self.initializers}
+        self._depth: dict[str, int] = {}
+
+    def is_constant(self, tensor: str) -> bool:
+        """True for an initializer or the output of a Constant node."""
+        if tensor in self.initializers:
+            return True
+        node = self.producer.get(tensor)
+        return node is not None and node.op_type == "Constant"
+
+    def depth(self, tensor: str) -> int:
+        """Number of nodes on the longest path from a graph input to ``tensor``."""
+        if tensor in self._depth:
+            return self._depth[tensor]
+        # Iterative post-order walk: graphs can be deeper than Python's recursion limit.
+        stack = [tensor]
+        while stack:
+            current = stack[-1]
+            node = self.producer.get(current)
+            if node is None:
+                self._depth[current] = 0
+                stack.pop()
+                continue
+            pending = [i for i in node.input if i and i not in self._depth]
+            if pending:
+                stack.extend(pending)
+                continue
+            value = 1 + max((self._depth[i] for i in node.input if i), default=0)
+            for out in node.output:
+                self._depth[out] = value
+            stack.pop()
+        return self._depth[tensor]
+
+
+def layer_of(node: onnx.NodeProto, index: GraphIndex) -> Layer | None:
+    """The Layer record for a Conv/Gemm/MatMul node with an initializer weight, else None."""
+    if node.op_type not in LAYER_OPS or len(node.input) < 2:
+        return None
+    weight = node.input[1]
+    if weight not in index.initializers:
+        return None
+    if len(index.consumers.get(weight, [])) != 1:
+        return None  # shared weights: pruning one use would change another
+    dims = list(index.initializers[weight].dims)
+    if node.op_type == "Conv":
+        if node.input[0] in index.initializers:
+            return None
+        out_channels = dims[0]
+    elif node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        out_channels = dims[0] if trans_b else dims[1]
+    else:
+        if len(dims) != 2:
+            return None
+        out_channels = dims[1]
+    return Layer(node.name, node.op_type, weight, int(out_channels))
+
+
+def _trace_owner(tensor: str, index: GraphIndex) -> Layer | None:
+    """Walk back from ``tensor`` through affine ops to the layer that produces it."""
+    while True:
+        node = index.producer.get(tensor)
+        if node is None:
+            return None
+        layer = layer_of(node, index)
+        if layer is not None:
+            return layer
+        if node.op_type in _AFFINE_UNARY:
+            tensor = node.input[0]
+            continue
+        if node.op_type in _AFFINE_BINARY and len(node.input) == 2:
+            a, b = node.input
+            a_const, b_const = index.is_constant(a), index.is_constant(b)
+            if a_const != b_const:
+                tensor = b if a_const else a
+                continue
+            if node.op_type == "Add" and not a_const:
+                return _residual_owner(a, b, index)
+        return None
+
+
+def _residual_owner(a: str, b: str, index: GraphIndex) -> Layer | None:
+    """Owner behind a residual Add: the layer on the deeper branch."""
+    owners = [(index.depth(t), _trace_owner(t, index)) for t in (a, b)]
+    candidates = [(d, o) for d, o in owners if o is not None]
+    if len(candidates) == 1:
+        return candidates[0][1]
+    if len(candidates) == 2 and candidates[0][0] != candidates[1][0]:
+        return max(candidates, key=lambda c: c[0])[1]
+    return None
+
+
+def find_rectifiers(model: onnx.ModelProto) -> list[RectifierSite]:
+    """All activation sites of the main graph in node order, each with its owning layer."""
+    index = GraphIndex(model.graph)
+    sites: list[RectifierSite] = []
+    for node in model.graph.node:
+        if node.op_type not in RECTIFIER_OPS + REPORTED_ACTIVATIONS or not node.input:
+            continue
+        owner = _trace_owner(node.input[0], index)
+        sites.append(
+            RectifierSite(
+                name=node.name,
+                op_type=node.op_type,
+                input=node.input[0],
+                owner=owner,
+                channel_last=owner is not None and owner.op_type == "MatMul",
+            )
+        )
+    return sites
+
+
+def prunable_layers(sites: list[RectifierSite]) -> dict[str, RectifierSite]:
+    """Map layer name -> the first ReLU it owns; these are the layers EGP prunes."""
+    result: dict[str, RectifierSite] = {}
+    for site in sites:
+        if site.prunable and site.owner is not None and site.owner.name not in result:
+            result[site.owner.name] = site
+    return result
+
+
+def initializer_arrays(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    """Copies of the named initializers as numpy arrays."""
+    wanted = set(names)
+    return {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer if t.name in wanted}
+
+
+def replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose named initializers hold ``arrays`` (dtype preserved)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if tensor.name in arrays:
+            dtype = numpy_helper.to_array(tensor).dtype
+            tensor.CopyFrom(numpy_helper.from_array(arrays[tensor.name].astype(dtype), tensor.name))
+    return copy
+
+
+def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
+    """(parameters, non-zero parameters) over all floating-point initializers."""
+    total = nonzero = 0
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        total += array.size
+        nonzero += int(np.count_nonzero(array))
+    return total, nonzero

@@ -1,0 +1,137 @@
+"""Tiny ONNX models built with onnx.helper for the tests, each with a sketch of its graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _model(nodes, inputs, outputs, inits, opset: int = OPSET) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "test", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+
+
+def _y(shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *shape])
+
+
+def _x(shape=("N", 3, 6, 6)) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+
+
+def single_conv(rng: np.random.Generator, opset: int = OPSET) -> onnx.ModelProto:
+    """
+    x(N,3,6,6) -> Conv3x3(3->4, pad 1, bias) -> Relu -> y
+    """
+    inits = [_init("w", rng.normal(size=(4, 3, 3, 3))), _init("b", rng.normal(size=4) * 0.5)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["z"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["z"], ["y"], name="relu"),
+    ]
+    return _model(nodes, [_x()], [_y((4, 6, 6))], inits, opset)
+
+
+def conv_bn_relu(rng: np.random.Generator) -> onnx.ModelProto:
+    """
+    x -> Conv3x3(3->5) -> BatchNormalization -> Mul(const) -> Relu -> y
+    """
+    inits = [
+        _init("w", rng.normal(size=(5, 3, 3, 3))),
+        _init("scale", rng.uniform(0.5, 1.5, size=5)),
+        _init("shift", rng.normal(size=5)),
+        _init("mean", rng.normal(size=5) * 0.1),
+        _init("var", rng.uniform(0.5, 2.0, size=5)),
+        _init("k", np.full((1, 5, 1, 1), 0.7)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["bn"], name="bn"),
+        helper.make_node("Mul", ["bn", "k"], ["z"], name="mul"),
+        helper.make_node("Relu", ["z"], ["y"], name="relu"),
+    ]
+    return _model(nodes, [_x()], [_y((5, 6, 6))], inits)
+
+
+def residual_block(rng: np.random.Generator) -> onnx.ModelProto:
+    """
+    x(N,4,6,6) -> Conv(4->4) -> Relu(relu0) -> a
+    a -> Conv(4->4) -> Relu(relu1) -> Conv(4->4) -> Add(+a) -> Relu(relu2) -> y
+    a -> Conv1x1(4->4) "proj" -----------------------^ (projection shortcut, shallower)
+    """
+    inits = [
+        _init("w0", rng.normal(size=(4, 4, 3, 3)) * 0.5),
+        _init("w1", rng.normal(size=(4, 4, 3, 3)) * 0.5),
+        _init("b1", rng.normal(size=4) * 0.2),
+        _init("w2", rng.normal(size=(4, 4, 3, 3)) * 0.5),
+        _init("wp", rng.normal(size=(4, 4, 1, 1))),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["a"], name="relu0"),
+        helper.make_node("Conv", ["a", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "wp"], ["p"], name="proj"),
+        helper.make_node("Add", ["p", "c2"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["y"], name="relu2"),
+    ]
+    return _model(nodes, [_x(("N", 4, 6, 6))], [_y((4, 6, 6))], inits)
+
+
+def gemm_head(rng: np.random.Generator) -> onnx.ModelProto:
+    """
+    x(N,3,6,6) -> Conv(3->4) -> Relu -> GlobalAveragePool -> Flatten
+      -> Gemm(4->6, transB) -> Relu(fc1.relu) -> MatMul(6->5) -> Add(bias) -> Relu(fc2.relu) -> Gemm(5->3) -> y
+    """
+    inits = [
+        _init("w0", rng.normal(size=(4, 3, 3, 3))),
+        _init("w1", rng.normal(size=(6, 4))),
+        _init("b1", rng.normal(size=6) * 0.3),
+        _init("w2", rng.normal(size=(6, 5))),
+        _init("b2", rng.normal(size=5) * 0.3),
+        _init("w3", rng.normal(size=(5, 3))),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("GlobalAveragePool", ["r0"], ["g"], name="pool"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w1", "b1"], ["h1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h1"], ["r1"], name="fc1.relu"),
+        helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="fc2"),
+        helper.make_node("Add", ["m2", "b2"], ["h2"], name="fc2.bias"),
+        helper.make_node("Relu", ["h2"], ["r2"], name="fc2.relu"),
+        helper.make_node("Gemm", ["r2", "w3"], ["y"], name="fc3"),
+    ]
+    return _model(nodes, [_x()], [_y((3,))], inits)
+
+
+def no_rectifier(rng: np.random.Generator) -> onnx.ModelProto:
+    """
+    x -> Conv -> Sigmoid -> y   (nothing EGP can prune)
+    """
+    inits = [_init("w", rng.normal(size=(2, 3, 3, 3)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["z"], name="conv"),
+        helper.make_node("Sigmoid", ["z"], ["y"], name="sigmoid"),
+    ]
+    return _model(nodes, [_x()], [_y((2, 4, 4))], inits)
+
+
+def save(model: onnx.ModelProto, path) -> str:
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def inputs(rng: np.random.Generator, n: int = 10, shape=(3, 6, 6)) -> np.ndarray:
+    return rng.normal(size=(n, *shape)).astype(np.float32)

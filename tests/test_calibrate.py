@@ -1,0 +1,111 @@
+"""In-graph ON counts and entropies against a numpy reference on activations read out of onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from models import conv_bn_relu, gemm_head, inputs, residual_block, single_conv
+from onnx import helper
+
+from egp_onnx.calibrate import ChannelCounts, collect_statistics, statistics_model
+from egp_onnx.data import open_calibration
+from egp_onnx.entropy import binary_entropy
+from egp_onnx.io import prepare_model
+from egp_onnx.topology import find_rectifiers
+
+
+def reference_activations(model: onnx.ModelProto, tensors: list[str], feed: dict) -> dict[str, np.ndarray]:
+    """Plain onnxruntime with the rectifier inputs exposed as graph outputs."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    for t in tensors:
+        exposed.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(tensors, session.run(tensors, feed)))
+
+
+def reference_entropy(z: np.ndarray, channel_axis: int) -> tuple[np.ndarray, float]:
+    """Counts and layer entropy written out directly from shared/EGP.md section 2."""
+    moved = np.moveaxis(z, channel_axis, 0).reshape(z.shape[channel_axis], -1)
+    on = (moved > 0).sum(axis=1)
+    p = on / moved.shape[1]
+    varying = (p > 0) & (p < 1)
+    if not varying.any():
+        return on, 0.0
+    h = [-q * np.log2(max(q, 1e-5)) - (1 - q) * np.log2(max(1 - q, 1e-5)) for q in p[varying]]
+    return on, float(np.mean(h))
+
+
+BUILDERS = {"single_conv": single_conv, "conv_bn_relu": conv_bn_relu, "residual": residual_block, "gemm_head": gemm_head}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+def test_counts_match_numpy_reference(name, batch_size, tmp_path, rng):
+    model = prepare_model(BUILDERS[name](rng))
+    channels = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    x = inputs(rng, n=13, shape=(channels, 6, 6))
+    np.savez(tmp_path / "calib.npz", x=x)
+    sites = find_rectifiers(model)
+    assert sites, "every test model has rectifiers"
+    stats = collect_statistics(model, sites, open_calibration(tmp_path / "calib.npz", model), batch_size)
+    assert stats.samples == 13
+    reference = reference_activations(model, [s.input for s in sites], {"x": x})
+    from egp_onnx.entropy import layer_entropy
+
+    for site in sites:
+        z = reference[site.input]
+        on, h = reference_entropy(z, z.ndim - 1 if site.channel_last else 1)
+        got = stats.counts[site.name]
+        np.testing.assert_array_equal(got.on, on)
+        assert got.total == z.size // z.shape[z.ndim - 1 if site.channel_last else 1]
+        assert layer_entropy(got.on, got.total) == pytest.approx(h, abs=1e-6)
+
+
+def test_statistics_model_outputs_only_counts(rng):
+    model = prepare_model(residual_block(rng))
+    sites = find_rectifiers(model)
+    stats = statistics_model(model, sites)
+    onnx.checker.check_model(stats)
+    outputs = [o.name for o in stats.graph.output]
+    assert len(outputs) == 2 * len(sites)
+    assert all(o.startswith(("egp_on_count__", "egp_size__")) for o in outputs)
+    # the user's model is not touched
+    assert [o.name for o in model.graph.output] == ["y"]
+
+
+def test_opset_11_uses_axes_attribute(tmp_path, rng):
+    model = prepare_model(single_conv(rng, opset=11))
+    x = inputs(rng, n=5)
+    np.savez(tmp_path / "c.npz", x=x)
+    sites = find_rectifiers(model)
+    stats = collect_statistics(model, sites, open_calibration(tmp_path / "c.npz", model), 2)
+    z = reference_activations(model, ["z"], {"x": x})["z"]
+    np.testing.assert_array_equal(stats.counts["relu"].on, (z > 0).sum(axis=(0, 2, 3)))
+
+
+def test_counts_merge_across_shards(tmp_path, rng):
+    model = prepare_model(single_conv(rng))
+    x = inputs(rng, n=20)
+    np.savez(tmp_path / "all.npz", x=x)
+    (tmp_path / "parts").mkdir()
+    np.savez(tmp_path / "parts" / "a.npz", x=x[:7])
+    np.savez(tmp_path / "parts" / "b.npz", x=x[7:])
+    sites = find_rectifiers(model)
+    whole = collect_statistics(model, sites, open_calibration(tmp_path / "all.npz", model), 6).counts["relu"]
+    a = collect_statistics(model, sites, open_calibration(tmp_path / "parts" / "a.npz", model), 6).counts["relu"]
+    b = collect_statistics(model, sites, open_calibration(tmp_path / "parts" / "b.npz", model), 6).counts["relu"]
+    folder = collect_statistics(model, sites, open_calibration(tmp_path / "parts", model), 6).counts["relu"]
+    merged = a.merged(b)
+    for counts in (merged, folder):
+        np.testing.assert_array_equal(counts.on, whole.on)
+        assert counts.total == whole.total
+
+
+def test_channel_counts_entropy_matches_formula():
+    counts = ChannelCounts(np.array([0, 5, 10, 3]), 10)
+    p = counts.on / counts.total
+    assert binary_entropy(p[1]) == pytest.approx(1.0)
+    assert binary_entropy(p[3]) == pytest.approx(-(0.3 * np.log2(0.3) + 0.7 * np.log2(0.7)))
