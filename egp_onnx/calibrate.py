@@ -89,7 +89,10 @@ def statistics_model(model: onnx.ModelProto, sites: Sequence[RectifierSite]) -> 
                 helper.make_node("Reshape", [site.input, shape], [flat], name=f"{prefix}_reshape"),
                 helper.make_node("Greater", [flat, zero], [f"{prefix}_on"], name=f"{prefix}_gt"),
                 helper.make_node(
-                    "Cast", [f"{prefix}_on"], [f"{prefix}_on64"], to=TensorProto.INT64,
+                    "Cast",
+                    [f"{prefix}_on"],
+                    [f"{prefix}_on64"],
+                    to=TensorProto.INT64,
                     name=f"{prefix}_cast",
                 ),
                 _reduce_sum(f"{prefix}_on64", _COUNT.format(i), axes, axes_name, opset, prefix),
@@ -107,9 +110,7 @@ def _reduce_sum(
     data: str, out: str, axes: list[int], axes_name: str, opset: int, prefix: str
 ) -> onnx.NodeProto:
     if opset >= 13:
-        return helper.make_node(
-            "ReduceSum", [data, axes_name], [out], keepdims=0, name=f"{prefix}_sum"
-        )
+        return helper.make_node("ReduceSum", [data, axes_name], [out], keepdims=0, name=f"{prefix}_sum")
     return helper.make_node("ReduceSum", [data], [out], axes=axes, keepdims=0, name=f"{prefix}_sum")
 
 
@@ -138,9 +139,7 @@ def make_session(model: onnx.ModelProto, optimize: bool = False) -> ort.Inferenc
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     try:
-        return ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"onnxruntime cannot load the model: {first}") from exc
@@ -164,6 +163,7 @@ def collect_statistics(
 
     Raises:
         CalibrationError: the data yields no batch, or onnxruntime rejects a batch.
+
     """
     if not sites:
         return Statistics({}, 0)
@@ -174,7 +174,7 @@ def collect_statistics(
     samples = 0
     for feed, _ in data.batches(batch_size):
         try:
-            results = dict(zip(names, session.run(names, feed)))
+            results = dict(zip(names, session.run(names, feed), strict=True))
         except Exception as exc:  # onnxruntime's own error types
             first = str(exc).strip().splitlines()[0]
             raise CalibrationError(f"onnxruntime rejected a calibration batch: {first}") from exc
@@ -192,7 +192,7 @@ def collect_statistics(
             "than the data)"
         )
     counts = {}
-    for site, site_on, size in zip(sites, on, sizes):
+    for site, site_on, size in zip(sites, on, sizes, strict=True):
         channels = max(site_on.size, 1)
         counts[site.name] = ChannelCounts(site_on, size // channels)
     return Statistics(counts, samples)

@@ -52,12 +52,24 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _data_options(func: F) -> F:
-    func = click.option("--std", default="1", show_default=True, help="Per-channel std for image folders (comma list).")(func)
-    func = click.option("--mean", default="0", show_default=True, help="Per-channel mean for image folders, after scaling pixels to [0, 1] (comma list).")(func)
-    func = click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per onnxruntime call.")(func)
     func = click.option(
-        "--calib", required=True, type=click.Path(path_type=Path),
-        help="Calibration data: .npz keyed by input name (optional 'labels'), .npy, or a folder of those or of images.",
+        "--std", default="1", show_default=True, help="Per-channel std for image folders (comma list)."
+    )(func)
+    func = click.option(
+        "--mean",
+        default="0",
+        show_default=True,
+        help="Per-channel mean for image folders, after scaling pixels to [0, 1] (comma list).",
+    )(func)
+    func = click.option(
+        "--batch-size", type=int, default=32, show_default=True, help="Samples per onnxruntime call."
+    )(func)
+    func = click.option(
+        "--calib",
+        required=True,
+        type=click.Path(path_type=Path),
+        help="Calibration data: .npz keyed by input name (optional 'labels'), .npy, "
+        "or a folder of those or of images.",
     )(func)
     return func
 
@@ -78,8 +90,11 @@ def _run(action: Callable[[], None]) -> None:
 @click.version_option(__version__, prog_name="egp-onnx")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
 def main(verbose: bool) -> None:
-    """Entropy-Guided Pruning for ONNX models: measure how often each ReLU channel is ON on
-    calibration data, and prune the weights where the entropy is lowest."""
+    """Entropy-Guided Pruning for ONNX models.
+
+    Measures how often each ReLU channel is ON on calibration data and prunes the weights
+    where the entropy is lowest, so that whole layers become removable.
+    """
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="egp-onnx: %(levelname)s: %(message)s",
@@ -90,7 +105,12 @@ def main(verbose: bool) -> None:
 @main.command("analyze")
 @click.argument("model", type=click.Path(path_type=Path))
 @_data_options
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the per-rectifier statistics as JSON here.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    help="Write the per-rectifier statistics as JSON here.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
 def analyze_command(
     model: Path, calib: Path, batch_size: int, mean: str, std: str, json_path: Path | None, force: bool
@@ -118,16 +138,48 @@ def analyze_command(
 @main.command("compress")
 @click.argument("model", type=click.Path(path_type=Path))
 @_data_options
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the pruned model.")
-@click.option("--sparsity", type=float, default=0.9, show_default=True, help="Fraction of the prunable weights to zero, in [0, 1).")
-@click.option("--step", type=float, default=0.5, show_default=True, help="Fraction of the remaining weights removed per EGP step, in (0, 1].")
-@click.option("--method", type=click.Choice(METHODS), default="egp", show_default=True, help="egp, or global magnitude pruning as a baseline.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the pruned model."
+)
+@click.option(
+    "--sparsity",
+    type=float,
+    default=0.9,
+    show_default=True,
+    help="Fraction of the prunable weights to zero, in [0, 1).",
+)
+@click.option(
+    "--step",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Fraction of the remaining weights removed per EGP step, in (0, 1].",
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="egp",
+    show_default=True,
+    help="egp, or global magnitude pruning as a baseline.",
+)
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Order among weights of equal magnitude.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Order among weights of equal magnitude."
+)
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def compress_command(
-    model: Path, calib: Path, batch_size: int, mean: str, std: str, output: Path,
-    sparsity: float, step: float, method: str, report_path: Path | None, seed: int, force: bool,
+    model: Path,
+    calib: Path,
+    batch_size: int,
+    mean: str,
+    std: str,
+    output: Path,
+    sparsity: float,
+    step: float,
+    method: str,
+    report_path: Path | None,
+    seed: int,
+    force: bool,
 ) -> None:
     """Prune MODEL with Entropy-Guided Pruning and write the result to OUTPUT."""
 
@@ -135,8 +187,16 @@ def compress_command(
         check_output_paths([output, report_path], [model, calib], force)
         progress = _StderrProgress(sys.stderr.isatty())
         result = compress(
-            model, calib, sparsity=sparsity, step=step, method=method, batch_size=batch_size,
-            seed=seed, mean=_floats(mean), std=_floats(std), progress=progress,
+            model,
+            calib,
+            sparsity=sparsity,
+            step=step,
+            method=method,
+            batch_size=batch_size,
+            seed=seed,
+            mean=_floats(mean),
+            std=_floats(std),
+            progress=progress,
         )
         progress.close()
         save_model(result.model, output)
@@ -145,11 +205,12 @@ def compress_command(
         summary = result.report.model
         click.echo(compression_table(result.report))
         click.echo(
-            f"\nsparsity {summary.sparsity:.3f} of {summary.prunable_weights} prunable weights "
-            f"({summary.prunable_layers} layers, {len(result.report.steps)} steps, "
-            f"{result.report.samples} samples); zero-entropy layers "
-            f"{summary.zero_entropy_layers_before} -> {summary.zero_entropy_layers_after}; "
-            f"non-zero parameters {summary.nonzero_params_before} -> {summary.nonzero_params_after}"
+            f"\nsparsity {summary.sparsity:.3f} of {summary.prunable_weights} prunable weights in "
+            f"{summary.prunable_layers} layers ({len(result.report.steps)} steps, "
+            f"{result.report.samples} calibration samples)\n"
+            f"zero-entropy layers {summary.zero_entropy_layers_before} -> "
+            f"{summary.zero_entropy_layers_after}; non-zero parameters "
+            f"{summary.nonzero_params_before} -> {summary.nonzero_params_after}"
         )
         click.echo(f"model: {output}" + (f"\nreport: {report_path}" if report_path else ""))
 

@@ -1,11 +1,14 @@
-"""Calibration data: readers for .npz, .npy, folders of them, image folders, and any
-onnxruntime-style CalibrationDataReader; every batch is checked against the model's inputs."""
+"""Calibration data: readers for .npz, .npy, folders of them, images, and CalibrationDataReaders.
+
+Every batch is checked against the model's inputs (names, ranks, fixed dims, dtypes, finiteness).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +27,8 @@ Batch = dict[str, np.ndarray]
 class CalibrationDataReader(Protocol):
     """onnxruntime.quantization's reader protocol: get_next() gives a feed dict, then None."""
 
-    def get_next(self) -> dict[str, Any] | None: ...
+    def get_next(self) -> dict[str, Any] | None:
+        """The next feed dict, or None when the data is exhausted."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def _check_arrays(arrays: Batch, specs: Sequence[InputSpec], where: str) -> int:
                 f"{where}: input '{spec.name}' has rank {array.ndim} {array.shape}, "
                 f"the model expects rank {len(spec.shape)} {_shape_text(spec.shape)}"
             )
-        for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
             if axis > 0 and want is not None and got != want:
                 raise CalibrationError(
                     f"{where}: input '{spec.name}' has shape {array.shape}, "
@@ -209,8 +213,12 @@ def _read_npy(path: Path, specs: Sequence[InputSpec]) -> tuple[Batch, np.ndarray
 
 
 def _image_shards(
-    folder: Path, images: list[tuple[Path, int | None]], spec: InputSpec,
-    mean: Sequence[float], std: Sequence[float], chunk: int,
+    folder: Path,
+    images: list[tuple[Path, int | None]],
+    spec: InputSpec,
+    mean: Sequence[float],
+    std: Sequence[float],
+    chunk: int,
 ) -> list[Callable[[], tuple[Batch, np.ndarray | None]]]:
     if len(spec.shape) != 4 or any(d is None for d in spec.shape[1:]):
         raise CalibrationError(
@@ -227,17 +235,15 @@ def _image_shards(
     try:
         from PIL import Image
     except ImportError as exc:
-        raise CalibrationError(
-            "reading images needs Pillow: pip install 'egp-onnx[images]'"
-        ) from exc
+        raise CalibrationError("reading images needs Pillow: pip install 'egp-onnx[images]'") from exc
 
     def load(part: list[tuple[Path, int | None]]) -> tuple[Batch, np.ndarray | None]:
         batch = np.empty((len(part), channels, height, width), dtype=np.float32)
         for i, (path, _) in enumerate(part):
             try:
                 with Image.open(path) as img:
-                    img = img.convert("L" if channels == 1 else "RGB").resize((width, height))
-                    pixels = np.asarray(img, dtype=np.float32) / 255.0
+                    resized = img.convert("L" if channels == 1 else "RGB").resize((width, height))
+                    pixels = np.asarray(resized, dtype=np.float32) / 255.0
             except (OSError, ValueError) as exc:
                 raise CalibrationError(f"cannot read image {path}: {exc}") from exc
             pixels = pixels.reshape(height, width, -1).transpose(2, 0, 1)
@@ -247,9 +253,7 @@ def _image_shards(
             labels = np.array([label for _, label in part], dtype=np.int64)
         return {spec.name: batch.astype(spec.dtype)}, labels
 
-    return [
-        (lambda part=images[i : i + chunk]: load(part)) for i in range(0, len(images), chunk)
-    ]
+    return [partial(load, images[i : i + chunk]) for i in range(0, len(images), chunk)]
 
 
 def _per_channel(values: Sequence[float], channels: int, option: str) -> np.ndarray:
@@ -282,24 +286,24 @@ def open_calibration(
 
     Raises:
         CalibrationError: the data is missing, empty, unreadable or does not match the inputs.
+
     """
     specs = input_specs(model)
     if hasattr(source, "get_next"):
         return _from_reader(source, specs)  # type: ignore[arg-type]
-    path = Path(source)  # type: ignore[arg-type]
+    path = Path(source)
     if not path.exists():
         raise CalibrationError(f"calibration data not found: {path}")
     if path.is_file():
         if path.suffix == ".npz":
-            return CalibrationData(specs, [lambda: _read_npz(path)], str(path))
+            return CalibrationData(specs, [partial(_read_npz, path)], str(path))
         if path.suffix == ".npy":
-            return CalibrationData(specs, [lambda: _read_npy(path, specs)], str(path))
+            return CalibrationData(specs, [partial(_read_npy, path, specs)], str(path))
         raise CalibrationError(f"{path}: calibration files must be .npz or .npy")
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".npz", ".npy"))
     if files:
         shards = [
-            (lambda p=p: _read_npz(p)) if p.suffix == ".npz" else (lambda p=p: _read_npy(p, specs))
-            for p in files
+            partial(_read_npz, p) if p.suffix == ".npz" else partial(_read_npy, p, specs) for p in files
         ]
         return CalibrationData(specs, shards, str(path))
     images = _find_images(path)
@@ -307,9 +311,7 @@ def open_calibration(
         raise CalibrationError(f"{path}: no .npz, .npy or image files in the calibration folder")
     if len(specs) != 1:
         raise CalibrationError(f"{path}: image folders feed single-input models only")
-    return CalibrationData(
-        specs, _image_shards(path, images, specs[0], mean, std, image_chunk), str(path)
-    )
+    return CalibrationData(specs, _image_shards(path, images, specs[0], mean, std, image_chunk), str(path))
 
 
 def _find_images(folder: Path) -> list[tuple[Path, int | None]]:
@@ -319,9 +321,7 @@ def _find_images(folder: Path) -> list[tuple[Path, int | None]]:
     classes = sorted(p for p in folder.iterdir() if p.is_dir())
     found: list[tuple[Path, int | None]] = []
     for label, sub in enumerate(classes):
-        found.extend(
-            (p, label) for p in sorted(sub.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        found.extend((p, label) for p in sorted(sub.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
     return found
 
 
@@ -329,6 +329,8 @@ def _from_reader(reader: CalibrationDataReader, specs: Sequence[InputSpec]) -> C
     feeds: list[Batch] = []
     while (feed := reader.get_next()) is not None:
         feeds.append({k: np.asarray(v) for k, v in feed.items()})
-    return CalibrationData(
-        specs, [(lambda f=f: (f, None)) for f in feeds], type(reader).__name__
-    )
+    return CalibrationData(specs, [partial(_constant, f) for f in feeds], type(reader).__name__)
+
+
+def _constant(feed: Batch) -> tuple[Batch, np.ndarray | None]:
+    return feed, None

@@ -20,6 +20,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
 
     Raises:
         ModelError: the file is missing, unreadable, not an ONNX model, or fails onnx.checker.
+
     """
     p = Path(path)
     if not p.exists():
@@ -86,6 +87,7 @@ def check_output_paths(
     Raises:
         OutputError: an output equals an input, exists without ``force``, or its folder is
             missing or not writable.
+
     """
     resolved_inputs = {Path(p).resolve() for p in inputs}
     seen: set[Path] = set()

@@ -79,7 +79,9 @@ def _load(model: ModelSource) -> tuple[onnx.ModelProto, str]:
     return load_model(model), str(model)
 
 
-def _open(data: DataSource, model: onnx.ModelProto, mean: Sequence[float], std: Sequence[float]) -> CalibrationData:
+def _open(
+    data: DataSource, model: onnx.ModelProto, mean: Sequence[float], std: Sequence[float]
+) -> CalibrationData:
     if isinstance(data, CalibrationData):
         return data
     return open_calibration(data, model, mean=mean, std=std)
@@ -121,6 +123,7 @@ def analyze(
 
     Raises:
         EgpError: bad model, data or options (a one-line message).
+
     """
     _check_batch_size(batch_size)
     proto, source = _load(model)
@@ -168,7 +171,7 @@ class _LayerSet:
         )
 
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        return replace_initializers(model, dict(zip(self.weight_names, self.weights)))
+        return replace_initializers(model, dict(zip(self.weight_names, self.weights, strict=True)))
 
 
 def _step_counts(
@@ -224,6 +227,7 @@ def compress(
 
     Raises:
         EgpError: bad model, data or options; NothingToPruneError if no layer can be pruned.
+
     """
     _check_compress_options(sparsity, step, method, batch_size)
     proto, source = _load(model)
@@ -233,8 +237,7 @@ def compress(
     layers = _LayerSet(proto, sites)
     if not layers.sites:
         raise NothingToPruneError(
-            f"{source}: nothing to prune: no Conv/Gemm/MatMul layer with an initializer weight "
-            "feeds a ReLU"
+            f"{source}: nothing to prune: no Conv/Gemm/MatMul layer with an initializer weight feeds a ReLU"
         )
     rng = np.random.default_rng(seed)
     total = int(layers.sizes().sum())
@@ -250,7 +253,9 @@ def compress(
         counts, rule = _step_counts(layers, stats, method, step, needed)
         if counts.sum() == 0:
             break
-        layers.weights = [prune.prune_smallest(w, int(c), rng) for w, c in zip(layers.weights, counts)]
+        layers.weights = [
+            prune.prune_smallest(w, int(c), rng) for w, c in zip(layers.weights, counts, strict=True)
+        ]
         current = layers.apply(proto)
         progress.stage(f"step {len(steps) + 1}: calibrating at sparsity {1 - layers.nnz().sum() / total:.3f}")
         stats = collect_statistics(current, sites, data, batch_size, progress.advance)
@@ -266,9 +271,17 @@ def compress(
             )
         )
     report = _compression_report(
-        source, layers, first_stats, stats, nnz_before, steps,
+        source,
+        layers,
+        first_stats,
+        stats,
+        nnz_before,
+        steps,
         settings={
-            "sparsity": sparsity, "step": step, "method": method, "batch_size": batch_size,
+            "sparsity": sparsity,
+            "step": step,
+            "method": method,
+            "batch_size": batch_size,
             "seed": seed,
         },
         params=(params_before, nonzero_params_before, *count_parameters(current)),
@@ -325,7 +338,9 @@ def _compression_report(
                 nonzero_before=int(nnz_before[i]),
                 nonzero=int(nnz[i]),
                 sparsity=1.0 - float(nnz[i]) / float(sizes[i]),
-                state=_layer_state(int(sizes[i]), int(nnz[i]), float(h_after[i]), int(counts.on.size), int(off.sum())),
+                state=_layer_state(
+                    int(sizes[i]), int(nnz[i]), float(h_after[i]), int(counts.on.size), int(off.sum())
+                ),
             )
         )
     total = int(sizes.sum())
@@ -343,6 +358,10 @@ def _compression_report(
         zero_entropy_layers_after=int((h_after == 0).sum()),
     )
     return CompressionReport(
-        source=source, settings=settings, samples=after.samples, layers=tuple(records),
-        steps=tuple(steps), model=summary,
+        source=source,
+        settings=settings,
+        samples=after.samples,
+        layers=tuple(records),
+        steps=tuple(steps),
+        model=summary,
     )

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def egp_allocation(
-    entropy: np.ndarray, mean_abs: np.ndarray, nnz: np.ndarray, budget: float
-) -> np.ndarray:
+def egp_allocation(entropy: np.ndarray, mean_abs: np.ndarray, nnz: np.ndarray, budget: float) -> np.ndarray:
     """Split ``budget`` weights over layers by the entropy-guided rule of the reference.
 
     Only layers with positive entropy and at least one non-zero weight take part. Importance is
@@ -24,6 +22,7 @@ def egp_allocation(
     Returns:
         Float amounts per layer (0 for layers outside the budget), summing to ``budget`` unless
         every participating layer is emptied first.
+
     """
     entropy = np.asarray(entropy, dtype=np.float64)
     mean_abs = np.asarray(mean_abs, dtype=np.float64)

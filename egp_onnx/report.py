@@ -128,7 +128,7 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
 
     def line(cells: list[str]) -> str:
         return "  ".join(
-            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric, strict=True)
         ).rstrip()
 
     out = [line(headers), line(["-" * w for w in widths])]
@@ -152,8 +152,16 @@ def analysis_table(report: AnalysisReport) -> str:
     """One row per activation."""
     rows = [
         [
-            r.rectifier, r.activation, r.name, r.op_type, r.channels, r.always_on, r.always_off,
-            r.on_fraction, r.entropy, "yes" if r.prunable else "no",
+            r.rectifier,
+            r.activation,
+            r.name,
+            r.op_type,
+            r.channels,
+            r.always_on,
+            r.always_off,
+            r.on_fraction,
+            r.entropy,
+            "yes" if r.prunable else "no",
         ]
         for r in report.layers
     ]
@@ -165,8 +173,16 @@ def compression_table(report: CompressionReport) -> str:
     """One row per prunable layer."""
     rows = [
         [
-            r.name, r.op_type, r.weights, r.nonzero, r.sparsity, r.entropy_before, r.entropy,
-            r.always_on, r.always_off, r.state,
+            r.name,
+            r.op_type,
+            r.weights,
+            r.nonzero,
+            r.sparsity,
+            r.entropy_before,
+            r.entropy,
+            r.always_on,
+            r.always_off,
+            r.state,
         ]
         for r in report.layers
     ]

@@ -106,18 +106,31 @@ class OnnxWriter:
         pad = conv.padding[0]
         self.nodes.append(
             helper.make_node(
-                "Conv", [x, w], [f"{name}.out"], name=name, kernel_shape=[k, k],
-                strides=list(conv.stride), pads=[pad] * 4,
+                "Conv",
+                [x, w],
+                [f"{name}.out"],
+                name=name,
+                kernel_shape=[k, k],
+                strides=list(conv.stride),
+                pads=[pad] * 4,
             )
         )
         bn_name = name.replace("conv", "bn").replace("down.0", "down.1")
         params = [
             self.init(f"{bn_name}.{p}", getattr(bn, attr))
-            for p, attr in (("weight", "weight"), ("bias", "bias"), ("mean", "running_mean"), ("var", "running_var"))
+            for p, attr in (
+                ("weight", "weight"),
+                ("bias", "bias"),
+                ("mean", "running_mean"),
+                ("var", "running_var"),
+            )
         ]
         self.nodes.append(
             helper.make_node(
-                "BatchNormalization", [f"{name}.out", *params], [f"{bn_name}.out"], name=bn_name,
+                "BatchNormalization",
+                [f"{name}.out", *params],
+                [f"{bn_name}.out"],
+                name=bn_name,
                 epsilon=bn.eps,
             )
         )
@@ -149,7 +162,8 @@ def to_onnx(model: DigitsResNet) -> onnx.ModelProto:
     logits = g.gemm(h, model.fc2, "fc2")
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="output"))
     graph = helper.make_graph(
-        g.nodes, "digits_resnet",
+        g.nodes,
+        "digits_resnet",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
         g.inits,

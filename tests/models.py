@@ -91,7 +91,8 @@ def residual_block(rng: np.random.Generator) -> onnx.ModelProto:
 def gemm_head(rng: np.random.Generator) -> onnx.ModelProto:
     """
     x(N,3,6,6) -> Conv(3->4) -> Relu -> GlobalAveragePool -> Flatten
-      -> Gemm(4->6, transB) -> Relu(fc1.relu) -> MatMul(6->5) -> Add(bias) -> Relu(fc2.relu) -> Gemm(5->3) -> y
+      -> Gemm(4->6, transB) -> Relu(fc1.relu)
+      -> MatMul(6->5) -> Add(bias) -> Relu(fc2.relu) -> Gemm(5->3) -> y
     """
     inits = [
         _init("w0", rng.normal(size=(4, 3, 3, 3))),
@@ -126,6 +127,26 @@ def no_rectifier(rng: np.random.Generator) -> onnx.ModelProto:
         helper.make_node("Sigmoid", ["z"], ["y"], name="sigmoid"),
     ]
     return _model(nodes, [_x()], [_y((2, 4, 4))], inits)
+
+
+def image_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """
+    x(N,3,6,6) fixed spatial size -> Conv1x1(3->2) -> Relu -> y
+    """
+    w = numpy_helper.from_array(rng.normal(size=(2, 3, 1, 1)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["z"], name="conv"),
+            helper.make_node("Relu", ["z"], ["y"], name="relu"),
+        ],
+        "image",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
 
 
 def save(model: onnx.ModelProto, path) -> str:

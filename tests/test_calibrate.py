@@ -23,7 +23,7 @@ def reference_activations(model: onnx.ModelProto, tensors: list[str], feed: dict
     for t in tensors:
         exposed.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
-    return dict(zip(tensors, session.run(tensors, feed)))
+    return dict(zip(tensors, session.run(tensors, feed), strict=True))
 
 
 def reference_entropy(z: np.ndarray, channel_axis: int) -> tuple[np.ndarray, float]:
@@ -38,7 +38,12 @@ def reference_entropy(z: np.ndarray, channel_axis: int) -> tuple[np.ndarray, flo
     return on, float(np.mean(h))
 
 
-BUILDERS = {"single_conv": single_conv, "conv_bn_relu": conv_bn_relu, "residual": residual_block, "gemm_head": gemm_head}
+BUILDERS = {
+    "single_conv": single_conv,
+    "conv_bn_relu": conv_bn_relu,
+    "residual": residual_block,
+    "gemm_head": gemm_head,
+}
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
@@ -95,8 +100,12 @@ def test_counts_merge_across_shards(tmp_path, rng):
     np.savez(tmp_path / "parts" / "b.npz", x=x[7:])
     sites = find_rectifiers(model)
     whole = collect_statistics(model, sites, open_calibration(tmp_path / "all.npz", model), 6).counts["relu"]
-    a = collect_statistics(model, sites, open_calibration(tmp_path / "parts" / "a.npz", model), 6).counts["relu"]
-    b = collect_statistics(model, sites, open_calibration(tmp_path / "parts" / "b.npz", model), 6).counts["relu"]
+    a = collect_statistics(model, sites, open_calibration(tmp_path / "parts" / "a.npz", model), 6).counts[
+        "relu"
+    ]
+    b = collect_statistics(model, sites, open_calibration(tmp_path / "parts" / "b.npz", model), 6).counts[
+        "relu"
+    ]
     folder = collect_statistics(model, sites, open_calibration(tmp_path / "parts", model), 6).counts["relu"]
     merged = a.merged(b)
     for counts in (merged, folder):

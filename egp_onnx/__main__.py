@@ -1,0 +1,5 @@
+"""`python -m egp_onnx` runs the command line."""
+
+from egp_onnx.cli import main
+
+main()

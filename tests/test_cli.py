@@ -1,0 +1,193 @@
+"""The command line: the sample run, the JSON outputs, and every bad input refused in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from conftest import SAMPLES
+from models import inputs, no_rectifier, save, single_conv
+
+from egp_onnx.cli import main
+
+MODEL = SAMPLES / "digits_resnet.onnx"
+CALIB = SAMPLES / "digits_calib.npz"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_compress_sample_to_ninety_percent(tmp_path):
+    out, report = tmp_path / "x.onnx", tmp_path / "r.json"
+    before = digest(MODEL)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "egp_onnx",
+            "compress",
+            str(MODEL),
+            "--calib",
+            str(CALIB),
+            "-o",
+            str(out),
+            "--sparsity",
+            "0.9",
+            "--report",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert digest(MODEL) == before, "input model untouched"
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    x = np.load(SAMPLES / "digits_test.npz")["input"]
+    logits = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert logits.shape == (len(x), 10) and np.isfinite(logits).all()
+    data = json.loads(report.read_text())
+    summary = data["model"]
+    assert summary["prunable_zeroed"] == round(0.9 * summary["prunable_weights"])
+    assert summary["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    # the report's counts are the counts in the written file
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    zeroed = sum(int((weights[f"{layer['name']}.weight"] == 0).sum()) for layer in data["layers"])
+    assert zeroed == summary["prunable_zeroed"]
+    for layer in data["layers"]:
+        assert set(layer) >= {"name", "op_type", "rectifier", "entropy", "weights", "nonzero", "state"}
+        assert int(np.count_nonzero(weights[f"{layer['name']}.weight"])) == layer["nonzero"]
+    assert "sparsity 0.900" in proc.stdout
+
+
+def test_analyze_json(runner, tmp_path):
+    out = tmp_path / "a.json"
+    result = runner.invoke(main, ["analyze", str(MODEL), "--calib", str(CALIB), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    layers = json.loads(out.read_text())["layers"]
+    assert len(layers) == 8
+    for layer in layers:
+        assert set(layer) >= {
+            "name",
+            "op_type",
+            "rectifier",
+            "entropy",
+            "channels",
+            "always_on",
+            "always_off",
+        }
+        assert 0 <= layer["entropy"] <= 1
+    assert "block2.relu1" in result.output
+
+
+def test_sparsity_zero_keeps_weights(runner, tmp_path, rng):
+    model = save(single_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=inputs(rng))
+    out = tmp_path / "o.onnx"
+    result = runner.invoke(
+        main, ["compress", model, "--calib", str(tmp_path / "c.npz"), "-o", str(out), "--sparsity", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(model).graph.initializer}
+    written = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    for name, array in original.items():
+        np.testing.assert_array_equal(written[name], array)
+
+
+def bad_cases(tmp_path, rng):
+    """(name, args) pairs, each of which must be refused."""
+    model = save(single_conv(rng), tmp_path / "m.onnx")
+    good = tmp_path / "good.npz"
+    np.savez(good, x=inputs(rng))
+    (tmp_path / "text.onnx").write_text("hello, I am not a model\n")
+    (tmp_path / "trunc.onnx").write_bytes((tmp_path / "m.onnx").read_bytes()[:100])
+    np.savez(tmp_path / "names.npz", image=inputs(rng))
+    np.savez(tmp_path / "rank.npz", x=inputs(rng)[:, 0])
+    np.savez(tmp_path / "dtype.npz", x=inputs(rng).astype(np.float64))
+    nan = inputs(rng)
+    nan[0, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=nan)
+    np.savez(tmp_path / "empty.npz")
+    (tmp_path / "exists.onnx").write_bytes(b"precious")
+    save(no_rectifier(rng), tmp_path / "sig.onnx")
+    out = str(tmp_path / "out.onnx")
+    c = ["--calib", str(good)]
+    return [
+        ("missing model", ["compress", str(tmp_path / "nope.onnx"), *c, "-o", out], "not found"),
+        ("not onnx", ["compress", str(tmp_path / "text.onnx"), *c, "-o", out], "not an ONNX model"),
+        ("truncated", ["compress", str(tmp_path / "trunc.onnx"), *c, "-o", out], "not an ONNX model"),
+        (
+            "names",
+            ["compress", model, "--calib", str(tmp_path / "names.npz"), "-o", out],
+            "no data for model input",
+        ),
+        ("rank", ["compress", model, "--calib", str(tmp_path / "rank.npz"), "-o", out], "rank"),
+        ("dtype", ["compress", model, "--calib", str(tmp_path / "dtype.npz"), "-o", out], "dtype float64"),
+        ("nan", ["compress", model, "--calib", str(tmp_path / "nan.npz"), "-o", out], "NaN"),
+        ("empty", ["compress", model, "--calib", str(tmp_path / "empty.npz"), "-o", out], "empty"),
+        ("sparsity 1", ["compress", model, *c, "-o", out, "--sparsity", "1"], "--sparsity"),
+        ("sparsity <0", ["compress", model, *c, "-o", out, "--sparsity", "-0.1"], "--sparsity"),
+        ("step 0", ["compress", model, *c, "-o", out, "--step", "0"], "--step"),
+        ("exists", ["compress", model, *c, "-o", str(tmp_path / "exists.onnx")], "--force"),
+        ("output is input", ["compress", model, *c, "-o", model, "--force"], "is the input"),
+        ("nothing to prune", ["compress", str(tmp_path / "sig.onnx"), *c, "-o", out], "nothing to prune"),
+        ("no folder", ["compress", model, *c, "-o", str(tmp_path / "no" / "o.onnx")], "does not exist"),
+        ("analyze missing", ["analyze", str(tmp_path / "nope.onnx"), *c], "not found"),
+    ]
+
+
+def test_bad_inputs_refused_in_one_line(runner, tmp_path, rng):
+    cases = bad_cases(tmp_path, rng)
+    before = {p: digest(p) for p in tmp_path.iterdir() if p.is_file()}
+    for name, args, message in cases:
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, (name, result.output, result.exception)
+        assert isinstance(result.exception, SystemExit), (name, result.exception)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("egp-onnx: error:"), (name, result.stderr)
+        assert message in lines[0], (name, lines[0])
+        assert "Traceback" not in result.output
+    after = {p: digest(p) for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before, "no file written or changed"
+
+
+def test_force_overwrites(runner, tmp_path, rng):
+    model = save(single_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=inputs(rng))
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"old")
+    args = [
+        "compress",
+        model,
+        "--calib",
+        str(tmp_path / "c.npz"),
+        "-o",
+        str(out),
+        "--sparsity",
+        "0.5",
+        "--force",
+    ]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    onnx.checker.check_model(onnx.load(str(out)))
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_help_lists_commands(runner):
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "analyze" in result.output and "compress" in result.output

@@ -1,0 +1,122 @@
+"""compress() and analyze() through the Python API, checked against onnxruntime and numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import SAMPLES
+from models import gemm_head, inputs, residual_block
+from onnx import numpy_helper
+
+import egp_onnx
+from egp_onnx.calibrate import collect_statistics
+from egp_onnx.data import open_calibration
+from egp_onnx.entropy import layer_entropy
+from egp_onnx.io import prepare_model
+from egp_onnx.topology import find_rectifiers
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.fixture
+def residual(rng, tmp_path):
+    model = residual_block(rng)
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=16, shape=(4, 6, 6)))
+    return model, tmp_path / "c.npz"
+
+
+def test_sparsity_zero_is_output_identical_and_caller_model_untouched(residual, rng):
+    model, calib = residual
+    snapshot = model.SerializeToString()
+    result = egp_onnx.compress(model, calib, sparsity=0.0)
+    assert model.SerializeToString() == snapshot
+    x = inputs(rng, n=5, shape=(4, 6, 6))
+    np.testing.assert_array_equal(run(result.model, x), run(model, x))
+    assert result.report.model.prunable_zeroed == 0
+    assert result.report.steps == ()
+
+
+def test_pruned_weights_stay_zero_and_masks_grow(residual):
+    model, calib = residual
+    low = egp_onnx.compress(model, calib, sparsity=0.3).model
+    high = egp_onnx.compress(model, calib, sparsity=0.6).model
+    for name in ("w0", "w1", "w2"):
+        # pruning is deterministic and monotone: the 60% model zeroes everything the 30% model did
+        assert ((weights(low)[name] == 0) <= (weights(high)[name] == 0)).all()
+    original = weights(model)
+    for name, array in weights(high).items():
+        kept = array != 0
+        np.testing.assert_array_equal(array[kept], original[name][kept])
+    assert weights(high)["wp"].all(), "the projection shortcut owns no rectifier and stays dense"
+    assert weights(high)["b1"].all(), "biases are not pruned"
+
+
+def test_within_layer_pruning_is_smallest_magnitude(residual):
+    model, calib = residual
+    pruned = weights(egp_onnx.compress(model, calib, sparsity=0.5).model)
+    original = weights(model)
+    for name in ("w0", "w1", "w2"):
+        zeroed = pruned[name] == 0
+        if zeroed.any() and (~zeroed).any():
+            assert np.abs(original[name][zeroed]).max() <= np.abs(original[name][~zeroed]).min()
+
+
+def test_first_step_follows_the_budget(rng, tmp_path):
+    """One step of 0.5 moves exactly the weights the allocation gives, layer by layer."""
+    model = prepare_model(gemm_head(rng))
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=32))
+    data = open_calibration(tmp_path / "c.npz", model)
+    sites = [s for s in find_rectifiers(model) if s.prunable]
+    stats = collect_statistics(model, sites, data, 32)
+    w = weights(model)
+    entropy = np.array([layer_entropy(stats.counts[s.name].on, stats.counts[s.name].total) for s in sites])
+    arrays = [w[s.owner.weight] for s in sites]
+    nnz = np.array([a.size for a in arrays])
+    mean_abs = np.array([np.abs(a).mean() for a in arrays])
+    participating = entropy > 0
+    budget = int(np.floor(0.5 * nnz[participating].sum()))
+    from egp_onnx.prune import egp_allocation, integer_amounts
+
+    expected = integer_amounts(egp_allocation(entropy, mean_abs, nnz, budget), nnz, budget)
+    total = nnz.sum()
+    sparsity = budget / total
+    result = egp_onnx.compress(model, tmp_path / "c.npz", sparsity=sparsity, step=0.5)
+    got = [int((weights(result.model)[s.owner.weight] == 0).sum()) for s in sites]
+    assert got == expected.tolist()
+    assert len(result.report.steps) == 1 and result.report.steps[0].removed == budget
+
+
+def test_magnitude_method_same_sparsity(residual):
+    model, calib = residual
+    egp = egp_onnx.compress(model, calib, sparsity=0.7).report.model
+    mag = egp_onnx.compress(model, calib, sparsity=0.7, method="magnitude").report.model
+    assert egp.prunable_zeroed == mag.prunable_zeroed == round(0.7 * egp.prunable_weights)
+
+
+def test_analyze_sample_reports_every_relu():
+    report = egp_onnx.analyze(SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz", batch_size=100)
+    assert report.samples == 512
+    assert [r.rectifier for r in report.layers][:2] == ["stem.relu", "block1.relu1"]
+    assert all(r.prunable and r.activation == "Relu" for r in report.layers)
+    assert all(r.always_on + r.always_off <= r.channels for r in report.layers)
+
+
+def test_sample_ninety_percent_report_is_consistent():
+    result = egp_onnx.compress(SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz", sparsity=0.9)
+    report = result.report
+    assert report.model.sparsity == pytest.approx(0.9, abs=1e-4)
+    assert [s.sparsity for s in report.steps] == sorted(s.sparsity for s in report.steps)
+    assert report.steps[-1].sparsity == pytest.approx(0.9, abs=1e-4)
+    for layer in report.layers:
+        if layer.nonzero == 0:
+            assert layer.state == "constant"
+    onnx.checker.check_model(result.model)
