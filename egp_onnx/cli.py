@@ -14,7 +14,7 @@ from egp_onnx import __version__
 from egp_onnx.errors import EgpError
 from egp_onnx.io import check_output_paths, save_model, save_text
 from egp_onnx.pipeline import METHODS, analyze, compress
-from egp_onnx.report import analysis_table, compression_table, to_json
+from egp_onnx.report import SurgeryRecord, analysis_table, compression_table, op_table, to_json
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,6 +42,21 @@ class _StderrProgress:
     def close(self) -> None:
         if self.enabled and self.text:
             click.echo(err=True)
+
+
+def _surgery_line(record: SurgeryRecord) -> str:
+    if not record.enabled:
+        return "graph surgery: off (--no-surgery)"
+    applied = [r for r in record.rewrites if r.applied]
+    skipped = len(record.rewrites) - len(applied)
+    line = f"graph surgery: {len(applied)} rewrites" + (
+        f", {skipped} inexact merges declined" if skipped else ""
+    )
+    if record.reverted:
+        return line + f"; REVERTED: output changed by {record.rel_error:.2e} on the calibration data"
+    if record.rel_error is not None:
+        line += f"; output difference on the calibration data {record.rel_error:.1e} (relative)"
+    return line
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -166,6 +181,15 @@ def analyze_command(
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Order among weights of equal magnitude."
 )
+@click.option("--no-surgery", is_flag=True, help="Only zero weights; keep the graph as it is.")
+@click.option(
+    "--merge-tolerance",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Apply a merge that is not exact when its relative output error on the calibration "
+    "data is at most this; 0 applies exact rewrites only.",
+)
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def compress_command(
     model: Path,
@@ -179,9 +203,11 @@ def compress_command(
     method: str,
     report_path: Path | None,
     seed: int,
+    no_surgery: bool,
+    merge_tolerance: float,
     force: bool,
 ) -> None:
-    """Prune MODEL with Entropy-Guided Pruning and write the result to OUTPUT."""
+    """Prune MODEL with Entropy-Guided Pruning, reduce its depth, and write it to OUTPUT."""
 
     def action() -> None:
         check_output_paths([output, report_path], [model, calib], force)
@@ -194,6 +220,8 @@ def compress_command(
             method=method,
             batch_size=batch_size,
             seed=seed,
+            surgery=not no_surgery,
+            merge_tolerance=merge_tolerance,
             mean=_floats(mean),
             std=_floats(std),
             progress=progress,
@@ -202,16 +230,22 @@ def compress_command(
         save_model(result.model, output)
         if report_path is not None:
             save_text(to_json(result.report), report_path)
-        summary = result.report.model
-        click.echo(compression_table(result.report))
+        report = result.report
+        summary = report.model
+        click.echo(compression_table(report))
+        click.echo()
+        click.echo(op_table(summary))
         click.echo(
             f"\nsparsity {summary.sparsity:.3f} of {summary.prunable_weights} prunable weights in "
-            f"{summary.prunable_layers} layers ({len(result.report.steps)} steps, "
-            f"{result.report.samples} calibration samples)\n"
+            f"{summary.prunable_layers} layers ({len(report.steps)} steps, "
+            f"{report.samples} calibration samples)\n"
             f"zero-entropy layers {summary.zero_entropy_layers_before} -> "
             f"{summary.zero_entropy_layers_after}; non-zero parameters "
-            f"{summary.nonzero_params_before} -> {summary.nonzero_params_after}"
+            f"{summary.nonzero_params_before} -> {summary.nonzero_params_after}\n"
+            f"depth {summary.depth_before} -> {summary.depth_after}; non-linear depth "
+            f"{summary.nonlinear_depth_before} -> {summary.nonlinear_depth_after}"
         )
+        click.echo(_surgery_line(report.surgery))
         click.echo(f"model: {output}" + (f"\nreport: {report_path}" if report_path else ""))
 
     _run(action)

@@ -19,7 +19,8 @@ from egp_onnx import entropy as ent
 from egp_onnx import prune
 from egp_onnx.calibrate import Statistics, collect_statistics
 from egp_onnx.data import CalibrationData, CalibrationDataReader, open_calibration
-from egp_onnx.errors import ConfigError, NothingToPruneError
+from egp_onnx.depth import depth, op_counts
+from egp_onnx.errors import ConfigError, EgpError, NothingToPruneError
 from egp_onnx.io import load_model, prepare_model
 from egp_onnx.report import (
     AnalysisReport,
@@ -28,8 +29,11 @@ from egp_onnx.report import (
     ModelSummary,
     RectifierRecord,
     StepRecord,
+    SurgeryRecord,
 )
+from egp_onnx.surgery import ChannelStates, simplify
 from egp_onnx.topology import (
+    RECTIFIER_OPS,
     RectifierSite,
     count_parameters,
     find_rectifiers,
@@ -37,6 +41,7 @@ from egp_onnx.topology import (
     prunable_layers,
     replace_initializers,
 )
+from egp_onnx.verify import compare
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +208,8 @@ def compress(
     method: str = "egp",
     batch_size: int = 32,
     seed: int = 0,
+    surgery: bool = True,
+    merge_tolerance: float = 0.0,
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
     progress: Progress | None = None,
@@ -221,6 +228,9 @@ def compress(
         method: ``egp`` or ``magnitude``.
         batch_size: samples per onnxruntime call.
         seed: order among weights of equal magnitude.
+        surgery: reduce depth after pruning (fold, bypass, merge, delete layers).
+        merge_tolerance: largest relative output error, measured on the calibration data, at
+            which a merge that is not exact is applied; 0 applies exact rewrites only.
         mean: image normalisation (image folders only).
         std: image normalisation (image folders only).
         progress: receives progress events.
@@ -230,6 +240,8 @@ def compress(
 
     """
     _check_compress_options(sparsity, step, method, batch_size)
+    if merge_tolerance < 0:
+        raise ConfigError(f"--merge-tolerance must be at least 0, got {merge_tolerance}")
     proto, source = _load(model)
     data = _open(calib, proto, mean, std)
     progress = progress or _Silent()
@@ -270,6 +282,12 @@ def compress(
                 emptied_layers=int((layers.nnz() == 0).sum()),
             )
         )
+    pruned = _strip_value_info(current)
+    final, surgery_record = pruned, SurgeryRecord(False, merge_tolerance, (), 0, None, None, False)
+    states: dict[str, str] = {}
+    if surgery:
+        progress.stage("reducing depth")
+        final, surgery_record, states = _reduce_depth(pruned, sites, stats, data, batch_size, merge_tolerance)
     report = _compression_report(
         source,
         layers,
@@ -283,10 +301,64 @@ def compress(
             "method": method,
             "batch_size": batch_size,
             "seed": seed,
+            "surgery": surgery,
+            "merge_tolerance": merge_tolerance,
         },
-        params=(params_before, nonzero_params_before, *count_parameters(current)),
+        params=(params_before, nonzero_params_before, *count_parameters(final)),
+        structure=(proto, final),
+        surgery=surgery_record,
+        states=states,
     )
-    return CompressionResult(model=_strip_value_info(current), report=report)
+    return CompressionResult(model=final, report=report)
+
+
+#: A rewritten model whose output differs from the pruned one by more than this (relative, on the
+#: calibration data, on top of the merge tolerance) is a defect: the pruned model is kept instead.
+SURGERY_CHECK = 1e-4
+
+
+def _reduce_depth(
+    pruned: onnx.ModelProto,
+    sites: list[RectifierSite],
+    stats: Statistics,
+    data: CalibrationData,
+    batch_size: int,
+    merge_tolerance: float,
+) -> tuple[onnx.ModelProto, SurgeryRecord, dict[str, str]]:
+    """Run graph surgery on the pruned model and check it against the pruned model."""
+    channel_states = {}
+    for site in sites:
+        counts = stats.counts[site.name]
+        if site.op_type in RECTIFIER_OPS and counts.on.size:
+            channel_states[site.name] = ChannelStates(*ent.constant_channels(counts.on, counts.total))
+
+    def measure(candidate: onnx.ModelProto) -> float:
+        return compare(pruned, candidate, data, batch_size).rel_error
+
+    result = simplify(pruned, channel_states, measure=measure, tolerance=merge_tolerance)
+    try:
+        onnx.checker.check_model(result.model)
+        check = compare(pruned, result.model, data, batch_size)
+    except (onnx.checker.ValidationError, EgpError) as exc:
+        log.error("graph surgery produced an invalid model (%s); keeping the pruned model", exc)
+        return pruned, SurgeryRecord(True, merge_tolerance, tuple(result.rewrites), 0, None, None, True), {}
+    reverted = not check.rel_error <= merge_tolerance + SURGERY_CHECK
+    if reverted:
+        log.error(
+            "graph surgery changed the outputs by %.3g (relative) on the calibration data; "
+            "keeping the pruned model",
+            check.rel_error,
+        )
+    record = SurgeryRecord(
+        enabled=True,
+        merge_tolerance=merge_tolerance,
+        rewrites=tuple(result.rewrites),
+        dead_parameters_zeroed=result.dead_weights_zeroed,
+        rel_error=check.rel_error,
+        max_abs_error=check.max_abs_error,
+        reverted=reverted,
+    )
+    return (pruned, record, {}) if reverted else (result.model, record, result.states)
 
 
 def _strip_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -314,6 +386,9 @@ def _compression_report(
     steps: list[StepRecord],
     settings: dict[str, object],
     params: tuple[int, int, int, int],
+    structure: tuple[onnx.ModelProto, onnx.ModelProto],
+    surgery: SurgeryRecord,
+    states: dict[str, str],
 ) -> CompressionReport:
     h_before = layers.entropies(before)
     h_after = layers.entropies(after)
@@ -338,13 +413,15 @@ def _compression_report(
                 nonzero_before=int(nnz_before[i]),
                 nonzero=int(nnz[i]),
                 sparsity=1.0 - float(nnz[i]) / float(sizes[i]),
-                state=_layer_state(
+                state=states.get(site.owner.name)
+                or _layer_state(
                     int(sizes[i]), int(nnz[i]), float(h_after[i]), int(counts.on.size), int(off.sum())
                 ),
             )
         )
     total = int(sizes.sum())
     zeroed = total - int(nnz.sum())
+    depth_before, depth_after = depth(structure[0]), depth(structure[1])
     summary = ModelSummary(
         params_before=params[0],
         nonzero_params_before=params[1],
@@ -356,6 +433,14 @@ def _compression_report(
         sparsity=zeroed / total,
         zero_entropy_layers_before=int((h_before == 0).sum()),
         zero_entropy_layers_after=int((h_after == 0).sum()),
+        depth_before=depth_before.layers,
+        depth_after=depth_after.layers,
+        nonlinear_depth_before=depth_before.nonlinear,
+        nonlinear_depth_after=depth_after.nonlinear,
+        nodes_before=len(structure[0].graph.node),
+        nodes_after=len(structure[1].graph.node),
+        op_counts_before=op_counts(structure[0]),
+        op_counts_after=op_counts(structure[1]),
     )
     return CompressionReport(
         source=source,
@@ -364,4 +449,5 @@ def _compression_report(
         layers=tuple(records),
         steps=tuple(steps),
         model=summary,
+        surgery=surgery,
     )

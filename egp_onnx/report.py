@@ -56,7 +56,7 @@ class LayerRecord:
     nonzero_before: int
     nonzero: int
     sparsity: float
-    state: str  # kept | pruned | identity | constant
+    state: str  # kept | pruned | identity | constant | merged | removed
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,31 @@ class StepRecord:
     sparsity: float  # of the prunable weights after the step
     zero_entropy_layers: int  # after the step
     emptied_layers: int  # layers with no non-zero weight after the step
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One graph rewrite that surgery applied or declined."""
+
+    kind: str  # fold_bn | zero_off_channels | remove_rectifier | fold_constant | merge | fold_residual
+    nodes: tuple[str, ...]
+    exact: bool  # exact by algebra, or on the calibration data for statistics-based rewrites
+    applied: bool
+    error: float | None = None  # measured relative output error, for inexact merges
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SurgeryRecord:
+    """What depth reduction did, and its check against the pruned model on the calibration data."""
+
+    enabled: bool
+    merge_tolerance: float
+    rewrites: tuple[Rewrite, ...]
+    dead_parameters_zeroed: int
+    rel_error: float | None  # pruned model vs rewritten model, calibration data
+    max_abs_error: float | None
+    reverted: bool  # True when the check failed and the un-rewritten model was kept
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,14 @@ class ModelSummary:
     sparsity: float  # prunable_zeroed / prunable_weights
     zero_entropy_layers_before: int
     zero_entropy_layers_after: int
+    depth_before: int  # Conv/Gemm/MatMul on the longest input-to-output path
+    depth_after: int
+    nonlinear_depth_before: int  # activations on that path
+    nonlinear_depth_after: int
+    nodes_before: int
+    nodes_after: int
+    op_counts_before: dict[str, int]
+    op_counts_after: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -97,6 +130,7 @@ class CompressionReport:
     layers: tuple[LayerRecord, ...]
     steps: tuple[StepRecord, ...]
     model: ModelSummary
+    surgery: SurgeryRecord
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,3 +222,14 @@ def compression_table(report: CompressionReport) -> str:
     ]
     headers = ["layer", "op", "weights", "nonzero", "sparsity", "H_before", "H_after", "on", "off", "state"]
     return format_table(headers, rows)
+
+
+def op_table(summary: ModelSummary) -> str:
+    """Op types with their counts before and after, in the style of onnxsim."""
+    ops = sorted(set(summary.op_counts_before) | set(summary.op_counts_after))
+    rows: list[list[Any]] = [
+        [op, summary.op_counts_before.get(op, 0), summary.op_counts_after.get(op, 0)] for op in ops
+    ]
+    rows.append(["(depth)", summary.depth_before, summary.depth_after])
+    rows.append(["(non-linear depth)", summary.nonlinear_depth_before, summary.nonlinear_depth_after])
+    return format_table(["op", "before", "after"], rows)

@@ -30,48 +30,47 @@ def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_compress_sample_to_ninety_percent(tmp_path):
+def compress_sample(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, onnx.ModelProto, dict]:
     out, report = tmp_path / "x.onnx", tmp_path / "r.json"
-    before = digest(MODEL)
+    args = ["compress", str(MODEL), "--calib", str(CALIB), "-o", str(out), "--sparsity", "0.9"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "egp_onnx",
-            "compress",
-            str(MODEL),
-            "--calib",
-            str(CALIB),
-            "-o",
-            str(out),
-            "--sparsity",
-            "0.9",
-            "--report",
-            str(report),
-        ],
+        [sys.executable, "-m", "egp_onnx", *args, "--report", str(report), *extra],
         capture_output=True,
         text=True,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+    return proc, onnx.load(str(out)), json.loads(report.read_text())
+
+
+def test_compress_sample_to_ninety_percent(tmp_path):
+    before = digest(MODEL)
+    proc, model, data = compress_sample(tmp_path)
     assert digest(MODEL) == before, "input model untouched"
-    model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     x = np.load(SAMPLES / "digits_test.npz")["input"]
-    logits = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": x})[0]
     assert logits.shape == (len(x), 10) and np.isfinite(logits).all()
-    data = json.loads(report.read_text())
     summary = data["model"]
     assert summary["prunable_zeroed"] == round(0.9 * summary["prunable_weights"])
     assert summary["sparsity"] == pytest.approx(0.9, abs=1e-4)
-    # the report's counts are the counts in the written file
-    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    zeroed = sum(int((weights[f"{layer['name']}.weight"] == 0).sum()) for layer in data["layers"])
-    assert zeroed == summary["prunable_zeroed"]
     for layer in data["layers"]:
         assert set(layer) >= {"name", "op_type", "rectifier", "entropy", "weights", "nonzero", "state"}
+    assert data["surgery"]["enabled"] and not data["surgery"]["reverted"]
+    assert summary["depth_after"] <= summary["depth_before"]
+    assert "sparsity 0.900" in proc.stdout and "depth 9 ->" in proc.stdout
+
+
+def test_no_surgery_report_matches_written_weights(tmp_path):
+    _, model, data = compress_sample(tmp_path, "--no-surgery")
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    zeroed = sum(int((weights[f"{layer['name']}.weight"] == 0).sum()) for layer in data["layers"])
+    assert zeroed == data["model"]["prunable_zeroed"]
+    for layer in data["layers"]:
         assert int(np.count_nonzero(weights[f"{layer['name']}.weight"])) == layer["nonzero"]
-    assert "sparsity 0.900" in proc.stdout
+    assert data["model"]["op_counts_after"] == data["model"]["op_counts_before"]
+    assert not data["surgery"]["enabled"]
 
 
 def test_analyze_json(runner, tmp_path):
@@ -99,7 +98,18 @@ def test_sparsity_zero_keeps_weights(runner, tmp_path, rng):
     np.savez(tmp_path / "c.npz", x=inputs(rng))
     out = tmp_path / "o.onnx"
     result = runner.invoke(
-        main, ["compress", model, "--calib", str(tmp_path / "c.npz"), "-o", str(out), "--sparsity", "0"]
+        main,
+        [
+            "compress",
+            model,
+            "--calib",
+            str(tmp_path / "c.npz"),
+            "-o",
+            str(out),
+            "--sparsity",
+            "0",
+            "--no-surgery",
+        ],
     )
     assert result.exit_code == 0, result.output
     original = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(model).graph.initializer}

@@ -1,0 +1,150 @@
+"""Read-only views of graph-surgeon nodes: layers, constants, per-channel element-wise ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from egp_onnx import kernels
+from egp_onnx.topology import LAYER_OPS
+
+
+def const(tensor: gs.Tensor) -> np.ndarray | None:
+    """The values of a constant tensor, None for a variable."""
+    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def batchnorm_params(node: gs.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float] | None:
+    """(scale, shift, mean, var, epsilon) of an inference-mode BatchNormalization with constant parameters."""
+    if node.op != "BatchNormalization" or len(node.outputs) != 1 or node.attrs.get("training_mode", 0):
+        return None
+    params = [const(t) for t in node.inputs[1:5]]
+    if len(params) != 4 or any(p is None for p in params):
+        return None
+    scale, shift, mean, var = (np.asarray(p, dtype=np.float64) for p in params)
+    return scale, shift, mean, var, float(node.attrs.get("epsilon", 1e-5))
+
+
+def single_consumer(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
+    """The only node reading ``tensor``, None if several do or it is a graph output."""
+    if tensor in graph.outputs or len(tensor.outputs) != 1:
+        return None
+    return tensor.outputs[0]
+
+
+def feeds_only(tensor: gs.Tensor, node: gs.Node, graph: gs.Graph) -> bool:
+    """True when ``node`` is the only reader of ``tensor`` and it is not a graph output."""
+    return bool(single_consumer(tensor, graph) is node)
+
+
+class LayerView:
+    """A Conv/Gemm/MatMul node with a private constant weight, in a normalised view."""
+
+    def __init__(self, node: gs.Node) -> None:
+        self.node = node
+        self.weight = np.asarray(node.inputs[1].values)
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        self.has_bias = bias is not None and isinstance(bias, gs.Constant)
+
+    @property
+    def conv(self) -> bool:
+        """True for a Conv, False for Gemm/MatMul."""
+        return self.node.op == "Conv"
+
+    @property
+    def out_axis(self) -> int:
+        """Axis of the weight that indexes output channels."""
+        if self.node.op == "Conv":
+            return 0
+        if self.node.op == "Gemm":
+            return 0 if self.node.attrs.get("transB", 0) else 1
+        return 1
+
+    @property
+    def out_channels(self) -> int:
+        """Number of output channels."""
+        return int(self.weight.shape[self.out_axis])
+
+    def bias(self) -> np.ndarray:
+        """The bias as a (C,) vector, zeros when the layer has none."""
+        if self.has_bias:
+            return np.asarray(self.node.inputs[2].values).reshape(-1).astype(self.weight.dtype)
+        return np.zeros(self.out_channels, dtype=self.weight.dtype)
+
+    def dense(self) -> tuple[np.ndarray, np.ndarray]:
+        """(m, c) with y = x @ m + c."""
+        m = self.weight.T if self.out_axis == 0 else self.weight
+        return m, self.bias()
+
+    def geometry(self) -> kernels.ConvGeometry | None:
+        """Stride and pads, or None for convolutions we do not rewrite (groups, dilation, auto_pad)."""
+        attrs = self.node.attrs
+        rank = self.weight.ndim - 2
+        if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1] * rank)):
+            return None
+        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            return None
+        strides = tuple(int(s) for s in attrs.get("strides", [1] * rank))
+        pads = tuple(int(p) for p in attrs.get("pads", [0] * 2 * rank))
+        return kernels.ConvGeometry(strides, pads)
+
+
+def layer_view(node: gs.Node, graph: gs.Graph) -> LayerView | None:
+    """The layer view of ``node`` when egp-onnx may rewrite its weights."""
+    if node.op not in LAYER_OPS or len(node.inputs) < 2:
+        return None
+    weight = node.inputs[1]
+    if (
+        not isinstance(weight, gs.Constant)
+        or len(weight.outputs) != 1
+        or isinstance(node.inputs[0], gs.Constant)
+    ):
+        return None
+    if node.op == "Gemm":
+        a = node.attrs
+        if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+            return None
+        bias = const(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(1)
+        if bias is None or bias.ndim > 1:
+            return None
+    if node.op == "MatMul" and np.asarray(weight.values).ndim != 2:
+        return None
+    if node.op == "Conv":
+        if len(node.inputs) > 2 and (const(node.inputs[2]) is None or len(node.inputs[2].outputs) != 1):
+            return None
+        if LayerView(node).geometry() is None:
+            return None
+    return LayerView(node)
+
+
+def through_elementwise(node: gs.Node, tensor: gs.Tensor, value: np.ndarray, rank: int) -> np.ndarray | None:
+    """Per-channel constant ``value`` after ``node``, or None if ``node`` is not per-channel."""
+    if node.op in ("Identity",) or (node.op == "Dropout" and len(node.outputs) == 1):
+        return value
+    if node.op == "Relu":
+        return np.maximum(value, 0.0)
+    if node.op == "BatchNormalization" and node.inputs[0] is tensor:
+        params = batchnorm_params(node)
+        return None if params is None else kernels.batchnorm(value, *params)
+    if node.op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
+        first = node.inputs[0] is tensor
+        operand = const(node.inputs[1] if first else node.inputs[0])
+        channel = per_channel(operand, value.size, rank) if operand is not None else None
+        if channel is None:
+            return None
+        a, b = (value, channel) if first else (channel, value)
+        return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[node.op](a, b)
+    return None
+
+
+def per_channel(operand: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """``operand`` as a (C,) vector if it broadcasts along the channel axis only."""
+    if operand.size == 1:
+        return np.full(channels, float(operand.reshape(-1)[0]))
+    if operand.ndim > rank:
+        return None
+    shape = (1,) * (rank - operand.ndim) + operand.shape
+    channel_axis = 1 if rank > 2 else rank - 1
+    if operand.size == channels and shape[channel_axis] == channels:
+        return operand.reshape(-1).astype(np.float64)
+    return None
