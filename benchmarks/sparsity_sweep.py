@@ -1,7 +1,8 @@
 """EGP vs global magnitude pruning on the sample, post-training (no finetuning), one run.
 
 Prints, per method and sparsity: test accuracy, top-1 agreement with the dense model, layers
-whose rectifier has zero entropy on the calibration data, emptied layers, and wall time.
+whose rectifier has zero entropy on the calibration data, emptied layers, depth after graph
+surgery (Conv/Gemm/MatMul on the longest path), and wall time.
 Run: python benchmarks/sparsity_sweep.py
 """
 
@@ -30,9 +31,9 @@ def main() -> None:
     test = np.load(SAMPLES / "digits_test.npz")
     x, y = test["input"], test["labels"]
     dense = logits(MODEL.read_bytes(), x).argmax(1)
-    rows = [["dense", 0.0, float((dense == y).mean()), 1.0, 0, 0, 0.0]]
+    rows = [["dense", 0.0, float((dense == y).mean()), 1.0, 0, 0, 9, 0.0]]
     for method in ("egp", "magnitude"):
-        for sparsity in (0.3, 0.5, 0.7, 0.8, 0.9):
+        for sparsity in (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95):
             start = time.perf_counter()
             result = egp_onnx.compress(MODEL, CALIB, sparsity=sparsity, method=method)
             seconds = time.perf_counter() - start
@@ -46,10 +47,11 @@ def main() -> None:
                     float((pred == dense).mean()),
                     sum(layer.entropy == 0 for layer in layers),
                     sum(layer.nonzero == 0 for layer in layers),
+                    result.report.model.depth_after,
                     seconds,
                 ]
             )
-    headers = ["method", "sparsity", "accuracy", "agreement", "zero_H", "emptied", "seconds"]
+    headers = ["method", "sparsity", "accuracy", "agreement", "zero_H", "emptied", "depth", "seconds"]
     print(format_table(headers, rows))
     print(f"\n{len(y)} held-out digits; calibration {CALIB.name}; no finetuning")
 

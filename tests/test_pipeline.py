@@ -130,3 +130,23 @@ def test_sparsity_zero_with_surgery_matches_outputs(residual, rng):
     x = inputs(rng, n=5, shape=(4, 6, 6))
     np.testing.assert_allclose(run(result.model, x), run(model, x), rtol=1e-5, atol=1e-5)
     assert result.report.surgery.enabled and not result.report.surgery.reverted
+
+
+def test_sample_at_95_percent_is_shallower_and_runs():
+    result = egp_onnx.compress(SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz", sparsity=0.95)
+    summary = result.report.model
+    assert summary.depth_after < summary.depth_before == 9
+    assert summary.nonlinear_depth_after < summary.nonlinear_depth_before
+    onnx.checker.check_model(result.model, full_check=True)
+    test = np.load(SAMPLES / "digits_test.npz")
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": test["input"]})[0]
+    assert logits.shape == (len(test["input"]), 10) and np.isfinite(logits).all()
+    assert {layer.state for layer in result.report.layers} <= {
+        "kept",
+        "pruned",
+        "constant",
+        "identity",
+        "merged",
+        "removed",
+    }
