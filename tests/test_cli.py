@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -195,6 +196,9 @@ def test_force_overwrites(runner, tmp_path, rng):
     assert result.exit_code == 0, result.output
     onnx.checker.check_model(onnx.load(str(out)))
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask, "outputs are not private temp-file modes"
 
 
 def test_help_lists_commands(runner):
