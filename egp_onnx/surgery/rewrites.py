@@ -32,8 +32,6 @@ from egp_onnx.topology import LAYER_OPS
 
 log = logging.getLogger(__name__)
 
-MAX_ROUNDS = 20
-
 
 @dataclass(frozen=True)
 class ChannelStates:
@@ -481,9 +479,13 @@ def simplify(
         surgeon.fold_residuals,
     )
     surgeon._commit()
-    for _ in range(MAX_ROUNDS * len(passes)):
+    # Every productive pass deletes a node or zeroes a rectifier's dead channels (once each), so
+    # this bound is never the reason to stop; it guards against a rewrite that undoes another.
+    for _ in range(2 * len(surgeon.graph.nodes) + 10):
         if not any(p() for p in passes):
             break
+    else:
+        log.warning("graph surgery stopped at its round limit; the result is valid but may not be minimal")
     surgeon._commit()
     out = gs.export_onnx(surgeon.graph)
     out.ir_version = model.ir_version
