@@ -1,4 +1,4 @@
-"""Command line: `egp-onnx analyze` and `egp-onnx compress`."""
+"""Command line: `egp-onnx analyze`, `egp-onnx compress` and `egp-onnx verify`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,19 @@ from typing import Any, TypeVar
 import click
 
 from egp_onnx import __version__
-from egp_onnx.errors import EgpError
-from egp_onnx.io import check_output_paths, save_model, save_text
+from egp_onnx.data import open_calibration
+from egp_onnx.errors import ConfigError, EgpError
+from egp_onnx.io import check_output_paths, load_model, save_model, save_text
 from egp_onnx.pipeline import METHODS, analyze, compress
-from egp_onnx.report import SurgeryRecord, analysis_table, compression_table, op_table, to_json
+from egp_onnx.report import (
+    analysis_table,
+    compression_summary,
+    compression_table,
+    format_table,
+    op_table,
+    to_json,
+)
+from egp_onnx.verify import compare, outputs_table_rows, passes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,29 +53,15 @@ class _StderrProgress:
             click.echo(err=True)
 
 
-def _surgery_line(record: SurgeryRecord) -> str:
-    if not record.enabled:
-        return "graph surgery: off (--no-surgery)"
-    applied = [r for r in record.rewrites if r.applied]
-    skipped = len(record.rewrites) - len(applied)
-    line = f"graph surgery: {len(applied)} rewrites" + (
-        f", {skipped} inexact merges declined" if skipped else ""
-    )
-    if record.reverted:
-        return line + f"; REVERTED: output changed by {record.rel_error:.2e} on the calibration data"
-    if record.rel_error is not None:
-        line += f"; output difference on the calibration data {record.rel_error:.1e} (relative)"
-    return line
-
-
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError as exc:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from exc
+        raise ConfigError(f"--mean/--std take comma-separated numbers, got {text!r}") from exc
 
 
 def _data_options(func: F) -> F:
+    """--calib, --batch-size, --mean and --std."""
     func = click.option(
         "--std", default="1", show_default=True, help="Per-channel std for image folders (comma list)."
     )(func)
@@ -154,7 +149,7 @@ def analyze_command(
 @click.argument("model", type=click.Path(path_type=Path))
 @_data_options
 @click.option(
-    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the pruned model."
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the model."
 )
 @click.option(
     "--sparsity",
@@ -177,9 +172,36 @@ def analyze_command(
     show_default=True,
     help="egp, or global magnitude pruning as a baseline.",
 )
+@click.option(
+    "--eval",
+    "eval_path",
+    type=click.Path(path_type=Path),
+    help="Held-out data (any --calib format; 'labels' give accuracy).",
+)
+@click.option(
+    "--holdout",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Without --eval: split this fraction of --calib off as held-out data.",
+)
+@click.option(
+    "--min-agreement",
+    type=float,
+    help="Guard: stop before the first step whose top-1 agreement with the original falls below this.",
+)
+@click.option(
+    "--max-rel-error",
+    type=float,
+    help="Guard: stop before the first step whose relative output error exceeds this.",
+)
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Order among weights of equal magnitude."
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Order among weights of equal magnitude; the --holdout split.",
 )
 @click.option("--no-surgery", is_flag=True, help="Only zero weights; keep the graph as it is.")
 @click.option(
@@ -187,9 +209,11 @@ def analyze_command(
     type=float,
     default=0.0,
     show_default=True,
-    help="Apply a merge that is not exact when its relative output error on the calibration "
-    "data is at most this; 0 applies exact rewrites only.",
+    help="Apply a merge that is not exact when its relative output error on the calibration data is at most "
+    "this; 0 applies exact rewrites only.",
 )
+@click.option("--no-latency", is_flag=True, help="Skip the onnxruntime latency measurement.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def compress_command(
     model: Path,
@@ -201,17 +225,24 @@ def compress_command(
     sparsity: float,
     step: float,
     method: str,
+    eval_path: Path | None,
+    holdout: float,
+    min_agreement: float | None,
+    max_rel_error: float | None,
     report_path: Path | None,
     seed: int,
     no_surgery: bool,
     merge_tolerance: float,
+    no_latency: bool,
+    quiet: bool,
     force: bool,
 ) -> None:
     """Prune MODEL with Entropy-Guided Pruning, reduce its depth, and write it to OUTPUT."""
 
     def action() -> None:
-        check_output_paths([output, report_path], [model, calib], force)
-        progress = _StderrProgress(sys.stderr.isatty())
+        inputs = [p for p in (model, calib, eval_path) if p is not None]
+        check_output_paths([output, report_path], inputs, force)
+        progress = _StderrProgress(sys.stderr.isatty() and not quiet)
         result = compress(
             model,
             calib,
@@ -222,6 +253,11 @@ def compress_command(
             seed=seed,
             surgery=not no_surgery,
             merge_tolerance=merge_tolerance,
+            eval_data=eval_path,
+            holdout=holdout,
+            min_agreement=min_agreement,
+            max_rel_error=max_rel_error,
+            latency=not no_latency,
             mean=_floats(mean),
             std=_floats(std),
             progress=progress,
@@ -230,22 +266,70 @@ def compress_command(
         save_model(result.model, output)
         if report_path is not None:
             save_text(to_json(result.report), report_path)
-        report = result.report
-        summary = report.model
-        click.echo(compression_table(report))
+        if quiet:
+            return
+        click.echo(compression_table(result.report))
         click.echo()
-        click.echo(op_table(summary))
+        click.echo(op_table(result.report.model))
+        click.echo()
+        click.echo(compression_summary(result.report, str(output), str(report_path) if report_path else None))
+
+    _run(action)
+
+
+@main.command("verify")
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("compressed", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Inputs to run both models on (any --calib format).",
+)
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance per element.")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance per element.")
+@click.option(
+    "--min-agreement", type=float, help="Pass on top-1 agreement at least this instead of element tolerances."
+)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per onnxruntime call.")
+def verify_command(
+    original: Path,
+    compressed: Path,
+    data: Path,
+    atol: float,
+    rtol: float,
+    min_agreement: float | None,
+    batch_size: int,
+) -> None:
+    """Compare COMPRESSED with ORIGINAL on --data; exit 0 when it passes, 1 when it does not.
+
+    Without --min-agreement every output must satisfy |c - o| <= atol + rtol |o| everywhere
+    (as Polygraphy checks); with it, the top-1 agreement of the first output decides.
+    """
+
+    def action() -> None:
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+        reference, candidate = load_model(original), load_model(compressed)
+        fidelity = compare(reference, candidate, open_calibration(data, reference), batch_size, atol, rtol)
+        rows = list(outputs_table_rows(fidelity))
+        click.echo(format_table(["output", "rel_error", "max_abs_error", "allclose"], rows))
+        agreement = fidelity.top1_agreement
         click.echo(
-            f"\nsparsity {summary.sparsity:.3f} of {summary.prunable_weights} prunable weights in "
-            f"{summary.prunable_layers} layers ({len(report.steps)} steps, "
-            f"{report.samples} calibration samples)\n"
-            f"zero-entropy layers {summary.zero_entropy_layers_before} -> "
-            f"{summary.zero_entropy_layers_after}; non-zero parameters "
-            f"{summary.nonzero_params_before} -> {summary.nonzero_params_after}\n"
-            f"depth {summary.depth_before} -> {summary.depth_after}; non-linear depth "
-            f"{summary.nonlinear_depth_before} -> {summary.nonlinear_depth_after}"
+            f"\n{fidelity.samples} samples; top-1 agreement "
+            + ("-" if agreement is None else f"{agreement:.4f}")
         )
-        click.echo(_surgery_line(report.surgery))
-        click.echo(f"model: {output}" + (f"\nreport: {report_path}" if report_path else ""))
+        if min_agreement is not None:
+            problems = passes(fidelity, min_agreement, None)
+        else:
+            problems = [
+                f"output {o.name} is not within atol {atol} / rtol {rtol}"
+                for o in fidelity.outputs
+                if not o.allclose
+            ]
+        if problems:
+            click.echo("FAIL: " + "; ".join(problems))
+            sys.exit(1)
+        click.echo("PASS")
 
     _run(action)

@@ -334,3 +334,38 @@ def _from_reader(reader: CalibrationDataReader, specs: Sequence[InputSpec]) -> C
 
 def _constant(feed: Batch) -> tuple[Batch, np.ndarray | None]:
     return feed, None
+
+
+def in_memory(
+    specs: Sequence[InputSpec], arrays: Batch, labels: np.ndarray | None, description: str
+) -> CalibrationData:
+    """Calibration data held in memory (one shard)."""
+    return CalibrationData(specs, [partial(_pair, arrays, labels)], description)
+
+
+def _pair(arrays: Batch, labels: np.ndarray | None) -> tuple[Batch, np.ndarray | None]:
+    return arrays, labels
+
+
+def split_holdout(
+    data: CalibrationData, fraction: float, seed: int
+) -> tuple[CalibrationData, CalibrationData]:
+    """Split ``fraction`` of the samples off as held-out data (seeded); returns (calib, holdout)."""
+    arrays, labels = data.arrays()
+    samples = next(iter(arrays.values())).shape[0]
+    held = int(round(fraction * samples))
+    if held < 1 or held >= samples:
+        raise CalibrationError(
+            f"--holdout {fraction} of {samples} samples leaves {held} held out and {samples - held} "
+            "for calibration; both need at least one"
+        )
+    order = np.random.default_rng(seed).permutation(samples)
+    parts = []
+    for idx, name in ((np.sort(order[held:]), "calibration"), (np.sort(order[:held]), "holdout")):
+        part = {k: v[idx] for k, v in arrays.items()}
+        parts.append(
+            in_memory(
+                data.specs, part, None if labels is None else labels[idx], f"{data.description} ({name})"
+            )
+        )
+    return parts[0], parts[1]

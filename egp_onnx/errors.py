@@ -30,3 +30,9 @@ class OutputError(EgpError):
 
 class NothingToPruneError(EgpError):
     """The model has no Conv/Gemm/MatMul layer with an initializer weight that feeds a ReLU."""
+
+
+class GuardError(EgpError):
+    """Even the first pruning step breaks the fidelity guard: there is no model to write."""
+
+    exit_code = 1

@@ -1,4 +1,4 @@
-"""The pipeline: load -> calibrate -> entropy -> budget/prune -> report.
+"""The pipeline: load -> calibrate -> entropy -> budget/prune -> surgery -> verify -> report.
 
 ``analyze`` and ``compress`` are the public API; the CLI is a thin layer over them. Neither
 mutates the caller's model: ``compress`` returns a new model with its report.
@@ -9,44 +9,36 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
-import numpy as np
 import onnx
 
 from egp_onnx import entropy as ent
-from egp_onnx import prune
 from egp_onnx.calibrate import Statistics, collect_statistics
-from egp_onnx.data import CalibrationData, CalibrationDataReader, open_calibration
-from egp_onnx.depth import depth, op_counts
+from egp_onnx.cost import model_cost
+from egp_onnx.data import CalibrationData, CalibrationDataReader, open_calibration, split_holdout
 from egp_onnx.errors import ConfigError, EgpError, NothingToPruneError
 from egp_onnx.io import load_model, prepare_model
+from egp_onnx.loop import Guard, LayerSet, run_loop
 from egp_onnx.report import (
     AnalysisReport,
     CompressionReport,
-    LayerRecord,
-    ModelSummary,
+    Fidelity,
+    FidelityRecord,
     RectifierRecord,
-    StepRecord,
     SurgeryRecord,
+    Timing,
 )
+from egp_onnx.settings import METHODS, Settings
+from egp_onnx.summarize import layer_records, model_summary
 from egp_onnx.surgery import ChannelStates, simplify
-from egp_onnx.topology import (
-    RECTIFIER_OPS,
-    RectifierSite,
-    count_parameters,
-    find_rectifiers,
-    initializer_arrays,
-    prunable_layers,
-    replace_initializers,
-)
-from egp_onnx.verify import compare
+from egp_onnx.topology import RECTIFIER_OPS, RectifierSite, find_rectifiers
+from egp_onnx.verify import Reference, compare, measure_latency, passes
 
 log = logging.getLogger(__name__)
 
-METHODS = ("egp", "magnitude")
-MAX_STEPS = 200
+__all__ = ["METHODS", "CompressionResult", "Progress", "Settings", "analyze", "compress"]
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
 DataSource = str | os.PathLike[str] | CalibrationDataReader | CalibrationData
@@ -92,11 +84,6 @@ def _open(
     return open_calibration(data, model, mean=mean, std=std)
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-
-
 def _site_record(site: RectifierSite, stats: Statistics) -> RectifierRecord:
     counts = stats.counts[site.name]
     on, off = ent.constant_channels(counts.on, counts.total)
@@ -130,7 +117,7 @@ def analyze(
         EgpError: bad model, data or options (a one-line message).
 
     """
-    _check_batch_size(batch_size)
+    Settings(batch_size=batch_size).check()
     proto, source = _load(model)
     data = _open(calib, proto, mean, std)
     progress = progress or _Silent()
@@ -144,61 +131,6 @@ def analyze(
     )
 
 
-def _check_compress_options(sparsity: float, step: float, method: str, batch_size: int) -> None:
-    _check_batch_size(batch_size)
-    if not 0.0 <= sparsity < 1.0:
-        raise ConfigError(f"--sparsity must be in [0, 1), got {sparsity}")
-    if not 0.0 < step <= 1.0:
-        raise ConfigError(f"--step must be in (0, 1], got {step}")
-    if method not in METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-
-
-class _LayerSet:
-    """The prunable layers, their sites and their current weights."""
-
-    def __init__(self, model: onnx.ModelProto, sites: list[RectifierSite]) -> None:
-        owned = prunable_layers(sites)
-        self.sites = list(owned.values())
-        self.weight_names = [s.owner.weight for s in self.sites if s.owner]
-        arrays = initializer_arrays(model, self.weight_names)
-        self.weights = [arrays[n] for n in self.weight_names]
-
-    def nnz(self) -> np.ndarray:
-        return np.array([np.count_nonzero(w) for w in self.weights], dtype=np.int64)
-
-    def sizes(self) -> np.ndarray:
-        return np.array([w.size for w in self.weights], dtype=np.int64)
-
-    def entropies(self, stats: Statistics) -> np.ndarray:
-        return np.array(
-            [ent.layer_entropy(stats.counts[s.name].on, stats.counts[s.name].total) for s in self.sites]
-        )
-
-    def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        return replace_initializers(model, dict(zip(self.weight_names, self.weights, strict=True)))
-
-
-def _step_counts(
-    layers: _LayerSet, stats: Statistics, method: str, step: float, needed: int
-) -> tuple[np.ndarray, str]:
-    """How many weights each layer loses in this step, and the rule that decided it."""
-    nnz = layers.nnz()
-    if method == "magnitude":
-        return prune.global_magnitude_amounts(layers.weights, needed), "magnitude"
-    entropy = layers.entropies(stats)
-    participating = (entropy > 0) & (nnz > 0)
-    if not participating.any():
-        # Every layer with weights left has zero entropy: EGP has nothing to guide it. Reach the
-        # requested sparsity by global magnitude, and say so in the report.
-        log.warning("no layer with positive entropy left; finishing by global magnitude")
-        return prune.global_magnitude_amounts(layers.weights, needed), "magnitude-fallback"
-    budget = min(max(1, int(np.floor(step * nnz[participating].sum()))), needed)
-    mean_abs = np.array([prune.mean_abs_nonzero(w) for w in layers.weights])
-    amounts = prune.egp_allocation(entropy, mean_abs, nnz, budget)
-    return prune.integer_amounts(amounts, nnz, budget), "egp"
-
-
 def compress(
     model: ModelSource,
     calib: DataSource,
@@ -210,6 +142,11 @@ def compress(
     seed: int = 0,
     surgery: bool = True,
     merge_tolerance: float = 0.0,
+    eval_data: DataSource | None = None,
+    holdout: float = 0.0,
+    min_agreement: float | None = None,
+    max_rel_error: float | None = None,
+    latency: bool = True,
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
     progress: Progress | None = None,
@@ -219,6 +156,10 @@ def compress(
     Each step measures the rectifiers' entropy on the calibration data, removes ``step`` of the
     remaining weights of the positive-entropy layers where the EGP budget puts them, and
     measures again. ``method="magnitude"`` spends the same total budget by global magnitude.
+    Graph surgery then makes the pruned model shallower. Fidelity against the original is
+    measured on ``eval_data`` (or a ``holdout`` split of the calibration data, or else the
+    calibration data itself); a guard (``min_agreement``, ``max_rel_error``) rolls back the
+    first step that breaks it and stops there.
 
     Args:
         model: path to an ONNX file or a ModelProto (not modified).
@@ -227,89 +168,116 @@ def compress(
         step: fraction of the remaining weights removed per EGP step, in (0, 1].
         method: ``egp`` or ``magnitude``.
         batch_size: samples per onnxruntime call.
-        seed: order among weights of equal magnitude.
+        seed: order among weights of equal magnitude, and the holdout split.
         surgery: reduce depth after pruning (fold, bypass, merge, delete layers).
         merge_tolerance: largest relative output error, measured on the calibration data, at
             which a merge that is not exact is applied; 0 applies exact rewrites only.
+        eval_data: held-out data in any calibration format; ``labels`` give accuracy.
+        holdout: fraction of the calibration data split off as held-out data (no eval_data).
+        min_agreement: the guard's lowest top-1 agreement with the original.
+        max_rel_error: the guard's largest relative output error against the original.
+        latency: measure onnxruntime latency before and after.
         mean: image normalisation (image folders only).
         std: image normalisation (image folders only).
         progress: receives progress events.
 
     Raises:
-        EgpError: bad model, data or options; NothingToPruneError if no layer can be pruned.
+        EgpError: bad model, data or options; NothingToPruneError if no layer can be pruned;
+            GuardError if even the first step breaks the guard.
 
     """
-    _check_compress_options(sparsity, step, method, batch_size)
-    if merge_tolerance < 0:
-        raise ConfigError(f"--merge-tolerance must be at least 0, got {merge_tolerance}")
+    settings = Settings(
+        sparsity=sparsity,
+        step=step,
+        method=method,
+        batch_size=batch_size,
+        seed=seed,
+        surgery=surgery,
+        merge_tolerance=merge_tolerance,
+        holdout=holdout,
+        min_agreement=min_agreement,
+        max_rel_error=max_rel_error,
+        latency=latency,
+    )
+    settings.check()
+    if eval_data is not None and holdout > 0:
+        raise ConfigError("give either --eval or --holdout, not both")
     proto, source = _load(model)
     data = _open(calib, proto, mean, std)
+    if eval_data is not None:
+        held, held_name = _open(eval_data, proto, mean, std), "eval"
+    elif holdout > 0:
+        data, held = split_holdout(data, holdout, seed)
+        held_name = "holdout"
+    else:
+        held, held_name = data, "calibration"
     progress = progress or _Silent()
     sites = find_rectifiers(proto)
-    layers = _LayerSet(proto, sites)
+    layers = LayerSet(proto, sites)
     if not layers.sites:
         raise NothingToPruneError(
             f"{source}: nothing to prune: no Conv/Gemm/MatMul layer with an initializer weight feeds a ReLU"
         )
-    rng = np.random.default_rng(seed)
-    total = int(layers.sizes().sum())
-    target_zeros = int(round(sparsity * total))
     progress.stage("calibrating the original model")
-    stats = first_stats = collect_statistics(proto, sites, data, batch_size, progress.advance)
+    first_stats = collect_statistics(proto, sites, data, batch_size, progress.advance)
     nnz_before = layers.nnz()
-    params_before, nonzero_params_before = count_parameters(proto)
-    current = proto
-    steps: list[StepRecord] = []
-    while total - int(layers.nnz().sum()) < target_zeros and len(steps) < MAX_STEPS:
-        needed = target_zeros - (total - int(layers.nnz().sum()))
-        counts, rule = _step_counts(layers, stats, method, step, needed)
-        if counts.sum() == 0:
-            break
-        layers.weights = [
-            prune.prune_smallest(w, int(c), rng) for w, c in zip(layers.weights, counts, strict=True)
-        ]
-        current = layers.apply(proto)
-        progress.stage(f"step {len(steps) + 1}: calibrating at sparsity {1 - layers.nnz().sum() / total:.3f}")
-        stats = collect_statistics(current, sites, data, batch_size, progress.advance)
-        entropies = layers.entropies(stats)
-        steps.append(
-            StepRecord(
-                step=len(steps) + 1,
-                method=rule,
-                removed=int(counts.sum()),
-                sparsity=1.0 - float(layers.nnz().sum()) / total,
-                zero_entropy_layers=int((entropies == 0).sum()),
-                emptied_layers=int((layers.nnz() == 0).sum()),
-            )
-        )
-    pruned = _strip_value_info(current)
-    final, surgery_record = pruned, SurgeryRecord(False, merge_tolerance, (), 0, None, None, False)
+    progress.stage(f"running the original model on the {held_name} data")
+    reference = Reference(proto, held, batch_size)
+    guard = _guard(reference, settings)
+    outcome = run_loop(
+        proto, sites, layers, first_stats, data, settings, guard, progress.stage, progress.advance
+    )
+    pruned = _strip_value_info(outcome.model)
+    final, surgery_record = pruned, SurgeryRecord(False, merge_tolerance, (), 0, None, None, False, None)
     states: dict[str, str] = {}
     if surgery:
         progress.stage("reducing depth")
-        final, surgery_record, states = _reduce_depth(pruned, sites, stats, data, batch_size, merge_tolerance)
-    report = _compression_report(
-        source,
-        layers,
-        first_stats,
-        stats,
-        nnz_before,
-        steps,
-        settings={
-            "sparsity": sparsity,
-            "step": step,
-            "method": method,
-            "batch_size": batch_size,
-            "seed": seed,
-            "surgery": surgery,
-            "merge_tolerance": merge_tolerance,
-        },
-        params=(params_before, nonzero_params_before, *count_parameters(final)),
-        structure=(proto, final),
+        final, surgery_record, states = _reduce_depth(pruned, sites, outcome.stats, data, settings)
+        problems = guard(final)[1] if final is not pruned else []
+        if problems:
+            reason = f"the rewritten model fails the guard on the {held_name} data: {'; '.join(problems)}"
+            log.warning("%s; keeping the pruned model", reason)
+            final, states = pruned, {}
+            surgery_record = replace(surgery_record, reverted=True, revert_reason=reason)
+    progress.stage("measuring the result")
+    fidelity = reference.evaluate(final)
+    feed = reference.first_feed()
+    shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
+    cost_before, cost_after = model_cost(proto, shapes), model_cost(final, shapes)
+    timing = None
+    if latency:
+        runs = 20
+        timing = Timing(
+            batch_size=next(iter(feed.values())).shape[0],
+            runs=runs,
+            latency_ms_before=measure_latency(proto, feed, runs),
+            latency_ms_after=measure_latency(final, feed, runs),
+        )
+    report = CompressionReport(
+        source=source,
+        settings=asdict(settings),
+        samples=outcome.stats.samples,
+        layers=layer_records(layers, first_stats, outcome.stats, nnz_before, states),
+        steps=outcome.steps,
+        stop=outcome.stop,
+        model=model_summary(layers, first_stats, outcome.stats, proto, final, cost_before, cost_after),
         surgery=surgery_record,
-        states=states,
+        fidelity=FidelityRecord(held_name, fidelity),
+        cost_before=cost_before,
+        cost_after=cost_after,
+        timing=timing,
     )
     return CompressionResult(model=final, report=report)
+
+
+def _guard(reference: Reference, settings: Settings) -> Guard:
+    """Fidelity of a candidate against the original, and the guard's complaints about it."""
+
+    def check(candidate: onnx.ModelProto) -> tuple[Fidelity, list[str]]:
+        fidelity = reference.evaluate(candidate)
+        return fidelity, passes(fidelity, settings.min_agreement, settings.max_rel_error)
+
+    return check
 
 
 #: A rewritten model whose output differs from the pruned one by more than this (relative, on the
@@ -322,8 +290,7 @@ def _reduce_depth(
     sites: list[RectifierSite],
     stats: Statistics,
     data: CalibrationData,
-    batch_size: int,
-    merge_tolerance: float,
+    settings: Settings,
 ) -> tuple[onnx.ModelProto, SurgeryRecord, dict[str, str]]:
     """Run graph surgery on the pruned model and check it against the pruned model."""
     channel_states = {}
@@ -333,32 +300,35 @@ def _reduce_depth(
             channel_states[site.name] = ChannelStates(*ent.constant_channels(counts.on, counts.total))
 
     def measure(candidate: onnx.ModelProto) -> float:
-        return compare(pruned, candidate, data, batch_size).rel_error
+        return compare(pruned, candidate, data, settings.batch_size).rel_error
 
-    result = simplify(pruned, channel_states, measure=measure, tolerance=merge_tolerance)
-    try:
-        onnx.checker.check_model(result.model)
-        check = compare(pruned, result.model, data, batch_size)
-    except (onnx.checker.ValidationError, EgpError) as exc:
-        log.error("graph surgery produced an invalid model (%s); keeping the pruned model", exc)
-        return pruned, SurgeryRecord(True, merge_tolerance, tuple(result.rewrites), 0, None, None, True), {}
-    reverted = not check.rel_error <= merge_tolerance + SURGERY_CHECK
-    if reverted:
-        log.error(
-            "graph surgery changed the outputs by %.3g (relative) on the calibration data; "
-            "keeping the pruned model",
-            check.rel_error,
-        )
+    tolerance = settings.merge_tolerance
+    result = simplify(pruned, channel_states, measure=measure, tolerance=tolerance)
     record = SurgeryRecord(
         enabled=True,
-        merge_tolerance=merge_tolerance,
+        merge_tolerance=tolerance,
         rewrites=tuple(result.rewrites),
         dead_parameters_zeroed=result.dead_weights_zeroed,
-        rel_error=check.rel_error,
-        max_abs_error=check.max_abs_error,
-        reverted=reverted,
+        rel_error=None,
+        max_abs_error=None,
+        reverted=False,
+        revert_reason=None,
     )
-    return (pruned, record, {}) if reverted else (result.model, record, result.states)
+    try:
+        onnx.checker.check_model(result.model)
+        check = compare(pruned, result.model, data, settings.batch_size)
+    except (onnx.checker.ValidationError, EgpError) as exc:
+        reason = f"graph surgery produced an invalid model ({exc})"
+        log.error("%s; keeping the pruned model", reason)
+        return pruned, replace(record, reverted=True, revert_reason=reason), {}
+    record = replace(record, rel_error=check.rel_error, max_abs_error=check.max_abs_error)
+    if not check.rel_error <= tolerance + SURGERY_CHECK:
+        reason = (
+            f"graph surgery changed the outputs by {check.rel_error:.3g} (relative) on the calibration data"
+        )
+        log.error("%s; keeping the pruned model", reason)
+        return pruned, replace(record, reverted=True, revert_reason=reason), {}
+    return result.model, record, result.states
 
 
 def _strip_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -367,87 +337,3 @@ def _strip_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     copy.CopyFrom(model)
     del copy.graph.value_info[:]
     return copy
-
-
-def _layer_state(weights: int, nonzero: int, entropy: float, channels: int, always_off: int) -> str:
-    if nonzero == 0 or always_off == channels:
-        return "constant"
-    if entropy == 0.0:
-        return "identity"
-    return "pruned" if nonzero < weights else "kept"
-
-
-def _compression_report(
-    source: str,
-    layers: _LayerSet,
-    before: Statistics,
-    after: Statistics,
-    nnz_before: np.ndarray,
-    steps: list[StepRecord],
-    settings: dict[str, object],
-    params: tuple[int, int, int, int],
-    structure: tuple[onnx.ModelProto, onnx.ModelProto],
-    surgery: SurgeryRecord,
-    states: dict[str, str],
-) -> CompressionReport:
-    h_before = layers.entropies(before)
-    h_after = layers.entropies(after)
-    nnz = layers.nnz()
-    sizes = layers.sizes()
-    records = []
-    for i, site in enumerate(layers.sites):
-        assert site.owner is not None  # _LayerSet keeps owned sites only
-        counts = after.counts[site.name]
-        on, off = ent.constant_channels(counts.on, counts.total)
-        records.append(
-            LayerRecord(
-                name=site.owner.name,
-                op_type=site.owner.op_type,
-                rectifier=site.name,
-                channels=int(counts.on.size),
-                entropy_before=float(h_before[i]),
-                entropy=float(h_after[i]),
-                always_on=int(on.sum()),
-                always_off=int(off.sum()),
-                weights=int(sizes[i]),
-                nonzero_before=int(nnz_before[i]),
-                nonzero=int(nnz[i]),
-                sparsity=1.0 - float(nnz[i]) / float(sizes[i]),
-                state=states.get(site.owner.name)
-                or _layer_state(
-                    int(sizes[i]), int(nnz[i]), float(h_after[i]), int(counts.on.size), int(off.sum())
-                ),
-            )
-        )
-    total = int(sizes.sum())
-    zeroed = total - int(nnz.sum())
-    depth_before, depth_after = depth(structure[0]), depth(structure[1])
-    summary = ModelSummary(
-        params_before=params[0],
-        nonzero_params_before=params[1],
-        params_after=params[2],
-        nonzero_params_after=params[3],
-        prunable_layers=len(records),
-        prunable_weights=total,
-        prunable_zeroed=zeroed,
-        sparsity=zeroed / total,
-        zero_entropy_layers_before=int((h_before == 0).sum()),
-        zero_entropy_layers_after=int((h_after == 0).sum()),
-        depth_before=depth_before.layers,
-        depth_after=depth_after.layers,
-        nonlinear_depth_before=depth_before.nonlinear,
-        nonlinear_depth_after=depth_after.nonlinear,
-        nodes_before=len(structure[0].graph.node),
-        nodes_after=len(structure[1].graph.node),
-        op_counts_before=op_counts(structure[0]),
-        op_counts_after=op_counts(structure[1]),
-    )
-    return CompressionReport(
-        source=source,
-        settings=settings,
-        samples=after.samples,
-        layers=tuple(records),
-        steps=tuple(steps),
-        model=summary,
-        surgery=surgery,
-    )

@@ -67,7 +67,10 @@ class StepRecord:
     method: str  # egp | magnitude | magnitude-fallback
     removed: int
     sparsity: float  # of the prunable weights after the step
-    zero_entropy_layers: int  # after the step
+    accepted: bool  # False: the guard rejected the step and it was rolled back
+    top1_agreement: float | None  # against the original, when fidelity is measured
+    rel_error: float | None
+    zero_entropy_layers: int | None  # after the step (None for a rejected step)
     emptied_layers: int  # layers with no non-zero weight after the step
 
 
@@ -93,7 +96,69 @@ class SurgeryRecord:
     dead_parameters_zeroed: int
     rel_error: float | None  # pruned model vs rewritten model, calibration data
     max_abs_error: float | None
-    reverted: bool  # True when the check failed and the un-rewritten model was kept
+    reverted: bool  # True when a check failed and the un-rewritten (pruned) model was kept
+    revert_reason: str | None
+
+
+@dataclass(frozen=True)
+class OutputFidelity:
+    """Differences on one graph output, over all samples."""
+
+    name: str
+    rel_error: float  # ||y' - y||_2 / ||y||_2
+    max_abs_error: float
+    allclose: bool  # |y' - y| <= atol + rtol |y| everywhere (Polygraphy's test)
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How closely a candidate reproduces a reference."""
+
+    top1_agreement: float | None  # first output of shape (N, classes); None otherwise
+    rel_error: float  # the largest rel_error over the outputs
+    max_abs_error: float
+    accuracy_before: float | None  # when the data has labels
+    accuracy_after: float | None
+    samples: int
+    outputs: tuple[OutputFidelity, ...]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a model costs per sample."""
+
+    params: int
+    nonzero_params: int
+    macs: int | None  # multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul, per sample
+    nonzero_macs: int | None  # the same, counting only non-zero weights
+    file_bytes: int
+
+
+@dataclass(frozen=True)
+class FidelityRecord:
+    """The compressed model against the original, on held-out data."""
+
+    data: str  # eval | holdout | calibration (when no held-out data was given)
+    fidelity: Fidelity
+
+
+@dataclass(frozen=True)
+class StopRecord:
+    """Why the pruning loop ended."""
+
+    reason: str  # target | guard | no-weights-left | max-steps
+    step: int  # the last accepted step (0: none)
+    detail: str
+
+
+@dataclass(frozen=True)
+class Timing:
+    """onnxruntime CPU latency of one batch, median of repeated runs (not byte-reproducible)."""
+
+    batch_size: int
+    runs: int
+    latency_ms_before: float
+    latency_ms_after: float
 
 
 @dataclass(frozen=True)
@@ -126,11 +191,16 @@ class CompressionReport:
 
     source: str  # the input model
     settings: dict[str, Any]
-    samples: int
+    samples: int  # calibration samples
     layers: tuple[LayerRecord, ...]
     steps: tuple[StepRecord, ...]
+    stop: StopRecord
     model: ModelSummary
     surgery: SurgeryRecord
+    fidelity: FidelityRecord
+    cost_before: Cost
+    cost_after: Cost
+    timing: Timing | None  # None with --no-latency
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,3 +303,58 @@ def op_table(summary: ModelSummary) -> str:
     rows.append(["(depth)", summary.depth_before, summary.depth_after])
     rows.append(["(non-linear depth)", summary.nonlinear_depth_before, summary.nonlinear_depth_after])
     return format_table(["op", "before", "after"], rows)
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "?"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def compression_summary(report: CompressionReport, model_path: str, report_path: str | None) -> str:
+    """The closing summary of a compress run, within 100 columns."""
+    m, fid = report.model, report.fidelity.fidelity
+    agreement = "-" if fid.top1_agreement is None else f"{fid.top1_agreement:.4f}"
+    lines = [
+        f"sparsity    {m.sparsity:.3f} of {m.prunable_weights} prunable weights in "
+        f"{m.prunable_layers} layers, {len(report.steps)} steps (stop: {report.stop.reason})",
+        f"depth       {m.depth_before} -> {m.depth_after} layers; non-linear {m.nonlinear_depth_before} -> "
+        f"{m.nonlinear_depth_after}; zero-entropy layers {m.zero_entropy_layers_before} -> "
+        f"{m.zero_entropy_layers_after}",
+        f"fidelity    top-1 agreement {agreement}, relative error {fid.rel_error:.2e} on {fid.samples} "
+        f"{report.fidelity.data} samples",
+    ]
+    if fid.accuracy_before is not None and fid.accuracy_after is not None:
+        lines.append(f"accuracy    {fid.accuracy_before:.4f} -> {fid.accuracy_after:.4f}")
+    b, a = report.cost_before, report.cost_after
+    lines.append(
+        f"size        {_count(b.nonzero_params)} -> {_count(a.nonzero_params)} non-zero parameters; "
+        f"MACs {_count(b.macs)} -> {_count(a.macs)} dense, {_count(a.nonzero_macs)} non-zero"
+    )
+    if report.timing is not None:
+        t = report.timing
+        lines.append(
+            f"latency     {t.latency_ms_before:.3f} -> {t.latency_ms_after:.3f} ms per batch of "
+            f"{t.batch_size} (median of {t.runs}, onnxruntime CPU)"
+        )
+    s = report.surgery
+    if not s.enabled:
+        lines.append("surgery     off (--no-surgery)")
+    else:
+        applied = sum(r.applied for r in s.rewrites)
+        declined = len(s.rewrites) - applied
+        text = f"surgery     {applied} rewrites" + (
+            f", {declined} inexact merges declined" if declined else ""
+        )
+        if s.reverted:
+            text += f"; REVERTED: {s.revert_reason}"
+        elif s.rel_error is not None:
+            text += f"; differs from the pruned model by {s.rel_error:.1e}"
+        lines.append(text)
+    if report.stop.reason == "guard":
+        lines.append(f"guard       {report.stop.detail}")
+    lines.append(f"written     {model_path}" + (f", {report_path}" if report_path else ""))
+    return "\n".join(line[:100] for line in lines)

@@ -1,51 +1,152 @@
-"""Fidelity: run a reference and a candidate model on the same data and compare their outputs."""
+"""Fidelity: run a reference and a candidate model on the same data and compare their outputs.
+
+Also the latency measurement, the other place where egp-onnx runs models for the user.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
 
 from egp_onnx.calibrate import make_session
-from egp_onnx.data import CalibrationData
+from egp_onnx.data import Batch, CalibrationData
+from egp_onnx.report import Fidelity, OutputFidelity
 
 
-@dataclass(frozen=True)
-class Fidelity:
-    """How closely a candidate reproduces a reference, over all outputs and samples."""
+class _Accumulator:
+    """Sums of squares, maxima and top-1 matches, batch by batch."""
 
-    rel_error: float  # ||y' - y|| / ||y|| over all outputs (L2)
-    max_abs_error: float
-    top1_agreement: float | None  # for outputs of shape (N, classes); None otherwise
-    samples: int
+    def __init__(self, names: list[str], atol: float, rtol: float) -> None:
+        self.names, self.atol, self.rtol = names, atol, rtol
+        self.diff_sq = np.zeros(len(names))
+        self.ref_sq = np.zeros(len(names))
+        self.max_abs = np.zeros(len(names))
+        self.close = np.ones(len(names), dtype=bool)
+        self.agree = self.classified = self.samples = 0
+        self.correct_ref = self.correct_cand = self.labelled = 0
+
+    def add(self, ref: list[np.ndarray], cand: list[np.ndarray], labels: np.ndarray | None) -> None:
+        for i, (r, c) in enumerate(zip(ref, cand, strict=True)):
+            r64, c64 = np.asarray(r, np.float64), np.asarray(c, np.float64)
+            if r64.shape != c64.shape:
+                self.diff_sq[i] = self.max_abs[i] = np.inf
+                self.close[i] = False
+                continue
+            diff = np.abs(r64 - c64)
+            self.diff_sq[i] += float((diff**2).sum())
+            self.ref_sq[i] += float((r64**2).sum())
+            if diff.size:
+                self.max_abs[i] = max(self.max_abs[i], float(diff.max()))
+            self.close[i] &= bool((diff <= self.atol + self.rtol * np.abs(r64)).all())
+        first_ref, first_cand = np.asarray(ref[0]), np.asarray(cand[0])
+        batch = first_ref.shape[0] if first_ref.ndim else 1
+        self.samples += batch
+        if first_ref.ndim == 2 and first_ref.shape[1] > 1 and first_cand.shape == first_ref.shape:
+            pred_ref, pred_cand = first_ref.argmax(1), first_cand.argmax(1)
+            self.agree += int((pred_ref == pred_cand).sum())
+            self.classified += batch
+            if labels is not None:
+                self.correct_ref += int((pred_ref == labels).sum())
+                self.correct_cand += int((pred_cand == labels).sum())
+                self.labelled += batch
+
+    def result(self) -> Fidelity:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(
+                self.ref_sq > 0,
+                np.sqrt(self.diff_sq / np.where(self.ref_sq > 0, self.ref_sq, 1)),
+                np.sqrt(self.diff_sq),
+            )
+        outputs = tuple(
+            OutputFidelity(n, float(rel[i]), float(self.max_abs[i]), bool(self.close[i]))
+            for i, n in enumerate(self.names)
+        )
+        return Fidelity(
+            top1_agreement=self.agree / self.classified if self.classified else None,
+            rel_error=float(rel.max()) if rel.size else 0.0,
+            max_abs_error=float(self.max_abs.max()) if self.max_abs.size else 0.0,
+            accuracy_before=self.correct_ref / self.labelled if self.labelled else None,
+            accuracy_after=self.correct_cand / self.labelled if self.labelled else None,
+            samples=self.samples,
+            outputs=outputs,
+        )
 
 
 def compare(
-    reference: onnx.ModelProto, candidate: onnx.ModelProto, data: CalibrationData, batch_size: int
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    data: CalibrationData,
+    batch_size: int,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
 ) -> Fidelity:
-    """Run both models in onnxruntime on ``data`` and measure the difference of their outputs."""
+    """Run both models in onnxruntime on ``data`` (streamed) and compare their outputs."""
     ref_session = make_session(reference, optimize=True)
     cand_session = make_session(candidate, optimize=True)
     names = [o.name for o in ref_session.get_outputs()]
-    diff_sq = ref_sq = 0.0
-    max_abs = 0.0
-    agree = classified = samples = 0
-    for feed, _ in data.batches(batch_size):
-        ref_out = ref_session.run(names, feed)
-        cand_out = cand_session.run(names, feed)
-        for r, c in zip(ref_out, cand_out, strict=True):
-            r64, c64 = np.asarray(r, np.float64), np.asarray(c, np.float64)
-            if r64.shape != c64.shape:
-                return Fidelity(float("inf"), float("inf"), 0.0, samples)
-            diff_sq += float(((r64 - c64) ** 2).sum())
-            ref_sq += float((r64**2).sum())
-            if r64.size:
-                max_abs = max(max_abs, float(np.abs(r64 - c64).max()))
-        first = np.asarray(ref_out[0])
-        if first.ndim == 2 and first.shape[1] > 1:
-            agree += int((first.argmax(1) == np.asarray(cand_out[0]).argmax(1)).sum())
-            classified += first.shape[0]
-        samples += next(iter(feed.values())).shape[0]
-    rel = float(np.sqrt(diff_sq / ref_sq)) if ref_sq > 0 else float(np.sqrt(diff_sq))
-    return Fidelity(rel, max_abs, agree / classified if classified else None, samples)
+    acc = _Accumulator(names, atol, rtol)
+    for feed, labels in data.batches(batch_size):
+        acc.add(ref_session.run(names, feed), cand_session.run(names, feed), labels)
+    return acc.result()
+
+
+class Reference:
+    """A held-out set and the original model's outputs on it, kept in memory.
+
+    The EGP loop checks many candidates against the same original: its outputs are computed once.
+    """
+
+    def __init__(self, model: onnx.ModelProto, data: CalibrationData, batch_size: int) -> None:
+        session = make_session(model, optimize=True)
+        self.names = [o.name for o in session.get_outputs()]
+        self.batches: list[tuple[Batch, np.ndarray | None, list[np.ndarray]]] = [
+            (feed, labels, session.run(self.names, feed)) for feed, labels in data.batches(batch_size)
+        ]
+
+    def evaluate(self, candidate: onnx.ModelProto, atol: float = 1e-5, rtol: float = 1e-5) -> Fidelity:
+        """Fidelity of ``candidate`` against the stored outputs."""
+        session = make_session(candidate, optimize=True)
+        acc = _Accumulator(self.names, atol, rtol)
+        for feed, labels, ref in self.batches:
+            acc.add(ref, session.run(self.names, feed), labels)
+        return acc.result()
+
+    def first_feed(self) -> Batch:
+        """One batch, for latency measurements."""
+        return self.batches[0][0]
+
+
+def measure_latency(model: onnx.ModelProto, feed: Batch, runs: int = 20, warmup: int = 3) -> float:
+    """Median wall time in milliseconds of one onnxruntime run on ``feed`` (optimised session)."""
+    session = make_session(model, optimize=True)
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000.0)
+
+
+def passes(fidelity: Fidelity, min_agreement: float | None, max_rel_error: float | None) -> list[str]:
+    """The guard's complaints about ``fidelity``; empty when it passes."""
+    problems = []
+    if min_agreement is not None:
+        agreement = fidelity.top1_agreement
+        if agreement is None:
+            problems.append("top-1 agreement is undefined: the first output is not (N, classes)")
+        elif agreement < min_agreement:
+            problems.append(f"top-1 agreement {agreement:.4f} < {min_agreement}")
+    if max_rel_error is not None and not fidelity.rel_error <= max_rel_error:
+        problems.append(f"relative error {fidelity.rel_error:.3g} > {max_rel_error}")
+    return problems
+
+
+def outputs_table_rows(fidelity: Fidelity) -> Iterable[list[object]]:
+    """Rows (output, rel_error, max_abs_error, allclose) for printing."""
+    for out in fidelity.outputs:
+        yield [out.name, f"{out.rel_error:.3e}", f"{out.max_abs_error:.3e}", "yes" if out.allclose else "NO"]

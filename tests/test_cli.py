@@ -60,7 +60,8 @@ def test_compress_sample_to_ninety_percent(tmp_path):
         assert set(layer) >= {"name", "op_type", "rectifier", "entropy", "weights", "nonzero", "state"}
     assert data["surgery"]["enabled"] and not data["surgery"]["reverted"]
     assert summary["depth_after"] <= summary["depth_before"]
-    assert "sparsity 0.900" in proc.stdout and "depth 9 ->" in proc.stdout
+    assert "sparsity    0.900" in proc.stdout and "depth       9 -> " in proc.stdout
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 100
 
 
 def test_no_surgery_report_matches_written_weights(tmp_path):

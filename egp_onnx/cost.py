@@ -1,0 +1,92 @@
+"""Cost figures of a model: parameters, multiply-accumulates and size (pure, on ModelProto)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from egp_onnx.report import Cost
+from egp_onnx.topology import count_parameters
+
+log = logging.getLogger(__name__)
+
+
+def _static_shapes(
+    model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of every tensor once the inputs have the given concrete shapes."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for value in fixed.graph.input:
+        if value.name in input_shapes:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, input_shapes[value.name], strict=False):
+                dim.Clear()
+                dim.dim_value = int(size)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
+        log.warning("shape inference failed, MACs not counted: %s", exc)
+        return {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = tuple(int(d.dim_value) for d in dims)
+    for tensor in inferred.graph.initializer:
+        shapes[tensor.name] = tuple(tensor.dims)
+    return shapes
+
+
+def count_macs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int] | None:
+    """(dense MACs, non-zero-weight MACs) for one sample; None when a shape stays unknown.
+
+    ``input_shapes`` gives each input's shape with batch size 1.
+    """
+    shapes = _static_shapes(model, input_shapes)
+    weights = {t.name: t for t in model.graph.initializer}
+    dense = sparse = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        if len(node.input) < 2 or node.output[0] not in shapes or node.input[0] not in shapes:
+            return None
+        out, inp = shapes[node.output[0]], shapes[node.input[0]]
+        w_name = node.input[1]
+        if w_name in weights:
+            w = numpy_helper.to_array(weights[w_name])
+            size, nnz = w.size, int(np.count_nonzero(w))
+        elif w_name in shapes and node.op_type == "MatMul":
+            size = nnz = int(np.prod(shapes[w_name][-2:]))  # activation x activation
+        else:
+            return None
+        if node.op_type == "Conv":
+            uses = int(np.prod(out[2:]))  # each weight is used once per output position
+        elif node.op_type == "ConvTranspose":
+            uses = int(np.prod(inp[2:]))
+        elif node.op_type == "Gemm":
+            uses = out[0]
+        else:
+            uses = int(np.prod(out[:-2])) * out[-2] if len(out) >= 2 else 1
+        batch = out[0] if node.op_type in ("Conv", "ConvTranspose") else 1
+        dense += size * uses * batch
+        sparse += nnz * uses * batch
+    return dense, sparse
+
+
+def model_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None) -> Cost:
+    """Parameters, MACs (when ``input_shapes`` is given and shapes resolve) and file size."""
+    params, nonzero = count_parameters(model)
+    macs = count_macs(model, input_shapes) if input_shapes else None
+    return Cost(
+        params=params,
+        nonzero_params=nonzero,
+        macs=macs[0] if macs else None,
+        nonzero_macs=macs[1] if macs else None,
+        file_bytes=model.ByteSize(),
+    )

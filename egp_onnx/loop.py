@@ -1,0 +1,155 @@
+"""The EGP loop: statistics -> budget -> prune -> (guard) -> statistics, until the target sparsity."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+
+from egp_onnx import entropy as ent
+from egp_onnx import prune
+from egp_onnx.calibrate import Statistics, collect_statistics
+from egp_onnx.data import CalibrationData
+from egp_onnx.errors import GuardError
+from egp_onnx.report import Fidelity, StepRecord, StopRecord
+from egp_onnx.settings import Settings
+from egp_onnx.topology import RectifierSite, initializer_arrays, prunable_layers, replace_initializers
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS = 200
+
+#: Measures a candidate against the original: its fidelity and the guard's complaints.
+Guard = Callable[[onnx.ModelProto], tuple[Fidelity, list[str]]]
+
+
+class LayerSet:
+    """The prunable layers, the ReLU each owns, and their current weights."""
+
+    def __init__(self, model: onnx.ModelProto, sites: list[RectifierSite]) -> None:
+        self.sites = list(prunable_layers(sites).values())
+        self.weight_names = [s.owner.weight for s in self.sites if s.owner]
+        arrays = initializer_arrays(model, self.weight_names)
+        self.weights = [arrays[n] for n in self.weight_names]
+
+    def nnz(self) -> np.ndarray:
+        """Non-zero weights per layer."""
+        return np.array([np.count_nonzero(w) for w in self.weights], dtype=np.int64)
+
+    def sizes(self) -> np.ndarray:
+        """Weights per layer."""
+        return np.array([w.size for w in self.weights], dtype=np.int64)
+
+    def entropies(self, stats: Statistics) -> np.ndarray:
+        """Layer entropy of each layer's ReLU."""
+        return np.array(
+            [ent.layer_entropy(stats.counts[s.name].on, stats.counts[s.name].total) for s in self.sites]
+        )
+
+    def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A copy of ``model`` holding the current weights."""
+        return replace_initializers(model, dict(zip(self.weight_names, self.weights, strict=True)))
+
+
+def step_counts(
+    layers: LayerSet, stats: Statistics, method: str, step: float, needed: int
+) -> tuple[np.ndarray, str]:
+    """How many weights each layer loses in this step, and the rule that decided it."""
+    nnz = layers.nnz()
+    if method == "magnitude":
+        return prune.global_magnitude_amounts(layers.weights, needed), "magnitude"
+    entropy = layers.entropies(stats)
+    participating = (entropy > 0) & (nnz > 0)
+    if not participating.any():
+        # Every layer with weights left has zero entropy: EGP has nothing to guide it. Reach the
+        # requested sparsity by global magnitude, and say so in the report.
+        log.warning("no layer with positive entropy left; finishing by global magnitude")
+        return prune.global_magnitude_amounts(layers.weights, needed), "magnitude-fallback"
+    budget = min(max(1, int(np.floor(step * nnz[participating].sum()))), needed)
+    mean_abs = np.array([prune.mean_abs_nonzero(w) for w in layers.weights])
+    amounts = prune.egp_allocation(entropy, mean_abs, nnz, budget)
+    return prune.integer_amounts(amounts, nnz, budget), "egp"
+
+
+@dataclass(frozen=True)
+class LoopOutcome:
+    """The last accepted model of the loop, its statistics and the loop's history."""
+
+    model: onnx.ModelProto
+    stats: Statistics
+    steps: tuple[StepRecord, ...]
+    stop: StopRecord
+
+
+def run_loop(
+    model: onnx.ModelProto,
+    sites: list[RectifierSite],
+    layers: LayerSet,
+    stats: Statistics,
+    data: CalibrationData,
+    settings: Settings,
+    guard: Guard | None,
+    on_stage: Callable[[str], None],
+    on_batch: Callable[[int], None],
+) -> LoopOutcome:
+    """Prune ``layers`` step by step until ``settings.sparsity``; ``layers`` ends accepted.
+
+    ``stats`` are the statistics of ``model``. With a guard, a step whose model fails it is rolled
+    back and the loop stops there.
+
+    Raises:
+        GuardError: the very first step already fails the guard.
+
+    """
+    rng = np.random.default_rng(settings.seed)
+    total = int(layers.sizes().sum())
+    target_zeros = int(round(settings.sparsity * total))
+    current = model
+    steps: list[StepRecord] = []
+    stop = StopRecord("target", 0, f"reached sparsity {settings.sparsity}")
+    while total - int(layers.nnz().sum()) < target_zeros:
+        if len(steps) >= MAX_STEPS:
+            stop = StopRecord("max-steps", len(steps), f"stopped after {MAX_STEPS} steps")
+            break
+        needed = target_zeros - (total - int(layers.nnz().sum()))
+        counts, rule = step_counts(layers, stats, settings.method, settings.step, needed)
+        if counts.sum() == 0:
+            stop = StopRecord("no-weights-left", len(steps), "no prunable weight left to remove")
+            break
+        previous = layers.weights
+        layers.weights = [prune.prune_smallest(w, int(c), rng) for w, c in zip(previous, counts, strict=True)]
+        candidate = layers.apply(model)
+        sparsity = 1.0 - float(layers.nnz().sum()) / total
+        number = len(steps) + 1
+        fidelity, problems = guard(candidate) if guard else (None, [])
+        record = StepRecord(
+            step=number,
+            method=rule,
+            removed=int(counts.sum()),
+            sparsity=sparsity,
+            accepted=not problems,
+            top1_agreement=fidelity.top1_agreement if fidelity else None,
+            rel_error=fidelity.rel_error if fidelity else None,
+            zero_entropy_layers=None,
+            emptied_layers=int((layers.nnz() == 0).sum()),
+        )
+        if problems:
+            steps.append(record)
+            layers.weights = previous
+            detail = f"step {number} (sparsity {sparsity:.4f}) failed the guard: {'; '.join(problems)}"
+            if number == 1:
+                raise GuardError(f"{detail}; no model passes, nothing written (lower --step or the guard)")
+            log.warning("%s; keeping step %d", detail, number - 1)
+            stop = StopRecord("guard", number - 1, detail)
+            break
+        on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
+        stats = collect_statistics(candidate, sites, data, settings.batch_size, on_batch)
+        entropies = layers.entropies(stats)
+        steps.append(replace(record, zero_entropy_layers=int((entropies == 0).sum())))
+        current = candidate
+    if stop.reason == "target":
+        stop = StopRecord("target", len(steps), stop.detail)
+    return LoopOutcome(current, stats, tuple(steps), stop)

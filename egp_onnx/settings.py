@@ -1,0 +1,50 @@
+"""The options of a compression run, checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from egp_onnx.errors import ConfigError
+
+METHODS = ("egp", "magnitude")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `compress` was asked to do; recorded in the report."""
+
+    sparsity: float = 0.9
+    step: float = 0.5
+    method: str = "egp"
+    batch_size: int = 32
+    seed: int = 0
+    surgery: bool = True
+    merge_tolerance: float = 0.0
+    holdout: float = 0.0
+    min_agreement: float | None = None
+    max_rel_error: float | None = None
+    latency: bool = True
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first option outside its range."""
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if not 0.0 < self.step <= 1.0:
+            raise ConfigError(f"--step must be in (0, 1], got {self.step}")
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.merge_tolerance < 0:
+            raise ConfigError(f"--merge-tolerance must be at least 0, got {self.merge_tolerance}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+            raise ConfigError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+        if self.max_rel_error is not None and self.max_rel_error < 0:
+            raise ConfigError(f"--max-rel-error must be at least 0, got {self.max_rel_error}")
+
+    @property
+    def guarded(self) -> bool:
+        """True when a fidelity guard is set."""
+        return self.min_agreement is not None or self.max_rel_error is not None
