@@ -28,8 +28,8 @@ def logits(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    test = np.load(SAMPLES / "digits_test.npz")
-    x, y = test["input"], test["labels"]
+    with np.load(SAMPLES / "digits_test.npz") as test:
+        x, y = test["input"], test["labels"]
     dense = logits(MODEL.read_bytes(), x).argmax(1)
     rows = [["dense", 0.0, float((dense == y).mean()), 1.0, 0, 0, 9, 0.0]]
     for method in ("egp", "magnitude"):

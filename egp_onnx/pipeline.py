@@ -24,8 +24,8 @@ from egp_onnx.loop import Guard, LayerSet, run_loop
 from egp_onnx.report import (
     AnalysisReport,
     CompressionReport,
+    CostComparison,
     Fidelity,
-    FidelityRecord,
     RectifierRecord,
     SurgeryRecord,
     Timing,
@@ -262,9 +262,8 @@ def compress(
         stop=outcome.stop,
         model=model_summary(layers, first_stats, outcome.stats, proto, final, cost_before, cost_after),
         surgery=surgery_record,
-        fidelity=FidelityRecord(held_name, fidelity),
-        cost_before=cost_before,
-        cost_after=cost_after,
+        fidelity=replace(fidelity, data=held_name),
+        cost=CostComparison(cost_before, cost_after),
         timing=timing,
     )
     return CompressionResult(model=final, report=report)

@@ -121,6 +121,7 @@ class Fidelity:
     accuracy_after: float | None
     samples: int
     outputs: tuple[OutputFidelity, ...]
+    data: str = ""  # eval | holdout | calibration: where the samples came from
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,11 @@ class Cost:
 
 
 @dataclass(frozen=True)
-class FidelityRecord:
-    """The compressed model against the original, on held-out data."""
+class CostComparison:
+    """The original's and the compressed model's costs."""
 
-    data: str  # eval | holdout | calibration (when no held-out data was given)
-    fidelity: Fidelity
+    before: Cost
+    after: Cost
 
 
 @dataclass(frozen=True)
@@ -197,9 +198,8 @@ class CompressionReport:
     stop: StopRecord
     model: ModelSummary
     surgery: SurgeryRecord
-    fidelity: FidelityRecord
-    cost_before: Cost
-    cost_after: Cost
+    fidelity: Fidelity  # the compressed model against the original
+    cost: CostComparison
     timing: Timing | None  # None with --no-latency
     schema_version: int = SCHEMA_VERSION
 
@@ -316,7 +316,7 @@ def _count(value: int | None) -> str:
 
 def compression_summary(report: CompressionReport, model_path: str, report_path: str | None) -> str:
     """The closing summary of a compress run, within 100 columns."""
-    m, fid = report.model, report.fidelity.fidelity
+    m, fid = report.model, report.fidelity
     agreement = "-" if fid.top1_agreement is None else f"{fid.top1_agreement:.4f}"
     lines = [
         f"sparsity    {m.sparsity:.3f} of {m.prunable_weights} prunable weights in "
@@ -325,11 +325,11 @@ def compression_summary(report: CompressionReport, model_path: str, report_path:
         f"{m.nonlinear_depth_after}; zero-entropy layers {m.zero_entropy_layers_before} -> "
         f"{m.zero_entropy_layers_after}",
         f"fidelity    top-1 agreement {agreement}, relative error {fid.rel_error:.2e} on {fid.samples} "
-        f"{report.fidelity.data} samples",
+        f"{fid.data} samples",
     ]
     if fid.accuracy_before is not None and fid.accuracy_after is not None:
         lines.append(f"accuracy    {fid.accuracy_before:.4f} -> {fid.accuracy_after:.4f}")
-    b, a = report.cost_before, report.cost_after
+    b, a = report.cost.before, report.cost.after
     lines.append(
         f"size        {_count(b.nonzero_params)} -> {_count(a.nonzero_params)} non-zero parameters; "
         f"MACs {_count(b.macs)} -> {_count(a.macs)} dense, {_count(a.nonzero_macs)} non-zero"

@@ -15,3 +15,9 @@ SAMPLES = ROOT / "sample_models"
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    """All arrays of an .npz, with the file closed again."""
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}

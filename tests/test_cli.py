@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLES
+from conftest import SAMPLES, load_npz
 from models import inputs, no_rectifier, save, single_conv
 
 from egp_onnx.cli import main
@@ -49,7 +49,7 @@ def test_compress_sample_to_ninety_percent(tmp_path):
     proc, model, data = compress_sample(tmp_path)
     assert digest(MODEL) == before, "input model untouched"
     onnx.checker.check_model(model, full_check=True)
-    x = np.load(SAMPLES / "digits_test.npz")["input"]
+    x = load_npz(SAMPLES / "digits_test.npz")["input"]
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"input": x})[0]
     assert logits.shape == (len(x), 10) and np.isfinite(logits).all()

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import SAMPLES
+from conftest import SAMPLES, load_npz
 from models import gemm_head, inputs, residual_block
 from onnx import numpy_helper
 
@@ -138,7 +138,7 @@ def test_sample_at_95_percent_is_shallower_and_runs():
     assert summary.depth_after < summary.depth_before == 9
     assert summary.nonlinear_depth_after < summary.nonlinear_depth_before
     onnx.checker.check_model(result.model, full_check=True)
-    test = np.load(SAMPLES / "digits_test.npz")
+    test = load_npz(SAMPLES / "digits_test.npz")
     session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"input": test["input"]})[0]
     assert logits.shape == (len(test["input"]), 10) and np.isfinite(logits).all()

@@ -1,0 +1,226 @@
+"""The fidelity guard, held-out evaluation, cost figures, the report schema and `verify`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT, SAMPLES, load_npz
+from models import inputs, residual_block, save, single_conv
+from onnx import TensorProto, helper, numpy_helper
+
+import egp_onnx
+from egp_onnx.cli import main
+from egp_onnx.cost import count_macs
+from egp_onnx.data import open_calibration, split_holdout
+from egp_onnx.io import prepare_model
+
+MODEL = SAMPLES / "digits_resnet.onnx"
+CALIB = SAMPLES / "digits_calib.npz"
+TEST = SAMPLES / "digits_test.npz"
+SCHEMA = json.loads((ROOT / "docs" / "compress-report.schema.json").read_text())
+
+
+def predictions(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0].argmax(1)
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_guarded_sample_agreement_matches_independent_measurement(tmp_path):
+    out, report_path = tmp_path / "x.onnx", tmp_path / "r.json"
+    args = [
+        "compress",
+        str(MODEL),
+        "--calib",
+        str(CALIB),
+        "-o",
+        str(out),
+        "--sparsity",
+        "0.9",
+        "--eval",
+        str(TEST),
+        "--min-agreement",
+        "0.97",
+        "--report",
+        str(report_path),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    test = load_npz(TEST)
+    independent = float((predictions(out, test["input"]) == predictions(MODEL, test["input"])).mean())
+    assert report["fidelity"]["top1_agreement"] == pytest.approx(independent, abs=0.003)
+    assert report["fidelity"]["top1_agreement"] >= 0.97
+    assert report["fidelity"]["data"] == "eval" and report["fidelity"]["samples"] == len(test["input"])
+    accuracy = float((predictions(out, test["input"]) == test["labels"]).mean())
+    assert report["fidelity"]["accuracy_after"] == pytest.approx(accuracy, abs=1e-9)
+    assert report["stop"]["reason"] == "guard"
+    assert report["steps"][-1]["accepted"] is False and report["steps"][-1]["top1_agreement"] < 0.97
+    jsonschema.validate(report, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["--no-latency", "--no-surgery"], ["--holdout", "0.25", "--max-rel-error", "0.9"]]
+)
+def test_reports_validate_against_documented_schema(extra, tmp_path):
+    report_path = tmp_path / "r.json"
+    args = [
+        "compress",
+        str(MODEL),
+        "--calib",
+        str(CALIB),
+        "-o",
+        str(tmp_path / "x.onnx"),
+        "--sparsity",
+        "0.5",
+        "--report",
+        str(report_path),
+        *extra,
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    jsonschema.validate(report, SCHEMA)
+    assert report["schema_version"] == 1
+
+
+def test_schema_rejects_drift(tmp_path):
+    """The schema is strict: a renamed field would not pass."""
+    report = egp_onnx.compress(MODEL, CALIB, sparsity=0.3, latency=False).report.to_dict()
+    jsonschema.validate(report, SCHEMA)
+    report["model"]["depth"] = report["model"].pop("depth_after")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(report, SCHEMA)
+
+
+def test_guard_stops_at_the_right_step(rng, tmp_path):
+    model = residual_block(rng)
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=24, shape=(4, 6, 6)))
+    calib = tmp_path / "c.npz"
+    free = egp_onnx.compress(model, calib, sparsity=0.95, step=0.3, surgery=False, latency=False).report
+    errors = [s.rel_error for s in free.steps]
+    assert len(errors) >= 4 and errors == sorted(errors), "damage grows step by step"
+    threshold = (errors[1] + errors[2]) / 2  # step 2 passes, step 3 does not
+    guarded = egp_onnx.compress(
+        model, calib, sparsity=0.95, step=0.3, surgery=False, latency=False, max_rel_error=threshold
+    )
+    report = guarded.report
+    assert report.stop.reason == "guard" and report.stop.step == 2
+    assert [s.accepted for s in report.steps] == [True, True, False]
+    assert report.model.sparsity == pytest.approx(free.steps[1].sparsity)
+    assert report.fidelity.rel_error == pytest.approx(errors[1], rel=1e-6)
+    # the written model is exactly the model after step 2
+    two_steps = egp_onnx.compress(
+        model, calib, sparsity=free.steps[1].sparsity, step=0.3, surgery=False, latency=False
+    )
+    for name, array in weights(two_steps.model).items():
+        np.testing.assert_array_equal(weights(guarded.model)[name], array)
+
+
+def test_first_step_failing_the_guard_exits_1_and_writes_nothing(rng, tmp_path):
+    model = save(single_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=inputs(rng))
+    out = tmp_path / "o.onnx"
+    args = [
+        "compress",
+        model,
+        "--calib",
+        str(tmp_path / "c.npz"),
+        "-o",
+        str(out),
+        "--max-rel-error",
+        "0",
+        "--report",
+        str(tmp_path / "r.json"),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "step 1" in result.stderr and "failed the guard" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_verify_passes_identical_copy_and_fails_one_changed_weight(tmp_path):
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(MODEL.read_bytes())
+    changed = onnx.load(str(MODEL))
+    tensor = next(t for t in changed.graph.initializer if t.name == "block2.conv1.weight")
+    array = numpy_helper.to_array(tensor).copy()
+    array.flat[7] += 0.5
+    tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    onnx.save(changed, str(tmp_path / "changed.onnx"))
+    runner = CliRunner()
+    same = runner.invoke(main, ["verify", str(MODEL), str(copy), "--data", str(TEST)])
+    assert same.exit_code == 0 and "PASS" in same.output
+    differ = runner.invoke(main, ["verify", str(MODEL), str(tmp_path / "changed.onnx"), "--data", str(TEST)])
+    assert differ.exit_code == 1 and "FAIL" in differ.output
+    bad = runner.invoke(main, ["verify", str(MODEL), str(tmp_path / "nope.onnx"), "--data", str(TEST)])
+    assert bad.exit_code == 2 and "not found" in bad.stderr
+
+
+def test_mac_count_matches_hand_computation(rng):
+    """
+    x(N,3,6,6) -> Conv3x3(3->4, pad 1) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(4->5) -> y
+    """
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    w[0] = 0  # 27 zero weights
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fb"], ["y"], transB=1),
+    ]
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(rng.normal(size=(5, 4)).astype(np.float32), "fc"),
+        numpy_helper.from_array(np.zeros(5, np.float32), "fb"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    dense, sparse = count_macs(model, {"x": (1, 3, 6, 6)})
+    conv = 4 * 3 * 3 * 3 * 6 * 6  # every output position: C_out x C_in x k x k
+    gemm = 4 * 5
+    assert dense == conv + gemm == 3908
+    assert sparse == (4 - 1) * 3 * 3 * 3 * 6 * 6 + gemm
+
+
+def test_holdout_split_is_disjoint_and_seeded(rng, tmp_path):
+    model = prepare_model(single_conv(rng))
+    x = inputs(rng, n=20)
+    np.savez(tmp_path / "c.npz", x=x, labels=np.arange(20))
+    data = open_calibration(tmp_path / "c.npz", model)
+    calib, held = split_holdout(data, 0.25, seed=3)
+    (xc, lc), (xh, lh) = calib.arrays(), held.arrays()
+    np.testing.assert_array_equal(xc["x"], x[lc])
+    assert len(lh) == 5 and len(lc) == 15
+    assert sorted([*lc.tolist(), *lh.tolist()]) == list(range(20))
+    np.testing.assert_array_equal(xh["x"], x[lh])
+    again = split_holdout(data, 0.25, seed=3)[1].arrays()[1]
+    np.testing.assert_array_equal(again, lh)
+
+
+def test_quiet_prints_nothing(tmp_path, rng):
+    model = save(single_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=inputs(rng))
+    args = ["compress", model, "--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o.onnx"), "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and result.output == ""
+    assert (tmp_path / "o.onnx").exists()
