@@ -15,6 +15,7 @@ from egp_onnx.data import open_calibration
 from egp_onnx.errors import ConfigError, EgpError
 from egp_onnx.io import check_output_paths, load_model, save_model, save_text
 from egp_onnx.pipeline import METHODS, analyze, compress
+from egp_onnx.plot import save_plot
 from egp_onnx.report import (
     analysis_table,
     compression_summary,
@@ -213,6 +214,12 @@ def analyze_command(
     "this; 0 applies exact rewrites only.",
 )
 @click.option("--no-latency", is_flag=True, help="Skip the onnxruntime latency measurement.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    help="Draw entropy, kept weights and the loop into this PNG (needs matplotlib).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def compress_command(
@@ -234,6 +241,7 @@ def compress_command(
     no_surgery: bool,
     merge_tolerance: float,
     no_latency: bool,
+    plot_path: Path | None,
     quiet: bool,
     force: bool,
 ) -> None:
@@ -241,7 +249,7 @@ def compress_command(
 
     def action() -> None:
         inputs = [p for p in (model, calib, eval_path) if p is not None]
-        check_output_paths([output, report_path], inputs, force)
+        check_output_paths([output, report_path, plot_path], inputs, force)
         progress = _StderrProgress(sys.stderr.isatty() and not quiet)
         result = compress(
             model,
@@ -266,13 +274,16 @@ def compress_command(
         save_model(result.model, output)
         if report_path is not None:
             save_text(to_json(result.report), report_path)
+        if plot_path is not None:
+            save_plot(result.report, plot_path)
         if quiet:
             return
         click.echo(compression_table(result.report))
         click.echo()
         click.echo(op_table(result.report.model))
         click.echo()
-        click.echo(compression_summary(result.report, str(output), str(report_path) if report_path else None))
+        written = [str(p) for p in (output, report_path, plot_path) if p is not None]
+        click.echo(compression_summary(result.report, written))
 
     _run(action)
 

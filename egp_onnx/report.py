@@ -314,7 +314,7 @@ def _count(value: int | None) -> str:
     return str(value)
 
 
-def compression_summary(report: CompressionReport, model_path: str, report_path: str | None) -> str:
+def compression_summary(report: CompressionReport, written: list[str]) -> str:
     """The closing summary of a compress run, within 100 columns."""
     m, fid = report.model, report.fidelity
     agreement = "-" if fid.top1_agreement is None else f"{fid.top1_agreement:.4f}"
@@ -356,5 +356,5 @@ def compression_summary(report: CompressionReport, model_path: str, report_path:
         lines.append(text)
     if report.stop.reason == "guard":
         lines.append(f"guard       {report.stop.detail}")
-    lines.append(f"written     {model_path}" + (f", {report_path}" if report_path else ""))
+    lines.append(f"written     {', '.join(written)}")
     return "\n".join(line[:100] for line in lines)

@@ -224,3 +224,28 @@ def test_quiet_prints_nothing(tmp_path, rng):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0 and result.output == ""
     assert (tmp_path / "o.onnx").exists()
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib extra")
+    plot = tmp_path / "run.png"
+    args = [
+        "compress",
+        str(MODEL),
+        "--calib",
+        str(CALIB),
+        "-o",
+        str(tmp_path / "x.onnx"),
+        "--sparsity",
+        "0.5",
+        "--eval",
+        str(TEST),
+        "--plot",
+        str(plot),
+        "--no-latency",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    data = plot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert str(plot) in result.output
