@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -356,5 +357,6 @@ def compression_summary(report: CompressionReport, written: list[str]) -> str:
         lines.append(text)
     if report.stop.reason == "guard":
         lines.append(f"guard       {report.stop.detail}")
-    lines.append(f"written     {', '.join(written)}")
-    return "\n".join(line[:100] for line in lines)
+    text = [textwrap.fill(line, width=100, subsequent_indent=" " * 12) for line in lines]
+    text.extend(f"{'written' if i == 0 else '':12}{path}" for i, path in enumerate(written))
+    return "\n".join(text)
