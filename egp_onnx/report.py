@@ -357,6 +357,6 @@ def compression_summary(report: CompressionReport, written: list[str]) -> str:
         lines.append(text)
     if report.stop.reason == "guard":
         lines.append(f"guard       {report.stop.detail}")
-    text = [textwrap.fill(line, width=100, subsequent_indent=" " * 12) for line in lines]
-    text.extend(f"{'written' if i == 0 else '':12}{path}" for i, path in enumerate(written))
-    return "\n".join(text)
+    wrapped = [textwrap.fill(line, width=100, subsequent_indent=" " * 12) for line in lines]
+    wrapped.extend(f"{'written' if i == 0 else '':12}{path}" for i, path in enumerate(written))
+    return "\n".join(wrapped)
