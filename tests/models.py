@@ -156,3 +156,101 @@ def save(model: onnx.ModelProto, path) -> str:
 
 def inputs(rng: np.random.Generator, n: int = 10, shape=(3, 6, 6)) -> np.ndarray:
     return rng.normal(size=(n, *shape)).astype(np.float32)
+
+
+def f32(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32)
+
+
+class Builder:
+    """Collects nodes and initializers; layer helpers name everything after the layer.
+
+    ``dtype`` is the models' float type (float32 or float16) for inputs, outputs and weights.
+    """
+
+    def __init__(self, rng: np.random.Generator, dtype=np.float32) -> None:
+        self.rng, self.dtype, self.nodes, self.inits = rng, np.dtype(dtype), [], []
+        self.elem = helper.np_dtype_to_tensor_dtype(self.dtype)
+
+    def init(self, name: str, value, dtype=None) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype or self.dtype), name))
+        return name
+
+    def conv(
+        self,
+        x: str,
+        name: str,
+        cin: int,
+        cout: int,
+        k: int,
+        stride: int = 1,
+        pad: int = 0,
+        positive: bool = False,
+        bias: float | None = 0.1,
+        group: int = 1,
+    ) -> str:
+        shape = (cout, cin // group, k, k)
+        w = self.rng.uniform(0.05, 0.5, shape) if positive else self.rng.normal(size=shape) * 0.4
+        inputs = [x, self.init(f"{name}.w", w)]
+        if bias is not None:
+            jitter = 0 if positive else self.rng.normal(size=cout) * 0.1
+            inputs.append(self.init(f"{name}.b", np.full(cout, bias) + jitter))
+        self.nodes.append(
+            helper.make_node(
+                "Conv", inputs, [name], name=name, strides=[stride, stride], pads=[pad] * 4, group=group
+            )
+        )
+        return name
+
+    def bn(self, x: str, name: str, c: int) -> str:
+        params = [
+            self.init(f"{name}.{p}", v)
+            for p, v in (
+                ("scale", self.rng.uniform(0.5, 1.5, c)),
+                ("shift", self.rng.normal(size=c) * 0.1),
+                ("mean", self.rng.normal(size=c) * 0.1),
+                ("var", self.rng.uniform(0.5, 2.0, c)),
+            )
+        ]
+        return self.op("BatchNormalization", [x, *params], name)
+
+    def gemm(self, x: str, name: str, cin: int, cout: int, positive: bool = False) -> str:
+        w = self.rng.uniform(0.05, 0.5, (cout, cin)) if positive else self.rng.normal(size=(cout, cin))
+        inputs = [x, self.init(f"{name}.w", w), self.init(f"{name}.b", np.full(cout, 0.1))]
+        self.nodes.append(helper.make_node("Gemm", inputs, [name], name=name, transB=1))
+        return name
+
+    def matmul(self, x: str, name: str, cin: int, cout: int) -> str:
+        mm = self.op(
+            "MatMul", [x, self.init(f"{name}.w", self.rng.normal(size=(cin, cout)) * 0.5)], f"{name}.mm"
+        )
+        return self.op("Add", [mm, self.init(f"{name}.b", self.rng.normal(size=cout) * 0.1)], name)
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
+        return name
+
+    def model(
+        self, out: str | list[str], x_shape=None, opset: int = OPSET, inputs: dict | None = None
+    ) -> onnx.ModelProto:
+        """The model; a single output is named y, several keep their names; inputs default to x."""
+        outs = [out] if isinstance(out, str) else list(out)
+        if isinstance(out, str):
+            self.nodes.append(helper.make_node("Identity", [out], ["y"], name="output"))
+            outs = ["y"]
+        inputs = inputs or {"x": x_shape}
+        graph = helper.make_graph(
+            self.nodes,
+            "t",
+            [helper.make_tensor_value_info(n, self.elem, list(s)) for n, s in inputs.items()],
+            [helper.make_tensor_value_info(o, self.elem, None) for o in outs],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 8 if opset < 21 else 10
+        # graph outputs need a shape for onnx.checker: take the inferred ones
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for i in range(len(outs)):
+            model.graph.output[i].CopyFrom(inferred.graph.output[i])
+        onnx.checker.check_model(model)
+        return model

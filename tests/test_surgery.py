@@ -12,84 +12,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from models import Builder, f32
+from onnx import numpy_helper
 
 import egp_onnx
 from egp_onnx.depth import Depth, depth
-
-
-def f32(a) -> np.ndarray:
-    return np.asarray(a, dtype=np.float32)
-
-
-class Builder:
-    """Collects nodes and initializers; conv/gemm helpers name everything after the layer."""
-
-    def __init__(self, rng: np.random.Generator) -> None:
-        self.rng, self.nodes, self.inits = rng, [], []
-
-    def init(self, name: str, value) -> str:
-        self.inits.append(numpy_helper.from_array(f32(value), name))
-        return name
-
-    def conv(
-        self,
-        x: str,
-        name: str,
-        cin: int,
-        cout: int,
-        k: int,
-        stride: int = 1,
-        pad: int = 0,
-        positive: bool = False,
-        bias: float | None = 0.1,
-    ) -> str:
-        w = (
-            self.rng.uniform(0.05, 0.5, (cout, cin, k, k))
-            if positive
-            else self.rng.normal(size=(cout, cin, k, k)) * 0.4
-        )
-        inputs = [x, self.init(f"{name}.w", w)]
-        if bias is not None:
-            inputs.append(
-                self.init(
-                    f"{name}.b", np.full(cout, bias) + (0 if positive else self.rng.normal(size=cout) * 0.1)
-                )
-            )
-        self.nodes.append(
-            helper.make_node("Conv", inputs, [name], name=name, strides=[stride, stride], pads=[pad] * 4)
-        )
-        return name
-
-    def gemm(self, x: str, name: str, cin: int, cout: int, positive: bool = False) -> str:
-        w = self.rng.uniform(0.05, 0.5, (cout, cin)) if positive else self.rng.normal(size=(cout, cin))
-        b = np.full(cout, 0.1)
-        self.nodes.append(
-            helper.make_node(
-                "Gemm", [x, self.init(f"{name}.w", w), self.init(f"{name}.b", b)], [name], name=name, transB=1
-            )
-        )
-        return name
-
-    def op(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
-        self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
-        return name
-
-    def model(self, out: str, x_shape, opset: int = 17) -> onnx.ModelProto:
-        self.nodes.append(helper.make_node("Identity", [out], ["y"], name="output"))
-        graph = helper.make_graph(
-            self.nodes,
-            "t",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-            self.inits,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = 8 if opset < 21 else 10
-        # graph outputs need a shape for onnx.checker: take the inferred one
-        inferred = onnx.shape_inference.infer_shapes(model)
-        model.graph.output[0].CopyFrom(inferred.graph.output[0])
-        return model
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

@@ -132,7 +132,12 @@ class _Surgeon:
             if params is None or producer is None:
                 continue
             layer = layer_view(producer, self.graph)
-            if layer is None or layer.node.op == "MatMul" or not feeds_only(node.inputs[0], node, self.graph):
+            if (
+                layer is None
+                or not layer.float_exact
+                or layer.node.op == "MatMul"
+                or not feeds_only(node.inputs[0], node, self.graph)
+            ):
                 continue
             weight, bias = kernels.fold_batchnorm(
                 layer.weight, layer.bias(), *params, out_axis=layer.out_axis
@@ -202,7 +207,12 @@ class _Surgeon:
     def fold_constants(self) -> bool:
         for node in list(self.graph.nodes):
             layer = layer_view(node, self.graph)
-            if layer is not None and not layer.weight.any() and self._fold_constant_from(layer):
+            if (
+                layer is not None
+                and layer.float_exact
+                and not layer.weight.any()
+                and self._fold_constant_from(layer)
+            ):
                 self._commit()
                 return True
         return False
@@ -244,7 +254,12 @@ class _Surgeon:
                 )
                 return True
             nxt = layer_view(consumer, self.graph)
-            if nxt is not None and nxt.node.inputs[0] is tensor and nxt.conv == layer.conv:
+            if (
+                nxt is not None
+                and nxt.float_exact
+                and nxt.node.inputs[0] is tensor
+                and nxt.conv == layer.conv
+            ):
                 merged = self._constant_through(layer, value, nxt)
                 if merged:
                     return True
@@ -330,6 +345,8 @@ class _Surgeon:
             b = layer_view(consumer, self.graph) if consumer is not None else None
             if b is None or b.node.inputs[0] is not node.outputs[0] or a.conv != b.conv:
                 continue
+            if not (a.float_exact and b.float_exact):
+                continue
             if self._merge(a, b):
                 self._commit()
                 return True
@@ -414,7 +431,7 @@ class _Surgeon:
     def _fold_residual(self, add: gs.Node, branch: gs.Tensor, other: gs.Tensor) -> bool:
         producer = branch.inputs[0] if branch.inputs else None
         f = layer_view(producer, self.graph) if producer is not None else None
-        if f is None or not f.conv or not feeds_only(branch, add, self.graph):
+        if f is None or not f.conv or not f.float_exact or not feeds_only(branch, add, self.graph):
             return False
         geo = f.geometry()
         assert geo is not None
@@ -429,7 +446,13 @@ class _Surgeon:
         else:
             p_node = other.inputs[0] if other.inputs else None
             p = layer_view(p_node, self.graph) if p_node is not None else None
-            if p is None or not p.conv or p.node.inputs[0] is not x or not feeds_only(other, add, self.graph):
+            if (
+                p is None
+                or not p.conv
+                or not p.float_exact
+                or p.node.inputs[0] is not x
+                or not feeds_only(other, add, self.graph)
+            ):
                 return False
             p_geo = p.geometry()
             if (

@@ -52,6 +52,15 @@ class LayerView:
         return self.node.op == "Conv"
 
     @property
+    def float_exact(self) -> bool:
+        """True when rewriting the weights in float64 and casting back loses nothing that matters.
+
+        float16 (and narrower) weights would be rounded differently from the original model's own
+        arithmetic: algebraic rewrites are skipped for them, statistics-based ones are not.
+        """
+        return self.weight.dtype in (np.float32, np.float64)
+
+    @property
     def out_axis(self) -> int:
         """Axis of the weight that indexes output channels."""
         if self.node.op == "Conv":
