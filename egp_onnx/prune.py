@@ -33,9 +33,7 @@ def egp_allocation(entropy: np.ndarray, mean_abs: np.ndarray, nnz: np.ndarray, b
     while waiting.any() and remaining > 0:
         idx = np.flatnonzero(waiting)
         s = entropy[idx] * mean_abs[idx]
-        x = s.sum() / s
-        a = np.exp(x - x.max())
-        a /= a.sum()
+        a = _softmax_of_inverse(s)
         share = remaining * a
         full = nnz[idx] < share
         if not full.any():
@@ -46,6 +44,17 @@ def egp_allocation(entropy: np.ndarray, mean_abs: np.ndarray, nnz: np.ndarray, b
         remaining -= float(nnz[emptied].sum())
         waiting[emptied] = False
     return amounts
+
+
+def _softmax_of_inverse(s: np.ndarray) -> np.ndarray:
+    """softmax(T / s) with T = sum(s); where T / s overflows, its limit (equal shares of the top)."""
+    with np.errstate(over="ignore", divide="ignore"):
+        x = s.sum() / s
+    top = np.isinf(x)
+    if top.any():
+        return top / top.sum()
+    a = np.exp(x - x.max())
+    return a / a.sum()
 
 
 def integer_amounts(amounts: np.ndarray, nnz: np.ndarray, budget: int) -> np.ndarray:
