@@ -90,7 +90,7 @@ def _run(action: Callable[[], None]) -> None:
     try:
         action()
     except EgpError as exc:
-        click.echo(f"egp-onnx: error: {exc}", err=True)
+        click.echo(f"egp-onnx: {exc.label}: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("egp-onnx: interrupted; nothing was written", err=True)
@@ -220,6 +220,11 @@ def analyze_command(
     type=click.Path(path_type=Path),
     help="Draw entropy, kept weights and the loop into this PNG (needs matplotlib).",
 )
+@click.option(
+    "--external-data",
+    is_flag=True,
+    help="Write the weights to OUT.data beside OUT (automatic when the model would not fit one protobuf).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def compress_command(
@@ -242,6 +247,7 @@ def compress_command(
     merge_tolerance: float,
     no_latency: bool,
     plot_path: Path | None,
+    external_data: bool,
     quiet: bool,
     force: bool,
 ) -> None:
@@ -271,7 +277,7 @@ def compress_command(
             progress=progress,
         )
         progress.close()
-        save_model(result.model, output)
+        save_model(result.model, output, external=True if external_data else None, force=force)
         if report_path is not None:
             save_text(to_json(result.report), report_path)
         if plot_path is not None:

@@ -10,6 +10,7 @@ class EgpError(Exception):
     """
 
     exit_code = 2
+    label = "error"  # how the CLI introduces the message
 
 
 class ModelError(EgpError):
@@ -29,7 +30,12 @@ class OutputError(EgpError):
 
 
 class NothingToPruneError(EgpError):
-    """The model has no Conv/Gemm/MatMul layer with an initializer weight that feeds a ReLU."""
+    """The model has no Conv/Gemm/MatMul layer with an initializer weight that feeds a ReLU.
+
+    Not a fault in the input, but there is no pruned model to write: exit code 2, nothing written.
+    """
+
+    label = "nothing to prune"
 
 
 class GuardError(EgpError):

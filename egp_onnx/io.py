@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -133,8 +134,32 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Serialize ``model`` and write it atomically."""
+#: A protobuf message cannot exceed 2 GiB; models near that size keep their weights outside.
+PROTOBUF_LIMIT = 2**31 - 2**24
+
+
+def external_data_path(path: str | os.PathLike[str]) -> Path:
+    """Where the weights of a model saved with external data go: OUT.data beside OUT."""
+    target = Path(path)
+    return target.with_name(target.name + ".data")
+
+
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike[str], external: bool | None = None, force: bool = False
+) -> None:
+    """Write ``model`` atomically; with external data when asked or when it would not fit one protobuf.
+
+    Args:
+        model: the model (not modified).
+        path: the output file.
+        external: True to keep the weights in ``path + ".data"``; None decides by size.
+        force: overwrite an existing ``.data`` file.
+
+    """
+    if external is None:
+        external = model.ByteSize() > PROTOBUF_LIMIT
+    if external:
+        return _save_with_external_data(model, Path(path), force)
     try:
         data = model.SerializeToString(deterministic=True)
     except ValueError as exc:
@@ -143,6 +168,36 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
         write_bytes_atomic(path, data)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def _save_with_external_data(model: onnx.ModelProto, target: Path, force: bool) -> None:
+    """Write the weights to OUT.data and the graph to OUT, each by rename from a private folder."""
+    data_path = external_data_path(target)
+    if data_path.exists() and not force:
+        raise OutputError(f"external data file {data_path} exists; pass --force to overwrite it")
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(
+            copy,
+            str(staging / target.name),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_path.name,
+            size_threshold=0,
+        )
+        mode = _new_file_mode()
+        for name in (data_path.name, target.name):
+            if (staging / name).exists():
+                os.chmod(staging / name, mode)
+        if (staging / data_path.name).exists():
+            os.replace(staging / data_path.name, data_path)
+        os.replace(staging / target.name, target)
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"cannot write {target} with external data: {exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_text(text: str, path: str | os.PathLike[str]) -> None:

@@ -216,7 +216,8 @@ def compress(
     layers = LayerSet(proto, sites)
     if not layers.sites:
         raise NothingToPruneError(
-            f"{source}: nothing to prune: no Conv/Gemm/MatMul layer with an initializer weight feeds a ReLU"
+            f"{source}: no Conv/Gemm/MatMul layer with an initializer weight feeds a ReLU; "
+            "the model is left as it is"
         )
     progress.stage("calibrating the original model")
     first_stats = collect_statistics(proto, sites, data, batch_size, progress.advance)
