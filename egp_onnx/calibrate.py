@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 
 from egp_onnx.data import CalibrationData
 from egp_onnx.errors import CalibrationError, ModelError
+from egp_onnx.io import one_line
 from egp_onnx.topology import RectifierSite
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,17 @@ def make_session(model: onnx.ModelProto, optimize: bool = False) -> ort.Inferenc
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"onnxruntime cannot load the model: {first}") from exc
+        raise ModelError(f"onnxruntime cannot load the model: {one_line(exc)}") from exc
+
+
+def run_session(
+    session: ort.InferenceSession, names: list[str] | None, feed: dict[str, np.ndarray]
+) -> list[np.ndarray]:
+    """``session.run`` with onnxruntime's failures turned into a one-line CalibrationError."""
+    try:
+        return list(session.run(names, feed))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException types
+        raise CalibrationError(f"onnxruntime rejected a batch: {one_line(exc)}") from exc
 
 
 def collect_statistics(
@@ -173,11 +183,7 @@ def collect_statistics(
     sizes = [0 for _ in sites]
     samples = 0
     for feed, _ in data.batches(batch_size):
-        try:
-            results = dict(zip(names, session.run(names, feed), strict=True))
-        except Exception as exc:  # onnxruntime's own error types
-            first = str(exc).strip().splitlines()[0]
-            raise CalibrationError(f"onnxruntime rejected a calibration batch: {first}") from exc
+        results = dict(zip(names, run_session(session, names, feed), strict=True))
         for i in range(len(sites)):
             counts = results[_COUNT.format(i)].astype(np.int64)
             on[i] = counts if on[i].size == 0 else on[i] + counts

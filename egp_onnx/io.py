@@ -54,15 +54,19 @@ def prepare_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelPr
     try:
         onnx.checker.check_model(copy)
     except (onnx.checker.ValidationError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{source} fails onnx.checker: {first}") from exc
+        raise ModelError(f"{source} fails onnx.checker: {one_line(exc)}") from exc
     try:
         copy = onnx.shape_inference.infer_shapes(copy)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelError(f"{source}: ONNX shape inference failed: {first}") from exc
+        raise ModelError(f"{source}: ONNX shape inference failed: {one_line(exc)}") from exc
     name_nodes(copy.graph)
     return copy
+
+
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line (whitespace collapsed), shortened to ``limit``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def name_nodes(graph: onnx.GraphProto) -> None:

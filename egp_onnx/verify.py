@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 
-from egp_onnx.calibrate import make_session
+from egp_onnx.calibrate import make_session, run_session
 from egp_onnx.data import Batch, CalibrationData
 from egp_onnx.report import Fidelity, OutputFidelity
 
@@ -89,7 +89,7 @@ def compare(
     names = [o.name for o in ref_session.get_outputs()]
     acc = _Accumulator(names, atol, rtol)
     for feed, labels in data.batches(batch_size):
-        acc.add(ref_session.run(names, feed), cand_session.run(names, feed), labels)
+        acc.add(run_session(ref_session, names, feed), run_session(cand_session, names, feed), labels)
     return acc.result()
 
 
@@ -103,7 +103,8 @@ class Reference:
         session = make_session(model, optimize=True)
         self.names = [o.name for o in session.get_outputs()]
         self.batches: list[tuple[Batch, np.ndarray | None, list[np.ndarray]]] = [
-            (feed, labels, session.run(self.names, feed)) for feed, labels in data.batches(batch_size)
+            (feed, labels, run_session(session, self.names, feed))
+            for feed, labels in data.batches(batch_size)
         ]
 
     def evaluate(self, candidate: onnx.ModelProto, atol: float = 1e-5, rtol: float = 1e-5) -> Fidelity:
@@ -111,7 +112,7 @@ class Reference:
         session = make_session(candidate, optimize=True)
         acc = _Accumulator(self.names, atol, rtol)
         for feed, labels, ref in self.batches:
-            acc.add(ref, session.run(self.names, feed), labels)
+            acc.add(ref, run_session(session, self.names, feed), labels)
         return acc.result()
 
     def first_feed(self) -> Batch:
@@ -123,11 +124,11 @@ def measure_latency(model: onnx.ModelProto, feed: Batch, runs: int = 20, warmup:
     """Median wall time in milliseconds of one onnxruntime run on ``feed`` (optimised session)."""
     session = make_session(model, optimize=True)
     for _ in range(warmup):
-        session.run(None, feed)
+        run_session(session, None, feed)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        session.run(None, feed)
+        run_session(session, None, feed)
         times.append(time.perf_counter() - start)
     return float(np.median(times) * 1000.0)
 

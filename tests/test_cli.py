@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from conftest import SAMPLES, load_npz
+from models import image_model as image_model_builder
 from models import inputs, no_rectifier, save, single_conv
 
 from egp_onnx.cli import main
@@ -129,6 +131,7 @@ def bad_cases(tmp_path, rng):
     (tmp_path / "trunc.onnx").write_bytes((tmp_path / "m.onnx").read_bytes()[:100])
     np.savez(tmp_path / "names.npz", image=inputs(rng))
     np.savez(tmp_path / "rank.npz", x=inputs(rng)[:, 0])
+    np.savez(tmp_path / "shape.npz", x=inputs(rng, shape=(3, 5, 6)))
     np.savez(tmp_path / "dtype.npz", x=inputs(rng).astype(np.float64))
     nan = inputs(rng)
     nan[0, 0, 0, 0] = np.nan
@@ -136,9 +139,41 @@ def bad_cases(tmp_path, rng):
     np.savez(tmp_path / "empty.npz")
     (tmp_path / "exists.onnx").write_bytes(b"precious")
     save(no_rectifier(rng), tmp_path / "sig.onnx")
+    inf = inputs(rng)
+    inf[1, 2, 3, 4] = np.inf
+    np.savez(tmp_path / "inf.npz", x=inf)
+    broken = single_conv(rng)
+    broken.graph.node[1].input[0] = "nowhere"
+    onnx.save(broken, str(tmp_path / "broken.onnx"))
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "readme.txt").write_text("no pictures here")
+    (tmp_path / "bad_image").mkdir()
+    (tmp_path / "bad_image" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    image_model = save(image_model_builder(rng), tmp_path / "img.onnx")
     out = str(tmp_path / "out.onnx")
     c = ["--calib", str(good)]
     return [
+        ("fails checker", ["compress", str(tmp_path / "broken.onnx"), *c, "-o", out], "fails onnx.checker"),
+        ("inf", ["compress", model, "--calib", str(tmp_path / "inf.npz"), "-o", out], "NaN or Inf"),
+        (
+            "no images",
+            ["compress", image_model, "--calib", str(tmp_path / "no_images"), "-o", out],
+            "no .npz, .npy or image",
+        ),
+        (
+            "bad image",
+            ["compress", image_model, "--calib", str(tmp_path / "bad_image"), "-o", out],
+            "cannot read image",
+        ),
+        ("missing calib", ["compress", model, "--calib", str(tmp_path / "nope.npz"), "-o", out], "not found"),
+        ("batch size", ["compress", model, *c, "-o", out, "--batch-size", "0"], "--batch-size"),
+        ("holdout", ["compress", model, *c, "-o", out, "--holdout", "1.5"], "--holdout"),
+        (
+            "eval and holdout",
+            ["compress", model, *c, "-o", out, "--holdout", "0.5", "--eval", str(good)],
+            "not both",
+        ),
+        ("shape", ["compress", model, "--calib", str(tmp_path / "shape.npz"), "-o", out], "has shape"),
         ("missing model", ["compress", str(tmp_path / "nope.onnx"), *c, "-o", out], "not found"),
         ("not onnx", ["compress", str(tmp_path / "text.onnx"), *c, "-o", out], "not an ONNX model"),
         ("truncated", ["compress", str(tmp_path / "trunc.onnx"), *c, "-o", out], "not an ONNX model"),
@@ -286,3 +321,19 @@ def test_same_inputs_give_byte_identical_outputs(runner, tmp_path):
     assert outputs[0] == outputs[2], "model bytes and report (less timing) identical"
     assert outputs[1] == outputs[3], "with --no-latency the report files are byte-identical"
     assert outputs[0][0] == outputs[1][0]
+
+
+def test_unwritable_output_folder_is_refused(runner, tmp_path, rng, monkeypatch):
+    """Root may write anywhere, so the folder's permission answer is simulated."""
+    model = save(single_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=inputs(rng))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    result = runner.invoke(
+        main, ["compress", model, "--calib", str(tmp_path / "c.npz"), "-o", str(locked / "o.onnx")]
+    )
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"egp-onnx: error: output folder {locked} is not writable"
+    assert list(locked.iterdir()) == []
