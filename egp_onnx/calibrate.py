@@ -1,9 +1,9 @@
-"""Statistics pass: per-channel ON counts at each rectifier input, reduced inside onnxruntime.
+"""Statistics pass: per-channel ON counts at each rectifier, reduced inside onnxruntime.
 
-The statistics model is the user's model with, behind every observed tensor z, the nodes
-``ReduceSum(Cast(Greater(Reshape(z), 0)))`` and ``Size(z)``. Only these small outputs leave the
-graph, so memory stays flat in the number of samples and no activation is copied out. Counts are
-integers, summed over batches: they merge exactly across batches and shards.
+The statistics model is the user's model with a small probe behind every observed tensor (see
+:class:`Probe`). Only per-channel figures leave the graph, so memory stays flat in the number of
+samples and no activation is copied out. Counts are integers, summed over batches: they merge
+exactly across batches and shards.
 """
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from egp_onnx.data import CalibrationData
 from egp_onnx.errors import CalibrationError, ModelError
 from egp_onnx.io import one_line
-from egp_onnx.topology import RectifierSite
+from egp_onnx.topology import RectifierSite, static_shapes
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,73 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
+@dataclass(frozen=True)
+class Probe:
+    """How one site is observed in the statistics model.
+
+    The fast probe computes Clip(BIG * t, 0, 1) with a depthwise 1x1 Conv (1 where t > 0, 0
+    where t <= 0; BIG is the dtype's largest value, so every positive normal float maps to 1) and
+    averages it with GlobalAveragePool. Both ops run in onnxruntime's blocked NCHWc layout, so the
+    activation is neither copied out nor reordered; counts are mean x spatial size, rounded. The
+    general probe is ReduceSum(Cast(Greater(t, 0))) with Size(t), for every other case.
+    """
+
+    tensor: str  # the relu output (same sign as its input), or the activation's input
+    fast: bool
+    channels: int | None
+    rank: int | None
+
+
+def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    infos = {}
+    for value in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
+        infos[value.name] = value
+    return infos
+
+
+def probes(model: onnx.ModelProto, sites: Sequence[RectifierSite], fast: bool = True) -> list[Probe]:
+    """The probe of every site (shapes and types come from the model's inferred value_info)."""
+    infos = _value_infos(model)
+    relu_outputs = {n.name: n.output[0] for n in model.graph.node if n.op_type == "Relu"}
+    result = []
+    for site in sites:
+        tensor = relu_outputs.get(site.name, site.input) if site.op_type == "Relu" else site.input
+        info = infos.get(tensor)
+        rank = channels = None
+        elem: int = TensorProto.FLOAT
+        if info is not None and info.type.tensor_type.HasField("shape"):
+            dims = info.type.tensor_type.shape.dim
+            rank = len(dims)
+            if rank >= 2 and dims[1].HasField("dim_value"):
+                channels = int(dims[1].dim_value)
+            elem = info.type.tensor_type.elem_type or elem
+        use_fast = (
+            fast
+            and not site.channel_last
+            and rank is not None
+            and rank >= 3
+            and channels is not None
+            and elem in (TensorProto.FLOAT, TensorProto.DOUBLE)
+        )
+        result.append(Probe(tensor, use_fast, channels, rank))
+    return result
+
+
 def _elem_type(model: onnx.ModelProto, tensor: str) -> int:
-    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        if value.name == tensor and value.type.tensor_type.elem_type:
-            return int(value.type.tensor_type.elem_type)
+    info = _value_infos(model).get(tensor)
+    if info is not None and info.type.tensor_type.elem_type:
+        return int(info.type.tensor_type.elem_type)
     return TensorProto.FLOAT
 
 
-def statistics_model(model: onnx.ModelProto, sites: Sequence[RectifierSite]) -> onnx.ModelProto:
-    """The model whose only outputs are the per-channel ON counts and sizes of ``sites``."""
+def statistics_model(
+    model: onnx.ModelProto, sites: Sequence[RectifierSite], fast: bool = True
+) -> onnx.ModelProto:
+    """The model whose only outputs are the per-channel ON statistics of ``sites``.
+
+    Output ``egp_on_count__i`` is an int64 (C,) count (general probe) or the (N, C, 1, ...) ON
+    fraction per sample (fast probe); ``egp_size__i`` (general probe only) is the tensor's size.
+    """
     stats = onnx.ModelProto()
     stats.CopyFrom(model)
     graph = stats.graph
@@ -70,8 +129,42 @@ def statistics_model(model: onnx.ModelProto, sites: Sequence[RectifierSite]) -> 
     if opset >= 13:
         graph.initializer.append(helper.make_tensor("egp_axes_02", TensorProto.INT64, [2], [0, 2]))
         graph.initializer.append(helper.make_tensor("egp_axes_0", TensorProto.INT64, [1], [0]))
-    for i, site in enumerate(sites):
-        elem = _elem_type(model, site.input)
+    for i, (site, probe) in enumerate(zip(sites, probes(model, sites, fast), strict=True)):
+        prefix = f"egp_stats__{i}"
+        elem = _elem_type(model, probe.tensor)
+        if probe.fast:
+            assert probe.channels is not None and probe.rank is not None  # checked by probes()
+            dtype = helper.tensor_dtype_to_np_dtype(elem)
+            big = np.full((probe.channels, 1, *[1] * (probe.rank - 2)), np.finfo(dtype).max, dtype=dtype)
+            graph.initializer.append(numpy_helper.from_array(big, f"{prefix}_big"))
+            clip_inputs = [f"{prefix}_scaled"]
+            clip_attrs: dict[str, Any] = {}
+            if opset >= 11:
+                graph.initializer.append(helper.make_tensor(f"{prefix}_lo", elem, [], [0]))
+                graph.initializer.append(helper.make_tensor(f"{prefix}_hi", elem, [], [1]))
+                clip_inputs += [f"{prefix}_lo", f"{prefix}_hi"]
+            else:
+                clip_attrs = {"min": 0.0, "max": 1.0}
+            graph.node.extend(
+                [
+                    helper.make_node(
+                        "Conv",
+                        [probe.tensor, f"{prefix}_big"],
+                        [f"{prefix}_scaled"],
+                        group=probe.channels,
+                        name=f"{prefix}_scale",
+                    ),
+                    helper.make_node(
+                        "Clip", clip_inputs, [f"{prefix}_on"], name=f"{prefix}_clip", **clip_attrs
+                    ),
+                    helper.make_node(
+                        "GlobalAveragePool", [f"{prefix}_on"], [_COUNT.format(i)], name=f"{prefix}_mean"
+                    ),
+                ]
+            )
+            mean_shape = [None, probe.channels, *[1] * (probe.rank - 2)]
+            graph.output.append(helper.make_tensor_value_info(_COUNT.format(i), elem, mean_shape))
+            continue
         zero = f"egp_zero__{i}"
         graph.initializer.append(helper.make_tensor(zero, elem, [], [0]))
         flat = f"egp_flat__{i}"
@@ -84,20 +177,15 @@ def statistics_model(model: onnx.ModelProto, sites: Sequence[RectifierSite]) -> 
             axes, axes_name = [0], "egp_axes_0"
         else:
             shape, axes, axes_name = "egp_shape_nc", [0, 2], "egp_axes_02"
-        prefix = f"egp_stats__{i}"
         graph.node.extend(
             [
-                helper.make_node("Reshape", [site.input, shape], [flat], name=f"{prefix}_reshape"),
+                helper.make_node("Reshape", [probe.tensor, shape], [flat], name=f"{prefix}_reshape"),
                 helper.make_node("Greater", [flat, zero], [f"{prefix}_on"], name=f"{prefix}_gt"),
                 helper.make_node(
-                    "Cast",
-                    [f"{prefix}_on"],
-                    [f"{prefix}_on64"],
-                    to=TensorProto.INT64,
-                    name=f"{prefix}_cast",
+                    "Cast", [f"{prefix}_on"], [f"{prefix}_on64"], to=TensorProto.INT64, name=f"{prefix}_cast"
                 ),
                 _reduce_sum(f"{prefix}_on64", _COUNT.format(i), axes, axes_name, opset, prefix),
-                helper.make_node("Size", [site.input], [_SIZE.format(i)], name=f"{prefix}_size"),
+                helper.make_node("Size", [probe.tensor], [_SIZE.format(i)], name=f"{prefix}_size"),
             ]
         )
         channels = site.owner.out_channels if site.owner else None
@@ -155,6 +243,62 @@ def run_session(
         raise CalibrationError(f"onnxruntime rejected a batch: {one_line(exc)}") from exc
 
 
+class _Runner:
+    """The statistics session(s) of one model; turns each batch into per-site counts."""
+
+    def __init__(self, model: onnx.ModelProto, sites: Sequence[RectifierSite]) -> None:
+        self.model, self.sites = model, list(sites)
+        self.probes = probes(model, sites)
+        # Optimised: the probes are built to stay inside onnxruntime's fused, blocked-layout graph.
+        self.fast = make_session(statistics_model(model, sites), optimize=True)
+        self.general: ort.InferenceSession | None = None
+        self._spatial: dict[tuple[tuple[str, tuple[int, ...]], ...], list[int] | None] = {}
+
+    def _spatial_sizes(self, feed: dict[str, np.ndarray]) -> list[int] | None:
+        """Spatial size of every fast probe's tensor for this batch's input shapes (cached)."""
+        key = tuple(sorted((k, v.shape[1:]) for k, v in feed.items()))
+        if key not in self._spatial:
+            shapes = static_shapes(self.model, {k: (1, *v.shape[1:]) for k, v in feed.items()})
+            found = [shapes.get(p.tensor) if p.fast else (1, 1) for p in self.probes]
+            self._spatial[key] = (
+                None
+                if any(f is None for f in found)
+                else [int(np.prod(f[2:])) for f in found if f is not None]
+            )
+        return self._spatial[key]
+
+    def counts(self, feed: dict[str, np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        """(ON counts per channel, events per channel) of every site for one batch."""
+        spatial = self._spatial_sizes(feed)
+        if spatial is None:
+            return self._general_counts(feed)
+        names = [o.name for o in self.fast.get_outputs()]
+        results = dict(zip(names, run_session(self.fast, names, feed), strict=True))
+        out = []
+        for i, probe in enumerate(self.probes):
+            if probe.fast:
+                mean = results[_COUNT.format(i)].astype(np.float64)
+                batch = mean.shape[0]
+                on = np.rint(mean.reshape(batch, -1) * spatial[i]).astype(np.int64).sum(axis=0)
+                out.append((on, batch * spatial[i]))
+            else:
+                on = results[_COUNT.format(i)].astype(np.int64)
+                out.append((on, int(results[_SIZE.format(i)]) // max(on.size, 1)))
+        return out
+
+    def _general_counts(self, feed: dict[str, np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        """The same counts through the general probes, for input shapes whose sizes do not resolve."""
+        if self.general is None:
+            self.general = make_session(statistics_model(self.model, self.sites, fast=False), optimize=True)
+        names = [o.name for o in self.general.get_outputs()]
+        results = dict(zip(names, run_session(self.general, names, feed), strict=True))
+        out = []
+        for i in range(len(self.sites)):
+            on = results[_COUNT.format(i)].astype(np.int64)
+            out.append((on, int(results[_SIZE.format(i)]) // max(on.size, 1)))
+        return out
+
+
 def collect_statistics(
     model: onnx.ModelProto,
     sites: Sequence[RectifierSite],
@@ -165,7 +309,7 @@ def collect_statistics(
     """Run the calibration data and count ON events per channel at every site.
 
     Args:
-        model: the (possibly pruned) model.
+        model: the (possibly pruned) model, shape-inferred (as load_model returns it).
         sites: the rectifier sites to observe.
         data: calibration data for the model.
         batch_size: samples per onnxruntime call.
@@ -177,17 +321,15 @@ def collect_statistics(
     """
     if not sites:
         return Statistics({}, 0)
-    session = make_session(statistics_model(model, sites))
-    names = [o.name for o in session.get_outputs()]
-    on = [np.zeros(0, dtype=np.int64) for _ in sites]
-    sizes = [0 for _ in sites]
+    runner = _Runner(model, sites)
+    on: list[np.ndarray | None] = [None for _ in sites]
+    totals = [0 for _ in sites]
     samples = 0
     for feed, _ in data.batches(batch_size):
-        results = dict(zip(names, run_session(session, names, feed), strict=True))
-        for i in range(len(sites)):
-            counts = results[_COUNT.format(i)].astype(np.int64)
-            on[i] = counts if on[i].size == 0 else on[i] + counts
-            sizes[i] += int(results[_SIZE.format(i)])
+        for i, (counts, total) in enumerate(runner.counts(feed)):
+            previous = on[i]
+            on[i] = counts if previous is None else previous + counts
+            totals[i] += total
         batch = next(iter(feed.values())).shape[0]
         samples += batch
         if on_batch is not None:
@@ -197,8 +339,8 @@ def collect_statistics(
             f"{data.description}: no complete batch (the model's batch size is fixed and larger "
             "than the data)"
         )
-    counts = {}
-    for site, site_on, size in zip(sites, on, sizes, strict=True):
-        channels = max(site_on.size, 1)
-        counts[site.name] = ChannelCounts(site_on, size // channels)
-    return Statistics(counts, samples)
+    result = {}
+    for site, site_on, total in zip(sites, on, totals, strict=True):
+        assert site_on is not None  # at least one batch ran
+        result[site.name] = ChannelCounts(site_on, total)
+    return Statistics(result, samples)

@@ -10,37 +10,9 @@ import onnx
 from onnx import numpy_helper
 
 from egp_onnx.report import Cost
-from egp_onnx.topology import count_parameters
+from egp_onnx.topology import count_parameters, static_shapes
 
 log = logging.getLogger(__name__)
-
-
-def _static_shapes(
-    model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
-) -> dict[str, tuple[int, ...]]:
-    """Shapes of every tensor once the inputs have the given concrete shapes."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    del fixed.graph.value_info[:]
-    for value in fixed.graph.input:
-        if value.name in input_shapes:
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, input_shapes[value.name], strict=False):
-                dim.Clear()
-                dim.dim_value = int(size)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
-    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
-        log.warning("shape inference failed, MACs not counted: %s", exc)
-        return {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = tuple(int(d.dim_value) for d in dims)
-    for tensor in inferred.graph.initializer:
-        shapes[tensor.name] = tuple(tensor.dims)
-    return shapes
 
 
 def count_macs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int] | None:
@@ -48,7 +20,7 @@ def count_macs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...
 
     ``input_shapes`` gives each input's shape with batch size 1.
     """
-    shapes = _static_shapes(model, input_shapes)
+    shapes = static_shapes(model, input_shapes)
     weights = {t.name: t for t in model.graph.initializer}
     dense = sparse = 0
     for node in model.graph.node:

@@ -8,11 +8,15 @@ on the deeper (non-shortcut) branch.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+log = logging.getLogger(__name__)
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 RECTIFIER_OPS = ("Relu",)
@@ -211,3 +215,31 @@ def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
         total += array.size
         nonzero += int(np.count_nonzero(array))
     return total, nonzero
+
+
+def static_shapes(
+    model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of every tensor once the inputs have the given concrete shapes ({} if inference fails)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for value in fixed.graph.input:
+        if value.name in input_shapes:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, input_shapes[value.name], strict=False):
+                dim.Clear()
+                dim.dim_value = int(size)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
+        log.info("static shape inference failed: %s", exc)
+        return {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = tuple(int(d.dim_value) for d in dims)
+    for tensor in inferred.graph.initializer:
+        shapes[tensor.name] = tuple(tensor.dims)
+    return shapes

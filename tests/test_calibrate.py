@@ -9,7 +9,7 @@ import pytest
 from models import conv_bn_relu, gemm_head, inputs, residual_block, single_conv
 from onnx import helper
 
-from egp_onnx.calibrate import ChannelCounts, collect_statistics, statistics_model
+from egp_onnx.calibrate import ChannelCounts, collect_statistics, probes, statistics_model
 from egp_onnx.data import open_calibration
 from egp_onnx.entropy import binary_entropy
 from egp_onnx.io import prepare_model
@@ -69,16 +69,34 @@ def test_counts_match_numpy_reference(name, batch_size, tmp_path, rng):
         assert layer_entropy(got.on, got.total) == pytest.approx(h, abs=1e-6)
 
 
-def test_statistics_model_outputs_only_counts(rng):
+@pytest.mark.parametrize("fast", [True, False])
+def test_statistics_model_outputs_only_counts(fast, rng):
     model = prepare_model(residual_block(rng))
     sites = find_rectifiers(model)
-    stats = statistics_model(model, sites)
+    stats = statistics_model(model, sites, fast=fast)
     onnx.checker.check_model(stats)
     outputs = [o.name for o in stats.graph.output]
-    assert len(outputs) == 2 * len(sites)
+    # fast probes: one (N, C, 1, 1) ON fraction per site; general probes: a count and a size
+    assert len(outputs) == (1 if fast else 2) * len(sites)
     assert all(o.startswith(("egp_on_count__", "egp_size__")) for o in outputs)
+    assert [p.fast for p in probes(model, sites)] == [True] * len(sites)
     # the user's model is not touched
     assert [o.name for o in model.graph.output] == ["y"]
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_fast_and_general_probes_agree(name, rng, tmp_path, monkeypatch):
+    model = prepare_model(BUILDERS[name](rng))
+    channels = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=9, shape=(channels, 6, 6)))
+    sites = find_rectifiers(model)
+    fast = collect_statistics(model, sites, open_calibration(tmp_path / "c.npz", model), 4)
+    # shapes that do not resolve send every batch through the general probes
+    monkeypatch.setattr("egp_onnx.calibrate.static_shapes", lambda *args: {})
+    general = collect_statistics(model, sites, open_calibration(tmp_path / "c.npz", model), 4)
+    for site in sites:
+        np.testing.assert_array_equal(fast.counts[site.name].on, general.counts[site.name].on)
+        assert fast.counts[site.name].total == general.counts[site.name].total
 
 
 def test_opset_11_uses_axes_attribute(tmp_path, rng):
