@@ -19,34 +19,16 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from egp_onnx.data import CalibrationData
-from egp_onnx.errors import CalibrationError, ModelError
-from egp_onnx.io import one_line
+from egp_onnx.entropy import ChannelCounts, Statistics
+from egp_onnx.errors import CalibrationError, ModelError, one_line
 from egp_onnx.topology import RectifierSite, static_shapes
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ChannelCounts", "Statistics", "collect_statistics", "make_session", "probes", "run_session"]
+
 _COUNT = "egp_on_count__{}"
 _SIZE = "egp_size__{}"
-
-
-@dataclass(frozen=True)
-class ChannelCounts:
-    """ON events per channel of one rectifier input, over the whole calibration set."""
-
-    on: np.ndarray  # int64, shape (C,)
-    total: int  # events per channel (samples x spatial positions)
-
-    def merged(self, other: ChannelCounts) -> ChannelCounts:
-        """Counts of two disjoint data sets together."""
-        return ChannelCounts(self.on + other.on, self.total + other.total)
-
-
-@dataclass(frozen=True)
-class Statistics:
-    """Counts per rectifier name, and how many samples produced them."""
-
-    counts: dict[str, ChannelCounts]
-    samples: int
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -13,8 +13,15 @@ import click
 from egp_onnx import __version__
 from egp_onnx.data import open_calibration
 from egp_onnx.errors import ConfigError, EgpError
-from egp_onnx.io import check_output_paths, load_model, save_model, save_text
-from egp_onnx.pipeline import METHODS, analyze, compress
+from egp_onnx.io import (
+    check_output_paths,
+    load_model,
+    model_fingerprint,
+    save_model,
+    save_statistics,
+    save_text,
+)
+from egp_onnx.pipeline import METHODS, analyze, compress, statistics
 from egp_onnx.plot import save_plot
 from egp_onnx.report import (
     analysis_table,
@@ -61,8 +68,22 @@ def _floats(text: str) -> tuple[float, ...]:
         raise ConfigError(f"--mean/--std take comma-separated numbers, got {text!r}") from exc
 
 
-def _data_options(func: F) -> F:
+def _stats_option(func: F) -> F:
+    return click.option(
+        "--stats",
+        "stats_paths",
+        multiple=True,
+        type=click.Path(path_type=Path),
+        help="Statistics file from `egp-onnx stats` (repeat to merge shards).",
+    )(func)
+
+
+def _data_options(required: bool = True) -> Callable[[F], F]:
     """--calib, --batch-size, --mean and --std."""
+    return lambda func: _add_data_options(func, required)
+
+
+def _add_data_options(func: F, required: bool) -> F:
     func = click.option(
         "--std", default="1", show_default=True, help="Per-channel std for image folders (comma list)."
     )(func)
@@ -77,7 +98,7 @@ def _data_options(func: F) -> F:
     )(func)
     func = click.option(
         "--calib",
-        required=True,
+        required=required,
         type=click.Path(path_type=Path),
         help="Calibration data: .npz keyed by input name (optional 'labels'), .npy, "
         "or a folder of those or of images.",
@@ -115,7 +136,8 @@ def main(verbose: bool) -> None:
 
 @main.command("analyze")
 @click.argument("model", type=click.Path(path_type=Path))
-@_data_options
+@_data_options(required=False)
+@_stats_option
 @click.option(
     "--json",
     "json_path",
@@ -124,15 +146,31 @@ def main(verbose: bool) -> None:
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
 def analyze_command(
-    model: Path, calib: Path, batch_size: int, mean: str, std: str, json_path: Path | None, force: bool
+    model: Path,
+    calib: Path | None,
+    batch_size: int,
+    mean: str,
+    std: str,
+    stats_paths: tuple[Path, ...],
+    json_path: Path | None,
+    force: bool,
 ) -> None:
-    """Print the entropy and ON/OFF channel counts of every rectifier of MODEL."""
+    """Print the entropy and ON/OFF channel counts of every rectifier of MODEL.
+
+    The counts come from --calib, from --stats files, or from both, merged.
+    """
 
     def action() -> None:
         check_output_paths([json_path], [model], force)
         progress = _StderrProgress(sys.stderr.isatty())
         report = analyze(
-            model, calib, batch_size=batch_size, mean=_floats(mean), std=_floats(std), progress=progress
+            model,
+            calib,
+            stats=stats_paths,
+            batch_size=batch_size,
+            mean=_floats(mean),
+            std=_floats(std),
+            progress=progress,
         )
         progress.close()
         click.echo(analysis_table(report))
@@ -146,9 +184,38 @@ def analyze_command(
     _run(action)
 
 
+@main.command("stats")
+@click.argument("model", type=click.Path(path_type=Path))
+@_data_options()
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="The statistics file (.npz)."
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def stats_command(
+    model: Path, calib: Path, batch_size: int, mean: str, std: str, output: Path, force: bool
+) -> None:
+    """Count ON events per channel of MODEL on --calib and save them to OUTPUT.
+
+    Counts are sums: files computed on disjoint parts of a calibration set (on other machines)
+    merge exactly with `analyze --stats a.npz --stats b.npz` or `compress --stats ...`.
+    """
+
+    def action() -> None:
+        check_output_paths([output], [model, calib], force)
+        progress = _StderrProgress(sys.stderr.isatty())
+        proto, _, sites, stats = statistics(
+            model, calib, batch_size=batch_size, mean=_floats(mean), std=_floats(std), progress=progress
+        )
+        progress.close()
+        save_statistics(stats, model_fingerprint(proto), output)
+        click.echo(f"{stats.samples} samples, {len(sites)} rectifiers: {output}")
+
+    _run(action)
+
+
 @main.command("compress")
 @click.argument("model", type=click.Path(path_type=Path))
-@_data_options
+@_data_options()
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the model."
 )
@@ -204,6 +271,7 @@ def analyze_command(
     show_default=True,
     help="Order among weights of equal magnitude; the --holdout split.",
 )
+@_stats_option
 @click.option("--no-surgery", is_flag=True, help="Only zero weights; keep the graph as it is.")
 @click.option(
     "--merge-tolerance",
@@ -243,6 +311,7 @@ def compress_command(
     max_rel_error: float | None,
     report_path: Path | None,
     seed: int,
+    stats_paths: tuple[Path, ...],
     no_surgery: bool,
     merge_tolerance: float,
     no_latency: bool,
@@ -254,7 +323,7 @@ def compress_command(
     """Prune MODEL with Entropy-Guided Pruning, reduce its depth, and write it to OUTPUT."""
 
     def action() -> None:
-        inputs = [p for p in (model, calib, eval_path) if p is not None]
+        inputs = [p for p in (model, calib, eval_path, *stats_paths) if p is not None]
         check_output_paths([output, report_path, plot_path], inputs, force)
         progress = _StderrProgress(sys.stderr.isatty() and not quiet)
         result = compress(
@@ -270,6 +339,7 @@ def compress_command(
             eval_data=eval_path,
             holdout=holdout,
             min_agreement=min_agreement,
+            stats=stats_paths,
             max_rel_error=max_rel_error,
             latency=not no_latency,
             mean=_floats(mean),

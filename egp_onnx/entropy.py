@@ -1,8 +1,38 @@
-"""Entropy of rectifier channels from ON counts (pure numpy), as in shared/EGP.md section 2."""
+"""ON counts of rectifier channels and their entropy (pure numpy), as in shared/EGP.md section 2."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+
+@dataclass(frozen=True)
+class ChannelCounts:
+    """ON events per channel of one rectifier input, over the whole calibration set."""
+
+    on: np.ndarray  # int64, shape (C,)
+    total: int  # events per channel (samples x spatial positions)
+
+    def merged(self, other: ChannelCounts) -> ChannelCounts:
+        """Counts of two disjoint data sets together."""
+        return ChannelCounts(self.on + other.on, self.total + other.total)
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Counts per rectifier name, and how many samples produced them."""
+
+    counts: dict[str, ChannelCounts]
+    samples: int
+
+    def merged(self, other: Statistics) -> Statistics:
+        """Statistics of two disjoint data sets together (the same rectifiers)."""
+        if self.counts.keys() != other.counts.keys():
+            raise ValueError("statistics of different rectifiers cannot be merged")
+        counts = {k: v.merged(other.counts[k]) for k, v in self.counts.items()}
+        return Statistics(counts, self.samples + other.samples)
+
 
 #: The reference clamps p and 1 - p at this value inside the logarithm.
 CLAMP = 1e-5

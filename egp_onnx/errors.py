@@ -42,3 +42,9 @@ class GuardError(EgpError):
     """Even the first pruning step breaks the fidelity guard: there is no model to write."""
 
     exit_code = 1
+
+
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line (whitespace collapsed), shortened to ``limit``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from egp_onnx.errors import ModelError, OutputError
+from egp_onnx.entropy import ChannelCounts, Statistics
+from egp_onnx.errors import CalibrationError, ModelError, OutputError, one_line
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -61,12 +66,6 @@ def prepare_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelPr
         raise ModelError(f"{source}: ONNX shape inference failed: {one_line(exc)}") from exc
     name_nodes(copy.graph)
     return copy
-
-
-def one_line(exc: BaseException, limit: int = 240) -> str:
-    """An exception's message on one line (whitespace collapsed), shortened to ``limit``."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def name_nodes(graph: onnx.GraphProto) -> None:
@@ -210,3 +209,65 @@ def save_text(text: str, path: str | os.PathLike[str]) -> None:
         write_bytes_atomic(path, text.encode("utf-8"))
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+STATS_FORMAT = 1
+
+
+def model_fingerprint(model: onnx.ModelProto) -> str:
+    """A digest of the graph and its weights: statistics belong to exactly one model."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.value_info[:]
+    return hashlib.sha256(copy.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def save_statistics(stats: Statistics, fingerprint: str, path: str | os.PathLike[str]) -> None:
+    """Write counts as an .npz that `--stats` reads back and merges (atomically)."""
+    names = sorted(stats.counts)
+    arrays: dict[str, np.ndarray] = {
+        "format": np.array(STATS_FORMAT),
+        "fingerprint": np.array(fingerprint),
+        "samples": np.array(stats.samples),
+        "rectifiers": np.array(names),
+    }
+    for i, name in enumerate(names):
+        arrays[f"on_{i}"] = stats.counts[name].on.astype(np.int64)
+        arrays[f"total_{i}"] = np.array(stats.counts[name].total, dtype=np.int64)
+    buffer = io.BytesIO()
+    savez: Any = np.savez  # numpy's stub reads **arrays as its allow_pickle flag
+    savez(buffer, **arrays)
+    try:
+        write_bytes_atomic(path, buffer.getvalue())
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def load_statistics(paths: Sequence[str | os.PathLike[str]], fingerprint: str) -> Statistics:
+    """Read and merge statistics files written by `egp-onnx stats` for the same model.
+
+    Raises:
+        CalibrationError: a file is missing, unreadable, or was computed for another model.
+
+    """
+    merged: Statistics | None = None
+    for path in paths:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if int(npz["format"]) != STATS_FORMAT:
+                    raise CalibrationError(f"{path}: statistics format {int(npz['format'])} is not supported")
+                if str(npz["fingerprint"]) != fingerprint:
+                    raise CalibrationError(
+                        f"{path}: these statistics were computed for another model (or other weights)"
+                    )
+                names = [str(n) for n in npz["rectifiers"]]
+                counts = {
+                    n: ChannelCounts(npz[f"on_{i}"], int(npz[f"total_{i}"])) for i, n in enumerate(names)
+                }
+                part = Statistics(counts, int(npz["samples"]))
+        except (OSError, KeyError, ValueError, EOFError) as exc:
+            raise CalibrationError(f"cannot read statistics file {path}: {one_line(exc)}") from exc
+        merged = part if merged is None else merged.merged(part)
+    if merged is None:
+        raise CalibrationError("no statistics files given")
+    return merged

@@ -18,8 +18,8 @@ from egp_onnx import entropy as ent
 from egp_onnx.calibrate import Statistics, collect_statistics
 from egp_onnx.cost import model_cost
 from egp_onnx.data import CalibrationData, CalibrationDataReader, open_calibration, split_holdout
-from egp_onnx.errors import ConfigError, EgpError, NothingToPruneError
-from egp_onnx.io import load_model, prepare_model
+from egp_onnx.errors import CalibrationError, ConfigError, EgpError, NothingToPruneError
+from egp_onnx.io import load_model, load_statistics, model_fingerprint, prepare_model
 from egp_onnx.loop import Guard, LayerSet, run_loop
 from egp_onnx.report import (
     AnalysisReport,
@@ -38,7 +38,7 @@ from egp_onnx.verify import Reference, compare, measure_latency, passes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "CompressionResult", "Progress", "Settings", "analyze", "compress"]
+__all__ = ["METHODS", "CompressionResult", "Progress", "Settings", "analyze", "compress", "statistics"]
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
 DataSource = str | os.PathLike[str] | CalibrationDataReader | CalibrationData
@@ -102,10 +102,56 @@ def _site_record(site: RectifierSite, stats: Statistics) -> RectifierRecord:
     )
 
 
+def statistics(
+    model: ModelSource,
+    calib: DataSource | None = None,
+    *,
+    stats: Sequence[str | os.PathLike[str]] = (),
+    batch_size: int = 32,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    progress: Progress | None = None,
+) -> tuple[onnx.ModelProto, str, list[RectifierSite], Statistics]:
+    """Counts of every rectifier of ``model``: from ``calib``, from saved ``stats`` files, or both merged.
+
+    Returns:
+        The loaded model, its source name, its rectifier sites and their statistics.
+
+    Raises:
+        EgpError: bad model, data, statistics files or options.
+
+    """
+    Settings(batch_size=batch_size).check()
+    if calib is None and not stats:
+        raise ConfigError("give calibration data (--calib) or statistics files (--stats)")
+    proto, source = _load(model)
+    sites = find_rectifiers(proto)
+    merged = _stats_files(stats, proto, sites) if stats else None
+    if calib is not None:
+        data = _open(calib, proto, mean, std)
+        progress = progress or _Silent()
+        progress.stage("calibrating")
+        counted = collect_statistics(proto, sites, data, batch_size, progress.advance)
+        merged = counted if merged is None else merged.merged(counted)
+    assert merged is not None  # one of the two sources was given
+    return proto, source, sites, merged
+
+
+def _stats_files(
+    paths: Sequence[str | os.PathLike[str]], model: onnx.ModelProto, sites: list[RectifierSite]
+) -> Statistics:
+    """Merged statistics files, checked to belong to ``model``."""
+    stats = load_statistics(paths, model_fingerprint(model))
+    if set(stats.counts) != {s.name for s in sites}:
+        raise CalibrationError("the statistics files do not cover this model's rectifiers")
+    return stats
+
+
 def analyze(
     model: ModelSource,
-    calib: DataSource,
+    calib: DataSource | None = None,
     *,
+    stats: Sequence[str | os.PathLike[str]] = (),
     batch_size: int = 32,
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
@@ -113,21 +159,20 @@ def analyze(
 ) -> AnalysisReport:
     """Measure the entropy of every rectifier of ``model`` on the calibration data.
 
+    ``stats`` are files written by :func:`statistics` / `egp-onnx stats` for the same model, e.g.
+    shards of a calibration set counted on different machines; they are merged exactly.
+
     Raises:
         EgpError: bad model, data or options (a one-line message).
 
     """
-    Settings(batch_size=batch_size).check()
-    proto, source = _load(model)
-    data = _open(calib, proto, mean, std)
-    progress = progress or _Silent()
-    sites = find_rectifiers(proto)
-    progress.stage("calibrating")
-    stats = collect_statistics(proto, sites, data, batch_size, progress.advance)
+    proto, source, sites, stats_ = statistics(
+        model, calib, stats=stats, batch_size=batch_size, mean=mean, std=std, progress=progress
+    )
     return AnalysisReport(
         source=source,
-        samples=stats.samples,
-        layers=tuple(_site_record(s, stats) for s in sites),
+        samples=stats_.samples,
+        layers=tuple(_site_record(s, stats_) for s in sites),
     )
 
 
@@ -147,6 +192,7 @@ def compress(
     min_agreement: float | None = None,
     max_rel_error: float | None = None,
     latency: bool = True,
+    stats: Sequence[str | os.PathLike[str]] = (),
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
     progress: Progress | None = None,
@@ -177,6 +223,8 @@ def compress(
         min_agreement: the guard's lowest top-1 agreement with the original.
         max_rel_error: the guard's largest relative output error against the original.
         latency: measure onnxruntime latency before and after.
+        stats: statistics files of the original model (`egp-onnx stats`) used for the first step
+            instead of a calibration pass; later steps measure the pruned model on ``calib``.
         mean: image normalisation (image folders only).
         std: image normalisation (image folders only).
         progress: receives progress events.
@@ -219,8 +267,11 @@ def compress(
             f"{source}: no Conv/Gemm/MatMul layer with an initializer weight feeds a ReLU; "
             "the model is left as it is"
         )
-    progress.stage("calibrating the original model")
-    first_stats = collect_statistics(proto, sites, data, batch_size, progress.advance)
+    if stats:
+        first_stats = _stats_files(stats, proto, sites)
+    else:
+        progress.stage("calibrating the original model")
+        first_stats = collect_statistics(proto, sites, data, batch_size, progress.advance)
     nnz_before = layers.nnz()
     progress.stage(f"running the original model on the {held_name} data")
     reference = Reference(proto, held, batch_size)

@@ -337,3 +337,74 @@ def test_unwritable_output_folder_is_refused(runner, tmp_path, rng, monkeypatch)
     assert result.exit_code == 2
     assert result.stderr.strip() == f"egp-onnx: error: output folder {locked} is not writable"
     assert list(locked.iterdir()) == []
+
+
+def test_stats_shards_merge_to_the_whole(runner, tmp_path):
+    data = load_npz(CALIB)
+    np.savez(tmp_path / "a.npz", input=data["input"][:200])
+    np.savez(tmp_path / "b.npz", input=data["input"][200:])
+    for part in ("a", "b"):
+        result = runner.invoke(
+            main,
+            [
+                "stats",
+                str(MODEL),
+                "--calib",
+                str(tmp_path / f"{part}.npz"),
+                "-o",
+                str(tmp_path / f"{part}.stats.npz"),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+    merged = runner.invoke(
+        main,
+        [
+            "analyze",
+            str(MODEL),
+            "--stats",
+            str(tmp_path / "a.stats.npz"),
+            "--stats",
+            str(tmp_path / "b.stats.npz"),
+            "--json",
+            str(tmp_path / "merged.json"),
+        ],
+    )
+    whole = runner.invoke(
+        main, ["analyze", str(MODEL), "--calib", str(CALIB), "--json", str(tmp_path / "whole.json")]
+    )
+    assert merged.exit_code == 0 and whole.exit_code == 0, merged.output + whole.output
+    merged_report = json.loads((tmp_path / "merged.json").read_text())
+    whole_report = json.loads((tmp_path / "whole.json").read_text())
+    merged_report.pop("source"), whole_report.pop("source")
+    assert merged_report == whole_report and merged_report["samples"] == 512
+    # compress can start from the saved statistics of the original model
+    args = ["compress", str(MODEL), "--calib", str(CALIB), "--sparsity", "0.5", "--no-latency", "--report"]
+    from_stats = runner.invoke(
+        main,
+        [
+            *args,
+            str(tmp_path / "r1.json"),
+            "-o",
+            str(tmp_path / "m1.onnx"),
+            "--stats",
+            str(tmp_path / "a.stats.npz"),
+            "--stats",
+            str(tmp_path / "b.stats.npz"),
+        ],
+    )
+    counted = runner.invoke(main, [*args, str(tmp_path / "r2.json"), "-o", str(tmp_path / "m2.onnx")])
+    assert from_stats.exit_code == 0 and counted.exit_code == 0, from_stats.output + counted.output
+    assert (tmp_path / "m1.onnx").read_bytes() == (tmp_path / "m2.onnx").read_bytes()
+
+
+def test_stats_of_another_model_are_refused(runner, tmp_path, rng):
+    model = save(single_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=inputs(rng))
+    result = runner.invoke(
+        main, ["stats", model, "--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "s.npz")]
+    )
+    assert result.exit_code == 0, result.output
+    other = runner.invoke(main, ["analyze", str(MODEL), "--stats", str(tmp_path / "s.npz")])
+    assert other.exit_code == 2 and "another model" in other.stderr
+    neither = runner.invoke(main, ["analyze", str(MODEL)])
+    assert neither.exit_code == 2 and "--calib" in neither.stderr
