@@ -9,8 +9,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 def _model(nodes, inits, x_shape, out, out_shape) -> onnx.ModelProto:
     graph = helper.make_graph(
-        nodes, "bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], inits,
+        nodes,
+        "bench",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -20,10 +23,20 @@ def _model(nodes, inits, x_shape, out, out_shape) -> onnx.ModelProto:
 
 def _conv(nodes, inits, rng, x, name, cin, cout, stride=1):
     w = (rng.normal(size=(cout, cin, 3, 3)) * np.sqrt(2 / (9 * cin))).astype(np.float32)
-    inits += [numpy_helper.from_array(w, f"{name}.w"),
-              numpy_helper.from_array((rng.normal(size=cout) * 0.1).astype(np.float32), f"{name}.b")]
-    nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], name=name, pads=[1, 1, 1, 1],
-                                  strides=[stride, stride]))
+    inits += [
+        numpy_helper.from_array(w, f"{name}.w"),
+        numpy_helper.from_array((rng.normal(size=cout) * 0.1).astype(np.float32), f"{name}.b"),
+    ]
+    nodes.append(
+        helper.make_node(
+            "Conv",
+            [x, f"{name}.w", f"{name}.b"],
+            [name],
+            name=name,
+            pads=[1, 1, 1, 1],
+            strides=[stride, stride],
+        )
+    )
     return name
 
 

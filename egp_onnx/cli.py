@@ -94,6 +94,9 @@ def _add_data_options(func: F, required: bool) -> F:
         help="Per-channel mean for image folders, after scaling pixels to [0, 1] (comma list).",
     )(func)
     func = click.option(
+        "--workers", type=int, default=0, show_default=True, help="Threads that load calibration files ahead."
+    )(func)
+    func = click.option(
         "--batch-size", type=int, default=32, show_default=True, help="Samples per onnxruntime call."
     )(func)
     func = click.option(
@@ -149,6 +152,7 @@ def analyze_command(
     model: Path,
     calib: Path | None,
     batch_size: int,
+    workers: int,
     mean: str,
     std: str,
     stats_paths: tuple[Path, ...],
@@ -168,6 +172,7 @@ def analyze_command(
             calib,
             stats=stats_paths,
             batch_size=batch_size,
+            workers=workers,
             mean=_floats(mean),
             std=_floats(std),
             progress=progress,
@@ -192,7 +197,7 @@ def analyze_command(
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def stats_command(
-    model: Path, calib: Path, batch_size: int, mean: str, std: str, output: Path, force: bool
+    model: Path, calib: Path, batch_size: int, workers: int, mean: str, std: str, output: Path, force: bool
 ) -> None:
     """Count ON events per channel of MODEL on --calib and save them to OUTPUT.
 
@@ -204,7 +209,13 @@ def stats_command(
         check_output_paths([output], [model, calib], force)
         progress = _StderrProgress(sys.stderr.isatty())
         proto, _, sites, stats = statistics(
-            model, calib, batch_size=batch_size, mean=_floats(mean), std=_floats(std), progress=progress
+            model,
+            calib,
+            batch_size=batch_size,
+            workers=workers,
+            mean=_floats(mean),
+            std=_floats(std),
+            progress=progress,
         )
         progress.close()
         save_statistics(stats, model_fingerprint(proto), output)
@@ -299,6 +310,7 @@ def compress_command(
     model: Path,
     calib: Path,
     batch_size: int,
+    workers: int,
     mean: str,
     std: str,
     output: Path,
@@ -342,6 +354,7 @@ def compress_command(
             stats=stats_paths,
             max_rel_error=max_rel_error,
             latency=not no_latency,
+            workers=workers,
             mean=_floats(mean),
             std=_floats(std),
             progress=progress,

@@ -6,7 +6,9 @@ Every batch is checked against the model's inputs (names, ranks, fixed dims, dty
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -111,7 +113,8 @@ class CalibrationData:
 
     A shard is one file's worth (or one reader batch) of samples. Shards are loaded lazily and
     checked as they arrive; the first shard is checked when the data is opened, so obvious
-    mismatches fail before any work starts.
+    mismatches fail before any work starts. With ``workers`` > 0, that many threads load the
+    next shards while the current one is in use (at most ``workers`` + 1 shards in memory).
     """
 
     def __init__(
@@ -119,16 +122,19 @@ class CalibrationData:
         specs: Sequence[InputSpec],
         shards: Sequence[Callable[[], tuple[Batch, np.ndarray | None]]],
         description: str,
+        workers: int = 0,
     ) -> None:
         if not specs:
             raise CalibrationError("the model has no inputs to feed")
         if not shards:
             raise CalibrationError(f"{description}: no calibration data found")
+        if workers < 0:
+            raise CalibrationError(f"--workers must be at least 0, got {workers}")
         self.specs = list(specs)
         self.description = description
+        self.workers = workers
         self._shards = list(shards)
-        first, _ = self._load(0)
-        self._first = first
+        self._first = self._load(0)  # checked now, reused by the first pass over the data
 
     def _load(self, i: int) -> tuple[Batch, np.ndarray | None]:
         arrays, labels = self._shards[i]()
@@ -145,8 +151,7 @@ class CalibrationData:
             batch_size = fixed
         pending: list[tuple[Batch, np.ndarray | None]] = []
         pending_size = 0
-        for i in range(len(self._shards)):
-            arrays, labels = self._load(i)
+        for arrays, labels in self._loaded():
             pending.append((arrays, labels))
             pending_size += next(iter(arrays.values())).shape[0]
             while pending_size >= batch_size:
@@ -158,9 +163,25 @@ class CalibrationData:
         if pending_size and fixed is None:
             yield _concat(pending)
 
+    def _loaded(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
+        """The shards in order, loaded ahead by ``workers`` threads when asked."""
+        yield self._first
+        rest = range(1, len(self._shards))
+        if self.workers == 0:
+            yield from (self._load(i) for i in rest)
+            return
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="egp-data") as pool:
+            ahead: deque[Future[tuple[Batch, np.ndarray | None]]] = deque()
+            for i in rest:
+                ahead.append(pool.submit(self._load, i))
+                if len(ahead) > self.workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+
     def arrays(self) -> tuple[Batch, np.ndarray | None]:
         """All samples at once (for small held-out sets)."""
-        return _concat([self._load(i) for i in range(len(self._shards))])
+        return _concat(list(self._loaded()))
 
     def __len__(self) -> int:
         """Number of shards."""
@@ -272,6 +293,7 @@ def open_calibration(
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
     image_chunk: int = 256,
+    workers: int = 0,
 ) -> CalibrationData:
     """Open calibration data for ``model`` and check it against the model's inputs.
 
@@ -283,6 +305,7 @@ def open_calibration(
         mean: per-channel mean subtracted from images scaled to [0, 1].
         std: per-channel standard deviation images are divided by.
         image_chunk: images decoded per shard.
+        workers: threads that load (decode) the next shards ahead; 0 loads in the caller's thread.
 
     Raises:
         CalibrationError: the data is missing, empty, unreadable or does not match the inputs.
@@ -296,22 +319,24 @@ def open_calibration(
         raise CalibrationError(f"calibration data not found: {path}")
     if path.is_file():
         if path.suffix == ".npz":
-            return CalibrationData(specs, [partial(_read_npz, path)], str(path))
+            return CalibrationData(specs, [partial(_read_npz, path)], str(path), workers)
         if path.suffix == ".npy":
-            return CalibrationData(specs, [partial(_read_npy, path, specs)], str(path))
+            return CalibrationData(specs, [partial(_read_npy, path, specs)], str(path), workers)
         raise CalibrationError(f"{path}: calibration files must be .npz or .npy")
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".npz", ".npy"))
     if files:
         shards = [
             partial(_read_npz, p) if p.suffix == ".npz" else partial(_read_npy, p, specs) for p in files
         ]
-        return CalibrationData(specs, shards, str(path))
+        return CalibrationData(specs, shards, str(path), workers)
     images = _find_images(path)
     if not images:
         raise CalibrationError(f"{path}: no .npz, .npy or image files in the calibration folder")
     if len(specs) != 1:
         raise CalibrationError(f"{path}: image folders feed single-input models only")
-    return CalibrationData(specs, _image_shards(path, images, specs[0], mean, std, image_chunk), str(path))
+    return CalibrationData(
+        specs, _image_shards(path, images, specs[0], mean, std, image_chunk), str(path), workers
+    )
 
 
 def _find_images(folder: Path) -> list[tuple[Path, int | None]]:

@@ -77,11 +77,11 @@ def _load(model: ModelSource) -> tuple[onnx.ModelProto, str]:
 
 
 def _open(
-    data: DataSource, model: onnx.ModelProto, mean: Sequence[float], std: Sequence[float]
+    data: DataSource, model: onnx.ModelProto, mean: Sequence[float], std: Sequence[float], workers: int = 0
 ) -> CalibrationData:
     if isinstance(data, CalibrationData):
         return data
-    return open_calibration(data, model, mean=mean, std=std)
+    return open_calibration(data, model, mean=mean, std=std, workers=workers)
 
 
 def _site_record(site: RectifierSite, stats: Statistics) -> RectifierRecord:
@@ -110,6 +110,7 @@ def statistics(
     batch_size: int = 32,
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
+    workers: int = 0,
     progress: Progress | None = None,
 ) -> tuple[onnx.ModelProto, str, list[RectifierSite], Statistics]:
     """Counts of every rectifier of ``model``: from ``calib``, from saved ``stats`` files, or both merged.
@@ -128,7 +129,7 @@ def statistics(
     sites = find_rectifiers(proto)
     merged = _stats_files(stats, proto, sites) if stats else None
     if calib is not None:
-        data = _open(calib, proto, mean, std)
+        data = _open(calib, proto, mean, std, workers)
         progress = progress or _Silent()
         progress.stage("calibrating")
         counted = collect_statistics(proto, sites, data, batch_size, progress.advance)
@@ -155,6 +156,7 @@ def analyze(
     batch_size: int = 32,
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
+    workers: int = 0,
     progress: Progress | None = None,
 ) -> AnalysisReport:
     """Measure the entropy of every rectifier of ``model`` on the calibration data.
@@ -167,7 +169,14 @@ def analyze(
 
     """
     proto, source, sites, stats_ = statistics(
-        model, calib, stats=stats, batch_size=batch_size, mean=mean, std=std, progress=progress
+        model,
+        calib,
+        stats=stats,
+        batch_size=batch_size,
+        mean=mean,
+        std=std,
+        workers=workers,
+        progress=progress,
     )
     return AnalysisReport(
         source=source,
@@ -195,6 +204,7 @@ def compress(
     stats: Sequence[str | os.PathLike[str]] = (),
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
+    workers: int = 0,
     progress: Progress | None = None,
 ) -> CompressionResult:
     """Prune ``model`` to ``sparsity`` of its prunable weights with Entropy-Guided Pruning.
@@ -227,6 +237,7 @@ def compress(
             instead of a calibration pass; later steps measure the pruned model on ``calib``.
         mean: image normalisation (image folders only).
         std: image normalisation (image folders only).
+        workers: threads that load calibration shards ahead.
         progress: receives progress events.
 
     Raises:
@@ -251,9 +262,9 @@ def compress(
     if eval_data is not None and holdout > 0:
         raise ConfigError("give either --eval or --holdout, not both")
     proto, source = _load(model)
-    data = _open(calib, proto, mean, std)
+    data = _open(calib, proto, mean, std, workers)
     if eval_data is not None:
-        held, held_name = _open(eval_data, proto, mean, std), "eval"
+        held, held_name = _open(eval_data, proto, mean, std, workers), "eval"
     elif holdout > 0:
         data, held = split_holdout(data, holdout, seed)
         held_name = "holdout"

@@ -108,3 +108,29 @@ def test_empty_and_missing(model, tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(CalibrationError, match="cannot read"):
         open_calibration(tmp_path / "bad.npz", model)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_workers_load_ahead_in_order(model, rng, tmp_path, workers):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    x = inputs(rng, n=23)
+    for i in range(0, 23, 4):
+        np.savez(folder / f"p{i:02d}.npz", x=x[i : i + 4], labels=np.arange(i, min(i + 4, 23)))
+    data = open_calibration(folder, model, workers=workers)
+    got, sizes, batches = all_samples(data, 5)
+    np.testing.assert_array_equal(got, x)
+    assert sizes == [5, 5, 5, 5, 3]
+    np.testing.assert_array_equal(np.concatenate([lab for _, lab in batches]), np.arange(23))
+    again, _, _ = all_samples(data, 7)  # a second pass reads the shards again
+    np.testing.assert_array_equal(again, x)
+
+
+def test_workers_report_a_bad_shard(model, rng, tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    np.savez(folder / "a.npz", x=inputs(rng, n=4))
+    np.savez(folder / "b.npz", x=inputs(rng, n=4).astype(np.float64))
+    data = open_calibration(folder, model, workers=2)
+    with pytest.raises(CalibrationError, match=r"part 2\).*dtype float64"):
+        list(data.batches(3))

@@ -1,0 +1,243 @@
+"""The statistics pass against plain onnxruntime inference, and against the naive approach.
+
+For each model and sample count, in one run: plain inference time (an optimised onnxruntime
+session over the same batches), the egp-onnx statistics pass (collect_statistics), the naive
+pass (every rectifier input made a graph output and reduced in numpy), their ratios, and the
+peak resident memory of each, measured in a fresh subprocess. The data is streamed from .npz
+shards of 512 samples, as a user's calibration folder would be. Then the whole-process check:
+`egp-onnx analyze` vs a plain onnxruntime script on the 8-conv chain, 512 samples, batch 32;
+and the cost of rebuilding the statistics session per loop step.
+
+Run: python benchmarks/calibration.py [--samples 512 8192] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+SHARD = 512
+
+
+def _shards(folder: Path, samples: int, shape: tuple[int, ...], seed: int = 0) -> Path:
+    target = folder / f"data_{'x'.join(map(str, shape))}_{samples}"
+    if not target.exists():
+        target.mkdir()
+        rng = np.random.default_rng(seed)
+        for i in range(0, samples, SHARD):
+            np.savez(
+                target / f"part{i // SHARD:04d}.npz", x=rng.normal(size=(SHARD, *shape)).astype(np.float32)
+            )
+    return target
+
+
+def worker(approach: str, model_path: str, data_dir: str, batch_size: int) -> dict:
+    """One measured pass, in this (fresh) process."""
+    import onnxruntime as ort
+
+    from egp_onnx.calibrate import collect_statistics
+    from egp_onnx.data import open_calibration
+    from egp_onnx.io import load_model
+    from egp_onnx.topology import find_rectifiers
+
+    model = load_model(model_path)
+    data = open_calibration(data_dir, model)
+    sites = find_rectifiers(model)
+    start = time.perf_counter()
+    if approach == "egp":
+        collect_statistics(model, sites, data, batch_size)
+    else:
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(model)
+        names = [s.input for s in sites] if approach == "naive" else [o.name for o in model.graph.output]
+        if approach == "naive":
+            del exposed.graph.output[:]
+            for name in names:
+                exposed.graph.output.append(
+                    onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                )
+        session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+        counts = [0 for _ in names]
+        for feed, _ in data.batches(batch_size):
+            outputs = session.run(names, feed)
+            if approach == "naive":
+                counts = [
+                    c + (z > 0).sum(axis=tuple(i for i in range(z.ndim) if i != 1))
+                    for c, z in zip(counts, outputs, strict=True)
+                ]
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure(approach: str, model_path: Path, data_dir: Path, batch_size: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", approach, str(model_path), str(data_dir), str(batch_size)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def whole_process(model_path: Path, data: Path, batch_size: int, folder: Path) -> tuple[float, float]:
+    """Wall time of `egp-onnx analyze` and of a plain onnxruntime script, start-up included."""
+    script = folder / "plain.py"
+    script.write_text(
+        "import sys, numpy as np, onnxruntime as ort\n"
+        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "with np.load(sys.argv[2]) as d: x = d['x']\n"
+        f"for i in range(0, len(x), {batch_size}): s.run(None, {{'x': x[i:i + {batch_size}]}})\n"
+    )
+
+    def wall(cmd: list[str]) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    egp = wall(
+        [
+            sys.executable,
+            "-m",
+            "egp_onnx",
+            "analyze",
+            str(model_path),
+            "--calib",
+            str(data),
+            "--batch-size",
+            str(batch_size),
+        ]
+    )
+    plain = wall([sys.executable, str(script), str(model_path), str(data)])
+    return egp, plain
+
+
+def session_rebuild_cost(model_path: Path, data_dir: Path, batch_size: int) -> tuple[float, float]:
+    """Seconds to build the statistics session, and seconds of the pass it serves."""
+    from egp_onnx.calibrate import collect_statistics, make_session, statistics_model
+    from egp_onnx.data import open_calibration
+    from egp_onnx.io import load_model
+    from egp_onnx.topology import find_rectifiers
+
+    model = load_model(model_path)
+    sites = find_rectifiers(model)
+    start = time.perf_counter()
+    make_session(statistics_model(model, sites), optimize=True)
+    build = time.perf_counter() - start
+    start = time.perf_counter()
+    collect_statistics(model, sites, open_calibration(data_dir, model), batch_size)
+    return build, time.perf_counter() - start - build
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, nargs="+", default=[512, 8192])
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    from models import conv_chain, resnet
+
+    from egp_onnx.report import format_table
+
+    folder = Path(tempfile.mkdtemp(prefix="egp-bench-"))
+    models = {"chain8x64@32": conv_chain(), "resnet4x32@32": resnet()}
+    paths = {}
+    for name, model in models.items():
+        paths[name] = folder / f"{name}.onnx"
+        onnx.save(model, str(paths[name]))
+    sample = HERE.parent / "sample_models" / "digits_resnet.onnx"
+    rows = []
+    for name, path in [*paths.items(), ("digits_resnet", sample)]:
+        if name == "digits_resnet":
+            shape = (1, 8, 8)
+            data_name = "input"
+        else:
+            shape, data_name = (3, 32, 32), "x"
+        for samples in args.samples:
+            data = _shards(folder, samples, shape)
+            if data_name != "x":  # the sample's input is called 'input'
+                renamed = folder / f"{data.name}_input"
+                if not renamed.exists():
+                    renamed.mkdir()
+                    for part in sorted(data.iterdir()):
+                        with np.load(part) as npz:
+                            np.savez(renamed / part.name, input=npz["x"])
+                data = renamed
+            plain = measure("plain", path, data, args.batch_size)
+            egp = measure("egp", path, data, args.batch_size)
+            naive = measure("naive", path, data, args.batch_size)
+            rows.append(
+                [
+                    name,
+                    samples,
+                    plain["seconds"],
+                    egp["seconds"],
+                    naive["seconds"],
+                    egp["seconds"] / plain["seconds"],
+                    naive["seconds"] / plain["seconds"],
+                    plain["peak_mb"],
+                    egp["peak_mb"],
+                    naive["peak_mb"],
+                ]
+            )
+    headers = [
+        "model",
+        "samples",
+        "plain_s",
+        "egp_s",
+        "naive_s",
+        "egp/plain",
+        "naive/plain",
+        "plain_MB",
+        "egp_MB",
+        "naive_MB",
+    ]
+    print(format_table(headers, rows))
+    for name in [*paths, "digits_resnet"]:
+        mine = [r for r in rows if r[0] == name]
+        if len(mine) >= 2:
+            print(
+                f"{name}: egp peak memory at {mine[-1][1]} vs {mine[0][1]} samples: "
+                f"{mine[-1][8] / mine[0][8]:.3f}x (plain {mine[-1][7] / mine[0][7]:.3f}x)"
+            )
+    chain_data = folder / "chain512.npz"
+    with np.load(sorted(_shards(folder, 512, (3, 32, 32)).iterdir())[0]) as npz:
+        np.savez(chain_data, x=npz["x"])
+    egp_wall, plain_wall = whole_process(paths["chain8x64@32"], chain_data, args.batch_size, folder)
+    print(
+        f"\nwhole process, chain8x64@32, 512 samples, batch {args.batch_size}: egp-onnx analyze "
+        f"{egp_wall:.2f} s, plain onnxruntime script {plain_wall:.2f} s, ratio {egp_wall / plain_wall:.2f} "
+        "(target <= 1.5)"
+    )
+    build, run = session_rebuild_cost(
+        paths["chain8x64@32"], _shards(folder, 512, (3, 32, 32)), args.batch_size
+    )
+    print(
+        f"statistics session build {build * 1000:.0f} ms vs its 512-sample pass {run * 1000:.0f} ms: "
+        f"rebuilding it each loop step costs {build / (build + run):.1%} of a step"
+    )
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"onnxruntime {__import__('onnxruntime').__version__}"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+    else:
+        main()
