@@ -134,7 +134,7 @@ class CalibrationData:
         self.description = description
         self.workers = workers
         self._shards = list(shards)
-        self._first = self._load(0)  # checked now, reused by the first pass over the data
+        self._first: tuple[Batch, np.ndarray | None] | None = self._load(0)  # checked now, used once
 
     def _load(self, i: int) -> tuple[Batch, np.ndarray | None]:
         arrays, labels = self._shards[i]()
@@ -151,9 +151,10 @@ class CalibrationData:
             batch_size = fixed
         pending: list[tuple[Batch, np.ndarray | None]] = []
         pending_size = 0
-        for arrays, labels in self._loaded():
-            pending.append((arrays, labels))
-            pending_size += next(iter(arrays.values())).shape[0]
+        for shard in self._loaded():
+            pending.append(shard)
+            pending_size += next(iter(shard[0].values())).shape[0]
+            del shard  # no reference may outlive the shard's last batch: memory stays at one shard
             while pending_size >= batch_size:
                 merged, merged_labels = _concat(pending)
                 yield _take(merged, 0, batch_size), _slice(merged_labels, 0, batch_size)
@@ -162,12 +163,15 @@ class CalibrationData:
                 # size is a multiple of the batch size are never copied.
                 rest = (_take(merged, batch_size, None), _slice(merged_labels, batch_size, None))
                 pending = [rest] if pending_size else []
+                del merged, merged_labels, rest
         if pending_size and fixed is None:
             yield _concat(pending)
 
     def _loaded(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
         """The shards in order, loaded ahead by ``workers`` threads when asked."""
-        yield self._first
+        first, self._first = self._first, None  # the first pass reuses the checked shard, once
+        yield first if first is not None else self._load(0)
+        del first
         rest = range(1, len(self._shards))
         if self.workers == 0:
             yield from (self._load(i) for i in rest)
