@@ -23,6 +23,7 @@ from egp_onnx.io import (
 )
 from egp_onnx.pipeline import METHODS, analyze, compress, statistics
 from egp_onnx.plot import save_plot
+from egp_onnx.plugins import load_attribute
 from egp_onnx.report import (
     analysis_table,
     compression_summary,
@@ -59,6 +60,40 @@ class _StderrProgress:
     def close(self) -> None:
         if self.enabled and self.text:
             click.echo(err=True)
+
+
+def _finetune_callback(
+    spec: str | None, torch_model: str | None, train: Path | None, epochs: int, lr: float
+) -> Callable[..., Any] | None:
+    """The finetune callback the options ask for, or None."""
+    if spec and torch_model:
+        raise ConfigError("give either --finetune or --torch-model, not both")
+    if spec:
+        function = load_attribute(spec, "--finetune")
+        if not callable(function):
+            raise ConfigError(f"--finetune: {spec} is not callable")
+        return function
+    if torch_model is None:
+        if train is not None:
+            raise ConfigError("--train is used with --torch-model")
+        return None
+    if train is None:
+        raise ConfigError("--torch-model needs --train PATH (an .npz with inputs and labels)")
+    if epochs < 1 or lr <= 0:
+        raise ConfigError("--epochs must be at least 1 and --lr positive")
+    try:
+        from egp_onnx.torch import ClassificationFinetune
+    except ImportError as exc:
+        raise ConfigError(str(exc)) from exc
+    factory = load_attribute(torch_model, "--torch-model")
+    try:
+        module = factory()
+    except Exception as exc:  # the user's factory may fail in any way
+        raise ConfigError(f"--torch-model: {torch_model}() failed: {type(exc).__name__}: {exc}") from exc
+    try:
+        return ClassificationFinetune(module, train, epochs=epochs, lr=lr)
+    except (OSError, KeyError, ValueError, StopIteration) as exc:
+        raise ConfigError(f"--train {train}: needs an .npz with an input array and 'labels' ({exc})") from exc
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -283,6 +318,27 @@ def stats_command(
     help="Order among weights of equal magnitude; the --holdout split.",
 )
 @_stats_option
+@click.option(
+    "--finetune",
+    "finetune_spec",
+    help="module:function (or file.py:function) called after every step with (model, masks); "
+    "returns the retrained model or new tensor values.",
+)
+@click.option(
+    "--torch-model",
+    help="module:factory (or file.py:factory) returning the torch.nn.Module behind MODEL; finetunes "
+    "it on --train between steps (needs the torch extra).",
+)
+@click.option(
+    "--train",
+    "train_path",
+    type=click.Path(path_type=Path),
+    help="Training data (.npz with labels) for --torch-model.",
+)
+@click.option("--epochs", type=int, default=1, show_default=True, help="Epochs per step for --torch-model.")
+@click.option(
+    "--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate for --torch-model."
+)
 @click.option("--no-surgery", is_flag=True, help="Only zero weights; keep the graph as it is.")
 @click.option(
     "--merge-tolerance",
@@ -324,6 +380,11 @@ def compress_command(
     report_path: Path | None,
     seed: int,
     stats_paths: tuple[Path, ...],
+    finetune_spec: str | None,
+    torch_model: str | None,
+    train_path: Path | None,
+    epochs: int,
+    lr: float,
     no_surgery: bool,
     merge_tolerance: float,
     no_latency: bool,
@@ -335,8 +396,9 @@ def compress_command(
     """Prune MODEL with Entropy-Guided Pruning, reduce its depth, and write it to OUTPUT."""
 
     def action() -> None:
-        inputs = [p for p in (model, calib, eval_path, *stats_paths) if p is not None]
+        inputs = [p for p in (model, calib, eval_path, train_path, *stats_paths) if p is not None]
         check_output_paths([output, report_path, plot_path], inputs, force)
+        finetune = _finetune_callback(finetune_spec, torch_model, train_path, epochs, lr)
         progress = _StderrProgress(sys.stderr.isatty() and not quiet)
         result = compress(
             model,
@@ -352,6 +414,7 @@ def compress_command(
             holdout=holdout,
             min_agreement=min_agreement,
             stats=stats_paths,
+            finetune=finetune,
             max_rel_error=max_rel_error,
             latency=not no_latency,
             workers=workers,

@@ -38,6 +38,10 @@ class NothingToPruneError(EgpError):
     label = "nothing to prune"
 
 
+class FinetuneError(EgpError):
+    """The finetune callback returned something that cannot be put back into the model."""
+
+
 class GuardError(EgpError):
     """Even the first pruning step breaks the fidelity guard: there is no model to write."""
 

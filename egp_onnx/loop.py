@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -13,10 +13,17 @@ from egp_onnx import entropy as ent
 from egp_onnx import prune
 from egp_onnx.calibrate import Statistics, collect_statistics
 from egp_onnx.data import CalibrationData
-from egp_onnx.errors import GuardError
+from egp_onnx.errors import FinetuneError, GuardError
 from egp_onnx.report import Fidelity, StepRecord, StopRecord
 from egp_onnx.settings import Settings
-from egp_onnx.topology import RectifierSite, initializer_arrays, prunable_layers, replace_initializers
+from egp_onnx.topology import (
+    RectifierSite,
+    initializer_arrays,
+    prunable_layers,
+    replace_initializers,
+    replace_tensors,
+    tensor_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +31,10 @@ MAX_STEPS = 200
 
 #: Measures a candidate against the original: its fidelity and the guard's complaints.
 Guard = Callable[[onnx.ModelProto], tuple[Fidelity, list[str]]]
+
+#: Retrains a pruned model: gets the model and, per prunable initializer, the mask of kept weights;
+#: returns the retrained model (same initializer names) or new values for some of its tensors.
+Finetune = Callable[[onnx.ModelProto, dict[str, np.ndarray]], "onnx.ModelProto | Mapping[str, np.ndarray]"]
 
 
 class LayerSet:
@@ -94,11 +105,14 @@ def run_loop(
     guard: Guard | None,
     on_stage: Callable[[str], None],
     on_batch: Callable[[int], None],
+    finetune: Finetune | None = None,
 ) -> LoopOutcome:
     """Prune ``layers`` step by step until ``settings.sparsity``; ``layers`` ends accepted.
 
-    ``stats`` are the statistics of ``model``. With a guard, a step whose model fails it is rolled
-    back and the loop stops there.
+    ``stats`` are the statistics of ``model``. With ``finetune``, every pruned model is handed to
+    it with its masks; the values it returns replace the model's tensors and the masks are applied
+    again, so pruned weights stay zero. With a guard, a step whose (finetuned) model fails it is
+    rolled back and the loop stops there.
 
     Raises:
         GuardError: the very first step already fails the guard.
@@ -107,7 +121,7 @@ def run_loop(
     rng = np.random.default_rng(settings.seed)
     total = int(layers.sizes().sum())
     target_zeros = int(round(settings.sparsity * total))
-    current = model
+    current = model  # the last accepted model: pruned weights, finetuned other tensors
     steps: list[StepRecord] = []
     stop = StopRecord("target", 0, f"reached sparsity {settings.sparsity}")
     while total - int(layers.nnz().sum()) < target_zeros:
@@ -121,9 +135,12 @@ def run_loop(
             break
         previous = layers.weights
         layers.weights = [prune.prune_smallest(w, int(c), rng) for w, c in zip(previous, counts, strict=True)]
-        candidate = layers.apply(model)
+        candidate = layers.apply(current)
         sparsity = 1.0 - float(layers.nnz().sum()) / total
         number = len(steps) + 1
+        if finetune is not None:
+            on_stage(f"step {number}: finetuning at sparsity {sparsity:.3f}")
+            candidate = _finetuned(candidate, layers, finetune)
         fidelity, problems = guard(candidate) if guard else (None, [])
         record = StepRecord(
             step=number,
@@ -135,6 +152,7 @@ def run_loop(
             rel_error=fidelity.rel_error if fidelity else None,
             zero_entropy_layers=None,
             emptied_layers=int((layers.nnz() == 0).sum()),
+            finetuned=finetune is not None,
         )
         if problems:
             steps.append(record)
@@ -153,3 +171,30 @@ def run_loop(
     if stop.reason == "target":
         stop = StopRecord("target", len(steps), stop.detail)
     return LoopOutcome(current, stats, tuple(steps), stop)
+
+
+def _finetuned(candidate: onnx.ModelProto, layers: LayerSet, finetune: Finetune) -> onnx.ModelProto:
+    """Run the callback, take its tensor values, and hold the masks: pruned weights stay zero."""
+    masks = {name: w != 0 for name, w in zip(layers.weight_names, layers.weights, strict=True)}
+    returned = finetune(candidate, {k: v.copy() for k, v in masks.items()})
+    if isinstance(returned, onnx.ModelProto):
+        values = tensor_values(returned)
+        missing = sorted(set(layers.weight_names) - values.keys())
+        if missing:
+            raise FinetuneError(
+                f"the finetune callback returned a model without the tensors {', '.join(missing[:3])}; "
+                "return a model with the same initializer names, or a dict of new tensor values"
+            )
+    elif isinstance(returned, Mapping):
+        values = {k: np.asarray(v) for k, v in returned.items()}
+    else:
+        raise FinetuneError(
+            f"the finetune callback returned {type(returned).__name__}; expected an onnx.ModelProto or a dict"
+        )
+    try:
+        retrained = replace_tensors(candidate, values)
+    except KeyError as exc:
+        raise FinetuneError(f"the finetune callback returned unusable values: {exc.args[0]}") from exc
+    arrays = initializer_arrays(retrained, layers.weight_names)
+    layers.weights = [arrays[name] * masks[name] for name in layers.weight_names]
+    return layers.apply(retrained)

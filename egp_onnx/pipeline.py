@@ -20,7 +20,7 @@ from egp_onnx.cost import model_cost
 from egp_onnx.data import CalibrationData, CalibrationDataReader, open_calibration, split_holdout
 from egp_onnx.errors import CalibrationError, ConfigError, EgpError, NothingToPruneError
 from egp_onnx.io import load_model, load_statistics, model_fingerprint, prepare_model
-from egp_onnx.loop import Guard, LayerSet, run_loop
+from egp_onnx.loop import Finetune, Guard, LayerSet, run_loop
 from egp_onnx.report import (
     AnalysisReport,
     CompressionReport,
@@ -202,6 +202,7 @@ def compress(
     max_rel_error: float | None = None,
     latency: bool = True,
     stats: Sequence[str | os.PathLike[str]] = (),
+    finetune: Finetune | None = None,
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
     workers: int = 0,
@@ -235,6 +236,10 @@ def compress(
         latency: measure onnxruntime latency before and after.
         stats: statistics files of the original model (`egp-onnx stats`) used for the first step
             instead of a calibration pass; later steps measure the pruned model on ``calib``.
+        finetune: called after every pruning step with the pruned model and its masks (per
+            prunable initializer, True where a weight is kept); returns the retrained model or new
+            tensor values (see :mod:`egp_onnx.torch` for a ready PyTorch one). Masks are applied
+            again to what it returns.
         mean: image normalisation (image folders only).
         std: image normalisation (image folders only).
         workers: threads that load calibration shards ahead.
@@ -257,6 +262,7 @@ def compress(
         min_agreement=min_agreement,
         max_rel_error=max_rel_error,
         latency=latency,
+        finetune=None if finetune is None else getattr(finetune, "__qualname__", type(finetune).__name__),
     )
     settings.check()
     if eval_data is not None and holdout > 0:
@@ -288,7 +294,7 @@ def compress(
     reference = Reference(proto, held, batch_size)
     guard = _guard(reference, settings)
     outcome = run_loop(
-        proto, sites, layers, first_stats, data, settings, guard, progress.stage, progress.advance
+        proto, sites, layers, first_stats, data, settings, guard, progress.stage, progress.advance, finetune
     )
     pruned = _strip_value_info(outcome.model)
     final, surgery_record = pruned, SurgeryRecord(False, merge_tolerance, (), 0, None, None, False, None)

@@ -73,6 +73,7 @@ class StepRecord:
     rel_error: float | None
     zero_entropy_layers: int | None  # after the step (None for a rejected step)
     emptied_layers: int  # layers with no non-zero weight after the step
+    finetuned: bool = False  # the finetune callback retrained the step's model
 
 
 @dataclass(frozen=True)

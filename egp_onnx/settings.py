@@ -24,6 +24,7 @@ class Settings:
     min_agreement: float | None = None
     max_rel_error: float | None = None
     latency: bool = True
+    finetune: str | None = None  # the finetune callback's name, when one is given
 
     def check(self) -> None:
         """Raise ConfigError naming the first option outside its range."""

@@ -205,6 +205,43 @@ def replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) 
     return copy
 
 
+def tensor_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializer and Constant-node values by tensor name."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            attr = next((a for a in node.attribute if a.name == "value"), None)
+            if attr is not None:
+                values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def replace_tensors(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers and Constant nodes named in ``arrays`` hold those values.
+
+    Raises:
+        KeyError: a name is neither an initializer nor a Constant output, or a shape differs.
+
+    """
+    copy = replace_initializers(model, {k: v for k, v in arrays.items()})
+    known = {t.name: tuple(t.dims) for t in copy.graph.initializer}
+    for node in copy.graph.node:
+        if node.op_type == "Constant" and node.output[0] in arrays:
+            attr = next((a for a in node.attribute if a.name == "value"), None)
+            if attr is not None:
+                dtype = numpy_helper.to_array(attr.t).dtype
+                known[node.output[0]] = tuple(attr.t.dims)
+                attr.t.CopyFrom(
+                    numpy_helper.from_array(np.asarray(arrays[node.output[0]]).astype(dtype), node.output[0])
+                )
+    for name, value in arrays.items():
+        if name not in known:
+            raise KeyError(f"{name} is not a tensor of the model")
+        if tuple(np.shape(value)) != known[name]:
+            raise KeyError(f"{name} has shape {tuple(np.shape(value))}, the model's is {known[name]}")
+    return copy
+
+
 def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
     """(parameters, non-zero parameters) over all floating-point initializers."""
     total = nonzero = 0

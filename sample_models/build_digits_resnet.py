@@ -12,6 +12,8 @@ Conv -> BatchNormalization -> Relu structure and its residual Adds:
       GlobalAveragePool Flatten Gemm(32->32) Relu Gemm(32->10) -> logits
 
 Needs: pip install torch==2.13.0 scikit-learn.  Run: python sample_models/build_digits_resnet.py
+(it writes digits_resnet.onnx, digits_calib.npz, digits_test.npz and digits_train.npz, the
+training split that the finetuning benchmark and tests retrain on).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from digits_torch import Block, DigitsResNet
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
 from torch import nn
@@ -30,39 +33,6 @@ HERE = Path(__file__).resolve().parent
 OPSET = 17
 CALIB_SAMPLES = 512
 TEST_SAMPLES = 497
-
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
-
-
-class DigitsResNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.block1 = Block(16, 16, 1)
-        self.block2 = Block(16, 32, 2)
-        self.block3 = Block(32, 32, 1)
-        self.fc1 = nn.Linear(32, 32)
-        self.fc2 = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block3(self.block2(self.block1(self.stem(x))))
-        x = x.mean(dim=(2, 3))
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def load_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -195,6 +165,7 @@ def main() -> None:
     calib = np.random.default_rng(1).permutation(len(x_train))[:CALIB_SAMPLES]
     np.savez_compressed(HERE / "digits_calib.npz", input=x_train[calib], labels=y_train[calib])
     np.savez_compressed(HERE / "digits_test.npz", input=x_test, labels=y_test)
+    np.savez_compressed(HERE / "digits_train.npz", input=x_train, labels=y_train)
     print(f"dense test accuracy {accuracy:.4f} on {len(y_test)} held-out digits; torch/onnx gap {gap:.2e}")
 
 
