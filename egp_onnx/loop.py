@@ -71,7 +71,11 @@ def step_counts(
     """How many weights each layer loses in this step, and the rule that decided it."""
     nnz = layers.nnz()
     if method == "magnitude":
-        return prune.global_magnitude_amounts(layers.weights, needed), "magnitude"
+        # The same schedule as EGP (a fraction of what is left per step), so that a finetune
+        # callback retrains between steps (iterative magnitude pruning); without one, the steps
+        # remove exactly what one global cut would.
+        budget = min(max(1, int(np.floor(step * nnz.sum()))), needed)
+        return prune.global_magnitude_amounts(layers.weights, budget), "magnitude"
     entropy = layers.entropies(stats)
     participating = (entropy > 0) & (nnz > 0)
     if not participating.any():

@@ -150,3 +150,16 @@ def test_sample_at_95_percent_is_shallower_and_runs():
         "merged",
         "removed",
     }
+
+
+def test_iterative_magnitude_equals_one_global_cut(residual):
+    model, calib = residual
+    stepped = egp_onnx.compress(
+        model, calib, sparsity=0.8, step=0.3, method="magnitude", surgery=False, latency=False
+    )
+    one_cut = egp_onnx.compress(
+        model, calib, sparsity=0.8, step=1.0, method="magnitude", surgery=False, latency=False
+    )
+    assert len(stepped.report.steps) > 1 and len(one_cut.report.steps) == 1
+    for name, array in weights(one_cut.model).items():
+        np.testing.assert_array_equal(weights(stepped.model)[name], array)
