@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from egp_onnx.errors import EgpError
 from egp_onnx.io import write_bytes_atomic
+from egp_onnx.topology import tensor_values
 
 try:
     import torch
@@ -34,6 +34,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: ONNX BatchNormalization input role -> torch BatchNorm attribute
+_BN_ROLES = (("scale", "weight"), ("shift", "bias"), ("mean", "running_mean"), ("var", "running_var"))
 
 
 class MappingError(EgpError):
@@ -122,7 +124,7 @@ def map_initializers(module: nn.Module, model: onnx.ModelProto) -> list[Binding]
         MappingError: a node has no module of its kind and shape, or modules are left over.
 
     """
-    values = _values(model)
+    values = tensor_values(model)
     modules = [(name, m) for name, m in module.named_modules() if _kind(m)]
     by_name = dict(modules)
     nodes = _onnx_nodes(model)
@@ -195,34 +197,19 @@ def _check_shape(
         )
 
 
-def _values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            attr = next((a for a in node.attribute if a.name == "value"), None)
-            if attr is not None:
-                values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
-
-
 def _bn_scale(bn: nn.Module) -> torch.Tensor:
     return bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
 
 
 def load_onnx_weights(module: nn.Module, model: onnx.ModelProto, bindings: Sequence[Binding]) -> None:
     """Copy the ONNX model's parameter values into ``module`` (in place, no gradient)."""
-    values = _values(model)
+    values = tensor_values(model)
     mods = dict(module.named_modules())
     with torch.no_grad():
         for b in bindings:
             mod = mods[b.module]
             if b.kind == "bn":
-                for role, attr in (
-                    ("scale", "weight"),
-                    ("shift", "bias"),
-                    ("mean", "running_mean"),
-                    ("var", "running_var"),
-                ):
+                for role, attr in _BN_ROLES:
                     getattr(mod, attr).copy_(torch.from_numpy(values[b.tensors[role]].astype(np.float32)))
                 continue
             weight = values[b.tensors["weight"]].astype(np.float32)
@@ -255,12 +242,7 @@ def onnx_weights(module: nn.Module, bindings: Sequence[Binding]) -> dict[str, np
         for b in bindings:
             mod = mods[b.module]
             if b.kind == "bn":
-                for role, attr in (
-                    ("scale", "weight"),
-                    ("shift", "bias"),
-                    ("mean", "running_mean"),
-                    ("var", "running_var"),
-                ):
+                for role, attr in _BN_ROLES:
                     out[b.tensors[role]] = getattr(mod, attr).detach().numpy().copy()
                 continue
             weight = mod.weight.detach().numpy().copy()
