@@ -11,7 +11,7 @@ from egp_onnx.errors import (
     NothingToPruneError,
     OutputError,
 )
-from egp_onnx.pipeline import CompressionResult, analyze, compress
+from egp_onnx.pipeline import CompressionResult, analyze, compress, statistics
 from egp_onnx.report import AnalysisReport, CompressionReport, LayerRecord, RectifierRecord
 
 __version__ = "0.1.0"
@@ -30,4 +30,5 @@ __all__ = [
     "RectifierRecord",
     "analyze",
     "compress",
+    "statistics",
 ]
