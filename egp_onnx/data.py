@@ -189,10 +189,6 @@ class CalibrationData:
         """All samples at once (for small held-out sets)."""
         return _concat(list(self._loaded()))
 
-    def __len__(self) -> int:
-        """Number of shards."""
-        return len(self._shards)
-
 
 def _take(arrays: Batch, start: int, stop: int | None) -> Batch:
     return {k: v[start:stop] for k, v in arrays.items()}
