@@ -254,3 +254,10 @@ class Builder:
             model.graph.output[i].CopyFrom(inferred.graph.output[i])
         onnx.checker.check_model(model)
         return model
+
+
+def toy_files(tmp_path, rng: np.random.Generator) -> tuple[str, str]:
+    """A saved single_conv model and random calibration data for it: (model path, calib path)."""
+    model = save(single_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=inputs(rng))
+    return model, str(tmp_path / "c.npz")

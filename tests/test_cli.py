@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import SAMPLES, load_npz
 from models import image_model as image_model_builder
-from models import inputs, no_rectifier, save, single_conv
+from models import inputs, no_rectifier, save, single_conv, toy_files
 
 from egp_onnx.cli import main
 
@@ -98,22 +98,10 @@ def test_analyze_json(runner, tmp_path):
 
 
 def test_sparsity_zero_keeps_weights(runner, tmp_path, rng):
-    model = save(single_conv(rng), tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=inputs(rng))
+    model, calib = toy_files(tmp_path, rng)
     out = tmp_path / "o.onnx"
     result = runner.invoke(
-        main,
-        [
-            "compress",
-            model,
-            "--calib",
-            str(tmp_path / "c.npz"),
-            "-o",
-            str(out),
-            "--sparsity",
-            "0",
-            "--no-surgery",
-        ],
+        main, ["compress", model, "--calib", calib, "-o", str(out), "--sparsity", "0", "--no-surgery"]
     )
     assert result.exit_code == 0, result.output
     original = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(model).graph.initializer}
@@ -216,22 +204,12 @@ def test_bad_inputs_refused_in_one_line(runner, tmp_path, rng):
 
 
 def test_force_overwrites(runner, tmp_path, rng):
-    model = save(single_conv(rng), tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=inputs(rng))
+    model, calib = toy_files(tmp_path, rng)
     out = tmp_path / "o.onnx"
     out.write_bytes(b"old")
-    args = [
-        "compress",
-        model,
-        "--calib",
-        str(tmp_path / "c.npz"),
-        "-o",
-        str(out),
-        "--sparsity",
-        "0.5",
-        "--force",
-    ]
-    result = runner.invoke(main, args)
+    result = runner.invoke(
+        main, ["compress", model, "--calib", calib, "-o", str(out), "--sparsity", "0.5", "--force"]
+    )
     assert result.exit_code == 0, result.output
     onnx.checker.check_model(onnx.load(str(out)))
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
@@ -325,15 +303,12 @@ def test_same_inputs_give_byte_identical_outputs(runner, tmp_path):
 
 def test_unwritable_output_folder_is_refused(runner, tmp_path, rng, monkeypatch):
     """Root may write anywhere, so the folder's permission answer is simulated."""
-    model = save(single_conv(rng), tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=inputs(rng))
+    model, calib = toy_files(tmp_path, rng)
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
-    result = runner.invoke(
-        main, ["compress", model, "--calib", str(tmp_path / "c.npz"), "-o", str(locked / "o.onnx")]
-    )
+    result = runner.invoke(main, ["compress", model, "--calib", calib, "-o", str(locked / "o.onnx")])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"egp-onnx: error: output folder {locked} is not writable"
     assert list(locked.iterdir()) == []
@@ -398,11 +373,8 @@ def test_stats_shards_merge_to_the_whole(runner, tmp_path):
 
 
 def test_stats_of_another_model_are_refused(runner, tmp_path, rng):
-    model = save(single_conv(rng), tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=inputs(rng))
-    result = runner.invoke(
-        main, ["stats", model, "--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "s.npz")]
-    )
+    model, calib = toy_files(tmp_path, rng)
+    result = runner.invoke(main, ["stats", model, "--calib", calib, "-o", str(tmp_path / "s.npz")])
     assert result.exit_code == 0, result.output
     other = runner.invoke(main, ["analyze", str(MODEL), "--stats", str(tmp_path / "s.npz")])
     assert other.exit_code == 2 and "another model" in other.stderr

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from conftest import ROOT, SAMPLES, load_npz
-from models import inputs, residual_block, save, single_conv
+from models import inputs, residual_block, single_conv, toy_files
 from onnx import TensorProto, helper, numpy_helper
 
 import egp_onnx
@@ -25,6 +25,21 @@ MODEL = SAMPLES / "digits_resnet.onnx"
 CALIB = SAMPLES / "digits_calib.npz"
 TEST = SAMPLES / "digits_test.npz"
 SCHEMA = json.loads((ROOT / "docs" / "compress-report.schema.json").read_text())
+
+
+def sample_args(tmp_path: Path, *extra: str) -> list[str]:
+    """`compress` on the sample at sparsity 0.5, writing tmp_path/x.onnx."""
+    return [
+        "compress",
+        str(MODEL),
+        "--calib",
+        str(CALIB),
+        "-o",
+        str(tmp_path / "x.onnx"),
+        "--sparsity",
+        "0.5",
+        *extra,
+    ]
 
 
 def predictions(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
@@ -75,20 +90,7 @@ def test_guarded_sample_agreement_matches_independent_measurement(tmp_path):
 )
 def test_reports_validate_against_documented_schema(extra, tmp_path):
     report_path = tmp_path / "r.json"
-    args = [
-        "compress",
-        str(MODEL),
-        "--calib",
-        str(CALIB),
-        "-o",
-        str(tmp_path / "x.onnx"),
-        "--sparsity",
-        "0.5",
-        "--report",
-        str(report_path),
-        *extra,
-    ]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, sample_args(tmp_path, "--report", str(report_path), *extra))
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     jsonschema.validate(report, SCHEMA)
@@ -129,14 +131,13 @@ def test_guard_stops_at_the_right_step(rng, tmp_path):
 
 
 def test_first_step_failing_the_guard_exits_1_and_writes_nothing(rng, tmp_path):
-    model = save(single_conv(rng), tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=inputs(rng))
+    model, calib = toy_files(tmp_path, rng)
     out = tmp_path / "o.onnx"
     args = [
         "compress",
         model,
         "--calib",
-        str(tmp_path / "c.npz"),
+        calib,
         "-o",
         str(out),
         "--max-rel-error",
@@ -218,9 +219,8 @@ def test_holdout_split_is_disjoint_and_seeded(rng, tmp_path):
 
 
 def test_quiet_prints_nothing(tmp_path, rng):
-    model = save(single_conv(rng), tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=inputs(rng))
-    args = ["compress", model, "--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o.onnx"), "--quiet"]
+    model, calib = toy_files(tmp_path, rng)
+    args = ["compress", model, "--calib", calib, "-o", str(tmp_path / "o.onnx"), "--quiet"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0 and result.output == ""
     assert (tmp_path / "o.onnx").exists()
@@ -229,22 +229,9 @@ def test_quiet_prints_nothing(tmp_path, rng):
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib extra")
     plot = tmp_path / "run.png"
-    args = [
-        "compress",
-        str(MODEL),
-        "--calib",
-        str(CALIB),
-        "-o",
-        str(tmp_path / "x.onnx"),
-        "--sparsity",
-        "0.5",
-        "--eval",
-        str(TEST),
-        "--plot",
-        str(plot),
-        "--no-latency",
-    ]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(
+        main, sample_args(tmp_path, "--eval", str(TEST), "--plot", str(plot), "--no-latency")
+    )
     assert result.exit_code == 0, result.output
     data = plot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
