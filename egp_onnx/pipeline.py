@@ -282,7 +282,7 @@ def compress(
     if not layers.sites:
         raise NothingToPruneError(
             f"{source}: no Conv/Gemm/MatMul layer with an initializer weight feeds a ReLU; "
-            "the model is left as it is"
+            "no output written"
         )
     if stats:
         first_stats = _stats_files(stats, proto, sites)
