@@ -220,3 +220,21 @@ def test_finetune_options_on_the_command_line(tmp_path, monkeypatch):
     assert missing.exit_code == 2 and "--train" in missing.stderr
     wrong = runner.invoke(main, [*base, "r3.json", "-o", "m3.onnx", "--finetune", "my_hooks:nothing"])
     assert wrong.exit_code == 2 and "has no attribute nothing" in wrong.stderr
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["bn_folded", "bn_unfolded"])
+def test_torch_exported_sample_compresses(fold, tmp_path):
+    """What the TorchScript exporter writes (Identity/Constant nodes, folded or unfolded BN) goes through."""
+    from digits_torch import factory
+
+    calib = SAMPLES / "digits_calib.npz"
+    x = torch.from_numpy(load_npz(calib)["input"][:4])
+    path = tmp_path / "exported.onnx"
+    export_onnx(factory(), x, path, ["input"], ["logits"], fold_batchnorm=fold)
+    same = egp_onnx.compress(path, calib, sparsity=0.0, eval_data=SAMPLES / "digits_test.npz", latency=False)
+    assert same.report.fidelity.rel_error < 1e-5 and same.report.fidelity.top1_agreement == 1.0
+    half = egp_onnx.compress(path, calib, sparsity=0.5, eval_data=SAMPLES / "digits_test.npz", latency=False)
+    onnx.checker.check_model(half.model, full_check=True)
+    assert len(half.report.layers) == 8
+    assert half.report.model.depth_after < half.report.model.depth_before
+    assert half.report.fidelity.accuracy_after > 0.95
