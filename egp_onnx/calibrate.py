@@ -260,8 +260,7 @@ class _Runner:
         spatial = self._spatial_sizes(feed)
         if spatial is None:
             return self._general_counts(feed)
-        names = [o.name for o in self.fast.get_outputs()]
-        results = dict(zip(names, run_session(self.fast, names, feed), strict=True))
+        results = _outputs(self.fast, feed)
         out = []
         for i, probe in enumerate(self.probes):
             if probe.fast:
@@ -270,8 +269,7 @@ class _Runner:
                 on = np.rint(mean.reshape(batch, -1) * spatial[i]).astype(np.int64).sum(axis=0)
                 out.append((on, batch * spatial[i]))
             else:
-                on = results[_COUNT.format(i)].astype(np.int64)
-                out.append((on, int(results[_SIZE.format(i)]) // max(on.size, 1)))
+                out.append(_general_count(results, i))
         return out
 
     def _general_counts(self, feed: dict[str, np.ndarray]) -> list[tuple[np.ndarray, int]]:
@@ -280,13 +278,19 @@ class _Runner:
             self.general = make_session(
                 statistics_model(self.model, self.sites, fast=False), optimize=True, lean=True
             )
-        names = [o.name for o in self.general.get_outputs()]
-        results = dict(zip(names, run_session(self.general, names, feed), strict=True))
-        out = []
-        for i in range(len(self.sites)):
-            on = results[_COUNT.format(i)].astype(np.int64)
-            out.append((on, int(results[_SIZE.format(i)]) // max(on.size, 1)))
-        return out
+        results = _outputs(self.general, feed)
+        return [_general_count(results, i) for i in range(len(self.sites))]
+
+
+def _outputs(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, run_session(session, names, feed), strict=True))
+
+
+def _general_count(results: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, int]:
+    """(ON counts, events per channel) of site ``i`` from a general probe's count and size."""
+    on = results[_COUNT.format(i)].astype(np.int64)
+    return on, int(results[_SIZE.format(i)]) // max(on.size, 1)
 
 
 def collect_statistics(
