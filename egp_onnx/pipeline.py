@@ -299,17 +299,20 @@ def compress(
     pruned = _strip_value_info(outcome.model)
     final, surgery_record = pruned, SurgeryRecord(False, merge_tolerance, (), 0, None, None, False, None)
     states: dict[str, str] = {}
+    fidelity: Fidelity | None = None
     if surgery:
         progress.stage("reducing depth")
         final, surgery_record, states = _reduce_depth(pruned, sites, outcome.stats, data, settings)
-        problems = guard(final)[1] if final is not pruned else []
-        if problems:
-            reason = f"the rewritten model fails the guard on the {held_name} data: {'; '.join(problems)}"
-            log.warning("%s; keeping the pruned model", reason)
-            final, states = pruned, {}
-            surgery_record = replace(surgery_record, reverted=True, revert_reason=reason)
+        if final is not pruned:
+            fidelity, problems = guard(final)
+            if problems:
+                reason = f"the rewritten model fails the guard on the {held_name} data: {'; '.join(problems)}"
+                log.warning("%s; keeping the pruned model", reason)
+                final, states, fidelity = pruned, {}, None
+                surgery_record = replace(surgery_record, reverted=True, revert_reason=reason)
     progress.stage("measuring the result")
-    fidelity = reference.evaluate(final)
+    if fidelity is None:  # the guard has not measured the model being written yet
+        fidelity = reference.evaluate(final)
     feed = reference.first_feed()
     shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
     cost_before, cost_after = model_cost(proto, shapes), model_cost(final, shapes)
