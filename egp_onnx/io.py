@@ -54,14 +54,13 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
 
 def prepare_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
     """Return a checked, shape-inferred copy of ``model`` with every node named."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
     try:
-        onnx.checker.check_model(copy)
+        onnx.checker.check_model(model)  # reads only
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelError(f"{source} fails onnx.checker: {one_line(exc)}") from exc
     try:
-        copy = onnx.shape_inference.infer_shapes(copy)
+        # infer_shapes parses its result into a new ModelProto: that is the copy we name and return
+        copy = onnx.shape_inference.infer_shapes(model)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{source}: ONNX shape inference failed: {one_line(exc)}") from exc
     name_nodes(copy.graph)

@@ -281,8 +281,7 @@ def compress(
     layers = LayerSet(proto, sites)
     if not layers.sites:
         raise NothingToPruneError(
-            f"{source}: no Conv/Gemm/MatMul layer with an initializer weight feeds a ReLU; "
-            "no output written"
+            f"{source}: no Conv/Gemm/MatMul layer with an initializer weight feeds a ReLU; no output written"
         )
     if stats:
         first_stats = _stats_files(stats, proto, sites)
@@ -379,7 +378,7 @@ def _reduce_depth(
         enabled=True,
         merge_tolerance=tolerance,
         rewrites=tuple(result.rewrites),
-        dead_parameters_zeroed=result.dead_weights_zeroed,
+        dead_parameters_zeroed=result.dead_parameters_zeroed,
         rel_error=None,
         max_abs_error=None,
         reverted=False,

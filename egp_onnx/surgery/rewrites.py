@@ -48,7 +48,7 @@ class SurgeryResult:
     model: onnx.ModelProto
     rewrites: list[Rewrite] = field(default_factory=list)
     states: dict[str, str] = field(default_factory=dict)  # layer name -> identity|constant|merged|removed
-    dead_weights_zeroed: int = 0
+    dead_parameters_zeroed: int = 0
 
 
 Measure = Callable[[onnx.ModelProto], float]
@@ -174,7 +174,7 @@ class _Surgeon:
                     weight[tuple(index)] = 0
                     bias[off] = 0
                     self._set_layer(owner, weight, bias)
-                    self.result.dead_weights_zeroed += live
+                    self.result.dead_parameters_zeroed += live
                     self._record(
                         Rewrite(
                             "zero_off_channels",
