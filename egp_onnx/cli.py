@@ -30,8 +30,10 @@ from egp_onnx.report import (
     compression_table,
     format_table,
     op_table,
+    steps_table,
     to_json,
 )
+from egp_onnx.settings import SELECTIONS, SPARSITY_CEILING
 from egp_onnx.verify import compare, outputs_table_rows, passes
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -268,9 +270,10 @@ def stats_command(
 @click.option(
     "--sparsity",
     type=float,
-    default=0.9,
+    default=SPARSITY_CEILING,
     show_default=True,
-    help="Fraction of the prunable weights to zero, in [0, 1).",
+    help="Fraction of the prunable weights to zero, in [0, 1); with the guard (default) a ceiling: "
+    "the run stops where the guard stops it. 0 changes no weight (exact rewrites only).",
 )
 @click.option(
     "--step",
@@ -295,19 +298,36 @@ def stats_command(
 @click.option(
     "--holdout",
     type=float,
-    default=0.0,
-    show_default=True,
-    help="Without --eval: split this fraction of --calib off as held-out data.",
+    help="Without --eval: split this fraction of --calib off as held-out data for the guard "
+    "[default: min(max(500, N/4), N/2) samples; 0 measures on the calibration data itself].",
 )
 @click.option(
     "--min-agreement",
     type=float,
-    help="Guard: stop before the first step whose top-1 agreement with the original falls below this.",
+    help="Guard: lowest top-1 agreement with the original [default: 0.99 for classifier outputs].",
 )
 @click.option(
     "--max-rel-error",
     type=float,
-    help="Guard: stop before the first step whose relative output error exceeds this.",
+    help="Guard: largest relative output error [default: 0.05 for outputs that are not (N, classes)].",
+)
+@click.option("--no-guard", is_flag=True, help="No fidelity guard: prune to --sparsity whatever it costs.")
+@click.option(
+    "--no-reconstruct", is_flag=True, help="Do not refit the layers by least squares after each step."
+)
+@click.option(
+    "--select",
+    type=click.Choice(SELECTIONS),
+    default="magnitude",
+    show_default=True,
+    help="Which weights a layer loses: smallest |w|, or OBS saliency on the reconstruction's equations.",
+)
+@click.option(
+    "--layer-cap",
+    type=float,
+    default=0.98,
+    show_default=True,
+    help="Largest sparsity of a layer that every path to the outputs goes through.",
 )
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option(
@@ -374,9 +394,13 @@ def compress_command(
     step: float,
     method: str,
     eval_path: Path | None,
-    holdout: float,
+    holdout: float | None,
     min_agreement: float | None,
     max_rel_error: float | None,
+    no_guard: bool,
+    no_reconstruct: bool,
+    select: str,
+    layer_cap: float,
     report_path: Path | None,
     seed: int,
     stats_paths: tuple[Path, ...],
@@ -413,6 +437,10 @@ def compress_command(
             eval_data=eval_path,
             holdout=holdout,
             min_agreement=min_agreement,
+            guard=not no_guard,
+            reconstruct=not no_reconstruct,
+            select=select,
+            layer_cap=layer_cap,
             stats=stats_paths,
             finetune=finetune,
             max_rel_error=max_rel_error,
@@ -433,6 +461,8 @@ def compress_command(
         click.echo(compression_table(result.report))
         click.echo()
         click.echo(op_table(result.report.model))
+        click.echo()
+        click.echo(steps_table(result.report))
         click.echo()
         written = [str(p) for p in (output, report_path, plot_path) if p is not None]
         click.echo(compression_summary(result.report, written))

@@ -374,13 +374,33 @@ def _pair(arrays: Batch, labels: np.ndarray | None) -> tuple[Batch, np.ndarray |
     return arrays, labels
 
 
+#: The automatic held-out split: at least this many samples when the data allows ...
+HOLDOUT_SAMPLES = 500
+#: ... but never more than this fraction of the calibration data.
+HOLDOUT_MAX_FRACTION = 0.5
+
+
+def automatic_holdout(samples: int) -> int:
+    """Samples held out when the user gives neither eval data nor a fraction (0 if too few)."""
+    if samples < 4:
+        return 0
+    return min(max(HOLDOUT_SAMPLES, samples // 4), int(samples * HOLDOUT_MAX_FRACTION))
+
+
 def split_holdout(
-    data: CalibrationData, fraction: float, seed: int
+    data: CalibrationData, fraction: float | None, seed: int
 ) -> tuple[CalibrationData, CalibrationData]:
-    """Split ``fraction`` of the samples off as held-out data (seeded); returns (calib, holdout)."""
+    """Split ``fraction`` of the samples off as held-out data (seeded); returns (calib, holdout).
+
+    ``fraction=None`` holds out :func:`automatic_holdout` samples.
+    """
     arrays, labels = data.arrays()
     samples = next(iter(arrays.values())).shape[0]
-    held = int(round(fraction * samples))
+    if fraction is None:
+        held = automatic_holdout(samples)
+        fraction = held / samples
+    else:
+        held = int(round(fraction * samples))
     if held < 1 or held >= samples:
         raise CalibrationError(
             f"--holdout {fraction} of {samples} samples leaves {held} held out and {samples - held} "

@@ -14,7 +14,9 @@ from egp_onnx import prune
 from egp_onnx.calibrate import Statistics, collect_statistics
 from egp_onnx.data import CalibrationData
 from egp_onnx.errors import FinetuneError, GuardError
-from egp_onnx.report import Fidelity, StepRecord, StopRecord
+from egp_onnx.limits import sparsity_limits
+from egp_onnx.reconstruct import reconstruct
+from egp_onnx.report import Fidelity, LayerFit, StepRecord, StopRecord
 from egp_onnx.settings import Settings
 from egp_onnx.topology import (
     RectifierSite,
@@ -66,27 +68,30 @@ class LayerSet:
 
 
 def step_counts(
-    layers: LayerSet, stats: Statistics, method: str, step: float, needed: int
+    layers: LayerSet, stats: Statistics, method: str, step: float, needed: int, capacity: np.ndarray
 ) -> tuple[np.ndarray, str]:
-    """How many weights each layer loses in this step, and the rule that decided it."""
+    """How many weights each layer loses in this step, and the rule that decided it.
+
+    ``capacity`` is how many more weights each layer may lose (its sparsity limit).
+    """
     nnz = layers.nnz()
     if method == "magnitude":
         # The same schedule as EGP (a fraction of what is left per step), so that a finetune
         # callback retrains between steps (iterative magnitude pruning); without one, the steps
         # remove exactly what one global cut would.
         budget = min(max(1, int(np.floor(step * nnz.sum()))), needed)
-        return prune.global_magnitude_amounts(layers.weights, budget), "magnitude"
+        return prune.global_magnitude_amounts(layers.weights, budget, capacity), "magnitude"
     entropy = layers.entropies(stats)
-    participating = (entropy > 0) & (nnz > 0)
+    participating = (entropy > 0) & (capacity > 0)
     if not participating.any():
         # Every layer with weights left has zero entropy: EGP has nothing to guide it. Reach the
         # requested sparsity by global magnitude, and say so in the report.
         log.warning("no layer with positive entropy left; finishing by global magnitude")
-        return prune.global_magnitude_amounts(layers.weights, needed), "magnitude-fallback"
+        return prune.global_magnitude_amounts(layers.weights, needed, capacity), "magnitude-fallback"
     budget = min(max(1, int(np.floor(step * nnz[participating].sum()))), needed)
     mean_abs = np.array([prune.mean_abs_nonzero(w) for w in layers.weights])
-    amounts = prune.egp_allocation(entropy, mean_abs, nnz, budget)
-    return prune.integer_amounts(amounts, nnz, budget), "egp"
+    amounts = prune.egp_allocation(np.where(capacity > 0, entropy, 0.0), mean_abs, capacity, budget)
+    return prune.integer_amounts(amounts, capacity, budget), "egp"
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,10 @@ class LoopOutcome:
     stats: Statistics
     steps: tuple[StepRecord, ...]
     stop: StopRecord
+
+
+#: A step that fails the guard is retried this many times, each at half the previous size.
+RETRIES = 2
 
 
 def run_loop(
@@ -113,10 +122,12 @@ def run_loop(
 ) -> LoopOutcome:
     """Prune ``layers`` step by step until ``settings.sparsity``; ``layers`` ends accepted.
 
-    ``stats`` are the statistics of ``model``. With ``finetune``, every pruned model is handed to
-    it with its masks; the values it returns replace the model's tensors and the masks are applied
-    again, so pruned weights stay zero. With a guard, a step whose (finetuned) model fails it is
-    rolled back and the loop stops there.
+    ``stats`` are the statistics of ``model``. Each step prunes, then (``settings.reconstruct``)
+    refits the layers by least squares against ``model`` (:mod:`egp_onnx.reconstruct`). With
+    ``finetune``, every pruned model is handed to it with its masks; the values it returns replace
+    the model's tensors and the masks are applied again, so pruned weights stay zero. With a
+    guard, a step whose model fails it is rolled back and retried at half its size
+    (:data:`RETRIES` times); then the loop stops there.
 
     Raises:
         GuardError: the very first step already fails the guard.
@@ -125,23 +136,27 @@ def run_loop(
     rng = np.random.default_rng(settings.seed)
     total = int(layers.sizes().sum())
     target_zeros = int(round(settings.sparsity * total))
-    current = model  # the last accepted model: pruned weights, finetuned other tensors
+    limits = sparsity_limits(model, layers.weight_names, settings.layer_cap)
+    limit = np.array([limits[n] for n in layers.weight_names])
+    current = model  # the last accepted model: pruned weights, refit or finetuned other tensors
     steps: list[StepRecord] = []
     stop = StopRecord("target", 0, f"reached sparsity {settings.sparsity}")
+    step, retries, accepted = settings.step, 0, 0
     while total - int(layers.nnz().sum()) < target_zeros:
         if len(steps) >= MAX_STEPS:
-            stop = StopRecord("max-steps", len(steps), f"stopped after {MAX_STEPS} steps")
+            stop = StopRecord("max-steps", accepted, f"stopped after {MAX_STEPS} steps")
             break
         needed = target_zeros - (total - int(layers.nnz().sum()))
-        counts, rule = step_counts(layers, stats, settings.method, settings.step, needed)
+        capacity = prune.capacities(layers.nnz(), layers.sizes(), limit)
+        counts, rule = step_counts(layers, stats, settings.method, step, needed, capacity)
         if counts.sum() == 0:
-            stop = StopRecord("no-weights-left", len(steps), "no prunable weight left to remove")
+            detail = "no prunable weight left to remove within the layers' limits"
+            stop = StopRecord("no-weights-left", accepted, detail)
             break
         previous = layers.weights
-        layers.weights = [prune.prune_smallest(w, int(c), rng) for w, c in zip(previous, counts, strict=True)]
-        candidate = layers.apply(current)
-        sparsity = 1.0 - float(layers.nnz().sum()) / total
         number = len(steps) + 1
+        candidate, fits = _prune_step(model, current, layers, counts, data, settings, rng, number, on_stage)
+        sparsity = 1.0 - float(layers.nnz().sum()) / total
         if finetune is not None:
             on_stage(f"step {number}: finetuning at sparsity {sparsity:.3f}")
             candidate = _finetuned(candidate, layers, finetune)
@@ -157,24 +172,69 @@ def run_loop(
             zero_entropy_layers=None,
             emptied_layers=int((layers.nnz() == 0).sum()),
             finetuned=finetune is not None,
+            reconstructed=fits,
         )
         if problems:
             steps.append(record)
             layers.weights = previous
             detail = f"step {number} (sparsity {sparsity:.4f}) failed the guard: {'; '.join(problems)}"
-            if number == 1:
+            if retries < RETRIES:
+                retries += 1
+                step /= 2
+                log.info("%s; retrying at half the step (%.4g)", detail, step)
+                continue
+            if accepted == 0:
                 raise GuardError(f"{detail}; no model passes, nothing written (lower --step or the guard)")
-            log.warning("%s; keeping step %d", detail, number - 1)
-            stop = StopRecord("guard", number - 1, detail)
+            log.warning("%s; keeping the last accepted step", detail)
+            stop = StopRecord("guard", accepted, detail)
             break
+        retries = 0
+        accepted = number
         on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
         stats = collect_statistics(candidate, sites, data, settings.batch_size, on_batch)
         entropies = layers.entropies(stats)
         steps.append(replace(record, zero_entropy_layers=int((entropies == 0).sum())))
         current = candidate
     if stop.reason == "target":
-        stop = StopRecord("target", len(steps), stop.detail)
+        stop = StopRecord("target", accepted, stop.detail)
     return LoopOutcome(current, stats, tuple(steps), stop)
+
+
+def _prune_step(
+    dense: onnx.ModelProto,
+    current: onnx.ModelProto,
+    layers: LayerSet,
+    counts: np.ndarray,
+    data: CalibrationData,
+    settings: Settings,
+    rng: np.random.Generator,
+    number: int,
+    on_stage: Callable[[str], None],
+) -> tuple[onnx.ModelProto, tuple[LayerFit, ...]]:
+    """Remove ``counts`` weights per layer (and refit, when asked); ``layers`` gets the new weights."""
+    if not settings.reconstruct:
+        pairs = zip(layers.weights, counts, strict=True)
+        layers.weights = [prune.prune_smallest(w, int(c), rng) for w, c in pairs]
+        return layers.apply(current), ()
+    remove = {name: int(c) for name, c in zip(layers.weight_names, counts, strict=True) if c > 0}
+
+    def on_layer(name: str) -> None:
+        on_stage(f"step {number}: reconstructing {name}")
+
+    result = reconstruct(
+        dense,
+        layers.apply(current),
+        data,
+        settings.batch_size,
+        remove=remove,
+        masked=layers.weight_names,
+        select=settings.select,
+        seed=settings.seed + number,
+        on_layer=on_layer,
+    )
+    arrays = initializer_arrays(result.model, layers.weight_names)
+    layers.weights = [arrays[name] for name in layers.weight_names]
+    return result.model, result.fits
 
 
 def _finetuned(candidate: onnx.ModelProto, layers: LayerSet, finetune: Finetune) -> onnx.ModelProto:

@@ -30,7 +30,13 @@ from egp_onnx.report import (
     SurgeryRecord,
     Timing,
 )
-from egp_onnx.settings import METHODS, Settings
+from egp_onnx.settings import (
+    DEFAULT_MAX_REL_ERROR,
+    DEFAULT_MIN_AGREEMENT,
+    METHODS,
+    SPARSITY_CEILING,
+    Settings,
+)
 from egp_onnx.summarize import layer_records, model_summary
 from egp_onnx.surgery import ChannelStates, simplify
 from egp_onnx.topology import RECTIFIER_OPS, RectifierSite, find_rectifiers
@@ -189,7 +195,7 @@ def compress(
     model: ModelSource,
     calib: DataSource,
     *,
-    sparsity: float = 0.9,
+    sparsity: float = SPARSITY_CEILING,
     step: float = 0.5,
     method: str = "egp",
     batch_size: int = 32,
@@ -197,9 +203,13 @@ def compress(
     surgery: bool = True,
     merge_tolerance: float = 0.0,
     eval_data: DataSource | None = None,
-    holdout: float = 0.0,
+    holdout: float | None = None,
     min_agreement: float | None = None,
     max_rel_error: float | None = None,
+    guard: bool = True,
+    reconstruct: bool = True,
+    select: str = "magnitude",
+    layer_cap: float = 0.98,
     latency: bool = True,
     stats: Sequence[str | os.PathLike[str]] = (),
     finetune: Finetune | None = None,
@@ -208,20 +218,22 @@ def compress(
     workers: int = 0,
     progress: Progress | None = None,
 ) -> CompressionResult:
-    """Prune ``model`` to ``sparsity`` of its prunable weights with Entropy-Guided Pruning.
+    """Prune ``model`` toward ``sparsity`` of its prunable weights with Entropy-Guided Pruning.
 
     Each step measures the rectifiers' entropy on the calibration data, removes ``step`` of the
-    remaining weights of the positive-entropy layers where the EGP budget puts them, and
-    measures again. ``method="magnitude"`` spends the same total budget by global magnitude.
-    Graph surgery then makes the pruned model shallower. Fidelity against the original is
-    measured on ``eval_data`` (or a ``holdout`` split of the calibration data, or else the
-    calibration data itself); a guard (``min_agreement``, ``max_rel_error``) rolls back the
-    first step that breaks it and stops there.
+    remaining weights of the positive-entropy layers where the EGP budget puts them, refits the
+    layers by least squares so they reproduce the original (``reconstruct``), and measures
+    again. ``method="magnitude"`` spends the same total budget by global magnitude. Graph surgery
+    then makes the pruned model shallower. Fidelity against the original is measured on
+    ``eval_data`` (or a ``holdout`` split of the calibration data, automatic by default); the
+    guard (on by default: top-1 agreement >= 0.99 for classifier outputs, else relative error
+    <= 0.05) rolls back a step that breaks it, retries it at half its size, and stops there:
+    the default target is "as far as the guard allows", up to ``sparsity``.
 
     Args:
         model: path to an ONNX file or a ModelProto (not modified).
         calib: calibration data (see :func:`egp_onnx.data.open_calibration`).
-        sparsity: fraction of the prunable weights to zero, in [0, 1).
+        sparsity: fraction of the prunable weights to zero, in [0, 1); with the guard, a ceiling.
         step: fraction of the remaining weights removed per EGP step, in (0, 1].
         method: ``egp`` or ``magnitude``.
         batch_size: samples per onnxruntime call.
@@ -230,9 +242,15 @@ def compress(
         merge_tolerance: largest relative output error, measured on the calibration data, at
             which a merge that is not exact is applied; 0 applies exact rewrites only.
         eval_data: held-out data in any calibration format; ``labels`` give accuracy.
-        holdout: fraction of the calibration data split off as held-out data (no eval_data).
+        holdout: fraction of the calibration data split off as held-out data (no eval_data);
+            None: min(max(500, N/4), N/2) samples, or none when N < 4.
         min_agreement: the guard's lowest top-1 agreement with the original.
         max_rel_error: the guard's largest relative output error against the original.
+        guard: False turns the guard off (then the loop runs to ``sparsity`` unchecked).
+        reconstruct: refit pruned and downstream layers by ridge least squares after every step.
+        select: which weights a layer loses: ``magnitude`` (smallest |w|) or ``obs`` (OBS
+            saliency on the normal equations; needs ``reconstruct``).
+        layer_cap: largest sparsity of a layer that every path to the outputs needs.
         latency: measure onnxruntime latency before and after.
         stats: statistics files of the original model (`egp-onnx stats`) used for the first step
             instead of a calibration pass; later steps measure the pruned model on ``calib``.
@@ -261,17 +279,23 @@ def compress(
         holdout=holdout,
         min_agreement=min_agreement,
         max_rel_error=max_rel_error,
+        guard=guard,
+        reconstruct=reconstruct,
+        select=select,
+        layer_cap=layer_cap,
         latency=latency,
         finetune=None if finetune is None else getattr(finetune, "__qualname__", type(finetune).__name__),
     )
     settings.check()
-    if eval_data is not None and holdout > 0:
+    if eval_data is not None and holdout:
         raise ConfigError("give either --eval or --holdout, not both")
+    if select == "obs" and not reconstruct:
+        raise ConfigError("--select obs needs reconstruction; drop --no-reconstruct")
     proto, source = _load(model)
     data = _open(calib, proto, mean, std, workers)
     if eval_data is not None:
         held, held_name = _open(eval_data, proto, mean, std, workers), "eval"
-    elif holdout > 0:
+    elif holdout is None or holdout > 0:
         data, held = split_holdout(data, holdout, seed)
         held_name = "holdout"
     else:
@@ -291,9 +315,10 @@ def compress(
     nnz_before = layers.nnz()
     progress.stage(f"running the original model on the {held_name} data")
     reference = Reference(proto, held, batch_size)
-    guard = _guard(reference, settings)
+    settings = _default_guard(settings, reference)
+    check = _guard(reference, settings) if settings.guard else None
     outcome = run_loop(
-        proto, sites, layers, first_stats, data, settings, guard, progress.stage, progress.advance, finetune
+        proto, sites, layers, first_stats, data, settings, check, progress.stage, progress.advance, finetune
     )
     pruned = _strip_value_info(outcome.model)
     final, surgery_record = pruned, SurgeryRecord(False, merge_tolerance, (), 0, None, None, False, None)
@@ -302,8 +327,8 @@ def compress(
     if surgery:
         progress.stage("reducing depth")
         final, surgery_record, states = _reduce_depth(pruned, sites, outcome.stats, data, settings)
-        if final is not pruned:
-            fidelity, problems = guard(final)
+        if final is not pruned and check is not None:
+            fidelity, problems = check(final)
             if problems:
                 reason = f"the rewritten model fails the guard on the {held_name} data: {'; '.join(problems)}"
                 log.warning("%s; keeping the pruned model", reason)
@@ -340,6 +365,15 @@ def compress(
     return CompressionResult(model=final, report=report)
 
 
+def _default_guard(settings: Settings, reference: Reference) -> Settings:
+    """The guard's thresholds: the user's, else agreement for classifiers and relative error otherwise."""
+    if not settings.guard or settings.min_agreement is not None or settings.max_rel_error is not None:
+        return settings
+    if reference.classifier():
+        return replace(settings, min_agreement=DEFAULT_MIN_AGREEMENT)
+    return replace(settings, max_rel_error=DEFAULT_MAX_REL_ERROR)
+
+
 def _guard(reference: Reference, settings: Settings) -> Guard:
     """Fidelity of a candidate against the original, and the guard's complaints about it."""
 
@@ -364,7 +398,9 @@ def _reduce_depth(
 ) -> tuple[onnx.ModelProto, SurgeryRecord, dict[str, str]]:
     """Run graph surgery on the pruned model and check it against the pruned model."""
     channel_states = {}
-    for site in sites:
+    # Always-ON / always-OFF channels are read off a sample: removing them is a pruning decision,
+    # taken only when the user asks for sparsity (then the guard judges it on held-out data).
+    for site in sites if settings.sparsity > 0 else []:
         counts = stats.counts[site.name]
         if site.op_type in RECTIFIER_OPS and counts.on.size:
             channel_states[site.name] = ChannelStates(*ent.constant_channels(counts.on, counts.total))

@@ -100,12 +100,19 @@ def prune_smallest(weights: np.ndarray, count: int, rng: np.random.Generator) ->
     return result
 
 
-def global_magnitude_amounts(weights: list[np.ndarray], budget: int) -> np.ndarray:
+def global_magnitude_amounts(
+    weights: list[np.ndarray], budget: int, capacity: np.ndarray | None = None
+) -> np.ndarray:
     """Per-layer counts that remove the ``budget`` smallest |w| over all layers together.
+
+    ``capacity`` caps how many weights each layer may lose (see :func:`capacities`).
 
     Ties at the threshold go to the earlier layers, so the counts add up to exactly ``budget``.
     """
     nonzero = [np.abs(w[w != 0]).ravel() for w in weights]
+    if capacity is not None:  # only a layer's `capacity` smallest weights are candidates
+        nonzero = [v if c >= v.size else np.partition(v, max(int(c) - 1, 0))[: max(int(c), 0)]
+                   for v, c in zip(nonzero, capacity, strict=True)]
     total = sum(v.size for v in nonzero)
     budget = min(int(budget), total)
     counts = np.zeros(len(weights), dtype=np.int64)
@@ -116,6 +123,12 @@ def global_magnitude_amounts(weights: list[np.ndarray], budget: int) -> np.ndarr
     order = np.lexsort((owner, pooled))[:budget]
     np.add.at(counts, owner[order], 1)
     return counts
+
+
+def capacities(nnz: np.ndarray, sizes: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """How many more weights each layer may lose before its sparsity exceeds its limit."""
+    keep = np.ceil((1.0 - np.asarray(limits, dtype=np.float64)) * sizes - 1e-9).astype(np.int64)
+    return np.clip(np.asarray(nnz, dtype=np.int64) - keep, 0, None)
 
 
 def mean_abs_nonzero(weights: np.ndarray) -> float:

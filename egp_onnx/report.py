@@ -61,6 +61,18 @@ class LayerRecord:
 
 
 @dataclass(frozen=True)
+class LayerFit:
+    """Reconstruction of one layer in one step: relative error on the calibration data before and after."""
+
+    name: str
+    rows: int  # rows of its normal equations (samples x positions used)
+    columns: int  # unknowns per output channel, the bias included
+    error_before: float | None  # ||A w - y||^2 / ||y||^2 with the pruned, not yet refit weights
+    error_after: float | None  # the same after the refit
+    status: str  # refit, or why not
+
+
+@dataclass(frozen=True)
 class StepRecord:
     """One pruning step of the loop."""
 
@@ -74,6 +86,7 @@ class StepRecord:
     zero_entropy_layers: int | None  # after the step (None for a rejected step)
     emptied_layers: int  # layers with no non-zero weight after the step
     finetuned: bool = False  # the finetune callback retrained the step's model
+    reconstructed: tuple[LayerFit, ...] = ()  # per-layer least-squares refits of this step
 
 
 @dataclass(frozen=True)
@@ -296,6 +309,34 @@ def compression_table(report: CompressionReport) -> str:
     return format_table(headers, rows)
 
 
+def steps_table(report: CompressionReport) -> str:
+    """One row per loop step: what it pruned, how the refit went, what the guard said."""
+    rows = []
+    for step in report.steps:
+        refit = [f for f in step.reconstructed if f.error_after is not None and f.error_before is not None]
+        worst = max(refit, key=lambda f: f.error_before or 0.0) if refit else None
+        rows.append(
+            [
+                step.step,
+                step.method,
+                step.removed,
+                step.sparsity,
+                len(refit),
+                "-" if worst is None else f"{worst.error_before:.2e} -> {worst.error_after:.2e}",
+                "-" if step.top1_agreement is None else step.top1_agreement,
+                "-" if step.rel_error is None else f"{step.rel_error:.2e}",
+                "yes" if step.accepted else "rolled back",
+            ]
+        )
+    headers = ["step", "rule", "removed", "sparsity", "refit", "worst layer error", "agree", "rel_err"]
+    headers.append("accepted")
+    return format_table(headers, rows)
+
+
+#: Fewer held-out samples than this make a 0.99 agreement guard coarse (one mismatch is 1/N).
+COARSE_GUARD = 500
+
+
 def op_table(summary: ModelSummary) -> str:
     """Op types with their counts before and after, in the style of onnxsim."""
     ops = sorted(set(summary.op_counts_before) | set(summary.op_counts_after))
@@ -356,8 +397,22 @@ def compression_summary(report: CompressionReport, written: list[str]) -> str:
         elif s.rel_error is not None:
             text += f"; differs from the pruned model by {s.rel_error:.1e}"
         lines.append(text)
-    if report.stop.reason == "guard":
-        lines.append(f"guard       {report.stop.detail}")
+    settings = report.settings
+    thresholds = settings.get("min_agreement") is not None or settings.get("max_rel_error") is not None
+    if settings.get("guard") and thresholds:
+        rule = (
+            f"top-1 agreement >= {settings['min_agreement']}"
+            if settings.get("min_agreement") is not None
+            else f"relative error <= {settings['max_rel_error']}"
+        )
+        text = f"guard       {rule} on {fid.samples} {fid.data} samples"
+        if fid.samples < COARSE_GUARD:
+            text += f" (coarse: fewer than {COARSE_GUARD} samples; give --eval or more data)"
+        if report.stop.reason == "guard":
+            text += f"; stopped: {report.stop.detail}"
+        lines.append(text)
+    elif not settings.get("guard", True):
+        lines.append("guard       off (--no-guard)")
     wrapped = [textwrap.fill(line, width=100, subsequent_indent=" " * 12) for line in lines]
     wrapped.extend(f"{'written' if i == 0 else '':12}{path}" for i, path in enumerate(written))
     return "\n".join(wrapped)

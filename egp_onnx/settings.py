@@ -7,22 +7,33 @@ from dataclasses import dataclass
 from egp_onnx.errors import ConfigError
 
 METHODS = ("egp", "magnitude")
+SELECTIONS = ("magnitude", "obs")
+#: The default target: compress as far as the guard allows, up to this sparsity.
+SPARSITY_CEILING = 0.95
+#: The default guard: top-1 agreement for classifier outputs (N, classes) ...
+DEFAULT_MIN_AGREEMENT = 0.99
+#: ... and relative L2 output error for every other output (detection, segmentation maps).
+DEFAULT_MAX_REL_ERROR = 0.05
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything `compress` was asked to do; recorded in the report."""
 
-    sparsity: float = 0.9
+    sparsity: float = SPARSITY_CEILING
     step: float = 0.5
     method: str = "egp"
     batch_size: int = 32
     seed: int = 0
     surgery: bool = True
     merge_tolerance: float = 0.0
-    holdout: float = 0.0
+    holdout: float | None = None  # None: split off a held-out set automatically when no eval data
     min_agreement: float | None = None
     max_rel_error: float | None = None
+    guard: bool = True  # False: no fidelity guard at all (--no-guard)
+    reconstruct: bool = True
+    select: str = "magnitude"
+    layer_cap: float = 0.98
     latency: bool = True
     finetune: str | None = None  # the finetune callback's name, when one is given
 
@@ -38,7 +49,11 @@ class Settings:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.merge_tolerance < 0:
             raise ConfigError(f"--merge-tolerance must be at least 0, got {self.merge_tolerance}")
-        if not 0.0 <= self.holdout < 1.0:
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if not 0.0 < self.layer_cap <= 1.0:
+            raise ConfigError(f"--layer-cap must be in (0, 1], got {self.layer_cap}")
+        if self.holdout is not None and not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}")
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
             raise ConfigError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
@@ -48,4 +63,4 @@ class Settings:
     @property
     def guarded(self) -> bool:
         """True when a fidelity guard is set."""
-        return self.min_agreement is not None or self.max_rel_error is not None
+        return self.guard and (self.min_agreement is not None or self.max_rel_error is not None)

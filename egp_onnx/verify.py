@@ -115,6 +115,11 @@ class Reference:
             acc.add(ref, run_session(session, self.names, feed), labels)
         return acc.result()
 
+    def classifier(self) -> bool:
+        """True when the first output is (N, classes): top-1 agreement is meaningful."""
+        first = self.batches[0][2][0]
+        return first.ndim == 2 and first.shape[1] > 1
+
     def first_feed(self) -> Batch:
         """One batch, for latency measurements."""
         return self.batches[0][0]

@@ -1,0 +1,645 @@
+"""Layer-wise reconstruction: re-solve the kept weights so each layer reproduces the dense model.
+
+This is shared/RECONSTRUCT.md. After a pruning step, every Conv/Gemm/MatMul from the first pruned
+layer on is refit in topological order by ridge least squares: its input is the activation of the
+*current* model (upstream layers already refit), its target the *dense* model's output of the same
+layer, and for a layer that ends a residual branch, the dense Add output minus the current
+shortcut, so the branch also absorbs the shortcut's error. Pruned weights stay exactly zero.
+
+Gram matrices are streamed batch by batch in float64 (memory O(d^2) per layer, independent of
+the number of samples). Conv layers use at most :data:`POSITIONS_PER_SAMPLE` output positions of
+each sample (seeded). Per-channel affine ops between a layer and its target (BatchNormalization,
+Mul/Add/Sub/Div by constants) are folded into the target rather than into the weights: with an
+unregularised bias the ridge solution scales with the target column, so this equals solving with
+BN folded, and the graph keeps its structure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from egp_onnx.calibrate import make_session, run_session
+from egp_onnx.data import CalibrationData
+from egp_onnx.prune import prune_smallest
+from egp_onnx.report import LayerFit
+from egp_onnx.topology import GraphIndex, replace_initializers
+
+log = logging.getLogger(__name__)
+
+#: Output positions of one sample that enter a conv layer's normal equations (seeded subsample).
+POSITIONS_PER_SAMPLE = 64
+#: Layers wider than this (columns of the normal equations) are left as they are: the Gram matrix
+#: alone would take WIDTH_LIMIT^2 * 8 bytes (128 MiB at 4096).
+WIDTH_LIMIT = 4096
+#: Ridge strength relative to the mean diagonal of the Gram matrix over the weight columns.
+RIDGE = 1e-3
+#: Rounds of OBS selection: drop a share of the count, re-solve, repeat.
+OBS_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """Geometry of one Conv/Gemm/MatMul with an initializer weight, as the solver needs it."""
+
+    name: str
+    op_type: str
+    weight: str
+    bias: str | None
+    input: str
+    output: str
+    position: int  # the node index at which the layer is refit (its residual Add's, if any)
+    groups: int = 1
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    trans_b: bool = False
+    alpha: float = 1.0
+    beta: float = 1.0
+    # Residual-aware target: the Add output, the current model's other operand, and the
+    # per-channel affine map (scale, shift) from the layer's output to the Add's operand.
+    residual: str | None = None
+    shortcut: str | None = None
+    scale: np.ndarray | None = None
+    shift: np.ndarray | None = None
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else helper.get_attribute_value(found)
+
+
+def linear_layers(model: onnx.ModelProto) -> tuple[list[LinearLayer], dict[str, str]]:
+    """The layers reconstruction can refit, in refit order, and why the others are left.
+
+    Returns:
+        The layers, and per skipped layer name the reason it cannot be refit.
+
+    """
+    index = GraphIndex(model.graph)
+    init = index.initializers
+    layers: list[LinearLayer] = []
+    skipped: dict[str, str] = {}
+    for position, node in enumerate(model.graph.node):
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        if weight not in init or node.input[0] in init or len(index.consumers.get(weight, [])) != 1:
+            continue
+        name = node.name or node.output[0]
+        w = numpy_helper.to_array(init[weight])
+        if w.dtype != np.float32 and w.dtype != np.float64:
+            skipped[name] = f"{w.dtype} weights"
+            continue
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias is not None and (bias not in init or len(index.consumers.get(bias, [])) != 1):
+            bias = None if bias not in init else bias
+            if bias is not None:
+                skipped[name] = "its bias is shared with another node"
+                continue
+            skipped[name] = "its bias is computed, not an initializer"
+            continue
+        fields: dict[str, object] = {}
+        if node.op_type == "Conv":
+            if w.ndim != 4 or str(_attr(node, "auto_pad", b"NOTSET")) not in ("NOTSET", "b'NOTSET'"):
+                skipped[name] = "only 2-D convolutions with explicit pads are refit"
+                continue
+            fields = {
+                "groups": int(_attr(node, "group", 1)),  # type: ignore[call-overload]
+                "kernel": tuple(w.shape[2:]),
+                "strides": tuple(_attr(node, "strides", [1, 1])),  # type: ignore[arg-type]
+                "pads": tuple(_attr(node, "pads", [0, 0, 0, 0])),  # type: ignore[arg-type]
+                "dilations": tuple(_attr(node, "dilations", [1, 1])),  # type: ignore[arg-type]
+            }
+        elif node.op_type == "Gemm":
+            if int(_attr(node, "transA", 0)):  # type: ignore[call-overload]
+                skipped[name] = "Gemm with transA"
+                continue
+            fields = {
+                "trans_b": bool(_attr(node, "transB", 0)),
+                "alpha": float(_attr(node, "alpha", 1.0)),  # type: ignore[arg-type]
+                "beta": float(_attr(node, "beta", 1.0)),  # type: ignore[arg-type]
+            }
+            if bias is not None and (fields["beta"] == 0 or numpy_helper.to_array(init[bias]).ndim != 1):
+                bias = None  # a broadcast (N, M) bias or beta 0: refit the weights only
+        elif w.ndim != 2:
+            skipped[name] = "MatMul with a weight of rank other than 2"
+            continue
+        channels = w.shape[0] if node.op_type == "Conv" or fields.get("trans_b") else w.shape[1]
+        residual = _residual(node.output[0], index, int(channels), 3 if node.op_type == "Conv" else 1)
+        layers.append(
+            LinearLayer(
+                name=name,
+                op_type=node.op_type,
+                weight=weight,
+                bias=bias,
+                input=node.input[0],
+                output=node.output[0],
+                position=residual[4] if residual else position,
+                residual=residual[0] if residual else None,
+                shortcut=residual[1] if residual else None,
+                scale=residual[2] if residual else None,
+                shift=residual[3] if residual else None,
+                **fields,  # type: ignore[arg-type]
+            )
+        )
+    layers.sort(key=lambda layer: layer.position)
+    return layers, skipped
+
+
+def _channel_vector(value: np.ndarray, channels: int, axis_from_end: int) -> np.ndarray | None:
+    """A constant operand as one value per channel, or None if it is not per-channel."""
+    value = np.asarray(value, dtype=np.float64)
+    if value.size == 1:
+        return np.full(channels, float(value.ravel()[0]))
+    if value.size == channels and value.ndim >= axis_from_end and value.shape[-axis_from_end] == channels:
+        return value.reshape(channels)
+    return None
+
+
+def _residual(
+    tensor: str, index: GraphIndex, channels: int, axis_from_end: int
+) -> tuple[str, str, np.ndarray, np.ndarray, int] | None:
+    """Follow per-channel affine ops from a layer's output to a residual Add, if there is one.
+
+    Returns (Add output, other operand, scale, shift, Add's node index) or None.
+    """
+    scale, shift = np.ones(channels), np.zeros(channels)
+    positions = {id(n): i for i, n in enumerate(index.graph.node)}
+    values = index.initializers
+    while True:
+        consumers = index.consumers.get(tensor, [])
+        if len(consumers) != 1:
+            return None
+        node = consumers[0]
+        others = [i for i in node.input if i and i != tensor]
+        if node.op_type == "Identity":
+            tensor = node.output[0]
+            continue
+        if node.op_type == "BatchNormalization" and node.input[0] == tensor:
+            if not all(i in values for i in node.input[1:5]):
+                return None
+            gamma, beta, mean, var = (
+                numpy_helper.to_array(values[i]).astype(np.float64) for i in node.input[1:5]
+            )
+            a = gamma / np.sqrt(var + float(_attr(node, "epsilon", 1e-5)))  # type: ignore[arg-type]
+            scale, shift = scale * a, shift * a + beta - mean * a
+            tensor = node.output[0]
+            continue
+        if node.op_type in ("Add", "Sub", "Mul", "Div") and len(others) == 1 and others[0] in values:
+            k = _channel_vector(numpy_helper.to_array(values[others[0]]), channels, axis_from_end)
+            if k is None:
+                return None
+            first = node.input[0] == tensor
+            if node.op_type == "Add":
+                shift = shift + k
+            elif node.op_type == "Sub":
+                scale, shift = (scale, shift - k) if first else (-scale, k - shift)
+            elif node.op_type == "Mul":
+                scale, shift = scale * k, shift * k
+            elif first and np.all(k != 0):
+                scale, shift = scale / k, shift / k
+            else:
+                return None
+            tensor = node.output[0]
+            continue
+        if node.op_type in ("Add", "Sum") and len(node.input) == 2 and len(others) == 1:
+            # Only the deeper operand is the residual branch; the other is its shortcut.
+            if index.is_constant(others[0]) or index.depth(others[0]) >= index.depth(tensor):
+                return None
+            return node.output[0], others[0], scale, shift, positions[id(node)]
+        return None
+
+
+def subgraph(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``outputs`` (now its only outputs)."""
+    wanted = list(dict.fromkeys(outputs))
+    producer = {out: i for i, n in enumerate(model.graph.node) for out in n.output}
+    needed: set[int] = set()
+    stack = [t for t in wanted if t in producer]
+    seen: set[str] = set()
+    while stack:
+        tensor = stack.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        i = producer.get(tensor)
+        if i is None or i in needed:
+            continue
+        needed.add(i)
+        stack.extend(t for t in model.graph.node[i].input if t)
+        for attr in model.graph.node[i].attribute:  # outer-scope names read by Loop/If bodies
+            for graph in [attr.g, *attr.graphs]:
+                stack.extend(t for n in graph.node for t in n.input if t)
+    nodes = [n for i, n in enumerate(model.graph.node) if i in needed]
+    used = seen
+    graph = helper.make_graph(
+        nodes,
+        model.graph.name,
+        [v for v in model.graph.input if v.name in used],
+        [helper.make_empty_tensor_value_info(t) for t in wanted],
+        [t for t in model.graph.initializer if t.name in used],
+    )
+    result = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    result.functions.extend(model.functions)
+    return result
+
+
+class _Normal:
+    """Streamed normal equations of one layer, per group: G = A~^T A~, C = A~^T Y, and sum Y^2."""
+
+    def __init__(self, groups: int, columns: int, outputs: int, bias: bool) -> None:
+        d = columns + int(bias)
+        self.bias = bias
+        self.gram = np.zeros((groups, d, d))
+        self.cross = np.zeros((groups, d, outputs // groups))
+        self.target_sq = np.zeros(outputs)
+        self.rows = 0
+
+    def add(self, rows: np.ndarray, target: np.ndarray) -> None:
+        """``rows`` (groups, R, columns) of inputs, ``target`` (R, outputs)."""
+        groups, count, columns = rows.shape
+        per = target.shape[1] // groups
+        target = np.asarray(target, dtype=np.float64)
+        for g in range(groups):
+            a = np.ascontiguousarray(rows[g], dtype=np.float64)
+            y = target[:, g * per : (g + 1) * per]
+            self.gram[g, :columns, :columns] += a.T @ a
+            self.cross[g, :columns] += a.T @ y
+            if self.bias:  # the column of ones, without forming it
+                sums = a.sum(axis=0)
+                self.gram[g, columns, :columns] += sums
+                self.gram[g, :columns, columns] += sums
+                self.gram[g, columns, columns] += count
+                self.cross[g, columns] += y.sum(axis=0)
+        self.target_sq += (target**2).sum(axis=0)
+        self.rows += count
+
+
+def _conv_rows(
+    x: np.ndarray, layer: LinearLayer, y: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """im2col rows of a conv input at a seeded subsample of output positions, and the targets there.
+
+    Returns:
+        rows (groups, R, C_in/groups * k_h * k_w) and targets (R, C_out).
+
+    """
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.strides, layer.dilations
+    top, left, bottom, right = layer.pads
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))[..., ::dh, ::dw]
+    windows = windows[:, :, ::sh, ::sw]  # (B, C, out_h, out_w, kh, kw), a view
+    batch, _, out_h, out_w = y.shape
+    positions = out_h * out_w
+    take = min(positions, POSITIONS_PER_SAMPLE)
+    if take == positions:
+        flat = np.arange(batch * positions)
+    else:
+        picks = rng.random((batch, positions)).argsort(axis=1)[:, :take]
+        flat = (picks + np.arange(batch)[:, None] * positions).ravel()
+    b_idx, rest = np.divmod(flat, positions)
+    oh, ow = np.divmod(rest, out_w)
+    patches = windows[b_idx, :, oh, ow]  # (R, C, kh, kw)
+    groups = layer.groups
+    rows = patches.reshape(len(flat), groups, -1).transpose(1, 0, 2)
+    return rows, y[b_idx, :, oh, ow]
+
+
+def _dense_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a Gemm/MatMul input (leading axes flattened) and the targets."""
+    return x.reshape(1, -1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+
+
+def _to_columns(layer: LinearLayer, w: np.ndarray) -> np.ndarray:
+    """Weights as (groups, columns, outputs per group) in the solver's layout."""
+    if layer.op_type == "Conv":
+        groups = layer.groups
+        return w.reshape(groups, w.shape[0] // groups, -1).transpose(0, 2, 1)
+    effective = w.T if layer.trans_b else w
+    return effective[None] * layer.alpha
+
+
+def _from_columns(layer: LinearLayer, columns: np.ndarray, like: np.ndarray) -> np.ndarray:
+    if layer.op_type == "Conv":
+        return columns.transpose(0, 2, 1).reshape(like.shape)
+    effective = columns[0] / layer.alpha
+    return effective.T if layer.trans_b else effective
+
+
+def _ridge(gram: np.ndarray, bias: bool) -> float:
+    weight_diag = np.diag(gram)[: gram.shape[0] - int(bias)]
+    return RIDGE * float(weight_diag.mean()) if weight_diag.size else 0.0
+
+
+def _solve(
+    gram: np.ndarray, cross: np.ndarray, support: np.ndarray, bias: bool, inverse: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Ridge solution of every output on its own support; optionally diag of the inverses (OBS).
+
+    Args:
+        gram: (d, d) with the bias last when ``bias``.
+        cross: (d, outputs).
+        support: (columns, outputs) bool, the kept weights of each output.
+        bias: whether the last column is the (always kept, unregularised) bias.
+        inverse: also return the diagonal of each output's inverse system.
+
+    Returns:
+        The solution (d, outputs), exactly 0 off the support, and the inverses' diagonals (same
+        shape) or None.
+
+    """
+    d, outputs = cross.shape
+    lam = _ridge(gram, bias)
+    keep = np.ones((d, outputs), dtype=bool)
+    keep[: support.shape[0]] = support
+    regular = np.zeros(d)
+    regular[: support.shape[0]] = lam
+    if keep.all() and not inverse:  # one system for every output
+        return _stable_solve(gram + np.diag(regular), cross), None
+    solution = np.zeros((d, outputs))
+    diag = np.zeros((d, outputs)) if inverse else None
+    chunk = max(1, int(2**23 // (d * d)))  # systems per batched call: at most 64 MiB of float64
+    for start in range(0, outputs, chunk):
+        m = keep[:, start : start + chunk].T  # (k, d)
+        # Off the support a row and column of the identity: that weight solves to exactly 0.
+        systems = gram[None] * (m[:, :, None] & m[:, None, :])
+        systems += np.einsum("kd,de->kde", np.where(m, regular, 1.0), np.eye(d))
+        rhs = (cross[:, start : start + chunk].T * m)[:, :, None]
+        if inverse:
+            inv = np.linalg.inv(systems)
+            solution[:, start : start + chunk] = (inv @ rhs)[:, :, 0].T
+            assert diag is not None
+            diag[:, start : start + chunk] = (np.diagonal(inv, axis1=1, axis2=2) * m).T
+        else:
+            solution[:, start : start + chunk] = _stable_solve(systems, rhs)[:, :, 0].T
+    solution[~keep] = 0.0
+    return solution, diag
+
+
+def _stable_solve(systems: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """np.linalg.solve, falling back to least squares when a system is singular."""
+    try:
+        return np.linalg.solve(systems, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(systems) @ rhs
+
+
+def _residual_error(gram: np.ndarray, cross: np.ndarray, target_sq: np.ndarray, w: np.ndarray) -> float:
+    """Sum over outputs of ||A~ w - y||^2 from the normal equations."""
+    quad = np.einsum("do,de,eo->o", w, gram, w)
+    return float((quad - 2 * np.einsum("do,do->o", w, cross) + target_sq).sum())
+
+
+def _obs_masks(normal: _Normal, current: np.ndarray, remove: int) -> np.ndarray:
+    """Kept-weight masks after dropping ``remove`` weights by OBS saliency, in rounds.
+
+    ``current`` is (groups, d, outputs per group) including the bias row when the layer has one.
+    """
+    columns = current.shape[1] - int(normal.bias)
+    support = np.ascontiguousarray(current[:, :columns] != 0)
+    left = remove
+    for round_ in range(OBS_ROUNDS):
+        if left <= 0:
+            break
+        share = int(np.ceil(left / (OBS_ROUNDS - round_)))
+        saliency = np.full(support.shape, np.inf)
+        for g in range(support.shape[0]):
+            solution, inv_diag = _solve(
+                normal.gram[g], normal.cross[g], support[g], normal.bias, inverse=True
+            )
+            assert inv_diag is not None
+            w, h = solution[:columns], inv_diag[:columns]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                saliency[g] = np.where(support[g] & (h > 0), w**2 / h, np.inf)
+            saliency[g][support[g] & ~(h > 0)] = 0.0
+        flat = saliency.ravel()
+        kept = np.flatnonzero(np.isfinite(flat))
+        share = min(share, kept.size)
+        drop = kept[np.argsort(flat[kept], kind="stable")[:share]]
+        support.flat[drop] = False
+        left -= share
+    return support
+
+
+@dataclass(frozen=True)
+class ReconstructionResult:
+    """The refit model and a record per layer."""
+
+    model: onnx.ModelProto
+    fits: tuple[LayerFit, ...]
+
+
+def reconstruct(
+    dense: onnx.ModelProto,
+    current: onnx.ModelProto,
+    data: CalibrationData,
+    batch_size: int,
+    *,
+    remove: Mapping[str, int],
+    masked: Iterable[str],
+    select: str = "magnitude",
+    seed: int = 0,
+    on_layer: Callable[[str], None] | None = None,
+) -> ReconstructionResult:
+    """Prune ``remove[weight]`` weights of each named layer, then refit the layers from there on.
+
+    Args:
+        dense: the original model: the targets.
+        current: the model being compressed (same graph as ``dense``, other values).
+        data: calibration data to fit on.
+        batch_size: samples per onnxruntime call.
+        remove: per weight initializer, how many of its non-zero weights to prune now.
+        masked: weight initializers whose zeros are pruned weights (they stay zero); other layers
+            are refit on their full support.
+        select: ``magnitude`` (smallest |w| first, before the fit) or ``obs`` (OBS saliency on the
+            normal equations, in rounds).
+        seed: position subsample and magnitude tie order.
+        on_layer: called with each layer's name as its refit starts (progress).
+
+    Returns:
+        The new model (``current`` is not modified) and a record per layer from the first pruned
+        one on (layers that cannot be refit say why; a count they were given is removed by
+        magnitude).
+
+    """
+    layers, skipped = linear_layers(current)
+    masked = set(masked)
+    rng = np.random.default_rng(seed)
+    values = {t.name: numpy_helper.to_array(t) for t in current.graph.initializer}
+    first = next((i for i, layer in enumerate(layers) if remove.get(layer.weight, 0) > 0), None)
+    fits = [LayerFit(name, 0, 0, None, None, f"not refit: {why}") for name, why in skipped.items()]
+    model = current
+    for layer in [] if first is None else layers[first:]:
+        if on_layer is not None:
+            on_layer(layer.name)
+        weight = values[layer.weight]
+        count = int(remove.get(layer.weight, 0))
+        by_magnitude = select == "magnitude" or _width(layer, weight) > WIDTH_LIMIT
+        if count > 0 and by_magnitude:
+            weight = prune_smallest(weight, count, rng)
+        fit, updates = _refit(
+            dense,
+            model,
+            layer,
+            weight,
+            values,
+            data,
+            batch_size,
+            rng,
+            remove=0 if by_magnitude else count,
+            full_support=layer.weight not in masked and count == 0,
+        )
+        if count > 0 and not by_magnitude and layer.weight not in updates:
+            updates[layer.weight] = prune_smallest(weight, count, rng)  # OBS impossible: magnitude
+        updates.setdefault(layer.weight, weight)
+        values.update(updates)
+        model = replace_initializers(model, updates)
+        fits.append(fit)
+    for name in skipped:
+        weight_name = next(n.input[1] for n in current.graph.node if (n.name or n.output[0]) == name)
+        count = int(remove.get(weight_name, 0))
+        if count > 0:  # a layer the solver cannot take still loses its share, by magnitude
+            model = replace_initializers(
+                model, {weight_name: prune_smallest(values[weight_name], count, rng)}
+            )
+    return ReconstructionResult(model, tuple(fits))
+
+
+def _width(layer: LinearLayer, weight: np.ndarray) -> int:
+    """Columns of the layer's normal equations (the bias included)."""
+    if layer.op_type == "Conv":
+        columns = int(np.prod(weight.shape[1:]))
+    else:
+        columns = weight.shape[1] if layer.trans_b else weight.shape[0]
+    return columns + int(layer.bias is not None)
+
+
+def _refit(
+    dense: onnx.ModelProto,
+    model: onnx.ModelProto,
+    layer: LinearLayer,
+    weight: np.ndarray,
+    values: Mapping[str, np.ndarray],
+    data: CalibrationData,
+    batch_size: int,
+    rng: np.random.Generator,
+    *,
+    remove: int,
+    full_support: bool,
+) -> tuple[LayerFit, dict[str, np.ndarray]]:
+    """Solve one layer; returns its record and the new initializer values (empty if not refit)."""
+    width = _width(layer, weight)
+    if width > WIDTH_LIMIT:
+        return LayerFit(layer.name, 0, width, None, None, f"not refit: {width} columns > {WIDTH_LIMIT}"), {}
+    normal = _accumulate(dense, model, layer, data, batch_size, rng)
+    if normal.rows < width:
+        why = f"not refit: {normal.rows} rows < {width} columns"
+        return LayerFit(layer.name, normal.rows, width, None, None, why), {}
+    columns = width - int(layer.bias is not None)
+    bias = values[layer.bias] if layer.bias else None
+    state = _to_columns(layer, weight).astype(np.float64)
+    if bias is not None:
+        state = np.concatenate([state, _bias_row(layer, bias)], axis=1)
+    if remove > 0:
+        support = _obs_masks(normal, state, remove)
+    elif full_support:
+        support = np.ones(state[:, :columns].shape, dtype=bool)
+    else:
+        support = state[:, :columns] != 0
+    start = state.copy()
+    start[:, :columns][~support] = 0.0
+    solved = np.zeros_like(state)
+    before = after = 0.0
+    per = state.shape[2]
+    for g in range(state.shape[0]):
+        solved[g], _ = _solve(normal.gram[g], normal.cross[g], support[g], normal.bias)
+        target_sq = normal.target_sq[g * per : (g + 1) * per]
+        before += _residual_error(normal.gram[g], normal.cross[g], target_sq, start[g])
+        after += _residual_error(normal.gram[g], normal.cross[g], target_sq, solved[g])
+    if layer.scale is not None and (np.abs(layer.scale) < 1e-12).any():
+        # A channel whose affine map is zero has no target: it keeps its (pruned) values.
+        dead = np.abs(layer.scale) < 1e-12
+        flat = solved.transpose(0, 2, 1).reshape(-1, solved.shape[1])
+        flat[dead] = start.transpose(0, 2, 1).reshape(-1, start.shape[1])[dead]
+        solved = flat.reshape(state.shape[0], per, -1).transpose(0, 2, 1)
+    total = float(normal.target_sq.sum()) or 1.0
+    updates = {layer.weight: _from_columns(layer, solved[:, :columns], weight).astype(weight.dtype)}
+    if layer.bias is not None and bias is not None:
+        updates[layer.bias] = _bias_from_row(layer, solved[:, columns:], bias)
+    fit = LayerFit(layer.name, normal.rows, width, before / total, after / total, "refit")
+    return fit, updates
+
+
+def _bias_row(layer: LinearLayer, bias: np.ndarray) -> np.ndarray:
+    """The bias as the solver's last row: (groups, 1, outputs per group)."""
+    effective = bias.astype(np.float64) * (layer.beta if layer.op_type == "Gemm" else 1.0)
+    groups = layer.groups if layer.op_type == "Conv" else 1
+    return effective.reshape(groups, 1, -1)
+
+
+def _bias_from_row(layer: LinearLayer, row: np.ndarray, like: np.ndarray) -> np.ndarray:
+    effective = row.reshape(-1) / (layer.beta if layer.op_type == "Gemm" else 1.0)
+    return effective.astype(like.dtype).reshape(like.shape)
+
+
+def _accumulate(
+    dense: onnx.ModelProto,
+    model: onnx.ModelProto,
+    layer: LinearLayer,
+    data: CalibrationData,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> _Normal:
+    """Stream the calibration data once through both models and build the layer's normal equations."""
+    current_outputs = [layer.input] + ([layer.shortcut] if layer.shortcut else [])
+    target_name = layer.residual or layer.output
+    current_run = _tensors(model, current_outputs)
+    dense_run = _tensors(dense, [target_name])
+    normal: _Normal | None = None
+    for feed, _ in data.batches(batch_size):
+        fetched = current_run(feed)
+        x = fetched[0]
+        target = dense_run(feed)[0].astype(np.float64)
+        if layer.shortcut is not None and layer.scale is not None and layer.shift is not None:
+            scale, shift = (
+                _broadcast(layer, layer.scale, target.ndim),
+                _broadcast(layer, layer.shift, target.ndim),
+            )
+            safe = np.where(np.abs(scale) < 1e-12, 1.0, scale)
+            target = (target - fetched[1] - shift) / safe
+        if layer.op_type == "Conv":
+            rows, y = _conv_rows(x, layer, target, rng)
+        else:
+            rows, y = _dense_rows(x, target)
+        if normal is None:
+            normal = _Normal(rows.shape[0], rows.shape[2], y.shape[1], layer.bias is not None)
+        normal.add(rows, y)
+    assert normal is not None  # CalibrationData is never empty
+    return normal
+
+
+def _tensors(model: onnx.ModelProto, names: list[str]) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    """A function of a feed that computes the named tensors of ``model`` (graph inputs come from the feed)."""
+    computed = [n for n in names if n not in {i.name for i in model.graph.input}]
+    session = make_session(subgraph(model, computed), optimize=True) if computed else None
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        found = dict(zip(computed, run_session(session, computed, feed), strict=True)) if session else {}
+        return [found[n] if n in found else feed[n] for n in names]
+
+    return run
+
+
+def _broadcast(layer: LinearLayer, vector: np.ndarray, ndim: int) -> np.ndarray:
+    """A per-channel vector shaped to broadcast over the layer's output."""
+    if layer.op_type == "Conv":
+        return vector.reshape(-1, *[1] * (ndim - 2))
+    return vector
