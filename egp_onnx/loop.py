@@ -235,7 +235,7 @@ def finetune_values(
     for key, value in values.items():
         want = current.get(key)
         if want is None:
-            raise FinetuneError(f"{callback} returned '{key}', which is not a tensor of the model")
+            raise FinetuneError(f"{callback} returned unusable values: {key} is not a tensor of the model")
         if value.shape != want.shape:
             raise FinetuneError(
                 f"{callback} returned tensor '{key}' with shape {value.shape}; the model's is {want.shape}"
