@@ -280,7 +280,13 @@ def load_statistics(paths: Sequence[str | os.PathLike[str]], fingerprint: str) -
                     n: ChannelCounts(npz[f"on_{i}"], int(npz[f"total_{i}"])) for i, n in enumerate(names)
                 }
                 part = Statistics(counts, int(npz["samples"]))
-        except (OSError, KeyError, ValueError, EOFError) as exc:
+        except KeyError as exc:
+            raise CalibrationError(
+                f"{path} is not a statistics file (`egp-onnx stats` writes them)"
+            ) from exc
+        except FileNotFoundError as exc:
+            raise CalibrationError(f"statistics file not found: {path}") from exc
+        except (OSError, ValueError, EOFError) as exc:
             raise CalibrationError(f"cannot read statistics file {path}: {one_line(exc)}") from exc
         merged = part if merged is None else merged.merged(part)
     if merged is None:

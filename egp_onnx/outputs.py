@@ -70,6 +70,8 @@ def model_inputs(path: PathLike, option: str = "MODEL") -> list[InputPath]:
 
     A model that cannot be read gives only its own path: loading it reports the problem later.
     """
+    if Path(path).is_dir():
+        return []  # not a model: loading it says so
     found = [input_path(option, path)]
     with contextlib.suppress(Exception):  # a bad model is reported in one line when it is loaded
         model = onnx.load_model(str(path), load_external_data=False)
