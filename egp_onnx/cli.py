@@ -206,7 +206,7 @@ def _run(action: Callable[[], None], quiet: bool = False) -> None:
             traceback.print_exc()
         click.echo(
             f"egp-onnx: internal error: {type(exc).__name__}: {one_line(exc)} (a defect of egp-onnx; "
-            "`egp-onnx --debug ...` prints the trace)",
+            "rerun as egp-onnx --debug ... for the trace)",
             err=True,
         )
         sys.exit(INTERNAL_ERROR_EXIT)

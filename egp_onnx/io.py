@@ -282,7 +282,7 @@ def load_statistics(paths: Sequence[str | os.PathLike[str]], fingerprint: str) -
                 part = Statistics(counts, int(npz["samples"]))
         except KeyError as exc:
             raise CalibrationError(
-                f"{path} is not a statistics file (`egp-onnx stats` writes them)"
+                f"{path} is not a statistics file (egp-onnx stats writes them)"
             ) from exc
         except FileNotFoundError as exc:
             raise CalibrationError(f"statistics file not found: {path}") from exc
