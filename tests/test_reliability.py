@@ -224,6 +224,21 @@ def test_missing_torch_is_found_before_any_work(runner, tmp_path, rng, monkeypat
     assert digests(tmp_path) == before
 
 
+def test_missing_pillow_is_found_before_any_work(runner, tmp_path, rng, monkeypatch):
+    from models import image_model
+
+    model = save(image_model(rng), tmp_path / "m.onnx")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setattr("egp_onnx.pipeline.collect_statistics", lambda *a, **k: pytest.fail("calibrated"))
+    before = digests(tmp_path)
+    args = ["compress", model, "--calib", str(tmp_path / "images"), "-o", str(tmp_path / "o.onnx")]
+    line = one_line_error(runner.invoke(main, args))
+    assert line == "egp-onnx: error: reading images needs Pillow: pip install 'egp-onnx[images]'"
+    assert digests(tmp_path) == before
+
+
 def squatting_compress(paths: list[Path]):
     """The real compress, after which another process creates ``paths`` (as a second run would)."""
     real = egp_onnx.cli.compress
