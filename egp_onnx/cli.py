@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 import traceback
 import warnings
@@ -198,6 +199,9 @@ def _run(action: Callable[[], None], quiet: bool = False) -> None:
     except KeyboardInterrupt:
         click.echo("egp-onnx: interrupted; nothing was written", err=True)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except MemoryError:
         click.echo("egp-onnx: error: out of memory; lower --batch-size or use fewer samples", err=True)
         sys.exit(INTERNAL_ERROR_EXIT)

@@ -454,6 +454,20 @@ def test_unexpected_errors_are_one_line_with_a_trace_on_demand(runner, tmp_path,
     assert debug.exit_code == 3 and "Traceback" in debug.stderr and "ZeroDivisionError" in debug.stderr
 
 
+def test_a_closed_stdout_is_not_a_traceback(tmp_path, rng):
+    """`egp-onnx analyze ... | head -1`: the reader goes away; no trace, no internal error."""
+    model, calib = toy_files(tmp_path, rng)
+    with subprocess.Popen(
+        [sys.executable, "-m", "egp_onnx", "analyze", model, "--calib", calib],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ) as proc:
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+    assert proc.returncode in (0, 1) and err == "", err
+
+
 def test_external_data_outside_or_missing_is_refused(runner, tmp_path, rng):
     model = single_conv(rng)
     np.savez(tmp_path / "c.npz", x=inputs(rng))
