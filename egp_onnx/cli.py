@@ -231,6 +231,12 @@ def _quiet(enabled: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
+#: click >= 8.2 raises this for a group called without arguments; it shows the help.
+_NO_ARGS_IS_HELP: tuple[type[click.UsageError], ...] = tuple(
+    t for t in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if t is not None
+)
+
+
 class _Group(click.Group):
     """A command group whose usage errors are one line on stderr, like every other error."""
 
@@ -241,6 +247,9 @@ class _Group(click.Group):
         kwargs["standalone_mode"] = False
         try:
             result = super().main(*args, **kwargs)
+        except _NO_ARGS_IS_HELP as exc:  # `egp-onnx` alone: the help, as click prints it
+            exc.show()
+            sys.exit(exc.exit_code)
         except click.ClickException as exc:
             hint = ""
             if isinstance(exc, click.UsageError) and exc.ctx is not None:
