@@ -753,4 +753,4 @@ def test_every_option_with_bad_values_gives_one_line_and_no_traceback(runner, tm
         assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
     bare = runner.invoke(main, [])
     assert bare.exit_code in (0, 2) and "Usage: main [OPTIONS] COMMAND" in bare.output + bare.stderr
-    assert "error" not in bare.output + bare.stderr
+    assert "egp-onnx: error" not in bare.output + bare.stderr
