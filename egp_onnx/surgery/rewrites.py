@@ -355,6 +355,13 @@ class _Surgeon:
 
     def _merge(self, a: LayerView, b: LayerView) -> bool:
         names = (a.node.name, b.node.name)
+        growth = merge_mac_growth(a, b)
+        if growth > 1.0:
+            # Merging removes a layer but not work: two small kernels can become one large one.
+            if not any((r.kind, r.nodes) == ("merge", names) for r in self.result.rewrites):
+                detail = f"would multiply MACs by {growth:.2f}; skipped"
+                self._record(Rewrite("merge", names, False, False, detail=detail))
+            return False
         if a.conv:
             geo_a, geo_b = a.geometry(), b.geometry()
             assert geo_a is not None and geo_b is not None
@@ -521,3 +528,23 @@ def simplify(
         if node.op_type in LAYER_OPS and node.name not in present:
             surgeon.result.states[node.name] = "removed"
     return surgeon.result
+
+
+def merge_mac_growth(a: LayerView, b: LayerView) -> float:
+    """MACs of the merged layer over those of A then B, per output position of B.
+
+    A runs at s_B^rank positions per output position of B; the merged kernel is
+    k_A + s_A (k_B - 1) wide. Padding at the borders is ignored.
+    """
+    if not a.conv:
+        inputs, middle = a.dense()[0].shape
+        outputs = b.dense()[0].shape[1]
+        return inputs * outputs / (inputs * middle + middle * outputs)
+    geo_a, geo_b = a.geometry(), b.geometry()
+    assert geo_a is not None and geo_b is not None
+    mid, cin, *k_a = a.weight.shape
+    cout, _, *k_b = b.weight.shape
+    positions_a = float(np.prod(geo_b.strides))
+    merged_kernel = np.prod([ka + sa * (kb - 1) for ka, kb, sa in zip(k_a, k_b, geo_a.strides, strict=True)])
+    before = positions_a * mid * cin * np.prod(k_a) + cout * mid * np.prod(k_b)
+    return float(cout * cin * merged_kernel / before)
