@@ -561,6 +561,10 @@ def _refit(
     per = state.shape[2]
     for g in range(state.shape[0]):
         solved[g], _ = _solve(normal.gram[g], normal.cross[g], support[g], normal.bias)
+        # An input that was zero on every calibration row says nothing about its weight (the ridge
+        # would set it to 0): keep the weight as it was, it still acts on inputs the data never showed.
+        unseen = np.diag(normal.gram[g])[:columns] == 0
+        solved[g][:columns][unseen] = start[g][:columns][unseen]
         target_sq = normal.target_sq[g * per : (g + 1) * per]
         before += _residual_error(normal.gram[g], normal.cross[g], target_sq, start[g])
         after += _residual_error(normal.gram[g], normal.cross[g], target_sq, solved[g])
@@ -629,10 +633,15 @@ def _accumulate(
 def _tensors(model: onnx.ModelProto, names: list[str]) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
     """A function of a feed that computes the named tensors of ``model`` (graph inputs come from the feed)."""
     computed = [n for n in names if n not in {i.name for i in model.graph.input}]
-    session = make_session(subgraph(model, computed), optimize=True) if computed else None
+    part = subgraph(model, computed)
+    needs = {i.name for i in part.graph.input}
+    session = make_session(part, optimize=True) if computed else None
 
     def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        found = dict(zip(computed, run_session(session, computed, feed), strict=True)) if session else {}
+        found = {}
+        if session is not None:  # the subgraph reads only some of the model's inputs
+            fed = {k: v for k, v in feed.items() if k in needs}
+            found = dict(zip(computed, run_session(session, computed, fed), strict=True))
         return [found[n] if n in found else feed[n] for n in names]
 
     return run

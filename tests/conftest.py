@@ -21,3 +21,15 @@ def load_npz(path) -> dict[str, np.ndarray]:
     """All arrays of an .npz, with the file closed again."""
     with np.load(path) as npz:
         return {k: npz[k] for k in npz.files}
+
+
+#: compress() as it ran before reconstruction and the default guard: plain EGP on all the
+#: calibration data; a guard only when a threshold is given. Tests of the EGP algorithm itself use it.
+PLAIN = {"reconstruct": False, "holdout": 0.0}
+
+
+def compress_plain(*args, **kwargs):
+    import egp_onnx
+
+    guarded = kwargs.get("min_agreement") is not None or kwargs.get("max_rel_error") is not None
+    return egp_onnx.compress(*args, **{**PLAIN, "guard": guarded, **kwargs})

@@ -11,11 +11,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, SAMPLES, load_npz
+from conftest import ROOT, SAMPLES, compress_plain, load_npz
 from models import inputs, residual_block, single_conv, toy_files
 from onnx import TensorProto, helper, numpy_helper
 
-import egp_onnx
 from egp_onnx.cli import main
 from egp_onnx.cost import count_macs
 from egp_onnx.data import open_calibration, split_holdout
@@ -99,7 +98,7 @@ def test_reports_validate_against_documented_schema(extra, tmp_path):
 
 def test_schema_rejects_drift(tmp_path):
     """The schema is strict: a renamed field would not pass."""
-    report = egp_onnx.compress(MODEL, CALIB, sparsity=0.3, latency=False).report.to_dict()
+    report = compress_plain(MODEL, CALIB, sparsity=0.3, latency=False).report.to_dict()
     jsonschema.validate(report, SCHEMA)
     report["model"]["depth"] = report["model"].pop("depth_after")
     with pytest.raises(jsonschema.ValidationError):
@@ -110,11 +109,11 @@ def test_guard_stops_at_the_right_step(rng, tmp_path):
     model = residual_block(rng)
     np.savez(tmp_path / "c.npz", x=inputs(rng, n=24, shape=(4, 6, 6)))
     calib = tmp_path / "c.npz"
-    free = egp_onnx.compress(model, calib, sparsity=0.95, step=0.3, surgery=False, latency=False).report
+    free = compress_plain(model, calib, sparsity=0.95, step=0.3, surgery=False, latency=False).report
     errors = [s.rel_error for s in free.steps]
     assert len(errors) >= 4 and errors == sorted(errors), "damage grows step by step"
     threshold = (errors[1] + errors[2]) / 2  # step 2 passes, step 3 does not
-    guarded = egp_onnx.compress(
+    guarded = compress_plain(
         model, calib, sparsity=0.95, step=0.3, surgery=False, latency=False, max_rel_error=threshold
     )
     report = guarded.report
@@ -123,7 +122,7 @@ def test_guard_stops_at_the_right_step(rng, tmp_path):
     assert report.model.sparsity == pytest.approx(free.steps[1].sparsity)
     assert report.fidelity.rel_error == pytest.approx(errors[1], rel=1e-6)
     # the written model is exactly the model after step 2
-    two_steps = egp_onnx.compress(
+    two_steps = compress_plain(
         model, calib, sparsity=free.steps[1].sparsity, step=0.3, surgery=False, latency=False
     )
     for name, array in weights(two_steps.model).items():

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import SAMPLES, load_npz
+from conftest import SAMPLES, compress_plain, load_npz
 from models import gemm_head, inputs, residual_block
 from onnx import numpy_helper
 
@@ -37,7 +37,7 @@ def residual(rng, tmp_path):
 def test_sparsity_zero_is_output_identical_and_caller_model_untouched(residual, rng):
     model, calib = residual
     snapshot = model.SerializeToString()
-    result = egp_onnx.compress(model, calib, sparsity=0.0, surgery=False)
+    result = compress_plain(model, calib, sparsity=0.0, surgery=False)
     assert model.SerializeToString() == snapshot
     x = inputs(rng, n=5, shape=(4, 6, 6))
     np.testing.assert_array_equal(run(result.model, x), run(model, x))
@@ -47,8 +47,8 @@ def test_sparsity_zero_is_output_identical_and_caller_model_untouched(residual, 
 
 def test_pruned_weights_stay_zero_and_masks_grow(residual):
     model, calib = residual
-    low = egp_onnx.compress(model, calib, sparsity=0.3, surgery=False).model
-    high = egp_onnx.compress(model, calib, sparsity=0.6, surgery=False).model
+    low = compress_plain(model, calib, sparsity=0.3, surgery=False).model
+    high = compress_plain(model, calib, sparsity=0.6, surgery=False).model
     for name in ("w0", "w1", "w2"):
         # pruning is deterministic and monotone: the 60% model zeroes everything the 30% model did
         assert ((weights(low)[name] == 0) <= (weights(high)[name] == 0)).all()
@@ -62,7 +62,7 @@ def test_pruned_weights_stay_zero_and_masks_grow(residual):
 
 def test_within_layer_pruning_is_smallest_magnitude(residual):
     model, calib = residual
-    pruned = weights(egp_onnx.compress(model, calib, sparsity=0.5, surgery=False).model)
+    pruned = weights(compress_plain(model, calib, sparsity=0.5, surgery=False).model)
     original = weights(model)
     for name in ("w0", "w1", "w2"):
         zeroed = pruned[name] == 0
@@ -89,7 +89,7 @@ def test_first_step_follows_the_budget(rng, tmp_path):
     expected = integer_amounts(egp_allocation(entropy, mean_abs, nnz, budget), nnz, budget)
     total = nnz.sum()
     sparsity = budget / total
-    result = egp_onnx.compress(model, tmp_path / "c.npz", sparsity=sparsity, step=0.5, surgery=False)
+    result = compress_plain(model, tmp_path / "c.npz", sparsity=sparsity, step=0.5, surgery=False)
     got = [int((weights(result.model)[s.owner.weight] == 0).sum()) for s in sites]
     assert got == expected.tolist()
     assert len(result.report.steps) == 1 and result.report.steps[0].removed == budget
@@ -97,8 +97,8 @@ def test_first_step_follows_the_budget(rng, tmp_path):
 
 def test_magnitude_method_same_sparsity(residual):
     model, calib = residual
-    egp = egp_onnx.compress(model, calib, sparsity=0.7).report.model
-    mag = egp_onnx.compress(model, calib, sparsity=0.7, method="magnitude").report.model
+    egp = compress_plain(model, calib, sparsity=0.7).report.model
+    mag = compress_plain(model, calib, sparsity=0.7, method="magnitude").report.model
     assert egp.prunable_zeroed == mag.prunable_zeroed == round(0.7 * egp.prunable_weights)
 
 
@@ -111,7 +111,7 @@ def test_analyze_sample_reports_every_relu():
 
 
 def test_sample_ninety_percent_report_is_consistent():
-    result = egp_onnx.compress(SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz", sparsity=0.9)
+    result = compress_plain(SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz", sparsity=0.9)
     report = result.report
     assert report.model.sparsity == pytest.approx(0.9, abs=1e-4)
     assert report.surgery.enabled and not report.surgery.reverted
@@ -126,14 +126,14 @@ def test_sample_ninety_percent_report_is_consistent():
 
 def test_sparsity_zero_with_surgery_matches_outputs(residual, rng):
     model, calib = residual
-    result = egp_onnx.compress(model, calib, sparsity=0.0)
+    result = compress_plain(model, calib, sparsity=0.0)
     x = inputs(rng, n=5, shape=(4, 6, 6))
     np.testing.assert_allclose(run(result.model, x), run(model, x), rtol=1e-5, atol=1e-5)
     assert result.report.surgery.enabled and not result.report.surgery.reverted
 
 
 def test_sample_at_95_percent_is_shallower_and_runs():
-    result = egp_onnx.compress(SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz", sparsity=0.95)
+    result = compress_plain(SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz", sparsity=0.95)
     summary = result.report.model
     assert summary.depth_after < summary.depth_before == 9
     assert summary.nonlinear_depth_after < summary.nonlinear_depth_before
@@ -154,10 +154,10 @@ def test_sample_at_95_percent_is_shallower_and_runs():
 
 def test_iterative_magnitude_equals_one_global_cut(residual):
     model, calib = residual
-    stepped = egp_onnx.compress(
+    stepped = compress_plain(
         model, calib, sparsity=0.8, step=0.3, method="magnitude", surgery=False, latency=False
     )
-    one_cut = egp_onnx.compress(
+    one_cut = compress_plain(
         model, calib, sparsity=0.8, step=1.0, method="magnitude", surgery=False, latency=False
     )
     assert len(stepped.report.steps) > 1 and len(one_cut.report.steps) == 1

@@ -11,12 +11,12 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
+from conftest import compress_plain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from models import Builder
 from onnx import helper
 
-import egp_onnx
 from egp_onnx.calibrate import collect_statistics
 from egp_onnx.data import in_memory, input_specs
 from egp_onnx.io import prepare_model
@@ -96,7 +96,7 @@ def test_counts_match_numpy(network, batch_size):
 def test_sparsity_zero_keeps_outputs(network):
     model, x = network
     data = in_memory(input_specs(model), {"x": x}, None, "random")
-    result = egp_onnx.compress(model, data, sparsity=0.0, latency=False)
+    result = compress_plain(model, data, sparsity=0.0, latency=False)
     assert not result.report.surgery.reverted, result.report.surgery.revert_reason
     assert rel(run(model, x), run(result.model, x)) < 1e-5
 
@@ -105,8 +105,8 @@ def test_sparsity_zero_keeps_outputs(network):
 def test_surgery_preserves_the_pruned_model(network, sparsity):
     model, x = network
     data = in_memory(input_specs(model), {"x": x}, None, "random")
-    plain = egp_onnx.compress(model, data, sparsity=sparsity, surgery=False, latency=False).model
-    shallow = egp_onnx.compress(model, data, sparsity=sparsity, latency=False)
+    plain = compress_plain(model, data, sparsity=sparsity, surgery=False, latency=False).model
+    shallow = compress_plain(model, data, sparsity=sparsity, latency=False)
     assert not shallow.report.surgery.reverted, shallow.report.surgery.revert_reason
     onnx.checker.check_model(shallow.model)
     assert shallow.report.model.depth_after <= shallow.report.model.depth_before

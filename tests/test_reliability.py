@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT
+from conftest import ROOT, compress_plain
 from models import inputs, save, single_conv, toy_files
 from onnx import TensorProto, helper, numpy_helper
 
@@ -358,7 +358,7 @@ def _wrong_model(model, masks):
 def test_finetune_returns_are_checked(callback, message, tmp_path, rng):
     model, calib = toy_files(tmp_path, rng)
     with pytest.raises(FinetuneError) as caught:
-        egp_onnx.compress(model, calib, sparsity=0.5, finetune=callback, latency=False)
+        compress_plain(model, calib, sparsity=0.5, finetune=callback, latency=False)
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -393,10 +393,10 @@ def test_relu_that_is_a_graph_output_is_removed(tmp_path):
     x = np.random.default_rng(3).uniform(0, 1, (16, 3, 6, 6)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
     save(model, tmp_path / "m.onnx")
-    kept = egp_onnx.compress(
+    kept = compress_plain(
         tmp_path / "m.onnx", tmp_path / "c.npz", sparsity=0.5, surgery=False, latency=False
     )
-    result = egp_onnx.compress(tmp_path / "m.onnx", tmp_path / "c.npz", sparsity=0.5, latency=False)
+    result = compress_plain(tmp_path / "m.onnx", tmp_path / "c.npz", sparsity=0.5, latency=False)
     surgery = result.report.surgery
     assert not surgery.reverted
     removed = {r.nodes[0] for r in surgery.rewrites if r.kind == "remove_rectifier"}
@@ -427,7 +427,7 @@ def test_one_hot_labels_count_as_their_argmax(tmp_path):
     np.savez(tmp_path / "onehot.npz", x=x, labels=np.eye(5, dtype=np.float32)[labels])
     want = float((run_ort(model, {"x": x})[0].argmax(1) == labels).mean())
     for eval_file in ("index.npz", "onehot.npz"):
-        report = egp_onnx.compress(
+        report = compress_plain(
             tmp_path / "m.onnx",
             tmp_path / "index.npz",
             sparsity=0.3,
@@ -437,7 +437,7 @@ def test_one_hot_labels_count_as_their_argmax(tmp_path):
         assert report.fidelity.accuracy_before == pytest.approx(want)
     np.savez(tmp_path / "cube.npz", x=x, labels=np.zeros((40, 5, 2)))
     with pytest.raises(egp_onnx.EgpError, match=r"'labels' have shape \(40, 5, 2\); give class indices"):
-        egp_onnx.compress(tmp_path / "m.onnx", tmp_path / "index.npz", eval_data=tmp_path / "cube.npz")
+        compress_plain(tmp_path / "m.onnx", tmp_path / "index.npz", eval_data=tmp_path / "cube.npz")
 
 
 def test_unexpected_errors_are_one_line_with_a_trace_on_demand(runner, tmp_path, rng, monkeypatch):
@@ -589,7 +589,7 @@ def test_samples_that_do_not_fill_a_fixed_batch_are_counted(tmp_path, rng, caplo
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
     np.savez(tmp_path / "c.npz", x=inputs(rng, n=10))
     with caplog.at_level("WARNING", logger="egp_onnx"):
-        report = egp_onnx.compress(model, tmp_path / "c.npz", sparsity=0.5, latency=False).report
+        report = compress_plain(model, tmp_path / "c.npz", sparsity=0.5, latency=False).report
     warned = [r.getMessage() for r in caplog.records if "fixed at 4" in r.getMessage()]
     assert warned == [
         f"{tmp_path / 'c.npz'}: the model's batch size is fixed at 4: 2 of 10 samples do not fill a batch "

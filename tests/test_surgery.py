@@ -31,7 +31,7 @@ STATISTICS_ONLY = 1e-9
 
 def surgery(model, x_calib, tmp_path, **kwargs):
     np.savez(tmp_path / "calib.npz", x=x_calib)
-    kwargs = {"sparsity": STATISTICS_ONLY, "holdout": 0.0, **kwargs}
+    kwargs = {"sparsity": STATISTICS_ONLY, "holdout": 0.0, "reconstruct": False, "guard": False, **kwargs}
     result = egp_onnx.compress(model, tmp_path / "calib.npz", **kwargs)
     onnx.checker.check_model(result.model, full_check=True)
     return result
@@ -91,7 +91,7 @@ def test_always_on_relu_between_convs(case, rng, tmp_path):
         declined = [r for r in result.report.surgery.rewrites if r.kind == "merge" and not r.applied]
         assert declined and not declined[0].exact
         assert_same(model, result.model, positive(rng, (3, 3, 13, 11)))
-        loose = surgery(model, x, tmp_path, merge_tolerance=0.5, guard=False)
+        loose = surgery(model, x, tmp_path, merge_tolerance=0.5)
         merge = applied(loose, "merge")
         assert ops(loose.model)["Conv"] == 1 and merge and merge[0].error is not None and merge[0].error > 0
         assert loose.report.surgery.rel_error == pytest.approx(merge[0].error, rel=1e-3)

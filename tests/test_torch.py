@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import ROOT, SAMPLES, load_npz
+from conftest import ROOT, SAMPLES, compress_plain, load_npz
 
 torch = pytest.importorskip("torch", reason="needs the optional torch extra: pip install 'egp-onnx[torch]'")
 from torch import nn  # noqa: E402
@@ -139,9 +139,9 @@ def test_finetune_callback_beats_no_finetune_at_equal_sparsity():
 
     test = SAMPLES / "digits_test.npz"
     common = dict(sparsity=0.7, eval_data=test, latency=False)
-    plain = egp_onnx.compress(SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz", **common).report
+    plain = compress_plain(SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz", **common).report
     finetune = ClassificationFinetune(factory(), SAMPLES / "digits_train.npz", epochs=2, lr=2e-3)
-    result = egp_onnx.compress(
+    result = compress_plain(
         SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz", finetune=finetune, **common
     )
     tuned = result.report
@@ -161,7 +161,7 @@ def test_finetune_returning_a_bad_value_is_a_clear_error(tmp_path):
         return {"no.such.tensor": np.zeros(3, np.float32)}
 
     with pytest.raises(egp_onnx.EgpError, match="no.such.tensor is not a tensor of the model"):
-        egp_onnx.compress(
+        compress_plain(
             SAMPLES / "digits_resnet.onnx",
             SAMPLES / "digits_calib.npz",
             sparsity=0.5,
@@ -231,9 +231,9 @@ def test_torch_exported_sample_compresses(fold, tmp_path):
     x = torch.from_numpy(load_npz(calib)["input"][:4])
     path = tmp_path / "exported.onnx"
     export_onnx(factory(), x, path, ["input"], ["logits"], fold_batchnorm=fold)
-    same = egp_onnx.compress(path, calib, sparsity=0.0, eval_data=SAMPLES / "digits_test.npz", latency=False)
+    same = compress_plain(path, calib, sparsity=0.0, eval_data=SAMPLES / "digits_test.npz", latency=False)
     assert same.report.fidelity.rel_error < 1e-5 and same.report.fidelity.top1_agreement == 1.0
-    half = egp_onnx.compress(path, calib, sparsity=0.5, eval_data=SAMPLES / "digits_test.npz", latency=False)
+    half = compress_plain(path, calib, sparsity=0.5, eval_data=SAMPLES / "digits_test.npz", latency=False)
     onnx.checker.check_model(half.model, full_check=True)
     assert len(half.report.layers) == 8
     assert half.report.model.depth_after < half.report.model.depth_before

