@@ -14,7 +14,6 @@ from egp_onnx import prune
 from egp_onnx.calibrate import Statistics, collect_statistics
 from egp_onnx.data import CalibrationData
 from egp_onnx.errors import EgpError, FinetuneError, GuardError, one_line
-from egp_onnx.limits import sparsity_limits
 from egp_onnx.reconstruct import reconstruct
 from egp_onnx.report import Fidelity, LayerFit, StepRecord, StopRecord
 from egp_onnx.settings import Settings
@@ -112,6 +111,7 @@ def run_loop(
     model: onnx.ModelProto,
     sites: list[RectifierSite],
     layers: LayerSet,
+    limits: Mapping[str, float],
     stats: Statistics,
     data: CalibrationData,
     settings: Settings,
@@ -122,6 +122,7 @@ def run_loop(
 ) -> LoopOutcome:
     """Prune ``layers`` step by step until ``settings.sparsity``; ``layers`` ends accepted.
 
+    ``limits`` is the largest sparsity of each layer (by weight name, see :mod:`egp_onnx.limits`).
     ``stats`` are the statistics of ``model``. Each step prunes, then (``settings.reconstruct``)
     refits the layers by least squares against ``model`` (:mod:`egp_onnx.reconstruct`). With
     ``finetune``, every pruned model is handed to it with its masks; the values it returns replace
@@ -136,7 +137,6 @@ def run_loop(
     rng = np.random.default_rng(settings.seed)
     total = int(layers.sizes().sum())
     target_zeros = int(round(settings.sparsity * total))
-    limits = sparsity_limits(model, layers.weight_names, settings.layer_cap)
     limit = np.array([limits[n] for n in layers.weight_names])
     current = model  # the last accepted model: pruned weights, refit or finetuned other tensors
     steps: list[StepRecord] = []
@@ -184,7 +184,9 @@ def run_loop(
                 log.info("%s; retrying at half the step (%.4g)", detail, step)
                 continue
             if accepted == 0:
-                raise GuardError(f"{detail}; no model passes, nothing written (lower --step or the guard)")
+                tried = f"step 1 failed the guard at {len(steps)} sizes, down to sparsity {sparsity:.4f}"
+                advice = "no model passes, nothing written (lower --step or the guard)"
+                raise GuardError(f"{tried}: {'; '.join(problems)}; {advice}")
             log.warning("%s; keeping the last accepted step", detail)
             stop = StopRecord("guard", accepted, detail)
             break

@@ -20,6 +20,7 @@ from egp_onnx.cost import model_cost
 from egp_onnx.data import CalibrationData, CalibrationDataReader, open_calibration, split_holdout
 from egp_onnx.errors import CalibrationError, ConfigError, EgpError, NothingToPruneError
 from egp_onnx.io import load_model, load_statistics, model_fingerprint, prepare_model
+from egp_onnx.limits import sparsity_limits
 from egp_onnx.loop import Finetune, Guard, LayerSet, run_loop
 from egp_onnx.report import (
     AnalysisReport,
@@ -307,6 +308,12 @@ def compress(
         raise NothingToPruneError(
             f"{source}: no Conv/Gemm/MatMul layer with an initializer weight feeds a ReLU; no output written"
         )
+    limits = sparsity_limits(proto, layers.weight_names, layer_cap)
+    if sparsity > 0 and not any(limits.values()):
+        raise NothingToPruneError(
+            f"{source}: every prunable layer feeds a graph output directly, and output layers stay dense; "
+            "no output written"
+        )
     if stats:
         first_stats = _stats_files(stats, proto, sites)
     else:
@@ -316,9 +323,19 @@ def compress(
     progress.stage(f"running the original model on the {held_name} data")
     reference = Reference(proto, held, batch_size)
     settings = _default_guard(settings, reference)
-    check = _guard(reference, settings) if settings.guard else None
+    check = _guard(reference, settings)  # without thresholds it measures and never complains
     outcome = run_loop(
-        proto, sites, layers, first_stats, data, settings, check, progress.stage, progress.advance, finetune
+        proto,
+        sites,
+        layers,
+        limits,
+        first_stats,
+        data,
+        settings,
+        check,
+        progress.stage,
+        progress.advance,
+        finetune,
     )
     pruned = _strip_value_info(outcome.model)
     final, surgery_record = pruned, SurgeryRecord(False, merge_tolerance, (), 0, None, None, False, None)
@@ -327,7 +344,7 @@ def compress(
     if surgery:
         progress.stage("reducing depth")
         final, surgery_record, states = _reduce_depth(pruned, sites, outcome.stats, data, settings)
-        if final is not pruned and check is not None:
+        if final is not pruned:
             fidelity, problems = check(final)
             if problems:
                 reason = f"the rewritten model fails the guard on the {held_name} data: {'; '.join(problems)}"

@@ -41,6 +41,27 @@ def single_conv(rng: np.random.Generator, opset: int = OPSET) -> onnx.ModelProto
     return _model(nodes, [_x()], [_y((4, 6, 6))], inits, opset)
 
 
+def two_convs(rng: np.random.Generator) -> onnx.ModelProto:
+    """
+    x(N,3,6,6) -> Conv3x3(3->4, pad 1, bias) "conv" -> Relu -> Conv1x1(4->4) "head" -> Relu -> y
+
+    The smallest model compress can prune: "conv" is prunable, "head" feeds the output and stays dense.
+    """
+    inits = [
+        _init("w", rng.normal(size=(4, 3, 3, 3))),
+        _init("b", rng.normal(size=4) * 0.5),
+        _init("w2", rng.normal(size=(4, 4, 1, 1))),
+        _init("b2", rng.normal(size=4) * 0.5),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["z"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["z"], ["h"], name="relu"),
+        helper.make_node("Conv", ["h", "w2", "b2"], ["z2"], name="head"),
+        helper.make_node("Relu", ["z2"], ["y"], name="relu2"),
+    ]
+    return _model(nodes, [_x()], [_y((4, 6, 6))], inits)
+
+
 def conv_bn_relu(rng: np.random.Generator) -> onnx.ModelProto:
     """
     x -> Conv3x3(3->5) -> BatchNormalization -> Mul(const) -> Relu -> y
@@ -257,7 +278,7 @@ class Builder:
 
 
 def toy_files(tmp_path, rng: np.random.Generator) -> tuple[str, str]:
-    """A saved single_conv model and random calibration data for it: (model path, calib path)."""
-    model = save(single_conv(rng), tmp_path / "m.onnx")
+    """A saved two_convs model and random calibration data for it: (model path, calib path)."""
+    model = save(two_convs(rng), tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", x=inputs(rng))
     return model, str(tmp_path / "c.npz")

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import SAMPLES, load_npz
 from models import image_model as image_model_builder
-from models import inputs, no_rectifier, save, single_conv, toy_files
+from models import inputs, no_rectifier, save, toy_files, two_convs
 
 from egp_onnx.cli import main
 
@@ -35,7 +35,8 @@ def digest(path) -> str:
 
 def compress_sample(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, onnx.ModelProto, dict]:
     out, report = tmp_path / "x.onnx", tmp_path / "r.json"
-    args = ["compress", str(MODEL), "--calib", str(CALIB), "-o", str(out), "--sparsity", "0.9"]
+    # a fixed target: without the guard, the run prunes (and refits) to exactly 90%
+    args = ["compress", str(MODEL), "--calib", str(CALIB), "-o", str(out), "--sparsity", "0.9", "--no-guard"]
     proc = subprocess.run(
         [sys.executable, "-m", "egp_onnx", *args, "--report", str(report), *extra],
         capture_output=True,
@@ -112,7 +113,7 @@ def test_sparsity_zero_keeps_weights(runner, tmp_path, rng):
 
 def bad_cases(tmp_path, rng):
     """(name, args) pairs, each of which must be refused."""
-    model = save(single_conv(rng), tmp_path / "m.onnx")
+    model = save(two_convs(rng), tmp_path / "m.onnx")
     good = tmp_path / "good.npz"
     np.savez(good, x=inputs(rng))
     (tmp_path / "text.onnx").write_text("hello, I am not a model\n")
@@ -130,7 +131,7 @@ def bad_cases(tmp_path, rng):
     inf = inputs(rng)
     inf[1, 2, 3, 4] = np.inf
     np.savez(tmp_path / "inf.npz", x=inf)
-    broken = single_conv(rng)
+    broken = two_convs(rng)
     broken.graph.node[1].input[0] = "nowhere"
     onnx.save(broken, str(tmp_path / "broken.onnx"))
     (tmp_path / "no_images").mkdir()
@@ -265,7 +266,7 @@ def test_help_lists_commands(runner):
 
 
 def test_external_data_in_and_out(runner, tmp_path, rng):
-    model = single_conv(rng)
+    model = two_convs(rng)
     external = onnx.ModelProto()
     external.CopyFrom(model)  # onnx.save turns the proto it is given into an external-data one
     onnx.save(
@@ -393,7 +394,9 @@ def test_stats_shards_merge_to_the_whole(runner, tmp_path):
     merged_report.pop("source"), whole_report.pop("source")
     assert merged_report == whole_report and merged_report["samples"] == 512
     # compress can start from the saved statistics of the original model
-    args = ["compress", str(MODEL), "--calib", str(CALIB), "--sparsity", "0.5", "--no-latency", "--report"]
+    # --holdout 0: the counted run calibrates on the same samples the statistics files counted
+    args = ["compress", str(MODEL), "--calib", str(CALIB), "--sparsity", "0.5", "--no-latency"]
+    args += ["--holdout", "0", "--report"]
     from_stats = runner.invoke(
         main,
         [

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from conftest import ROOT, compress_plain
-from models import inputs, save, single_conv, toy_files
+from models import inputs, save, toy_files, two_convs
 from onnx import TensorProto, helper, numpy_helper
 
 import egp_onnx
@@ -98,7 +98,7 @@ def test_outputs_never_overwrite_inputs_even_with_force(runner, tmp_path, rng, m
     os.symlink(tmp_path / "c.npz", tmp_path / "soft.npz")
     os.link(tmp_path / "c.npz", tmp_path / "hard.npz")
     external = onnx.ModelProto()
-    external.CopyFrom(single_conv(rng))
+    external.CopyFrom(two_convs(rng))
     onnx.save(
         external, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0
     )
@@ -145,7 +145,7 @@ def test_outputs_never_overwrite_inputs_even_with_force(runner, tmp_path, rng, m
         assert digests(tmp_path) == before, args
     # OUT.data that is the input's external data: refused although only --external-data names it
     os.rename(tmp_path / "ext.onnx", tmp_path / "o.onnx.keep")
-    fresh = single_conv(rng)
+    fresh = two_convs(rng)
     onnx.save(
         fresh,
         str(tmp_path / "m2.onnx"),
@@ -302,12 +302,12 @@ def test_two_runs_with_the_same_output_one_wins(runner, tmp_path, rng):
 def test_writer_leaves_nothing_when_the_run_fails(tmp_path):
     plan = plan_outputs([tmp_path / "a.onnx", tmp_path / "b.json"], [], force=False)
     with pytest.raises(RuntimeError), OutputWriter(plan) as writer:
-        writer.write_model(single_conv(np.random.default_rng(0)), tmp_path / "a.onnx", external=True)
+        writer.write_model(two_convs(np.random.default_rng(0)), tmp_path / "a.onnx", external=True)
         writer.write_bytes(tmp_path / "b.json", b"{}")
         raise RuntimeError("the run fails before commit")
     assert list(tmp_path.iterdir()) == []
     with OutputWriter(plan) as writer:
-        writer.write_model(single_conv(np.random.default_rng(0)), tmp_path / "a.onnx", external=True)
+        writer.write_model(two_convs(np.random.default_rng(0)), tmp_path / "a.onnx", external=True)
         writer.write_bytes(tmp_path / "b.json", b"{}")
         assert writer.commit() == [tmp_path / "a.onnx.data", tmp_path / "a.onnx", tmp_path / "b.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.data", "b.json"]
@@ -411,9 +411,9 @@ def test_relu_that_is_a_graph_output_is_removed(tmp_path):
 
 def test_one_hot_labels_count_as_their_argmax(tmp_path):
     rng = np.random.default_rng(11)
-    model = single_conv(rng)
+    model = two_convs(rng)
     flat = helper.make_node("Flatten", ["y"], ["f"], name="flat")
-    head = helper.make_node("Gemm", ["f", "hw"], ["logits"], name="head", transB=1)
+    head = helper.make_node("Gemm", ["f", "hw"], ["logits"], name="fc", transB=1)
     model.graph.node.extend([flat, head])
     model.graph.initializer.append(
         numpy_helper.from_array(rng.normal(size=(5, 144)).astype(np.float32), "hw")
@@ -469,7 +469,7 @@ def test_a_closed_stdout_is_not_a_traceback(tmp_path, rng):
 
 
 def test_external_data_outside_or_missing_is_refused(runner, tmp_path, rng):
-    model = single_conv(rng)
+    model = two_convs(rng)
     np.savez(tmp_path / "c.npz", x=inputs(rng))
     (tmp_path / "m").mkdir()
     copy = onnx.ModelProto()
@@ -502,8 +502,8 @@ import onnx
 from onnx import helper
 sys.path.insert(0, {tests!r})
 import numpy as np
-from models import single_conv
-model = single_conv(np.random.default_rng(0))
+from models import two_convs
+model = two_convs(np.random.default_rng(0))
 for t in model.graph.initializer:
     model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 {session}
@@ -546,11 +546,12 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_quiet_prints_nothing_but_errors(tmp_path, rng):
-    model = single_conv(rng)
+    model = two_convs(rng)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4  # a fixed batch of 4: a warning
     save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", x=inputs(rng, n=10))
     args = ["compress", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "--sparsity", "0.5"]
+    args += ["--holdout", "0", "--no-guard"]  # all 10 samples calibrate
     loud = cli(*args, "-o", str(tmp_path / "a.onnx"))
     assert loud.returncode == 0 and loud.stdout, loud.stderr
     assert loud.stderr.startswith("egp-onnx: WARNING: ") and "2 of 10 samples" in loud.stderr
@@ -565,7 +566,7 @@ def test_quiet_prints_nothing_but_errors(tmp_path, rng):
 
 
 def test_verify_with_different_output_names_says_so(runner, tmp_path, rng):
-    model = single_conv(rng)
+    model = two_convs(rng)
     renamed = onnx.ModelProto()
     renamed.CopyFrom(model)
     renamed.graph.node.append(helper.make_node("Identity", ["y"], ["q"], name="rename"))
@@ -585,7 +586,7 @@ def test_verify_with_different_output_names_says_so(runner, tmp_path, rng):
 
 # ------------------------------------------------------------------ 8. nothing dropped silently
 def test_samples_that_do_not_fill_a_fixed_batch_are_counted(tmp_path, rng, caplog):
-    model = single_conv(rng)
+    model = two_convs(rng)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
     np.savez(tmp_path / "c.npz", x=inputs(rng, n=10))
     with caplog.at_level("WARNING", logger="egp_onnx"):
