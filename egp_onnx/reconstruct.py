@@ -6,12 +6,13 @@ layer on is refit in topological order by ridge least squares: its input is the 
 layer, and for a layer that ends a residual branch, the dense Add output minus the current
 shortcut, so the branch also absorbs the shortcut's error. Pruned weights stay exactly zero.
 
-Gram matrices are streamed batch by batch in float64 (memory O(d^2) per layer, independent of
-the number of samples). Conv layers use at most :data:`POSITIONS_PER_SAMPLE` output positions of
-each sample (seeded). Per-channel affine ops between a layer and its target (BatchNormalization,
-Mul/Add/Sub/Div by constants) are folded into the target rather than into the weights: with an
-unregularised bias the ridge solution scales with the target column, so this equals solving with
-BN folded, and the graph keeps its structure.
+Gram matrices are streamed batch by batch in float64 (memory O(d^2) per layer, independent of the
+number of samples). Conv layers use at most :data:`POSITIONS_PER_SAMPLE` output positions of each
+sample (seeded), and every layer the first :data:`MAX_SAMPLES` samples (rounded up to a whole
+batch). Per-channel affine ops between a layer and its target (BatchNormalization, Mul/Add/Sub/Div
+by constants) are folded into the target rather than into the weights: with an unregularised bias
+the ridge solution scales with the target column, so this equals solving with BN folded, and the
+graph keeps its structure.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: Output positions of one sample that enter a conv layer's normal equations (seeded subsample).
 POSITIONS_PER_SAMPLE = 64
+#: Calibration samples a layer's normal equations see at most (the first ones): each layer costs
+#: one pass of the model's prefix over them, so this bounds a reconstruction step's time.
+MAX_SAMPLES = 1024
 #: Layers wider than this (columns of the normal equations) are left as they are: the Gram matrix
 #: alone would take WIDTH_LIMIT^2 * 8 bytes (128 MiB at 4096).
 WIDTH_LIMIT = 4096
@@ -608,7 +612,11 @@ def _accumulate(
     current_run = _tensors(model, current_outputs)
     dense_run = _tensors(dense, [target_name])
     normal: _Normal | None = None
+    seen = 0
     for feed, _ in data.batches(batch_size):
+        if seen >= MAX_SAMPLES:  # whole batches: a model may fix its batch size
+            break
+        seen += len(next(iter(feed.values())))
         fetched = current_run(feed)
         x = fetched[0]
         target = dense_run(feed)[0].astype(np.float64)
