@@ -27,6 +27,15 @@ def _reaches_output(model: onnx.ModelProto, index: GraphIndex, weight: str) -> b
     return any(o.name in reached for o in model.graph.output)
 
 
+#: Ops that carry learned weights: a head is the last of them before an output.
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _weighted(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """True for a layer with a constant weight (including ones egp-onnx does not prune)."""
+    return node.op_type in _WEIGHTED_OPS and len(node.input) > 1 and index.is_constant(node.input[1])
+
+
 def _output_heads(model: onnx.ModelProto, index: GraphIndex) -> set[str]:
     """Weight initializers of the layers whose output reaches a graph output through unweighted nodes."""
     outputs = {o.name for o in model.graph.output}
@@ -44,7 +53,7 @@ def _output_heads(model: onnx.ModelProto, index: GraphIndex) -> set[str]:
                 continue
             seen.add(tensor)
             for consumer in index.consumers.get(tensor, []):
-                if layer_of(consumer, index) is None:
+                if not _weighted(consumer, index):
                     stack.extend(o for o in consumer.output if o)
     return heads
 

@@ -321,6 +321,8 @@ def test_same_inputs_give_byte_identical_outputs(runner, tmp_path):
             str(folder / "m.onnx"),
             "--sparsity",
             "0.7",
+            "--step",
+            "0.7",
             "--holdout",
             "0.2",
             "--seed",

@@ -67,6 +67,7 @@ def test_guarded_sample_agreement_matches_independent_measurement(tmp_path):
         str(TEST),
         "--min-agreement",
         "0.97",
+        "--no-reconstruct",  # plain EGP: the guard stops it within a few steps
         "--report",
         str(report_path),
     ]
