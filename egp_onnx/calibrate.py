@@ -267,6 +267,11 @@ def _drop_unused_nodes(graph: onnx.GraphProto) -> None:
     graph.input.extend(inputs)
 
 
+def quiet_onnxruntime() -> None:
+    """Keep onnxruntime's own warnings (e.g. from sessions that other libraries open) off stderr."""
+    ort.set_default_logger_severity(3)
+
+
 def make_session(model: onnx.ModelProto, optimize: bool = False, lean: bool = False) -> ort.InferenceSession:
     """A CPU session; graph optimisation off by default so nothing observed is fused away.
 

@@ -46,8 +46,10 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
+    from egp_onnx.calibrate import quiet_onnxruntime
     from egp_onnx.surgery.fold import fold_constants
 
+    quiet_onnxruntime()  # graph-surgeon evaluates the constants in onnxruntime sessions of its own
     return fold_constants(model)
 
 

@@ -310,14 +310,18 @@ def _decomposed(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, str, set[
 
 
 def _gate_nodes(gate: str, index: GraphIndex) -> set[str]:
-    """Names of the HardSigmoid/Clip nodes inside a HardSwish gate (not reported on their own)."""
-    names, tensor = set(), gate
-    for _ in range(3):
-        node = index.producer.get(tensor)
-        if node is None:
-            break
+    """Names of the HardSigmoid, or the [Div/Mul ->] Clip -> Add(x, 3), nodes of a HardSwish gate."""
+    node = index.producer.get(gate)
+    names: set[str] = set()
+    if node is not None and node.op_type in ("Div", "Mul"):
         names.add(node.name)
-        tensor = node.input[0]
+        inner = next((t for t in node.input if not index.is_constant(t)), "")
+        node = index.producer.get(inner)
+    if node is not None and node.op_type in ("HardSigmoid", "Clip"):
+        names.add(node.name)
+        add = index.producer.get(node.input[0]) if node.op_type == "Clip" else None
+        if add is not None and add.op_type == "Add":
+            names.add(add.name)
     return names
 
 
