@@ -39,8 +39,10 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     out = model
     if needs_folding(model.graph):
         try:
-            out = _fold(model)
-        except Exception as exc:  # graph-surgeon and onnxruntime raise their own types
+            folded = _fold(model)
+            onnx.checker.check_model(folded)
+            out = folded
+        except Exception as exc:  # graph-surgeon, onnxruntime and the checker raise their own types
             log.warning("constant folding skipped: %s", one_line(exc))
     return without_initializer_inputs(out)
 
