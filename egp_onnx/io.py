@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from egp_onnx.entropy import ChannelCounts, Statistics
 from egp_onnx.errors import CalibrationError, ModelError, OutputError, one_line
+from egp_onnx.normalize import normalize
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -97,14 +98,19 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 def prepare_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
-    """Return a checked, shape-inferred copy of ``model`` with every node named."""
+    """Return a checked, normalised, shape-inferred copy of ``model`` with every node named.
+
+    Normalisation (:func:`egp_onnx.normalize.normalize`) folds constant subexpressions into
+    initializers and takes initializers out of the graph inputs.
+    """
     try:
         onnx.checker.check_model(model)  # reads only
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelError(f"{source} fails onnx.checker: {one_line(exc)}") from exc
+    normalized = normalize(model)
     try:
         # infer_shapes parses its result into a new ModelProto: that is the copy we name and return
-        copy = onnx.shape_inference.infer_shapes(model)
+        copy = onnx.shape_inference.infer_shapes(normalized)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{source}: ONNX shape inference failed: {one_line(exc)}") from exc
     name_nodes(copy.graph)
