@@ -64,15 +64,10 @@ def accept(
     samples: int = 8,
     batch_size: int = 4,
     fresh_samples: int = 4,
-    statistics_hold: bool = True,
 ) -> Outcome:
     """The corpus acceptance: prunable layers found; sparsity 0 keeps outputs on fresh inputs; 0.5 valid.
 
-    Calibration data and the fresh inputs are separate draws of a normal distribution: rewrites
-    licensed by statistics are exact on the calibration data, and must hold on new samples.
-    With ``statistics_hold=False`` (random-weight models whose dense layers have units that the
-    few calibration samples never turn ON), the sparsity-0 model is checked on the calibration
-    data, and without surgery on the fresh inputs.
+    Calibration data and the fresh inputs are separate draws of a normal distribution.
     """
     calib = {k: rng.normal(size=(samples, *s)).astype(np.float32) for k, s in shapes.items()}
     np.savez(tmp_path / "calib.npz", **calib)
@@ -81,23 +76,22 @@ def accept(
     prunable = sum(r.prunable for r in analysis.layers)
     assert prunable > 0, "analyze finds prunable layers"
     fresh = {k: rng.normal(size=(fresh_samples, *s)).astype(np.float32) for k, s in shapes.items()}
-    same = egp_onnx.compress(model, path, sparsity=0.0, latency=False, batch_size=batch_size)
+    # Sparsity 0 runs exact algebra only (statistics-based rewrites count as pruning), so it holds
+    # on any input; no guard and all samples for calibration: the corpus tests the machinery.
+    plain = {"latency": False, "batch_size": batch_size, "guard": False, "holdout": 0.0}
+    same = egp_onnx.compress(model, path, sparsity=0.0, **plain)
+    onnx.checker.check_model(same.model, full_check=True)
     assert not same.report.surgery.reverted, same.report.surgery.revert_reason
-    if statistics_hold:
-        assert rel_error(run(model, fresh), run(same.model, fresh)) < 1e-5
-    else:
-        # channels never ON in the calibration data were zeroed: exact there, not on new samples
-        assert any(r.kind == "zero_off_channels" for r in same.report.surgery.rewrites)
-        assert rel_error(run(model, calib), run(same.model, calib)) < 1e-5
-        algebra = egp_onnx.compress(
-            model, path, sparsity=0.0, latency=False, batch_size=batch_size, surgery=False
-        )
-        assert rel_error(run(model, fresh), run(algebra.model, fresh)) < 1e-5
-    half = egp_onnx.compress(model, path, sparsity=0.5, latency=False, batch_size=batch_size)
+    assert not any(r.kind in ("zero_off_channels", "remove_rectifier") for r in same.report.surgery.rewrites)
+    assert rel_error(run(model, fresh), run(same.model, fresh)) < 1e-5
+    assert rel_error(run(model, calib), run(same.model, calib)) < 1e-5
+    half = egp_onnx.compress(model, path, sparsity=0.5, **plain)
     onnx.checker.check_model(half.model, full_check=True)
     assert all(np.isfinite(o).all() for o in run(half.model, fresh))
     summary = half.report.model
-    assert summary.sparsity > 0.45 and summary.depth_after <= summary.depth_before
+    # the budget leaves output heads dense: a small model may stop short of 0.5
+    assert summary.sparsity > 0.45 or half.report.stop.reason == "no-weights-left"
+    assert summary.depth_after <= summary.depth_before
     removed = sum(r.kind == "remove_rectifier" and r.applied for r in half.report.surgery.rewrites)
     return Outcome(prunable, summary.depth_before, summary.depth_after, removed)
 

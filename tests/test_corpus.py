@@ -83,7 +83,7 @@ def test_light_zoo_slow(name, rng, tmp_path):
 @pytest.mark.parametrize("name", LIGHT_STATISTICAL)
 def test_light_zoo_statistical(name, rng, tmp_path):
     model, shapes = light_zoo(name, rng)
-    accept(model, shapes, tmp_path, rng, samples=4, statistics_hold=False)
+    accept(model, shapes, tmp_path, rng, samples=4)
 
 
 def test_light_zoo_ownership():
