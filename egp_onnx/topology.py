@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 log = logging.getLogger(__name__)
 
@@ -254,13 +255,49 @@ def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
     return total, nonzero
 
 
+#: Initializers with more elements than this become typed inputs in a shape skeleton.
+SKELETON_MAX_ELEMENTS = 64
+
+
+def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its weights, for shape inference: big initializers become typed inputs.
+
+    Shape inference needs the weights' shapes, not their values (small integer tensors such as a
+    Reshape's target stay, for data propagation), so this copy costs the graph, not the model.
+    Inferred value_info is left out.
+    """
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip=("graph",))
+    source, graph = model.graph, skeleton.graph
+    _copy_fields(source, graph, skip=("initializer", "value_info"))
+    inputs = {i.name for i in source.input}
+    for tensor in source.initializer:
+        if int(np.prod(tensor.dims)) <= SKELETON_MAX_ELEMENTS:
+            graph.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return skeleton
+
+
+def _copy_fields(source: Any, target: Any, skip: tuple[str, ...]) -> None:
+    """Copy every set field of a protobuf message except ``skip``."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        # protobuf >= 6 has is_repeated; older versions only the label
+        if getattr(field, "is_repeated", None) or getattr(field, "label", None) == 3:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
 def static_shapes(
     model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, tuple[int, ...]]:
     """Shapes of every tensor once the inputs have the given concrete shapes ({} if inference fails)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    del fixed.graph.value_info[:]
+    fixed = shape_skeleton(model)
     for value in fixed.graph.input:
         if value.name in input_shapes:
             dims = value.type.tensor_type.shape.dim
