@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from egp_onnx.entropy import ChannelCounts, Statistics
 from egp_onnx.errors import CalibrationError, ModelError, OutputError, one_line
+from egp_onnx.topology import shape_skeleton
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -43,26 +44,38 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"{p} is not an ONNX model (protobuf parse failed: {exc})") from exc
     if model.ir_version == 0 or not model.graph.node:
         raise ModelError(f"{p} is not an ONNX model (no IR version or no graph nodes)")
+    external = any(t.data_location == t.EXTERNAL for t in model.graph.initializer)
     try:
         from onnx.external_data_helper import load_external_data_for_model
 
         load_external_data_for_model(model, str(p.parent))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load external data of {p}: {exc}") from exc
-    return prepare_model(model, source=str(p))
+    return prepare_model(model, source=str(p), serialized=None if external else data)
 
 
-def prepare_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
-    """Return a checked, shape-inferred copy of ``model`` with every node named."""
+def prepare_model(
+    model: onnx.ModelProto, source: str = "model", serialized: bytes | None = None
+) -> onnx.ModelProto:
+    """Return a checked, shape-inferred copy of ``model`` with every node named.
+
+    ``serialized`` is ``model``'s own bytes when the caller has them: the checker reads those
+    instead of serialising the model again.
+    """
     try:
-        onnx.checker.check_model(model)  # reads only
+        onnx.checker.check_model(model if serialized is None else serialized)  # reads only
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelError(f"{source} fails onnx.checker: {one_line(exc)}") from exc
     try:
-        # infer_shapes parses its result into a new ModelProto: that is the copy we name and return
-        copy = onnx.shape_inference.infer_shapes(model)
+        # Inference needs the weights' shapes, not their values: it runs on the graph without them
+        # (a weight-sized serialisation less each way) and its value_info goes onto our copy.
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model, keep_value_info=True))
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{source}: ONNX shape inference failed: {one_line(exc)}") from exc
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.value_info[:]
+    copy.graph.value_info.extend(inferred.graph.value_info)
     name_nodes(copy.graph)
     return copy
 

@@ -93,32 +93,30 @@ def prune_smallest(weights: np.ndarray, count: int, rng: np.random.Generator) ->
         return result
     flat = result.reshape(-1)
     nonzero = flat != 0
-    values = np.abs(flat[nonzero])
-    # The same draws as rng.permutation(values.size), in half the memory for layers under 2**31.
-    tie_break = np.arange(values.size, dtype=np.int32 if values.size < 2**31 else np.int64)
+    candidates = int(np.count_nonzero(nonzero))
+    # The same draws as rng.permutation(candidates), in half the memory for layers under 2**31.
+    tie_break = np.arange(candidates, dtype=np.int32 if candidates < 2**31 else np.int64)
     rng.shuffle(tie_break)
-    if count >= values.size:
+    if count >= candidates:
         flat[nonzero] = 0
         return result
-    chosen = _smallest(values, count, tie_break)
-    kept = flat[nonzero]
-    kept[chosen] = 0
-    flat[nonzero] = kept
-    return result
-
-
-def _smallest(values: np.ndarray, count: int, tie_break: np.ndarray) -> np.ndarray:
-    """Mask of the ``count`` first entries of ``values`` in (value, tie_break) order; NaN last."""
-    threshold = np.partition(values, count - 1)[count - 1]
+    magnitude = np.abs(flat)
+    # Zeros (and -0.0) sort first, NaN last: the count-th smallest non-zero magnitude is at
+    # position zeros + count - 1 of the whole layer's order.
+    k = flat.size - candidates + count - 1
+    threshold = np.partition(magnitude, k)[k]
     if np.isnan(threshold):
-        chosen, ties = ~np.isnan(values), np.flatnonzero(np.isnan(values))
+        chosen, ties = ~np.isnan(magnitude), np.flatnonzero(np.isnan(magnitude))
     else:
-        chosen, ties = values < threshold, np.flatnonzero(values == threshold)
+        chosen, ties = magnitude < threshold, np.flatnonzero(magnitude == threshold)
+    chosen &= nonzero  # -0.0 stays as it is
     need = count - int(np.count_nonzero(chosen))
-    if need < ties.size:
-        ties = ties[np.argpartition(tie_break[ties], need - 1)[:need]]
+    if need < ties.size:  # break the ties by the permutation, indexed by rank among the non-zeros
+        ranks = ties - np.searchsorted(np.flatnonzero(~nonzero), ties)
+        ties = ties[np.argpartition(tie_break[ranks], need - 1)[:need]]
     chosen[ties] = True
-    return chosen
+    flat[chosen] = 0
+    return result
 
 
 def global_magnitude_amounts(weights: list[np.ndarray], budget: int) -> np.ndarray:

@@ -198,11 +198,15 @@ def initializer_arrays(model: onnx.ModelProto, names: list[str]) -> dict[str, np
 def replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` whose named initializers hold ``arrays`` (dtype preserved)."""
     copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for tensor in copy.graph.initializer:
-        if tensor.name in arrays:
-            dtype = numpy_helper.to_array(tensor).dtype
-            tensor.CopyFrom(numpy_helper.from_array(arrays[tensor.name].astype(dtype), tensor.name))
+    _copy_fields(model, copy, skip=("graph",))
+    _copy_fields(model.graph, copy.graph, skip=("initializer",))
+    for tensor in model.graph.initializer:
+        if tensor.name in arrays:  # written once, not copied from the old values first
+            dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            value = np.asarray(arrays[tensor.name]).astype(dtype, copy=False)
+            copy.graph.initializer.append(numpy_helper.from_array(value, tensor.name))
+        else:
+            copy.graph.initializer.append(tensor)
     return copy
 
 
@@ -259,17 +263,17 @@ def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
 SKELETON_MAX_ELEMENTS = 64
 
 
-def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def shape_skeleton(model: onnx.ModelProto, keep_value_info: bool = False) -> onnx.ModelProto:
     """The model without its weights, for shape inference: big initializers become typed inputs.
 
     Shape inference needs the weights' shapes, not their values (small integer tensors such as a
     Reshape's target stay, for data propagation), so this copy costs the graph, not the model.
-    Inferred value_info is left out.
+    Its value_info is left out unless ``keep_value_info``.
     """
     skeleton = onnx.ModelProto()
     _copy_fields(model, skeleton, skip=("graph",))
     source, graph = model.graph, skeleton.graph
-    _copy_fields(source, graph, skip=("initializer", "value_info"))
+    _copy_fields(source, graph, skip=("initializer",) if keep_value_info else ("initializer", "value_info"))
     inputs = {i.name for i in source.input}
     for tensor in source.initializer:
         if int(np.prod(tensor.dims)) <= SKELETON_MAX_ELEMENTS:
@@ -277,6 +281,39 @@ def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         elif tensor.name not in inputs:
             graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     return skeleton
+
+
+#: The external-data location of a weight stub: its values are held in memory (see split_weights).
+IN_MEMORY = "egp-onnx:in-memory"
+
+
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model with stubs for its large numeric initializers, and their values as arrays.
+
+    A stub keeps the initializer's name, type and shape and marks its data as external, at
+    :data:`IN_MEMORY`; onnxruntime takes the values from memory (``add_external_initializers``),
+    so a session needs no serialised copy of the weights. Stubs already in ``model`` stay stubs.
+    """
+    stubbed = onnx.ModelProto()
+    _copy_fields(model, stubbed, skip=("graph",))
+    graph = stubbed.graph
+    _copy_fields(model.graph, graph, skip=("initializer",))
+    values: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        if int(np.prod(tensor.dims)) <= SKELETON_MAX_ELEMENTS or tensor.data_location == tensor.EXTERNAL:
+            graph.initializer.append(tensor)
+            continue
+        array = numpy_helper.to_array(tensor)
+        if array.dtype.kind not in "fiub":  # strings, bfloat16 and such stay in the protobuf
+            graph.initializer.append(tensor)
+            continue
+        values[tensor.name] = array
+        stub = graph.initializer.add()
+        stub.name, stub.data_type = tensor.name, tensor.data_type
+        stub.dims.extend(tensor.dims)
+        stub.data_location = tensor.EXTERNAL
+        stub.external_data.add(key="location", value=IN_MEMORY)
+    return stubbed, values
 
 
 def _copy_fields(source: Any, target: Any, skip: tuple[str, ...]) -> None:

@@ -128,7 +128,7 @@ LATENCY_MAX_RUNS = 200
 LATENCY_MIN_RUNS = 3
 #: Untimed runs of each model per batch size, at least; more while they take under a tenth of the
 #: budget (the first runs allocate and plan memory for the new shape).
-LATENCY_WARMUP = 2
+LATENCY_WARMUP = 1
 
 
 def latency_feeds(model: onnx.ModelProto, feed: Batch) -> list[Batch]:
