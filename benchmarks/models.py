@@ -68,3 +68,42 @@ def resnet(blocks: int = 4, channels: int = 32, size: int = 32, seed: int = 0) -
         h = f"b{i}.relu2"
     nodes.append(helper.make_node("GlobalAveragePool", [h], ["y"], name="pool"))
     return _model(nodes, inits, ["N", 3, size, size], "y", ["N", channels, 1, 1])
+
+
+def light_vgg19_path() -> str:
+    """The onnx package's light-zoo VGG-19 (graph only: its weights are ConstantOfShape fills)."""
+    from pathlib import Path
+
+    return str(Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_vgg19.onnx")
+
+
+def vgg19(seed: int = 0) -> onnx.ModelProto:
+    """The light zoo's VGG-19 (143.7 M parameters) with seeded He-normal weights as initializers.
+
+    Its ConstantOfShape fills become real initializers (no longer graph inputs), and the batch
+    dimension becomes symbolic ("N"; the Reshape before fc6 gets -1) so calibration can batch.
+    """
+    rng = np.random.default_rng(seed)
+    source = onnx.load(light_vgg19_path())
+    shapes = {t.name: numpy_helper.to_array(t) for t in source.graph.initializer}
+    inits = [t for t in source.graph.initializer if not t.name.endswith("__SHAPE")]
+    nodes = []
+    for node in source.graph.node:
+        if node.op_type != "ConstantOfShape":
+            nodes.append(node)
+            continue
+        shape = tuple(int(d) for d in shapes[node.input[0]])
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        scale = np.sqrt(2.0 / fan_in) if len(shape) > 1 else 0.1
+        value = (rng.standard_normal(size=shape, dtype=np.float32) * np.float32(scale)).astype(np.float32)
+        inits.append(numpy_helper.from_array(value, node.output[0]))
+    reshape = next(t for t in inits if t.name == "OC2_DUMMY_1")
+    reshape.CopyFrom(numpy_helper.from_array(np.array([-1, 25088], dtype=np.int64), "OC2_DUMMY_1"))
+    x = helper.make_tensor_value_info("data_0", TensorProto.FLOAT, ["N", 3, 224, 224])
+    graph = helper.make_graph(
+        nodes, "vgg19", [x], [helper.make_tensor_value_info("prob_1", TensorProto.FLOAT, ["N", 1000])], inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    onnx.checker.check_model(model)
+    return model
