@@ -2,4 +2,4 @@
 
 from egp_onnx.cli import main
 
-main()
+main(prog_name="egp-onnx")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
 import sys
-from collections.abc import Callable
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,18 +17,12 @@ import click
 
 from egp_onnx import __version__
 from egp_onnx.data import open_calibration
-from egp_onnx.errors import ConfigError, EgpError
-from egp_onnx.io import (
-    check_output_paths,
-    load_model,
-    model_fingerprint,
-    save_model,
-    save_statistics,
-    save_text,
-)
+from egp_onnx.errors import INTERNAL_ERROR_EXIT, ConfigError, EgpError, one_line
+from egp_onnx.io import external_data_path, load_model, model_fingerprint, statistics_bytes
+from egp_onnx.outputs import InputPath, OutputPlan, OutputWriter, input_path, model_inputs, plan_outputs
 from egp_onnx.pipeline import METHODS, analyze, compress, statistics
-from egp_onnx.plot import save_plot
-from egp_onnx.plugins import load_attribute
+from egp_onnx.plot import plot_format, render_plot
+from egp_onnx.plugins import load_attribute, source_file
 from egp_onnx.report import (
     analysis_table,
     compression_summary,
@@ -32,6 +31,7 @@ from egp_onnx.report import (
     op_table,
     to_json,
 )
+from egp_onnx.settings import Settings, check_positive, check_tolerances
 from egp_onnx.verify import compare, outputs_table_rows, passes
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,8 +79,6 @@ def _finetune_callback(
         return None
     if train is None:
         raise ConfigError("--torch-model needs --train PATH (an .npz with inputs and labels)")
-    if epochs < 1 or lr <= 0:
-        raise ConfigError("--epochs must be at least 1 and --lr positive")
     try:
         from egp_onnx.torch import ClassificationFinetune
     except ImportError as exc:
@@ -98,9 +96,36 @@ def _finetune_callback(
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError as exc:
         raise ConfigError(f"--mean/--std take comma-separated numbers, got {text!r}") from exc
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"--mean/--std take finite numbers, got {text!r}")
+    return values
+
+
+def _check_data_options(batch_size: int, workers: int, mean: str, std: str) -> None:
+    """Refuse bad data options before any work starts."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise ConfigError(f"--workers must be at least 0, got {workers}")
+    _floats(mean)
+    if any(v == 0 for v in _floats(std)):
+        raise ConfigError("--std values must be non-zero")
+
+
+def _reads(*named: tuple[str, Path | None]) -> list[InputPath]:
+    """The inputs named by options (None: not given)."""
+    return [input_path(option, path) for option, path in named if path is not None]
+
+
+def _write_all(plan: OutputPlan, files: list[tuple[Path, bytes]]) -> None:
+    """Stage every (path, bytes) output of a run and commit them together."""
+    with OutputWriter(plan) as writer:
+        for path, data in files:
+            writer.write_bytes(path, data)
+        writer.commit()
 
 
 def _stats_option(func: F) -> F:
@@ -144,26 +169,109 @@ def _add_data_options(func: F, required: bool) -> F:
     return func
 
 
-def _run(action: Callable[[], None]) -> None:
-    """Run a command; EgpError becomes one line on stderr and its exit code."""
+def _log_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, *args: Any, **kwargs: Any
+) -> None:
+    """Python warnings as one log line (they obey --quiet like every other warning)."""
+    logging.getLogger("egp_onnx").warning("%s: %s", category.__name__, one_line(Exception(str(message))))
+
+
+def _debug() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("debug"))
+
+
+def _run(action: Callable[[], None], quiet: bool = False) -> None:
+    """Run a command: whatever goes wrong becomes one line on stderr and a documented exit code.
+
+    EgpError: its exit code (2, or 1 for a failed guard); an interrupt: 130; anything else is a
+    defect of egp-onnx: exit code 3. `egp-onnx --debug` prints the trace as well.
+    """
     try:
-        action()
+        with warnings.catch_warnings(), _quiet(quiet):
+            warnings.showwarning = _log_warning
+            action()
     except EgpError as exc:
-        click.echo(f"egp-onnx: {exc.label}: {exc}", err=True)
+        if _debug():
+            traceback.print_exc()
+        click.echo(f"egp-onnx: {exc.label}: {one_line(exc, limit=2000)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("egp-onnx: interrupted; nothing was written", err=True)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except MemoryError:
+        click.echo("egp-onnx: error: out of memory; lower --batch-size or use fewer samples", err=True)
+        sys.exit(INTERNAL_ERROR_EXIT)
+    except Exception as exc:  # the last resort: no traceback reaches the user without --debug
+        if _debug():
+            traceback.print_exc()
+        click.echo(
+            f"egp-onnx: internal error: {type(exc).__name__}: {one_line(exc)} (a defect of egp-onnx; "
+            "rerun as egp-onnx --debug ... for the trace)",
+            err=True,
+        )
+        sys.exit(INTERNAL_ERROR_EXIT)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@contextlib.contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    """With --quiet, only errors are logged while the block runs."""
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("egp_onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+#: click >= 8.2 raises this for a group called without arguments; it shows the help.
+_NO_ARGS_IS_HELP: tuple[type[click.UsageError], ...] = tuple(
+    t for t in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if t is not None
+)
+
+
+class _Group(click.Group):
+    """A command group whose usage errors are one line on stderr, like every other error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the command line; click's own errors become `egp-onnx: error: ...` and exit code 2."""
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except _NO_ARGS_IS_HELP as exc:  # `egp-onnx` alone: the help, as click prints it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            hint = ""
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                hint = f" (see {exc.ctx.command_path} --help)"
+            click.echo(f"egp-onnx: error: {one_line(Exception(exc.format_message()))}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("egp-onnx: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="egp-onnx")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
-def main(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="Print the Python trace of an error as well.")
+def main(verbose: bool, debug: bool) -> None:
     """Entropy-Guided Pruning for ONNX models.
 
     Measures how often each ReLU channel is ON on calibration data and prunes the weights
-    where the entropy is lowest, so that whole layers become removable.
+    where the entropy is lowest, so that whole layers become removable. Exit codes: 0 done,
+    1 a guard or `verify` failed, 2 bad input, 3 a defect of egp-onnx, 130 interrupted.
     """
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -200,7 +308,9 @@ def analyze_command(
     """
 
     def action() -> None:
-        check_output_paths([json_path], [model], force)
+        _check_data_options(batch_size, workers, mean, std)
+        reads = [*model_inputs(model), *_reads(("--calib", calib), *(("--stats", p) for p in stats_paths))]
+        plan = plan_outputs([json_path], reads, force)  # before any work
         progress = _StderrProgress(sys.stderr.isatty())
         report = analyze(
             model,
@@ -218,7 +328,7 @@ def analyze_command(
         zero = sum(r.prunable and r.entropy == 0 for r in report.layers)
         click.echo(f"\n{report.samples} samples; {prunable} prunable rectifiers, {zero} with zero entropy")
         if json_path is not None:
-            save_text(to_json(report), json_path)
+            _write_all(plan, [(json_path, to_json(report).encode("utf-8"))])
             click.echo(f"report: {json_path}")
 
     _run(action)
@@ -241,7 +351,8 @@ def stats_command(
     """
 
     def action() -> None:
-        check_output_paths([output], [model, calib], force)
+        _check_data_options(batch_size, workers, mean, std)
+        plan = plan_outputs([output], [*model_inputs(model), *_reads(("--calib", calib))], force)
         progress = _StderrProgress(sys.stderr.isatty())
         proto, _, sites, stats = statistics(
             model,
@@ -253,7 +364,7 @@ def stats_command(
             progress=progress,
         )
         progress.close()
-        save_statistics(stats, model_fingerprint(proto), output)
+        _write_all(plan, [(output, statistics_bytes(stats, model_fingerprint(proto)))])
         click.echo(f"{stats.samples} samples, {len(sites)} rectifiers: {output}")
 
     _run(action)
@@ -396,8 +507,40 @@ def compress_command(
     """Prune MODEL with Entropy-Guided Pruning, reduce its depth, and write it to OUTPUT."""
 
     def action() -> None:
-        inputs = [p for p in (model, calib, eval_path, train_path, *stats_paths) if p is not None]
-        check_output_paths([output, report_path, plot_path], inputs, force)
+        Settings(
+            sparsity=sparsity,
+            step=step,
+            method=method,
+            batch_size=batch_size,
+            seed=seed,
+            merge_tolerance=merge_tolerance,
+            holdout=holdout,
+            min_agreement=min_agreement,
+            max_rel_error=max_rel_error,
+        ).check()
+        _check_data_options(batch_size, workers, mean, std)
+        if epochs < 1:
+            raise ConfigError(f"--epochs must be at least 1, got {epochs}")
+        check_positive("--lr", lr)
+        reads = [
+            *model_inputs(model),
+            *_reads(
+                ("--calib", calib),
+                ("--eval", eval_path),
+                ("--train", train_path),
+                *(("--stats", p) for p in stats_paths),
+                ("--finetune", source_file(finetune_spec)),
+                ("--torch-model", source_file(torch_model)),
+            ),
+        ]
+        data_file = external_data_path(output)
+        plan = plan_outputs(
+            [output, data_file if external_data else None, report_path, plot_path],
+            reads,
+            force,
+            possible=[] if external_data else [data_file],
+        )
+        plot_type = None if plot_path is None else plot_format(plot_path)  # matplotlib is there
         finetune = _finetune_callback(finetune_spec, torch_model, train_path, epochs, lr)
         progress = _StderrProgress(sys.stderr.isatty() and not quiet)
         result = compress(
@@ -423,11 +566,13 @@ def compress_command(
             progress=progress,
         )
         progress.close()
-        save_model(result.model, output, external=True if external_data else None, force=force)
-        if report_path is not None:
-            save_text(to_json(result.report), report_path)
-        if plot_path is not None:
-            save_plot(result.report, plot_path)
+        with OutputWriter(plan) as writer:  # every output written, then all committed together
+            writer.write_model(result.model, output, external=True if external_data else None)
+            if report_path is not None:
+                writer.write_bytes(report_path, to_json(result.report).encode("utf-8"))
+            if plot_path is not None and plot_type is not None:
+                writer.write_bytes(plot_path, render_plot(result.report, plot_type))
+            writer.commit()
         if quiet:
             return
         click.echo(compression_table(result.report))
@@ -437,7 +582,7 @@ def compress_command(
         written = [str(p) for p in (output, report_path, plot_path) if p is not None]
         click.echo(compression_summary(result.report, written))
 
-    _run(action)
+    _run(action, quiet=quiet)
 
 
 @main.command("verify")
@@ -473,6 +618,7 @@ def verify_command(
     def action() -> None:
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+        check_tolerances(atol, rtol, min_agreement)
         reference, candidate = load_model(original), load_model(compressed)
         fidelity = compare(reference, candidate, open_calibration(data, reference), batch_size, atol, rtol)
         rows = list(outputs_table_rows(fidelity))

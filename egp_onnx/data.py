@@ -5,6 +5,7 @@ Every batch is checked against the model's inputs (names, ranks, fixed dims, dty
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +20,8 @@ import onnx
 from onnx import helper
 
 from egp_onnx.errors import CalibrationError
+
+log = logging.getLogger(__name__)
 
 LABELS_KEY = "labels"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -104,6 +107,25 @@ def _check_arrays(arrays: Batch, specs: Sequence[InputSpec], where: str) -> int:
     return samples
 
 
+def class_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """Class indices (N,): one-hot or score rows (N, C) become their argmax.
+
+    Raises:
+        CalibrationError: labels of another rank, or not numbers.
+
+    """
+    if not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
+        raise CalibrationError(f"{where}: '{LABELS_KEY}' hold {labels.dtype} values; give class indices")
+    if labels.ndim == 2:
+        return labels.argmax(axis=1)
+    if labels.ndim != 1:
+        raise CalibrationError(
+            f"{where}: '{LABELS_KEY}' have shape {labels.shape}; "
+            "give class indices (N,) or one-hot rows (N, C)"
+        )
+    return labels
+
+
 def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
@@ -134,26 +156,34 @@ class CalibrationData:
         self.description = description
         self.workers = workers
         self._shards = list(shards)
+        self.unused = 0  # samples left out of a pass: they do not fill the model's fixed batch size
         self._first: tuple[Batch, np.ndarray | None] | None = self._load(0)  # checked now, used once
 
     def _load(self, i: int) -> tuple[Batch, np.ndarray | None]:
         arrays, labels = self._shards[i]()
         where = self.description if len(self._shards) == 1 else f"{self.description} (part {i + 1})"
         samples = _check_arrays(arrays, self.specs, where)
-        if labels is not None and len(labels) != samples:
-            raise CalibrationError(f"{where}: {len(labels)} labels for {samples} samples")
+        if labels is not None:
+            labels = class_labels(labels, where)
+            if len(labels) != samples:
+                raise CalibrationError(f"{where}: {len(labels)} labels for {samples} samples")
         return arrays, labels
 
     def batches(self, batch_size: int) -> Iterator[tuple[Batch, np.ndarray | None]]:
-        """Yield (feed, labels) batches of ``batch_size`` samples (the last may be smaller)."""
+        """Yield (feed, labels) batches of ``batch_size`` samples (the last may be smaller).
+
+        A model whose batch size is fixed gets batches of exactly that size; samples that do not
+        fill the last one are left out, and a warning says how many.
+        """
         fixed = self.specs[0].shape[0] if self.specs[0].shape else None
         if fixed is not None:
             batch_size = fixed
         pending: list[tuple[Batch, np.ndarray | None]] = []
-        pending_size = 0
+        pending_size = total = 0
         for shard in self._loaded():
             pending.append(shard)
             pending_size += next(iter(shard[0].values())).shape[0]
+            total += next(iter(shard[0].values())).shape[0]
             del shard  # no reference may outlive the shard's last batch: memory stays at one shard
             while pending_size >= batch_size:
                 merged, merged_labels = _concat(pending)
@@ -166,6 +196,17 @@ class CalibrationData:
                 del merged, merged_labels, rest
         if pending_size and fixed is None:
             yield _concat(pending)
+        elif pending_size and not self.unused:
+            self.unused = pending_size  # warned once per data set, not at every loop step
+            log.warning(
+                "%s: the model's batch size is fixed at %d: %d of %d samples do not fill a batch and "
+                "are not used (give a multiple of %d samples)",
+                self.description,
+                batch_size,
+                pending_size,
+                total,
+                batch_size,
+            )
 
     def _loaded(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
         """The shards in order, loaded ahead by ``workers`` threads when asked."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+#: The exit code of an unexpected failure, a defect of egp-onnx (bad input exits with 2).
+INTERNAL_ERROR_EXIT = 3
+
 
 class EgpError(Exception):
     """Base class: a problem with the user's input that the user can fix.

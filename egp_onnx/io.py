@@ -7,7 +7,7 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +44,57 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"{p} is not an ONNX model (protobuf parse failed: {exc})") from exc
     if model.ir_version == 0 or not model.graph.node:
         raise ModelError(f"{p} is not an ONNX model (no IR version or no graph nodes)")
-    external = any(t.data_location == t.EXTERNAL for t in model.graph.initializer)
+    external = bool(external_data_files(model, p))  # checks every location before onnx reads one
     try:
         from onnx.external_data_helper import load_external_data_for_model
 
         load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load external data of {p}: {exc}") from exc
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelError(f"cannot load external data of {p}: {one_line(exc)}") from exc
     return prepare_model(model, source=str(p), serialized=None if external else data)
+
+
+def external_data_files(model: onnx.ModelProto, path: str | os.PathLike[str]) -> list[Path]:
+    """The files that hold the external data of ``model`` (read from ``path``), checked.
+
+    Raises:
+        ModelError: a location points outside the model's folder, or its file is missing.
+
+    """
+    model_path = Path(path)
+    folder = model_path.parent.resolve()
+    files: dict[Path, None] = {}
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise ModelError(
+                f"{model_path}: tensor '{tensor.name}' keeps its data at {location!r}, outside the "
+                "model's folder; move the file beside the model and give its bare name as location"
+            )
+        if not target.is_file():
+            raise ModelError(
+                f"{model_path}: external data file {location} of tensor '{tensor.name}' not found "
+                f"beside the model (in {model_path.parent})"
+            )
+        files[target] = None
+    return list(files)
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and attribute tensors of ``graph`` and of its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
 
 
 def prepare_model(
@@ -93,40 +136,6 @@ def name_nodes(graph: onnx.GraphProto) -> None:
         taken.add(name)
 
 
-def check_output_paths(
-    outputs: Iterable[str | os.PathLike[str] | None],
-    inputs: Iterable[str | os.PathLike[str]],
-    force: bool,
-) -> None:
-    """Refuse output paths that would lose data, before any work starts.
-
-    Raises:
-        OutputError: an output equals an input, exists without ``force``, or its folder is
-            missing or not writable.
-
-    """
-    resolved_inputs = {Path(p).resolve() for p in inputs}
-    seen: set[Path] = set()
-    for out in outputs:
-        if out is None:
-            continue
-        target = Path(out).resolve()
-        if target in resolved_inputs:
-            raise OutputError(f"output {out} is the input file; choose another output path")
-        if target in seen:
-            raise OutputError(f"output path {out} is given twice")
-        seen.add(target)
-        if target.is_dir():
-            raise OutputError(f"output {out} is a directory; give a file path")
-        if target.exists() and not force:
-            raise OutputError(f"output {out} exists; pass --force to overwrite it")
-        folder = target.parent
-        if not folder.is_dir():
-            raise OutputError(f"output folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise OutputError(f"output folder {folder} is not writable")
-
-
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
     target = Path(path)
@@ -136,14 +145,15 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; outputs get the usual umask mode
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; outputs get the usual umask mode
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _new_file_mode() -> int:
+def new_file_mode() -> int:
+    """The mode a new file gets under the current umask (0666 less the umask)."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -202,7 +212,7 @@ def _save_with_external_data(model: onnx.ModelProto, target: Path, force: bool) 
             location=data_path.name,
             size_threshold=0,
         )
-        mode = _new_file_mode()
+        mode = new_file_mode()
         for name in (data_path.name, target.name):
             if (staging / name).exists():
                 os.chmod(staging / name, mode)
@@ -236,6 +246,14 @@ def model_fingerprint(model: onnx.ModelProto) -> str:
 
 def save_statistics(stats: Statistics, fingerprint: str, path: str | os.PathLike[str]) -> None:
     """Write counts as an .npz that `--stats` reads back and merges (atomically)."""
+    try:
+        write_bytes_atomic(path, statistics_bytes(stats, fingerprint))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def statistics_bytes(stats: Statistics, fingerprint: str) -> bytes:
+    """Counts as the bytes of an .npz that `--stats` reads back and merges."""
     names = sorted(stats.counts)
     arrays: dict[str, np.ndarray] = {
         "format": np.array(STATS_FORMAT),
@@ -249,10 +267,7 @@ def save_statistics(stats: Statistics, fingerprint: str, path: str | os.PathLike
     buffer = io.BytesIO()
     savez: Any = np.savez  # numpy's stub reads **arrays as its allow_pickle flag
     savez(buffer, **arrays)
-    try:
-        write_bytes_atomic(path, buffer.getvalue())
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+    return buffer.getvalue()
 
 
 def load_statistics(paths: Sequence[str | os.PathLike[str]], fingerprint: str) -> Statistics:
@@ -277,7 +292,13 @@ def load_statistics(paths: Sequence[str | os.PathLike[str]], fingerprint: str) -
                     n: ChannelCounts(npz[f"on_{i}"], int(npz[f"total_{i}"])) for i, n in enumerate(names)
                 }
                 part = Statistics(counts, int(npz["samples"]))
-        except (OSError, KeyError, ValueError, EOFError) as exc:
+        except KeyError as exc:
+            raise CalibrationError(
+                f"{path} is not a statistics file (egp-onnx stats writes them)"
+            ) from exc
+        except FileNotFoundError as exc:
+            raise CalibrationError(f"statistics file not found: {path}") from exc
+        except (OSError, ValueError, EOFError) as exc:
             raise CalibrationError(f"cannot read statistics file {path}: {one_line(exc)}") from exc
         merged = part if merged is None else merged.merged(part)
     if merged is None:

@@ -13,7 +13,7 @@ from egp_onnx import entropy as ent
 from egp_onnx import prune
 from egp_onnx.calibrate import Statistics, collect_statistics
 from egp_onnx.data import CalibrationData
-from egp_onnx.errors import FinetuneError, GuardError
+from egp_onnx.errors import EgpError, FinetuneError, GuardError, one_line
 from egp_onnx.report import Fidelity, StepRecord, StopRecord
 from egp_onnx.settings import Settings
 from egp_onnx.topology import (
@@ -180,25 +180,71 @@ def run_loop(
 def _finetuned(candidate: onnx.ModelProto, layers: LayerSet, finetune: Finetune) -> onnx.ModelProto:
     """Run the callback, take its tensor values, and hold the masks: pruned weights stay zero."""
     masks = {name: w != 0 for name, w in zip(layers.weight_names, layers.weights, strict=True)}
-    returned = finetune(candidate, {k: v.copy() for k, v in masks.items()})
+    name = getattr(finetune, "__qualname__", type(finetune).__name__)
+    try:
+        returned = finetune(candidate, {k: v.copy() for k, v in masks.items()})
+    except EgpError:
+        raise
+    except Exception as exc:  # the user's training code may fail in any way
+        raise FinetuneError(
+            f"the finetune callback {name} failed: {type(exc).__name__}: {one_line(exc)}"
+        ) from exc
+    values = finetune_values(returned, candidate, layers.weight_names, name)
+    retrained = replace_tensors(candidate, values)
+    arrays = initializer_arrays(retrained, layers.weight_names)
+    layers.weights = [arrays[n] * masks[n] for n in layers.weight_names]
+    return layers.apply(retrained)
+
+
+def finetune_values(
+    returned: object, candidate: onnx.ModelProto, required: list[str], name: str = "finetune"
+) -> dict[str, np.ndarray]:
+    """The tensor values a finetune callback returned, checked against ``candidate``.
+
+    Every name must be a tensor of the model, with the same shape and dtype, and floating values
+    must be finite: anything else would be broadcast, cast or written into the model.
+
+    Raises:
+        FinetuneError: one line naming the callback and the first bad tensor.
+
+    """
+    callback = f"the finetune callback {name}"
     if isinstance(returned, onnx.ModelProto):
         values = tensor_values(returned)
-        missing = sorted(set(layers.weight_names) - values.keys())
+        missing = sorted(set(required) - values.keys())
         if missing:
             raise FinetuneError(
-                f"the finetune callback returned a model without the tensors {', '.join(missing[:3])}; "
+                f"{callback} returned a model without the tensors {', '.join(missing[:3])}; "
                 "return a model with the same initializer names, or a dict of new tensor values"
             )
     elif isinstance(returned, Mapping):
-        values = {k: np.asarray(v) for k, v in returned.items()}
+        values = {}
+        for key, value in returned.items():
+            try:
+                values[str(key)] = np.asarray(value)
+            except Exception as exc:  # e.g. a torch tensor that still requires grad
+                raise FinetuneError(
+                    f"{callback} returned a value for '{key}' that is not an array ({type(value).__name__}: "
+                    f"{one_line(exc)})"
+                ) from exc
     else:
         raise FinetuneError(
-            f"the finetune callback returned {type(returned).__name__}; expected an onnx.ModelProto or a dict"
+            f"{callback} returned {type(returned).__name__}; expected an onnx.ModelProto or a dict"
         )
-    try:
-        retrained = replace_tensors(candidate, values)
-    except KeyError as exc:
-        raise FinetuneError(f"the finetune callback returned unusable values: {exc.args[0]}") from exc
-    arrays = initializer_arrays(retrained, layers.weight_names)
-    layers.weights = [arrays[name] * masks[name] for name in layers.weight_names]
-    return layers.apply(retrained)
+    current = tensor_values(candidate)
+    for key, value in values.items():
+        want = current.get(key)
+        if want is None:
+            raise FinetuneError(f"{callback} returned unusable values: {key} is not a tensor of the model")
+        if value.shape != want.shape:
+            raise FinetuneError(
+                f"{callback} returned tensor '{key}' with shape {value.shape}; the model's is {want.shape}"
+            )
+        if value.dtype != want.dtype:
+            raise FinetuneError(
+                f"{callback} returned tensor '{key}' as {value.dtype}; the model's is {want.dtype} "
+                f"(convert with .astype(np.{want.dtype.name}))"
+            )
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise FinetuneError(f"{callback} returned tensor '{key}' with NaN or Inf values")
+    return values

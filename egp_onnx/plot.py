@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from egp_onnx.errors import ConfigError
+from egp_onnx.errors import ConfigError, one_line
 from egp_onnx.io import write_bytes_atomic
 from egp_onnx.report import CompressionReport
 
+#: The file types --plot writes, taken from the suffix (matplotlib's raster ones go through Pillow).
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "tif", "tiff", "webp", "eps", "ps")
 
-def render_png(report: CompressionReport) -> bytes:
-    """Per-layer entropy and kept weights before/after, and the loop's sparsity-vs-agreement curve."""
+#: Metadata that keeps the file byte-identical between runs (no dates, no version strings).
+_STABLE_METADATA: dict[str, dict[str, None]] = {
+    "png": {"Software": None},
+    "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+    "svg": {"Creator": None, "Date": None},
+}
+
+
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -21,6 +32,34 @@ def render_png(report: CompressionReport) -> bytes:
         from matplotlib import pyplot as plt
     except ImportError as exc:
         raise ConfigError("--plot needs matplotlib: pip install 'egp-onnx[plot]'") from exc
+    return plt
+
+
+def plot_format(path: str | os.PathLike[str]) -> str:
+    """The file type ``path``'s suffix asks for, once matplotlib is known to be there.
+
+    Raises:
+        ConfigError: matplotlib is missing, or it cannot write that suffix.
+
+    """
+    _pyplot()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise ConfigError(
+            f"--plot {path}: cannot draw a {'.' + suffix if suffix else 'suffix-less'} file; "
+            f"end the name in one of .{', .'.join(PLOT_FORMATS)}"
+        )
+    return suffix
+
+
+def render_png(report: CompressionReport) -> bytes:
+    """The plot of :func:`render_plot` as PNG bytes."""
+    return render_plot(report, "png")
+
+
+def render_plot(report: CompressionReport, file_format: str = "png") -> bytes:
+    """Per-layer entropy and kept weights before/after, and the loop's sparsity-vs-agreement curve."""
+    plt = _pyplot()
     layers = report.layers
     names = [layer.name for layer in layers]
     x = np.arange(len(layers))
@@ -65,11 +104,16 @@ def render_png(report: CompressionReport) -> bytes:
     ax.legend()
     fig.suptitle(f"{report.source}: depth {report.model.depth_before} -> {report.model.depth_after}")
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    metadata = _STABLE_METADATA.get(file_format)
+    try:
+        fig.savefig(buffer, format=file_format, dpi=100, metadata=metadata)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise ConfigError(f"--plot: matplotlib cannot write {file_format}: {one_line(exc)}") from exc
+    finally:
+        plt.close(fig)
     return buffer.getvalue()
 
 
 def save_plot(report: CompressionReport, path: str | os.PathLike[str]) -> None:
-    """Render the plot and write it atomically."""
-    write_bytes_atomic(path, render_png(report))
+    """Render the plot in the format of ``path``'s suffix and write it atomically."""
+    write_bytes_atomic(path, render_plot(report, plot_format(path)))

@@ -44,3 +44,30 @@ def load_attribute(spec: str, option: str) -> Any:
         return getattr(module, attribute)
     except AttributeError as exc:
         raise ConfigError(f"{option}: {module_name} has no attribute {attribute}") from exc
+
+
+def source_file(spec: str | None) -> Path | None:
+    """The file a ``module:attribute`` spec loads code from, found without running any of it.
+
+    Looks where :func:`load_attribute` imports from: the named file, else the current folder,
+    else (top-level modules only) the import path. None when it cannot be told.
+    """
+    if not spec:
+        return None
+    module_name = spec.rpartition(":")[0]
+    if module_name.endswith(".py"):
+        return Path(module_name)
+    if not module_name:
+        return None
+    local = Path.cwd().joinpath(*module_name.split("."))
+    for candidate in (local.with_suffix(".py"), local / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    if "." in module_name:
+        return None  # finding a submodule would import (run) its package
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    origin = found.origin if found is not None else None
+    return Path(origin) if origin and Path(origin).is_file() else None

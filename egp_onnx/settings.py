@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from egp_onnx.errors import ConfigError
@@ -36,16 +37,43 @@ class Settings:
             raise ConfigError(f"--step must be in (0, 1], got {self.step}")
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.merge_tolerance < 0:
-            raise ConfigError(f"--merge-tolerance must be at least 0, got {self.merge_tolerance}")
+        if not _finite_at_least(self.merge_tolerance, 0.0):
+            raise ConfigError(f"--merge-tolerance must be a finite number >= 0, got {self.merge_tolerance}")
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}")
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
             raise ConfigError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
-        if self.max_rel_error is not None and self.max_rel_error < 0:
-            raise ConfigError(f"--max-rel-error must be at least 0, got {self.max_rel_error}")
+        if self.max_rel_error is not None and not _finite_at_least(self.max_rel_error, 0.0):
+            raise ConfigError(f"--max-rel-error must be a finite number >= 0, got {self.max_rel_error}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be at least 0, got {self.seed}")
 
     @property
     def guarded(self) -> bool:
         """True when a fidelity guard is set."""
         return self.min_agreement is not None or self.max_rel_error is not None
+
+
+def _finite_at_least(value: float, low: float) -> bool:
+    """True when ``value`` is a finite number >= ``low`` (NaN and inf are not)."""
+    return math.isfinite(value) and value >= low
+
+
+def check_tolerances(atol: float, rtol: float, min_agreement: float | None = None) -> None:
+    """Check `verify`'s tolerances: finite and >= 0; the agreement in [0, 1].
+
+    Raises:
+        ConfigError: naming the first option outside its range.
+
+    """
+    for option, value in (("--atol", atol), ("--rtol", rtol)):
+        if not _finite_at_least(value, 0.0):
+            raise ConfigError(f"{option} must be a finite number >= 0, got {value}")
+    if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
+        raise ConfigError(f"--min-agreement must be in [0, 1], got {min_agreement}")
+
+
+def check_positive(option: str, value: float) -> None:
+    """Raise ConfigError unless ``value`` is a finite number > 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{option} must be a finite number > 0, got {value}")

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from egp_onnx.calibrate import make_session, run_session
 from egp_onnx.data import Batch, CalibrationData
+from egp_onnx.errors import ModelError
 from egp_onnx.report import Fidelity, LatencyRecord, OutputFidelity, Timing
 
 
@@ -88,6 +89,13 @@ def compare(
     ref_session = make_session(reference, optimize=True)
     cand_session = make_session(candidate, optimize=True)
     names = [o.name for o in ref_session.get_outputs()]
+    found = [o.name for o in cand_session.get_outputs()]
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ModelError(
+            f"the models' outputs differ: the compressed model has no output {', '.join(missing)} "
+            f"(its outputs: {', '.join(found)}); outputs are compared by name"
+        )
     acc = _Accumulator(names, atol, rtol)
     for feed, labels in data.batches(batch_size):
         acc.add(run_session(ref_session, names, feed), run_session(cand_session, names, feed), labels)

@@ -182,6 +182,46 @@ def bad_cases(tmp_path, rng):
         ("nothing to prune", ["compress", str(tmp_path / "sig.onnx"), *c, "-o", out], "nothing to prune"),
         ("no folder", ["compress", model, *c, "-o", str(tmp_path / "no" / "o.onnx")], "does not exist"),
         ("analyze missing", ["analyze", str(tmp_path / "nope.onnx"), *c], "not found"),
+        ("seed <0", ["compress", model, *c, "-o", out, "--seed", "-5"], "--seed must be at least 0, got -5"),
+        (
+            "merge tolerance nan",
+            ["compress", model, *c, "-o", out, "--merge-tolerance", "nan"],
+            "--merge-tolerance must be a finite number >= 0, got nan",
+        ),
+        (
+            "max rel error inf",
+            ["compress", model, *c, "-o", out, "--max-rel-error", "inf"],
+            "--max-rel-error must be a finite number >= 0, got inf",
+        ),
+        (
+            "lr nan",
+            ["compress", model, *c, "-o", out, "--lr", "nan"],
+            "--lr must be a finite number > 0, got nan",
+        ),
+        ("workers <0", ["compress", model, *c, "-o", out, "--workers", "-1"], "--workers must be at least 0"),
+        ("mean nan", ["compress", model, *c, "-o", out, "--mean", "nan"], "take finite numbers, got 'nan'"),
+        (
+            "not a number",
+            ["compress", model, *c, "-o", out, "--sparsity", "abc"],
+            "Invalid value for '--sparsity': 'abc' is not a valid float. (see main compress --help)",
+        ),
+        ("missing option", ["compress", model, *c], "Missing option '-o' / '--output'."),
+        (
+            "json is the calibration data",
+            ["analyze", model, *c, "--json", str(good), "--force"],
+            "good.npz is the input file of --calib; choose another output path",
+        ),
+        (
+            "plot suffix",
+            ["compress", model, *c, "-o", out, "--plot", str(tmp_path / "p.xyz")],
+            "p.xyz: cannot draw a .xyz file; end the name in one of .png, .pdf, .svg",
+        ),
+        (
+            "verify atol",
+            ["verify", model, model, "--data", str(good), "--atol", "-1"],
+            "--atol must be a finite",
+        ),
+        ("verify rtol", ["verify", model, model, "--data", str(good), "--rtol", "nan"], "got nan"),
     ]
 
 

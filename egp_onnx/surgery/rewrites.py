@@ -105,7 +105,8 @@ class _Surgeon:
         source, out = node.inputs[0], node.outputs[0]
         if out in self.graph.outputs:
             node.op, node.attrs = "Identity", {}  # keep the graph output's name
-            del node.inputs[1:]
+            while len(node.inputs) > 1:  # gs's synchronized lists cannot delete slices
+                node.inputs.pop()
             return
         for consumer in list(out.outputs):
             consumer.inputs = [source if t is out else t for t in consumer.inputs]

@@ -1,0 +1,74 @@
+"""The MNIST sample's network in PyTorch, and a factory that loads the shipped ONNX weights into it.
+
+`egp-onnx compress sample_models/mnist_resnet.onnx ... --torch-model
+sample_models/mnist_torch.py:factory --train sample_models/mnist_train.npz` finetunes the sample
+between pruning steps (`python sample_models/build_mnist_resnet.py --data-only --write-train`
+writes mnist_train.npz, which is too large to ship).
+
+    image (N,1,28,28), normalised as (x/255 - 0.1307)/0.3081
+      stem:   Conv3x3(1->16) BN Relu                                    28x28
+      stage1: Block(16->16, stride 2, Conv1x1/2 shortcut) Block(16->16)  14x14
+      stage2: Block(16->32, stride 2, Conv1x1/2 shortcut) Block(32->32)   7x7
+      stage3: Block(32->64, stride 2, Conv1x1/2 shortcut) Block(64->64)   4x4
+      GlobalAveragePool Flatten Gemm(64->64) Relu Gemm(64->10) -> logits
+
+    Block: Conv3x3 BN Relu Conv3x3 BN (+ shortcut) Relu
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+WIDTHS = (16, 32, 64)
+MEAN, STD = 0.1307, 0.3081
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+class MnistResNet(nn.Module):
+    def __init__(self, widths: tuple[int, int, int] = WIDTHS, hidden: int = 64) -> None:
+        super().__init__()
+        w1, w2, w3 = widths
+        self.stem = nn.Sequential(nn.Conv2d(1, w1, 3, 1, 1, bias=False), nn.BatchNorm2d(w1), nn.ReLU())
+        self.stage1 = nn.Sequential(Block(w1, w1, 2), Block(w1, w1, 1))
+        self.stage2 = nn.Sequential(Block(w1, w2, 2), Block(w2, w2, 1))
+        self.stage3 = nn.Sequential(Block(w2, w3, 2), Block(w3, w3, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(w3, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
+        x = torch.flatten(self.pool(x), 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def factory() -> MnistResNet:
+    """MnistResNet holding the weights of sample_models/mnist_resnet.onnx."""
+    from egp_onnx.torch import load_onnx_weights, map_initializers
+
+    torch.manual_seed(0)
+    module = MnistResNet()
+    model = onnx.load(str(HERE / "mnist_resnet.onnx"))
+    load_onnx_weights(module, model, map_initializers(module, model))
+    return module.eval()
