@@ -107,3 +107,48 @@ def vgg19(seed: int = 0) -> onnx.ModelProto:
     model.ir_version = 4
     onnx.checker.check_model(model)
     return model
+
+
+def mobilenet(
+    channels: tuple[int, ...] = (32, 64, 64, 128, 128), size: int = 32, seed: int = 0
+) -> onnx.ModelProto:
+    """MobileNet-style: x -> Conv3x3/2(3->16) Relu -> [DWConv3x3 Relu, Conv1x1 Relu] x 5 -> GAP -> y
+
+    Depthwise-separable blocks (stride 2 where the width doubles), ReLU after every convolution.
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    h = _conv(nodes, inits, rng, "x", "stem", 3, 16, stride=2)
+    nodes.append(helper.make_node("Relu", [h], ["stem.relu"], name="stem.relu"))
+    h, c = "stem.relu", 16
+    for i, out in enumerate(channels):
+        stride = 2 if out > c else 1
+        w = (rng.normal(size=(c, 1, 3, 3)) * np.sqrt(2 / 9)).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(w, f"dw{i}.w"),
+            numpy_helper.from_array((rng.normal(size=c) * 0.1).astype(np.float32), f"dw{i}.b"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [h, f"dw{i}.w", f"dw{i}.b"],
+                [f"dw{i}"],
+                name=f"dw{i}",
+                group=c,
+                pads=[1, 1, 1, 1],
+                strides=[stride, stride],
+            )
+        )
+        nodes.append(helper.make_node("Relu", [f"dw{i}"], [f"dw{i}.relu"], name=f"dw{i}.relu"))
+        p = (rng.normal(size=(out, c, 1, 1)) * np.sqrt(2 / c)).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(p, f"pw{i}.w"),
+            numpy_helper.from_array((rng.normal(size=out) * 0.1).astype(np.float32), f"pw{i}.b"),
+        ]
+        nodes.append(
+            helper.make_node("Conv", [f"dw{i}.relu", f"pw{i}.w", f"pw{i}.b"], [f"pw{i}"], name=f"pw{i}")
+        )
+        nodes.append(helper.make_node("Relu", [f"pw{i}"], [f"pw{i}.relu"], name=f"pw{i}.relu"))
+        h, c = f"pw{i}.relu", out
+    nodes.append(helper.make_node("GlobalAveragePool", [h], ["y"], name="pool"))
+    return _model(nodes, inits, ["N", 3, size, size], "y", ["N", c, 1, 1])
