@@ -26,10 +26,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ChannelCounts", "Statistics", "collect_statistics", "make_session", "probes", "run_session"]
 
-_COUNT = "egp_on_count__{}"
 #: float32's largest value: HardSigmoid's slope in the fast probe (any positive normal float -> 1)
 _BIG = float(np.finfo(np.float32).max)
-_SIZE = "egp_size__{}"
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -38,7 +36,7 @@ def _opset(model: onnx.ModelProto) -> int:
 
 @dataclass(frozen=True)
 class Probe:
-    """How one site is observed in the statistics model.
+    """How one tensor is observed in the statistics model.
 
     The fast probe computes Clip(BIG * t, 0, 1) as HardSigmoid(alpha=BIG, beta=0) (1 where t > 0,
     0 where t <= 0; BIG is float32's largest value, so every positive normal float maps to 1) and
@@ -51,6 +49,7 @@ class Probe:
     fast: bool
     channels: int | None
     rank: int | None
+    channel_last: bool = False
 
 
 def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
@@ -61,12 +60,16 @@ def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
 
 
 def probes(model: onnx.ModelProto, sites: Sequence[RectifierSite], fast: bool = True) -> list[Probe]:
-    """The probe of every site (shapes and types come from the model's inferred value_info)."""
+    """The probe of every site (shapes and types come from the model's inferred value_info).
+
+    A ReLU is probed on its output, which has the sign of its input and keeps onnxruntime's
+    Conv+ReLU fusion; every other activation on its input z (ON = z > 0).
+    """
     infos = _value_infos(model)
     relu_outputs = {n.name: n.output[0] for n in model.graph.node if n.op_type == "Relu"}
     result = []
     for site in sites:
-        tensor = relu_outputs.get(site.name, site.input) if site.op_type == "Relu" else site.input
+        tensor = relu_outputs.get(site.node, site.input) if site.op_type == "Relu" else site.input
         info = infos.get(tensor)
         rank = channels = None
         elem: int = TensorProto.FLOAT
@@ -76,6 +79,8 @@ def probes(model: onnx.ModelProto, sites: Sequence[RectifierSite], fast: bool = 
             if rank >= 2 and dims[1].HasField("dim_value"):
                 channels = int(dims[1].dim_value)
             elem = info.type.tensor_type.elem_type or elem
+        if site.channel_last and site.owner is not None:
+            channels = site.owner.out_channels
         use_fast = (
             fast
             and not site.channel_last
@@ -84,8 +89,59 @@ def probes(model: onnx.ModelProto, sites: Sequence[RectifierSite], fast: bool = 
             and channels is not None
             and elem == TensorProto.FLOAT  # HardSigmoid's slope is a float32 attribute
         )
-        result.append(Probe(tensor, use_fast, channels, rank))
+        result.append(Probe(tensor, use_fast, channels, rank, site.channel_last))
     return result
+
+
+def _plan(
+    model: onnx.ModelProto, sites: Sequence[RectifierSite], fast: bool
+) -> tuple[list[Probe], list[int]]:
+    """The distinct probes (sites on slices of one tensor share one) and each site's probe index."""
+    unique: dict[Probe, int] = {}
+    index = []
+    for probe in probes(model, sites, fast):
+        index.append(unique.setdefault(probe, len(unique)))
+    return list(unique), index
+
+
+def _graph_names(graph: onnx.GraphProto) -> set[str]:
+    """Every node and tensor name of ``graph`` and its subgraphs."""
+    names = {t.name for t in graph.initializer} | {v.name for v in [*graph.input, *graph.output]}
+    for node in graph.node:
+        names.add(node.name)
+        names.update(node.input)
+        names.update(node.output)
+        for body in _subgraphs(node):
+            names |= _graph_names(body)
+    return names
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    bodies = []
+    for attr in node.attribute:
+        if attr.type == attr.GRAPH:
+            bodies.append(attr.g)
+        elif attr.type == attr.GRAPHS:
+            bodies.extend(attr.graphs)
+    return bodies
+
+
+def probe_prefix(model: onnx.ModelProto) -> str:
+    """A prefix no name of ``model`` starts with: the probe's tensors and nodes cannot collide."""
+    names = _graph_names(model.graph)
+    prefix, k = "egp", 0
+    while any(n.startswith(prefix) for n in names):
+        k += 1
+        prefix = f"egp{k}x"
+    return prefix
+
+
+def _count_name(prefix: str, i: int) -> str:
+    return f"{prefix}_on_count__{i}"
+
+
+def _size_name(prefix: str, i: int) -> str:
+    return f"{prefix}_size__{i}"
 
 
 def _elem_type(model: onnx.ModelProto, tensor: str) -> int:
@@ -100,21 +156,25 @@ def statistics_model(
 ) -> onnx.ModelProto:
     """The model whose only outputs are the per-channel ON statistics of ``sites``.
 
-    Output ``egp_on_count__i`` is an int64 (C,) count (general probe) or the (N, C, 1, ...) ON
-    fraction per sample (fast probe); ``egp_size__i`` (general probe only) is the tensor's size.
+    Output ``P_on_count__i`` is an int64 (C,) count (general probe) or the (N, C, 1, ...) ON
+    fraction per sample (fast probe) of the i-th distinct probed tensor; ``P_size__i`` (general
+    probe only) is the tensor's size. ``P`` is :func:`probe_prefix` (``egp`` unless the model
+    already has names starting with it).
     """
+    pre = probe_prefix(model)
     stats = onnx.ModelProto()
     stats.CopyFrom(model)
     graph = stats.graph
     opset = _opset(model)
     del graph.output[:]
-    graph.initializer.append(helper.make_tensor("egp_shape_nc", TensorProto.INT64, [3], [0, 0, -1]))
+    graph.initializer.append(helper.make_tensor(f"{pre}_shape_nc", TensorProto.INT64, [3], [0, 0, -1]))
     if opset >= 13:
-        graph.initializer.append(helper.make_tensor("egp_axes_02", TensorProto.INT64, [2], [0, 2]))
-        graph.initializer.append(helper.make_tensor("egp_axes_0", TensorProto.INT64, [1], [0]))
-    for i, (site, probe) in enumerate(zip(sites, probes(model, sites, fast), strict=True)):
-        prefix = f"egp_stats__{i}"
+        graph.initializer.append(helper.make_tensor(f"{pre}_axes_02", TensorProto.INT64, [2], [0, 2]))
+        graph.initializer.append(helper.make_tensor(f"{pre}_axes_0", TensorProto.INT64, [1], [0]))
+    for i, probe in enumerate(_plan(model, sites, fast)[0]):
+        prefix = f"{pre}_stats__{i}"
         elem = _elem_type(model, probe.tensor)
+        count = _count_name(pre, i)
         if probe.fast:
             assert probe.channels is not None and probe.rank is not None  # checked by probes()
             graph.node.extend(
@@ -129,26 +189,22 @@ def statistics_model(
                         beta=0.0,
                         name=f"{prefix}_on",
                     ),
-                    helper.make_node(
-                        "GlobalAveragePool", [f"{prefix}_on"], [_COUNT.format(i)], name=f"{prefix}_mean"
-                    ),
+                    helper.make_node("GlobalAveragePool", [f"{prefix}_on"], [count], name=f"{prefix}_mean"),
                 ]
             )
             mean_shape = [None, probe.channels, *[1] * (probe.rank - 2)]
-            graph.output.append(helper.make_tensor_value_info(_COUNT.format(i), elem, mean_shape))
+            graph.output.append(helper.make_tensor_value_info(count, elem, mean_shape))
             continue
-        zero = f"egp_zero__{i}"
+        zero = f"{prefix}_zero"
         graph.initializer.append(helper.make_tensor(zero, elem, [], [0]))
-        flat = f"egp_flat__{i}"
-        if site.channel_last:
-            assert site.owner is not None  # channel_last is only set for an owned MatMul
-            shape = f"egp_shape_last__{i}"
-            graph.initializer.append(
-                helper.make_tensor(shape, TensorProto.INT64, [2], [-1, site.owner.out_channels])
-            )
-            axes, axes_name = [0], "egp_axes_0"
+        flat = f"{prefix}_flat"
+        if probe.channel_last:
+            assert probe.channels is not None  # channel_last is only set for an owned MatMul
+            shape = f"{prefix}_shape_last"
+            graph.initializer.append(helper.make_tensor(shape, TensorProto.INT64, [2], [-1, probe.channels]))
+            axes, axes_name = [0], f"{pre}_axes_0"
         else:
-            shape, axes, axes_name = "egp_shape_nc", [0, 2], "egp_axes_02"
+            shape, axes, axes_name = f"{pre}_shape_nc", [0, 2], f"{pre}_axes_02"
         graph.node.extend(
             [
                 helper.make_node("Reshape", [probe.tensor, shape], [flat], name=f"{prefix}_reshape"),
@@ -156,13 +212,12 @@ def statistics_model(
                 helper.make_node(
                     "Cast", [f"{prefix}_on"], [f"{prefix}_on64"], to=TensorProto.INT64, name=f"{prefix}_cast"
                 ),
-                _reduce_sum(f"{prefix}_on64", _COUNT.format(i), axes, axes_name, opset, prefix),
-                helper.make_node("Size", [probe.tensor], [_SIZE.format(i)], name=f"{prefix}_size"),
+                _reduce_sum(f"{prefix}_on64", count, axes, axes_name, opset, prefix),
+                helper.make_node("Size", [probe.tensor], [_size_name(pre, i)], name=f"{prefix}_size"),
             ]
         )
-        channels = site.owner.out_channels if site.owner else None
-        graph.output.append(helper.make_tensor_value_info(_COUNT.format(i), TensorProto.INT64, [channels]))
-        graph.output.append(helper.make_tensor_value_info(_SIZE.format(i), TensorProto.INT64, []))
+        graph.output.append(helper.make_tensor_value_info(count, TensorProto.INT64, [probe.channels]))
+        graph.output.append(helper.make_tensor_value_info(_size_name(pre, i), TensorProto.INT64, []))
     _drop_unused_nodes(graph)
     return stats
 
@@ -176,20 +231,35 @@ def _reduce_sum(
 
 
 def _drop_unused_nodes(graph: onnx.GraphProto) -> None:
-    """Remove nodes no graph output depends on (the model's head, after the last rectifier)."""
+    """Remove nodes no graph output depends on (the model's head, after the last rectifier).
+
+    A node with a subgraph (Loop, If, Scan) is kept with every outer tensor its bodies read.
+    """
     needed = {o.name for o in graph.output}
     keep = []
     for node in reversed(graph.node):
-        has_subgraph = any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute)
-        if has_subgraph or any(o in needed for o in node.output):
+        bodies = _subgraphs(node)
+        if bodies or any(o in needed for o in node.output):
             keep.append(node)
             needed.update(i for i in node.input if i)
+            for body in bodies:
+                needed |= _graph_names(body)
     kept = list(reversed(keep))
     del graph.node[:]
     graph.node.extend(kept)
+    dropped = {t.name for t in graph.initializer if t.name not in needed}
     used_inits = [t for t in graph.initializer if t.name in needed]
     del graph.initializer[:]
     graph.initializer.extend(used_inits)
+    # an input that named a dropped initializer (the IR < 4 habit) would become a required feed
+    inputs = [i for i in graph.input if i.name not in dropped]
+    del graph.input[:]
+    graph.input.extend(inputs)
+
+
+def quiet_onnxruntime() -> None:
+    """Keep onnxruntime's own warnings (e.g. from sessions that other libraries open) off stderr."""
+    ort.set_default_logger_severity(3)
 
 
 def make_session(
@@ -253,7 +323,8 @@ class _Runner:
 
     def __init__(self, model: onnx.ModelProto, sites: Sequence[RectifierSite]) -> None:
         self.model, self.sites = model, list(sites)
-        self.probes = probes(model, sites)
+        self.prefix = probe_prefix(model)
+        self.probes, self.index = _plan(model, sites, True)
         # The probes go onto the model without its weights (no copy of them); the session gets
         # the weights from memory. Optimised: the probes are built to stay inside onnxruntime's
         # fused, blocked-layout graph.
@@ -284,12 +355,22 @@ class _Runner:
         out = []
         for i, probe in enumerate(self.probes):
             if probe.fast:
-                mean = results[_COUNT.format(i)].astype(np.float64)
+                mean = results[_count_name(self.prefix, i)].astype(np.float64)
                 batch = mean.shape[0]
                 on = np.rint(mean.reshape(batch, -1) * spatial[i]).astype(np.int64).sum(axis=0)
                 out.append((on, batch * spatial[i]))
             else:
-                out.append(_general_count(results, i))
+                out.append(_general_count(results, self.prefix, i))
+        return self._per_site(out)
+
+    def _per_site(self, per_probe: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, int]]:
+        """Each site's counts: its probe's, restricted to the channels the site covers."""
+        out = []
+        for site, j in zip(self.sites, self.index, strict=True):
+            on, total = per_probe[j]
+            if site.channels is not None:
+                on = on[site.channels[0] : site.channels[1]]
+            out.append((on, total))
         return out
 
     def _general_counts(self, feed: dict[str, np.ndarray]) -> list[tuple[np.ndarray, int]]:
@@ -299,7 +380,7 @@ class _Runner:
                 statistics_model(self.stubbed, self.sites, fast=False), True, True, self.weights
             )
         results = _outputs(self.general, feed)
-        return [_general_count(results, i) for i in range(len(self.sites))]
+        return self._per_site([_general_count(results, self.prefix, i) for i in range(len(self.probes))])
 
 
 def _outputs(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -307,10 +388,10 @@ def _outputs(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict
     return dict(zip(names, run_session(session, names, feed), strict=True))
 
 
-def _general_count(results: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, int]:
-    """(ON counts, events per channel) of site ``i`` from a general probe's count and size."""
-    on = results[_COUNT.format(i)].astype(np.int64)
-    return on, int(results[_SIZE.format(i)]) // max(on.size, 1)
+def _general_count(results: dict[str, np.ndarray], prefix: str, i: int) -> tuple[np.ndarray, int]:
+    """(ON counts, events per channel) of probe ``i`` from a general probe's count and size."""
+    on = results[_count_name(prefix, i)].astype(np.int64)
+    return on, int(results[_size_name(prefix, i)]) // max(on.size, 1)
 
 
 def collect_statistics(

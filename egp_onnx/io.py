@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from egp_onnx.entropy import ChannelCounts, Statistics
 from egp_onnx.errors import CalibrationError, ModelError, OutputError, one_line
+from egp_onnx.normalize import normalize
 from egp_onnx.topology import shape_skeleton
 
 
@@ -100,23 +101,27 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 def prepare_model(
     model: onnx.ModelProto, source: str = "model", serialized: bytes | None = None
 ) -> onnx.ModelProto:
-    """Return a checked, shape-inferred copy of ``model`` with every node named.
+    """Return a checked, normalised, shape-inferred copy of ``model`` with every node named.
 
-    ``serialized`` is ``model``'s own bytes when the caller has them: the checker reads those
-    instead of serialising the model again.
+    Normalisation (:func:`egp_onnx.normalize.normalize`) folds constant subexpressions into
+    initializers and takes initializers out of the graph inputs. ``serialized`` is ``model``'s
+    own bytes when the caller has them: the checker reads those instead of serialising it again.
     """
     try:
         onnx.checker.check_model(model if serialized is None else serialized)  # reads only
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelError(f"{source} fails onnx.checker: {one_line(exc)}") from exc
+    normalized = normalize(model)
     try:
         # Inference needs the weights' shapes, not their values: it runs on the graph without them
         # (a weight-sized serialisation less each way) and its value_info goes onto our copy.
-        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model, keep_value_info=True))
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(normalized, keep_value_info=True))
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{source}: ONNX shape inference failed: {one_line(exc)}") from exc
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy = normalized
+    if copy is model:  # normalize changed nothing, so the copy is still to be made
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
     del copy.graph.value_info[:]
     copy.graph.value_info.extend(inferred.graph.value_info)
     name_nodes(copy.graph)

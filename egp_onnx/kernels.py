@@ -67,7 +67,7 @@ def compose_conv(
     wb = w_b.astype(np.float64)
     for v in itertools.product(*(range(k) for k in k_b)):
         index: tuple[Any, ...] = (slice(None), slice(None), *v)
-        tap = np.einsum("om,mi...->oi...", wb[index], wa)
+        tap = np.tensordot(wb[index], wa, axes=([1], [0]))  # om,mi...->oi... through BLAS
         window = tuple(slice(vi * si, vi * si + ka) for vi, si, ka in zip(v, s_a, k_a, strict=True))
         kernel[(slice(None), slice(None), *window)] += tap
     bias = b_b.astype(np.float64) + w_b.astype(np.float64).sum(axis=tuple(range(2, w_b.ndim))) @ b_a

@@ -2,8 +2,9 @@
 
 A layer is a Conv, Gemm or MatMul whose weight is an initializer. It owns a rectifier when its
 output reaches the rectifier's input through per-channel affine ops only (BatchNormalization,
-Identity, Add/Sub/Mul/Div by a constant) or through a residual Add, where the owner is the layer
-on the deeper (non-shortcut) branch.
+Identity, Add/Sub/Mul/Div by a constant, so also a BatchNormalization written as Mul/Add) or
+through a residual Add or 2-input Sum, where the owner is the layer on the deeper (non-shortcut)
+branch; after a channel Concat, each input's channels are owned by that input's producer.
 """
 
 from __future__ import annotations
@@ -20,10 +21,24 @@ from onnx import helper, numpy_helper
 log = logging.getLogger(__name__)
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
-RECTIFIER_OPS = ("Relu",)
-#: Activations that are measured and reported, but never drive pruning (more than two regions).
-REPORTED_ACTIVATIONS = ("LeakyRelu", "PRelu", "Clip", "HardSwish", "HardSigmoid", "Gelu", "Elu", "Selu")
-_AFFINE_UNARY = ("BatchNormalization", "Identity")
+#: The rectifier family, by the name a site reports: ONNX ops, or decomposed forms (SiLU is
+#: x * Sigmoid(x); HardSwish also x * HardSigmoid(x) and x * Clip(x + 3, 0, 6) / 6; Gelu also the
+#: Erf form). For each, ON = input > 0 drives entropy and the budget; a Clip belongs to the family
+#: only as ReLU6 (min 0).
+RECTIFIER_OPS = ("Relu", "Clip", "LeakyRelu", "PRelu", "HardSwish", "SiLU", "Gelu")
+#: Activations that are measured and reported, but never drive pruning.
+REPORTED_ACTIVATIONS = ("HardSigmoid", "Elu", "Selu")
+#: Kinds whose exactly linear regions let surgery remove the activation (see surgery/rewrites.py).
+REMOVABLE_KINDS = ("relu", "relu6", "leaky_relu", "prelu")
+_KINDS = {
+    "Relu": "relu",
+    "LeakyRelu": "leaky_relu",
+    "PRelu": "prelu",
+    "HardSwish": "hardswish",
+    "SiLU": "silu",
+    "Gelu": "gelu",
+}
+_AFFINE_UNARY = ("BatchNormalization", "Identity", "Dropout")
 _AFFINE_BINARY = ("Add", "Sub", "Mul", "Div")
 
 
@@ -39,18 +54,29 @@ class Layer:
 
 @dataclass(frozen=True)
 class RectifierSite:
-    """An activation node, the tensor whose sign is counted, and the layer that owns it."""
+    """An activation, the tensor whose sign is counted, and the layer that owns it.
 
-    name: str
-    op_type: str
-    input: str
+    After a channel Concat each input's channels are owned by that input's producer: the
+    activation then gives one site per slice, named ``node[start:stop]``, with ``channels`` set.
+    """
+
+    name: str  # unique key of the site: the activation node's name, or node[start:stop]
+    op_type: str  # Relu, Clip, LeakyRelu, PRelu, HardSwish, SiLU, Gelu, or a reported op
+    input: str  # z: ON = z > 0
     owner: Layer | None
     channel_last: bool
+    node: str = ""  # the activation node (for a decomposed form: its last node); "" = name
+    channels: tuple[int, int] | None = None  # the slice of z's channels this site covers
+    kind: str = ""  # relu, relu6, leaky_relu, prelu, hardswish, silu, gelu; "" = reported only
+
+    def __post_init__(self) -> None:
+        if not self.node:
+            object.__setattr__(self, "node", self.name)
 
     @property
     def prunable(self) -> bool:
-        """Only a ReLU with an owning layer guides pruning."""
-        return self.op_type in RECTIFIER_OPS and self.owner is not None
+        """A member of the rectifier family with an owning layer guides pruning."""
+        return bool(self.kind) and self.owner is not None
 
 
 class GraphIndex:
@@ -69,6 +95,11 @@ class GraphIndex:
                 if inp:
                     self.consumers.setdefault(inp, []).append(node)
         self.graph_inputs = {i.name for i in graph.input if i.name not in self.initializers}
+        self.shapes: dict[str, list[int | None]] = {}
+        for value in [*graph.value_info, *graph.input, *graph.output]:
+            if value.type.tensor_type.HasField("shape"):
+                dims = value.type.tensor_type.shape.dim
+                self.shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
         self._depth: dict[str, int] = {}
 
     def is_constant(self, tensor: str) -> bool:
@@ -77,6 +108,21 @@ class GraphIndex:
             return True
         node = self.producer.get(tensor)
         return node is not None and node.op_type == "Constant"
+
+    def value(self, tensor: str) -> np.ndarray | None:
+        """The value of a constant tensor, None for a variable."""
+        if tensor in self.initializers:
+            return numpy_helper.to_array(self.initializers[tensor])
+        node = self.producer.get(tensor)
+        if node is not None and node.op_type == "Constant":
+            attr = next((a for a in node.attribute if a.name == "value"), None)
+            return None if attr is None else numpy_helper.to_array(attr.t)
+        return None
+
+    def channels(self, tensor: str) -> int | None:
+        """Size of axis 1 of ``tensor`` when shape inference fixed it."""
+        dims = self.shapes.get(tensor)
+        return dims[1] if dims and len(dims) >= 2 else None
 
     def depth(self, tensor: str) -> int:
         """Number of nodes on the longest path from a graph input to ``tensor``."""
@@ -126,8 +172,20 @@ def layer_of(node: onnx.NodeProto, index: GraphIndex) -> Layer | None:
     return Layer(node.name, node.op_type, weight, int(out_channels))
 
 
-def _trace_owner(tensor: str, index: GraphIndex) -> Layer | None:
-    """Walk back from ``tensor`` through affine ops to the layer that produces it."""
+def _is_residual_add(node: onnx.NodeProto) -> bool:
+    return node.op_type in ("Add", "Sum") and len(node.input) == 2
+
+
+def _channel_concat(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    if node.op_type != "Concat":
+        return False
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    rank = len(index.shapes.get(node.output[0], [])) or None
+    return axis == 1 or (rank is not None and axis + rank == 1)
+
+
+def _trace(tensor: str, index: GraphIndex) -> Layer | onnx.NodeProto | None:
+    """Walk back from ``tensor`` through affine ops to the layer (or channel Concat) behind it."""
     while True:
         node = index.producer.get(tensor)
         if node is None:
@@ -135,18 +193,26 @@ def _trace_owner(tensor: str, index: GraphIndex) -> Layer | None:
         layer = layer_of(node, index)
         if layer is not None:
             return layer
-        if node.op_type in _AFFINE_UNARY:
+        if _channel_concat(node, index):
+            return node
+        if node.op_type in _AFFINE_UNARY or (node.op_type == "Sum" and len(node.input) == 1):
             tensor = node.input[0]
             continue
-        if node.op_type in _AFFINE_BINARY and len(node.input) == 2:
+        if node.op_type in _AFFINE_BINARY + ("Sum",) and len(node.input) == 2:
             a, b = node.input
             a_const, b_const = index.is_constant(a), index.is_constant(b)
-            if a_const != b_const:
+            if a_const != b_const and node.op_type != "Sum":
                 tensor = b if a_const else a
                 continue
-            if node.op_type == "Add" and not a_const:
+            if _is_residual_add(node) and not a_const:
                 return _residual_owner(a, b, index)
         return None
+
+
+def _trace_owner(tensor: str, index: GraphIndex) -> Layer | None:
+    """The layer that produces ``tensor`` through affine ops and residual adds, if any."""
+    found = _trace(tensor, index)
+    return found if isinstance(found, Layer) else None
 
 
 def _residual_owner(a: str, b: str, index: GraphIndex) -> Layer | None:
@@ -160,28 +226,163 @@ def _residual_owner(a: str, b: str, index: GraphIndex) -> Layer | None:
     return None
 
 
+def _concat_slices(node: onnx.NodeProto, index: GraphIndex) -> list[tuple[int, int, Layer | None]] | None:
+    """(start, stop, owner) of every input of a channel Concat, nested Concats flattened."""
+    slices: list[tuple[int, int, Layer | None]] = []
+    start = 0
+    for tensor in node.input:
+        width = index.channels(tensor)
+        if width is None:
+            return None
+        found = _trace(tensor, index)
+        if isinstance(found, onnx.NodeProto):
+            inner = _concat_slices(found, index)
+            if inner is None:
+                return None
+            slices.extend((start + a, start + b, owner) for a, b, owner in inner)
+        else:
+            owner = found if found is not None and found.out_channels == width else None
+            slices.append((start, start + width, owner))
+        start += width
+    return slices
+
+
+def _scalar(index: GraphIndex, tensor: str) -> float | None:
+    value = index.value(tensor) if tensor else None
+    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+
+def _clip_min(node: onnx.NodeProto, index: GraphIndex) -> float | None:
+    """The lower bound of a Clip (attribute before opset 11, input after), None when not constant."""
+    attr = next((a for a in node.attribute if a.name == "min"), None)
+    if attr is not None:
+        return float(attr.f)
+    if len(node.input) > 1 and node.input[1]:
+        return _scalar(index, node.input[1])
+    return None
+
+
+def _hard_sigmoid_of(tensor: str, x: str, index: GraphIndex) -> bool:
+    """True when ``tensor`` is relu6(x + 3) / 6 in any of the written forms, or HardSigmoid(x)."""
+    node = index.producer.get(tensor)
+    if node is None:
+        return False
+    if node.op_type == "HardSigmoid":
+        return node.input[0] == x
+    if node.op_type in ("Div", "Mul") and len(node.input) == 2:
+        inner = next((t for t in node.input if not index.is_constant(t)), None)
+        return inner is not None and _relu6_of_x_plus_3(inner, x, index)
+    return False
+
+
+def _relu6_of_x_plus_3(tensor: str, x: str, index: GraphIndex) -> bool:
+    node = index.producer.get(tensor)
+    if node is None or node.op_type != "Clip" or _clip_min(node, index) != 0.0:
+        return False
+    add = index.producer.get(node.input[0])
+    return add is not None and add.op_type == "Add" and x in add.input and any(
+        _scalar(index, t) == 3.0 for t in add.input
+    )
+
+
+def _decomposed(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, str, set[str]] | None:
+    """(op_type, input x, inner nodes) when ``node`` ends a decomposed SiLU/HardSwish/Gelu."""
+    if node.op_type == "Erf":
+        scaled = index.producer.get(node.input[0])
+        if scaled is not None and scaled.op_type in ("Div", "Mul") and len(scaled.input) == 2:
+            x = next((t for t in scaled.input if not index.is_constant(t)), None)
+            if x is not None:
+                return "Gelu", x, set()
+        return None
+    if node.op_type not in ("Mul", "Div") or len(node.input) != 2:
+        return None
+    a, b = node.input
+    for x, gate in ((a, b), (b, a)):
+        if node.op_type == "Div" or index.is_constant(x):
+            continue
+        producer = index.producer.get(gate)
+        if producer is not None and producer.op_type == "Sigmoid" and producer.input[0] == x:
+            return "SiLU", x, {producer.name}
+        if _hard_sigmoid_of(gate, x, index):
+            return "HardSwish", x, _gate_nodes(gate, index)
+        if _relu6_of_x_plus_3(gate, x, index):  # (x * relu6(x + 3)) / 6: the Mul ends it
+            return "HardSwish", x, _gate_nodes(gate, index)
+    return None
+
+
+def _gate_nodes(gate: str, index: GraphIndex) -> set[str]:
+    """Names of the HardSigmoid, or the [Div/Mul ->] Clip -> Add(x, 3), nodes of a HardSwish gate."""
+    node = index.producer.get(gate)
+    names: set[str] = set()
+    if node is not None and node.op_type in ("Div", "Mul"):
+        names.add(node.name)
+        inner = next((t for t in node.input if not index.is_constant(t)), "")
+        node = index.producer.get(inner)
+    if node is not None and node.op_type in ("HardSigmoid", "Clip"):
+        names.add(node.name)
+        add = index.producer.get(node.input[0]) if node.op_type == "Clip" else None
+        if add is not None and add.op_type == "Add":
+            names.add(add.name)
+    return names
+
+
+def _activation(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, str, str] | None:
+    """(op_type, input, kind) of an activation node; kind "" for reported-only ones."""
+    if not node.input:
+        return None
+    if node.op_type in _KINDS:
+        return node.op_type, node.input[0], _KINDS[node.op_type]
+    if node.op_type == "Clip":
+        return "Clip", node.input[0], "relu6" if _clip_min(node, index) == 0.0 else ""
+    if node.op_type in REPORTED_ACTIVATIONS:
+        return node.op_type, node.input[0], ""
+    decomposed = _decomposed(node, index)
+    if decomposed is not None:
+        op_type, x, _ = decomposed
+        return op_type, x, _KINDS[op_type]
+    return None
+
+
 def find_rectifiers(model: onnx.ModelProto) -> list[RectifierSite]:
-    """All activation sites of the main graph in node order, each with its owning layer."""
+    """All activation sites of the main graph in node order, each with its owning layer(s)."""
     index = GraphIndex(model.graph)
+    inner: set[str] = set()
+    for node in model.graph.node:
+        decomposed = _decomposed(node, index)
+        if decomposed is not None:
+            inner |= decomposed[2]
     sites: list[RectifierSite] = []
     for node in model.graph.node:
-        if node.op_type not in RECTIFIER_OPS + REPORTED_ACTIVATIONS or not node.input:
+        found = _activation(node, index) if node.name not in inner else None
+        if found is None:
             continue
-        owner = _trace_owner(node.input[0], index)
+        op_type, z, kind = found
+        traced = _trace(z, index)
+        if isinstance(traced, onnx.NodeProto):
+            slices = _concat_slices(traced, index)
+            if slices is not None and any(owner is not None for _, _, owner in slices):
+                sites.extend(
+                    RectifierSite(f"{node.name}[{a}:{b}]", op_type, z, owner, False, node.name, (a, b), kind)
+                    for a, b, owner in slices
+                )
+                continue
+            traced = None
+        owner = traced
         sites.append(
             RectifierSite(
                 name=node.name,
-                op_type=node.op_type,
-                input=node.input[0],
+                op_type=op_type,
+                input=z,
                 owner=owner,
                 channel_last=owner is not None and owner.op_type == "MatMul",
+                kind=kind,
             )
         )
     return sites
 
 
 def prunable_layers(sites: list[RectifierSite]) -> dict[str, RectifierSite]:
-    """Map layer name -> the first ReLU it owns; these are the layers EGP prunes."""
+    """Map layer name -> the first rectifier (or rectifier slice) it owns; these are pruned."""
     result: dict[str, RectifierSite] = {}
     for site in sites:
         if site.prunable and site.owner is not None and site.owner.name not in result:

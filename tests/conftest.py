@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,3 +22,16 @@ def load_npz(path) -> dict[str, np.ndarray]:
     """All arrays of an .npz, with the file closed again."""
     with np.load(path) as npz:
         return {k: npz[k] for k in npz.files}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than 20 s; runs only with EGP_SLOW=1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("EGP_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow; set EGP_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -23,6 +23,8 @@ from egp_onnx.report import Rewrite
 from egp_onnx.surgery.view import (
     LayerView,
     batchnorm_params,
+    clip_bounds,
+    const,
     feeds_only,
     layer_view,
     single_consumer,
@@ -154,7 +156,8 @@ class _Surgeon:
         changed = False
         for node in list(self.graph.nodes):
             states = self.stats.get(node.name)
-            if node.op != "Relu" or states is None or not node.outputs:
+            kind = _removable_kind(node)
+            if kind is None or states is None or not node.outputs:
                 continue
             on, off = states.always_on, states.always_off
             source = node.inputs[0]
@@ -162,6 +165,10 @@ class _Surgeon:
             owner = layer_view(producer, self.graph) if producer is not None else None
             direct = owner is not None and feeds_only(source, node, self.graph)
             if owner is not None and owner.out_channels != on.size:
+                continue
+            if kind == "leaky":
+                if self._remove_leaky(node, owner if direct else None, on, off):
+                    changed = True
                 continue
             if off.any() and direct:
                 assert owner is not None
@@ -188,6 +195,8 @@ class _Surgeon:
                     changed = True
             if not (on | off).all() or (off.any() and not direct):
                 continue
+            if kind == "relu6" and not off.all():
+                continue  # ReLU6 is the identity only below 6: no upper count is measured
             self._bypass(node)
             if owner is not None:
                 self._state(owner.node.name, "identity")
@@ -204,6 +213,36 @@ class _Surgeon:
         if changed:
             self._commit()
         return changed
+
+    def _remove_leaky(
+        self, node: gs.Node, owner: LayerView | None, on: np.ndarray, off: np.ndarray
+    ) -> bool:
+        """LeakyRelu/PRelu whose channels never change sign: scale the OFF ones into the owner."""
+        if not (on | off).all() or (off.any() and owner is None):
+            return False
+        if off.any():
+            assert owner is not None
+            slope = _slope(node, owner)
+            if slope is None or not owner.float_exact:
+                return False
+            factor = np.where(off, slope, 1.0)
+            shape = [1] * owner.weight.ndim
+            shape[owner.out_axis] = -1
+            self._set_layer(owner, owner.weight * factor.reshape(shape), owner.bias() * factor)
+        self._bypass(node)
+        if owner is not None:
+            self._state(owner.node.name, "identity")
+        self._record(
+            Rewrite(
+                "remove_rectifier",
+                (node.name,),
+                True,
+                True,
+                detail=f"{int(on.sum())} channels always positive, {int(off.sum())} always negative "
+                "(slope moved into the layer)",
+            )
+        )
+        return True
 
     def fold_constants(self) -> bool:
         for node in list(self.graph.nodes):
@@ -476,6 +515,38 @@ class _Surgeon:
             Rewrite("fold_residual", parts, True, True, detail="shortcut folded into the centre tap")
         )
         return True
+
+
+def _removable_kind(node: gs.Node) -> str | None:
+    """relu, relu6 (a Clip with min 0) or leaky (LeakyRelu/PRelu) for activations surgery may remove."""
+    if node.op == "Relu":
+        return "relu"
+    if node.op in ("LeakyRelu", "PRelu"):
+        return "leaky"
+    bounds = clip_bounds(node) if node.op == "Clip" else None
+    if bounds is None or bounds[0] != 0.0:
+        return None
+    return "relu" if np.isinf(bounds[1]) else "relu6"
+
+
+def _slope(node: gs.Node, owner: LayerView) -> np.ndarray | None:
+    """The negative-side slope of a LeakyRelu/PRelu per owner channel, None when not per-channel."""
+    channels = owner.out_channels
+    if node.op == "LeakyRelu":
+        return np.full(channels, float(node.attrs.get("alpha", 0.01)))
+    value = const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if value is None:
+        return None
+    if value.size == 1:
+        return np.full(channels, float(value.reshape(-1)[0]))
+    rank = owner.weight.ndim if owner.conv else 2
+    # PRelu broadcasts the slope from the right: per channel means (C, 1, ...) under (N, C, ...)
+    # for a Conv, (C,) on the last axis of a dense layer's output
+    shape = (1,) * (rank - value.ndim) + value.shape
+    axis = 1 if owner.conv else rank - 1
+    if value.ndim <= rank and value.size == channels and shape[axis] == channels:
+        return value.reshape(-1).astype(np.float64)
+    return None
 
 
 def simplify(

@@ -132,6 +132,11 @@ def through_elementwise(node: gs.Node, tensor: gs.Tensor, value: np.ndarray, ran
         return value
     if node.op == "Relu":
         return np.maximum(value, 0.0)
+    if node.op == "LeakyRelu":
+        return np.where(value > 0, value, value * float(node.attrs.get("alpha", 0.01)))
+    if node.op == "Clip" and node.inputs[0] is tensor:
+        bounds = clip_bounds(node)
+        return None if bounds is None else np.clip(value, *bounds)
     if node.op == "BatchNormalization" and node.inputs[0] is tensor:
         params = batchnorm_params(node)
         return None if params is None else kernels.batchnorm(value, *params)
@@ -144,6 +149,21 @@ def through_elementwise(node: gs.Node, tensor: gs.Tensor, value: np.ndarray, ran
         a, b = (value, channel) if first else (channel, value)
         return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[node.op](a, b)
     return None
+
+
+def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
+    """(min, max) of a Clip (attributes before opset 11, inputs after), None when not constant."""
+    low, high = float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
+    for i in (1, 2):
+        if len(node.inputs) > i and node.inputs[i].name:
+            value = const(node.inputs[i])
+            if value is None or value.size != 1:
+                return None
+            if i == 1:
+                low = float(value.reshape(-1)[0])
+            else:
+                high = float(value.reshape(-1)[0])
+    return low, high
 
 
 def per_channel(operand: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
