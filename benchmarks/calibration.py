@@ -1,6 +1,7 @@
 """The statistics pass against plain onnxruntime inference, and against the naive approach.
 
-For each model and sample count, in one run: plain inference time (an optimised onnxruntime
+For each model and sample count, in one run (each approach --repeats times, in rotating order,
+medians reported): plain inference time (an optimised onnxruntime
 session over the same batches), the egp-onnx statistics pass (collect_statistics), the naive
 pass (every rectifier input made a graph output and reduced in numpy), their ratios, and the
 peak resident memory of each, measured in a fresh subprocess. The data is streamed from .npz
@@ -8,7 +9,7 @@ shards of 512 samples, as a user's calibration folder would be. Then the whole-p
 `egp-onnx analyze` vs a plain onnxruntime script on the 8-conv chain, 512 samples, batch 32;
 and the cost of rebuilding the statistics session per loop step.
 
-Run: python benchmarks/calibration.py [--samples 512 8192] [--batch-size 32]
+Run: python benchmarks/calibration.py [--samples 512 8192] [--batch-size 32] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -92,6 +93,19 @@ def measure(approach: str, model_path: Path, data_dir: Path, batch_size: int) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def interleaved(model_path: Path, data_dir: Path, batch_size: int, repeats: int) -> list[dict]:
+    """Plain, egp and naive passes, each in a fresh process, in rotating order; medians per approach."""
+    approaches = ["plain", "egp", "naive"]
+    runs: dict[str, list[dict]] = {a: [] for a in approaches}
+    for r in range(repeats):
+        for approach in approaches[r % 3 :] + approaches[: r % 3]:
+            runs[approach].append(measure(approach, model_path, data_dir, batch_size))
+    return [
+        {key: float(np.median([run[key] for run in runs[a]])) for key in ("seconds", "peak_mb")}
+        for a in approaches
+    ]
+
+
 def whole_process(model_path: Path, data: Path, batch_size: int, folder: Path) -> tuple[float, float]:
     """Wall time of `egp-onnx analyze` and of a plain onnxruntime script, start-up included."""
     script = folder / "plain.py"
@@ -148,38 +162,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, nargs="+", default=[512, 8192])
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="passes of each approach (medians)")
     args = parser.parse_args()
-    from models import conv_chain, resnet
+    from models import conv_chain, mobilenet, resnet
 
     from egp_onnx.report import format_table
 
     folder = Path(tempfile.mkdtemp(prefix="egp-bench-"))
-    models = {"chain8x64@32": conv_chain(), "resnet4x32@32": resnet()}
+    models = {"chain8x64@32": conv_chain(), "resnet4x32@32": resnet(), "mobilenet@32": mobilenet()}
     paths = {}
     for name, model in models.items():
         paths[name] = folder / f"{name}.onnx"
         onnx.save(model, str(paths[name]))
-    sample = HERE.parent / "sample_models" / "digits_resnet.onnx"
+    for sample in ("digits_resnet", "mnist_resnet"):
+        if (HERE.parent / "sample_models" / f"{sample}.onnx").exists():
+            paths[sample] = HERE.parent / "sample_models" / f"{sample}.onnx"
     rows = []
-    for name, path in [*paths.items(), ("digits_resnet", sample)]:
-        if name == "digits_resnet":
-            shape = (1, 8, 8)
-            data_name = "input"
-        else:
-            shape, data_name = (3, 32, 32), "x"
+    for name, path in paths.items():
+        first = onnx.load(str(path)).graph.input[0]
+        data_name = first.name
+        shape = tuple(d.dim_value for d in first.type.tensor_type.shape.dim[1:])
         for samples in args.samples:
             data = _shards(folder, samples, shape)
-            if data_name != "x":  # the sample's input is called 'input'
-                renamed = folder / f"{data.name}_input"
+            if data_name != "x":  # the samples' inputs have their own names
+                renamed = folder / f"{data.name}_{data_name}"
                 if not renamed.exists():
                     renamed.mkdir()
                     for part in sorted(data.iterdir()):
                         with np.load(part) as npz:
-                            np.savez(renamed / part.name, input=npz["x"])
+                            np.savez(renamed / part.name, **{data_name: npz["x"]})
                 data = renamed
-            plain = measure("plain", path, data, args.batch_size)
-            egp = measure("egp", path, data, args.batch_size)
-            naive = measure("naive", path, data, args.batch_size)
+            plain, egp, naive = interleaved(path, data, args.batch_size, args.repeats)
             rows.append(
                 [
                     name,
@@ -207,7 +220,7 @@ def main() -> None:
         "naive_MB",
     ]
     print(format_table(headers, rows))
-    for name in [*paths, "digits_resnet"]:
+    for name in paths:
         mine = [r for r in rows if r[0] == name]
         if len(mine) >= 2:
             print(
@@ -232,7 +245,7 @@ def main() -> None:
     )
     print(
         f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"onnxruntime {__import__('onnxruntime').__version__}"
+        f"onnxruntime {__import__('onnxruntime').__version__}; load average {os.getloadavg()[0]:.2f}"
     )
 
 

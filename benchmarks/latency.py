@@ -1,11 +1,14 @@
 """CPU latency of original vs compressed models, and the end-to-end time of `egp-onnx compress`.
 
-For the sample (at the sparsities of the README) and the generated ResNet, at batch 1 and 32:
-the median of repeated onnxruntime runs (optimised session, this machine's default threads),
-with the depth before and after. Then the wall time of `egp-onnx compress` on the sample,
+First the check that the measurement can be trusted: each model against an identical copy of
+itself (two sessions of the same bytes), which must agree within 5%. Then the sample (at the
+sparsities of the README) and the generated ResNet, original vs compressed, at batch 1 and 32:
+egp_onnx.verify.compare_latency (the same measurement `compress` reports: both sessions
+optimised alike, warm-up, runs alternating between the two models until a time budget or a run
+count, median and interquartile range). Then the wall time of `egp-onnx compress` on the sample,
 start-up included. One run prints everything; the figures are ratios measured in that run.
 
-Run: python benchmarks/latency.py [--runs 200]
+Run: python benchmarks/latency.py [--budget 2.0] [--max-runs 2000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import onnx
 
 import egp_onnx
 from egp_onnx.report import CompressionReport, format_table
-from egp_onnx.verify import measure_latency
+from egp_onnx.verify import compare_latency
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = HERE.parent / "sample_models"
@@ -50,32 +53,72 @@ def cases(folder: Path) -> list[tuple[str, onnx.ModelProto, onnx.ModelProto, dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per batch size")
+    parser.add_argument("--max-runs", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3, help="identical-model measurements per case")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="egp-latency-"))
     rng = np.random.default_rng(1)
-    rows = []
-    for name, original, compressed, shapes, report in cases(folder):
+    measured = cases(folder)
+    same_rows, worst = [], 0.0
+    for name, original, _, shapes, _ in measured[1:]:  # the sample once, and the ResNet
         for batch in (1, 32):
             feed = {k: rng.normal(size=(batch, *s)).astype(np.float32) for k, s in shapes.items()}
-            before = measure_latency(original, feed, runs=args.runs, warmup=20)
-            after = measure_latency(compressed, feed, runs=args.runs, warmup=20)
+            for _ in range(args.repeats):
+                copy = onnx.ModelProto()
+                copy.CopyFrom(original)
+                t = compare_latency(original, copy, [feed], args.budget, args.max_runs).batches[0]
+                worst = max(worst, abs(t.speedup - 1.0))
+                same_rows.append(
+                    [
+                        name.split("@")[0],
+                        batch,
+                        t.runs,
+                        t.median_ms_before,
+                        t.iqr_ms_before,
+                        t.median_ms_after,
+                        t.iqr_ms_after,
+                        t.speedup,
+                    ]
+                )
+    print("identical models (a model against a copy of itself):")
+    print(format_table(["model", "batch", "runs", "ms_a", "iqr_a", "ms_b", "iqr_b", "a/b"], same_rows))
+    print(f"largest disagreement {worst:.1%} (target: within 5%)\n")
+    rows = []
+    for name, original, compressed, shapes, report in measured:
+        feeds = [
+            {k: rng.normal(size=(batch, *s)).astype(np.float32) for k, s in shapes.items()}
+            for batch in (1, 32)
+        ]
+        timing = compare_latency(original, compressed, feeds, args.budget, args.max_runs)
+        for t in timing.batches:
             rows.append(
                 [
                     name,
-                    batch,
+                    t.batch_size,
                     report.model.depth_before,
                     report.model.depth_after,
-                    before,
-                    after,
-                    before / after,
+                    t.runs,
+                    t.median_ms_before,
+                    t.iqr_ms_before,
+                    t.median_ms_after,
+                    t.iqr_ms_after,
+                    t.speedup,
                 ]
             )
-    print(
-        format_table(
-            ["model", "batch", "depth_before", "depth_after", "ms_before", "ms_after", "speed-up"], rows
-        )
-    )
+    headers = [
+        "model",
+        "batch",
+        "depth_before",
+        "depth_after",
+        "runs",
+        "ms_before",
+        "iqr_before",
+        "ms_after",
+        "iqr_after",
+        "speed-up",
+    ]
+    print(format_table(headers, rows))
     times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -106,8 +149,9 @@ def main() -> None:
     )
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"onnxruntime {__import__('onnxruntime').__version__}; "
-        f"median of {args.runs} runs after 20 warm-up runs"
+        f"onnxruntime {__import__('onnxruntime').__version__}; runs alternate between the two models "
+        f"for {args.budget} s per batch size (at most {args.max_runs}), after a warm-up; "
+        f"load average at the end {os.getloadavg()[0]:.2f}"
     )
 
 

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from egp_onnx.entropy import ChannelCounts, Statistics
 from egp_onnx.errors import CalibrationError, ModelError, OutputError, one_line
 from egp_onnx.normalize import normalize
+from egp_onnx.topology import shape_skeleton
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -44,14 +45,14 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"{p} is not an ONNX model (protobuf parse failed: {exc})") from exc
     if model.ir_version == 0 or not model.graph.node:
         raise ModelError(f"{p} is not an ONNX model (no IR version or no graph nodes)")
-    external_data_files(model, p)  # checks every location before onnx reads one
+    external = bool(external_data_files(model, p))  # checks every location before onnx reads one
     try:
         from onnx.external_data_helper import load_external_data_for_model
 
         load_external_data_for_model(model, str(p.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"cannot load external data of {p}: {one_line(exc)}") from exc
-    return prepare_model(model, source=str(p))
+    return prepare_model(model, source=str(p), serialized=None if external else data)
 
 
 def external_data_files(model: onnx.ModelProto, path: str | os.PathLike[str]) -> list[Path]:
@@ -97,22 +98,32 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _all_tensors(sub)
 
 
-def prepare_model(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
+def prepare_model(
+    model: onnx.ModelProto, source: str = "model", serialized: bytes | None = None
+) -> onnx.ModelProto:
     """Return a checked, normalised, shape-inferred copy of ``model`` with every node named.
 
     Normalisation (:func:`egp_onnx.normalize.normalize`) folds constant subexpressions into
-    initializers and takes initializers out of the graph inputs.
+    initializers and takes initializers out of the graph inputs. ``serialized`` is ``model``'s
+    own bytes when the caller has them: the checker reads those instead of serialising it again.
     """
     try:
-        onnx.checker.check_model(model)  # reads only
+        onnx.checker.check_model(model if serialized is None else serialized)  # reads only
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelError(f"{source} fails onnx.checker: {one_line(exc)}") from exc
     normalized = normalize(model)
     try:
-        # infer_shapes parses its result into a new ModelProto: that is the copy we name and return
-        copy = onnx.shape_inference.infer_shapes(normalized)
+        # Inference needs the weights' shapes, not their values: it runs on the graph without them
+        # (a weight-sized serialisation less each way) and its value_info goes onto our copy.
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(normalized, keep_value_info=True))
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{source}: ONNX shape inference failed: {one_line(exc)}") from exc
+    copy = normalized
+    if copy is model:  # normalize changed nothing, so the copy is still to be made
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+    del copy.graph.value_info[:]
+    copy.graph.value_info.extend(inferred.graph.value_info)
     name_nodes(copy.graph)
     return copy
 

@@ -30,7 +30,6 @@ from egp_onnx.report import (
     Fidelity,
     RectifierRecord,
     SurgeryRecord,
-    Timing,
 )
 from egp_onnx.settings import (
     DEFAULT_MAX_REL_ERROR,
@@ -42,7 +41,7 @@ from egp_onnx.settings import (
 from egp_onnx.summarize import layer_records, model_summary
 from egp_onnx.surgery import ChannelStates, simplify
 from egp_onnx.topology import REMOVABLE_KINDS, RectifierSite, find_rectifiers
-from egp_onnx.verify import Reference, compare, measure_latency, passes
+from egp_onnx.verify import Reference, compare, compare_latency, latency_feeds, passes
 
 log = logging.getLogger(__name__)
 
@@ -358,15 +357,7 @@ def compress(
     feed = reference.first_feed()
     shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
     cost_before, cost_after = model_cost(proto, shapes), model_cost(final, shapes)
-    timing = None
-    if latency:
-        runs = 20
-        timing = Timing(
-            batch_size=next(iter(feed.values())).shape[0],
-            runs=runs,
-            latency_ms_before=measure_latency(proto, feed, runs),
-            latency_ms_after=measure_latency(final, feed, runs),
-        )
+    timing = compare_latency(proto, final, latency_feeds(proto, feed)) if latency else None
     report = CompressionReport(
         source=source,
         settings=asdict(settings),

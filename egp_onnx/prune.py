@@ -80,23 +80,42 @@ def integer_amounts(amounts: np.ndarray, nnz: np.ndarray, budget: int) -> np.nda
     return result
 
 
-def magnitude_order(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Flat indices of the non-zero weights, smallest |w| first; equal |w| in seeded order."""
-    flat = np.abs(weights.ravel())
-    candidates = np.flatnonzero(flat)
-    tie_break = rng.permutation(candidates.size)
-    order = np.lexsort((tie_break, flat[candidates]))
-    return candidates[order]
-
-
 def prune_smallest(weights: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """A copy of ``weights`` with its ``count`` smallest-magnitude non-zero entries zeroed."""
+    """A copy of ``weights`` with its ``count`` smallest-magnitude non-zero entries zeroed.
+
+    Equal magnitudes are ordered by a seeded permutation of the non-zero entries (in flat order),
+    drawn from ``rng`` whenever ``count > 0``. Only the ties at the threshold consult it: the
+    threshold comes from a partition (O(n)), not a sort, with the result a full sort by
+    (|w|, permutation) would give.
+    """
     result = weights.copy()
     if count <= 0:
         return result
-    order = magnitude_order(weights, rng)
     flat = result.reshape(-1)
-    flat[order[:count]] = 0
+    nonzero = flat != 0
+    candidates = int(np.count_nonzero(nonzero))
+    # The same draws as rng.permutation(candidates), in half the memory for layers under 2**31.
+    tie_break = np.arange(candidates, dtype=np.int32 if candidates < 2**31 else np.int64)
+    rng.shuffle(tie_break)
+    if count >= candidates:
+        flat[nonzero] = 0
+        return result
+    magnitude = np.abs(flat)
+    # Zeros (and -0.0) sort first, NaN last: the count-th smallest non-zero magnitude is at
+    # position zeros + count - 1 of the whole layer's order.
+    k = flat.size - candidates + count - 1
+    threshold = np.partition(magnitude, k)[k]
+    if np.isnan(threshold):
+        chosen, ties = ~np.isnan(magnitude), np.flatnonzero(np.isnan(magnitude))
+    else:
+        chosen, ties = magnitude < threshold, np.flatnonzero(magnitude == threshold)
+    chosen &= nonzero  # -0.0 stays as it is
+    need = count - int(np.count_nonzero(chosen))
+    if need < ties.size:  # break the ties by the permutation, indexed by rank among the non-zeros
+        ranks = ties - np.searchsorted(np.flatnonzero(~nonzero), ties)
+        ties = ties[np.argpartition(tie_break[ranks], need - 1)[:need]]
+    chosen[ties] = True
+    flat[chosen] = 0
     return result
 
 
@@ -108,20 +127,37 @@ def global_magnitude_amounts(
     ``capacity`` caps how many weights each layer may lose (see :func:`capacities`).
 
     Ties at the threshold go to the earlier layers, so the counts add up to exactly ``budget``.
+    The threshold comes from a partition of the pooled magnitudes (O(n), one copy of them).
     """
-    nonzero = [np.abs(w[w != 0]).ravel() for w in weights]
-    if capacity is not None:  # only a layer's `capacity` smallest weights are candidates
-        nonzero = [v if c >= v.size else np.partition(v, max(int(c) - 1, 0))[: max(int(c), 0)]
-                   for v, c in zip(nonzero, capacity, strict=True)]
-    total = sum(v.size for v in nonzero)
+    # Candidates: each layer's non-zero magnitudes, or only its `capacity` smallest.
+    candidates = [np.abs(w[w != 0]).ravel() for w in weights]
+    if capacity is not None:
+        candidates = [
+            v if c >= v.size else np.partition(v, max(int(c) - 1, 0))[: max(int(c), 0)]
+            for v, c in zip(candidates, capacity, strict=True)
+        ]
+    total = sum(v.size for v in candidates)
     budget = min(int(budget), total)
     counts = np.zeros(len(weights), dtype=np.int64)
     if budget <= 0:
         return counts
-    pooled = np.concatenate(nonzero)
-    owner = np.concatenate([np.full(v.size, i) for i, v in enumerate(nonzero)])
-    order = np.lexsort((owner, pooled))[:budget]
-    np.add.at(counts, owner[order], 1)
+    pooled = np.concatenate(candidates)
+    pooled.partition(budget - 1)
+    threshold = pooled[budget - 1]
+    del pooled
+    ties = np.zeros(len(weights), dtype=np.int64)
+    for i, v in enumerate(candidates):
+        if np.isnan(threshold):
+            counts[i] = np.count_nonzero(~np.isnan(v))
+            ties[i] = np.count_nonzero(np.isnan(v))
+        else:
+            counts[i] = np.count_nonzero(v < threshold)
+            ties[i] = np.count_nonzero(v == threshold)
+    left = budget - int(counts.sum())
+    for i in range(len(weights)):
+        take = min(int(ties[i]), left)
+        counts[i] += take
+        left -= take
     return counts
 
 

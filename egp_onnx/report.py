@@ -8,7 +8,7 @@ import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -168,13 +168,32 @@ class StopRecord:
 
 
 @dataclass(frozen=True)
-class Timing:
-    """onnxruntime CPU latency of one batch, median of repeated runs (not byte-reproducible)."""
+class LatencyRecord:
+    """Latency of the original and the compressed model at one batch size, measured interleaved."""
 
     batch_size: int
-    runs: int
-    latency_ms_before: float
-    latency_ms_after: float
+    runs: int  # timed runs of each model (after the warm-up)
+    median_ms_before: float
+    iqr_ms_before: float  # interquartile range of the runs: the spread of the measurement
+    median_ms_after: float
+    iqr_ms_after: float
+    speedup: float  # median_ms_before / median_ms_after
+
+
+@dataclass(frozen=True)
+class Timing:
+    """onnxruntime CPU latency before and after (machine dependent, not byte-reproducible).
+
+    Both models run in sessions with the same options (graph optimisation ``ORT_ENABLE_ALL``,
+    default threads), so a speed-up is over what onnxruntime already does. Runs alternate between
+    the two models after a warm-up, until ``max_runs`` runs or ``budget_s`` seconds per batch size.
+    """
+
+    optimization: str  # onnxruntime graph optimisation level of both sessions
+    warmup: int  # untimed runs of each model per batch size
+    budget_s: float
+    max_runs: int
+    batches: tuple[LatencyRecord, ...]  # batch 1 (when the model allows it) and the calibration batch
 
 
 @dataclass(frozen=True)
@@ -378,11 +397,13 @@ def compression_summary(report: CompressionReport, written: list[str]) -> str:
         f"MACs {_count(b.macs)} -> {_count(a.macs)} dense, {_count(a.nonzero_macs)} non-zero"
     )
     if report.timing is not None:
-        t = report.timing
-        lines.append(
-            f"latency     {t.latency_ms_before:.3f} -> {t.latency_ms_after:.3f} ms per batch of "
-            f"{t.batch_size} (median of {t.runs}, onnxruntime CPU)"
-        )
+        for t in report.timing.batches:
+            lines.append(
+                f"latency     batch {t.batch_size}: {t.median_ms_before:.3f} ms (IQR "
+                f"{t.iqr_ms_before:.3f}) -> {t.median_ms_after:.3f} ms (IQR {t.iqr_ms_after:.3f}), "
+                f"{t.speedup:.2f}x; median of "
+                f"{t.runs} interleaved runs, onnxruntime CPU"
+            )
     s = report.surgery
     if not s.enabled:
         lines.append("surgery     off (--no-surgery)")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 log = logging.getLogger(__name__)
 
@@ -398,11 +399,15 @@ def initializer_arrays(model: onnx.ModelProto, names: list[str]) -> dict[str, np
 def replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` whose named initializers hold ``arrays`` (dtype preserved)."""
     copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for tensor in copy.graph.initializer:
-        if tensor.name in arrays:
-            dtype = numpy_helper.to_array(tensor).dtype
-            tensor.CopyFrom(numpy_helper.from_array(arrays[tensor.name].astype(dtype), tensor.name))
+    _copy_fields(model, copy, skip=("graph",))
+    _copy_fields(model.graph, copy.graph, skip=("initializer",))
+    for tensor in model.graph.initializer:
+        if tensor.name in arrays:  # written once, not copied from the old values first
+            dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            value = np.asarray(arrays[tensor.name]).astype(dtype, copy=False)
+            copy.graph.initializer.append(numpy_helper.from_array(value, tensor.name))
+        else:
+            copy.graph.initializer.append(tensor)
     return copy
 
 
@@ -455,13 +460,82 @@ def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
     return total, nonzero
 
 
+#: Initializers with more elements than this become typed inputs in a shape skeleton.
+SKELETON_MAX_ELEMENTS = 64
+
+
+def shape_skeleton(model: onnx.ModelProto, keep_value_info: bool = False) -> onnx.ModelProto:
+    """The model without its weights, for shape inference: big initializers become typed inputs.
+
+    Shape inference needs the weights' shapes, not their values (small integer tensors such as a
+    Reshape's target stay, for data propagation), so this copy costs the graph, not the model.
+    Its value_info is left out unless ``keep_value_info``.
+    """
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip=("graph",))
+    source, graph = model.graph, skeleton.graph
+    _copy_fields(source, graph, skip=("initializer",) if keep_value_info else ("initializer", "value_info"))
+    inputs = {i.name for i in source.input}
+    for tensor in source.initializer:
+        if int(np.prod(tensor.dims)) <= SKELETON_MAX_ELEMENTS:
+            graph.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return skeleton
+
+
+#: The external-data location of a weight stub: its values are held in memory (see split_weights).
+IN_MEMORY = "egp-onnx:in-memory"
+
+
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model with stubs for its large numeric initializers, and their values as arrays.
+
+    A stub keeps the initializer's name, type and shape and marks its data as external, at
+    :data:`IN_MEMORY`; onnxruntime takes the values from memory (``add_external_initializers``),
+    so a session needs no serialised copy of the weights. Stubs already in ``model`` stay stubs.
+    """
+    stubbed = onnx.ModelProto()
+    _copy_fields(model, stubbed, skip=("graph",))
+    graph = stubbed.graph
+    _copy_fields(model.graph, graph, skip=("initializer",))
+    values: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        if int(np.prod(tensor.dims)) <= SKELETON_MAX_ELEMENTS or tensor.data_location == tensor.EXTERNAL:
+            graph.initializer.append(tensor)
+            continue
+        array = numpy_helper.to_array(tensor)
+        if array.dtype.kind not in "fiub":  # strings, bfloat16 and such stay in the protobuf
+            graph.initializer.append(tensor)
+            continue
+        values[tensor.name] = array
+        stub = graph.initializer.add()
+        stub.name, stub.data_type = tensor.name, tensor.data_type
+        stub.dims.extend(tensor.dims)
+        stub.data_location = tensor.EXTERNAL
+        stub.external_data.add(key="location", value=IN_MEMORY)
+    return stubbed, values
+
+
+def _copy_fields(source: Any, target: Any, skip: tuple[str, ...]) -> None:
+    """Copy every set field of a protobuf message except ``skip``."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        # protobuf >= 6 has is_repeated; older versions only the label
+        if getattr(field, "is_repeated", None) or getattr(field, "label", None) == 3:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
 def static_shapes(
     model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, tuple[int, ...]]:
     """Shapes of every tensor once the inputs have the given concrete shapes ({} if inference fails)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    del fixed.graph.value_info[:]
+    fixed = shape_skeleton(model)
     for value in fixed.graph.input:
         if value.name in input_shapes:
             dims = value.type.tensor_type.shape.dim

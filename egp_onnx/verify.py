@@ -6,15 +6,16 @@ Also the latency measurement, the other place where egp-onnx runs models for the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from egp_onnx.calibrate import make_session, run_session
 from egp_onnx.data import Batch, CalibrationData
 from egp_onnx.errors import ModelError
-from egp_onnx.report import Fidelity, OutputFidelity
+from egp_onnx.report import Fidelity, LatencyRecord, OutputFidelity, Timing
 
 
 class _Accumulator:
@@ -133,17 +134,83 @@ class Reference:
         return self.batches[0][0]
 
 
-def measure_latency(model: onnx.ModelProto, feed: Batch, runs: int = 20, warmup: int = 3) -> float:
-    """Median wall time in milliseconds of one onnxruntime run on ``feed`` (optimised session)."""
-    session = make_session(model, optimize=True)
-    for _ in range(warmup):
-        run_session(session, None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run_session(session, None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000.0)
+#: Per batch size: timed runs of each model stop at MAX_RUNS, or once BUDGET_S seconds have passed
+#: and at least MIN_RUNS were timed (so a large model still gets a median and a spread).
+LATENCY_BUDGET_S = 1.0
+LATENCY_MAX_RUNS = 200
+LATENCY_MIN_RUNS = 3
+#: Untimed runs of each model per batch size, at least; more while they take under a tenth of the
+#: budget (the first runs allocate and plan memory for the new shape).
+LATENCY_WARMUP = 1
+
+
+def latency_feeds(model: onnx.ModelProto, feed: Batch) -> list[Batch]:
+    """``feed`` cut to batch 1, then ``feed`` itself (its batch), where the model accepts them."""
+    batch = next(iter(feed.values())).shape[0] if feed else 1
+    first_dims = [i.type.tensor_type.shape.dim[:1] for i in model.graph.input if i.name in feed]
+    fixed = [d[0].dim_value for d in first_dims if d and d[0].HasField("dim_value")]
+    feeds = []
+    if batch > 1 and all(size == 1 for size in fixed):
+        feeds.append({k: v[:1] for k, v in feed.items()})
+    feeds.append(feed)
+    return feeds
+
+
+def compare_latency(
+    before: onnx.ModelProto,
+    after: onnx.ModelProto,
+    feeds: Sequence[Batch],
+    budget_s: float = LATENCY_BUDGET_S,
+    max_runs: int = LATENCY_MAX_RUNS,
+    warmup: int = LATENCY_WARMUP,
+) -> Timing:
+    """Latency of ``before`` and ``after`` in onnxruntime on each feed, measured run by run in turn.
+
+    Both sessions get the same options (``ORT_ENABLE_ALL``), so the speed-up is over what
+    onnxruntime already does. The two models alternate (AB, BA, AB, ... so neither always runs
+    second) and share whatever the machine is doing at the time: a busy neighbour slows both alike.
+    """
+    sessions = (make_session(before, optimize=True), make_session(after, optimize=True))
+    records = []
+    for feed in feeds:
+        records.append(_interleaved(sessions, feed, budget_s, max_runs, warmup))
+    return Timing("ORT_ENABLE_ALL", warmup, budget_s, max_runs, tuple(records))
+
+
+def _interleaved(
+    sessions: tuple[ort.InferenceSession, ort.InferenceSession],
+    feed: Batch,
+    budget_s: float,
+    max_runs: int,
+    warmup: int,
+) -> LatencyRecord:
+    times: tuple[list[float], list[float]] = ([], [])
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or (time.perf_counter() - start < budget_s / 10 and done < max_runs):
+        for session in sessions:
+            run_session(session, None, feed)
+        done += 1
+    start = time.perf_counter()
+    while len(times[0]) < max_runs and (
+        len(times[0]) < LATENCY_MIN_RUNS or time.perf_counter() - start < budget_s
+    ):
+        order = (0, 1) if len(times[0]) % 2 == 0 else (1, 0)
+        for k in order:
+            began = time.perf_counter()
+            run_session(sessions[k], None, feed)
+            times[k].append(time.perf_counter() - began)
+    before_ms, after_ms = (np.array(t) * 1000.0 for t in times)
+    q_before, q_after = np.percentile(before_ms, [25, 50, 75]), np.percentile(after_ms, [25, 50, 75])
+    return LatencyRecord(
+        batch_size=int(next(iter(feed.values())).shape[0]) if feed else 1,
+        runs=len(before_ms),
+        median_ms_before=float(q_before[1]),
+        iqr_ms_before=float(q_before[2] - q_before[0]),
+        median_ms_after=float(q_after[1]),
+        iqr_ms_after=float(q_after[2] - q_after[0]),
+        speedup=float(q_before[1] / q_after[1]) if q_after[1] > 0 else float("nan"),
+    )
 
 
 def passes(fidelity: Fidelity, min_agreement: float | None, max_rel_error: float | None) -> list[str]:

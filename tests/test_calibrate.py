@@ -9,11 +9,12 @@ import pytest
 from models import conv_bn_relu, gemm_head, inputs, residual_block, single_conv
 from onnx import helper
 
-from egp_onnx.calibrate import ChannelCounts, collect_statistics, probes, statistics_model
+from egp_onnx.calibrate import ChannelCounts, collect_statistics, make_session, probes, statistics_model
 from egp_onnx.data import open_calibration
 from egp_onnx.entropy import binary_entropy
+from egp_onnx.errors import ModelError
 from egp_onnx.io import prepare_model
-from egp_onnx.topology import find_rectifiers
+from egp_onnx.topology import find_rectifiers, split_weights
 
 
 def reference_activations(model: onnx.ModelProto, tensors: list[str], feed: dict) -> dict[str, np.ndarray]:
@@ -136,3 +137,28 @@ def test_channel_counts_entropy_matches_formula():
     p = counts.on / counts.total
     assert binary_entropy(p[1]) == pytest.approx(1.0)
     assert binary_entropy(p[3]) == pytest.approx(-(0.3 * np.log2(0.3) + 0.7 * np.log2(0.7)))
+
+
+def test_sessions_take_weights_from_memory_with_the_same_results(rng):
+    """
+    x(N,4,6,6) -> Conv Relu Conv Relu Conv Add(+proj) Relu -> y (residual_block): weights as
+    in-memory stubs vs inline.
+    """
+    model = prepare_model(residual_block(rng))
+    stubbed, values = split_weights(model)
+    big = [t.name for t in model.graph.initializer if np.prod(t.dims) > 64]
+    assert big and sorted(values) == sorted(big)
+    assert all(not t.raw_data and not t.float_data for t in stubbed.graph.initializer if t.name in values)
+    assert stubbed.ByteSize() < model.ByteSize() / 2
+    x = inputs(rng, 6, (4, 6, 6))
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        want = plain.run(None, {"x": x})[0]
+        optimize = level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        np.testing.assert_array_equal(make_session(model, optimize).run(None, {"x": x})[0], want)
+        from_stubs = make_session(stubbed, optimize, weights=values)
+        np.testing.assert_array_equal(from_stubs.run(None, {"x": x})[0], want)
+    with pytest.raises(ModelError, match="no values"):
+        make_session(stubbed)

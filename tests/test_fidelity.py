@@ -95,7 +95,7 @@ def test_reports_validate_against_documented_schema(extra, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     jsonschema.validate(report, SCHEMA)
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
 
 
 def test_schema_rejects_drift(tmp_path):

@@ -20,7 +20,7 @@ from onnx import helper
 from egp_onnx.calibrate import collect_statistics
 from egp_onnx.data import in_memory, input_specs
 from egp_onnx.io import prepare_model
-from egp_onnx.prune import egp_allocation, integer_amounts
+from egp_onnx.prune import egp_allocation, global_magnitude_amounts, integer_amounts, prune_smallest
 from egp_onnx.topology import find_rectifiers
 
 settings.register_profile(
@@ -130,3 +130,54 @@ def test_budget_never_exceeds_a_layer(layers, fraction):
     counts = integer_amounts(amounts, nnz, budget)
     assert (counts <= nnz).all() and (counts >= 0).all()
     assert counts.sum() == min(budget, int(nnz[participating].sum()))
+
+
+def lexsort_prune_smallest(weights: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """prune.prune_smallest before it used a partition: a full lexsort by (|w|, seeded permutation)."""
+    result = weights.copy()
+    if count <= 0:
+        return result
+    flat = np.abs(weights.ravel())
+    candidates = np.flatnonzero(flat)
+    order = candidates[np.lexsort((rng.permutation(candidates.size), flat[candidates]))]
+    result.reshape(-1)[order[:count]] = 0
+    return result
+
+
+def lexsort_global_amounts(weights: list[np.ndarray], budget: int) -> np.ndarray:
+    """prune.global_magnitude_amounts before it used a partition: lexsort by (|w|, layer)."""
+    nonzero = [np.abs(w[w != 0]).ravel() for w in weights]
+    budget = min(int(budget), sum(v.size for v in nonzero))
+    counts = np.zeros(len(weights), dtype=np.int64)
+    if budget <= 0:
+        return counts
+    pooled = np.concatenate(nonzero)
+    owner = np.concatenate([np.full(v.size, i) for i, v in enumerate(nonzero)])
+    np.add.at(counts, owner[np.lexsort((owner, pooled))[:budget]], 1)
+    return counts
+
+
+def tied_weights(draw, size: int) -> np.ndarray:
+    """Weights from a handful of magnitudes of either sign, zeros included: ties everywhere."""
+    levels = draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0, np.nan]), min_size=1, max_size=4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    picks = rng.choice(np.array(levels, dtype=np.float32), size=size)
+    return (picks * rng.choice(np.array([-1, 1], dtype=np.float32), size=size)).astype(np.float32)
+
+
+@given(st.data(), st.integers(1, 300), st.integers(-2, 320), st.integers(0, 2**16))
+def test_partition_prune_equals_lexsort_prune(data, size, count, seed):
+    weights = tied_weights(data.draw, size).reshape(-1, 1 if size % 2 else 2)
+    rng_new, rng_old = np.random.default_rng(seed), np.random.default_rng(seed)
+    got = prune_smallest(weights, count, rng_new)
+    want = lexsort_prune_smallest(weights, count, rng_old)
+    np.testing.assert_array_equal(got, want)
+    assert rng_new.integers(2**62) == rng_old.integers(2**62), "the generator advances alike"
+
+
+@given(st.data(), st.lists(st.integers(0, 120), min_size=1, max_size=5), st.integers(-1, 700))
+def test_partition_global_amounts_equal_lexsort(data, sizes, budget):
+    weights = [tied_weights(data.draw, n) for n in sizes]
+    np.testing.assert_array_equal(
+        global_magnitude_amounts(weights, budget), lexsort_global_amounts(weights, budget)
+    )

@@ -1,10 +1,18 @@
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from models import conv_bn_relu, gemm_head, no_rectifier, residual_block, single_conv
+from onnx import TensorProto, helper, numpy_helper
 
 from egp_onnx.io import load_model, prepare_model
-from egp_onnx.topology import count_parameters, find_rectifiers, prunable_layers
+from egp_onnx.topology import (
+    count_parameters,
+    find_rectifiers,
+    prunable_layers,
+    shape_skeleton,
+    static_shapes,
+)
 
 
 def owners(model: onnx.ModelProto) -> dict[str, str | None]:
@@ -59,3 +67,56 @@ def test_count_parameters(rng):
     total, nonzero = count_parameters(single_conv(rng))
     assert total == 4 * 3 * 3 * 3 + 4
     assert nonzero == total
+
+
+def full_model_shapes(model: onnx.ModelProto, shapes: dict) -> dict:
+    """Reference: shape inference on a full copy of the model, weights included (the old way)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for value in fixed.graph.input:
+        for dim, size in zip(value.type.tensor_type.shape.dim, shapes.get(value.name, ()), strict=False):
+            dim.Clear()
+            dim.dim_value = size
+    inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    out = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            out[value.name] = tuple(d.dim_value for d in dims)
+    return out
+
+
+def test_shape_skeleton_drops_weights_and_keeps_every_shape():
+    """
+    x(N,3,6,6) -> Conv(3->8) -> Relu -> Reshape(to [-1, 288] by a small int64 initializer) -> Gemm -> y
+    """
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(rng.normal(size=(288, 5)).astype(np.float32), "fc")
+    target = numpy_helper.from_array(np.array([-1, 288], dtype=np.int64), "target")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("Reshape", ["r", "target"], ["f"]),
+            helper.make_node("Gemm", ["f", "fc"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [w, fc, target],
+    )
+    model = prepare_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    skeleton = shape_skeleton(model)
+    assert [t.name for t in skeleton.graph.initializer] == ["target"]
+    assert {"w", "fc"} <= {i.name for i in skeleton.graph.input}
+    assert skeleton.ByteSize() < model.ByteSize() / 5
+    onnx.checker.check_model(skeleton)
+    for models in (model, residual_block(rng), gemm_head(rng)):
+        first = models.graph.input[0]
+        shapes = {first.name: (2, *[d.dim_value for d in first.type.tensor_type.shape.dim[1:]])}
+        got = static_shapes(models, shapes)
+        want = full_model_shapes(models, shapes)
+        assert want and all(got[name] == shape for name, shape in want.items())
+    assert static_shapes(model, {"x": (2, 3, 6, 6)})["f"] == (2, 288)
