@@ -387,7 +387,7 @@ def _guard(reference: Reference, settings: Settings) -> Guard:
     """Fidelity of a candidate against the original, and the guard's complaints about it."""
 
     def check(candidate: onnx.ModelProto) -> tuple[Fidelity, list[str]]:
-        fidelity = reference.evaluate(candidate)
+        fidelity = reference.evaluate(candidate, SURGERY_ATOL, SURGERY_RTOL)
         return fidelity, passes(fidelity, settings.min_agreement, settings.max_rel_error)
 
     return check
