@@ -79,17 +79,18 @@ def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
     return default if found is None else helper.get_attribute_value(found)
 
 
-def linear_layers(model: onnx.ModelProto) -> tuple[list[LinearLayer], dict[str, str]]:
+def linear_layers(model: onnx.ModelProto) -> tuple[list[LinearLayer], dict[str, tuple[str, str]]]:
     """The layers reconstruction can refit, in refit order, and why the others are left.
 
     Returns:
-        The layers, and per skipped layer name the reason it cannot be refit.
+        The layers, and per skipped layer name its weight initializer and why it cannot be refit.
 
     """
     index = GraphIndex(model.graph)
     init = index.initializers
+    positions = {id(node): i for i, node in enumerate(model.graph.node)}
     layers: list[LinearLayer] = []
-    skipped: dict[str, str] = {}
+    skipped: dict[str, tuple[str, str]] = {}
     for position, node in enumerate(model.graph.node):
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
@@ -99,20 +100,19 @@ def linear_layers(model: onnx.ModelProto) -> tuple[list[LinearLayer], dict[str, 
         name = node.name or node.output[0]
         w = numpy_helper.to_array(init[weight])
         if w.dtype != np.float32 and w.dtype != np.float64:
-            skipped[name] = f"{w.dtype} weights"
+            skipped[name] = (weight, f"{w.dtype} weights")
             continue
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if bias is not None and (bias not in init or len(index.consumers.get(bias, [])) != 1):
-            bias = None if bias not in init else bias
-            if bias is not None:
-                skipped[name] = "its bias is shared with another node"
-                continue
-            skipped[name] = "its bias is computed, not an initializer"
+        if bias is not None and bias not in init:
+            skipped[name] = (weight, "its bias is computed, not an initializer")
+            continue
+        if bias is not None and len(index.consumers.get(bias, [])) != 1:
+            skipped[name] = (weight, "its bias is shared with another node")
             continue
         fields: dict[str, object] = {}
         if node.op_type == "Conv":
             if w.ndim != 4 or str(_attr(node, "auto_pad", b"NOTSET")) not in ("NOTSET", "b'NOTSET'"):
-                skipped[name] = "only 2-D convolutions with explicit pads are refit"
+                skipped[name] = (weight, "only 2-D convolutions with explicit pads are refit")
                 continue
             fields = {
                 "groups": int(_attr(node, "group", 1)),  # type: ignore[call-overload]
@@ -123,7 +123,7 @@ def linear_layers(model: onnx.ModelProto) -> tuple[list[LinearLayer], dict[str, 
             }
         elif node.op_type == "Gemm":
             if int(_attr(node, "transA", 0)):  # type: ignore[call-overload]
-                skipped[name] = "Gemm with transA"
+                skipped[name] = (weight, "Gemm with transA")
                 continue
             fields = {
                 "trans_b": bool(_attr(node, "transB", 0)),
@@ -133,10 +133,11 @@ def linear_layers(model: onnx.ModelProto) -> tuple[list[LinearLayer], dict[str, 
             if bias is not None and (fields["beta"] == 0 or numpy_helper.to_array(init[bias]).ndim != 1):
                 bias = None  # a broadcast (N, M) bias or beta 0: refit the weights only
         elif w.ndim != 2:
-            skipped[name] = "MatMul with a weight of rank other than 2"
+            skipped[name] = (weight, "MatMul with a weight of rank other than 2")
             continue
         channels = w.shape[0] if node.op_type == "Conv" or fields.get("trans_b") else w.shape[1]
-        residual = _residual(node.output[0], index, int(channels), 3 if node.op_type == "Conv" else 1)
+        axis_from_end = 3 if node.op_type == "Conv" else 1
+        residual = _residual(node.output[0], index, positions, int(channels), axis_from_end)
         layers.append(
             LinearLayer(
                 name=name,
@@ -168,14 +169,14 @@ def _channel_vector(value: np.ndarray, channels: int, axis_from_end: int) -> np.
 
 
 def _residual(
-    tensor: str, index: GraphIndex, channels: int, axis_from_end: int
+    tensor: str, index: GraphIndex, positions: Mapping[int, int], channels: int, axis_from_end: int
 ) -> tuple[str, str, np.ndarray, np.ndarray, int] | None:
     """Follow per-channel affine ops from a layer's output to a residual Add, if there is one.
 
-    Returns (Add output, other operand, scale, shift, Add's node index) or None.
+    ``positions`` maps id(node) to its index in the graph. Returns (Add output, other operand,
+    scale, shift, Add's node index) or None.
     """
     scale, shift = np.ones(channels), np.zeros(channels)
-    positions = {id(n): i for i, n in enumerate(index.graph.node)}
     values = index.initializers
     while True:
         consumers = index.consumers.get(tensor, [])
@@ -242,13 +243,12 @@ def subgraph(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
             for graph in [attr.g, *attr.graphs]:
                 stack.extend(t for n in graph.node for t in n.input if t)
     nodes = [n for i, n in enumerate(model.graph.node) if i in needed]
-    used = seen
     graph = helper.make_graph(
         nodes,
         model.graph.name,
-        [v for v in model.graph.input if v.name in used],
+        [v for v in model.graph.input if v.name in seen],
         [helper.make_empty_tensor_value_info(t) for t in wanted],
-        [t for t in model.graph.initializer if t.name in used],
+        [t for t in model.graph.initializer if t.name in seen],
     )
     result = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     result.functions.extend(model.functions)
@@ -479,7 +479,7 @@ def reconstruct(
     rng = np.random.default_rng(seed)
     values = {t.name: numpy_helper.to_array(t) for t in current.graph.initializer}
     first = next((i for i, layer in enumerate(layers) if remove.get(layer.weight, 0) > 0), None)
-    fits = [LayerFit(name, 0, 0, None, None, f"not refit: {why}") for name, why in skipped.items()]
+    fits = [LayerFit(name, 0, 0, None, None, f"not refit: {why}") for name, (_, why) in skipped.items()]
     model = current
     for layer in [] if first is None else layers[first:]:
         if on_layer is not None:
@@ -507,8 +507,7 @@ def reconstruct(
         values.update(updates)
         model = replace_initializers(model, updates)
         fits.append(fit)
-    for name in skipped:
-        weight_name = next(n.input[1] for n in current.graph.node if (n.name or n.output[0]) == name)
+    for weight_name, _ in skipped.values():
         count = int(remove.get(weight_name, 0))
         if count > 0:  # a layer the solver cannot take still loses its share, by magnitude
             model = replace_initializers(
@@ -572,9 +571,9 @@ def _refit(
         target_sq = normal.target_sq[g * per : (g + 1) * per]
         before += _residual_error(normal.gram[g], normal.cross[g], target_sq, start[g])
         after += _residual_error(normal.gram[g], normal.cross[g], target_sq, solved[g])
-    if layer.scale is not None and (np.abs(layer.scale) < 1e-12).any():
+    dead = np.abs(layer.scale) < 1e-12 if layer.scale is not None else np.zeros(0, dtype=bool)
+    if dead.any():
         # A channel whose affine map is zero has no target: it keeps its (pruned) values.
-        dead = np.abs(layer.scale) < 1e-12
         flat = solved.transpose(0, 2, 1).reshape(-1, solved.shape[1])
         flat[dead] = start.transpose(0, 2, 1).reshape(-1, start.shape[1])[dead]
         solved = flat.reshape(state.shape[0], per, -1).transpose(0, 2, 1)
