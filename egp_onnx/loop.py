@@ -142,12 +142,15 @@ def run_loop(
     steps: list[StepRecord] = []
     stop = StopRecord("target", 0, f"reached sparsity {settings.sparsity}")
     step, retries, accepted = settings.step, 0, 0
-    while total - int(layers.nnz().sum()) < target_zeros:
+    while True:
+        nnz = layers.nnz()  # one count per step: it scans every weight
+        needed = target_zeros - (total - int(nnz.sum()))
+        if needed <= 0:
+            break
         if len(steps) >= MAX_STEPS:
             stop = StopRecord("max-steps", accepted, f"stopped after {MAX_STEPS} steps")
             break
-        needed = target_zeros - (total - int(layers.nnz().sum()))
-        capacity = prune.capacities(layers.nnz(), layers.sizes(), limit)
+        capacity = prune.capacities(nnz, layers.sizes(), limit)
         counts, rule = step_counts(layers, stats, settings.method, step, needed, capacity)
         if counts.sum() == 0:
             detail = "no prunable weight left to remove within the layers' limits"
