@@ -18,26 +18,32 @@ graph keeps its structure.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from egp_onnx.calibrate import make_session, run_session
 from egp_onnx.data import CalibrationData
 from egp_onnx.prune import prune_smallest
 from egp_onnx.report import LayerFit
-from egp_onnx.topology import GraphIndex, replace_initializers
+from egp_onnx.segments import Activations
+from egp_onnx.topology import GraphIndex, replace_initializers, split_weights
 
 log = logging.getLogger(__name__)
 
-#: Output positions of one sample that enter a conv layer's normal equations (seeded subsample).
+#: Output positions of one sample that enter a conv layer's normal equations at most (seeded).
 POSITIONS_PER_SAMPLE = 64
-#: Calibration samples a layer's normal equations see at most (the first ones): each layer costs
-#: one pass of the model's prefix over them, so this bounds a reconstruction step's time.
+#: Rows a conv layer's normal equations aim for, per column: positions per sample are cut to
+#: reach about this many rows over the samples (more rows cost time, not accuracy, past it).
+ROWS_PER_COLUMN = 32
+#: Calibration samples a layer's normal equations see at most (the first ones, in whole batches).
 MAX_SAMPLES = 1024
+#: Bytes the kept activations of the current and the dense model may take together; past it the
+#: last batches are dropped (see egp_onnx.segments), so memory does not grow with the model's size.
+CACHE_BYTES = 512 * 2**20
 #: Layers wider than this (columns of the normal equations) are left as they are: the Gram matrix
 #: alone would take WIDTH_LIMIT^2 * 8 bytes (128 MiB at 4096).
 WIDTH_LIMIT = 4096
@@ -222,39 +228,6 @@ def _residual(
         return None
 
 
-def subgraph(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``outputs`` (now its only outputs)."""
-    wanted = list(dict.fromkeys(outputs))
-    producer = {out: i for i, n in enumerate(model.graph.node) for out in n.output}
-    needed: set[int] = set()
-    stack = [t for t in wanted if t in producer]
-    seen: set[str] = set()
-    while stack:
-        tensor = stack.pop()
-        if tensor in seen:
-            continue
-        seen.add(tensor)
-        i = producer.get(tensor)
-        if i is None or i in needed:
-            continue
-        needed.add(i)
-        stack.extend(t for t in model.graph.node[i].input if t)
-        for attr in model.graph.node[i].attribute:  # outer-scope names read by Loop/If bodies
-            for graph in [attr.g, *attr.graphs]:
-                stack.extend(t for n in graph.node for t in n.input if t)
-    nodes = [n for i, n in enumerate(model.graph.node) if i in needed]
-    graph = helper.make_graph(
-        nodes,
-        model.graph.name,
-        [v for v in model.graph.input if v.name in seen],
-        [helper.make_empty_tensor_value_info(t) for t in wanted],
-        [t for t in model.graph.initializer if t.name in seen],
-    )
-    result = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    result.functions.extend(model.functions)
-    return result
-
-
 class _Normal:
     """Streamed normal equations of one layer, per group: G = A~^T A~, C = A~^T Y, and sum Y^2."""
 
@@ -287,9 +260,9 @@ class _Normal:
 
 
 def _conv_rows(
-    x: np.ndarray, layer: LinearLayer, y: np.ndarray, rng: np.random.Generator
+    x: np.ndarray, layer: LinearLayer, y: np.ndarray, rng: np.random.Generator, take: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """im2col rows of a conv input at a seeded subsample of output positions, and the targets there.
+    """im2col rows of a conv input at ``take`` seeded output positions per sample, and the targets there.
 
     Returns:
         rows (groups, R, C_in/groups * k_h * k_w) and targets (R, C_out).
@@ -303,7 +276,7 @@ def _conv_rows(
     windows = windows[:, :, ::sh, ::sw]  # (B, C, out_h, out_w, kh, kw), a view
     batch, _, out_h, out_w = y.shape
     positions = out_h * out_w
-    take = min(positions, POSITIONS_PER_SAMPLE)
+    take = min(positions, take)
     if take == positions:
         flat = np.arange(batch * positions)
     else:
@@ -370,20 +343,30 @@ def _solve(
         return _stable_solve(gram + np.diag(regular), cross), None
     solution = np.zeros((d, outputs))
     diag = np.zeros((d, outputs)) if inverse else None
-    chunk = max(1, int(2**23 // (d * d)))  # systems per batched call: at most 64 MiB of float64
+    # Each output's system is its support's rows and columns of the Gram matrix. Outputs are
+    # taken in order of support size and solved in batches, each system padded to the batch's
+    # largest with identity rows (which solve to 0), so the cost follows the kept weights.
+    sizes = keep.sum(axis=0)
+    order = np.argsort(sizes, kind="stable")
+    largest = max(1, int(sizes.max()))
+    chunk = max(1, int(2**23 // (largest * largest)))  # systems per batched call: at most 64 MiB
     for start in range(0, outputs, chunk):
-        m = keep[:, start : start + chunk].T  # (k, d)
-        # Off the support a row and column of the identity: that weight solves to exactly 0.
-        systems = gram[None] * (m[:, :, None] & m[:, None, :])
-        systems += np.einsum("kd,de->kde", np.where(m, regular, 1.0), np.eye(d))
-        rhs = (cross[:, start : start + chunk].T * m)[:, :, None]
+        cols = order[start : start + chunk]
+        m = max(1, int(sizes[cols].max()))
+        idx = np.argsort(~keep[:, cols].T, axis=1, kind="stable")[:, :m]  # support first, in order
+        valid = np.arange(m)[None, :] < sizes[cols][:, None]
+        systems = gram[idx[:, :, None], idx[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
+        diagonal = np.arange(m)
+        systems[:, diagonal, diagonal] += np.where(valid, regular[idx], 1.0)
+        rhs = (np.take_along_axis(cross[:, cols].T, idx, axis=1) * valid)[:, :, None]
+        where = (idx[valid], np.broadcast_to(cols[:, None], idx.shape)[valid])
         if inverse:
             inv = np.linalg.inv(systems)
-            solution[:, start : start + chunk] = (inv @ rhs)[:, :, 0].T
+            solution[where] = (inv @ rhs)[:, :, 0][valid]
             assert diag is not None
-            diag[:, start : start + chunk] = (np.diagonal(inv, axis1=1, axis2=2) * m).T
+            diag[where] = np.diagonal(inv, axis1=1, axis2=2)[valid]
         else:
-            solution[:, start : start + chunk] = _stable_solve(systems, rhs)[:, :, 0].T
+            solution[where] = _stable_solve(systems, rhs)[:, :, 0][valid]
     solution[~keep] = 0.0
     return solution, diag
 
@@ -398,8 +381,8 @@ def _stable_solve(systems: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 def _residual_error(gram: np.ndarray, cross: np.ndarray, target_sq: np.ndarray, w: np.ndarray) -> float:
     """Sum over outputs of ||A~ w - y||^2 from the normal equations."""
-    quad = np.einsum("do,de,eo->o", w, gram, w)
-    return float((quad - 2 * np.einsum("do,do->o", w, cross) + target_sq).sum())
+    quad = ((gram @ w) * w).sum(axis=0)
+    return float((quad - 2 * (w * cross).sum(axis=0) + target_sq).sum())
 
 
 def _obs_masks(normal: _Normal, current: np.ndarray, remove: int) -> np.ndarray:
@@ -477,11 +460,23 @@ def reconstruct(
     layers, skipped = linear_layers(current)
     masked = set(masked)
     rng = np.random.default_rng(seed)
-    values = {t.name: numpy_helper.to_array(t) for t in current.graph.initializer}
     first = next((i for i, layer in enumerate(layers) if remove.get(layer.weight, 0) > 0), None)
+    todo = [] if first is None else layers[first:]
+    changing = [n for layer in layers for n in (layer.weight, layer.bias) if n]
+    ours, values = split_weights(current, always=[*changing, *(w for w, _ in skipped.values())])
+    updates: dict[str, np.ndarray] = {}
+    for weight_name, _ in skipped.values():
+        count = int(remove.get(weight_name, 0))
+        if count > 0:  # a layer the solver cannot take still loses its share, by magnitude, first
+            updates[weight_name] = prune_smallest(values[weight_name], count, rng)
+    values.update(updates)
     fits = [LayerFit(name, 0, 0, None, None, f"not refit: {why}") for name, (_, why) in skipped.items()]
-    model = current
-    for layer in [] if first is None else layers[first:]:
+    if todo:
+        batches = _first_samples(data, batch_size)
+        theirs, dense_values = split_weights(dense)
+        now = Activations(ours, values, batches, CACHE_BYTES // 2)
+        then = Activations(theirs, dense_values, batches, CACHE_BYTES // 2)
+    for k, layer in enumerate(todo):
         if on_layer is not None:
             on_layer(layer.name)
         weight = values[layer.weight]
@@ -489,31 +484,32 @@ def reconstruct(
         by_magnitude = select == "magnitude" or _width(layer, weight) > WIDTH_LIMIT
         if count > 0 and by_magnitude:
             weight = prune_smallest(weight, count, rng)
-        fit, updates = _refit(
-            dense,
-            model,
+        fit, refit = _refit(
             layer,
             weight,
             values,
-            data,
-            batch_size,
-            rng,
+            partial(_normal_equations, layer, now=now, then=then, later=todo[k + 1 :], rng=rng),
             remove=0 if by_magnitude else count,
             full_support=layer.weight not in masked and count == 0,
         )
-        if count > 0 and not by_magnitude and layer.weight not in updates:
-            updates[layer.weight] = prune_smallest(weight, count, rng)  # OBS impossible: magnitude
-        updates.setdefault(layer.weight, weight)
-        values.update(updates)
-        model = replace_initializers(model, updates)
+        if count > 0 and not by_magnitude and layer.weight not in refit:
+            refit[layer.weight] = prune_smallest(weight, count, rng)  # OBS impossible: magnitude
+        refit.setdefault(layer.weight, weight)
+        values.update(refit)  # the next requests to ``now`` run this layer with its new weights
+        updates.update(refit)
         fits.append(fit)
-    for weight_name, _ in skipped.values():
-        count = int(remove.get(weight_name, 0))
-        if count > 0:  # a layer the solver cannot take still loses its share, by magnitude
-            model = replace_initializers(
-                model, {weight_name: prune_smallest(values[weight_name], count, rng)}
-            )
-    return ReconstructionResult(model, tuple(fits))
+    return ReconstructionResult(replace_initializers(current, updates), tuple(fits))
+
+
+def _first_samples(data: CalibrationData, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """The batches holding the first :data:`MAX_SAMPLES` samples (whole: a model may fix its batch size)."""
+    batches, seen = [], 0
+    for feed, _ in data.batches(batch_size):
+        if seen >= MAX_SAMPLES:
+            break
+        batches.append(feed)
+        seen += len(next(iter(feed.values())))
+    return batches
 
 
 def _width(layer: LinearLayer, weight: np.ndarray) -> int:
@@ -526,14 +522,10 @@ def _width(layer: LinearLayer, weight: np.ndarray) -> int:
 
 
 def _refit(
-    dense: onnx.ModelProto,
-    model: onnx.ModelProto,
     layer: LinearLayer,
     weight: np.ndarray,
     values: Mapping[str, np.ndarray],
-    data: CalibrationData,
-    batch_size: int,
-    rng: np.random.Generator,
+    equations: Callable[[int], _Normal],
     *,
     remove: int,
     full_support: bool,
@@ -542,7 +534,7 @@ def _refit(
     width = _width(layer, weight)
     if width > WIDTH_LIMIT:
         return LayerFit(layer.name, 0, width, None, None, f"not refit: {width} columns > {WIDTH_LIMIT}"), {}
-    normal = _accumulate(dense, model, layer, data, batch_size, rng)
+    normal = equations(width)
     if normal.rows < width:
         why = f"not refit: {normal.rows} rows < {width} columns"
         return LayerFit(layer.name, normal.rows, width, None, None, why), {}
@@ -597,37 +589,32 @@ def _bias_from_row(layer: LinearLayer, row: np.ndarray, like: np.ndarray) -> np.
     return effective.astype(like.dtype).reshape(like.shape)
 
 
-def _accumulate(
-    dense: onnx.ModelProto,
-    model: onnx.ModelProto,
+def _normal_equations(
     layer: LinearLayer,
-    data: CalibrationData,
-    batch_size: int,
+    width: int,
+    now: Activations,
+    then: Activations,
+    later: Sequence[LinearLayer],
     rng: np.random.Generator,
 ) -> _Normal:
-    """Stream the calibration data once through both models and build the layer's normal equations."""
-    current_outputs = [layer.input] + ([layer.shortcut] if layer.shortcut else [])
-    target_name = layer.residual or layer.output
-    current_run = _tensors(model, current_outputs)
-    dense_run = _tensors(dense, [target_name])
+    """The normal equations of a layer of ``width`` columns: input as now, target as in the dense model."""
+    inputs = [layer.input] + ([layer.shortcut] if layer.shortcut else [])
+    current = now.get(inputs, {t for other in later for t in (other.input, other.shortcut) if t})
+    (dense,) = then.get([layer.residual or layer.output], {other.residual or other.output for other in later})
     normal: _Normal | None = None
-    seen = 0
-    for feed, _ in data.batches(batch_size):
-        if seen >= MAX_SAMPLES:  # whole batches: a model may fix its batch size
-            break
-        seen += len(next(iter(feed.values())))
-        fetched = current_run(feed)
-        x = fetched[0]
-        target = dense_run(feed)[0].astype(np.float64)
-        if layer.shortcut is not None and layer.scale is not None and layer.shift is not None:
+    samples = sum(len(x) for x, _ in zip(current[0], dense, strict=False))
+    take = min(POSITIONS_PER_SAMPLE, max(1, -(-ROWS_PER_COLUMN * width // samples)))
+    for x, *shortcut, target in zip(*current, dense, strict=False):  # the batches both still keep
+        target = target.astype(np.float64)
+        if shortcut and layer.scale is not None and layer.shift is not None:
             scale, shift = (
                 _broadcast(layer, layer.scale, target.ndim),
                 _broadcast(layer, layer.shift, target.ndim),
             )
             safe = np.where(np.abs(scale) < 1e-12, 1.0, scale)
-            target = (target - fetched[1] - shift) / safe
+            target = (target - shortcut[0] - shift) / safe
         if layer.op_type == "Conv":
-            rows, y = _conv_rows(x, layer, target, rng)
+            rows, y = _conv_rows(x, layer, target, rng, take)
         else:
             rows, y = _dense_rows(x, target)
         if normal is None:
@@ -635,23 +622,6 @@ def _accumulate(
         normal.add(rows, y)
     assert normal is not None  # CalibrationData is never empty
     return normal
-
-
-def _tensors(model: onnx.ModelProto, names: list[str]) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    """A function of a feed that computes the named tensors of ``model`` (graph inputs come from the feed)."""
-    computed = [n for n in names if n not in {i.name for i in model.graph.input}]
-    part = subgraph(model, computed)
-    needs = {i.name for i in part.graph.input}
-    session = make_session(part, optimize=True) if computed else None
-
-    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        found = {}
-        if session is not None:  # the subgraph reads only some of the model's inputs
-            fed = {k: v for k, v in feed.items() if k in needs}
-            found = dict(zip(computed, run_session(session, computed, fed), strict=True))
-        return [found[n] if n in found else feed[n] for n in names]
-
-    return run
 
 
 def _broadcast(layer: LinearLayer, vector: np.ndarray, ndim: int) -> np.ndarray:

@@ -10,7 +10,7 @@ branch; after a channel Concat, each input's channels are owned by that input's 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -280,8 +280,11 @@ def _relu6_of_x_plus_3(tensor: str, x: str, index: GraphIndex) -> bool:
     if node is None or node.op_type != "Clip" or _clip_min(node, index) != 0.0:
         return False
     add = index.producer.get(node.input[0])
-    return add is not None and add.op_type == "Add" and x in add.input and any(
-        _scalar(index, t) == 3.0 for t in add.input
+    return (
+        add is not None
+        and add.op_type == "Add"
+        and x in add.input
+        and any(_scalar(index, t) == 3.0 for t in add.input)
     )
 
 
@@ -488,12 +491,15 @@ def shape_skeleton(model: onnx.ModelProto, keep_value_info: bool = False) -> onn
 IN_MEMORY = "egp-onnx:in-memory"
 
 
-def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def split_weights(
+    model: onnx.ModelProto, always: Collection[str] = ()
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The model with stubs for its large numeric initializers, and their values as arrays.
 
     A stub keeps the initializer's name, type and shape and marks its data as external, at
     :data:`IN_MEMORY`; onnxruntime takes the values from memory (``add_external_initializers``),
     so a session needs no serialised copy of the weights. Stubs already in ``model`` stay stubs.
+    Initializers named in ``always`` become stubs whatever their size (values that will change).
     """
     stubbed = onnx.ModelProto()
     _copy_fields(model, stubbed, skip=("graph",))
@@ -501,7 +507,8 @@ def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np
     _copy_fields(model.graph, graph, skip=("initializer",))
     values: dict[str, np.ndarray] = {}
     for tensor in model.graph.initializer:
-        if int(np.prod(tensor.dims)) <= SKELETON_MAX_ELEMENTS or tensor.data_location == tensor.EXTERNAL:
+        small = int(np.prod(tensor.dims)) <= SKELETON_MAX_ELEMENTS and tensor.name not in always
+        if small or tensor.data_location == tensor.EXTERNAL:
             graph.initializer.append(tensor)
             continue
         array = numpy_helper.to_array(tensor)
