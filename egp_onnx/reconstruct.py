@@ -6,7 +6,7 @@ layer on is refit in topological order by ridge least squares: its input is the 
 layer, and for a layer that ends a residual branch, the dense Add output minus the current
 shortcut, so the branch also absorbs the shortcut's error. Pruned weights stay exactly zero.
 
-Gram matrices are streamed batch by batch in float64 (memory O(d^2) per layer, independent of the
+Gram matrices are streamed batch by batch into float64 (memory O(d^2) per layer, independent of the
 number of samples). Conv layers use at most :data:`POSITIONS_PER_SAMPLE` output positions of each
 sample (seeded), and every layer the first :data:`MAX_SAMPLES` samples (rounded up to a whole
 batch). Per-channel affine ops between a layer and its target (BatchNormalization, Mul/Add/Sub/Div
@@ -245,12 +245,14 @@ class _Normal:
         per = target.shape[1] // groups
         target = np.asarray(target, dtype=np.float64)
         for g in range(groups):
-            a = np.ascontiguousarray(rows[g], dtype=np.float64)
+            # Products in the activations' precision (float32: half the time of float64; a batch
+            # sums a few thousand rows), sums over batches in float64.
+            a = np.ascontiguousarray(rows[g])
             y = target[:, g * per : (g + 1) * per]
             self.gram[g, :columns, :columns] += a.T @ a
-            self.cross[g, :columns] += a.T @ y
+            self.cross[g, :columns] += a.T @ y.astype(a.dtype)
             if self.bias:  # the column of ones, without forming it
-                sums = a.sum(axis=0)
+                sums = a.sum(axis=0, dtype=np.float64)
                 self.gram[g, columns, :columns] += sums
                 self.gram[g, :columns, columns] += sums
                 self.gram[g, columns, columns] += count
