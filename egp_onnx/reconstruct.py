@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 POSITIONS_PER_SAMPLE = 64
 #: Rows a conv layer's normal equations aim for, per column: positions per sample are cut to
 #: reach about this many rows over the samples (more rows cost time, not accuracy, past it).
-ROWS_PER_COLUMN = 32
+ROWS_PER_COLUMN = 64
 #: Calibration samples a layer's normal equations see at most (the first ones, in whole batches).
 MAX_SAMPLES = 1024
 #: Bytes the kept activations of the current and the dense model may take together; past it the
