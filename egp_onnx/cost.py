@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from egp_onnx.report import Cost
-from egp_onnx.topology import count_parameters, static_shapes
+from egp_onnx.topology import count_parameters, serialized_size, static_shapes
 
 log = logging.getLogger(__name__)
 
@@ -60,5 +60,5 @@ def model_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...
         nonzero_params=nonzero,
         macs=macs[0] if macs else None,
         nonzero_macs=macs[1] if macs else None,
-        file_bytes=model.ByteSize(),
+        file_bytes=serialized_size(model),
     )

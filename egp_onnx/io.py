@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from egp_onnx.entropy import ChannelCounts, Statistics
 from egp_onnx.errors import CalibrationError, ModelError, OutputError, one_line
 from egp_onnx.normalize import normalize
-from egp_onnx.topology import shape_skeleton
+from egp_onnx.topology import serialized_size, shape_skeleton
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -187,7 +187,7 @@ def save_model(
 
     """
     if external is None:
-        external = model.ByteSize() > PROTOBUF_LIMIT
+        external = serialized_size(model) > PROTOBUF_LIMIT
     if external:
         return _save_with_external_data(model, Path(path), force)
     try:

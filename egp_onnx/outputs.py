@@ -25,6 +25,7 @@ import onnx
 
 from egp_onnx.errors import OutputError
 from egp_onnx.io import PROTOBUF_LIMIT, external_data_files, external_data_path, new_file_mode
+from egp_onnx.topology import serialized_size
 
 PathLike = str | os.PathLike[str]
 
@@ -191,7 +192,7 @@ class OutputWriter:
         """
         path = Path(target)
         if external is None:
-            external = model.ByteSize() > PROTOBUF_LIMIT
+            external = serialized_size(model) > PROTOBUF_LIMIT
         if not external:
             try:
                 data = model.SerializeToString(deterministic=True)

@@ -10,7 +10,9 @@ from egp_onnx.topology import (
     count_parameters,
     find_rectifiers,
     prunable_layers,
+    serialized_size,
     shape_skeleton,
+    split_weights,
     static_shapes,
 )
 
@@ -120,3 +122,21 @@ def test_shape_skeleton_drops_weights_and_keeps_every_shape():
         want = full_model_shapes(models, shapes)
         assert want and all(got[name] == shape for name, shape in want.items())
     assert static_shapes(model, {"x": (2, 3, 6, 6)})["f"] == (2, 288)
+
+
+def test_serialized_size_is_bytesize_without_encoding_the_weights(rng):
+    # raw float32, float16 and int64 weights, float_data and string tensors, an in-memory stub,
+    # and a raw tensor past 127 bytes (a two-byte length)
+    model = gemm_head(rng)
+    extra = [
+        numpy_helper.from_array(rng.normal(size=(40, 3)).astype(np.float16), "half"),
+        numpy_helper.from_array(np.arange(7, dtype=np.int64), "ints"),
+        helper.make_tensor("listed", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]),
+        helper.make_tensor("words", TensorProto.STRING, [2], [b"a", b"bc"]),
+        numpy_helper.from_array(np.zeros(0, dtype=np.float32), "empty"),
+    ]
+    extra[0].doc_string = "a half-precision table"
+    model.graph.initializer.extend(extra)
+    stubbed, _ = split_weights(model)
+    for m in (model, stubbed, onnx.ModelProto(), helper.make_model(helper.make_graph([], "g", [], []))):
+        assert serialized_size(m) == m.ByteSize()
