@@ -390,10 +390,14 @@ def prunable_layers(sites: list[RectifierSite]) -> dict[str, RectifierSite]:
     return result
 
 
-def initializer_arrays(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
-    """Copies of the named initializers as numpy arrays."""
+def initializer_arrays(
+    model: onnx.ModelProto, names: list[str], writable: bool = True
+) -> dict[str, np.ndarray]:
+    """The named initializers as numpy arrays of their own (read-only unless ``writable``)."""
     wanted = set(names)
-    return {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer if t.name in wanted}
+    # to_array reads raw_data into a new bytes object already: only writing needs another copy
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
+    return {k: v.copy() for k, v in arrays.items()} if writable else arrays
 
 
 def replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -448,16 +452,29 @@ def replace_tensors(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) ->
     return copy
 
 
-def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
-    """(parameters, non-zero parameters) over all floating-point initializers."""
-    total = nonzero = 0
+def count_parameters(
+    model: onnx.ModelProto, counts: Mapping[str, tuple[bool, int, int]] | None = None
+) -> tuple[int, int]:
+    """(parameters, non-zero parameters) over all floating-point initializers.
+
+    ``counts`` are the model's :func:`initializer_counts`, when already taken.
+    """
+    counts = initializer_counts(model) if counts is None else counts
+    floating = [(size, nonzero) for is_float, size, nonzero in counts.values() if is_float]
+    return sum(size for size, _ in floating), sum(nonzero for _, nonzero in floating)
+
+
+def initializer_counts(model: onnx.ModelProto) -> dict[str, tuple[bool, int, int]]:
+    """Per initializer: (floating point, elements, non-zero elements); one pass over the weights."""
+    counts = {}
     for tensor in model.graph.initializer:
         array = numpy_helper.to_array(tensor)
-        if not np.issubdtype(array.dtype, np.floating):
-            continue
-        total += array.size
-        nonzero += int(np.count_nonzero(array))
-    return total, nonzero
+        counts[tensor.name] = (
+            bool(np.issubdtype(array.dtype, np.floating)),
+            int(array.size),
+            int(np.count_nonzero(array)),
+        )
+    return counts
 
 
 #: Initializers with more elements than this become typed inputs in a shape skeleton.
