@@ -16,10 +16,11 @@ from models import inputs, residual_block, single_conv, toy_files
 from onnx import TensorProto, helper, numpy_helper
 
 from egp_onnx.cli import main
-from egp_onnx.cost import count_macs
+from egp_onnx.cost import count_macs, model_cost
 from egp_onnx.data import open_calibration, split_holdout
 from egp_onnx.io import prepare_model
 from egp_onnx.loop import RETRIES
+from egp_onnx.topology import count_parameters
 
 MODEL = SAMPLES / "digits_resnet.onnx"
 CALIB = SAMPLES / "digits_calib.npz"
@@ -212,6 +213,10 @@ def test_mac_count_matches_hand_computation(rng):
     gemm = 4 * 5
     assert dense == conv + gemm == 3908
     assert sparse == (4 - 1) * 3 * 3 * 3 * 6 * 6 + gemm
+    cost = model_cost(model, {"x": (1, 3, 6, 6)})  # reads each weight once for both figures
+    assert (cost.macs, cost.nonzero_macs) == (dense, sparse)
+    assert (cost.params, cost.nonzero_params) == count_parameters(model) == (4 * 27 + 20 + 5, 3 * 27 + 20)
+    assert cost.file_bytes == model.ByteSize()
 
 
 def test_holdout_split_is_disjoint_and_seeded(rng, tmp_path):
