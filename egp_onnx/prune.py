@@ -172,5 +172,8 @@ def capacities(nnz: np.ndarray, sizes: np.ndarray, limits: np.ndarray) -> np.nda
 
 def mean_abs_nonzero(weights: np.ndarray) -> float:
     """Mean |w| over the non-zero weights (0 for an empty layer)."""
-    nz = weights[weights != 0]
+    if np.count_nonzero(weights) == weights.size:  # dense: the same values in the same order, no gather
+        nz = np.ravel(weights)
+    else:
+        nz = weights[weights != 0]
     return float(np.abs(nz).mean()) if nz.size else 0.0
