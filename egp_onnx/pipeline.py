@@ -337,7 +337,7 @@ def compress(
         progress.advance,
         finetune,
     )
-    pruned = _strip_value_info(outcome.model)
+    pruned = _strip_value_info(outcome.model, in_place=outcome.model is not proto)
     final, surgery_record = pruned, SurgeryRecord(False, merge_tolerance, (), 0, None, None, False, None)
     states: dict[str, str] = {}
     fidelity: Fidelity | None = None
@@ -486,9 +486,14 @@ def _channel_states(sites: list[RectifierSite], stats: Statistics) -> dict[str, 
     return states
 
 
-def _strip_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop the value_info our shape inference added, so the output stays as lean as the input."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+def _strip_value_info(model: onnx.ModelProto, in_place: bool) -> onnx.ModelProto:
+    """Drop the value_info our shape inference added, so the output stays as lean as the input.
+
+    ``in_place`` for a model the run made itself (the loop's): no copy of its weights.
+    """
+    copy = model
+    if not in_place:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
     del copy.graph.value_info[:]
     return copy
