@@ -10,6 +10,7 @@ branch; after a channel Concat, each input's channels are owned by that input's 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -409,7 +410,19 @@ def replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) 
         if tensor.name in arrays:  # written once, not copied from the old values first
             dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
             value = np.asarray(arrays[tensor.name]).astype(dtype, copy=False)
-            copy.graph.initializer.append(numpy_helper.from_array(value, tensor.name))
+            if (
+                value.dtype.kind in "fiub"
+                and sys.byteorder == "little"
+                and helper.np_dtype_to_tensor_dtype(value.dtype) == tensor.data_type
+            ):
+                # from_array's tensor, built in place: appending one copies its bytes once more
+                new = copy.graph.initializer.add()
+                new.dims.extend(value.shape)
+                new.data_type = tensor.data_type
+                new.raw_data = np.ascontiguousarray(value).tobytes()
+                new.name = tensor.name
+            else:
+                copy.graph.initializer.append(numpy_helper.from_array(value, tensor.name))
         else:
             copy.graph.initializer.append(tensor)
     return copy

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from models import conv_bn_relu, gemm_head, no_rectifier, residual_block, single_conv
 from onnx import TensorProto, helper, numpy_helper
 
@@ -10,6 +11,7 @@ from egp_onnx.topology import (
     count_parameters,
     find_rectifiers,
     prunable_layers,
+    replace_initializers,
     serialized_size,
     shape_skeleton,
     split_weights,
@@ -140,3 +142,25 @@ def test_serialized_size_is_bytesize_without_encoding_the_weights(rng):
     stubbed, _ = split_weights(model)
     for m in (model, stubbed, onnx.ModelProto(), helper.make_model(helper.make_graph([], "g", [], []))):
         assert serialized_size(m) == m.ByteSize()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int64, np.int8, np.uint8, np.bool_])
+def test_replace_initializers_writes_what_from_array_writes(rng, dtype):
+    values = (rng.normal(size=(3, 4)) * 3).astype(dtype)
+    model = helper.make_model(
+        helper.make_graph(
+            [],
+            "g",
+            [],
+            [],
+            [
+                numpy_helper.from_array(np.zeros((3, 4), dtype), "t"),
+                numpy_helper.from_array(np.ones(2, np.float32), "u"),
+            ],
+        )
+    )
+    replaced = replace_initializers(model, {"t": values.astype(np.float64)})  # cast to the model's type
+    want = numpy_helper.from_array(values, "t")
+    assert replaced.graph.initializer[0].SerializeToString() == want.SerializeToString()
+    assert replaced.graph.initializer[1] == model.graph.initializer[1]
+    np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), np.zeros((3, 4), dtype))
