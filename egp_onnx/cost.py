@@ -10,15 +10,20 @@ import onnx
 from onnx import numpy_helper
 
 from egp_onnx.report import Cost
-from egp_onnx.topology import count_parameters, static_shapes
+from egp_onnx.topology import count_parameters, initializer_counts, serialized_size, static_shapes
 
 log = logging.getLogger(__name__)
 
 
-def count_macs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int] | None:
+def count_macs(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    counts: Mapping[str, tuple[bool, int, int]] | None = None,
+) -> tuple[int, int] | None:
     """(dense MACs, non-zero-weight MACs) for one sample; None when a shape stays unknown.
 
-    ``input_shapes`` gives each input's shape with batch size 1.
+    ``input_shapes`` gives each input's shape with batch size 1; ``counts`` are the model's
+    :func:`egp_onnx.topology.initializer_counts`, when already taken.
     """
     shapes = static_shapes(model, input_shapes)
     weights = {t.name: t for t in model.graph.initializer}
@@ -30,7 +35,9 @@ def count_macs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...
             return None
         out, inp = shapes[node.output[0]], shapes[node.input[0]]
         w_name = node.input[1]
-        if w_name in weights:
+        if w_name in weights and counts is not None:
+            _, size, nnz = counts[w_name]
+        elif w_name in weights:
             w = numpy_helper.to_array(weights[w_name])
             size, nnz = w.size, int(np.count_nonzero(w))
         elif w_name in shapes and node.op_type == "MatMul":
@@ -53,12 +60,13 @@ def count_macs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...
 
 def model_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None) -> Cost:
     """Parameters, MACs (when ``input_shapes`` is given and shapes resolve) and file size."""
-    params, nonzero = count_parameters(model)
-    macs = count_macs(model, input_shapes) if input_shapes else None
+    counts = initializer_counts(model)  # each weight read once for both figures
+    params, nonzero = count_parameters(model, counts)
+    macs = count_macs(model, input_shapes, counts) if input_shapes else None
     return Cost(
         params=params,
         nonzero_params=nonzero,
         macs=macs[0] if macs else None,
         nonzero_macs=macs[1] if macs else None,
-        file_bytes=model.ByteSize(),
+        file_bytes=serialized_size(model),
     )

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from egp_onnx.entropy import ChannelCounts, Statistics
 from egp_onnx.errors import CalibrationError, ModelError, OutputError, one_line
 from egp_onnx.normalize import normalize
-from egp_onnx.topology import shape_skeleton
+from egp_onnx.topology import serialized_size, shape_skeleton
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -52,7 +52,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         load_external_data_for_model(model, str(p.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"cannot load external data of {p}: {one_line(exc)}") from exc
-    return prepare_model(model, source=str(p), serialized=None if external else data)
+    return prepare_model(model, source=str(p), serialized=None if external else data, in_place=True)
 
 
 def external_data_files(model: onnx.ModelProto, path: str | os.PathLike[str]) -> list[Path]:
@@ -99,13 +99,15 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 def prepare_model(
-    model: onnx.ModelProto, source: str = "model", serialized: bytes | None = None
+    model: onnx.ModelProto, source: str = "model", serialized: bytes | None = None, in_place: bool = False
 ) -> onnx.ModelProto:
     """Return a checked, normalised, shape-inferred copy of ``model`` with every node named.
 
     Normalisation (:func:`egp_onnx.normalize.normalize`) folds constant subexpressions into
     initializers and takes initializers out of the graph inputs. ``serialized`` is ``model``'s
     own bytes when the caller has them: the checker reads those instead of serialising it again.
+    ``in_place`` prepares ``model`` itself when normalisation changes nothing (for a model nobody
+    else holds, such as one just parsed from a file): no copy of its weights.
     """
     try:
         onnx.checker.check_model(model if serialized is None else serialized)  # reads only
@@ -119,7 +121,7 @@ def prepare_model(
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{source}: ONNX shape inference failed: {one_line(exc)}") from exc
     copy = normalized
-    if copy is model:  # normalize changed nothing, so the copy is still to be made
+    if copy is model and not in_place:  # normalize changed nothing, so the copy is still to be made
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
     del copy.graph.value_info[:]
@@ -187,7 +189,7 @@ def save_model(
 
     """
     if external is None:
-        external = model.ByteSize() > PROTOBUF_LIMIT
+        external = serialized_size(model) > PROTOBUF_LIMIT
     if external:
         return _save_with_external_data(model, Path(path), force)
     try:

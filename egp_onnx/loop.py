@@ -44,8 +44,23 @@ class LayerSet:
     def __init__(self, model: onnx.ModelProto, sites: list[RectifierSite]) -> None:
         self.sites = list(prunable_layers(sites).values())
         self.weight_names = [s.owner.weight for s in self.sites if s.owner]
-        arrays = initializer_arrays(model, self.weight_names)
+        self.read(model)
+
+    @property
+    def weights(self) -> list[np.ndarray]:
+        """The current weights, in ``weight_names`` order (read-only arrays: replace, never write)."""
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: list[np.ndarray]) -> None:
+        self._weights = list(value)
+        self._source: onnx.ModelProto | None = None  # no model is known to hold them
+
+    def read(self, model: onnx.ModelProto) -> None:
+        """Take the weights ``model`` holds."""
+        arrays = initializer_arrays(model, self.weight_names, writable=False)
         self.weights = [arrays[n] for n in self.weight_names]
+        self._source = model
 
     def nnz(self) -> np.ndarray:
         """Non-zero weights per layer."""
@@ -62,7 +77,12 @@ class LayerSet:
         )
 
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        """A copy of ``model`` holding the current weights."""
+        """A copy of ``model`` holding the current weights; ``model`` itself if they were read from it.
+
+        The result is never modified afterwards, so sharing it saves a copy of every initializer.
+        """
+        if model is self._source:
+            return model
         return replace_initializers(model, dict(zip(self.weight_names, self.weights, strict=True)))
 
 
@@ -237,8 +257,7 @@ def _prune_step(
         seed=settings.seed + number,
         on_layer=on_layer,
     )
-    arrays = initializer_arrays(result.model, layers.weight_names)
-    layers.weights = [arrays[name] for name in layers.weight_names]
+    layers.read(result.model)
     return result.model, result.fits
 
 

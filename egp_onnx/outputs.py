@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ import onnx
 
 from egp_onnx.errors import OutputError
 from egp_onnx.io import PROTOBUF_LIMIT, external_data_files, external_data_path, new_file_mode
+from egp_onnx.topology import serialized_size
 
 PathLike = str | os.PathLike[str]
 
@@ -65,6 +67,15 @@ def input_path(option: str, path: PathLike) -> InputPath:
     return InputPath(option, p, p.resolve(), _identity(p), p.is_dir())
 
 
+def _mentions(path: PathLike, needle: bytes) -> bool:
+    """True when the file's bytes contain ``needle`` (a scan, without parsing or copying the file)."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return view.find(needle) >= 0
+
+
 def model_inputs(path: PathLike, option: str = "MODEL") -> list[InputPath]:
     """The model file and the files that hold its external data.
 
@@ -74,6 +85,8 @@ def model_inputs(path: PathLike, option: str = "MODEL") -> list[InputPath]:
         return []  # not a model: loading it says so
     found = [input_path(option, path)]
     with contextlib.suppress(Exception):  # a bad model is reported in one line when it is loaded
+        if not _mentions(path, b"location"):
+            return found  # no external_data entry names a file: not worth parsing 575 MB to learn that
         model = onnx.load_model(str(path), load_external_data=False)
         found += [input_path(f"the external data of {option}", f) for f in external_data_files(model, path)]
     return found
@@ -191,7 +204,7 @@ class OutputWriter:
         """
         path = Path(target)
         if external is None:
-            external = model.ByteSize() > PROTOBUF_LIMIT
+            external = serialized_size(model) > PROTOBUF_LIMIT
         if not external:
             try:
                 data = model.SerializeToString(deterministic=True)

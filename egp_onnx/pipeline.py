@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
@@ -22,7 +22,7 @@ from egp_onnx.data import CalibrationData, CalibrationDataReader, open_calibrati
 from egp_onnx.errors import CalibrationError, ConfigError, EgpError, NothingToPruneError
 from egp_onnx.io import load_model, load_statistics, model_fingerprint, prepare_model
 from egp_onnx.limits import sparsity_limits
-from egp_onnx.loop import Finetune, Guard, LayerSet, run_loop
+from egp_onnx.loop import Finetune, LayerSet, run_loop
 from egp_onnx.report import (
     AnalysisReport,
     CompressionReport,
@@ -41,7 +41,7 @@ from egp_onnx.settings import (
 from egp_onnx.summarize import layer_records, model_summary
 from egp_onnx.surgery import ChannelStates, simplify
 from egp_onnx.topology import REMOVABLE_KINDS, RectifierSite, find_rectifiers
-from egp_onnx.verify import Reference, compare, compare_latency, latency_feeds, passes
+from egp_onnx.verify import Prepared, Reference, compare, compare_latency, latency_feeds, passes
 
 log = logging.getLogger(__name__)
 
@@ -337,27 +337,29 @@ def compress(
         progress.advance,
         finetune,
     )
-    pruned = _strip_value_info(outcome.model)
+    pruned = _strip_value_info(outcome.model, in_place=outcome.model is not proto)
     final, surgery_record = pruned, SurgeryRecord(False, merge_tolerance, (), 0, None, None, False, None)
     states: dict[str, str] = {}
     fidelity: Fidelity | None = None
+    run: onnx.ModelProto | Prepared = final  # what the measurements run: the rewritten model with its session
     if surgery:
         progress.stage("reducing depth")
-        final, surgery_record, states = _reduce_depth(pruned, sites, outcome.stats, data, settings)
+        run, surgery_record, states = _reduce_depth(pruned, sites, outcome.stats, data, settings)
+        final = run.model if isinstance(run, Prepared) else run
         if final is not pruned:
-            fidelity, problems = check(final)
+            fidelity, problems = check(run)
             if problems:
                 reason = f"the rewritten model fails the guard on the {held_name} data: {'; '.join(problems)}"
                 log.warning("%s; keeping the pruned model", reason)
-                final, states, fidelity = pruned, {}, None
+                final, states, fidelity, run = pruned, {}, None, pruned
                 surgery_record = replace(surgery_record, reverted=True, revert_reason=reason)
     progress.stage("measuring the result")
     if fidelity is None:  # the guard has not measured the model being written yet
-        fidelity = reference.evaluate(final)
+        fidelity = reference.evaluate(run)
     feed = reference.first_feed()
     shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
     cost_before, cost_after = model_cost(proto, shapes), model_cost(final, shapes)
-    timing = compare_latency(proto, final, latency_feeds(proto, feed)) if latency else None
+    timing = compare_latency(proto, run, latency_feeds(proto, feed)) if latency else None
     report = CompressionReport(
         source=source,
         settings=asdict(settings),
@@ -383,10 +385,12 @@ def _default_guard(settings: Settings, reference: Reference) -> Settings:
     return replace(settings, max_rel_error=DEFAULT_MAX_REL_ERROR)
 
 
-def _guard(reference: Reference, settings: Settings) -> Guard:
-    """Fidelity of a candidate against the original, and the guard's complaints about it."""
+def _guard(
+    reference: Reference, settings: Settings
+) -> Callable[[onnx.ModelProto | Prepared], tuple[Fidelity, list[str]]]:
+    """Fidelity of a candidate against the original, and the guard's complaints about it (a Guard)."""
 
-    def check(candidate: onnx.ModelProto) -> tuple[Fidelity, list[str]]:
+    def check(candidate: onnx.ModelProto | Prepared) -> tuple[Fidelity, list[str]]:
         fidelity = reference.evaluate(candidate, SURGERY_ATOL, SURGERY_RTOL)
         return fidelity, passes(fidelity, settings.min_agreement, settings.max_rel_error)
 
@@ -410,8 +414,14 @@ def _reduce_depth(
     stats: Statistics,
     data: CalibrationData,
     settings: Settings,
-) -> tuple[onnx.ModelProto, SurgeryRecord, dict[str, str]]:
-    """Run graph surgery on the pruned model and check it against the pruned model."""
+) -> tuple[onnx.ModelProto | Prepared, SurgeryRecord, dict[str, str]]:
+    """Run graph surgery on the pruned model and check it against the pruned model.
+
+    Returns:
+        The pruned model (surgery reverted) or the rewritten one with the session that checked
+        it, for the measurements that follow; the record; the layers' states.
+
+    """
     # Always-ON / always-OFF channels are read off a sample: removing them is a pruning decision,
     # taken only when the user asks for sparsity (then the guard judges it on held-out data).
     channel_states = _channel_states(sites, stats) if settings.sparsity > 0 else {}
@@ -431,9 +441,10 @@ def _reduce_depth(
         reverted=False,
         revert_reason=None,
     )
+    rewritten = Prepared(result.model)
     try:
         onnx.checker.check_model(result.model)
-        check = compare(pruned, result.model, data, settings.batch_size, SURGERY_ATOL, SURGERY_RTOL)
+        check = compare(pruned, rewritten, data, settings.batch_size, SURGERY_ATOL, SURGERY_RTOL)
     except (onnx.checker.ValidationError, EgpError) as exc:
         reason = f"graph surgery produced an invalid model ({exc})"
         log.error("%s; keeping the pruned model", reason)
@@ -452,7 +463,7 @@ def _reduce_depth(
         )
         log.error("%s; keeping the pruned model", reason)
         return pruned, replace(record, reverted=True, revert_reason=reason), {}
-    return result.model, record, result.states
+    return rewritten, record, result.states
 
 
 def _channel_states(sites: list[RectifierSite], stats: Statistics) -> dict[str, ChannelStates]:
@@ -475,9 +486,14 @@ def _channel_states(sites: list[RectifierSite], stats: Statistics) -> dict[str, 
     return states
 
 
-def _strip_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop the value_info our shape inference added, so the output stays as lean as the input."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+def _strip_value_info(model: onnx.ModelProto, in_place: bool) -> onnx.ModelProto:
+    """Drop the value_info our shape inference added, so the output stays as lean as the input.
+
+    ``in_place`` for a model the run made itself (the loop's): no copy of its weights.
+    """
+    copy = model
+    if not in_place:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
     del copy.graph.value_info[:]
     return copy

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from egp_onnx.permutation import permutation_entries, skip_permutation
+
 
 def egp_allocation(entropy: np.ndarray, mean_abs: np.ndarray, nnz: np.ndarray, budget: float) -> np.ndarray:
     """Split ``budget`` weights over layers by the entropy-guided rule of the reference.
@@ -86,7 +88,8 @@ def prune_smallest(weights: np.ndarray, count: int, rng: np.random.Generator) ->
     Equal magnitudes are ordered by a seeded permutation of the non-zero entries (in flat order),
     drawn from ``rng`` whenever ``count > 0``. Only the ties at the threshold consult it: the
     threshold comes from a partition (O(n)), not a sort, with the result a full sort by
-    (|w|, permutation) would give.
+    (|w|, permutation) would give, and only their entries of the permutation are computed
+    (:mod:`egp_onnx.permutation`; ``rng`` advances as ``rng.permutation`` advances it).
     """
     result = weights.copy()
     if count <= 0:
@@ -94,10 +97,8 @@ def prune_smallest(weights: np.ndarray, count: int, rng: np.random.Generator) ->
     flat = result.reshape(-1)
     nonzero = flat != 0
     candidates = int(np.count_nonzero(nonzero))
-    # The same draws as rng.permutation(candidates), in half the memory for layers under 2**31.
-    tie_break = np.arange(candidates, dtype=np.int32 if candidates < 2**31 else np.int64)
-    rng.shuffle(tie_break)
     if count >= candidates:
+        skip_permutation(rng, candidates)  # the draws of the tie order, used or not
         flat[nonzero] = 0
         return result
     magnitude = np.abs(flat)
@@ -113,7 +114,9 @@ def prune_smallest(weights: np.ndarray, count: int, rng: np.random.Generator) ->
     need = count - int(np.count_nonzero(chosen))
     if need < ties.size:  # break the ties by the permutation, indexed by rank among the non-zeros
         ranks = ties - np.searchsorted(np.flatnonzero(~nonzero), ties)
-        ties = ties[np.argpartition(tie_break[ranks], need - 1)[:need]]
+        ties = ties[np.argpartition(permutation_entries(rng, candidates, ranks), need - 1)[:need]]
+    else:
+        skip_permutation(rng, candidates)
     chosen[ties] = True
     flat[chosen] = 0
     return result
@@ -169,5 +172,8 @@ def capacities(nnz: np.ndarray, sizes: np.ndarray, limits: np.ndarray) -> np.nda
 
 def mean_abs_nonzero(weights: np.ndarray) -> float:
     """Mean |w| over the non-zero weights (0 for an empty layer)."""
-    nz = weights[weights != 0]
+    if np.count_nonzero(weights) == weights.size:  # dense: the same values in the same order, no gather
+        nz = np.ravel(weights)
+    else:
+        nz = weights[weights != 0]
     return float(np.abs(nz).mean()) if nz.size else 0.0

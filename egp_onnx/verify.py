@@ -18,6 +18,29 @@ from egp_onnx.errors import ModelError
 from egp_onnx.report import Fidelity, LatencyRecord, OutputFidelity, Timing
 
 
+class Prepared:
+    """A model and its optimised onnxruntime session, built on first use and reused after.
+
+    For a model that several comparisons run (the rewritten model: checked against the pruned
+    one, measured on the held-out data, timed): each session costs about a second per 500 MB.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self._session: ort.InferenceSession | None = None
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The session (built now if not yet)."""
+        if self._session is None:
+            self._session = make_session(self.model, optimize=True)
+        return self._session
+
+
+def _session(model: onnx.ModelProto | Prepared) -> ort.InferenceSession:
+    return model.session if isinstance(model, Prepared) else make_session(model, optimize=True)
+
+
 class _Accumulator:
     """Sums of squares, maxima and top-1 matches, batch by batch."""
 
@@ -78,16 +101,16 @@ class _Accumulator:
 
 
 def compare(
-    reference: onnx.ModelProto,
-    candidate: onnx.ModelProto,
+    reference: onnx.ModelProto | Prepared,
+    candidate: onnx.ModelProto | Prepared,
     data: CalibrationData,
     batch_size: int,
     atol: float = 1e-5,
     rtol: float = 1e-5,
 ) -> Fidelity:
     """Run both models in onnxruntime on ``data`` (streamed) and compare their outputs."""
-    ref_session = make_session(reference, optimize=True)
-    cand_session = make_session(candidate, optimize=True)
+    ref_session = _session(reference)
+    cand_session = _session(candidate)
     names = [o.name for o in ref_session.get_outputs()]
     found = [o.name for o in cand_session.get_outputs()]
     missing = [n for n in names if n not in found]
@@ -116,9 +139,11 @@ class Reference:
             for feed, labels in data.batches(batch_size)
         ]
 
-    def evaluate(self, candidate: onnx.ModelProto, atol: float = 1e-5, rtol: float = 1e-5) -> Fidelity:
+    def evaluate(
+        self, candidate: onnx.ModelProto | Prepared, atol: float = 1e-5, rtol: float = 1e-5
+    ) -> Fidelity:
         """Fidelity of ``candidate`` against the stored outputs."""
-        session = make_session(candidate, optimize=True)
+        session = _session(candidate)
         acc = _Accumulator(self.names, atol, rtol)
         for feed, labels, ref in self.batches:
             acc.add(ref, run_session(session, self.names, feed), labels)
@@ -157,8 +182,8 @@ def latency_feeds(model: onnx.ModelProto, feed: Batch) -> list[Batch]:
 
 
 def compare_latency(
-    before: onnx.ModelProto,
-    after: onnx.ModelProto,
+    before: onnx.ModelProto | Prepared,
+    after: onnx.ModelProto | Prepared,
     feeds: Sequence[Batch],
     budget_s: float = LATENCY_BUDGET_S,
     max_runs: int = LATENCY_MAX_RUNS,
@@ -170,7 +195,7 @@ def compare_latency(
     onnxruntime already does. The two models alternate (AB, BA, AB, ... so neither always runs
     second) and share whatever the machine is doing at the time: a busy neighbour slows both alike.
     """
-    sessions = (make_session(before, optimize=True), make_session(after, optimize=True))
+    sessions = (_session(before), _session(after))
     records = []
     for feed in feeds:
         records.append(_interleaved(sessions, feed, budget_s, max_runs, warmup))

@@ -16,10 +16,12 @@ from models import inputs, residual_block, single_conv, toy_files
 from onnx import TensorProto, helper, numpy_helper
 
 from egp_onnx.cli import main
-from egp_onnx.cost import count_macs
+from egp_onnx.cost import count_macs, model_cost
 from egp_onnx.data import open_calibration, split_holdout
 from egp_onnx.io import prepare_model
 from egp_onnx.loop import RETRIES
+from egp_onnx.topology import count_parameters
+from egp_onnx.verify import Prepared, Reference, compare
 
 MODEL = SAMPLES / "digits_resnet.onnx"
 CALIB = SAMPLES / "digits_calib.npz"
@@ -212,6 +214,10 @@ def test_mac_count_matches_hand_computation(rng):
     gemm = 4 * 5
     assert dense == conv + gemm == 3908
     assert sparse == (4 - 1) * 3 * 3 * 3 * 6 * 6 + gemm
+    cost = model_cost(model, {"x": (1, 3, 6, 6)})  # reads each weight once for both figures
+    assert (cost.macs, cost.nonzero_macs) == (dense, sparse)
+    assert (cost.params, cost.nonzero_params) == count_parameters(model) == (4 * 27 + 20 + 5, 3 * 27 + 20)
+    assert cost.file_bytes == model.ByteSize()
 
 
 def test_holdout_split_is_disjoint_and_seeded(rng, tmp_path):
@@ -247,3 +253,17 @@ def test_plot_writes_a_png(tmp_path):
     data = plot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert str(plot) in result.output
+
+
+def test_prepared_model_builds_its_session_once_and_measures_the_same(rng, tmp_path):
+    model = prepare_model(single_conv(rng))
+    other = prepare_model(single_conv(np.random.default_rng(5)))
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=12))
+    data = open_calibration(tmp_path / "c.npz", model)
+    prepared = Prepared(other)
+    session = prepared.session
+    reference = Reference(model, data, 5)
+    assert compare(model, prepared, data, 5) == compare(model, other, data, 5)
+    assert reference.evaluate(prepared) == reference.evaluate(other)
+    assert reference.evaluate(prepared).rel_error > 0
+    assert prepared.session is session

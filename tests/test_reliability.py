@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 import egp_onnx
 from egp_onnx.cli import main
 from egp_onnx.errors import FinetuneError, OutputError
-from egp_onnx.outputs import OutputWriter, input_path, plan_outputs
+from egp_onnx.outputs import OutputWriter, input_path, model_inputs, plan_outputs
 
 
 @pytest.fixture
@@ -757,3 +757,22 @@ def test_every_option_with_bad_values_gives_one_line_and_no_traceback(runner, tm
     bare = runner.invoke(main, [])
     assert bare.exit_code in (0, 2) and "Usage: main [OPTIONS] COMMAND" in bare.output + bare.stderr
     assert "egp-onnx: error" not in bare.output + bare.stderr
+
+
+def test_model_inputs_list_external_data_files_and_skip_parsing_plain_models(rng, tmp_path):
+    model = two_convs(rng)
+    plain = save(model, tmp_path / "plain.onnx")
+    onnx.save_model(
+        model,
+        str(tmp_path / "ext.onnx"),
+        save_as_external_data=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert [i.path for i in model_inputs(plain)] == [Path(plain)]
+    assert [i.path for i in model_inputs(tmp_path / "ext.onnx")] == [
+        tmp_path / "ext.onnx",
+        tmp_path / "ext.onnx.data",
+    ]
+    assert [i.path for i in model_inputs(tmp_path / "empty.onnx")] == [tmp_path / "empty.onnx"]

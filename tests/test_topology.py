@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from models import conv_bn_relu, gemm_head, no_rectifier, residual_block, single_conv
 from onnx import TensorProto, helper, numpy_helper
 
@@ -10,7 +11,10 @@ from egp_onnx.topology import (
     count_parameters,
     find_rectifiers,
     prunable_layers,
+    replace_initializers,
+    serialized_size,
     shape_skeleton,
+    split_weights,
     static_shapes,
 )
 
@@ -120,3 +124,43 @@ def test_shape_skeleton_drops_weights_and_keeps_every_shape():
         want = full_model_shapes(models, shapes)
         assert want and all(got[name] == shape for name, shape in want.items())
     assert static_shapes(model, {"x": (2, 3, 6, 6)})["f"] == (2, 288)
+
+
+def test_serialized_size_is_bytesize_without_encoding_the_weights(rng):
+    # raw float32, float16 and int64 weights, float_data and string tensors, an in-memory stub,
+    # and a raw tensor past 127 bytes (a two-byte length)
+    model = gemm_head(rng)
+    extra = [
+        numpy_helper.from_array(rng.normal(size=(40, 3)).astype(np.float16), "half"),
+        numpy_helper.from_array(np.arange(7, dtype=np.int64), "ints"),
+        helper.make_tensor("listed", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]),
+        helper.make_tensor("words", TensorProto.STRING, [2], [b"a", b"bc"]),
+        numpy_helper.from_array(np.zeros(0, dtype=np.float32), "empty"),
+    ]
+    extra[0].doc_string = "a half-precision table"
+    model.graph.initializer.extend(extra)
+    stubbed, _ = split_weights(model)
+    for m in (model, stubbed, onnx.ModelProto(), helper.make_model(helper.make_graph([], "g", [], []))):
+        assert serialized_size(m) == m.ByteSize()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int64, np.int8, np.uint8, np.bool_])
+def test_replace_initializers_writes_what_from_array_writes(rng, dtype):
+    values = (rng.normal(size=(3, 4)) * 3).astype(dtype)
+    model = helper.make_model(
+        helper.make_graph(
+            [],
+            "g",
+            [],
+            [],
+            [
+                numpy_helper.from_array(np.zeros((3, 4), dtype), "t"),
+                numpy_helper.from_array(np.ones(2, np.float32), "u"),
+            ],
+        )
+    )
+    replaced = replace_initializers(model, {"t": values.astype(np.float64)})  # cast to the model's type
+    want = numpy_helper.from_array(values, "t")
+    assert replaced.graph.initializer[0].SerializeToString() == want.SerializeToString()
+    assert replaced.graph.initializer[1] == model.graph.initializer[1]
+    np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), np.zeros((3, 4), dtype))

@@ -84,9 +84,10 @@ class _Surgeon:
 
     def _set_layer(self, layer: LayerView, weight: np.ndarray, bias: np.ndarray | None) -> None:
         node = layer.node
-        node.inputs[1] = self._constant(f"{node.name}.weight", weight.astype(layer.weight.dtype))
+        # copy=False: the arrays are never written in place once they are a constant's values
+        node.inputs[1] = self._constant(f"{node.name}.weight", weight.astype(layer.weight.dtype, copy=False))
         if bias is not None:
-            b = self._constant(f"{node.name}.bias", bias.astype(layer.weight.dtype))
+            b = self._constant(f"{node.name}.bias", bias.astype(layer.weight.dtype, copy=False))
             if len(node.inputs) > 2:
                 node.inputs[2] = b
             elif node.op == "MatMul":
