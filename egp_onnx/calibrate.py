@@ -144,6 +144,20 @@ def _size_name(prefix: str, i: int) -> str:
     return f"{prefix}_size__{i}"
 
 
+def _fraction_name(prefix: str, rank: int) -> str:
+    return f"{prefix}_on_fraction__{rank}"
+
+
+def _fast_groups(probes: Sequence[Probe]) -> dict[int, list[int]]:
+    """The fast probes' indices by tensor rank: each group's ON fractions leave in one Concat."""
+    groups: dict[int, list[int]] = {}
+    for i, probe in enumerate(probes):
+        if probe.fast:
+            assert probe.rank is not None  # checked by probes()
+            groups.setdefault(probe.rank, []).append(i)
+    return groups
+
+
 def _elem_type(model: onnx.ModelProto, tensor: str) -> int:
     info = _value_infos(model).get(tensor)
     if info is not None and info.type.tensor_type.elem_type:
@@ -156,10 +170,12 @@ def statistics_model(
 ) -> onnx.ModelProto:
     """The model whose only outputs are the per-channel ON statistics of ``sites``.
 
-    Output ``P_on_count__i`` is an int64 (C,) count (general probe) or the (N, C, 1, ...) ON
-    fraction per sample (fast probe) of the i-th distinct probed tensor; ``P_size__i`` (general
-    probe only) is the tensor's size. ``P`` is :func:`probe_prefix` (``egp`` unless the model
-    already has names starting with it).
+    Output ``P_on_fraction__r`` holds the (N, C, 1, ...) ON fraction per sample of every fast
+    probe on a rank-r tensor, their channels end to end in probe order (one Concat of the pooled
+    means: one output, and in onnxruntime's blocked layout one reorder instead of one per probe).
+    A general probe's ``P_on_count__i`` is the int64 (C,) count of the i-th distinct probed
+    tensor and ``P_size__i`` the tensor's size. ``P`` is :func:`probe_prefix` (``egp`` unless the
+    model already has names starting with it).
     """
     pre = probe_prefix(model)
     stats = onnx.ModelProto()
@@ -171,7 +187,8 @@ def statistics_model(
     if opset >= 13:
         graph.initializer.append(helper.make_tensor(f"{pre}_axes_02", TensorProto.INT64, [2], [0, 2]))
         graph.initializer.append(helper.make_tensor(f"{pre}_axes_0", TensorProto.INT64, [1], [0]))
-    for i, probe in enumerate(_plan(model, sites, fast)[0]):
+    planned = _plan(model, sites, fast)[0]
+    for i, probe in enumerate(planned):
         prefix = f"{pre}_stats__{i}"
         elem = _elem_type(model, probe.tensor)
         count = _count_name(pre, i)
@@ -192,8 +209,6 @@ def statistics_model(
                     helper.make_node("GlobalAveragePool", [f"{prefix}_on"], [count], name=f"{prefix}_mean"),
                 ]
             )
-            mean_shape = [None, probe.channels, *[1] * (probe.rank - 2)]
-            graph.output.append(helper.make_tensor_value_info(count, elem, mean_shape))
             continue
         zero = f"{prefix}_zero"
         graph.initializer.append(helper.make_tensor(zero, elem, [], [0]))
@@ -218,6 +233,13 @@ def statistics_model(
         )
         graph.output.append(helper.make_tensor_value_info(count, TensorProto.INT64, [probe.channels]))
         graph.output.append(helper.make_tensor_value_info(_size_name(pre, i), TensorProto.INT64, []))
+    for rank, group in _fast_groups(planned).items():
+        fraction = _fraction_name(pre, rank)
+        means = [_count_name(pre, i) for i in group]
+        graph.node.append(helper.make_node("Concat", means, [fraction], axis=1, name=f"{fraction}_concat"))
+        dims = [None, sum(planned[i].channels or 0 for i in group), *[1] * (rank - 2)]
+        elem = _elem_type(model, planned[group[0]].tensor)
+        graph.output.append(helper.make_tensor_value_info(fraction, elem, dims))
     _drop_unused_nodes(graph)
     return stats
 
@@ -318,6 +340,10 @@ def run_session(
         raise CalibrationError(f"onnxruntime rejected a batch: {one_line(exc)}") from exc
 
 
+#: per input shape: the spatial size of every fast probe's channel, and of every probe
+_Spatial = tuple[np.ndarray, np.ndarray]
+
+
 class _Runner:
     """The statistics session(s) of one model; adds each batch's ON counts to running totals.
 
@@ -336,25 +362,31 @@ class _Runner:
         self.stubbed, self.weights = split_weights(model)
         self.fast = make_session(statistics_model(self.stubbed, sites), True, True, self.weights)
         self.general: ort.InferenceSession | None = None
-        self.fast_ids = [i for i, p in enumerate(self.probes) if p.fast]
+        groups = _fast_groups(self.probes)
+        self.fast_ids = [i for group in groups.values() for i in group]  # the order of their channels
         self.other_ids = [i for i, p in enumerate(self.probes) if not p.fast]
-        self.names = [_count_name(self.prefix, i) for i in self.fast_ids]
-        self.names += [n for i in self.other_ids for n in (_count_name(self.prefix, i), _size_name(self.prefix, i))]
+        self.names = [_fraction_name(self.prefix, rank) for rank in groups]
+        for i in self.other_ids:
+            self.names += [_count_name(self.prefix, i), _size_name(self.prefix, i)]
         widths = [self.probes[i].channels or 0 for i in self.fast_ids]
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
         self.on_fast = np.zeros(int(self.offsets[-1]), dtype=np.int64)
         self.on_other: list[np.ndarray | None] = [None for _ in self.probes]
         self.events = np.zeros(len(self.probes), dtype=np.int64)
-        self._spatial: dict[tuple[tuple[str, tuple[int, ...]], ...], tuple[np.ndarray, np.ndarray] | None] = {}
+        self._spatial: dict[tuple[tuple[str, tuple[int, ...]], ...], _Spatial | None] = {}
 
-    def _spatial_sizes(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
-        """For this batch's input shapes (cached): the spatial size of every fast probe's channel
-        (laid end to end), and of every probe (0 for general ones); None if they do not resolve."""
+    def _spatial_sizes(self, feed: dict[str, np.ndarray]) -> _Spatial | None:
+        """The spatial sizes for this batch's input shapes (cached); None if they do not resolve.
+
+        Returns the spatial size of every fast probe's channel (laid end to end), and of every
+        probe (0 for a general one).
+        """
         key = tuple((k, v.shape[1:]) for k, v in feed.items())
         if key not in self._spatial:
             shapes = static_shapes(self.model, {k: (1, *v.shape[1:]) for k, v in feed.items()})
             found = [shapes.get(self.probes[i].tensor) for i in self.fast_ids]
-            resolved = [f for f, i in zip(found, self.fast_ids, strict=True) if f and f[1] == self.probes[i].channels]
+            channels = [self.probes[i].channels for i in self.fast_ids]
+            resolved = [f for f, c in zip(found, channels, strict=True) if f and f[1] == c]
             if len(resolved) < len(found):
                 self._spatial[key] = None
             else:
@@ -373,11 +405,12 @@ class _Runner:
             return
         per_channel, per_probe = spatial
         results = run_session(self.fast, self.names, feed)
-        nfast = len(self.fast_ids)
+        nfast = len(self.names) - 2 * len(self.other_ids)  # one output per tensor rank
         if nfast:
             batch = results[0].shape[0]
             # every fast probe's (N, C) ON fractions side by side; x spatial size, rounded = counts
-            means = np.concatenate([r.reshape(batch, -1) for r in results[:nfast]], axis=1)
+            flat = [r.reshape(batch, -1) for r in results[:nfast]]
+            means = flat[0] if nfast == 1 else np.concatenate(flat, axis=1)
             self.on_fast += np.rint(means * per_channel).sum(axis=0).astype(np.int64)
             self.events += batch * per_probe
         for k, i in enumerate(self.other_ids):

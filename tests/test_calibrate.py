@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from models import conv_bn_relu, gemm_head, inputs, residual_block, single_conv
+from models import conv_bn_relu, gemm_head, inputs, mixed_ranks, residual_block, single_conv
 from onnx import helper
 
 from egp_onnx.calibrate import ChannelCounts, collect_statistics, make_session, probes, statistics_model
@@ -44,6 +44,7 @@ BUILDERS = {
     "conv_bn_relu": conv_bn_relu,
     "residual": residual_block,
     "gemm_head": gemm_head,
+    "mixed_ranks": mixed_ranks,
 }
 
 
@@ -77,12 +78,25 @@ def test_statistics_model_outputs_only_counts(fast, rng):
     stats = statistics_model(model, sites, fast=fast)
     onnx.checker.check_model(stats)
     outputs = [o.name for o in stats.graph.output]
-    # fast probes: one (N, C, 1, 1) ON fraction per site; general probes: a count and a size
-    assert len(outputs) == (1 if fast else 2) * len(sites)
-    assert all(o.startswith(("egp_on_count__", "egp_size__")) for o in outputs)
+    # fast probes: the (N, C, 1, 1) ON fractions of every site in one output (all rank 4);
+    # general probes: a count and a size per site
+    assert len(outputs) == (1 if fast else 2 * len(sites))
+    names = "egp_on_fraction__4" if fast else ("egp_on_count__", "egp_size__")
+    assert all(o.startswith(names) for o in outputs)
     assert [p.fast for p in probes(model, sites)] == [True] * len(sites)
     # the user's model is not touched
     assert [o.name for o in model.graph.output] == ["y"]
+
+
+def test_fast_probes_of_each_rank_leave_in_one_output(rng):
+    model = prepare_model(mixed_ranks(rng))
+    sites = find_rectifiers(model)
+    assert [p.fast for p in probes(model, sites)] == [True, True, False]
+    stats = statistics_model(model, sites)
+    outputs = {o.name: o for o in stats.graph.output}
+    assert sorted(outputs) == ["egp_on_count__2", "egp_on_fraction__3", "egp_on_fraction__4", "egp_size__2"]
+    dims = outputs["egp_on_fraction__3"].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [5, 1]
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
