@@ -9,7 +9,10 @@ exactly across batches and shards.
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +31,9 @@ __all__ = ["ChannelCounts", "Statistics", "collect_statistics", "make_session", 
 
 #: float32's largest value: HardSigmoid's slope in the fast probe (any positive normal float -> 1)
 _BIG = float(np.finfo(np.float32).max)
+
+#: Batches the statistics pass runs at once, each on its share of the cores (see collect_statistics)
+IN_FLIGHT = 2
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -289,6 +295,7 @@ def make_session(
     optimize: bool = False,
     lean: bool = False,
     weights: Mapping[str, np.ndarray] | None = None,
+    threads: int = 0,
 ) -> ort.InferenceSession:
     """A CPU session; graph optimisation off by default so nothing observed is fused away.
 
@@ -297,12 +304,14 @@ def make_session(
     time. ``weights`` gives the values of stubs already in ``model``. ``lean`` turns off
     onnxruntime's memory pattern planning: measured on the calibration benchmark it keeps peak
     memory flat in the number of batches (151-157 MB from 512 to 8192 samples, against 193-243 MB
-    with it) at the same speed.
+    with it) at the same speed. ``threads`` is onnxruntime's intra-op thread count (0: its default,
+    one per physical core).
     """
     ort.set_default_logger_severity(3)  # graph warnings come through the default logger, not the session's
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_mem_pattern = not lean
+    options.intra_op_num_threads = threads
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -352,15 +361,15 @@ class _Runner:
     model, Python took a fifth of the pass); the totals are split per site once, at the end.
     """
 
-    def __init__(self, model: onnx.ModelProto, sites: Sequence[RectifierSite]) -> None:
-        self.model, self.sites = model, list(sites)
+    def __init__(self, model: onnx.ModelProto, sites: Sequence[RectifierSite], threads: int = 0) -> None:
+        self.model, self.sites, self.threads = model, list(sites), threads
         self.prefix = probe_prefix(model)
         self.probes, self.index = _plan(model, sites, True)
         # The probes go onto the model without its weights (no copy of them); the session gets
         # the weights from memory. Optimised: the probes are built to stay inside onnxruntime's
         # fused, blocked-layout graph.
         self.stubbed, self.weights = split_weights(model)
-        self.fast = make_session(statistics_model(self.stubbed, sites), True, True, self.weights)
+        self.fast = make_session(statistics_model(self.stubbed, sites), True, True, self.weights, threads)
         self.general: ort.InferenceSession | None = None
         groups = _fast_groups(self.probes)
         self.fast_ids = [i for group in groups.values() for i in group]  # the order of their channels
@@ -397,14 +406,31 @@ class _Runner:
                 self._spatial[key] = (per_channel, per_probe)
         return self._spatial[key]
 
-    def add(self, feed: dict[str, np.ndarray]) -> None:
-        """Run one batch and add its ON counts and events to the totals."""
+    def prepare(self, feed: dict[str, np.ndarray]) -> _Spatial | None:
+        """The spatial sizes of this batch (None: it goes through the general probes, built here)."""
         spatial = self._spatial_sizes(feed)
+        if spatial is None and self.general is None:
+            general = statistics_model(self.stubbed, self.sites, fast=False)
+            self.general = make_session(general, True, True, self.weights, self.threads)
+        return spatial
+
+    def run(self, feed: dict[str, np.ndarray], spatial: _Spatial | None) -> list[np.ndarray]:
+        """The session's outputs for one prepared batch; several batches may run at once."""
         if spatial is None:
-            self._add_general(feed)
+            assert self.general is not None  # built by prepare()
+            names = [_count_name(self.prefix, i) for i in range(len(self.probes))]
+            names += [_size_name(self.prefix, i) for i in range(len(self.probes))]
+            return run_session(self.general, names, feed)
+        return run_session(self.fast, self.names, feed)
+
+    def add(self, results: list[np.ndarray], spatial: _Spatial | None) -> None:
+        """Add one batch's ON counts and events (from :meth:`run`) to the totals."""
+        if spatial is None:
+            count = len(self.probes)
+            for i in range(count):
+                self._add_other(i, results[i], results[count + i])
             return
         per_channel, per_probe = spatial
-        results = run_session(self.fast, self.names, feed)
         nfast = len(self.names) - 2 * len(self.other_ids)  # one output per tensor rank
         if nfast:
             batch = results[0].shape[0]
@@ -422,18 +448,6 @@ class _Runner:
         previous = self.on_other[i]
         self.on_other[i] = on if previous is None else previous + on
         self.events[i] += int(size) // max(on.size, 1)
-
-    def _add_general(self, feed: dict[str, np.ndarray]) -> None:
-        """The same counts through the general probes, for input shapes whose sizes do not resolve."""
-        if self.general is None:
-            self.general = make_session(
-                statistics_model(self.stubbed, self.sites, fast=False), True, True, self.weights
-            )
-        count = len(self.probes)
-        names = [n for i in range(count) for n in (_count_name(self.prefix, i), _size_name(self.prefix, i))]
-        results = run_session(self.general, names, feed)
-        for i in range(count):
-            self._add_other(i, results[2 * i], results[2 * i + 1])
 
     def totals(self) -> list[tuple[np.ndarray, int]]:
         """(ON counts per channel, events per channel) of every site over the batches added."""
@@ -477,14 +491,30 @@ def collect_statistics(
     """
     if not sites:
         return Statistics({}, 0)
-    runner = _Runner(model, sites)
+    # IN_FLIGHT batches run at once, each on its share of the cores: onnxruntime's threads
+    # synchronise at every node, which on small convolutions and on the probes' pooling costs
+    # more than the work (README, Performance). Counts are integer sums: the order is free.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    runner = _Runner(model, sites, threads=max(1, cores // IN_FLIGHT))
     samples = 0
-    for feed, _ in data.batches(batch_size):
-        runner.add(feed)
-        batch = next(iter(feed.values())).shape[0]
-        samples += batch
+    pending: deque[tuple[Future[list[np.ndarray]], _Spatial | None, int]] = deque()
+
+    def finish_one() -> None:
+        done, spatial, batch = pending.popleft()
+        runner.add(done.result(), spatial)
         if on_batch is not None:
             on_batch(batch)
+
+    with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="egp-stats") as pool:
+        for feed, _ in data.batches(batch_size):
+            spatial = runner.prepare(feed)
+            batch = next(iter(feed.values())).shape[0]
+            pending.append((pool.submit(runner.run, feed, spatial), spatial, batch))
+            samples += batch
+            if len(pending) >= IN_FLIGHT:
+                finish_one()
+        while pending:
+            finish_one()
     if samples == 0:
         raise CalibrationError(
             f"{data.description}: no complete batch (the model's batch size is fixed and larger "
