@@ -176,3 +176,26 @@ def test_sessions_take_weights_from_memory_with_the_same_results(rng):
         np.testing.assert_array_equal(from_stubs.run(None, {"x": x})[0], want)
     with pytest.raises(ModelError, match="no values"):
         make_session(stubbed)
+
+
+def test_a_rejected_batch_stops_the_pass_with_batches_in_flight(tmp_path, rng, monkeypatch):
+    """x(N,3,6,6) -> Conv Relu -> y (single_conv); the third of five batches fails in its thread."""
+    from egp_onnx import calibrate
+
+    model = prepare_model(single_conv(rng))
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=10))
+    run, calls = calibrate._Runner.run, []
+
+    def failing(self, feed, spatial):
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise calibrate.CalibrationError("onnxruntime rejected a batch: test")
+        return run(self, feed, spatial)
+
+    monkeypatch.setattr(calibrate._Runner, "run", failing)
+    done = []
+    with pytest.raises(calibrate.CalibrationError, match="rejected a batch: test"):
+        collect_statistics(
+            model, find_rectifiers(model), open_calibration(tmp_path / "c.npz", model), 2, done.append
+        )
+    assert sum(done) < 10
