@@ -10,6 +10,12 @@ shards of 512 samples, as a user's calibration folder would be. Then the whole-p
 and the cost of rebuilding the statistics session per loop step.
 
 Run: python benchmarks/calibration.py [--samples 512 8192] [--batch-size 32] [--repeats 3]
+[--models resnet4x32@32 ...] [--no-naive] [--baseline DIR] [--overlap]
+
+``--baseline DIR`` adds a fourth approach, interleaved with the others: the statistics pass of
+the egp_onnx package found in DIR (e.g. ``git archive`` of an earlier commit), to measure a
+change against the code before it in one run. ``--overlap`` adds plain inference scheduled as
+the statistics pass is (two batches at once, each on half the cores): what that alone gains.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ def worker(approach: str, model_path: str, data_dir: str, batch_size: int) -> di
     start = time.perf_counter()
     if approach == "egp":
         collect_statistics(model, sites, data, batch_size)
+    elif approach == "overlap":
+        _overlapped_plain(model, data, batch_size)
     else:
         exposed = onnx.ModelProto()
         exposed.CopyFrom(model)
@@ -83,27 +91,68 @@ def worker(approach: str, model_path: str, data_dir: str, batch_size: int) -> di
     return {"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def measure(approach: str, model_path: Path, data_dir: Path, batch_size: int) -> dict:
+def _overlapped_plain(model: onnx.ModelProto, data, batch_size: int) -> None:
+    """Plain inference run the way the statistics pass runs: IN_FLIGHT batches at once, each on
+    its share of the cores (the reference for what that scheduling alone gains)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onnxruntime as ort
+
+    from egp_onnx.calibrate import IN_FLIGHT
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, len(os.sched_getaffinity(0)) // IN_FLIGHT)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in model.graph.output]
+    pending: deque = deque()
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        for feed, _ in data.batches(batch_size):
+            pending.append(pool.submit(session.run, names, feed))
+            if len(pending) >= IN_FLIGHT:
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+
+
+def measure(
+    approach: str, model_path: Path, data_dir: Path, batch_size: int, baseline: Path | None = None
+) -> dict:
+    env = dict(os.environ)
+    if approach == "baseline":
+        assert baseline is not None  # the approach is only listed with --baseline
+        env["PYTHONPATH"] = os.pathsep.join([str(baseline), env.get("PYTHONPATH", "")])
+        approach = "egp"
     out = subprocess.run(
         [sys.executable, __file__, "--worker", approach, str(model_path), str(data_dir), str(batch_size)],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def interleaved(model_path: Path, data_dir: Path, batch_size: int, repeats: int) -> list[dict]:
-    """Plain, egp and naive passes, each in a fresh process, in rotating order; medians per approach."""
-    approaches = ["plain", "egp", "naive"]
+def interleaved(
+    model_path: Path,
+    data_dir: Path,
+    batch_size: int,
+    repeats: int,
+    approaches: list[str],
+    baseline: Path | None,
+) -> dict[str, dict]:
+    """The approaches' passes, each in a fresh process, in rotating order; medians per approach."""
     runs: dict[str, list[dict]] = {a: [] for a in approaches}
     for r in range(repeats):
-        for approach in approaches[r % 3 :] + approaches[: r % 3]:
-            runs[approach].append(measure(approach, model_path, data_dir, batch_size))
-    return [
-        {key: float(np.median([run[key] for run in runs[a]])) for key in ("seconds", "peak_mb")}
+        k = r % len(approaches)
+        for approach in approaches[k:] + approaches[:k]:
+            runs[approach].append(measure(approach, model_path, data_dir, batch_size, baseline))
+    nan = {"seconds": float("nan"), "peak_mb": float("nan")}
+    medians = {
+        a: {key: float(np.median([run[key] for run in runs[a]])) for key in ("seconds", "peak_mb")}
         for a in approaches
-    ]
+    }
+    return {a: medians.get(a, nan) for a in ("plain", "egp", "naive", "baseline", "overlap")}
 
 
 def whole_process(model_path: Path, data: Path, batch_size: int, folder: Path) -> tuple[float, float]:
@@ -163,7 +212,20 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[512, 8192])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="passes of each approach (medians)")
+    parser.add_argument("--models", nargs="+", help="only these models (default: all)")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive approach")
+    parser.add_argument("--baseline", type=Path, help="also time the egp_onnx package in this folder")
+    parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="also time plain inference with the statistics pass's scheduling",
+    )
     args = parser.parse_args()
+    approaches = ["plain", "egp", *([] if args.no_naive else ["naive"])]
+    if args.baseline:
+        approaches.append("baseline")
+    if args.overlap:
+        approaches.append("overlap")
     from models import conv_chain, mobilenet, resnet
 
     from egp_onnx.report import format_table
@@ -177,6 +239,8 @@ def main() -> None:
     for sample in ("digits_resnet", "mnist_resnet"):
         if (HERE.parent / "sample_models" / f"{sample}.onnx").exists():
             paths[sample] = HERE.parent / "sample_models" / f"{sample}.onnx"
+    if args.models:
+        paths = {name: path for name, path in paths.items() if name in args.models}
     rows = []
     for name, path in paths.items():
         first = onnx.load(str(path)).graph.input[0]
@@ -192,7 +256,10 @@ def main() -> None:
                         with np.load(part) as npz:
                             np.savez(renamed / part.name, **{data_name: npz["x"]})
                 data = renamed
-            plain, egp, naive = interleaved(path, data, args.batch_size, args.repeats)
+            found = interleaved(path, data, args.batch_size, args.repeats, approaches, args.baseline)
+            plain, egp, naive, base, overlap = (
+                found[a] for a in ("plain", "egp", "naive", "baseline", "overlap")
+            )
             rows.append(
                 [
                     name,
@@ -205,6 +272,9 @@ def main() -> None:
                     plain["peak_mb"],
                     egp["peak_mb"],
                     naive["peak_mb"],
+                    base["seconds"] / plain["seconds"],
+                    overlap["seconds"] / plain["seconds"],
+                    os.getloadavg()[0],
                 ]
             )
     headers = [
@@ -218,6 +288,9 @@ def main() -> None:
         "plain_MB",
         "egp_MB",
         "naive_MB",
+        "base/plain",
+        "overlap/plain",
+        "load",
     ]
     print(format_table(headers, rows))
     for name in paths:
@@ -227,6 +300,9 @@ def main() -> None:
                 f"{name}: egp peak memory at {mine[-1][1]} vs {mine[0][1]} samples: "
                 f"{mine[-1][8] / mine[0][8]:.3f}x (plain {mine[-1][7] / mine[0][7]:.3f}x)"
             )
+    if "chain8x64@32" not in paths:
+        print(f"\nload average {os.getloadavg()[0]:.2f}")
+        return
     chain_data = folder / "chain512.npz"
     with np.load(sorted(_shards(folder, 512, (3, 32, 32)).iterdir())[0]) as npz:
         np.savez(chain_data, x=npz["x"])

@@ -9,7 +9,10 @@ exactly across batches and shards.
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +31,9 @@ __all__ = ["ChannelCounts", "Statistics", "collect_statistics", "make_session", 
 
 #: float32's largest value: HardSigmoid's slope in the fast probe (any positive normal float -> 1)
 _BIG = float(np.finfo(np.float32).max)
+
+#: Batches the statistics pass runs at once, each on its share of the cores (see collect_statistics)
+IN_FLIGHT = 2
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -144,6 +150,20 @@ def _size_name(prefix: str, i: int) -> str:
     return f"{prefix}_size__{i}"
 
 
+def _fraction_name(prefix: str, rank: int) -> str:
+    return f"{prefix}_on_fraction__{rank}"
+
+
+def _fast_groups(probes: Sequence[Probe]) -> dict[int, list[int]]:
+    """The fast probes' indices by tensor rank: each group's ON fractions leave in one Concat."""
+    groups: dict[int, list[int]] = {}
+    for i, probe in enumerate(probes):
+        if probe.fast:
+            assert probe.rank is not None  # checked by probes()
+            groups.setdefault(probe.rank, []).append(i)
+    return groups
+
+
 def _elem_type(model: onnx.ModelProto, tensor: str) -> int:
     info = _value_infos(model).get(tensor)
     if info is not None and info.type.tensor_type.elem_type:
@@ -156,10 +176,12 @@ def statistics_model(
 ) -> onnx.ModelProto:
     """The model whose only outputs are the per-channel ON statistics of ``sites``.
 
-    Output ``P_on_count__i`` is an int64 (C,) count (general probe) or the (N, C, 1, ...) ON
-    fraction per sample (fast probe) of the i-th distinct probed tensor; ``P_size__i`` (general
-    probe only) is the tensor's size. ``P`` is :func:`probe_prefix` (``egp`` unless the model
-    already has names starting with it).
+    Output ``P_on_fraction__r`` holds the (N, C, 1, ...) ON fraction per sample of every fast
+    probe on a rank-r tensor, their channels end to end in probe order (one Concat of the pooled
+    means: one output, and in onnxruntime's blocked layout one reorder instead of one per probe).
+    A general probe's ``P_on_count__i`` is the int64 (C,) count of the i-th distinct probed
+    tensor and ``P_size__i`` the tensor's size. ``P`` is :func:`probe_prefix` (``egp`` unless the
+    model already has names starting with it).
     """
     pre = probe_prefix(model)
     stats = onnx.ModelProto()
@@ -171,7 +193,8 @@ def statistics_model(
     if opset >= 13:
         graph.initializer.append(helper.make_tensor(f"{pre}_axes_02", TensorProto.INT64, [2], [0, 2]))
         graph.initializer.append(helper.make_tensor(f"{pre}_axes_0", TensorProto.INT64, [1], [0]))
-    for i, probe in enumerate(_plan(model, sites, fast)[0]):
+    planned = _plan(model, sites, fast)[0]
+    for i, probe in enumerate(planned):
         prefix = f"{pre}_stats__{i}"
         elem = _elem_type(model, probe.tensor)
         count = _count_name(pre, i)
@@ -192,8 +215,6 @@ def statistics_model(
                     helper.make_node("GlobalAveragePool", [f"{prefix}_on"], [count], name=f"{prefix}_mean"),
                 ]
             )
-            mean_shape = [None, probe.channels, *[1] * (probe.rank - 2)]
-            graph.output.append(helper.make_tensor_value_info(count, elem, mean_shape))
             continue
         zero = f"{prefix}_zero"
         graph.initializer.append(helper.make_tensor(zero, elem, [], [0]))
@@ -218,6 +239,13 @@ def statistics_model(
         )
         graph.output.append(helper.make_tensor_value_info(count, TensorProto.INT64, [probe.channels]))
         graph.output.append(helper.make_tensor_value_info(_size_name(pre, i), TensorProto.INT64, []))
+    for rank, group in _fast_groups(planned).items():
+        fraction = _fraction_name(pre, rank)
+        means = [_count_name(pre, i) for i in group]
+        graph.node.append(helper.make_node("Concat", means, [fraction], axis=1, name=f"{fraction}_concat"))
+        dims = [None, sum(planned[i].channels or 0 for i in group), *[1] * (rank - 2)]
+        elem = _elem_type(model, planned[group[0]].tensor)
+        graph.output.append(helper.make_tensor_value_info(fraction, elem, dims))
     _drop_unused_nodes(graph)
     return stats
 
@@ -267,6 +295,7 @@ def make_session(
     optimize: bool = False,
     lean: bool = False,
     weights: Mapping[str, np.ndarray] | None = None,
+    threads: int = 0,
 ) -> ort.InferenceSession:
     """A CPU session; graph optimisation off by default so nothing observed is fused away.
 
@@ -275,12 +304,14 @@ def make_session(
     time. ``weights`` gives the values of stubs already in ``model``. ``lean`` turns off
     onnxruntime's memory pattern planning: measured on the calibration benchmark it keeps peak
     memory flat in the number of batches (151-157 MB from 512 to 8192 samples, against 193-243 MB
-    with it) at the same speed.
+    with it) at the same speed. ``threads`` is onnxruntime's intra-op thread count (0: its default,
+    one per physical core).
     """
     ort.set_default_logger_severity(3)  # graph warnings come through the default logger, not the session's
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_mem_pattern = not lean
+    options.intra_op_num_threads = threads
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -318,53 +349,117 @@ def run_session(
         raise CalibrationError(f"onnxruntime rejected a batch: {one_line(exc)}") from exc
 
 
-class _Runner:
-    """The statistics session(s) of one model; turns each batch into per-site counts."""
+#: per input shape: the spatial size of every fast probe's channel, and of every probe
+_Spatial = tuple[np.ndarray, np.ndarray]
 
-    def __init__(self, model: onnx.ModelProto, sites: Sequence[RectifierSite]) -> None:
-        self.model, self.sites = model, list(sites)
+
+class _Runner:
+    """The statistics session(s) of one model; adds each batch's ON counts to running totals.
+
+    The fast probes' channels are laid end to end in one vector, so a batch costs a handful of
+    numpy operations whatever the number of probes (per probe, on the MobileNet-style benchmark
+    model, Python took a fifth of the pass); the totals are split per site once, at the end.
+    """
+
+    def __init__(self, model: onnx.ModelProto, sites: Sequence[RectifierSite], threads: int = 0) -> None:
+        self.model, self.sites, self.threads = model, list(sites), threads
         self.prefix = probe_prefix(model)
         self.probes, self.index = _plan(model, sites, True)
         # The probes go onto the model without its weights (no copy of them); the session gets
         # the weights from memory. Optimised: the probes are built to stay inside onnxruntime's
         # fused, blocked-layout graph.
         self.stubbed, self.weights = split_weights(model)
-        self.fast = make_session(statistics_model(self.stubbed, sites), True, True, self.weights)
+        self.fast = make_session(statistics_model(self.stubbed, sites), True, True, self.weights, threads)
         self.general: ort.InferenceSession | None = None
-        self._spatial: dict[tuple[tuple[str, tuple[int, ...]], ...], list[int] | None] = {}
+        groups = _fast_groups(self.probes)
+        self.fast_ids = [i for group in groups.values() for i in group]  # the order of their channels
+        self.other_ids = [i for i, p in enumerate(self.probes) if not p.fast]
+        self.names = [_fraction_name(self.prefix, rank) for rank in groups]
+        for i in self.other_ids:
+            self.names += [_count_name(self.prefix, i), _size_name(self.prefix, i)]
+        widths = [self.probes[i].channels or 0 for i in self.fast_ids]
+        self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        self.on_fast = np.zeros(int(self.offsets[-1]), dtype=np.int64)
+        self.on_other: list[np.ndarray | None] = [None for _ in self.probes]
+        self.events = np.zeros(len(self.probes), dtype=np.int64)
+        self._spatial: dict[tuple[tuple[str, tuple[int, ...]], ...], _Spatial | None] = {}
 
-    def _spatial_sizes(self, feed: dict[str, np.ndarray]) -> list[int] | None:
-        """Spatial size of every fast probe's tensor for this batch's input shapes (cached)."""
-        key = tuple(sorted((k, v.shape[1:]) for k, v in feed.items()))
+    def _spatial_sizes(self, feed: dict[str, np.ndarray]) -> _Spatial | None:
+        """The spatial sizes for this batch's input shapes (cached); None if they do not resolve.
+
+        Returns the spatial size of every fast probe's channel (laid end to end), and of every
+        probe (0 for a general one).
+        """
+        key = tuple((k, v.shape[1:]) for k, v in feed.items())
         if key not in self._spatial:
             shapes = static_shapes(self.model, {k: (1, *v.shape[1:]) for k, v in feed.items()})
-            found = [shapes.get(p.tensor) if p.fast else (1, 1) for p in self.probes]
-            self._spatial[key] = (
-                None
-                if any(f is None for f in found)
-                else [int(np.prod(f[2:])) for f in found if f is not None]
-            )
+            found = [shapes.get(self.probes[i].tensor) for i in self.fast_ids]
+            channels = [self.probes[i].channels for i in self.fast_ids]
+            resolved = [f for f, c in zip(found, channels, strict=True) if f and f[1] == c]
+            if len(resolved) < len(found):
+                self._spatial[key] = None
+            else:
+                sizes = [int(np.prod(f[2:])) for f in resolved]
+                per_probe = np.zeros(len(self.probes), dtype=np.int64)
+                per_probe[self.fast_ids] = sizes
+                per_channel = np.repeat(np.array(sizes, dtype=np.float64), np.diff(self.offsets))
+                self._spatial[key] = (per_channel, per_probe)
         return self._spatial[key]
 
-    def counts(self, feed: dict[str, np.ndarray]) -> list[tuple[np.ndarray, int]]:
-        """(ON counts per channel, events per channel) of every site for one batch."""
+    def prepare(self, feed: dict[str, np.ndarray]) -> _Spatial | None:
+        """The spatial sizes of this batch (None: it goes through the general probes, built here)."""
         spatial = self._spatial_sizes(feed)
-        if spatial is None:
-            return self._general_counts(feed)
-        results = _outputs(self.fast, feed)
-        out = []
-        for i, probe in enumerate(self.probes):
-            if probe.fast:
-                mean = results[_count_name(self.prefix, i)].astype(np.float64)
-                batch = mean.shape[0]
-                on = np.rint(mean.reshape(batch, -1) * spatial[i]).astype(np.int64).sum(axis=0)
-                out.append((on, batch * spatial[i]))
-            else:
-                out.append(_general_count(results, self.prefix, i))
-        return self._per_site(out)
+        if spatial is None and self.general is None:
+            general = statistics_model(self.stubbed, self.sites, fast=False)
+            self.general = make_session(general, True, True, self.weights, self.threads)
+        return spatial
 
-    def _per_site(self, per_probe: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, int]]:
-        """Each site's counts: its probe's, restricted to the channels the site covers."""
+    def run(self, feed: dict[str, np.ndarray], spatial: _Spatial | None) -> list[np.ndarray]:
+        """The session's outputs for one prepared batch; several batches may run at once."""
+        if spatial is None:
+            assert self.general is not None  # built by prepare()
+            names = [_count_name(self.prefix, i) for i in range(len(self.probes))]
+            names += [_size_name(self.prefix, i) for i in range(len(self.probes))]
+            return run_session(self.general, names, feed)
+        return run_session(self.fast, self.names, feed)
+
+    def add(self, results: list[np.ndarray], spatial: _Spatial | None) -> None:
+        """Add one batch's ON counts and events (from :meth:`run`) to the totals."""
+        if spatial is None:
+            count = len(self.probes)
+            for i in range(count):
+                self._add_other(i, results[i], results[count + i])
+            return
+        per_channel, per_probe = spatial
+        nfast = len(self.names) - 2 * len(self.other_ids)  # one output per tensor rank
+        if nfast:
+            batch = results[0].shape[0]
+            # every fast probe's (N, C) ON fractions side by side; x spatial size, rounded = counts
+            flat = [r.reshape(batch, -1) for r in results[:nfast]]
+            means = flat[0] if nfast == 1 else np.concatenate(flat, axis=1)
+            self.on_fast += np.rint(means * per_channel).sum(axis=0).astype(np.int64)
+            self.events += batch * per_probe
+        for k, i in enumerate(self.other_ids):
+            self._add_other(i, results[nfast + 2 * k], results[nfast + 2 * k + 1])
+
+    def _add_other(self, i: int, count: np.ndarray, size: np.ndarray) -> None:
+        """Add a general probe's int64 count and its tensor's size."""
+        on = count.astype(np.int64)
+        previous = self.on_other[i]
+        self.on_other[i] = on if previous is None else previous + on
+        self.events[i] += int(size) // max(on.size, 1)
+
+    def totals(self) -> list[tuple[np.ndarray, int]]:
+        """(ON counts per channel, events per channel) of every site over the batches added."""
+        per_probe = []
+        for i in range(len(self.probes)):
+            on = self.on_other[i]
+            if i in self.fast_ids:
+                k = self.fast_ids.index(i)
+                fast = self.on_fast[self.offsets[k] : self.offsets[k + 1]]
+                on = fast.copy() if on is None else on + fast
+            assert on is not None  # a general probe has run at least once when it has no fast one
+            per_probe.append((on, int(self.events[i])))
         out = []
         for site, j in zip(self.sites, self.index, strict=True):
             on, total = per_probe[j]
@@ -372,26 +467,6 @@ class _Runner:
                 on = on[site.channels[0] : site.channels[1]]
             out.append((on, total))
         return out
-
-    def _general_counts(self, feed: dict[str, np.ndarray]) -> list[tuple[np.ndarray, int]]:
-        """The same counts through the general probes, for input shapes whose sizes do not resolve."""
-        if self.general is None:
-            self.general = make_session(
-                statistics_model(self.stubbed, self.sites, fast=False), True, True, self.weights
-            )
-        results = _outputs(self.general, feed)
-        return self._per_site([_general_count(results, self.prefix, i) for i in range(len(self.probes))])
-
-
-def _outputs(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, run_session(session, names, feed), strict=True))
-
-
-def _general_count(results: dict[str, np.ndarray], prefix: str, i: int) -> tuple[np.ndarray, int]:
-    """(ON counts, events per channel) of probe ``i`` from a general probe's count and size."""
-    on = results[_count_name(prefix, i)].astype(np.int64)
-    return on, int(results[_size_name(prefix, i)]) // max(on.size, 1)
 
 
 def collect_statistics(
@@ -416,26 +491,36 @@ def collect_statistics(
     """
     if not sites:
         return Statistics({}, 0)
-    runner = _Runner(model, sites)
-    on: list[np.ndarray | None] = [None for _ in sites]
-    totals = [0 for _ in sites]
+    # IN_FLIGHT batches run at once, each on its share of the cores: onnxruntime's threads
+    # synchronise at every node, which on small convolutions and on the probes' pooling costs
+    # more than the work (README, Performance). Counts are integer sums: the order is free.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    runner = _Runner(model, sites, threads=max(1, cores // IN_FLIGHT))
     samples = 0
-    for feed, _ in data.batches(batch_size):
-        for i, (counts, total) in enumerate(runner.counts(feed)):
-            previous = on[i]
-            on[i] = counts if previous is None else previous + counts
-            totals[i] += total
-        batch = next(iter(feed.values())).shape[0]
-        samples += batch
+    pending: deque[tuple[Future[list[np.ndarray]], _Spatial | None, int]] = deque()
+
+    def finish_one() -> None:
+        done, spatial, batch = pending.popleft()
+        runner.add(done.result(), spatial)
         if on_batch is not None:
             on_batch(batch)
+
+    with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="egp-stats") as pool:
+        for feed, _ in data.batches(batch_size):
+            spatial = runner.prepare(feed)
+            batch = next(iter(feed.values())).shape[0]
+            pending.append((pool.submit(runner.run, feed, spatial), spatial, batch))
+            samples += batch
+            if len(pending) >= IN_FLIGHT:
+                finish_one()
+        while pending:
+            finish_one()
     if samples == 0:
         raise CalibrationError(
             f"{data.description}: no complete batch (the model's batch size is fixed and larger "
             "than the data)"
         )
     result = {}
-    for site, site_on, total in zip(sites, on, totals, strict=True):
-        assert site_on is not None  # at least one batch ran
+    for site, (site_on, total) in zip(sites, runner.totals(), strict=True):
         result[site.name] = ChannelCounts(site_on, total)
     return Statistics(result, samples)

@@ -138,6 +138,36 @@ def gemm_head(rng: np.random.Generator) -> onnx.ModelProto:
     return _model(nodes, [_x()], [_y((3,))], inits)
 
 
+def mixed_ranks(rng: np.random.Generator) -> onnx.ModelProto:
+    """
+    x(N,3,6,6) -> Conv3x3(3->4) -> Relu(relu2d) -> Reshape(N,4,36) -> Conv1d k3(4->5) -> Relu(relu1d)
+      -> GlobalAveragePool -> Flatten -> Gemm(5->3) -> Relu(fc.relu) -> y(N,3)
+
+    Rectifiers on rank-4, rank-3 and rank-2 tensors: two groups of fast probes and a general one.
+    """
+    inits = [
+        _init("w0", rng.normal(size=(4, 3, 3, 3))),
+        _init("b0", rng.normal(size=4) * 0.3),
+        numpy_helper.from_array(np.array([0, 4, 36], dtype=np.int64), "shape1d"),
+        _init("w1", rng.normal(size=(5, 4, 3))),
+        _init("b1", rng.normal(size=5) * 0.3),
+        _init("w2", rng.normal(size=(3, 5))),
+        _init("b2", rng.normal(size=3) * 0.3),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv2d", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu2d"),
+        helper.make_node("Reshape", ["r0", "shape1d"], ["s"], name="to1d"),
+        helper.make_node("Conv", ["s", "w1", "b1"], ["c1"], name="conv1d", pads=[1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1d"),
+        helper.make_node("GlobalAveragePool", ["r1"], ["g"], name="pool"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w2", "b2"], ["h"], name="fc", transB=1),
+        helper.make_node("Relu", ["h"], ["y"], name="fc.relu"),
+    ]
+    return _model(nodes, [_x()], [_y((3,))], inits)
+
+
 def no_rectifier(rng: np.random.Generator) -> onnx.ModelProto:
     """
     x -> Conv -> Sigmoid -> y   (nothing EGP can prune)

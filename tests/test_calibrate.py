@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from models import conv_bn_relu, gemm_head, inputs, residual_block, single_conv
+from models import conv_bn_relu, gemm_head, inputs, mixed_ranks, residual_block, single_conv
 from onnx import helper
 
 from egp_onnx.calibrate import ChannelCounts, collect_statistics, make_session, probes, statistics_model
@@ -44,6 +44,7 @@ BUILDERS = {
     "conv_bn_relu": conv_bn_relu,
     "residual": residual_block,
     "gemm_head": gemm_head,
+    "mixed_ranks": mixed_ranks,
 }
 
 
@@ -77,12 +78,25 @@ def test_statistics_model_outputs_only_counts(fast, rng):
     stats = statistics_model(model, sites, fast=fast)
     onnx.checker.check_model(stats)
     outputs = [o.name for o in stats.graph.output]
-    # fast probes: one (N, C, 1, 1) ON fraction per site; general probes: a count and a size
-    assert len(outputs) == (1 if fast else 2) * len(sites)
-    assert all(o.startswith(("egp_on_count__", "egp_size__")) for o in outputs)
+    # fast probes: the (N, C, 1, 1) ON fractions of every site in one output (all rank 4);
+    # general probes: a count and a size per site
+    assert len(outputs) == (1 if fast else 2 * len(sites))
+    names = "egp_on_fraction__4" if fast else ("egp_on_count__", "egp_size__")
+    assert all(o.startswith(names) for o in outputs)
     assert [p.fast for p in probes(model, sites)] == [True] * len(sites)
     # the user's model is not touched
     assert [o.name for o in model.graph.output] == ["y"]
+
+
+def test_fast_probes_of_each_rank_leave_in_one_output(rng):
+    model = prepare_model(mixed_ranks(rng))
+    sites = find_rectifiers(model)
+    assert [p.fast for p in probes(model, sites)] == [True, True, False]
+    stats = statistics_model(model, sites)
+    outputs = {o.name: o for o in stats.graph.output}
+    assert sorted(outputs) == ["egp_on_count__2", "egp_on_fraction__3", "egp_on_fraction__4", "egp_size__2"]
+    dims = outputs["egp_on_fraction__3"].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [5, 1]
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
@@ -162,3 +176,26 @@ def test_sessions_take_weights_from_memory_with_the_same_results(rng):
         np.testing.assert_array_equal(from_stubs.run(None, {"x": x})[0], want)
     with pytest.raises(ModelError, match="no values"):
         make_session(stubbed)
+
+
+def test_a_rejected_batch_stops_the_pass_with_batches_in_flight(tmp_path, rng, monkeypatch):
+    """x(N,3,6,6) -> Conv Relu -> y (single_conv); the third of five batches fails in its thread."""
+    from egp_onnx import calibrate
+
+    model = prepare_model(single_conv(rng))
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=10))
+    run, calls = calibrate._Runner.run, []
+
+    def failing(self, feed, spatial):
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise calibrate.CalibrationError("onnxruntime rejected a batch: test")
+        return run(self, feed, spatial)
+
+    monkeypatch.setattr(calibrate._Runner, "run", failing)
+    done = []
+    with pytest.raises(calibrate.CalibrationError, match="rejected a batch: test"):
+        collect_statistics(
+            model, find_rectifiers(model), open_calibration(tmp_path / "c.npz", model), 2, done.append
+        )
+    assert sum(done) < 10
