@@ -10,12 +10,16 @@ shards of 512 samples, as a user's calibration folder would be. Then the whole-p
 and the cost of rebuilding the statistics session per loop step.
 
 Run: python benchmarks/calibration.py [--samples 512 8192] [--batch-size 32] [--repeats 3]
-[--models resnet4x32@32 ...] [--no-naive] [--baseline DIR] [--overlap]
+[--models resnet4x32@32 ...] [--no-naive] [--no-refit] [--baseline DIR] [--overlap]
 
 ``--baseline DIR`` adds a fourth approach, interleaved with the others: the statistics pass of
 the egp_onnx package found in DIR (e.g. ``git archive`` of an earlier commit), to measure a
 change against the code before it in one run. ``--overlap`` adds plain inference scheduled as
 the statistics pass is (two batches at once, each on half the cores): what that alone gains.
+
+``refit`` (on unless --no-refit) is one reconstruction step: 50% of every prunable layer removed
+by magnitude, then every layer refit (egp_onnx.reconstruct, at most its MAX_SAMPLES first samples),
+reported as its time over the statistics pass's (``refit/egp``) and its peak memory.
 """
 
 from __future__ import annotations
@@ -63,9 +67,17 @@ def worker(approach: str, model_path: str, data_dir: str, batch_size: int) -> di
     model = load_model(model_path)
     data = open_calibration(data_dir, model)
     sites = find_rectifiers(model)
+    if approach == "refit":
+        from egp_onnx.loop import LayerSet
+        from egp_onnx.reconstruct import reconstruct
+
+        layers = LayerSet(model, sites)
+        remove = {n: w.size // 2 for n, w in zip(layers.weight_names, layers.weights, strict=True)}
     start = time.perf_counter()
     if approach == "egp":
         collect_statistics(model, sites, data, batch_size)
+    elif approach == "refit":
+        reconstruct(model, model, data, batch_size, remove=remove, masked=layers.weight_names)
     elif approach == "overlap":
         _overlapped_plain(model, data, batch_size)
     else:
@@ -152,7 +164,7 @@ def interleaved(
         a: {key: float(np.median([run[key] for run in runs[a]])) for key in ("seconds", "peak_mb")}
         for a in approaches
     }
-    return {a: medians.get(a, nan) for a in ("plain", "egp", "naive", "baseline", "overlap")}
+    return {a: medians.get(a, nan) for a in ("plain", "egp", "naive", "baseline", "overlap", "refit")}
 
 
 def whole_process(model_path: Path, data: Path, batch_size: int, folder: Path) -> tuple[float, float]:
@@ -214,6 +226,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="passes of each approach (medians)")
     parser.add_argument("--models", nargs="+", help="only these models (default: all)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive approach")
+    parser.add_argument("--no-refit", action="store_true", help="skip the reconstruction step")
     parser.add_argument("--baseline", type=Path, help="also time the egp_onnx package in this folder")
     parser.add_argument(
         "--overlap",
@@ -221,7 +234,12 @@ def main() -> None:
         help="also time plain inference with the statistics pass's scheduling",
     )
     args = parser.parse_args()
-    approaches = ["plain", "egp", *([] if args.no_naive else ["naive"])]
+    approaches = [
+        "plain",
+        "egp",
+        *([] if args.no_naive else ["naive"]),
+        *([] if args.no_refit else ["refit"]),
+    ]
     if args.baseline:
         approaches.append("baseline")
     if args.overlap:
@@ -257,8 +275,8 @@ def main() -> None:
                             np.savez(renamed / part.name, **{data_name: npz["x"]})
                 data = renamed
             found = interleaved(path, data, args.batch_size, args.repeats, approaches, args.baseline)
-            plain, egp, naive, base, overlap = (
-                found[a] for a in ("plain", "egp", "naive", "baseline", "overlap")
+            plain, egp, naive, base, overlap, refit = (
+                found[a] for a in ("plain", "egp", "naive", "baseline", "overlap", "refit")
             )
             rows.append(
                 [
@@ -274,6 +292,8 @@ def main() -> None:
                     naive["peak_mb"],
                     base["seconds"] / plain["seconds"],
                     overlap["seconds"] / plain["seconds"],
+                    refit["seconds"] / egp["seconds"],
+                    refit["peak_mb"],
                     os.getloadavg()[0],
                 ]
             )
@@ -290,6 +310,8 @@ def main() -> None:
         "naive_MB",
         "base/plain",
         "overlap/plain",
+        "refit/egp",
+        "refit_MB",
         "load",
     ]
     print(format_table(headers, rows))
@@ -298,7 +320,8 @@ def main() -> None:
         if len(mine) >= 2:
             print(
                 f"{name}: egp peak memory at {mine[-1][1]} vs {mine[0][1]} samples: "
-                f"{mine[-1][8] / mine[0][8]:.3f}x (plain {mine[-1][7] / mine[0][7]:.3f}x)"
+                f"{mine[-1][8] / mine[0][8]:.3f}x (plain {mine[-1][7] / mine[0][7]:.3f}x, "
+                f"refit {mine[-1][13] / mine[0][13]:.3f}x)"
             )
     if "chain8x64@32" not in paths:
         print(f"\nload average {os.getloadavg()[0]:.2f}")
