@@ -296,6 +296,7 @@ def make_session(
     lean: bool = False,
     weights: Mapping[str, np.ndarray] | None = None,
     threads: int = 0,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """A CPU session; graph optimisation off by default so nothing observed is fused away.
 
@@ -305,13 +306,17 @@ def make_session(
     onnxruntime's memory pattern planning: measured on the calibration benchmark it keeps peak
     memory flat in the number of batches (151-157 MB from 512 to 8192 samples, against 193-243 MB
     with it) at the same speed. ``threads`` is onnxruntime's intra-op thread count (0: its default,
-    one per physical core).
+    one per physical core). ``spinning`` False makes its idle worker threads sleep at once instead
+    of spinning: two sessions timed in turn then stop taking the cores from each other (see
+    egp_onnx.verify.compare_latency).
     """
     ort.set_default_logger_severity(3)  # graph warnings come through the default logger, not the session's
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_mem_pattern = not lean
     options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )

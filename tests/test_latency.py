@@ -11,8 +11,9 @@ from models import _init, _model, _x, _y, inputs, single_conv
 from onnx import helper
 
 import egp_onnx
+from egp_onnx.calibrate import make_session
 from egp_onnx.report import compression_summary
-from egp_onnx.verify import LATENCY_MIN_RUNS, compare_latency, latency_feeds
+from egp_onnx.verify import LATENCY_MIN_RUNS, Prepared, _session, compare_latency, latency_feeds
 
 
 def heavy_conv(rng: np.random.Generator, channels: int = 64):
@@ -79,3 +80,20 @@ def test_compress_reports_latency_at_batch_1_and_the_calibration_batch():
     assert [t.batch_size for t in report.timing.batches] == [1, 32]
     text = compression_summary(report, [])
     assert "batch 1:" in text and "batch 32:" in text and "IQR" in text
+
+
+def spins(session) -> bool:
+    try:
+        return (
+            session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") != "0"
+        )
+    except RuntimeError:  # not set: onnxruntime's default, which spins
+        return True
+
+
+def test_timed_sessions_do_not_spin_and_are_built_alike(rng):
+    # Both sides of a latency comparison come from _session (a Prepared model's included), with
+    # onnxruntime's thread spinning off: spinning workers of one session slow the other's runs.
+    model = single_conv(rng)
+    assert not spins(_session(model)) and not spins(_session(Prepared(model)))
+    assert spins(make_session(model, optimize=True))
