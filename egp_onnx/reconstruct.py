@@ -11,10 +11,10 @@ number of samples). Every layer sees the first :data:`MAX_SAMPLES` samples (roun
 batch); a conv layer about :data:`ROWS_PER_COLUMN` rows per column of its normal equations, at
 most :data:`POSITIONS_PER_SAMPLE` output positions of each sample (seeded). The activations of
 the current and the dense model stay in memory from one layer to the next (egp_onnx.segments),
-so a step runs each node of both models once over those samples. Per-channel affine ops between a layer and its target (BatchNormalization, Mul/Add/Sub/Div
-by constants) are folded into the target rather than into the weights: with an unregularised bias
-the ridge solution scales with the target column, so this equals solving with BN folded, and the
-graph keeps its structure.
+so a step runs each node of both models once over those samples. Per-channel affine ops between
+a layer and its target (BatchNormalization, Mul/Add/Sub/Div by constants) are folded into the
+target rather than into the weights: with an unregularised bias the ridge solution scales with
+the target column, so this equals solving with BN folded, and the graph keeps its structure.
 """
 
 from __future__ import annotations
