@@ -21,28 +21,12 @@ from pathlib import Path
 
 import onnx
 import torch
+from digits_torch import Block  # the same basic block (the loader puts this folder on sys.path)
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
 WIDTHS = (16, 32, 64)
 MEAN, STD = 0.1307, 0.3081
-
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
 
 
 class MnistResNet(nn.Module):
