@@ -198,17 +198,8 @@ class _Surgeon:
                 continue
             if kind == "relu6" and not off.all():
                 continue  # ReLU6 is the identity only below 6: no upper count is measured
-            self._bypass(node)
-            if owner is not None:
-                self._state(owner.node.name, "identity")
-            self._record(
-                Rewrite(
-                    "remove_rectifier",
-                    (node.name,),
-                    True,
-                    True,
-                    detail=f"{int(on.sum())} channels always ON, {int(off.sum())} always OFF",
-                )
+            self._remove_rectifier(
+                node, owner, f"{int(on.sum())} channels always ON, {int(off.sum())} always OFF"
             )
             changed = True
         if changed:
@@ -230,20 +221,20 @@ class _Surgeon:
             shape = [1] * owner.weight.ndim
             shape[owner.out_axis] = -1
             self._set_layer(owner, owner.weight * factor.reshape(shape), owner.bias() * factor)
+        self._remove_rectifier(
+            node,
+            owner,
+            f"{int(on.sum())} channels always positive, {int(off.sum())} always negative "
+            "(slope moved into the layer)",
+        )
+        return True
+
+    def _remove_rectifier(self, node: gs.Node, owner: LayerView | None, detail: str) -> None:
+        """Bypass a rectifier that acts as the identity; its owner's state says so."""
         self._bypass(node)
         if owner is not None:
             self._state(owner.node.name, "identity")
-        self._record(
-            Rewrite(
-                "remove_rectifier",
-                (node.name,),
-                True,
-                True,
-                detail=f"{int(on.sum())} channels always positive, {int(off.sum())} always negative "
-                "(slope moved into the layer)",
-            )
-        )
-        return True
+        self._record(Rewrite("remove_rectifier", (node.name,), True, True, detail=detail))
 
     def fold_constants(self) -> bool:
         for node in list(self.graph.nodes):
