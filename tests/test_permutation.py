@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_properties import lexsort_prune_smallest  # the definition the partition must match
 
 from egp_onnx.permutation import REPLAY_FROM, permutation_entries, shuffle_swaps, skip_permutation
 from egp_onnx.prune import prune_smallest
@@ -48,16 +49,6 @@ def test_entries_and_skip_of_a_large_permutation(buffered_half):
     skip_rng = generator(7, buffered_half)
     skip_permutation(skip_rng, n)
     assert skip_rng.bit_generator.state == numpy_rng.bit_generator.state
-
-
-def lexsort_prune_smallest(weights: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """The definition: a full lexsort by (|w|, seeded permutation of the non-zeros)."""
-    result = weights.copy()
-    flat = np.abs(weights.ravel())
-    candidates = np.flatnonzero(flat)
-    order = candidates[np.lexsort((rng.permutation(candidates.size), flat[candidates]))]
-    result.reshape(-1)[order[:count]] = 0
-    return result
 
 
 @pytest.mark.parametrize("tied", [5, 100])  # followed one by one; more than MAX_FOLLOWED: shuffled
