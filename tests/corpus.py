@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from models import _model, _x
 from onnx import TensorProto, helper, numpy_helper
 
 import egp_onnx
@@ -378,17 +379,8 @@ def probe_names(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[str, tu
         ),
         helper.make_node("Relu", ["egp_stats__1_on"], ["egp_size__0"], name="egp_stats__1_clip"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "names",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
-        [helper.make_tensor_value_info("egp_size__0", TensorProto.FLOAT, ["N", 4, 6, 6])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model, {"x": (3, 6, 6)}
+    output = helper.make_tensor_value_info("egp_size__0", TensorProto.FLOAT, ["N", 4, 6, 6])
+    return _model(nodes, [_x()], [output], inits), {"x": (3, 6, 6)}
 
 
 # ------------------------------------------------------------------ torch nets, exported

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from conftest import ROOT, compress_plain
-from models import inputs, save, toy_files, two_convs
+from models import _model, _x, _y, inputs, save, toy_files, two_convs
 from onnx import TensorProto, helper, numpy_helper
 
 import egp_onnx
@@ -68,17 +68,7 @@ def relu_output_model() -> onnx.ModelProto:
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="c2"),
         helper.make_node("Relu", ["c2"], ["y"], name="r2"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "relu_out",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _model(nodes, [_x()], [_y((4, 4, 4))], inits)
 
 
 def run_ort(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
