@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 import egp_onnx
-from egp_onnx.report import CompressionReport, format_table
+from egp_onnx.report import CompressionReport, LatencyRecord, format_table
 from egp_onnx.verify import compare_latency
 
 HERE = Path(__file__).resolve().parent
@@ -51,6 +51,11 @@ def cases(folder: Path) -> list[tuple[str, onnx.ModelProto, onnx.ModelProto, dic
     return out
 
 
+def measured_columns(t: LatencyRecord) -> list:
+    """runs, median and IQR of each side, and their ratio."""
+    return [t.runs, t.median_ms_before, t.iqr_ms_before, t.median_ms_after, t.iqr_ms_after, t.speedup]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per batch size")
@@ -69,18 +74,7 @@ def main() -> None:
                 copy.CopyFrom(original)
                 t = compare_latency(original, copy, [feed], args.budget, args.max_runs).batches[0]
                 worst = max(worst, abs(t.speedup - 1.0))
-                same_rows.append(
-                    [
-                        name.split("@")[0],
-                        batch,
-                        t.runs,
-                        t.median_ms_before,
-                        t.iqr_ms_before,
-                        t.median_ms_after,
-                        t.iqr_ms_after,
-                        t.speedup,
-                    ]
-                )
+                same_rows.append([name.split("@")[0], batch, *measured_columns(t)])
     print("identical models (a model against a copy of itself):")
     print(format_table(["model", "batch", "runs", "ms_a", "iqr_a", "ms_b", "iqr_b", "a/b"], same_rows))
     print(f"largest disagreement {worst:.1%} (target: within 5%)\n")
@@ -98,12 +92,7 @@ def main() -> None:
                     t.batch_size,
                     report.model.depth_before,
                     report.model.depth_after,
-                    t.runs,
-                    t.median_ms_before,
-                    t.iqr_ms_before,
-                    t.median_ms_after,
-                    t.iqr_ms_after,
-                    t.speedup,
+                    *measured_columns(t),
                 ]
             )
     headers = [
