@@ -468,6 +468,7 @@ def reconstruct(
     todo = [] if first is None else layers[first:]
     changing = [n for layer in layers for n in (layer.weight, layer.bias) if n]
     ours, values = split_weights(current, always=[*changing, *(w for w, _ in skipped.values())])
+    original = dict(values)  # the arrays themselves are never modified, only replaced in ``values``
     updates: dict[str, np.ndarray] = {}
     for weight_name, _ in skipped.values():
         count = int(remove.get(weight_name, 0))
@@ -477,7 +478,8 @@ def reconstruct(
     fits = [LayerFit(name, 0, 0, None, None, f"not refit: {why}") for name, (_, why) in skipped.items()]
     if todo:
         batches = _first_samples(data, batch_size)
-        theirs, dense_values = split_weights(dense)
+        # The first step refits the dense model itself: its weights are read once, not twice.
+        theirs, dense_values = (ours, original) if dense is current else split_weights(dense)
         now = Activations(ours, values, batches, CACHE_BYTES // 2)
         then = Activations(theirs, dense_values, batches, CACHE_BYTES // 2)
     for k, layer in enumerate(todo):
