@@ -58,9 +58,10 @@ class Activations:
         self.model, self.weights, self.budget = model, weights, budget
         self.nodes = list(model.graph.node)
         self.producer = {out: i for i, node in enumerate(self.nodes) for out in node.output if out}
+        self.reads = [reads(node) for node in self.nodes]  # bodies walked once, not per request
         self.readers: dict[str, set[int]] = defaultdict(set)
-        for i, node in enumerate(self.nodes):
-            for tensor in reads(node):
+        for i, names in enumerate(self.reads):
+            for tensor in names:
                 self.readers[tensor].add(i)
         self.initializers = {t.name: t for t in model.graph.initializer}
         self.inputs = {v.name: v for v in model.graph.input if v.name not in self.initializers}
@@ -107,7 +108,7 @@ class Activations:
                 continue  # a name read only inside a body, defined there
             if i not in needed:
                 needed.add(i)
-                stack.extend(reads(self.nodes[i]))
+                stack.extend(self.reads[i])
         return sorted(needed)
 
     def _run(self, missing: Sequence[str], later: Collection[str]) -> None:
@@ -121,7 +122,7 @@ class Activations:
             for out in self.nodes[i].output
             if out and (out in missing or out in later or self.readers[out] - self.done - segment)
         ]
-        read = list(dict.fromkeys(t for i in order for t in reads(self.nodes[i])))
+        read = list(dict.fromkeys(t for i in order for t in self.reads[i]))
         fed = [t for t in read if t in self.cache]
         part = self._model(order, fed, keep, read)
         session = make_session(part, optimize=True, lean=True, weights=self.weights)
