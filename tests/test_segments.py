@@ -7,8 +7,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from models import Builder, f32
+from test_latency import spins
 from onnx import helper
 
+from egp_onnx.calibrate import make_session
 from egp_onnx.segments import Activations, reads
 from egp_onnx.topology import initializer_arrays, split_weights
 
@@ -105,6 +107,24 @@ def test_a_small_budget_keeps_the_first_batches_only(rng):
     assert acts.batches == 1 and len(r1) == 1
     (expected,) = whole(model, ["r1"], x[:4])
     np.testing.assert_allclose(r1[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_sessions_do_not_spin(rng, monkeypatch):
+    # Between runs the caller computes with numpy's BLAS threads; spinning onnxruntime workers
+    # would take those cores.
+    import egp_onnx.segments as segments
+
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(make_session(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(segments, "make_session", recording)
+    acts, _ = activations(residual_model(rng), f32(rng.normal(size=(4, 3, 6, 6))))
+    acts.get(["r1"], later={"y"})
+    acts.get(["y"])
+    assert len(built) == 2 and not any(spins(session) for session in built)
 
 
 def test_reads_include_what_subgraph_bodies_read_from_the_outer_scope():
