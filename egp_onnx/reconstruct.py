@@ -242,43 +242,42 @@ class _Normal:
         self.rows = 0
 
     def add(self, rows: np.ndarray, target: np.ndarray) -> None:
-        """``rows`` (groups, R, columns) of inputs, ``target`` (R, outputs)."""
+        """``rows`` (groups, R, columns) of inputs, ``target`` (R, outputs) in float64."""
         groups, count, columns = rows.shape
-        per = target.shape[1] // groups
-        target = np.asarray(target, dtype=np.float64)
-        for g in range(groups):
-            # Products in the activations' precision (float32: half the time of float64; a batch
-            # sums a few thousand rows), sums over batches in float64.
-            a = np.ascontiguousarray(rows[g])
-            y = target[:, g * per : (g + 1) * per]
-            self.gram[g, :columns, :columns] += a.T @ a
-            self.cross[g, :columns] += a.T @ y.astype(a.dtype)
-            if self.bias:  # the column of ones, without forming it
-                sums = a.sum(axis=0, dtype=np.float64)
-                self.gram[g, columns, :columns] += sums
-                self.gram[g, :columns, columns] += sums
-                self.gram[g, columns, columns] += count
-                self.cross[g, columns] += y.sum(axis=0)
+        # Products in the activations' precision (float32: half the time of float64; a batch sums
+        # a few thousand rows), sums over batches in float64. All groups in one batched product.
+        y = target.astype(rows.dtype).reshape(count, groups, -1).transpose(1, 0, 2)
+        if groups == 1:
+            a = rows[0]
+            self.gram[0, :columns, :columns] += a.T @ a  # numpy's symmetric rank-k product
+            self.cross[0, :columns] += a.T @ y[0]
+        else:
+            transposed = rows.transpose(0, 2, 1)
+            self.gram[:, :columns, :columns] += transposed @ rows
+            self.cross[:, :columns] += transposed @ y
+        if self.bias:  # the column of ones, without forming it
+            sums = rows.sum(axis=1, dtype=np.float64)
+            self.gram[:, columns, :columns] += sums
+            self.gram[:, :columns, columns] += sums
+            self.gram[:, columns, columns] += count
+            self.cross[:, columns] += target.sum(axis=0).reshape(groups, -1)
         self.target_sq += (target**2).sum(axis=0)
         self.rows += count
 
+    def reorder(self, order: np.ndarray) -> None:
+        """Put the weight columns in solver order: column k of the result is column order[k]."""
+        full = np.concatenate([order, np.arange(order.size, self.gram.shape[1])])
+        self.gram = self.gram[:, full][:, :, full]
+        self.cross = self.cross[:, full]
 
-def _conv_rows(
-    x: np.ndarray, layer: LinearLayer, y: np.ndarray, rng: np.random.Generator, take: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """im2col rows of a conv input at ``take`` seeded output positions per sample, and the targets there.
 
-    Returns:
-        rows (groups, R, C_in/groups * k_h * k_w) and targets (R, C_out).
+#: Sampled output positions of a conv layer: (sample, row, column) index arrays.
+_Positions = tuple[np.ndarray, np.ndarray, np.ndarray]
 
-    """
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.strides, layer.dilations
-    top, left, bottom, right = layer.pads
-    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))[..., ::dh, ::dw]
-    windows = windows[:, :, ::sh, ::sw]  # (B, C, out_h, out_w, kh, kw), a view
-    batch, _, out_h, out_w = y.shape
+
+def _positions(shape: tuple[int, ...], rng: np.random.Generator, take: int) -> _Positions:
+    """``take`` seeded output positions per sample of a conv output of ``shape`` (all if fewer)."""
+    batch, _, out_h, out_w = shape
     positions = out_h * out_w
     take = min(positions, take)
     if take == positions:
@@ -288,15 +287,45 @@ def _conv_rows(
         flat = (picks + np.arange(batch)[:, None] * positions).ravel()
     b_idx, rest = np.divmod(flat, positions)
     oh, ow = np.divmod(rest, out_w)
-    patches = windows[b_idx, :, oh, ow]  # (R, C, kh, kw)
-    groups = layer.groups
-    rows = patches.reshape(len(flat), groups, -1).transpose(1, 0, 2)
-    return rows, y[b_idx, :, oh, ow]
+    return b_idx, oh, ow
 
 
-def _dense_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of a Gemm/MatMul input (leading axes flattened) and the targets."""
-    return x.reshape(1, -1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+def _conv_rows(x: np.ndarray, layer: LinearLayer, where: _Positions) -> np.ndarray:
+    """im2col rows of a conv input at the output positions ``where``.
+
+    Returns:
+        rows (groups, R, k_h * k_w * C_in/groups), each row's columns in (k_h, k_w, channel)
+        order: the input is padded into channel-last layout once, so each patch is gathered as
+        k_h * k_w contiguous runs of channels. :func:`_patch_order` maps them to solver order.
+
+    """
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.strides, layer.dilations
+    top, left, bottom, right = layer.pads
+    batch, channels, height, width = x.shape
+    padded = np.zeros((batch, height + top + bottom, width + left + right, channels), dtype=x.dtype)
+    padded[:, top : top + height, left : left + width] = x.transpose(0, 2, 3, 1)
+    b_idx, oh, ow = where
+    rows_at = oh[:, None] * sh + np.arange(kh) * dh  # (R, kh)
+    cols_at = ow[:, None] * sw + np.arange(kw) * dw  # (R, kw)
+    patches = padded[b_idx[:, None, None], rows_at[:, :, None], cols_at[:, None, :]]  # (R, kh, kw, C)
+    groups, count = layer.groups, len(b_idx)
+    if groups == 1:
+        return patches.reshape(1, count, -1)
+    per = channels // groups
+    return patches.reshape(count, kh * kw, groups, per).transpose(2, 0, 1, 3).reshape(groups, count, -1)
+
+
+def _patch_order(layer: LinearLayer, columns: int) -> np.ndarray:
+    """For each solver column (channel, k_h, k_w), its index among :func:`_conv_rows`' ``columns``."""
+    kh, kw = layer.kernel
+    per_group = columns // (kh * kw)
+    channel, i, j = np.meshgrid(np.arange(per_group), np.arange(kh), np.arange(kw), indexing="ij")
+    return ((i * kw + j) * per_group + channel).ravel()
+
+
+def _dense_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of a Gemm/MatMul input (leading axes flattened)."""
+    return x.reshape(1, -1, x.shape[-1])
 
 
 def _to_columns(layer: LinearLayer, w: np.ndarray) -> np.ndarray:
@@ -603,7 +632,11 @@ def _normal_equations(
     later: Sequence[LinearLayer],
     rng: np.random.Generator,
 ) -> _Normal:
-    """The normal equations of a layer of ``width`` columns: input as now, target as in the dense model."""
+    """The normal equations of a layer of ``width`` columns: input as now, target as in the dense model.
+
+    A conv layer's targets (and shortcuts) are read at the sampled positions only, before any
+    arithmetic on them.
+    """
     inputs = [layer.input] + ([layer.shortcut] if layer.shortcut else [])
     current = now.get(inputs, {t for other in later for t in (other.input, other.shortcut) if t})
     (dense,) = then.get([layer.residual or layer.output], {other.residual or other.output for other in later})
@@ -611,27 +644,24 @@ def _normal_equations(
     samples = sum(len(x) for x, _ in zip(current[0], dense, strict=False))
     take = min(POSITIONS_PER_SAMPLE, max(1, -(-ROWS_PER_COLUMN * width // samples)))
     for x, *shortcut, target in zip(*current, dense, strict=False):  # the batches both still keep
-        target = target.astype(np.float64)
+        where = _positions(target.shape, rng, take) if layer.op_type == "Conv" else None
+        rows = _dense_rows(x) if where is None else _conv_rows(x, layer, where)
+        y = _rows_of(target, where).astype(np.float64)
         if shortcut and layer.scale is not None and layer.shift is not None:
-            scale, shift = (
-                _broadcast(layer, layer.scale, target.ndim),
-                _broadcast(layer, layer.shift, target.ndim),
-            )
-            safe = np.where(np.abs(scale) < 1e-12, 1.0, scale)
-            target = (target - shortcut[0] - shift) / safe
-        if layer.op_type == "Conv":
-            rows, y = _conv_rows(x, layer, target, rng, take)
-        else:
-            rows, y = _dense_rows(x, target)
+            safe = np.where(np.abs(layer.scale) < 1e-12, 1.0, layer.scale)
+            y = (y - _rows_of(shortcut[0], where) - layer.shift) / safe
         if normal is None:
             normal = _Normal(rows.shape[0], rows.shape[2], y.shape[1], layer.bias is not None)
         normal.add(rows, y)
     assert normal is not None  # CalibrationData is never empty
+    if layer.op_type == "Conv":
+        normal.reorder(_patch_order(layer, normal.gram.shape[1] - int(normal.bias)))
     return normal
 
 
-def _broadcast(layer: LinearLayer, vector: np.ndarray, ndim: int) -> np.ndarray:
-    """A per-channel vector shaped to broadcast over the layer's output."""
-    if layer.op_type == "Conv":
-        return vector.reshape(-1, *[1] * (ndim - 2))
-    return vector
+def _rows_of(tensor: np.ndarray, where: _Positions | None) -> np.ndarray:
+    """A layer-output-shaped tensor as (rows, channels): a conv's at the sampled positions only."""
+    if where is None:
+        return tensor.reshape(-1, tensor.shape[-1])
+    b_idx, oh, ow = where
+    return tensor[b_idx, :, oh, ow]

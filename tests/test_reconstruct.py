@@ -83,11 +83,14 @@ def test_conv_rows_reproduce_onnxruntime(rng, name):
     assert not skipped and layer.groups == config["group"]
     x = f32(rng.normal(size=(3, config["cin"], 9, 9)))
     (y,) = run(model, {"x": x})
-    rows, target = rc._conv_rows(x, layer, y, np.random.default_rng(0), rc.POSITIONS_PER_SAMPLE)
+    where = rc._positions(y.shape, np.random.default_rng(0), rc.POSITIONS_PER_SAMPLE)
+    rows, target = rc._conv_rows(x, layer, where), rc._rows_of(y, where)
     arrays = initializer_arrays(model, ["conv.w", "conv.b"])
     columns = rc._to_columns(layer, arrays["conv.w"])  # (groups, d, per)
     per = columns.shape[2]
-    predicted = np.concatenate([rows[g] @ columns[g] for g in range(layer.groups)], axis=1) + arrays["conv.b"]
+    order = rc._patch_order(layer, rows.shape[2])  # the rows' columns in the solver's order
+    predicted = np.concatenate([rows[g][:, order] @ columns[g] for g in range(layer.groups)], axis=1)
+    predicted += arrays["conv.b"]
     assert rows.shape[1] == len(target) == 3 * min(rc.POSITIONS_PER_SAMPLE, y.shape[2] * y.shape[3])
     assert per * layer.groups == config["cout"]
     np.testing.assert_allclose(predicted, target, rtol=1e-4, atol=1e-4)
