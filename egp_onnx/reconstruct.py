@@ -383,15 +383,21 @@ def _solve(
     order = np.argsort(sizes, kind="stable")
     largest = max(1, int(sizes.max()))
     chunk = max(1, int(2**23 // (largest * largest)))  # systems per batched call: at most 64 MiB
+    # Padding entries index row and column d, zero in these copies, so a gather builds the systems.
+    padded = np.zeros((d + 1, d + 1))
+    padded[:d, :d] = gram
+    padded_cross = np.zeros((d + 1, outputs))
+    padded_cross[:d] = cross
     for start in range(0, outputs, chunk):
         cols = order[start : start + chunk]
         m = max(1, int(sizes[cols].max()))
         idx = np.argsort(~keep[:, cols].T, axis=1, kind="stable")[:, :m]  # support first, in order
         valid = np.arange(m)[None, :] < sizes[cols][:, None]
-        systems = gram[idx[:, :, None], idx[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
+        at = np.where(valid, idx, d)
+        systems = padded[at[:, :, None], at[:, None, :]]
         diagonal = np.arange(m)
         systems[:, diagonal, diagonal] += np.where(valid, regular[idx], 1.0)
-        rhs = (np.take_along_axis(cross[:, cols].T, idx, axis=1) * valid)[:, :, None]
+        rhs = padded_cross[at, cols[:, None]][:, :, None]
         where = (idx[valid], np.broadcast_to(cols[:, None], idx.shape)[valid])
         if inverse:
             inv = np.linalg.inv(systems)
