@@ -96,6 +96,26 @@ def test_conv_rows_reproduce_onnxruntime(rng, name):
     np.testing.assert_allclose(predicted, target, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [1, 2**30])
+def test_normal_equations_in_chunks_equal_the_products_of_all_rows(rng, monkeypatch, chunk):
+    # Rows are collected and multiplied in chunks (each batch alone, or all at once): the sums
+    # are A~^T A~ and A~^T Y over every row, per group, with the bias column.
+    monkeypatch.setattr(rc, "CHUNK_BYTES", chunk)
+    batches = [(f32(rng.normal(size=(2, n, 5))), rng.normal(size=(n, 6))) for n in (7, 3, 9)]
+    normal = rc._Normal(2, 5, 6, bias=True)
+    for rows, target in batches:
+        normal.add(rows, target)
+    normal.finish()
+    rows = np.concatenate([r for r, _ in batches], axis=1).astype(np.float64)
+    target = np.concatenate([t for _, t in batches])
+    for g in range(2):
+        a = np.concatenate([rows[g], np.ones((len(target), 1))], axis=1)
+        np.testing.assert_allclose(normal.gram[g], a.T @ a, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(normal.cross[g], a.T @ target[:, 3 * g : 3 * g + 3], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(normal.target_sq, (target**2).sum(axis=0))
+    assert normal.rows == 19
+
+
 def test_known_layer_is_recovered(rng):
     # The dense layer's weights are already 40% zero; the current model holds other values on the
     # same support plus one tiny extra weight. Pruning that one weight and refitting must give back
