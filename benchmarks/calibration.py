@@ -10,12 +10,15 @@ shards of 512 samples, as a user's calibration folder would be. Then the whole-p
 and the cost of rebuilding the statistics session per loop step.
 
 Run: python benchmarks/calibration.py [--samples 512 8192] [--batch-size 32] [--repeats 3]
-[--models resnet4x32@32 ...] [--no-naive] [--no-refit] [--baseline DIR] [--overlap]
+[--models resnet4x32@32 ...] [--no-naive] [--no-refit] [--baseline DIR] [--overlap] [--floor]
 
 ``--baseline DIR`` adds a fourth approach, interleaved with the others: the statistics pass of
 the egp_onnx package found in DIR (e.g. ``git archive`` of an earlier commit), to measure a
 change against the code before it in one run. ``--overlap`` adds plain inference scheduled as
 the statistics pass is (two batches at once, each on half the cores): what that alone gains.
+``--floor`` adds the statistics pass with the probes' indicator (HardSigmoid) left out, each ReLU
+output pooled as it is: wrong counts, but the time any probe that reads each output once more
+would take at least (``floor/plain``).
 
 ``refit`` (on unless --no-refit) is one reconstruction step: 50% of every prunable layer removed
 by magnitude, then every layer refit (egp_onnx.reconstruct, at most its MAX_SAMPLES first samples),
@@ -73,8 +76,10 @@ def worker(approach: str, model_path: str, data_dir: str, batch_size: int) -> di
 
         layers = LayerSet(model, sites)
         remove = {n: w.size // 2 for n, w in zip(layers.weight_names, layers.weights, strict=True)}
+    if approach == "floor":
+        _without_indicator()
     start = time.perf_counter()
-    if approach == "egp":
+    if approach in ("egp", "floor"):
         collect_statistics(model, sites, data, batch_size)
     elif approach == "refit":
         reconstruct(model, model, data, batch_size, remove=remove, masked=layers.weight_names)
@@ -101,6 +106,29 @@ def worker(approach: str, model_path: str, data_dir: str, batch_size: int) -> di
                 ]
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _without_indicator() -> None:
+    """Make the statistics pass pool each ReLU output itself, without the probe's HardSigmoid.
+
+    Its counts are meaningless; its time is what reading every probed tensor once more costs in
+    the same session, scheduling and pooling: the floor of any probe that reads each once.
+    """
+    from egp_onnx import calibrate
+
+    build = calibrate.statistics_model
+
+    def pooled_directly(*args, **kwargs):
+        stats = build(*args, **kwargs)
+        indicator = {n.output[0]: n.input[0] for n in stats.graph.node if n.op_type == "HardSigmoid"}
+        nodes = [n for n in stats.graph.node if n.op_type != "HardSigmoid"]
+        for node in nodes:
+            node.input[:] = [indicator.get(i, i) for i in node.input]
+        del stats.graph.node[:]
+        stats.graph.node.extend(nodes)
+        return stats
+
+    calibrate.statistics_model = pooled_directly
 
 
 def _overlapped_plain(model: onnx.ModelProto, data, batch_size: int) -> None:
@@ -164,7 +192,9 @@ def interleaved(
         a: {key: float(np.median([run[key] for run in runs[a]])) for key in ("seconds", "peak_mb")}
         for a in approaches
     }
-    return {a: medians.get(a, nan) for a in ("plain", "egp", "naive", "baseline", "overlap", "refit")}
+    return {
+        a: medians.get(a, nan) for a in ("plain", "egp", "naive", "baseline", "overlap", "refit", "floor")
+    }
 
 
 def whole_process(model_path: Path, data: Path, batch_size: int, folder: Path) -> tuple[float, float]:
@@ -233,6 +263,11 @@ def main() -> None:
         action="store_true",
         help="also time plain inference with the statistics pass's scheduling",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the statistics pass with its probes' indicator left out (the floor of any probe)",
+    )
     args = parser.parse_args()
     approaches = [
         "plain",
@@ -244,6 +279,8 @@ def main() -> None:
         approaches.append("baseline")
     if args.overlap:
         approaches.append("overlap")
+    if args.floor:
+        approaches.append("floor")
     from models import conv_chain, mobilenet, resnet
 
     from egp_onnx.report import format_table
@@ -275,8 +312,8 @@ def main() -> None:
                             np.savez(renamed / part.name, **{data_name: npz["x"]})
                 data = renamed
             found = interleaved(path, data, args.batch_size, args.repeats, approaches, args.baseline)
-            plain, egp, naive, base, overlap, refit = (
-                found[a] for a in ("plain", "egp", "naive", "baseline", "overlap", "refit")
+            plain, egp, naive, base, overlap, refit, floor = (
+                found[a] for a in ("plain", "egp", "naive", "baseline", "overlap", "refit", "floor")
             )
             rows.append(
                 [
@@ -294,6 +331,7 @@ def main() -> None:
                     overlap["seconds"] / plain["seconds"],
                     refit["seconds"] / egp["seconds"],
                     refit["peak_mb"],
+                    floor["seconds"] / plain["seconds"],
                     os.getloadavg()[0],
                 ]
             )
@@ -312,6 +350,7 @@ def main() -> None:
         "overlap/plain",
         "refit/egp",
         "refit_MB",
+        "floor/plain",
         "load",
     ]
     print(format_table(headers, rows))
