@@ -53,6 +53,8 @@ CHUNK_BYTES = 16 * 2**20
 WIDTH_LIMIT = 4096
 #: Ridge strength relative to the mean diagonal of the Gram matrix over the weight columns.
 RIDGE = 1e-3
+#: A refit layer's status when no weight is left (its bias alone was fit).
+EMPTIED = "refit: bias only, no weights left"
 #: Rounds of OBS selection: drop a share of the count, re-solve, repeat.
 OBS_ROUNDS = 3
 
@@ -638,7 +640,10 @@ def _refit(
     updates = {layer.weight: _from_columns(layer, solved[:, :columns], weight).astype(weight.dtype)}
     if layer.bias is not None and bias is not None:
         updates[layer.bias] = _bias_from_row(layer, solved[:, columns:], bias)
-    fit = LayerFit(layer.name, normal.rows, width, before / total, after / total, "refit")
+    # A layer with no weights left has only its bias to fit: its error stays about 1 (it is
+    # bypassed or deleted by surgery), and the steps table leaves it out of "worst layer error".
+    status = "refit" if support.any() else EMPTIED
+    fit = LayerFit(layer.name, normal.rows, width, before / total, after / total, status)
     return fit, updates
 
 

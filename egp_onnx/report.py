@@ -333,7 +333,9 @@ def steps_table(report: CompressionReport) -> str:
     rows = []
     for step in report.steps:
         refit = [f for f in step.reconstructed if f.error_after is not None and f.error_before is not None]
-        worst = max(refit, key=lambda f: f.error_before or 0.0) if refit else None
+        # a layer left without weights (bias only) keeps an error of about 1: not informative
+        weighted = [f for f in refit if f.status == "refit"]
+        worst = max(weighted, key=lambda f: f.error_before or 0.0) if weighted else None
         rows.append(
             [
                 step.step,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -14,6 +16,7 @@ from egp_onnx.data import in_memory, input_specs, open_calibration
 from egp_onnx.io import load_model
 from egp_onnx.limits import sparsity_limits
 from egp_onnx.prune import prune_smallest
+from egp_onnx.report import StepRecord, steps_table
 from egp_onnx.segments import Activations
 from egp_onnx.topology import initializer_arrays, replace_initializers, split_weights
 
@@ -136,6 +139,22 @@ def test_known_layer_is_recovered(rng):
     np.testing.assert_allclose(got["conv.b"], want_b, atol=5e-3)
     (fit,) = result.fits
     assert fit.status == "refit" and fit.error_after < 1e-4 < fit.error_before
+
+
+def test_a_layer_left_without_weights_is_marked_and_not_the_steps_worst(rng):
+    # Every weight removed: only the bias is fit, the error stays about 1, and the steps table's
+    # "worst layer error" shows the layers that still have weights.
+    model = conv_model(rng, **CONVS["plain"])
+    w = initializer_arrays(model, ["conv.w"])["conv.w"]
+    data = data_for(model, f32(rng.normal(size=(32, 4, 9, 9))))
+    (emptied,) = rc.reconstruct(model, model, data, 16, remove={"conv.w": w.size}, masked=["conv.w"]).fits
+    assert emptied.status == rc.EMPTIED and emptied.error_after > 0.5
+    (kept,) = rc.reconstruct(model, model, data, 16, remove={"conv.w": w.size // 2}, masked=["conv.w"]).fits
+    assert kept.status == "refit"
+    step = StepRecord(1, "egp", 10, 0.5, True, None, None, 0, 1, reconstructed=(emptied, kept))
+    row = steps_table(SimpleNamespace(steps=[step])).splitlines()[-1]
+    assert f"{kept.error_before:.2e} -> {kept.error_after:.2e}" in row
+    assert f"{emptied.error_before:.2e} ->" not in row
 
 
 @pytest.mark.parametrize("name", CONVS)

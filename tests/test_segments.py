@@ -7,8 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from models import Builder, f32
-from test_latency import spins
 from onnx import helper
+from test_latency import spins
 
 from egp_onnx.calibrate import make_session
 from egp_onnx.segments import Activations, reads
