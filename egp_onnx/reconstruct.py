@@ -6,8 +6,8 @@ layer on is refit in topological order by ridge least squares: its input is the 
 layer, and for a layer that ends a residual branch, the dense Add output minus the current
 shortcut, so the branch also absorbs the shortcut's error. Pruned weights stay exactly zero.
 
-Gram matrices are streamed batch by batch into float64 (memory O(d^2) per layer, independent of the
-number of samples). Every layer sees the first :data:`MAX_SAMPLES` samples (rounded up to a whole
+Gram matrices are streamed into float64 sums, :data:`CHUNK_BYTES` of rows at a time (memory O(d^2)
+per layer plus the chunk, independent of the number of samples). Every layer sees the first :data:`MAX_SAMPLES` samples (rounded up to a whole
 batch); a conv layer about :data:`ROWS_PER_COLUMN` rows per column of its normal equations, at
 most :data:`POSITIONS_PER_SAMPLE` output positions of each sample (seeded). The activations of
 the current and the dense model stay in memory from one layer to the next (egp_onnx.segments),
