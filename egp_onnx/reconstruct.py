@@ -7,11 +7,12 @@ layer, and for a layer that ends a residual branch, the dense Add output minus t
 shortcut, so the branch also absorbs the shortcut's error. Pruned weights stay exactly zero.
 
 Gram matrices are streamed into float64 sums, :data:`CHUNK_BYTES` of rows at a time (memory O(d^2)
-per layer plus the chunk, independent of the number of samples). Every layer sees the first :data:`MAX_SAMPLES` samples (rounded up to a whole
-batch); a conv layer about :data:`ROWS_PER_COLUMN` rows per column of its normal equations, at
-most :data:`POSITIONS_PER_SAMPLE` output positions of each sample (seeded). The activations of
-the current and the dense model stay in memory from one layer to the next (egp_onnx.segments),
-so a step runs each node of both models once over those samples. Per-channel affine ops between
+per layer plus the chunk, independent of the number of samples). Every layer sees the first
+:data:`MAX_SAMPLES` samples (rounded up to a whole batch); a conv layer about
+:data:`ROWS_PER_COLUMN` rows per column of its normal equations, at most
+:data:`POSITIONS_PER_SAMPLE` output positions of each sample (seeded). The activations of the
+current and the dense model stay in memory from one layer to the next (egp_onnx.segments), so a
+step runs each node of both models once over those samples. Per-channel affine ops between
 a layer and its target (BatchNormalization, Mul/Add/Sub/Div by constants) are folded into the
 target rather than into the weights: with an unregularised bias the ridge solution scales with
 the target column, so this equals solving with BN folded, and the graph keeps its structure.
@@ -32,6 +33,7 @@ from egp_onnx.data import CalibrationData
 from egp_onnx.prune import prune_smallest
 from egp_onnx.report import LayerFit
 from egp_onnx.segments import Activations
+from egp_onnx.threads import one_blas_thread
 from egp_onnx.topology import GraphIndex, replace_initializers, split_weights
 
 log = logging.getLogger(__name__)
@@ -610,26 +612,27 @@ def _refit(
     state = _to_columns(layer, weight).astype(np.float64)
     if bias is not None:
         state = np.concatenate([state, _bias_row(layer, bias)], axis=1)
-    if remove > 0:
-        support = _obs_masks(normal, state, remove)
-    elif full_support:
-        support = np.ones(state[:, :columns].shape, dtype=bool)
-    else:
-        support = state[:, :columns] != 0
-    start = state.copy()
-    start[:, :columns][~support] = 0.0
-    solved = np.zeros_like(state)
-    before = after = 0.0
-    per = state.shape[2]
-    for g in range(state.shape[0]):
-        solved[g], _ = _solve(normal.gram[g], normal.cross[g], support[g], normal.bias)
-        # An input that was zero on every calibration row says nothing about its weight (the ridge
-        # would set it to 0): keep the weight as it was, it still acts on inputs the data never showed.
-        unseen = np.diag(normal.gram[g])[:columns] == 0
-        solved[g][:columns][unseen] = start[g][:columns][unseen]
-        target_sq = normal.target_sq[g * per : (g + 1) * per]
-        before += _residual_error(normal.gram[g], normal.cross[g], target_sq, start[g])
-        after += _residual_error(normal.gram[g], normal.cross[g], target_sq, solved[g])
+    with one_blas_thread():  # many small systems: BLAS threads only wait (egp_onnx.threads)
+        if remove > 0:
+            support = _obs_masks(normal, state, remove)
+        elif full_support:
+            support = np.ones(state[:, :columns].shape, dtype=bool)
+        else:
+            support = state[:, :columns] != 0
+        start = state.copy()
+        start[:, :columns][~support] = 0.0
+        solved = np.zeros_like(state)
+        before = after = 0.0
+        per = state.shape[2]
+        for g in range(state.shape[0]):
+            solved[g], _ = _solve(normal.gram[g], normal.cross[g], support[g], normal.bias)
+            # An input that was zero on every calibration row says nothing about its weight (the
+            # ridge would set it to 0): keep it as it was, it still acts on inputs not seen here.
+            unseen = np.diag(normal.gram[g])[:columns] == 0
+            solved[g][:columns][unseen] = start[g][:columns][unseen]
+            target_sq = normal.target_sq[g * per : (g + 1) * per]
+            before += _residual_error(normal.gram[g], normal.cross[g], target_sq, start[g])
+            after += _residual_error(normal.gram[g], normal.cross[g], target_sq, solved[g])
     dead = np.abs(layer.scale) < 1e-12 if layer.scale is not None else np.zeros(0, dtype=bool)
     if dead.any():
         # A channel whose affine map is zero has no target: it keeps its (pruned) values.
