@@ -32,7 +32,7 @@ def openblas_local() -> Callable[[int], int] | None:
             continue
         setter.argtypes = [ctypes.c_int]
         setter.restype = ctypes.c_int
-        return setter  # type: ignore[no-any-return]
+        return setter
     return None
 
 
