@@ -20,7 +20,7 @@ from egp_onnx.calibrate import Statistics, collect_statistics
 from egp_onnx.cost import model_cost
 from egp_onnx.data import CalibrationData, CalibrationDataReader, open_calibration, split_holdout
 from egp_onnx.errors import CalibrationError, ConfigError, EgpError, NothingToPruneError
-from egp_onnx.io import load_model, load_statistics, model_fingerprint, prepare_model
+from egp_onnx.io import checked_split, load_model, load_statistics, model_fingerprint, prepare_model
 from egp_onnx.limits import sparsity_limits
 from egp_onnx.loop import Finetune, LayerSet, run_loop
 from egp_onnx.report import (
@@ -459,9 +459,8 @@ def _reduce_depth(
         reverted=False,
         revert_reason=None,
     )
-    rewritten = Prepared(result.model)
     try:
-        onnx.checker.check_model(result.model)
+        rewritten = Prepared(result.model, checked_split(result.model))
         check = compare(pruned, rewritten, data, settings.batch_size, SURGERY_ATOL, SURGERY_RTOL)
     except (onnx.checker.ValidationError, EgpError) as exc:
         reason = f"graph surgery produced an invalid model ({exc})"

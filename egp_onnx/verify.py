@@ -16,6 +16,7 @@ from egp_onnx.calibrate import make_session, run_session
 from egp_onnx.data import Batch, CalibrationData
 from egp_onnx.errors import ModelError
 from egp_onnx.report import Fidelity, LatencyRecord, OutputFidelity, Timing
+from egp_onnx.topology import split_weights
 
 
 class Prepared:
@@ -26,8 +27,18 @@ class Prepared:
     Its worker threads do not spin (as every session :func:`compare_latency` times).
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        split: tuple[onnx.ModelProto, dict[str, np.ndarray]] | None = None,
+    ) -> None:
+        """Keep ``model``; its session is built on first use.
+
+        ``split`` is ``split_weights(model)`` when the caller has made it: the weights are not
+        read and copied again.
+        """
         self.model = model
+        self._split = split
         self._session: ort.InferenceSession | None = None
         self.warm: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()  # input shapes its session has run
 
@@ -35,7 +46,9 @@ class Prepared:
     def session(self) -> ort.InferenceSession:
         """The session (built now if not yet)."""
         if self._session is None:
-            self._session = make_session(self.model, optimize=True, spinning=False)
+            stubbed, weights = self._split or split_weights(self.model)
+            self._session = make_session(stubbed, optimize=True, spinning=False, weights=weights)
+            self._split = None  # the session holds the weights now
         return self._session
 
     def run(self, names: list[str] | None, feed: Batch) -> list[np.ndarray]:

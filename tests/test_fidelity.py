@@ -21,7 +21,7 @@ from egp_onnx.cost import count_macs, model_cost
 from egp_onnx.data import open_calibration, split_holdout
 from egp_onnx.io import prepare_model
 from egp_onnx.loop import RETRIES
-from egp_onnx.topology import count_parameters
+from egp_onnx.topology import count_parameters, split_weights
 from egp_onnx.verify import Prepared, Reference, compare
 
 MODEL = SAMPLES / "digits_resnet.onnx"
@@ -268,6 +268,18 @@ def test_prepared_model_builds_its_session_once_and_measures_the_same(rng, tmp_p
     assert reference.evaluate(prepared) == reference.evaluate(other)
     assert reference.evaluate(prepared).rel_error > 0
     assert prepared.session is session
+
+
+def test_prepared_model_with_split_weights_measures_the_same(rng, tmp_path):
+    model = prepare_model(single_conv(rng))
+    other = prepare_model(single_conv(np.random.default_rng(5)))
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=12))
+    data = open_calibration(tmp_path / "c.npz", model)
+    stubbed, weights = split_weights(other)
+    plain = compare(model, other, data, 5)
+    prepared = Prepared(other, split=(stubbed, weights))
+    assert compare(model, prepared, data, 5) == plain
+    assert plain.rel_error > 0
 
 
 def test_a_prepared_model_remembers_the_shapes_it_has_run(rng, tmp_path):
