@@ -62,6 +62,13 @@ class LayerSet:
         self.weights = [arrays[n] for n in self.weight_names]
         self._source = model
 
+    def held(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        """The current weights by initializer name if ``model`` holds them (read from or written into it).
+
+        Empty for any other model.
+        """
+        return dict(zip(self.weight_names, self.weights, strict=True)) if model is self._source else {}
+
     def nnz(self) -> np.ndarray:
         """Non-zero weights per layer."""
         return np.array([np.count_nonzero(w) for w in self.weights], dtype=np.int64)
@@ -83,7 +90,8 @@ class LayerSet:
         """
         if model is self._source:
             return model
-        return replace_initializers(model, dict(zip(self.weight_names, self.weights, strict=True)))
+        self._source = replace_initializers(model, dict(zip(self.weight_names, self.weights, strict=True)))
+        return self._source
 
 
 def step_counts(

@@ -323,10 +323,10 @@ def compress(
     progress.stage(f"running the original model on the {held_name} data")
     # With latency on, the original's session that computes the reference outputs is kept for the
     # latency measurement (one session build less; it has already run the timed batch size).
-    original: onnx.ModelProto | Prepared = Prepared(proto) if latency else proto
+    original: onnx.ModelProto | Prepared = Prepared(proto, known=layers.held(proto)) if latency else proto
     reference = Reference(original, held, batch_size)
     settings = _default_guard(settings, reference)
-    check = _Guard(reference, settings)  # without thresholds it measures and never complains
+    check = _Guard(reference, settings, layers)  # without thresholds it measures and never complains
     outcome = run_loop(
         proto,
         sites,
@@ -363,7 +363,9 @@ def compress(
         fidelity = reference.evaluate(run)
     feed = reference.first_feed()
     shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
-    cost_before, cost_after = model_cost(proto, shapes), model_cost(final, shapes)
+    # the weights that the sessions already hold are counted without reading the protobufs again
+    cost_before = model_cost(proto, shapes, original.weights if isinstance(original, Prepared) else None)
+    cost_after = model_cost(final, shapes, run.weights if isinstance(run, Prepared) else None)
     timing = compare_latency(original, run, latency_feeds(proto, feed)) if latency else None
     report = CompressionReport(
         source=source,
@@ -398,12 +400,17 @@ class _Guard:
     (2.5 s for VGG-19, 575 MB). Until then that session stays in memory.
     """
 
-    def __init__(self, reference: Reference, settings: Settings) -> None:
-        self.reference, self.settings = reference, settings
+    def __init__(self, reference: Reference, settings: Settings, layers: LayerSet) -> None:
+        self.reference, self.settings, self.layers = reference, settings, layers
         self._last: Prepared | None = None
 
     def __call__(self, candidate: onnx.ModelProto | Prepared) -> tuple[Fidelity, list[str]]:
-        prepared = candidate if isinstance(candidate, Prepared) else Prepared(candidate)
+        # the session reads the loop's copy of the pruned weights, not a new one
+        prepared = (
+            candidate
+            if isinstance(candidate, Prepared)
+            else Prepared(candidate, known=self.layers.held(candidate))
+        )
         self._last = prepared
         fidelity = self.reference.evaluate(prepared, SURGERY_ATOL, SURGERY_RTOL)
         return fidelity, passes(fidelity, self.settings.min_agreement, self.settings.max_rel_error)

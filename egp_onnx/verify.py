@@ -6,7 +6,7 @@ Also the latency measurement, the other place where egp-onnx runs models for the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -31,24 +31,29 @@ class Prepared:
         self,
         model: onnx.ModelProto,
         split: tuple[onnx.ModelProto, dict[str, np.ndarray]] | None = None,
+        known: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Keep ``model``; its session is built on first use.
 
-        ``split`` is ``split_weights(model)`` when the caller has made it: the weights are not
-        read and copied again.
+        ``split`` is ``split_weights(model)`` when the caller has made it; ``known``, values of some
+        of the model's initializers already read (see :func:`egp_onnx.topology.split_weights`).
+        Either saves reading and copying the same weights again.
         """
         self.model = model
         self._split = split
+        self._known = known
         self._session: ort.InferenceSession | None = None
+        #: The values of the initializers the session reads from memory, once it is built.
+        self.weights: dict[str, np.ndarray] = {}
         self.warm: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()  # input shapes its session has run
 
     @property
     def session(self) -> ort.InferenceSession:
         """The session (built now if not yet)."""
         if self._session is None:
-            stubbed, weights = self._split or split_weights(self.model)
+            stubbed, weights = self._split or split_weights(self.model, known=self._known)
             self._session = make_session(stubbed, optimize=True, spinning=False, weights=weights)
-            self._split = None  # the session holds the weights now
+            self.weights, self._split, self._known = weights, None, None  # the session holds them now
         return self._session
 
     def run(self, names: list[str] | None, feed: Batch) -> list[np.ndarray]:

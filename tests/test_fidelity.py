@@ -270,15 +270,17 @@ def test_prepared_model_builds_its_session_once_and_measures_the_same(rng, tmp_p
     assert prepared.session is session
 
 
-def test_prepared_model_with_split_weights_measures_the_same(rng, tmp_path):
+def test_prepared_model_with_known_or_split_weights_measures_the_same(rng, tmp_path):
     model = prepare_model(single_conv(rng))
     other = prepare_model(single_conv(np.random.default_rng(5)))
     np.savez(tmp_path / "c.npz", x=inputs(rng, n=12))
     data = open_calibration(tmp_path / "c.npz", model)
     stubbed, weights = split_weights(other)
     plain = compare(model, other, data, 5)
-    prepared = Prepared(other, split=(stubbed, weights))
-    assert compare(model, prepared, data, 5) == plain
+    for prepared in (Prepared(other, known=weights), Prepared(other, split=(stubbed, weights))):
+        assert compare(model, prepared, data, 5) == plain
+        assert prepared.weights.keys() == weights.keys()
+        assert all(prepared.weights[n] is weights[n] for n in weights), "the given arrays, not copies"
     assert plain.rel_error > 0
 
 

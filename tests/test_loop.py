@@ -50,3 +50,19 @@ def test_reconstruct_given_the_model_itself_equals_given_a_copy():
     copied = rc.reconstruct(model, copy, calib, 64, remove=remove, masked=names, seed=3)
     assert_same_tensors(tensor_values(shared.model), tensor_values(copied.model))
     assert_same_tensors(tensor_values(model), tensor_values(copy))
+
+
+def test_held_gives_the_weights_only_for_the_model_that_holds_them(rng):
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    layers = LayerSet(model, find_rectifiers(model))
+    held = layers.held(model)
+    assert list(held) == layers.weight_names
+    assert all(held[n] is w for n, w in zip(layers.weight_names, layers.weights, strict=True))
+    assert layers.held(replace_initializers(model, {})) == {}, "a copy is not known to hold them"
+    layers.weights = [prune_smallest(w, w.size // 2, rng) for w in layers.weights]
+    assert layers.held(model) == {}, "the weights changed"
+    pruned = layers.apply(model)  # the model just written from the weights holds them
+    values = tensor_values(pruned)
+    for name, array in layers.held(pruned).items():
+        np.testing.assert_array_equal(values[name], array)
+        assert values[name].dtype == array.dtype
