@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from egp_onnx import kernels
 from egp_onnx.report import Rewrite
+from egp_onnx.surgery.export import export_model
 from egp_onnx.surgery.view import (
     LayerView,
     batchnorm_params,
@@ -582,7 +583,7 @@ def simplify(
     else:
         log.warning("graph surgery stopped at its round limit; the result is valid but may not be minimal")
     surgeon._commit()
-    out = gs.export_onnx(surgeon.graph)
+    out = export_model(surgeon.graph)
     out.ir_version = model.ir_version
     del out.graph.value_info[:]
     surgeon.result.model = out
