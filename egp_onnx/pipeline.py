@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
@@ -314,17 +315,22 @@ def compress(
             f"{source}: every prunable layer feeds a graph output directly, and output layers stay dense; "
             "no output written"
         )
-    if stats:
-        first_stats = _stats_files(stats, proto, sites)
-    else:
-        progress.stage("calibrating the original model")
-        first_stats = collect_statistics(proto, sites, data, batch_size, progress.advance)
-    nnz_before = layers.nnz()
-    progress.stage(f"running the original model on the {held_name} data")
     # With latency on, the original's session that computes the reference outputs is kept for the
     # latency measurement (one session build less; it has already run the timed batch size).
     original: onnx.ModelProto | Prepared = Prepared(proto, known=layers.held(proto)) if latency else proto
-    reference = Reference(original, held, batch_size)
+    with ThreadPoolExecutor(1, thread_name_prefix="egp-reference") as pool:
+        # The reference outputs are computed while the statistics pass runs: that pass gives each
+        # batch in flight one core, so on a few batches the other is idle (and building a session
+        # takes mostly one core). One data source is never read from two threads.
+        pending = pool.submit(Reference, original, held, batch_size) if held is not data else None
+        if stats:
+            first_stats = _stats_files(stats, proto, sites)
+        else:
+            progress.stage("calibrating the original model")
+            first_stats = collect_statistics(proto, sites, data, batch_size, progress.advance)
+        progress.stage(f"running the original model on the {held_name} data")
+        reference = pending.result() if pending is not None else Reference(original, held, batch_size)
+    nnz_before = layers.nnz()
     settings = _default_guard(settings, reference)
     check = _Guard(reference, settings, layers)  # without thresholds it measures and never complains
     outcome = run_loop(
