@@ -55,6 +55,7 @@ class LayerSet:
     def weights(self, value: list[np.ndarray]) -> None:
         self._weights = list(value)
         self._source: onnx.ModelProto | None = None  # no model is known to hold them
+        self._nnz: np.ndarray | None = None  # counted when first asked (a pass over every weight)
 
     def read(self, model: onnx.ModelProto) -> None:
         """Take the weights ``model`` holds."""
@@ -70,8 +71,10 @@ class LayerSet:
         return dict(zip(self.weight_names, self.weights, strict=True)) if model is self._source else {}
 
     def nnz(self) -> np.ndarray:
-        """Non-zero weights per layer."""
-        return np.array([np.count_nonzero(w) for w in self.weights], dtype=np.int64)
+        """Non-zero weights per layer (counted once per set of weights: they are never written)."""
+        if self._nnz is None:
+            self._nnz = np.array([np.count_nonzero(w) for w in self.weights], dtype=np.int64)
+        return self._nnz.copy()
 
     def sizes(self) -> np.ndarray:
         """Weights per layer."""
