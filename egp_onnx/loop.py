@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -194,7 +195,19 @@ def run_loop(
         if finetune is not None:
             on_stage(f"step {number}: finetuning at sparsity {sparsity:.3f}")
             candidate = _finetuned(candidate, layers, finetune)
-        fidelity, problems = guard(candidate) if guard else (None, [])
+        counted: Statistics | None = None
+        fidelity: Fidelity | None
+        if guard is not None and settings.min_agreement is None and settings.max_rel_error is None:
+            # A guard without thresholds only measures: the step is kept whatever it reads, so the
+            # measurement runs in a second thread while the statistics pass runs (that pass leaves
+            # a core idle on a few batches, and a session build takes mostly one).
+            on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
+            with ThreadPoolExecutor(1, thread_name_prefix="egp-measure") as pool:
+                pending = pool.submit(guard, candidate)
+                counted = collect_statistics(candidate, sites, data, settings.batch_size, on_batch)
+                fidelity, problems = pending.result()
+        else:
+            fidelity, problems = guard(candidate) if guard else (None, [])
         record = StepRecord(
             step=number,
             method=rule,
@@ -226,8 +239,10 @@ def run_loop(
             break
         retries = 0
         accepted = number
-        on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
-        stats = collect_statistics(candidate, sites, data, settings.batch_size, on_batch)
+        if counted is None:
+            on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
+            counted = collect_statistics(candidate, sites, data, settings.batch_size, on_batch)
+        stats = counted
         entropies = layers.entropies(stats)
         steps.append(replace(record, zero_entropy_layers=int((entropies == 0).sum())))
         current = candidate
