@@ -204,7 +204,8 @@ def run_loop(
             on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
             with ThreadPoolExecutor(1, thread_name_prefix="egp-measure") as pool:
                 pending = pool.submit(guard, candidate)
-                counted = collect_statistics(candidate, sites, data, settings.batch_size, on_batch)
+                held = layers.held(candidate)  # the session reads the loop's arrays, not a copy
+                counted = collect_statistics(candidate, sites, data, settings.batch_size, on_batch, held)
                 fidelity, problems = pending.result()
         else:
             fidelity, problems = guard(candidate) if guard else (None, [])
@@ -241,7 +242,8 @@ def run_loop(
         accepted = number
         if counted is None:
             on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
-            counted = collect_statistics(candidate, sites, data, settings.batch_size, on_batch)
+            held = layers.held(candidate)
+            counted = collect_statistics(candidate, sites, data, settings.batch_size, on_batch, held)
         stats = counted
         entropies = layers.entropies(stats)
         steps.append(replace(record, zero_entropy_layers=int((entropies == 0).sum())))

@@ -327,7 +327,9 @@ def compress(
             first_stats = _stats_files(stats, proto, sites)
         else:
             progress.stage("calibrating the original model")
-            first_stats = collect_statistics(proto, sites, data, batch_size, progress.advance)
+            first_stats = collect_statistics(
+                proto, sites, data, batch_size, progress.advance, layers.held(proto)
+            )
         progress.stage(f"running the original model on the {held_name} data")
         reference = pending.result() if pending is not None else Reference(original, held, batch_size)
     nnz_before = layers.nnz()
