@@ -405,7 +405,8 @@ class _Guard:
 
     It keeps the session of the last candidate it measured: when that candidate is the loop's
     result, graph surgery checks its rewrite against the same session instead of building another
-    (2.5 s for VGG-19, 575 MB). Until then that session stays in memory.
+    (2.5 s for VGG-19, 575 MB). Until then that session stays in memory: in a run of several
+    steps, also through the next step's pruning and reconstruction (about twice the model's size).
     """
 
     def __init__(self, reference: Reference, settings: Settings, layers: LayerSet) -> None:
