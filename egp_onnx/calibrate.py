@@ -366,14 +366,20 @@ class _Runner:
     model, Python took a fifth of the pass); the totals are split per site once, at the end.
     """
 
-    def __init__(self, model: onnx.ModelProto, sites: Sequence[RectifierSite], threads: int = 0) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        sites: Sequence[RectifierSite],
+        threads: int = 0,
+        known: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         self.model, self.sites, self.threads = model, list(sites), threads
         self.prefix = probe_prefix(model)
         self.probes, self.index = _plan(model, sites, True)
         # The probes go onto the model without its weights (no copy of them); the session gets
         # the weights from memory. Optimised: the probes are built to stay inside onnxruntime's
         # fused, blocked-layout graph.
-        self.stubbed, self.weights = split_weights(model)
+        self.stubbed, self.weights = split_weights(model, known=known)
         self.fast = make_session(statistics_model(self.stubbed, sites), True, True, self.weights, threads)
         self.general: ort.InferenceSession | None = None
         groups = _fast_groups(self.probes)
@@ -480,6 +486,7 @@ def collect_statistics(
     data: CalibrationData,
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
+    known: Mapping[str, np.ndarray] | None = None,
 ) -> Statistics:
     """Run the calibration data and count ON events per channel at every site.
 
@@ -489,6 +496,7 @@ def collect_statistics(
         data: calibration data for the model.
         batch_size: samples per onnxruntime call.
         on_batch: called with the number of samples after each batch (progress display).
+        known: values of initializers already read from ``model`` (see split_weights).
 
     Raises:
         CalibrationError: the data yields no batch, or onnxruntime rejects a batch.
@@ -500,7 +508,7 @@ def collect_statistics(
     # synchronise at every node, which on small convolutions and on the probes' pooling costs
     # more than the work (README, Performance). Counts are integer sums: the order is free.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    runner = _Runner(model, sites, threads=max(1, cores // IN_FLIGHT))
+    runner = _Runner(model, sites, threads=max(1, cores // IN_FLIGHT), known=known)
     samples = 0
     pending: deque[tuple[Future[list[np.ndarray]], _Spatial | None, int]] = deque()
 

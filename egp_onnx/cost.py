@@ -58,9 +58,16 @@ def count_macs(
     return dense, sparse
 
 
-def model_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None) -> Cost:
-    """Parameters, MACs (when ``input_shapes`` is given and shapes resolve) and file size."""
-    counts = initializer_counts(model)  # each weight read once for both figures
+def model_cost(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, tuple[int, ...]] | None,
+    known: Mapping[str, np.ndarray] | None = None,
+) -> Cost:
+    """Parameters, MACs (when ``input_shapes`` is given and shapes resolve) and file size.
+
+    ``known``: values of initializers already read from ``model`` (not read again).
+    """
+    counts = initializer_counts(model, known)  # each weight read once for both figures
     params, nonzero = count_parameters(model, counts)
     macs = count_macs(model, input_shapes, counts) if input_shapes else None
     return Cost(

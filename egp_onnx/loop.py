@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -55,6 +56,7 @@ class LayerSet:
     def weights(self, value: list[np.ndarray]) -> None:
         self._weights = list(value)
         self._source: onnx.ModelProto | None = None  # no model is known to hold them
+        self._nnz: np.ndarray | None = None  # counted when first asked (a pass over every weight)
 
     def read(self, model: onnx.ModelProto) -> None:
         """Take the weights ``model`` holds."""
@@ -62,9 +64,18 @@ class LayerSet:
         self.weights = [arrays[n] for n in self.weight_names]
         self._source = model
 
+    def held(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        """The current weights by initializer name if ``model`` holds them (read from or written into it).
+
+        Empty for any other model.
+        """
+        return dict(zip(self.weight_names, self.weights, strict=True)) if model is self._source else {}
+
     def nnz(self) -> np.ndarray:
-        """Non-zero weights per layer."""
-        return np.array([np.count_nonzero(w) for w in self.weights], dtype=np.int64)
+        """Non-zero weights per layer (counted once per set of weights: they are never written)."""
+        if self._nnz is None:
+            self._nnz = np.array([np.count_nonzero(w) for w in self.weights], dtype=np.int64)
+        return self._nnz.copy()
 
     def sizes(self) -> np.ndarray:
         """Weights per layer."""
@@ -83,7 +94,8 @@ class LayerSet:
         """
         if model is self._source:
             return model
-        return replace_initializers(model, dict(zip(self.weight_names, self.weights, strict=True)))
+        self._source = replace_initializers(model, dict(zip(self.weight_names, self.weights, strict=True)))
+        return self._source
 
 
 def step_counts(
@@ -183,7 +195,20 @@ def run_loop(
         if finetune is not None:
             on_stage(f"step {number}: finetuning at sparsity {sparsity:.3f}")
             candidate = _finetuned(candidate, layers, finetune)
-        fidelity, problems = guard(candidate) if guard else (None, [])
+        counted: Statistics | None = None
+        fidelity: Fidelity | None
+        if guard is not None and settings.min_agreement is None and settings.max_rel_error is None:
+            # A guard without thresholds only measures: the step is kept whatever it reads, so the
+            # measurement runs in a second thread while the statistics pass runs (that pass leaves
+            # a core idle on a few batches, and a session build takes mostly one).
+            on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
+            with ThreadPoolExecutor(1, thread_name_prefix="egp-measure") as pool:
+                pending = pool.submit(guard, candidate)
+                held = layers.held(candidate)  # the session reads the loop's arrays, not a copy
+                counted = collect_statistics(candidate, sites, data, settings.batch_size, on_batch, held)
+                fidelity, problems = pending.result()
+        else:
+            fidelity, problems = guard(candidate) if guard else (None, [])
         record = StepRecord(
             step=number,
             method=rule,
@@ -215,8 +240,11 @@ def run_loop(
             break
         retries = 0
         accepted = number
-        on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
-        stats = collect_statistics(candidate, sites, data, settings.batch_size, on_batch)
+        if counted is None:
+            on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
+            held = layers.held(candidate)
+            counted = collect_statistics(candidate, sites, data, settings.batch_size, on_batch, held)
+        stats = counted
         entropies = layers.entropies(stats)
         steps.append(replace(record, zero_entropy_layers=int((entropies == 0).sum())))
         current = candidate

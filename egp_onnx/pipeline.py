@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
@@ -20,7 +21,7 @@ from egp_onnx.calibrate import Statistics, collect_statistics
 from egp_onnx.cost import model_cost
 from egp_onnx.data import CalibrationData, CalibrationDataReader, open_calibration, split_holdout
 from egp_onnx.errors import CalibrationError, ConfigError, EgpError, NothingToPruneError
-from egp_onnx.io import load_model, load_statistics, model_fingerprint, prepare_model
+from egp_onnx.io import checked_split, load_model, load_statistics, model_fingerprint, prepare_model
 from egp_onnx.limits import sparsity_limits
 from egp_onnx.loop import Finetune, LayerSet, run_loop
 from egp_onnx.report import (
@@ -314,16 +315,26 @@ def compress(
             f"{source}: every prunable layer feeds a graph output directly, and output layers stay dense; "
             "no output written"
         )
-    if stats:
-        first_stats = _stats_files(stats, proto, sites)
-    else:
-        progress.stage("calibrating the original model")
-        first_stats = collect_statistics(proto, sites, data, batch_size, progress.advance)
+    # With latency on, the original's session that computes the reference outputs is kept for the
+    # latency measurement (one session build less; it has already run the timed batch size).
+    original: onnx.ModelProto | Prepared = Prepared(proto, known=layers.held(proto)) if latency else proto
+    with ThreadPoolExecutor(1, thread_name_prefix="egp-reference") as pool:
+        # The reference outputs are computed while the statistics pass runs: that pass gives each
+        # batch in flight one core, so on a few batches the other is idle (and building a session
+        # takes mostly one core). One data source is never read from two threads.
+        pending = pool.submit(Reference, original, held, batch_size) if held is not data else None
+        if stats:
+            first_stats = _stats_files(stats, proto, sites)
+        else:
+            progress.stage("calibrating the original model")
+            first_stats = collect_statistics(
+                proto, sites, data, batch_size, progress.advance, layers.held(proto)
+            )
+        progress.stage(f"running the original model on the {held_name} data")
+        reference = pending.result() if pending is not None else Reference(original, held, batch_size)
     nnz_before = layers.nnz()
-    progress.stage(f"running the original model on the {held_name} data")
-    reference = Reference(proto, held, batch_size)
     settings = _default_guard(settings, reference)
-    check = _guard(reference, settings)  # without thresholds it measures and never complains
+    check = _Guard(reference, settings, layers)  # without thresholds it measures and never complains
     outcome = run_loop(
         proto,
         sites,
@@ -341,10 +352,12 @@ def compress(
     final, surgery_record = pruned, SurgeryRecord(False, merge_tolerance, (), 0, None, None, False, None)
     states: dict[str, str] = {}
     fidelity: Fidelity | None = None
-    run: onnx.ModelProto | Prepared = final  # what the measurements run: the rewritten model with its session
+    # What the measurements run, with its session when one was built: the pruned model with the
+    # guard's, then the rewritten model with the one that checked it.
+    run: onnx.ModelProto | Prepared = check.prepared(pruned)
     if surgery:
         progress.stage("reducing depth")
-        run, surgery_record, states = _reduce_depth(pruned, sites, outcome.stats, data, settings)
+        run, surgery_record, states = _reduce_depth(run, sites, outcome.stats, data, settings)
         final = run.model if isinstance(run, Prepared) else run
         if final is not pruned:
             fidelity, problems = check(run)
@@ -358,8 +371,10 @@ def compress(
         fidelity = reference.evaluate(run)
     feed = reference.first_feed()
     shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
-    cost_before, cost_after = model_cost(proto, shapes), model_cost(final, shapes)
-    timing = compare_latency(proto, run, latency_feeds(proto, feed)) if latency else None
+    # the weights that the sessions already hold are counted without reading the protobufs again
+    cost_before = model_cost(proto, shapes, original.weights if isinstance(original, Prepared) else None)
+    cost_after = model_cost(final, shapes, run.weights if isinstance(run, Prepared) else None)
+    timing = compare_latency(original, run, latency_feeds(proto, feed)) if latency else None
     report = CompressionReport(
         source=source,
         settings=asdict(settings),
@@ -385,16 +400,34 @@ def _default_guard(settings: Settings, reference: Reference) -> Settings:
     return replace(settings, max_rel_error=DEFAULT_MAX_REL_ERROR)
 
 
-def _guard(
-    reference: Reference, settings: Settings
-) -> Callable[[onnx.ModelProto | Prepared], tuple[Fidelity, list[str]]]:
-    """Fidelity of a candidate against the original, and the guard's complaints about it (a Guard)."""
+class _Guard:
+    """Fidelity of a candidate against the original, and the guard's complaints about it (a Guard).
 
-    def check(candidate: onnx.ModelProto | Prepared) -> tuple[Fidelity, list[str]]:
-        fidelity = reference.evaluate(candidate, SURGERY_ATOL, SURGERY_RTOL)
-        return fidelity, passes(fidelity, settings.min_agreement, settings.max_rel_error)
+    It keeps the session of the last candidate it measured: when that candidate is the loop's
+    result, graph surgery checks its rewrite against the same session instead of building another
+    (2.5 s for VGG-19, 575 MB). Until then that session stays in memory: in a run of several
+    steps, also through the next step's pruning and reconstruction (about twice the model's size).
+    """
 
-    return check
+    def __init__(self, reference: Reference, settings: Settings, layers: LayerSet) -> None:
+        self.reference, self.settings, self.layers = reference, settings, layers
+        self._last: Prepared | None = None
+
+    def __call__(self, candidate: onnx.ModelProto | Prepared) -> tuple[Fidelity, list[str]]:
+        # the session reads the loop's copy of the pruned weights, not a new one
+        prepared = (
+            candidate
+            if isinstance(candidate, Prepared)
+            else Prepared(candidate, known=self.layers.held(candidate))
+        )
+        self._last = prepared
+        fidelity = self.reference.evaluate(prepared, SURGERY_ATOL, SURGERY_RTOL)
+        return fidelity, passes(fidelity, self.settings.min_agreement, self.settings.max_rel_error)
+
+    def prepared(self, model: onnx.ModelProto) -> onnx.ModelProto | Prepared:
+        """``model`` with its session if it was the last candidate measured, else ``model``; forgets it."""
+        last, self._last = self._last, None
+        return last if last is not None and last.model is model else model
 
 
 #: A rewritten model with an output element y' such that |y' - y| > SURGERY_ATOL + SURGERY_RTOL |y|
@@ -409,7 +442,7 @@ SURGERY_CHECK = 1e-4
 
 
 def _reduce_depth(
-    pruned: onnx.ModelProto,
+    pruned: onnx.ModelProto | Prepared,
     sites: list[RectifierSite],
     stats: Statistics,
     data: CalibrationData,
@@ -418,10 +451,11 @@ def _reduce_depth(
     """Run graph surgery on the pruned model and check it against the pruned model.
 
     Returns:
-        The pruned model (surgery reverted) or the rewritten one with the session that checked
-        it, for the measurements that follow; the record; the layers' states.
+        ``pruned`` (surgery reverted) or the rewritten model with the session that checked it,
+        for the measurements that follow; the record; the layers' states.
 
     """
+    model = pruned.model if isinstance(pruned, Prepared) else pruned
     # Always-ON / always-OFF channels are read off a sample: removing them is a pruning decision,
     # taken only when the user asks for sparsity (then the guard judges it on held-out data).
     channel_states = _channel_states(sites, stats) if settings.sparsity > 0 else {}
@@ -430,7 +464,7 @@ def _reduce_depth(
         return compare(pruned, candidate, data, settings.batch_size).rel_error
 
     tolerance = settings.merge_tolerance
-    result = simplify(pruned, channel_states, measure=measure, tolerance=tolerance)
+    result = simplify(model, channel_states, measure=measure, tolerance=tolerance)
     record = SurgeryRecord(
         enabled=True,
         merge_tolerance=tolerance,
@@ -441,9 +475,8 @@ def _reduce_depth(
         reverted=False,
         revert_reason=None,
     )
-    rewritten = Prepared(result.model)
     try:
-        onnx.checker.check_model(result.model)
+        rewritten = Prepared(result.model, checked_split(result.model))
         check = compare(pruned, rewritten, data, settings.batch_size, SURGERY_ATOL, SURGERY_RTOL)
     except (onnx.checker.ValidationError, EgpError) as exc:
         reason = f"graph surgery produced an invalid model ({exc})"

@@ -480,11 +480,16 @@ def count_parameters(
     return sum(size for size, _ in floating), sum(nonzero for _, nonzero in floating)
 
 
-def initializer_counts(model: onnx.ModelProto) -> dict[str, tuple[bool, int, int]]:
-    """Per initializer: (floating point, elements, non-zero elements); one pass over the weights."""
+def initializer_counts(
+    model: onnx.ModelProto, known: Mapping[str, np.ndarray] | None = None
+) -> dict[str, tuple[bool, int, int]]:
+    """Per initializer: (floating point, elements, non-zero elements); one pass over the weights.
+
+    ``known``: values of initializers already read from ``model`` (see :func:`split_weights`).
+    """
     counts = {}
     for tensor in model.graph.initializer:
-        array = numpy_helper.to_array(tensor)
+        array = _value(tensor, known)
         counts[tensor.name] = (
             bool(np.issubdtype(array.dtype, np.floating)),
             int(array.size),
@@ -522,7 +527,7 @@ IN_MEMORY = "egp-onnx:in-memory"
 
 
 def split_weights(
-    model: onnx.ModelProto, always: Collection[str] = ()
+    model: onnx.ModelProto, always: Collection[str] = (), known: Mapping[str, np.ndarray] | None = None
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The model with stubs for its large numeric initializers, and their values as arrays.
 
@@ -530,6 +535,8 @@ def split_weights(
     :data:`IN_MEMORY`; onnxruntime takes the values from memory (``add_external_initializers``),
     so a session needs no serialised copy of the weights. Stubs already in ``model`` stay stubs.
     Initializers named in ``always`` become stubs whatever their size (values that will change).
+    ``known`` holds values already read from ``model`` (numpy_helper.to_array's, e.g. the weights
+    the loop keeps): those arrays are used instead of reading and copying the same bytes again.
     """
     stubbed = onnx.ModelProto()
     _copy_fields(model, stubbed, skip=("graph",))
@@ -541,7 +548,7 @@ def split_weights(
         if small or tensor.data_location == tensor.EXTERNAL:
             graph.initializer.append(tensor)
             continue
-        array = numpy_helper.to_array(tensor)
+        array = _value(tensor, known)
         if array.dtype.kind not in "fiub":  # strings, bfloat16 and such stay in the protobuf
             graph.initializer.append(tensor)
             continue
@@ -552,6 +559,18 @@ def split_weights(
         stub.data_location = tensor.EXTERNAL
         stub.external_data.add(key="location", value=IN_MEMORY)
     return stubbed, values
+
+
+def _value(tensor: onnx.TensorProto, known: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    """The tensor's values: the known array when it has the tensor's shape and type, else read."""
+    array = known.get(tensor.name) if known else None
+    if (
+        array is None
+        or array.shape != tuple(tensor.dims)
+        or array.dtype != helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    ):
+        return numpy_helper.to_array(tensor)
+    return array
 
 
 #: Bytes per element of the tensor types whose raw_data has a fixed width.

@@ -6,7 +6,7 @@ Also the latency measurement, the other place where egp-onnx runs models for the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -16,6 +16,7 @@ from egp_onnx.calibrate import make_session, run_session
 from egp_onnx.data import Batch, CalibrationData
 from egp_onnx.errors import ModelError
 from egp_onnx.report import Fidelity, LatencyRecord, OutputFidelity, Timing
+from egp_onnx.topology import split_weights
 
 
 class Prepared:
@@ -26,22 +27,48 @@ class Prepared:
     Its worker threads do not spin (as every session :func:`compare_latency` times).
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        split: tuple[onnx.ModelProto, dict[str, np.ndarray]] | None = None,
+        known: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Keep ``model``; its session is built on first use.
+
+        ``split`` is ``split_weights(model)`` when the caller has made it; ``known``, values of some
+        of the model's initializers already read (see :func:`egp_onnx.topology.split_weights`).
+        Either saves reading and copying the same weights again.
+        """
         self.model = model
+        self._split = split
+        self._known = known
         self._session: ort.InferenceSession | None = None
+        #: The values of the initializers the session reads from memory, once it is built.
+        self.weights: dict[str, np.ndarray] = {}
+        self.warm: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()  # input shapes its session has run
 
     @property
     def session(self) -> ort.InferenceSession:
         """The session (built now if not yet)."""
         if self._session is None:
-            self._session = make_session(self.model, optimize=True, spinning=False)
+            stubbed, weights = self._split or split_weights(self.model, known=self._known)
+            self._session = make_session(stubbed, optimize=True, spinning=False, weights=weights)
+            self.weights, self._split, self._known = weights, None, None  # the session holds them now
         return self._session
 
+    def run(self, names: list[str] | None, feed: Batch) -> list[np.ndarray]:
+        """Run one batch; its input shapes are remembered (the session has planned its memory for them)."""
+        outputs = run_session(self.session, names, feed)
+        self.warm.add(_shapes(feed))
+        return outputs
 
-def _session(model: onnx.ModelProto | Prepared) -> ort.InferenceSession:
-    return (
-        model.session if isinstance(model, Prepared) else make_session(model, optimize=True, spinning=False)
-    )
+
+def _shapes(feed: Batch) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple(sorted((name, tuple(array.shape)) for name, array in feed.items()))
+
+
+def _prepared(model: onnx.ModelProto | Prepared) -> Prepared:
+    return model if isinstance(model, Prepared) else Prepared(model)
 
 
 class _Accumulator:
@@ -112,10 +139,9 @@ def compare(
     rtol: float = 1e-5,
 ) -> Fidelity:
     """Run both models in onnxruntime on ``data`` (streamed) and compare their outputs."""
-    ref_session = _session(reference)
-    cand_session = _session(candidate)
-    names = [o.name for o in ref_session.get_outputs()]
-    found = [o.name for o in cand_session.get_outputs()]
+    ref, cand = _prepared(reference), _prepared(candidate)
+    names = [o.name for o in ref.session.get_outputs()]
+    found = [o.name for o in cand.session.get_outputs()]
     missing = [n for n in names if n not in found]
     if missing:
         raise ModelError(
@@ -124,7 +150,7 @@ def compare(
         )
     acc = _Accumulator(names, atol, rtol)
     for feed, labels in data.batches(batch_size):
-        acc.add(run_session(ref_session, names, feed), run_session(cand_session, names, feed), labels)
+        acc.add(ref.run(names, feed), cand.run(names, feed), labels)
     return acc.result()
 
 
@@ -134,22 +160,30 @@ class Reference:
     The EGP loop checks many candidates against the same original: its outputs are computed once.
     """
 
-    def __init__(self, model: onnx.ModelProto, data: CalibrationData, batch_size: int) -> None:
-        session = make_session(model, optimize=True)
-        self.names = [o.name for o in session.get_outputs()]
+    def __init__(self, model: onnx.ModelProto | Prepared, data: CalibrationData, batch_size: int) -> None:
+        """``model`` as a Prepared one keeps its session for later use (e.g. the latency measurement)."""
+        if isinstance(model, Prepared):
+            self.names = [o.name for o in model.session.get_outputs()]
+            run = model.run
+        else:
+            session = make_session(model, optimize=True)
+            self.names = [o.name for o in session.get_outputs()]
+
+            def run(names: list[str] | None, feed: Batch) -> list[np.ndarray]:
+                return run_session(session, names, feed)
+
         self.batches: list[tuple[Batch, np.ndarray | None, list[np.ndarray]]] = [
-            (feed, labels, run_session(session, self.names, feed))
-            for feed, labels in data.batches(batch_size)
+            (feed, labels, run(self.names, feed)) for feed, labels in data.batches(batch_size)
         ]
 
     def evaluate(
         self, candidate: onnx.ModelProto | Prepared, atol: float = 1e-5, rtol: float = 1e-5
     ) -> Fidelity:
         """Fidelity of ``candidate`` against the stored outputs."""
-        session = _session(candidate)
+        prepared = _prepared(candidate)
         acc = _Accumulator(self.names, atol, rtol)
         for feed, labels, ref in self.batches:
-            acc.add(ref, run_session(session, self.names, feed), labels)
+            acc.add(ref, prepared.run(self.names, feed), labels)
         return acc.result()
 
     def classifier(self) -> bool:
@@ -168,7 +202,8 @@ LATENCY_BUDGET_S = 1.0
 LATENCY_MAX_RUNS = 200
 LATENCY_MIN_RUNS = 3
 #: Untimed runs of each model per batch size, at least; more while they take under a tenth of the
-#: budget (the first runs allocate and plan memory for the new shape).
+#: budget (the first runs allocate and plan memory for the new shape). None for a batch whose
+#: shapes both sessions have already run (a Prepared model checked or measured on that data).
 LATENCY_WARMUP = 1
 
 
@@ -202,10 +237,12 @@ def compare_latency(
     copy of itself read up to 5.9% apart, each run up to twice its time alone (resnet4x32, batch
     32: 55-70 ms against 31 ms); without, 1-3% apart at 36-38 ms.
     """
-    sessions = (_session(before), _session(after))
+    models = (_prepared(before), _prepared(after))
     records = []
     for feed in feeds:
-        records.append(_interleaved(sessions, feed, budget_s, max_runs, warmup))
+        warm = all(_shapes(feed) in m.warm for m in models)
+        sessions = (models[0].session, models[1].session)
+        records.append(_interleaved(sessions, feed, budget_s, max_runs, warmup, warm))
     return Timing("ORT_ENABLE_ALL", warmup, budget_s, max_runs, tuple(records))
 
 
@@ -215,11 +252,12 @@ def _interleaved(
     budget_s: float,
     max_runs: int,
     warmup: int,
+    warm: bool = False,
 ) -> LatencyRecord:
     times: tuple[list[float], list[float]] = ([], [])
     start = time.perf_counter()
     done = 0
-    while done < warmup or (time.perf_counter() - start < budget_s / 10 and done < max_runs):
+    while not warm and (done < warmup or (time.perf_counter() - start < budget_s / 10 and done < max_runs)):
         for session in sessions:
             run_session(session, None, feed)
         done += 1

@@ -199,3 +199,23 @@ def test_a_rejected_batch_stops_the_pass_with_batches_in_flight(tmp_path, rng, m
             model, find_rectifiers(model), open_calibration(tmp_path / "c.npz", model), 2, done.append
         )
     assert sum(done) < 10
+
+
+def test_known_weights_are_used_as_they_are_and_count_the_same(rng, tmp_path, monkeypatch):
+    import egp_onnx.topology as topology
+
+    model = prepare_model(residual_block(rng))
+    sites = find_rectifiers(model)
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=12, shape=(4, 6, 6)))
+    data = open_calibration(tmp_path / "c.npz", model)
+    _, weights = split_weights(model)
+    plain = collect_statistics(model, sites, data, 4)
+    read = []
+    real = topology.numpy_helper.to_array
+    monkeypatch.setattr(topology.numpy_helper, "to_array", lambda t, *a: read.append(t.name) or real(t, *a))
+    known = collect_statistics(model, sites, data, 4, known=weights)
+    assert weights and not set(read) & set(weights), "the known weights are not read again"
+    assert known.samples == plain.samples
+    for name, counts in plain.counts.items():
+        np.testing.assert_array_equal(known.counts[name].on, counts.on)
+        assert known.counts[name].total == counts.total

@@ -15,12 +15,13 @@ from conftest import ROOT, SAMPLES, compress_plain, load_npz
 from models import inputs, residual_block, single_conv, toy_files
 from onnx import TensorProto, helper, numpy_helper
 
+import egp_onnx
 from egp_onnx.cli import main
 from egp_onnx.cost import count_macs, model_cost
 from egp_onnx.data import open_calibration, split_holdout
 from egp_onnx.io import prepare_model
 from egp_onnx.loop import RETRIES
-from egp_onnx.topology import count_parameters
+from egp_onnx.topology import count_parameters, split_weights
 from egp_onnx.verify import Prepared, Reference, compare
 
 MODEL = SAMPLES / "digits_resnet.onnx"
@@ -267,3 +268,46 @@ def test_prepared_model_builds_its_session_once_and_measures_the_same(rng, tmp_p
     assert reference.evaluate(prepared) == reference.evaluate(other)
     assert reference.evaluate(prepared).rel_error > 0
     assert prepared.session is session
+
+
+def test_prepared_model_with_known_or_split_weights_measures_the_same(rng, tmp_path):
+    model = prepare_model(single_conv(rng))
+    other = prepare_model(single_conv(np.random.default_rng(5)))
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=12))
+    data = open_calibration(tmp_path / "c.npz", model)
+    stubbed, weights = split_weights(other)
+    plain = compare(model, other, data, 5)
+    for prepared in (Prepared(other, known=weights), Prepared(other, split=(stubbed, weights))):
+        assert compare(model, prepared, data, 5) == plain
+        assert prepared.weights.keys() == weights.keys()
+        assert all(prepared.weights[n] is weights[n] for n in weights), "the given arrays, not copies"
+    assert plain.rel_error > 0
+
+
+def test_a_prepared_model_remembers_the_shapes_it_has_run(rng, tmp_path):
+    model = prepare_model(single_conv(rng))
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=12))
+    data = open_calibration(tmp_path / "c.npz", model)
+    prepared = Prepared(model)
+    Reference(prepared, data, 5)  # batches of 5, 5 and 2
+    assert prepared.warm == {(("x", (5, 3, 6, 6)),), (("x", (2, 3, 6, 6)),)}
+
+
+def test_compress_builds_one_session_per_model(rng, tmp_path, monkeypatch):
+    """The original's session serves the reference outputs and the latency; the pruned model's
+    serves the guard and surgery's check; the rewritten model's its check, evaluation and latency."""
+    import egp_onnx.verify as verify
+
+    built = []
+    real = verify.make_session
+
+    def counting(model, *args, **kwargs):
+        built.append(model.graph.name)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "make_session", counting)
+    model, calib = toy_files(tmp_path, rng)
+    result = egp_onnx.compress(model, calib, sparsity=0.5, step=1.0, guard=False, batch_size=8)
+    assert len(result.report.steps) == 1 and result.report.timing is not None
+    assert not result.report.surgery.reverted
+    assert len(built) == 3

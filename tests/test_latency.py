@@ -13,7 +13,7 @@ from onnx import helper
 import egp_onnx
 from egp_onnx.calibrate import make_session
 from egp_onnx.report import compression_summary
-from egp_onnx.verify import LATENCY_MIN_RUNS, Prepared, _session, compare_latency, latency_feeds
+from egp_onnx.verify import LATENCY_MIN_RUNS, Prepared, _prepared, compare_latency, latency_feeds
 
 
 def heavy_conv(rng: np.random.Generator, channels: int = 64):
@@ -92,8 +92,34 @@ def spins(session) -> bool:
 
 
 def test_timed_sessions_do_not_spin_and_are_built_alike(rng):
-    # Both sides of a latency comparison come from _session (a Prepared model's included), with
+    # Both sides of a latency comparison come from _prepared (a Prepared model passes through), with
     # onnxruntime's thread spinning off: spinning workers of one session slow the other's runs.
     model = single_conv(rng)
-    assert not spins(_session(model)) and not spins(_session(Prepared(model)))
+    assert not spins(_prepared(model).session) and not spins(_prepared(Prepared(model)).session)
     assert spins(make_session(model, optimize=True))
+
+
+def test_sessions_that_have_run_the_batch_shape_skip_the_warmup(rng, monkeypatch):
+    import egp_onnx.verify as verify
+
+    calls = []
+    real = verify.run_session
+
+    def counting(session, names, feed):
+        calls.append(next(iter(feed.values())).shape[0])
+        return real(session, names, feed)
+
+    monkeypatch.setattr(verify, "run_session", counting)
+    model = single_conv(rng)
+    feed = {"x": inputs(rng, 4)}
+    runs = {"budget_s": 0.0, "max_runs": LATENCY_MIN_RUNS}
+    compare_latency(model, model, [feed], **runs)
+    assert len(calls) == 2 * (LATENCY_MIN_RUNS + 1), "fresh sessions: one untimed run each first"
+    before, after = Prepared(model), Prepared(model)
+    before.run(None, feed)
+    after.run(None, feed)
+    calls.clear()
+    timing = compare_latency(before, after, [{"x": feed["x"][:1]}, feed], **runs)
+    assert [t.runs for t in timing.batches] == [LATENCY_MIN_RUNS, LATENCY_MIN_RUNS]
+    assert calls.count(1) == 2 * (LATENCY_MIN_RUNS + 1), "batch 1 is a new shape for both: warmed up"
+    assert calls.count(4) == 2 * LATENCY_MIN_RUNS, "batch 4 has run in both sessions: timed at once"

@@ -50,3 +50,33 @@ def test_reconstruct_given_the_model_itself_equals_given_a_copy():
     copied = rc.reconstruct(model, copy, calib, 64, remove=remove, masked=names, seed=3)
     assert_same_tensors(tensor_values(shared.model), tensor_values(copied.model))
     assert_same_tensors(tensor_values(model), tensor_values(copy))
+
+
+def test_held_gives_the_weights_only_for_the_model_that_holds_them(rng):
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    layers = LayerSet(model, find_rectifiers(model))
+    held = layers.held(model)
+    assert list(held) == layers.weight_names
+    assert all(held[n] is w for n, w in zip(layers.weight_names, layers.weights, strict=True))
+    assert layers.held(replace_initializers(model, {})) == {}, "a copy is not known to hold them"
+    layers.weights = [prune_smallest(w, w.size // 2, rng) for w in layers.weights]
+    assert layers.held(model) == {}, "the weights changed"
+    pruned = layers.apply(model)  # the model just written from the weights holds them
+    values = tensor_values(pruned)
+    for name, array in layers.held(pruned).items():
+        np.testing.assert_array_equal(values[name], array)
+        assert values[name].dtype == array.dtype
+
+
+def test_nnz_is_counted_once_per_set_of_weights(rng, monkeypatch):
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    layers = LayerSet(model, find_rectifiers(model))
+    counted = []
+    real = np.count_nonzero
+    monkeypatch.setattr(np, "count_nonzero", lambda a, *args, **kw: counted.append(1) or real(a, *args, **kw))
+    first = layers.nnz()
+    assert layers.nnz().tolist() == first.tolist() == [real(w) for w in layers.weights]
+    assert len(counted) == len(layers.weights), "the second call counts nothing"
+    first[0] = -1  # the caller's copy
+    layers.weights = [prune_smallest(w, w.size // 2, rng) for w in layers.weights]
+    assert layers.nnz().tolist() == [real(w) for w in layers.weights]

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import SAMPLES, compress_plain, load_npz
-from models import gemm_head, inputs, residual_block
+from models import gemm_head, inputs, residual_block, toy_files
 from onnx import numpy_helper
 
 import egp_onnx
@@ -168,3 +168,54 @@ def test_iterative_magnitude_equals_one_global_cut(residual):
     assert len(stepped.report.steps) > 1 and len(one_cut.report.steps) == 1
     for name, array in weights(one_cut.model).items():
         np.testing.assert_array_equal(weights(stepped.model)[name], array)
+
+
+def test_reference_outputs_run_beside_the_statistics_pass_on_their_own_data(rng, tmp_path, monkeypatch):
+    """A held-out split is run in a second thread while the statistics pass runs; the calibration
+    data itself (holdout 0) is never read from two threads at once. The results are the same."""
+    import threading
+
+    import egp_onnx.pipeline as pipeline
+
+    threads = []
+    real = pipeline.Reference
+
+    class Recording(real):
+        def __init__(self, *args, **kwargs):
+            threads.append(threading.current_thread() is threading.main_thread())
+            super().__init__(*args, **kwargs)
+
+    model, calib = toy_files(tmp_path, rng)
+    options = {"sparsity": 0.5, "step": 1.0, "guard": False, "latency": False}
+    plain = egp_onnx.compress(model, calib, **options)
+    monkeypatch.setattr(pipeline, "Reference", Recording)
+    split = egp_onnx.compress(model, calib, **options)
+    egp_onnx.compress(model, calib, holdout=0.0, **options)
+    assert threads == [False, True]
+    assert split.model.SerializeToString() == plain.model.SerializeToString()
+    assert split.report.fidelity == plain.report.fidelity and split.report.layers == plain.report.layers
+
+
+def test_a_step_is_measured_beside_its_statistics_pass_only_without_thresholds(rng, tmp_path, monkeypatch):
+    """Without the guard's thresholds no step can be rolled back: its measurement runs in a second
+    thread while its statistics pass runs. With them, the statistics wait for the verdict."""
+    import threading
+
+    import egp_onnx.pipeline as pipeline
+
+    threads = []
+    real = pipeline._Guard.__call__
+
+    def recording(self, candidate):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(self, candidate)
+
+    model, calib = toy_files(tmp_path, rng)
+    options = {"sparsity": 0.5, "step": 1.0, "latency": False}
+    plain = egp_onnx.compress(model, calib, guard=False, **options)
+    monkeypatch.setattr(pipeline._Guard, "__call__", recording)
+    beside = egp_onnx.compress(model, calib, guard=False, **options)
+    egp_onnx.compress(model, calib, max_rel_error=10.0, **options)
+    assert threads == [False, True, True, True], "the step, surgery's check; the step, surgery's check"
+    assert beside.model.SerializeToString() == plain.model.SerializeToString()
+    assert beside.report.steps == plain.report.steps and beside.report.layers == plain.report.layers

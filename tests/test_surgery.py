@@ -240,3 +240,24 @@ def test_depth_counts_layers_and_nonlinearities(rng):
     h = b.op("Relu", [b.conv(h, "c1", 4, 4, 3, pad=1)], "r1")
     model = b.model(b.op("Add", [h, side], "add"), ["N", 3, 6, 6])
     assert depth(model) == Depth(layers=2, nonlinear=2)
+
+
+def test_the_graph_surgeon_graph_is_freed_when_simplify_returns(rng):
+    """gs graphs are webs of cycles that hold the weights: simplify collects its own at once."""
+    import gc
+
+    import onnx_graphsurgeon as gs
+
+    from egp_onnx.surgery import simplify
+
+    b = Builder(rng)
+    h = b.op("Relu", [b.conv("x", "a", 3, 4, 3, pad=1)], "relu")
+    model = b.model(b.conv(h, "b", 4, 2, 1), ["N", 3, 6, 6])
+    gc.collect()
+    gc.disable()
+    try:
+        result = simplify(model, {})
+        alive = [o for o in gc.get_objects() if type(o) is gs.Graph]  # isinstance reads __class__
+    finally:
+        gc.enable()
+    assert result.model.graph.node and alive == []

@@ -10,6 +10,7 @@ from egp_onnx.io import load_model, prepare_model
 from egp_onnx.topology import (
     count_parameters,
     find_rectifiers,
+    initializer_counts,
     prunable_layers,
     replace_initializers,
     serialized_size,
@@ -164,3 +165,22 @@ def test_replace_initializers_writes_what_from_array_writes(rng, dtype):
     assert replaced.graph.initializer[0].SerializeToString() == want.SerializeToString()
     assert replaced.graph.initializer[1] == model.graph.initializer[1]
     np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), np.zeros((3, 4), dtype))
+
+
+def test_split_weights_and_counts_take_known_values_only_when_they_fit(rng):
+    model = gemm_head(rng)
+    _, read = split_weights(model)
+    name = next(iter(read))
+    known = {name: read[name].copy()}
+    _, weights = split_weights(model, known=known)
+    assert weights[name] is known[name], "the known array is used, not a new copy"
+    for misfit in (known[name].astype(np.float64), known[name].reshape(-1)):
+        _, weights = split_weights(model, known={name: misfit})
+        assert weights[name] is not misfit and weights[name].shape == read[name].shape
+        assert weights[name].dtype == read[name].dtype
+    zeroed = {name: np.zeros_like(read[name])}  # counts follow the values given (they are trusted)
+    counts, with_known = initializer_counts(model), initializer_counts(model, zeroed)
+    assert with_known[name] == (counts[name][0], counts[name][1], 0)
+    others = set(counts) - {name}
+    assert {k: with_known[k] for k in others} == {k: counts[k] for k in others}
+    assert initializer_counts(model, read) == counts
