@@ -545,28 +545,33 @@ def reconstruct(
         theirs, dense_values = (ours, original) if dense is current else split_weights(dense)
         now = Activations(ours, values, batches, CACHE_BYTES // 2)
         then = Activations(theirs, dense_values, batches, CACHE_BYTES // 2)
-    for k, layer in enumerate(todo):
-        if on_layer is not None:
-            on_layer(layer.name)
-        weight = values[layer.weight]
-        count = int(remove.get(layer.weight, 0))
-        by_magnitude = select == "magnitude" or _width(layer, weight) > WIDTH_LIMIT
-        if count > 0 and by_magnitude:
-            weight = prune_smallest(weight, count, rng)
-        fit, refit = _refit(
-            layer,
-            weight,
-            values,
-            partial(_normal_equations, layer, now=now, then=then, later=todo[k + 1 :], rng=rng),
-            remove=0 if by_magnitude else count,
-            full_support=layer.weight not in masked and count == 0,
-        )
-        if count > 0 and not by_magnitude and layer.weight not in refit:
-            refit[layer.weight] = prune_smallest(weight, count, rng)  # OBS impossible: magnitude
-        refit.setdefault(layer.weight, weight)
-        values.update(refit)  # the next requests to ``now`` run this layer with its new weights
-        updates.update(refit)
-        fits.append(fit)
+    # numpy's BLAS on one thread: measured on the idle machine, a step took as long as on two (MNIST
+    # sample 1.77 against 1.63 s, ResNet-style net 4.9 against 5.2 s), and with the other core busy
+    # 2-3x less (MNIST 2.9 against 6.0 s): a product split over two threads waits for the slower,
+    # and each of the many small solves for both.
+    with one_blas_thread():
+        for k, layer in enumerate(todo):
+            if on_layer is not None:
+                on_layer(layer.name)
+            weight = values[layer.weight]
+            count = int(remove.get(layer.weight, 0))
+            by_magnitude = select == "magnitude" or _width(layer, weight) > WIDTH_LIMIT
+            if count > 0 and by_magnitude:
+                weight = prune_smallest(weight, count, rng)
+            fit, refit = _refit(
+                layer,
+                weight,
+                values,
+                partial(_normal_equations, layer, now=now, then=then, later=todo[k + 1 :], rng=rng),
+                remove=0 if by_magnitude else count,
+                full_support=layer.weight not in masked and count == 0,
+            )
+            if count > 0 and not by_magnitude and layer.weight not in refit:
+                refit[layer.weight] = prune_smallest(weight, count, rng)  # OBS impossible: magnitude
+            refit.setdefault(layer.weight, weight)
+            values.update(refit)  # the next requests to ``now`` run this layer with its new weights
+            updates.update(refit)
+            fits.append(fit)
     return ReconstructionResult(replace_initializers(current, updates), tuple(fits))
 
 
@@ -612,27 +617,26 @@ def _refit(
     state = _to_columns(layer, weight).astype(np.float64)
     if bias is not None:
         state = np.concatenate([state, _bias_row(layer, bias)], axis=1)
-    with one_blas_thread():  # many small systems: BLAS threads only wait (egp_onnx.threads)
-        if remove > 0:
-            support = _obs_masks(normal, state, remove)
-        elif full_support:
-            support = np.ones(state[:, :columns].shape, dtype=bool)
-        else:
-            support = state[:, :columns] != 0
-        start = state.copy()
-        start[:, :columns][~support] = 0.0
-        solved = np.zeros_like(state)
-        before = after = 0.0
-        per = state.shape[2]
-        for g in range(state.shape[0]):
-            solved[g], _ = _solve(normal.gram[g], normal.cross[g], support[g], normal.bias)
-            # An input that was zero on every calibration row says nothing about its weight (the
-            # ridge would set it to 0): keep it as it was, it still acts on inputs not seen here.
-            unseen = np.diag(normal.gram[g])[:columns] == 0
-            solved[g][:columns][unseen] = start[g][:columns][unseen]
-            target_sq = normal.target_sq[g * per : (g + 1) * per]
-            before += _residual_error(normal.gram[g], normal.cross[g], target_sq, start[g])
-            after += _residual_error(normal.gram[g], normal.cross[g], target_sq, solved[g])
+    if remove > 0:
+        support = _obs_masks(normal, state, remove)
+    elif full_support:
+        support = np.ones(state[:, :columns].shape, dtype=bool)
+    else:
+        support = state[:, :columns] != 0
+    start = state.copy()
+    start[:, :columns][~support] = 0.0
+    solved = np.zeros_like(state)
+    before = after = 0.0
+    per = state.shape[2]
+    for g in range(state.shape[0]):
+        solved[g], _ = _solve(normal.gram[g], normal.cross[g], support[g], normal.bias)
+        # An input that was zero on every calibration row says nothing about its weight (the
+        # ridge would set it to 0): keep it as it was, it still acts on inputs not seen here.
+        unseen = np.diag(normal.gram[g])[:columns] == 0
+        solved[g][:columns][unseen] = start[g][:columns][unseen]
+        target_sq = normal.target_sq[g * per : (g + 1) * per]
+        before += _residual_error(normal.gram[g], normal.cross[g], target_sq, start[g])
+        after += _residual_error(normal.gram[g], normal.cross[g], target_sq, solved[g])
     dead = np.abs(layer.scale) < 1e-12 if layer.scale is not None else np.zeros(0, dtype=bool)
     if dead.any():
         # A channel whose affine map is zero has no target: it keeps its (pruned) values.
@@ -681,7 +685,16 @@ def _normal_equations(
     normal: _Normal | None = None
     samples = sum(len(x) for x, _ in zip(current[0], dense, strict=False))
     take = min(POSITIONS_PER_SAMPLE, max(1, -(-ROWS_PER_COLUMN * width // samples)))
-    for x, *shortcut, target in zip(*current, dense, strict=False):  # the batches both still keep
+    kept = list(zip(*current, dense, strict=False))  # the batches both still keep
+    rows_of = [
+        len(t) * min(take, t.shape[2] * t.shape[3]) if layer.op_type == "Conv" else t.size // t.shape[-1]
+        for *_, t in kept
+    ]
+    if sum(rows_of) < width:  # too few rows to refit: an empty system with the count, for the record
+        short = _Normal(1, 0, 0, bias=False)
+        short.rows = sum(rows_of)
+        return short
+    for x, *shortcut, target in kept:
         where = _positions(target.shape, rng, take) if layer.op_type == "Conv" else None
         rows = _dense_rows(x) if where is None else _conv_rows(x, layer, where)
         y = _rows_of(target, where).astype(np.float64)

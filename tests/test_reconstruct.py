@@ -157,6 +157,19 @@ def test_a_layer_left_without_weights_is_marked_and_not_the_steps_worst(rng):
     assert f"{emptied.error_before:.2e} ->" not in row
 
 
+def test_too_few_rows_leaves_the_layer_pruned_by_magnitude_and_says_how_many(rng, monkeypatch):
+    # Two samples x 4 positions = 8 rows for 37 columns: no refit (and no products taken).
+    monkeypatch.setattr(rc, "POSITIONS_PER_SAMPLE", 4)
+    model = conv_model(rng, **CONVS["plain"])
+    w = initializer_arrays(model, ["conv.w"])["conv.w"]
+    data = data_for(model, f32(rng.normal(size=(2, 4, 9, 9))))
+    result = rc.reconstruct(model, model, data, 2, remove={"conv.w": 10}, masked=["conv.w"])
+    (fit,) = result.fits
+    assert fit.status == f"not refit: 8 rows < {fit.columns} columns" and fit.columns == w[0].size + 1
+    expected = prune_smallest(w, 10, np.random.default_rng(0))
+    np.testing.assert_array_equal(initializer_arrays(result.model, ["conv.w"])["conv.w"], expected)
+
+
 @pytest.mark.parametrize("name", CONVS)
 def test_pruned_conv_refit_beats_pruning_alone_on_held_out_data(rng, name):
     model = conv_model(rng, **CONVS[name])
