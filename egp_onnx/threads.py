@@ -24,7 +24,9 @@ def openblas_local() -> Callable[[int], int] | None:
         maps = Path("/proc/self/maps").read_text()  # the libraries this process has loaded (Linux)
     except OSError:
         return None
-    paths = sorted({line.split()[-1] for line in maps.splitlines() if "openblas" in line.lower()})
+    # a maps line: address perms offset dev inode path (the path may hold spaces)
+    fields = [line.split(maxsplit=5) for line in maps.splitlines() if "openblas" in line.lower()]
+    paths = sorted({f[5] for f in fields if len(f) == 6})
     for path in paths:
         try:
             setter = ctypes.CDLL(path).openblas_set_num_threads_local
