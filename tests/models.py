@@ -205,6 +205,17 @@ def save(model: onnx.ModelProto, path) -> str:
     return str(path)
 
 
+def save_external(model: onnx.ModelProto, path, location: str) -> str:
+    """Save ``model`` with every initializer in the external file ``location`` beside ``path``.
+
+    A copy is saved: onnx.save turns the proto it is given into an external-data one.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save(copy, str(path), save_as_external_data=True, location=location, size_threshold=0)
+    return str(path)
+
+
 def inputs(rng: np.random.Generator, n: int = 10, shape=(3, 6, 6)) -> np.ndarray:
     return rng.normal(size=(n, *shape)).astype(np.float32)
 

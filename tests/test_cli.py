@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import SAMPLES, load_npz
 from models import image_model as image_model_builder
-from models import inputs, no_rectifier, save, toy_files, two_convs
+from models import inputs, no_rectifier, save, save_external, toy_files, two_convs
 
 from egp_onnx.cli import main
 
@@ -267,15 +267,7 @@ def test_help_lists_commands(runner):
 
 def test_external_data_in_and_out(runner, tmp_path, rng):
     model = two_convs(rng)
-    external = onnx.ModelProto()
-    external.CopyFrom(model)  # onnx.save turns the proto it is given into an external-data one
-    onnx.save(
-        external,
-        str(tmp_path / "ext.onnx"),
-        save_as_external_data=True,
-        location="ext.weights",
-        size_threshold=0,
-    )
+    save_external(model, tmp_path / "ext.onnx", "ext.weights")
     assert (tmp_path / "ext.weights").exists()
     x = inputs(rng)
     np.savez(tmp_path / "c.npz", x=x)

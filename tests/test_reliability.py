@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from conftest import ROOT, compress_plain
-from models import _model, _x, _y, inputs, save, toy_files, two_convs
+from models import _model, _x, _y, inputs, save, save_external, toy_files, two_convs
 from onnx import TensorProto, helper, numpy_helper
 
 import egp_onnx
@@ -87,11 +87,7 @@ def test_outputs_never_overwrite_inputs_even_with_force(runner, tmp_path, rng, m
     np.savez(tmp_path / "folder" / "part.npz", x=inputs(rng))
     os.symlink(tmp_path / "c.npz", tmp_path / "soft.npz")
     os.link(tmp_path / "c.npz", tmp_path / "hard.npz")
-    external = onnx.ModelProto()
-    external.CopyFrom(two_convs(rng))
-    onnx.save(
-        external, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0
-    )
+    save_external(two_convs(rng), tmp_path / "ext.onnx", "w.bin")
     c = ["--calib", calib]
     cases = [
         (["analyze", model, *c, "--json", calib], "the input file of --calib"),
@@ -135,14 +131,7 @@ def test_outputs_never_overwrite_inputs_even_with_force(runner, tmp_path, rng, m
         assert digests(tmp_path) == before, args
     # OUT.data that is the input's external data: refused although only --external-data names it
     os.rename(tmp_path / "ext.onnx", tmp_path / "o.onnx.keep")
-    fresh = two_convs(rng)
-    onnx.save(
-        fresh,
-        str(tmp_path / "m2.onnx"),
-        save_as_external_data=True,
-        location="o.onnx.data",
-        size_threshold=0,
-    )
+    save_external(two_convs(rng), tmp_path / "m2.onnx", "o.onnx.data")
     before = digests(tmp_path)
     line = one_line_error(
         runner.invoke(main, ["compress", "m2.onnx", *c, "-o", "o.onnx", "--external-data", "--force"])
@@ -462,15 +451,7 @@ def test_external_data_outside_or_missing_is_refused(runner, tmp_path, rng):
     model = two_convs(rng)
     np.savez(tmp_path / "c.npz", x=inputs(rng))
     (tmp_path / "m").mkdir()
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save(
-        copy,
-        str(tmp_path / "m" / "gone.onnx"),
-        save_as_external_data=True,
-        location="gone.bin",
-        size_threshold=0,
-    )
+    save_external(model, tmp_path / "m" / "gone.onnx", "gone.bin")
     (tmp_path / "m" / "gone.bin").unlink()
     outside = onnx.load(str(tmp_path / "m" / "gone.onnx"), load_external_data=False)
     for tensor in outside.graph.initializer:
@@ -752,13 +733,7 @@ def test_every_option_with_bad_values_gives_one_line_and_no_traceback(runner, tm
 def test_model_inputs_list_external_data_files_and_skip_parsing_plain_models(rng, tmp_path):
     model = two_convs(rng)
     plain = save(model, tmp_path / "plain.onnx")
-    onnx.save_model(
-        model,
-        str(tmp_path / "ext.onnx"),
-        save_as_external_data=True,
-        location="ext.onnx.data",
-        size_threshold=0,
-    )
+    save_external(model, tmp_path / "ext.onnx", "ext.onnx.data")
     (tmp_path / "empty.onnx").write_bytes(b"")
     assert [i.path for i in model_inputs(plain)] == [Path(plain)]
     assert [i.path for i in model_inputs(tmp_path / "ext.onnx")] == [
