@@ -162,18 +162,10 @@ class Reference:
 
     def __init__(self, model: onnx.ModelProto | Prepared, data: CalibrationData, batch_size: int) -> None:
         """``model`` as a Prepared one keeps its session for later use (e.g. the latency measurement)."""
-        if isinstance(model, Prepared):
-            self.names = [o.name for o in model.session.get_outputs()]
-            run = model.run
-        else:
-            session = make_session(model, optimize=True)
-            self.names = [o.name for o in session.get_outputs()]
-
-            def run(names: list[str] | None, feed: Batch) -> list[np.ndarray]:
-                return run_session(session, names, feed)
-
+        prepared = _prepared(model)
+        self.names = [o.name for o in prepared.session.get_outputs()]
         self.batches: list[tuple[Batch, np.ndarray | None, list[np.ndarray]]] = [
-            (feed, labels, run(self.names, feed)) for feed, labels in data.batches(batch_size)
+            (feed, labels, prepared.run(self.names, feed)) for feed, labels in data.batches(batch_size)
         ]
 
     def evaluate(
