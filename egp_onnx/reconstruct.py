@@ -683,19 +683,19 @@ def _normal_equations(
     current = now.get(inputs, {t for other in later for t in (other.input, other.shortcut) if t})
     (dense,) = then.get([layer.residual or layer.output], {other.residual or other.output for other in later})
     normal: _Normal | None = None
-    samples = sum(len(x) for x, _ in zip(current[0], dense, strict=False))
-    take = min(POSITIONS_PER_SAMPLE, max(1, -(-ROWS_PER_COLUMN * width // samples)))
     kept = list(zip(*current, dense, strict=False))  # the batches both still keep
-    rows_of = [
-        len(t) * min(take, t.shape[2] * t.shape[3]) if layer.op_type == "Conv" else t.size // t.shape[-1]
-        for *_, t in kept
-    ]
-    if sum(rows_of) < width:  # too few rows to refit: an empty system with the count, for the record
+    samples = sum(len(target) for *_, target in kept)
+    take = min(POSITIONS_PER_SAMPLE, max(1, -(-ROWS_PER_COLUMN * width // samples)))
+    conv = layer.op_type == "Conv"
+    total = sum(
+        len(t) * min(take, t.shape[2] * t.shape[3]) if conv else t.size // t.shape[-1] for *_, t in kept
+    )
+    if total < width:  # too few rows to refit: an empty system with the count, for the record
         short = _Normal(1, 0, 0, bias=False)
-        short.rows = sum(rows_of)
+        short.rows = total
         return short
     for x, *shortcut, target in kept:
-        where = _positions(target.shape, rng, take) if layer.op_type == "Conv" else None
+        where = _positions(target.shape, rng, take) if conv else None
         rows = _dense_rows(x) if where is None else _conv_rows(x, layer, where)
         y = _rows_of(target, where).astype(np.float64)
         if shortcut and layer.scale is not None and layer.shift is not None:
@@ -706,7 +706,7 @@ def _normal_equations(
         normal.add(rows, y)
     assert normal is not None  # CalibrationData is never empty
     normal.finish()
-    if layer.op_type == "Conv":
+    if conv:
         normal.reorder(_patch_order(layer, normal.gram.shape[1] - int(normal.bias)))
     return normal
 
