@@ -33,7 +33,7 @@ from egp_onnx.data import CalibrationData
 from egp_onnx.prune import prune_smallest
 from egp_onnx.report import LayerFit
 from egp_onnx.segments import Activations
-from egp_onnx.threads import one_blas_thread
+from egp_onnx.threads import PARTS, map_parts, one_blas_thread
 from egp_onnx.topology import GraphIndex, replace_initializers, split_weights
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ MAX_SAMPLES = 1024
 CACHE_BYTES = 512 * 2**20
 #: Bytes of im2col rows a layer's normal equations collect before taking their products.
 CHUNK_BYTES = 16 * 2**20
+#: Rows a part of a chunk's products has at least (smaller chunks are not split, see map_parts).
+MIN_PART_ROWS = 512
 #: Layers wider than this (columns of the normal equations) are left as they are: the Gram matrix
 #: alone would take WIDTH_LIMIT^2 * 8 bytes (128 MiB at 4096).
 WIDTH_LIMIT = 4096
@@ -273,17 +275,15 @@ class _Normal:
             target = np.concatenate([t for _, t in self._pending], axis=0)
         self._pending, self._pending_bytes = [], 0
         groups, count, columns = rows.shape
-        # Products in the activations' precision (float32: half the time of float64), sums over
-        # chunks in float64. All groups in one batched product.
+        # Products in the activations' precision (float32: half the time of float64), over
+        # PARTS slices of the rows at once, summed in float64 in the slices' order.
         y = target.astype(rows.dtype).reshape(count, groups, -1).transpose(1, 0, 2)
-        if groups == 1:
-            a = rows[0]
-            self.gram[0, :columns, :columns] += a.T @ a  # numpy's symmetric rank-k product
-            self.cross[0, :columns] += a.T @ y[0]
-        else:
-            transposed = rows.transpose(0, 2, 1)
-            self.gram[:, :columns, :columns] += transposed @ rows
-            self.cross[:, :columns] += transposed @ y
+        parts = PARTS if count >= PARTS * MIN_PART_ROWS else 1
+        bounds = np.linspace(0, count, parts + 1).astype(int)
+        slices = [(rows[:, a:b], y[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        for gram, cross in map_parts(_products, slices):
+            self.gram[:, :columns, :columns] += gram
+            self.cross[:, :columns] += cross
         if self.bias:  # the column of ones, without forming it
             sums = rows.sum(axis=1, dtype=np.float64)
             self.gram[:, columns, :columns] += sums
@@ -298,6 +298,16 @@ class _Normal:
         self.gram = self.gram[:, full][:, :, full]
         self.cross = self.cross[:, full]
 
+
+
+def _products(part: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A^T A and A^T Y of rows A (groups, R, columns) and targets Y (groups, R, outputs), per group."""
+    rows, y = part
+    if rows.shape[0] == 1:
+        a = rows[0]
+        return (a.T @ a)[None], (a.T @ y[0])[None]  # a.T @ a: numpy's symmetric rank-k product
+    transposed = rows.transpose(0, 2, 1)
+    return transposed @ rows, transposed @ y
 
 #: Sampled output positions of a conv layer: (sample, row, column) index arrays.
 _Positions = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -416,8 +426,9 @@ def _solve(
     padded[:d, :d] = gram
     padded_cross = np.zeros((d + 1, outputs))
     padded_cross[:d] = cross
-    for start in range(0, outputs, chunk):
-        cols = order[start : start + chunk]
+
+    def batch(cols: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray | None]:
+        """The solutions of outputs ``cols``: where they go, their values, the inverses' diagonals."""
         m = max(1, int(sizes[cols].max()))
         idx = np.argsort(~keep[:, cols].T, axis=1, kind="stable")[:, :m]  # support first, in order
         valid = np.arange(m)[None, :] < sizes[cols][:, None]
@@ -427,13 +438,22 @@ def _solve(
         systems[:, diagonal, diagonal] += np.where(valid, regular[idx], 1.0)
         rhs = padded_cross[at, cols[:, None]][:, :, None]
         where = (idx[valid], np.broadcast_to(cols[:, None], idx.shape)[valid])
-        if inverse:
-            inv = np.linalg.inv(systems)
-            solution[where] = (inv @ rhs)[:, :, 0][valid]
-            assert diag is not None
-            diag[where] = np.diagonal(inv, axis1=1, axis2=2)[valid]
-        else:
-            solution[where] = _stable_solve(systems, rhs)[:, :, 0][valid]
+        if not inverse:
+            return where, _stable_solve(systems, rhs)[:, :, 0][valid], None
+        inv = np.linalg.inv(systems)
+        return where, (inv @ rhs)[:, :, 0][valid], np.diagonal(inv, axis1=1, axis2=2)[valid]
+
+    # Batches of sizes in order, each split in PARTS solved at once (the smaller systems first).
+    batches = [
+        part
+        for start in range(0, outputs, chunk)
+        for part in np.array_split(order[start : start + chunk], PARTS)
+        if part.size
+    ]
+    for where, values, inverse_diag in map_parts(batch, batches):
+        solution[where] = values
+        if diag is not None and inverse_diag is not None:
+            diag[where] = inverse_diag
     solution[~keep] = 0.0
     return solution, diag
 

@@ -1,4 +1,6 @@
-"""numpy's BLAS on one thread for a block of small products (OpenBLAS only; elsewhere a no-op).
+"""numpy's BLAS on one thread for a block of small products, and independent parts of it on threads.
+
+:func:`one_blas_thread` (OpenBLAS only; elsewhere a no-op):
 
 A batch of linear systems of a few hundred unknowns gains nothing from BLAS threads, and when the
 other cores are busy each call waits for its threads to be scheduled: 128 masked systems of 290
@@ -6,15 +8,31 @@ unknowns took 1.1-1.5 s on OpenBLAS's two threads against 0.2-0.3 s on one, on t
 The count is set with ``openblas_set_num_threads_local`` (OpenBLAS 0.3.27 on), which returns the
 count it replaces; in numpy's OpenBLAS it holds for the whole process while the block runs (a
 thread started inside the block sees it too), so the block should not overlap other BLAS work.
+
+:func:`map_parts` runs a few independent products at once instead, each on one BLAS thread: the
+work is split by the caller into a fixed number of parts (:data:`PARTS`), so the arithmetic and its
+rounding are the same whatever the machine's core count; only how many run at once follows it.
+Unlike BLAS's own threads, which meet at a barrier after every block of a product, parts do not
+wait for each other: with the other core busy, they run one after the other at no extra cost.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Parts a block of independent products is split into (see map_parts): a constant, not the core
+#: count, so results do not depend on the machine.
+PARTS = 2
 
 
 @functools.cache
@@ -50,3 +68,28 @@ def one_blas_thread() -> Iterator[None]:
         yield
     finally:
         setter(previous)
+
+
+def cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="egp-parts")
+
+
+def map_parts(function: Callable[[T], R], parts: Sequence[T]) -> list[R]:
+    """``[function(p) for p in parts]``, the parts on up to as many threads as there are cores.
+
+    The results come back in the order of ``parts``. ``function`` must not write to anything
+    another part reads.
+    """
+    workers = min(len(parts), cores())
+    if workers <= 1:
+        return [function(part) for part in parts]
+    return list(_pool(workers).map(function, parts))

@@ -99,11 +99,13 @@ def test_conv_rows_reproduce_onnxruntime(rng, name):
     np.testing.assert_allclose(predicted, target, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("chunk", [1, 2**30])
-def test_normal_equations_in_chunks_equal_the_products_of_all_rows(rng, monkeypatch, chunk):
-    # Rows are collected and multiplied in chunks (each batch alone, or all at once): the sums
-    # are A~^T A~ and A~^T Y over every row, per group, with the bias column.
+@pytest.mark.parametrize(("chunk", "part_rows"), [(1, 512), (2**30, 512), (2**30, 1), (1, 1)])
+def test_normal_equations_in_chunks_equal_the_products_of_all_rows(rng, monkeypatch, chunk, part_rows):
+    # Rows are collected and multiplied in chunks (each batch alone, or all at once), each chunk
+    # in parts when it has the rows: the sums are A~^T A~ and A~^T Y over every row, per group,
+    # with the bias column.
     monkeypatch.setattr(rc, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(rc, "MIN_PART_ROWS", part_rows)
     batches = [(f32(rng.normal(size=(2, n, 5))), rng.normal(size=(n, 6))) for n in (7, 3, 9)]
     normal = rc._Normal(2, 5, 6, bias=True)
     for rows, target in batches:
@@ -118,6 +120,31 @@ def test_normal_equations_in_chunks_equal_the_products_of_all_rows(rng, monkeypa
     np.testing.assert_allclose(normal.target_sq, (target**2).sum(axis=0))
     assert normal.rows == 19
 
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_masked_solves_equal_each_outputs_own_system(rng, inverse):
+    # Outputs with supports of many sizes (one empty, one full) are solved in batches of similar
+    # size, each batch in parts: every output's solution is its own ridge system's, 0 off its
+    # support, and the inverses' diagonals are those of its own system.
+    d, outputs = 12, 9
+    a = rng.normal(size=(40, d))
+    a[:, -1] = 1.0  # the bias column
+    gram, cross = a.T @ a, a.T @ rng.normal(size=(40, outputs))
+    support = rng.random((d - 1, outputs)) < np.linspace(0, 1, outputs)
+    support[:, 0], support[:, -1] = False, True
+    solution, diag = rc._solve(gram, cross, support, bias=True, inverse=inverse)
+    lam = rc._ridge(gram, bias=True)
+    for j in range(outputs):
+        kept = np.flatnonzero(np.append(support[:, j], True))
+        system = gram[np.ix_(kept, kept)] + np.diag(np.where(kept < d - 1, lam, 0.0))
+        expected = np.zeros(d)
+        expected[kept] = np.linalg.solve(system, cross[kept, j])
+        np.testing.assert_allclose(solution[:, j], expected, rtol=1e-9, atol=1e-12)
+        if inverse:
+            assert diag is not None
+            np.testing.assert_allclose(diag[kept, j], np.diag(np.linalg.inv(system)), rtol=1e-9)
+    assert (diag is None) == (not inverse)
 
 def test_known_layer_is_recovered(rng):
     # The dense layer's weights are already 40% zero; the current model holds other values on the

@@ -1,11 +1,16 @@
-"""one_blas_thread: numpy's OpenBLAS on one thread inside the block, the count restored after."""
+"""one_blas_thread: numpy's OpenBLAS on one thread inside the block, the count restored after;
+map_parts: results in order, the parts on several threads when there are cores for them."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from egp_onnx.threads import one_blas_thread, openblas_local
+from egp_onnx import threads
+from egp_onnx.threads import map_parts, one_blas_thread, openblas_local
 
 
 def test_one_thread_inside_the_block_and_the_count_restored_after():
@@ -34,3 +39,28 @@ def test_the_count_is_restored_when_the_block_raises():
         assert setter(2) == 2
     finally:
         setter(before)
+
+
+def _part(k: int) -> tuple[int, int]:
+    time.sleep(0.01)  # long enough that a free worker takes the next part
+    return k * k, threading.get_ident()
+
+
+def test_parts_run_on_several_threads_and_come_back_in_order(monkeypatch):
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    results = map_parts(_part, range(6))
+    assert [value for value, _ in results] == [k * k for k in range(6)]
+    assert len({ident for _, ident in results}) == 2
+
+
+def test_parts_run_in_the_calling_thread_on_one_core(monkeypatch):
+    monkeypatch.setattr(threads, "cores", lambda: 1)
+    results = map_parts(_part, range(4))
+    assert [value for value, _ in results] == [0, 1, 4, 9]
+    assert {ident for _, ident in results} == {threading.get_ident()}
+
+
+def test_a_parts_error_reaches_the_caller(monkeypatch):
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    with pytest.raises(ZeroDivisionError):
+        map_parts(lambda k: 1 / k, [1, 0])
