@@ -43,6 +43,7 @@ class Activations:
         weights: values of the stubs; the caller may change them between requests.
         batches: the feeds, in order (each a dict of graph input arrays).
         budget: bytes the kept tensors may take; beyond it the last batches are dropped.
+        threads: onnxruntime's intra-op threads per segment (0: its default, one per core).
 
     """
 
@@ -52,10 +53,11 @@ class Activations:
         weights: Mapping[str, np.ndarray],
         batches: Sequence[Mapping[str, np.ndarray]],
         budget: int,
+        threads: int = 0,
     ) -> None:
         if not batches:
             raise ValueError("no batches to compute tensors for")
-        self.model, self.weights, self.budget = model, weights, budget
+        self.model, self.weights, self.budget, self.threads = model, weights, budget, threads
         self.nodes = list(model.graph.node)
         self.producer = {out: i for i, node in enumerate(self.nodes) for out in node.output if out}
         self.reads = [reads(node) for node in self.nodes]  # bodies walked once, not per request
@@ -128,7 +130,9 @@ class Activations:
         # Worker threads that sleep when idle: between runs the caller computes with numpy (its
         # BLAS threads), and spinning workers took those cores (a reconstruction step of the MNIST
         # sample: 3.2 s with spinning, 2.2 s without, on the loaded machine).
-        session = make_session(part, optimize=True, lean=True, weights=self.weights, spinning=False)
+        session = make_session(
+            part, optimize=True, lean=True, weights=self.weights, threads=self.threads, spinning=False
+        )
         self.sessions += 1
         b = 0
         while b < self.batches:

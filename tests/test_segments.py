@@ -41,11 +41,11 @@ def batches_of(x: np.ndarray, size: int) -> list[dict[str, np.ndarray]]:
     return [{"x": x[i : i + size]} for i in range(0, len(x), size)]
 
 
-def activations(model, x, size=4, budget=2**30, weights=None):
+def activations(model, x, size=4, budget=2**30, weights=None, threads=0):
     stubbed, values = split_weights(model, always=[f"{n}.w" for n in LAYERS])
     if weights is not None:
         values.update(weights)
-    return Activations(stubbed, values, batches_of(x, size), budget), values
+    return Activations(stubbed, values, batches_of(x, size), budget, threads), values
 
 
 def test_requests_in_layer_order_match_the_whole_model_and_run_each_node_once(rng):
@@ -109,9 +109,9 @@ def test_a_small_budget_keeps_the_first_batches_only(rng):
     np.testing.assert_allclose(r1[0], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_segment_sessions_do_not_spin(rng, monkeypatch):
+def test_segment_sessions_do_not_spin_and_take_the_thread_count(rng, monkeypatch):
     # Between runs the caller computes with numpy's BLAS threads; spinning onnxruntime workers
-    # would take those cores.
+    # would take those cores. Reconstruction runs two models' segments at once, each on its share.
     import egp_onnx.segments as segments
 
     built = []
@@ -121,10 +121,11 @@ def test_segment_sessions_do_not_spin(rng, monkeypatch):
         return built[-1]
 
     monkeypatch.setattr(segments, "make_session", recording)
-    acts, _ = activations(residual_model(rng), f32(rng.normal(size=(4, 3, 6, 6))))
+    acts, _ = activations(residual_model(rng), f32(rng.normal(size=(4, 3, 6, 6))), threads=1)
     acts.get(["r1"], later={"y"})
     acts.get(["y"])
     assert len(built) == 2 and not any(spins(session) for session in built)
+    assert [s.get_session_options().intra_op_num_threads for s in built] == [1, 1]
 
 
 def test_reads_include_what_subgraph_bodies_read_from_the_outer_scope():
