@@ -722,16 +722,26 @@ def _normal_equations(
         short = _Normal(1, 0, 0, bias=False)
         short.rows = total
         return short
-    for x, *shortcut, target in kept:
-        where = _positions(target.shape, rng, take) if conv else None
+
+    def rows_of_batch(
+        item: tuple[tuple[np.ndarray, ...], _Positions | None],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        (x, *shortcut, target), where = item
         rows = _dense_rows(x) if where is None else _conv_rows(x, layer, where)
         y = _rows_of(target, where).astype(np.float64)
         if shortcut and layer.scale is not None and layer.shift is not None:
             safe = np.where(np.abs(layer.scale) < 1e-12, 1.0, layer.scale)
             y = (y - _rows_of(shortcut[0], where) - layer.shift) / safe
-        if normal is None:
-            normal = _Normal(rows.shape[0], rows.shape[2], y.shape[1], layer.bias is not None)
-        normal.add(rows, y)
+        return rows, y
+
+    # PARTS batches' rows are gathered at once; their positions are drawn in batch order first.
+    for start in range(0, len(kept), PARTS):
+        group = kept[start : start + PARTS]
+        wheres = [_positions(batch[-1].shape, rng, take) if conv else None for batch in group]
+        for rows, y in map_parts(rows_of_batch, list(zip(group, wheres, strict=True))):
+            if normal is None:
+                normal = _Normal(rows.shape[0], rows.shape[2], y.shape[1], layer.bias is not None)
+            normal.add(rows, y)
     assert normal is not None  # CalibrationData is never empty
     normal.finish()
     if conv:
