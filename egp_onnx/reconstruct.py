@@ -299,7 +299,6 @@ class _Normal:
         self.cross = self.cross[:, full]
 
 
-
 def _products(part: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """A^T A and A^T Y of rows A (groups, R, columns) and targets Y (groups, R, outputs), per group."""
     rows, y = part
@@ -308,6 +307,7 @@ def _products(part: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarr
         return (a.T @ a)[None], (a.T @ y[0])[None]  # a.T @ a: numpy's symmetric rank-k product
     transposed = rows.transpose(0, 2, 1)
     return transposed @ rows, transposed @ y
+
 
 #: Sampled output positions of a conv layer: (sample, row, column) index arrays.
 _Positions = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -709,7 +709,7 @@ def _normal_equations(
     ]
     # The two models' segments run at once: a segment's small nodes keep two cores busier as two
     # one-thread sessions than as one two-thread session (digits sample: 0.07-0.09 s a model).
-    current, (dense,) = map_parts(_call, requests)
+    current, (dense,) = map_parts(lambda request: request(), requests)
     normal: _Normal | None = None
     kept = list(zip(*current, dense, strict=False))  # the batches both still keep
     samples = sum(len(target) for *_, target in kept)
@@ -747,10 +747,6 @@ def _normal_equations(
     if conv:
         normal.reorder(_patch_order(layer, normal.gram.shape[1] - int(normal.bias)))
     return normal
-
-
-def _call(request: Callable[[], list[list[np.ndarray]]]) -> list[list[np.ndarray]]:
-    return request()
 
 
 def _rows_of(tensor: np.ndarray, where: _Positions | None) -> np.ndarray:

@@ -87,7 +87,8 @@ def map_parts(function: Callable[[T], R], parts: Sequence[T]) -> list[R]:
     """``[function(p) for p in parts]``, the parts on up to as many threads as there are cores.
 
     The results come back in the order of ``parts``. ``function`` must not write to anything
-    another part reads.
+    another part reads, nor call map_parts itself (the parts share one pool of threads). The
+    parts run with the caller's BLAS thread count (in numpy's OpenBLAS, see one_blas_thread).
     """
     workers = min(len(parts), cores())
     if workers <= 1:
