@@ -79,7 +79,8 @@ def cores() -> int:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per size and process: a forked child has none of its parent's threads."""
     return ThreadPoolExecutor(workers, thread_name_prefix="egp-parts")
 
 
@@ -93,4 +94,4 @@ def map_parts(function: Callable[[T], R], parts: Sequence[T]) -> list[R]:
     workers = min(len(parts), cores())
     if workers <= 1:
         return [function(part) for part in parts]
-    return list(_pool(workers).map(function, parts))
+    return list(_pool(workers, os.getpid()).map(function, parts))

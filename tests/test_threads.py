@@ -3,6 +3,7 @@ map_parts: results in order, the parts on several threads when there are cores f
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 
@@ -64,3 +65,26 @@ def test_a_parts_error_reaches_the_caller(monkeypatch):
     monkeypatch.setattr(threads, "cores", lambda: 2)
     with pytest.raises(ZeroDivisionError):
         map_parts(lambda k: 1 / k, [1, 0])
+
+
+def _parts_in_a_child(queue) -> None:
+    queue.put(map_parts(abs, [-1, -2, -3]))
+
+
+def test_parts_run_in_a_process_forked_after_the_pool_started(monkeypatch):
+    # The pool's threads do not survive a fork: a child using the parent's pool would wait forever.
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    assert map_parts(abs, [-1, -2]) == [1, 2]  # the parent's pool now has threads
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_parts_in_a_child, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=30) == [1, 2, 3]
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
