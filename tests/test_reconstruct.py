@@ -363,6 +363,27 @@ def test_masks_stay_zero_over_a_whole_sample_and_obs_selection(rng):
     assert max(errors.values()) < 0.5 * rel(pruned_y, dense_y)
 
 
+
+@pytest.mark.parametrize("select", ["magnitude", "obs"])
+def test_the_refit_is_the_same_on_one_core_and_on_two(monkeypatch, select):
+    # Products, solves and both models' segments run in parts on threads; the parts are fixed, so
+    # the weights are bitwise the same whether the parts run one after the other or at once.
+    from egp_onnx import threads
+
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    calib = open_calibration(SAMPLES / "digits_calib.npz", model)
+    names = ["block1.conv1.weight", "block2.conv2.weight", "fc1.weight"]
+    weights = initializer_arrays(model, names)
+    remove = {n: weights[n].size // 2 for n in names}
+    monkeypatch.setattr(rc, "MIN_PART_ROWS", 64)  # every chunk split, small as these layers are
+    results = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(threads, "cores", lambda cores=cores: cores)
+        result = rc.reconstruct(model, model, calib, 64, remove=remove, masked=names, select=select)
+        results[cores] = {t.name: t.raw_data for t in result.model.graph.initializer}
+    assert results[1] == results[2]
+    assert results[1] != {t.name: t.raw_data for t in model.graph.initializer}  # the weights were refit
+
 def test_limits_keep_heads_dense_and_cap_layers_every_path_needs(rng):
     model = residual_model(rng)
     limits = sparsity_limits(model, ["c0.w", "c1.w", "c2.w", "fc.w"], 0.98)
