@@ -372,8 +372,8 @@ def compress(
     feed = reference.first_feed()
     shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
     # the weights that the sessions already hold are counted without reading the protobufs again
-    cost_before = model_cost(proto, shapes, original.weights if isinstance(original, Prepared) else None)
-    cost_after = model_cost(final, shapes, run.weights if isinstance(run, Prepared) else None)
+    cost_before = model_cost(proto, shapes, original.counts if isinstance(original, Prepared) else None)
+    cost_after = model_cost(final, shapes, run.counts if isinstance(run, Prepared) else None)
     timing = compare_latency(original, run, latency_feeds(proto, feed)) if latency else None
     report = CompressionReport(
         source=source,

@@ -16,7 +16,7 @@ from egp_onnx.calibrate import make_session, run_session
 from egp_onnx.data import Batch, CalibrationData
 from egp_onnx.errors import ModelError
 from egp_onnx.report import Fidelity, LatencyRecord, OutputFidelity, Timing
-from egp_onnx.topology import split_weights
+from egp_onnx.topology import initializer_counts, split_weights
 
 
 class Prepared:
@@ -37,14 +37,16 @@ class Prepared:
 
         ``split`` is ``split_weights(model)`` when the caller has made it; ``known``, values of some
         of the model's initializers already read (see :func:`egp_onnx.topology.split_weights`).
-        Either saves reading and copying the same weights again.
+        Either saves reading and copying the same weights again. Neither is kept once the session
+        is built: onnxruntime holds its own copy of the weights.
         """
         self.model = model
         self._split = split
         self._known = known
         self._session: ort.InferenceSession | None = None
-        #: The values of the initializers the session reads from memory, once it is built.
-        self.weights: dict[str, np.ndarray] = {}
+        #: The model's :func:`egp_onnx.topology.initializer_counts`, taken while the session is built
+        #: (from the arrays it is built from: the cost figures need no second read of the weights).
+        self.counts: dict[str, tuple[bool, int, int]] = {}
         self.warm: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()  # input shapes its session has run
 
     @property
@@ -52,8 +54,9 @@ class Prepared:
         """The session (built now if not yet)."""
         if self._session is None:
             stubbed, weights = self._split or split_weights(self.model, known=self._known)
+            self._split = self._known = None
             self._session = make_session(stubbed, optimize=True, spinning=False, weights=weights)
-            self.weights, self._split, self._known = weights, None, None  # the session holds them now
+            self.counts = initializer_counts(self.model, weights)
         return self._session
 
     def run(self, names: list[str] | None, feed: Batch) -> list[np.ndarray]:

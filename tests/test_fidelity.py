@@ -21,7 +21,7 @@ from egp_onnx.cost import count_macs, model_cost
 from egp_onnx.data import open_calibration, split_holdout
 from egp_onnx.io import prepare_model
 from egp_onnx.loop import RETRIES
-from egp_onnx.topology import count_parameters, split_weights
+from egp_onnx.topology import count_parameters, initializer_counts, split_weights
 from egp_onnx.verify import Prepared, Reference, compare
 
 MODEL = SAMPLES / "digits_resnet.onnx"
@@ -270,18 +270,26 @@ def test_prepared_model_builds_its_session_once_and_measures_the_same(rng, tmp_p
     assert prepared.session is session
 
 
-def test_prepared_model_with_known_or_split_weights_measures_the_same(rng, tmp_path):
+def test_prepared_model_with_known_or_split_weights_measures_and_counts_the_same(rng, tmp_path, monkeypatch):
+    import egp_onnx.topology as topology
+
     model = prepare_model(single_conv(rng))
     other = prepare_model(single_conv(np.random.default_rng(5)))
     np.savez(tmp_path / "c.npz", x=inputs(rng, n=12))
     data = open_calibration(tmp_path / "c.npz", model)
     stubbed, weights = split_weights(other)
-    plain = compare(model, other, data, 5)
+    plain, counts = compare(model, other, data, 5), initializer_counts(other)
+    reference = Prepared(model)
+    assert reference.session is not None  # built before to_array is watched
+    read = []
+    real = topology.numpy_helper.to_array
+    monkeypatch.setattr(topology.numpy_helper, "to_array", lambda t, *a: read.append(t.name) or real(t, *a))
     for prepared in (Prepared(other, known=weights), Prepared(other, split=(stubbed, weights))):
-        assert compare(model, prepared, data, 5) == plain
-        assert prepared.weights.keys() == weights.keys()
-        assert all(prepared.weights[n] is weights[n] for n in weights), "the given arrays, not copies"
-    assert plain.rel_error > 0
+        assert prepared.counts == {}
+        assert compare(reference, prepared, data, 5) == plain
+        assert prepared.counts == counts
+    assert weights and not set(read) & set(weights), "the given arrays are not read again"
+    assert plain.rel_error > 0 and counts["w"][1:] == (4 * 27, 4 * 27)
 
 
 def test_a_prepared_model_remembers_the_shapes_it_has_run(rng, tmp_path):
