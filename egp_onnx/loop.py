@@ -188,7 +188,6 @@ def run_loop(
             detail = "no prunable weight left to remove within the layers' limits"
             stop = StopRecord("no-weights-left", accepted, detail)
             break
-        previous = layers.weights
         number = len(steps) + 1
         candidate, fits = _prune_step(model, current, layers, counts, data, settings, rng, number, on_stage)
         sparsity = 1.0 - float(layers.nnz().sum()) / total
@@ -224,7 +223,9 @@ def run_loop(
         )
         if problems:
             steps.append(record)
-            layers.weights = previous
+            # back to the last accepted weights, read again from the model that holds them: kept
+            # through the step instead, they were a second copy of every weight while it ran
+            layers.read(current)
             detail = f"step {number} (sparsity {sparsity:.4f}) failed the guard: {'; '.join(problems)}"
             if retries < RETRIES:
                 retries += 1

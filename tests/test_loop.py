@@ -1,4 +1,4 @@
-"""LayerSet: the weights it reads, and the model copies it makes only when they changed."""
+"""LayerSet: the weights it reads, the model copies it makes only when they changed; the loop's rollback."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import numpy as np
 from conftest import SAMPLES
 
 from egp_onnx import reconstruct as rc
+from egp_onnx.calibrate import collect_statistics
 from egp_onnx.data import open_calibration
 from egp_onnx.io import load_model
-from egp_onnx.loop import LayerSet
+from egp_onnx.limits import sparsity_limits
+from egp_onnx.loop import LayerSet, run_loop
 from egp_onnx.prune import prune_smallest
+from egp_onnx.report import Fidelity
+from egp_onnx.settings import Settings
 from egp_onnx.topology import find_rectifiers, initializer_arrays, replace_initializers, tensor_values
 
 
@@ -80,3 +84,35 @@ def test_nnz_is_counted_once_per_set_of_weights(rng, monkeypatch):
     first[0] = -1  # the caller's copy
     layers.weights = [prune_smallest(w, w.size // 2, rng) for w in layers.weights]
     assert layers.nnz().tolist() == [real(w) for w in layers.weights]
+
+
+def test_a_rejected_step_is_retried_from_the_last_accepted_weights():
+    """Step 2's first attempt fails the guard; its retry prunes step 1's weights, not the rejected ones."""
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    calib = open_calibration(SAMPLES / "digits_calib.npz", model)
+    sites = find_rectifiers(model)
+    layers = LayerSet(model, sites)
+    limits = sparsity_limits(model, layers.weight_names, 0.98)
+    settings = Settings(sparsity=0.8, step=0.5, batch_size=64, reconstruct=False, min_agreement=0.5)
+    candidates: list[dict[str, np.ndarray]] = []
+
+    def guard(candidate):
+        candidates.append(initializer_arrays(candidate, layers.weight_names))
+        fails = len(candidates) == 2
+        fidelity = Fidelity(0.0 if fails else 1.0, 0.0, 0.0, None, None, 1, ())
+        return fidelity, ["rejected"] if fails else []
+
+    stats = collect_statistics(model, sites, calib, 64)
+    quiet = lambda *args: None  # noqa: E731
+    outcome = run_loop(model, sites, layers, limits, stats, calib, settings, guard, quiet, quiet)
+    assert [s.accepted for s in outcome.steps[:3]] == [True, False, True]
+    accepted, rejected, retry = candidates[:3]
+    removed = outcome.steps[2].removed
+    zeros = {n: int((w == 0).sum()) for n, w in accepted.items()}
+    assert sum(int((retry[n] == 0).sum()) - zeros[n] for n in retry) == removed
+    rejected_zeros = sum(int((rejected[n] == 0).sum()) - zeros[n] for n in rejected)
+    assert rejected_zeros == outcome.steps[1].removed > removed
+    for name, weights in retry.items():
+        kept = weights != 0
+        np.testing.assert_array_equal(weights[kept], accepted[name][kept], err_msg=name)
+        assert not (kept & (accepted[name] == 0)).any(), name
