@@ -45,24 +45,47 @@ class LayerSet:
     def __init__(self, model: onnx.ModelProto, sites: list[RectifierSite]) -> None:
         self.sites = list(prunable_layers(sites).values())
         self.weight_names = [s.owner.weight for s in self.sites if s.owner]
+        self._weights: list[np.ndarray] | None = None  # None: released (see release)
+        self._source: onnx.ModelProto | None = None  # a model known to hold the weights
+        self._nnz: np.ndarray | None = None  # counted when first asked (a pass over every weight)
         self.read(model)
+        self._sizes = np.array([w.size for w in self.weights], dtype=np.int64)  # pruning keeps shapes
 
     @property
     def weights(self) -> list[np.ndarray]:
-        """The current weights, in ``weight_names`` order (read-only arrays: replace, never write)."""
+        """The current weights, in ``weight_names`` order (read-only arrays: replace, never write).
+
+        After :meth:`release` they are read again from the model that holds them.
+        """
+        if self._weights is None:
+            assert self._source is not None  # release() lets them go only when a model holds them
+            self._weights = self._arrays(self._source)
         return self._weights
 
     @weights.setter
     def weights(self, value: list[np.ndarray]) -> None:
         self._weights = list(value)
-        self._source: onnx.ModelProto | None = None  # no model is known to hold them
-        self._nnz: np.ndarray | None = None  # counted when first asked (a pass over every weight)
+        self._source = None  # no model is known to hold them
+        self._nnz = None
 
     def read(self, model: onnx.ModelProto) -> None:
         """Take the weights ``model`` holds."""
-        arrays = initializer_arrays(model, self.weight_names, writable=False)
-        self.weights = [arrays[n] for n in self.weight_names]
+        self.weights = self._arrays(model)
         self._source = model
+
+    def _arrays(self, model: onnx.ModelProto) -> list[np.ndarray]:
+        arrays = initializer_arrays(model, self.weight_names, writable=False)
+        return [arrays[n] for n in self.weight_names]
+
+    def release(self) -> None:
+        """Let go of the weight arrays if a model holds the same values (read from or written into it).
+
+        Counts stay. After the loop its result and that model's session hold the weights: kept here
+        too, they were one more copy of every prunable weight while graph surgery ran and checked.
+        """
+        if self._source is not None:
+            self.nnz()  # counted while the arrays are here
+            self._weights = None
 
     def held(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         """The current weights by initializer name if ``model`` holds them (read from or written into it).
@@ -79,7 +102,7 @@ class LayerSet:
 
     def sizes(self) -> np.ndarray:
         """Weights per layer."""
-        return np.array([w.size for w in self.weights], dtype=np.int64)
+        return self._sizes.copy()
 
     def entropies(self, stats: Statistics) -> np.ndarray:
         """Layer entropy of each layer's ReLU."""

@@ -362,6 +362,7 @@ def compress(
         finetune,
     )
     pruned = _strip_value_info(outcome.model, in_place=outcome.model is not proto)
+    layers.release()  # the loop's weights are in the pruned model (and the guard's session of it)
     # From here on the original's graph is enough: its weights go (kept by nothing else unless the
     # loop's result is the original itself; its session, when kept, holds its own copy of them).
     outline = shape_skeleton(proto)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 from conftest import SAMPLES
 
@@ -84,6 +86,33 @@ def test_nnz_is_counted_once_per_set_of_weights(rng, monkeypatch):
     first[0] = -1  # the caller's copy
     layers.weights = [prune_smallest(w, w.size // 2, rng) for w in layers.weights]
     assert layers.nnz().tolist() == [real(w) for w in layers.weights]
+
+
+def test_release_lets_the_weights_go_and_reads_them_again_from_the_model_that_holds_them(rng, monkeypatch):
+    import egp_onnx.topology as topology
+
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    layers = LayerSet(model, find_rectifiers(model))
+    layers.weights = [prune_smallest(w, w.size // 2, rng) for w in layers.weights]
+    kept = [w.copy() for w in layers.weights]
+    direct = layers.weights
+    layers.release()
+    assert all(a is b for a, b in zip(layers.weights, direct, strict=True)), "no model holds them: kept"
+    del direct
+    pruned = layers.apply(model)
+    nnz, sizes = layers.nnz(), layers.sizes()
+    alive = [weakref.ref(w) for w in layers.weights]
+    layers.release()
+    assert all(ref() is None for ref in alive), "the arrays are freed"
+    read = []
+    real = topology.numpy_helper.to_array
+    monkeypatch.setattr(topology.numpy_helper, "to_array", lambda t, *a: read.append(t.name) or real(t, *a))
+    assert layers.nnz().tolist() == nnz.tolist() and layers.sizes().tolist() == sizes.tolist()
+    assert read == [], "the counts need no weights"
+    for weights, expected in zip(layers.weights, kept, strict=True):
+        np.testing.assert_array_equal(weights, expected)
+    assert sorted(read) == sorted(layers.weight_names), "read again from the pruned model, once"
+    assert layers.apply(pruned) is pruned and layers.held(pruned).keys() == set(layers.weight_names)
 
 
 def test_a_rejected_step_is_retried_from_the_last_accepted_weights():
