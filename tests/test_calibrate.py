@@ -202,6 +202,8 @@ def test_a_session_keeps_no_reference_to_the_weights_it_was_built_from(rng):
         del copies
         assert alive and all(ref() is None for ref in alive), "the session holds none of them"
         np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
+        config = session.get_session_options().get_session_config_entry
+        assert config("session.use_device_allocator_for_initializers") == "1"  # outside the arena
 
 
 def test_a_rejected_batch_stops_the_pass_with_batches_in_flight(tmp_path, rng, monkeypatch):
