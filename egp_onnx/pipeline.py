@@ -49,7 +49,15 @@ from egp_onnx.topology import (
     shape_skeleton,
     split_weights,
 )
-from egp_onnx.verify import Prepared, Reference, compare, compare_latency, latency_feeds, passes
+from egp_onnx.verify import (
+    Outputs,
+    Prepared,
+    Reference,
+    compare,
+    compare_latency,
+    latency_feeds,
+    passes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -475,8 +483,12 @@ def _reduce_depth(
     # taken only when the user asks for sparsity (then the guard judges it on held-out data).
     channel_states = _channel_states(sites, stats) if settings.sparsity > 0 else {}
 
+    # The pruned model's outputs are kept instead of its session, which goes before surgery runs
+    # (when they take less memory than its weights; else it stays and runs again).
+    reference = Outputs.instead_of(pruned, data, settings.batch_size)
+
     def measure(candidate: onnx.ModelProto) -> float:
-        return compare(pruned, candidate, data, settings.batch_size).rel_error
+        return compare(reference, candidate, data, settings.batch_size).rel_error
 
     tolerance = settings.merge_tolerance
     result = simplify(model, channel_states, measure=measure, tolerance=tolerance)
@@ -492,7 +504,7 @@ def _reduce_depth(
     )
     try:
         rewritten = Prepared(result.model, checked_split(result.model))
-        check = compare(pruned, rewritten, data, settings.batch_size, SURGERY_ATOL, SURGERY_RTOL)
+        check = compare(reference, rewritten, data, settings.batch_size, SURGERY_ATOL, SURGERY_RTOL)
     except (onnx.checker.ValidationError, EgpError) as exc:
         reason = f"graph surgery produced an invalid model ({exc})"
         log.error("%s; keeping the pruned model", reason)

@@ -323,6 +323,29 @@ def test_the_original_kept_for_the_latency_is_its_session_and_graph(rng, tmp_pat
     assert len(kept.graph.node) == len(load_model(model).graph.node)
 
 
+def test_stored_outputs_compare_as_the_model_does_and_its_session_goes(rng, tmp_path, monkeypatch):
+    import egp_onnx.verify as verify
+
+    model = prepare_model(single_conv(rng))
+    other = prepare_model(single_conv(np.random.default_rng(5)))
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=12))
+    data = open_calibration(tmp_path / "c.npz", model)
+    plain = compare(model, other, data, 5, 1e-3, 1e-3)
+    outputs = 12 * 4 * 6 * 6 * 4  # bytes: 12 samples of (4, 6, 6) float32
+    monkeypatch.setattr(verify, "serialized_size", lambda m: outputs)  # weights as large as the outputs
+    prepared = Prepared(model)
+    session = prepared.session
+    stored = verify.Outputs.instead_of(prepared, data, 5)
+    assert isinstance(stored, verify.Outputs) and [len(b) for b in stored.batches] == [1, 1, 1]
+    assert compare(stored, other, data, 5, 1e-3, 1e-3) == plain and plain.rel_error > 0
+    assert prepared.warm == set() and prepared.session is not session, "let go, built again when run"
+    assert compare(prepared, other, data, 5, 1e-3, 1e-3) == plain
+    # outputs that would take more memory than the weights: the model keeps its session
+    monkeypatch.setattr(verify, "serialized_size", lambda m: outputs - 1)
+    session = prepared.session
+    assert verify.Outputs.instead_of(prepared, data, 5) is prepared and prepared.session is session
+
+
 def test_a_prepared_model_remembers_the_shapes_it_has_run(rng, tmp_path):
     model = prepare_model(single_conv(rng))
     np.savez(tmp_path / "c.npz", x=inputs(rng, n=12))
