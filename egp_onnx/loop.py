@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -220,15 +219,14 @@ def run_loop(
         counted: Statistics | None = None
         fidelity: Fidelity | None
         if guard is not None and settings.min_agreement is None and settings.max_rel_error is None:
-            # A guard without thresholds only measures: the step is kept whatever it reads, so the
-            # measurement runs in a second thread while the statistics pass runs (that pass leaves
-            # a core idle on a few batches, and a session build takes mostly one).
+            # A guard without thresholds only measures: the step is kept whatever it reads, so its
+            # statistics pass need not wait for the verdict. It runs first, and its session is gone
+            # before the measurement builds the candidate's (kept for graph surgery's check): run
+            # beside each other, the two sessions were built at once (VGG-19: 0.7 GB more, 2-3 s less).
             on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
-            with ThreadPoolExecutor(1, thread_name_prefix="egp-measure") as pool:
-                pending = pool.submit(guard, candidate)
-                held = layers.held(candidate)  # the session reads the loop's arrays, not a copy
-                counted = collect_statistics(candidate, sites, data, settings.batch_size, on_batch, held)
-                fidelity, problems = pending.result()
+            held = layers.held(candidate)  # the session reads the loop's arrays, not a copy
+            counted = collect_statistics(candidate, sites, data, settings.batch_size, on_batch, held)
+            fidelity, problems = guard(candidate)
         else:
             fidelity, problems = guard(candidate) if guard else (None, [])
         record = StepRecord(
