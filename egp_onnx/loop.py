@@ -296,9 +296,10 @@ def _prune_step(
     def on_layer(name: str) -> None:
         on_stage(f"step {number}: reconstructing {name}")
 
+    model = layers.apply(current)
     result = reconstruct(
         dense,
-        layers.apply(current),
+        model,
         data,
         settings.batch_size,
         remove=remove,
@@ -306,6 +307,7 @@ def _prune_step(
         select=settings.select,
         seed=settings.seed + number,
         on_layer=on_layer,
+        known=layers.held(model),  # the loop's arrays, not a second copy of every weight
     )
     layers.read(result.model)
     return result.model, result.fits

@@ -502,6 +502,7 @@ def reconstruct(
     select: str = "magnitude",
     seed: int = 0,
     on_layer: Callable[[str], None] | None = None,
+    known: Mapping[str, np.ndarray] | None = None,
 ) -> ReconstructionResult:
     """Prune ``remove[weight]`` weights of each named layer, then refit the layers from there on.
 
@@ -517,6 +518,8 @@ def reconstruct(
             normal equations, in rounds).
         seed: position subsample and magnitude tie order.
         on_layer: called with each layer's name as its refit starts (progress).
+        known: values of ``current``'s initializers already read (e.g. the loop's weights): they
+            are used as they are instead of being read and copied again (never written).
 
     Returns:
         The new model (``current`` is not modified) and a record per layer from the first pruned
@@ -530,7 +533,7 @@ def reconstruct(
     first = next((i for i, layer in enumerate(layers) if remove.get(layer.weight, 0) > 0), None)
     todo = [] if first is None else layers[first:]
     changing = [n for layer in layers for n in (layer.weight, layer.bias) if n]
-    ours, values = split_weights(current, always=[*changing, *(w for w, _ in skipped.values())])
+    ours, values = split_weights(current, always=[*changing, *(w for w, _ in skipped.values())], known=known)
     original = dict(values)  # the arrays themselves are never modified, only replaced in ``values``
     updates: dict[str, np.ndarray] = {}
     for weight_name, _ in skipped.values():

@@ -58,6 +58,25 @@ def test_reconstruct_given_the_model_itself_equals_given_a_copy():
     assert_same_tensors(tensor_values(model), tensor_values(copy))
 
 
+def test_reconstruct_takes_known_weights_as_they_are_with_the_same_result(monkeypatch):
+    import egp_onnx.topology as topology
+
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    calib = open_calibration(SAMPLES / "digits_calib.npz", model)
+    layers = LayerSet(model, find_rectifiers(model))
+    names = layers.weight_names
+    remove = {n: w.size // 2 for n, w in zip(names, layers.weights, strict=True)}
+    plain = rc.reconstruct(model, model, calib, 64, remove=remove, masked=names, seed=3)
+    read = []
+    real = topology.numpy_helper.to_array
+    monkeypatch.setattr(topology.numpy_helper, "to_array", lambda t, *a: read.append(t.name) or real(t, *a))
+    held = layers.held(model)
+    known = rc.reconstruct(model, model, calib, 64, remove=remove, masked=names, seed=3, known=held)
+    assert read and not set(read) & set(names), "the loop's (read-only) arrays are not read again"
+    assert_same_tensors(tensor_values(known.model), tensor_values(plain.model))
+    assert known.fits == plain.fits
+
+
 def test_held_gives_the_weights_only_for_the_model_that_holds_them(rng):
     model = load_model(SAMPLES / "digits_resnet.onnx")
     layers = LayerSet(model, find_rectifiers(model))
