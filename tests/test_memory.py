@@ -12,7 +12,8 @@ from conftest import ROOT
 GLIBC = sys.platform == "linux" and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 
 # 100 blocks of 2 MiB allocated after a 16 MiB one was freed (which raises glibc's threshold to
-# 16 MiB), then freed under a small block that keeps the heap from shrinking: MiB given back.
+# 16 MiB), each followed by a small block that stays (the heap cannot shrink past it), then freed:
+# the MiB given back.
 FREED = """
 import sys
 import numpy as np
@@ -25,8 +26,10 @@ def resident():
 fixed = sys.argv[1] == "fixed" and return_freed_blocks()
 big = np.ones(16 << 20, np.uint8)
 del big
-blocks = [np.ones(2 << 20, np.uint8) for _ in range(100)]
-top = np.ones(200 << 10, np.uint8)
+blocks, kept = [], []
+for _ in range(100):
+    blocks.append(np.ones(2 << 20, np.uint8))
+    kept.append(np.ones(64 << 10, np.uint8))
 before = resident()
 del blocks
 print(fixed, before - resident())
