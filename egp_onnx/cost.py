@@ -61,13 +61,13 @@ def count_macs(
 def model_cost(
     model: onnx.ModelProto,
     input_shapes: Mapping[str, tuple[int, ...]] | None,
-    known: Mapping[str, np.ndarray] | None = None,
+    counts: Mapping[str, tuple[bool, int, int]] | None = None,
 ) -> Cost:
     """Parameters, MACs (when ``input_shapes`` is given and shapes resolve) and file size.
 
-    ``known``: values of initializers already read from ``model`` (not read again).
+    ``counts``: the model's :func:`egp_onnx.topology.initializer_counts`, when already taken.
     """
-    counts = initializer_counts(model, known)  # each weight read once for both figures
+    counts = counts or initializer_counts(model)  # each weight read once for both figures
     params, nonzero = count_parameters(model, counts)
     macs = count_macs(model, input_shapes, counts) if input_shapes else None
     return Cost(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Protocol
@@ -41,8 +41,23 @@ from egp_onnx.settings import (
 )
 from egp_onnx.summarize import layer_records, model_summary
 from egp_onnx.surgery import ChannelStates, simplify
-from egp_onnx.topology import REMOVABLE_KINDS, RectifierSite, find_rectifiers
-from egp_onnx.verify import Prepared, Reference, compare, compare_latency, latency_feeds, passes
+from egp_onnx.topology import (
+    REMOVABLE_KINDS,
+    RectifierSite,
+    find_rectifiers,
+    initializer_counts,
+    shape_skeleton,
+    split_weights,
+)
+from egp_onnx.verify import (
+    Outputs,
+    Prepared,
+    Reference,
+    compare,
+    compare_latency,
+    latency_feeds,
+    passes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +331,9 @@ def compress(
             "no output written"
         )
     # With latency on, the original's session that computes the reference outputs is kept for the
-    # latency measurement (one session build less; it has already run the timed batch size).
-    original: onnx.ModelProto | Prepared = Prepared(proto, known=layers.held(proto)) if latency else proto
+    # latency measurement (one session build less; it has already run the timed batch size); it
+    # comes without the model's weights, which after the loop only the session holds.
+    original: onnx.ModelProto | Prepared = _weightless(proto, layers.held(proto)) if latency else proto
     with ThreadPoolExecutor(1, thread_name_prefix="egp-reference") as pool:
         # The reference outputs are computed while the statistics pass runs: that pass gives each
         # batch in flight one core, so on a few batches the other is idle (and building a session
@@ -333,6 +349,11 @@ def compress(
         progress.stage(f"running the original model on the {held_name} data")
         reference = pending.result() if pending is not None else Reference(original, held, batch_size)
     nnz_before = layers.nnz()
+    feed = reference.first_feed()
+    shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
+    # the original's cost is taken while its weights are at hand (after the loop they are gone)
+    held_counts = original.counts if isinstance(original, Prepared) else None
+    cost_before = model_cost(proto, shapes, held_counts or initializer_counts(proto, layers.held(proto)))
     settings = _default_guard(settings, reference)
     check = _Guard(reference, settings, layers)  # without thresholds it measures and never complains
     outcome = run_loop(
@@ -349,6 +370,11 @@ def compress(
         finetune,
     )
     pruned = _strip_value_info(outcome.model, in_place=outcome.model is not proto)
+    layers.release()  # the loop's weights are in the pruned model (and the guard's session of it)
+    # From here on the original's graph is enough: its weights go (kept by nothing else unless the
+    # loop's result is the original itself; its session, when kept, holds its own copy of them).
+    outline = shape_skeleton(proto)
+    del proto
     final, surgery_record = pruned, SurgeryRecord(False, merge_tolerance, (), 0, None, None, False, None)
     states: dict[str, str] = {}
     fidelity: Fidelity | None = None
@@ -369,12 +395,9 @@ def compress(
     progress.stage("measuring the result")
     if fidelity is None:  # the guard has not measured the model being written yet
         fidelity = reference.evaluate(run)
-    feed = reference.first_feed()
-    shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
-    # the weights that the sessions already hold are counted without reading the protobufs again
-    cost_before = model_cost(proto, shapes, original.weights if isinstance(original, Prepared) else None)
-    cost_after = model_cost(final, shapes, run.weights if isinstance(run, Prepared) else None)
-    timing = compare_latency(original, run, latency_feeds(proto, feed)) if latency else None
+    # the weights that the session already holds are counted without reading the protobuf again
+    cost_after = model_cost(final, shapes, run.counts if isinstance(run, Prepared) else None)
+    timing = compare_latency(original, run, latency_feeds(outline, feed)) if latency else None
     report = CompressionReport(
         source=source,
         settings=asdict(settings),
@@ -382,7 +405,7 @@ def compress(
         layers=layer_records(layers, first_stats, outcome.stats, nnz_before, states),
         steps=outcome.steps,
         stop=outcome.stop,
-        model=model_summary(layers, first_stats, outcome.stats, proto, final, cost_before, cost_after),
+        model=model_summary(layers, first_stats, outcome.stats, outline, final, cost_before, cost_after),
         surgery=surgery_record,
         fidelity=replace(fidelity, data=held_name),
         cost=CostComparison(cost_before, cost_after),
@@ -404,9 +427,10 @@ class _Guard:
     """Fidelity of a candidate against the original, and the guard's complaints about it (a Guard).
 
     It keeps the session of the last candidate it measured: when that candidate is the loop's
-    result, graph surgery checks its rewrite against the same session instead of building another
-    (2.5 s for VGG-19, 575 MB). Until then that session stays in memory: in a run of several
-    steps, also through the next step's pruning and reconstruction (about twice the model's size).
+    result, graph surgery's check takes the pruned model's outputs from the same session instead
+    of building another (2.5 s for VGG-19, 575 MB). Until then that session stays in memory: in a
+    run of several steps, also through the next step's pruning and reconstruction (1.2 times the
+    model's size on VGG-19).
     """
 
     def __init__(self, reference: Reference, settings: Settings, layers: LayerSet) -> None:
@@ -460,8 +484,12 @@ def _reduce_depth(
     # taken only when the user asks for sparsity (then the guard judges it on held-out data).
     channel_states = _channel_states(sites, stats) if settings.sparsity > 0 else {}
 
+    # The pruned model's outputs are kept instead of its session, which goes before surgery runs
+    # (when they take less memory than its weights; else it stays and runs again).
+    reference = Outputs.instead_of(pruned, data, settings.batch_size)
+
     def measure(candidate: onnx.ModelProto) -> float:
-        return compare(pruned, candidate, data, settings.batch_size).rel_error
+        return compare(reference, candidate, data, settings.batch_size).rel_error
 
     tolerance = settings.merge_tolerance
     result = simplify(model, channel_states, measure=measure, tolerance=tolerance)
@@ -477,7 +505,7 @@ def _reduce_depth(
     )
     try:
         rewritten = Prepared(result.model, checked_split(result.model))
-        check = compare(pruned, rewritten, data, settings.batch_size, SURGERY_ATOL, SURGERY_RTOL)
+        check = compare(reference, rewritten, data, settings.batch_size, SURGERY_ATOL, SURGERY_RTOL)
     except (onnx.checker.ValidationError, EgpError) as exc:
         reason = f"graph surgery produced an invalid model ({exc})"
         log.error("%s; keeping the pruned model", reason)
@@ -517,6 +545,15 @@ def _channel_states(sites: list[RectifierSite], stats: Statistics) -> dict[str, 
         off = np.concatenate([part[1][1] for part in slices])
         states[node] = ChannelStates(on, off)
     return states
+
+
+def _weightless(model: onnx.ModelProto, known: Mapping[str, np.ndarray]) -> Prepared:
+    """``model`` with its session, holding the model without its weights: only the session keeps them.
+
+    ``known``: values of the model's initializers already read (see ``split_weights``).
+    """
+    stubbed, weights = split_weights(model, known=known)
+    return Prepared(stubbed, (stubbed, weights))
 
 
 def _strip_value_info(model: onnx.ModelProto, in_place: bool) -> onnx.ModelProto:

@@ -114,9 +114,11 @@ def linear_layers(model: onnx.ModelProto) -> tuple[list[LinearLayer], dict[str, 
         if weight not in init or node.input[0] in init or len(index.consumers.get(weight, [])) != 1:
             continue
         name = node.name or node.output[0]
-        w = numpy_helper.to_array(init[weight])
-        if w.dtype != np.float32 and w.dtype != np.float64:
-            skipped[name] = (weight, f"{w.dtype} weights")
+        # shape and type from the initializer's fields: reading every weight took 0.6 s on VGG-19
+        shape = tuple(init[weight].dims)
+        dtype = helper.tensor_dtype_to_np_dtype(init[weight].data_type)
+        if dtype != np.float32 and dtype != np.float64:
+            skipped[name] = (weight, f"{dtype} weights")
             continue
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if bias is not None and bias not in init:
@@ -127,12 +129,12 @@ def linear_layers(model: onnx.ModelProto) -> tuple[list[LinearLayer], dict[str, 
             continue
         fields: dict[str, object] = {}
         if node.op_type == "Conv":
-            if w.ndim != 4 or str(_attr(node, "auto_pad", b"NOTSET")) not in ("NOTSET", "b'NOTSET'"):
+            if len(shape) != 4 or str(_attr(node, "auto_pad", b"NOTSET")) not in ("NOTSET", "b'NOTSET'"):
                 skipped[name] = (weight, "only 2-D convolutions with explicit pads are refit")
                 continue
             fields = {
                 "groups": int(_attr(node, "group", 1)),  # type: ignore[call-overload]
-                "kernel": tuple(w.shape[2:]),
+                "kernel": shape[2:],
                 "strides": tuple(_attr(node, "strides", [1, 1])),  # type: ignore[arg-type]
                 "pads": tuple(_attr(node, "pads", [0, 0, 0, 0])),  # type: ignore[arg-type]
                 "dilations": tuple(_attr(node, "dilations", [1, 1])),  # type: ignore[arg-type]
@@ -146,12 +148,12 @@ def linear_layers(model: onnx.ModelProto) -> tuple[list[LinearLayer], dict[str, 
                 "alpha": float(_attr(node, "alpha", 1.0)),  # type: ignore[arg-type]
                 "beta": float(_attr(node, "beta", 1.0)),  # type: ignore[arg-type]
             }
-            if bias is not None and (fields["beta"] == 0 or numpy_helper.to_array(init[bias]).ndim != 1):
+            if bias is not None and (fields["beta"] == 0 or len(init[bias].dims) != 1):
                 bias = None  # a broadcast (N, M) bias or beta 0: refit the weights only
-        elif w.ndim != 2:
+        elif len(shape) != 2:
             skipped[name] = (weight, "MatMul with a weight of rank other than 2")
             continue
-        channels = w.shape[0] if node.op_type == "Conv" or fields.get("trans_b") else w.shape[1]
+        channels = shape[0] if node.op_type == "Conv" or fields.get("trans_b") else shape[1]
         axis_from_end = 3 if node.op_type == "Conv" else 1
         residual = _residual(node.output[0], index, positions, int(channels), axis_from_end)
         layers.append(
@@ -522,6 +524,7 @@ def reconstruct(
     select: str = "magnitude",
     seed: int = 0,
     on_layer: Callable[[str], None] | None = None,
+    known: Mapping[str, np.ndarray] | None = None,
 ) -> ReconstructionResult:
     """Prune ``remove[weight]`` weights of each named layer, then refit the layers from there on.
 
@@ -537,6 +540,8 @@ def reconstruct(
             normal equations, in rounds).
         seed: position subsample and magnitude tie order.
         on_layer: called with each layer's name as its refit starts (progress).
+        known: values of ``current``'s initializers already read (e.g. the loop's weights): they
+            are used as they are instead of being read and copied again (never written).
 
     Returns:
         The new model (``current`` is not modified) and a record per layer from the first pruned
@@ -550,7 +555,7 @@ def reconstruct(
     first = next((i for i, layer in enumerate(layers) if remove.get(layer.weight, 0) > 0), None)
     todo = [] if first is None else layers[first:]
     changing = [n for layer in layers for n in (layer.weight, layer.bias) if n]
-    ours, values = split_weights(current, always=[*changing, *(w for w, _ in skipped.values())])
+    ours, values = split_weights(current, always=[*changing, *(w for w, _ in skipped.values())], known=known)
     original = dict(values)  # the arrays themselves are never modified, only replaced in ``values``
     updates: dict[str, np.ndarray] = {}
     for weight_name, _ in skipped.values():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -176,6 +178,32 @@ def test_sessions_take_weights_from_memory_with_the_same_results(rng):
         np.testing.assert_array_equal(from_stubs.run(None, {"x": x})[0], want)
     with pytest.raises(ModelError, match="no values"):
         make_session(stubbed)
+
+
+def test_a_session_keeps_no_reference_to_the_weights_it_was_built_from(rng):
+    """
+    x(N,4,6,6) -> Conv Relu Conv Relu Conv Add(+proj) Relu -> y (residual_block): onnxruntime copies
+    the in-memory weights while it builds the session, so they may be overwritten or freed after.
+    """
+    model = prepare_model(residual_block(rng))
+    stubbed, values = split_weights(model)
+    x = inputs(rng, 6, (4, 6, 6))
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        want = plain.run(None, {"x": x})[0]
+        copies = {name: array.copy() for name, array in values.items()}
+        session = make_session(stubbed, level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL, weights=copies)
+        for name in copies:
+            copies[name][...] = np.nan
+        np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
+        alive = [weakref.ref(array) for array in copies.values()]
+        del copies
+        assert alive and all(ref() is None for ref in alive), "the session holds none of them"
+        np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
+        config = session.get_session_options().get_session_config_entry
+        assert config("session.use_device_allocator_for_initializers") == "1"  # outside the arena
 
 
 def test_a_rejected_batch_stops_the_pass_with_batches_in_flight(tmp_path, rng, monkeypatch):

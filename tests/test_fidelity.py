@@ -19,9 +19,10 @@ import egp_onnx
 from egp_onnx.cli import main
 from egp_onnx.cost import count_macs, model_cost
 from egp_onnx.data import open_calibration, split_holdout
-from egp_onnx.io import prepare_model
+from egp_onnx.depth import depth
+from egp_onnx.io import load_model, prepare_model
 from egp_onnx.loop import RETRIES
-from egp_onnx.topology import count_parameters, split_weights
+from egp_onnx.topology import count_parameters, initializer_counts, split_weights
 from egp_onnx.verify import Prepared, Reference, compare
 
 MODEL = SAMPLES / "digits_resnet.onnx"
@@ -270,18 +271,79 @@ def test_prepared_model_builds_its_session_once_and_measures_the_same(rng, tmp_p
     assert prepared.session is session
 
 
-def test_prepared_model_with_known_or_split_weights_measures_the_same(rng, tmp_path):
+def test_prepared_model_with_known_or_split_weights_measures_and_counts_the_same(rng, tmp_path, monkeypatch):
+    import egp_onnx.topology as topology
+
     model = prepare_model(single_conv(rng))
     other = prepare_model(single_conv(np.random.default_rng(5)))
     np.savez(tmp_path / "c.npz", x=inputs(rng, n=12))
     data = open_calibration(tmp_path / "c.npz", model)
     stubbed, weights = split_weights(other)
-    plain = compare(model, other, data, 5)
+    plain, counts = compare(model, other, data, 5), initializer_counts(other)
+    reference = Prepared(model)
+    assert reference.session is not None  # built before to_array is watched
+    read = []
+    real = topology.numpy_helper.to_array
+    monkeypatch.setattr(topology.numpy_helper, "to_array", lambda t, *a: read.append(t.name) or real(t, *a))
     for prepared in (Prepared(other, known=weights), Prepared(other, split=(stubbed, weights))):
-        assert compare(model, prepared, data, 5) == plain
-        assert prepared.weights.keys() == weights.keys()
-        assert all(prepared.weights[n] is weights[n] for n in weights), "the given arrays, not copies"
-    assert plain.rel_error > 0
+        assert prepared.counts == {}
+        assert compare(reference, prepared, data, 5) == plain
+        assert prepared.counts == counts
+    assert weights and not set(read) & set(weights), "the given arrays are not read again"
+    assert plain.rel_error > 0 and counts["w"][1:] == (4 * 27, 4 * 27)
+
+
+@pytest.mark.parametrize("latency", [True, False])
+def test_the_report_counts_both_models_as_an_independent_count_does(latency, rng, tmp_path):
+    """The original's figures are taken before the loop (its weights go after it), the result's
+    from its session's counts."""
+    model, calib = toy_files(tmp_path, rng)
+    options = {"sparsity": 0.5, "step": 1.0, "guard": False, "batch_size": 8, "latency": latency}
+    result = egp_onnx.compress(model, calib, **options)
+    original, shapes = load_model(model), {"x": (1, 3, 6, 6)}
+    assert result.report.cost.before == model_cost(original, shapes)
+    assert result.report.cost.after == model_cost(result.model, shapes)
+    assert result.report.cost.after.nonzero_params < result.report.cost.before.nonzero_params
+    summary = result.report.model
+    assert (summary.depth_before, summary.nodes_before) == (depth(original).layers, len(original.graph.node))
+
+
+def test_the_original_kept_for_the_latency_is_its_session_and_graph(rng, tmp_path, monkeypatch):
+    """The session holds its own copy of the weights; the model beside it is the graph only."""
+    import egp_onnx.pipeline as pipeline
+
+    timed = []
+    real = pipeline.compare_latency
+    monkeypatch.setattr(pipeline, "compare_latency", lambda *args: timed.append(args[0]) or real(*args))
+    model, calib = toy_files(tmp_path, rng)
+    egp_onnx.compress(model, calib, sparsity=0.5, step=1.0, guard=False, batch_size=8)
+    kept = timed[0].model
+    large = [t for t in kept.graph.initializer if np.prod(t.dims) > 64]
+    assert large and all(not t.raw_data and t.data_location == TensorProto.EXTERNAL for t in large)
+    assert len(kept.graph.node) == len(load_model(model).graph.node)
+
+
+def test_stored_outputs_compare_as_the_model_does_and_its_session_goes(rng, tmp_path, monkeypatch):
+    import egp_onnx.verify as verify
+
+    model = prepare_model(single_conv(rng))
+    other = prepare_model(single_conv(np.random.default_rng(5)))
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=12))
+    data = open_calibration(tmp_path / "c.npz", model)
+    plain = compare(model, other, data, 5, 1e-3, 1e-3)
+    outputs = 12 * 4 * 6 * 6 * 4  # bytes: 12 samples of (4, 6, 6) float32
+    monkeypatch.setattr(verify, "serialized_size", lambda m: outputs)  # weights as large as the outputs
+    prepared = Prepared(model)
+    session = prepared.session
+    stored = verify.Outputs.instead_of(prepared, data, 5)
+    assert isinstance(stored, verify.Outputs) and [len(b) for b in stored.batches] == [1, 1, 1]
+    assert compare(stored, other, data, 5, 1e-3, 1e-3) == plain and plain.rel_error > 0
+    assert prepared.warm == set() and prepared.session is not session, "let go, built again when run"
+    assert compare(prepared, other, data, 5, 1e-3, 1e-3) == plain
+    # outputs that would take more memory than the weights: the model keeps its session
+    monkeypatch.setattr(verify, "serialized_size", lambda m: outputs - 1)
+    session = prepared.session
+    assert verify.Outputs.instead_of(prepared, data, 5) is prepared and prepared.session is session
 
 
 def test_a_prepared_model_remembers_the_shapes_it_has_run(rng, tmp_path):

@@ -196,26 +196,33 @@ def test_reference_outputs_run_beside_the_statistics_pass_on_their_own_data(rng,
     assert split.report.fidelity == plain.report.fidelity and split.report.layers == plain.report.layers
 
 
-def test_a_step_is_measured_beside_its_statistics_pass_only_without_thresholds(rng, tmp_path, monkeypatch):
-    """Without the guard's thresholds no step can be rolled back: its measurement runs in a second
-    thread while its statistics pass runs. With them, the statistics wait for the verdict."""
-    import threading
-
+def test_a_step_is_measured_after_its_statistics_pass_only_without_thresholds(rng, tmp_path, monkeypatch):
+    """Without the guard's thresholds no step can be rolled back: its statistics pass runs first, and
+    its session is gone before the measurement builds the candidate's (one large session built at a
+    time). With them, the statistics wait for the verdict."""
+    import egp_onnx.loop as loop
     import egp_onnx.pipeline as pipeline
 
-    threads = []
-    real = pipeline._Guard.__call__
+    events = []
+    measure, count = pipeline._Guard.__call__, loop.collect_statistics
 
-    def recording(self, candidate):
-        threads.append(threading.current_thread() is threading.main_thread())
-        return real(self, candidate)
+    def measuring(self, candidate):
+        events.append("measure")
+        return measure(self, candidate)
+
+    def counting(*args, **kwargs):
+        events.append("count")
+        return count(*args, **kwargs)
 
     model, calib = toy_files(tmp_path, rng)
     options = {"sparsity": 0.5, "step": 1.0, "latency": False}
     plain = egp_onnx.compress(model, calib, guard=False, **options)
-    monkeypatch.setattr(pipeline._Guard, "__call__", recording)
-    beside = egp_onnx.compress(model, calib, guard=False, **options)
+    monkeypatch.setattr(pipeline._Guard, "__call__", measuring)
+    monkeypatch.setattr(loop, "collect_statistics", counting)
+    after = egp_onnx.compress(model, calib, guard=False, **options)
+    assert events == ["count", "measure", "measure"], "the step's pass and measurement, the rewritten model"
+    events.clear()
     egp_onnx.compress(model, calib, max_rel_error=10.0, **options)
-    assert threads == [False, True, True, True], "the step, surgery's check; the step, surgery's check"
-    assert beside.model.SerializeToString() == plain.model.SerializeToString()
-    assert beside.report.steps == plain.report.steps and beside.report.layers == plain.report.layers
+    assert events == ["measure", "count", "measure"]
+    assert after.model.SerializeToString() == plain.model.SerializeToString()
+    assert after.report.steps == plain.report.steps and after.report.layers == plain.report.layers

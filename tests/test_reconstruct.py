@@ -278,6 +278,21 @@ def residual_model(rng) -> onnx.ModelProto:
     return b.model(b.gemm(pooled, "fc", 4, 5), ("N", 4, 8, 8))
 
 
+def test_linear_layers_read_shapes_and_types_not_weights(rng, monkeypatch):
+    """
+    x -> Conv a (float32) -> Relu -> Conv b (float16 weights, Cast around it) -> y
+    """
+    b = Builder(rng)
+    h = b.op("Relu", [b.conv("x", "a", 3, 4, 3, pad=1)], "r")
+    half = b.init("b.w", rng.normal(size=(2, 4, 1, 1)), dtype=np.float16)
+    h = b.op("Conv", [b.op("Cast", [h], "to16", to=onnx.TensorProto.FLOAT16), half], "b")
+    model = b.model(b.op("Cast", [h], "to32", to=onnx.TensorProto.FLOAT), ("N", 3, 6, 6))
+    monkeypatch.setattr(rc.numpy_helper, "to_array", lambda *a: pytest.fail("a weight was read"))
+    layers, skipped = rc.linear_layers(model)
+    assert [(layer.name, layer.kernel, layer.groups) for layer in layers] == [("a", (3, 3), 1)]
+    assert skipped == {"b": ("b.w", "float16 weights")}
+
+
 def test_residual_branch_targets_the_add_minus_the_current_shortcut(rng):
     model = residual_model(rng)
     layers, _ = rc.linear_layers(model)

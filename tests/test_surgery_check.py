@@ -1,9 +1,11 @@
-"""Surgery's final check compares outputs per element (atol + rtol), not by whole-output L2."""
+"""Surgery's final check compares outputs per element (atol + rtol), not by whole-output L2, with the
+pruned model's outputs stored or both models run batch by batch."""
 
 from __future__ import annotations
 
 import numpy as np
 from models import Builder
+from onnx import numpy_helper
 
 import egp_onnx
 
@@ -37,3 +39,35 @@ def test_tiny_outputs_do_not_revert_an_exact_rewrite(rng, tmp_path):
     assert surgery.rel_error > 1e-3, "whole-output relative L2 would have reverted this"
     assert not surgery.reverted, surgery.revert_reason
     assert surgery.max_abs_error < 1e-6
+
+
+def test_the_check_is_the_same_with_the_pruned_outputs_stored_or_run_again(rng, tmp_path, monkeypatch):
+    """Stored when they take less memory than the pruned model's weights (its session goes first)."""
+    import egp_onnx.pipeline as pipeline
+    import egp_onnx.verify as verify
+
+    model = tiny_sigmoid(rng)
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(8, 3, 6, 6)).astype(np.float32))
+    real = pipeline.simplify
+
+    def broken(pruned, *args, **kwargs):
+        """The rewrite with its first conv's weights doubled."""
+        result = real(pruned, *args, **kwargs)
+        weight = next(t for t in result.model.graph.initializer if len(t.dims) == 4)
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 2, weight.name))
+        return result
+
+    records = {}
+    for limit, way in ((2**40, "stored"), (0, "run")):
+        monkeypatch.setattr(verify, "serialized_size", lambda m, limit=limit: limit)
+        monkeypatch.setattr(pipeline, "simplify", real)
+        records[way] = egp_onnx.compress(model, tmp_path / "c.npz", sparsity=0.0, latency=False)
+        monkeypatch.setattr(pipeline, "simplify", broken)
+        records[f"{way}, broken"] = egp_onnx.compress(model, tmp_path / "c.npz", sparsity=0.0, latency=False)
+    assert records["stored"].report.surgery == records["run"].report.surgery
+    assert not records["stored"].report.surgery.reverted
+    for way in ("stored, broken", "run, broken"):
+        surgery = records[way].report.surgery
+        assert surgery.reverted and "graph surgery changed output y" in surgery.revert_reason
+        assert "BatchNormalization" in {n.op_type for n in records[way].model.graph.node}
+    assert records["stored, broken"].report.surgery == records["run, broken"].report.surgery
