@@ -19,7 +19,6 @@ from egp_onnx import __version__
 from egp_onnx.data import open_calibration
 from egp_onnx.errors import INTERNAL_ERROR_EXIT, ConfigError, EgpError, one_line
 from egp_onnx.io import external_data_path, load_model, model_fingerprint, statistics_bytes
-from egp_onnx.memory import return_freed_blocks
 from egp_onnx.outputs import InputPath, OutputPlan, OutputWriter, input_path, model_inputs, plan_outputs
 from egp_onnx.pipeline import METHODS, analyze, compress, statistics
 from egp_onnx.plot import plot_format, render_plot
@@ -280,7 +279,6 @@ def main(verbose: bool, debug: bool) -> None:
         format="egp-onnx: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    return_freed_blocks()  # what a stage frees leaves the process before the next one builds its sessions
 
 
 @main.command("analyze")

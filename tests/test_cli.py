@@ -78,17 +78,6 @@ def test_no_surgery_report_matches_written_weights(tmp_path):
     assert not data["surgery"]["enabled"]
 
 
-def test_every_command_fixes_the_mmap_threshold_first(runner, tmp_path, monkeypatch):
-    import egp_onnx.cli as cli
-
-    calls = []
-    monkeypatch.setattr(cli, "return_freed_blocks", lambda: calls.append(1) or True)
-    model, calib = toy_files(tmp_path, np.random.default_rng(0))
-    result = runner.invoke(main, ["analyze", model, "--calib", calib])
-    assert result.exit_code == 0, result.output
-    assert calls == [1]
-
-
 def test_analyze_json(runner, tmp_path):
     out = tmp_path / "a.json"
     result = runner.invoke(main, ["analyze", str(MODEL), "--calib", str(CALIB), "--json", str(out)])
