@@ -24,6 +24,7 @@ from egp_onnx.errors import CalibrationError, ConfigError, EgpError, NothingToPr
 from egp_onnx.io import checked_split, load_model, load_statistics, model_fingerprint, prepare_model
 from egp_onnx.limits import sparsity_limits
 from egp_onnx.loop import Finetune, LayerSet, run_loop
+from egp_onnx.memory import trim
 from egp_onnx.report import (
     AnalysisReport,
     CompressionReport,
@@ -375,6 +376,7 @@ def compress(
     # loop's result is the original itself; its session, when kept, holds its own copy of them).
     outline = shape_skeleton(proto)
     del proto
+    trim()  # what the loop freed leaves the process before surgery builds the rewritten model's session
     final, surgery_record = pruned, SurgeryRecord(False, merge_tolerance, (), 0, None, None, False, None)
     states: dict[str, str] = {}
     fidelity: Fidelity | None = None

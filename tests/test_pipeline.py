@@ -137,6 +137,20 @@ def test_sparsity_zero_with_surgery_matches_outputs(residual, rng):
     assert result.report.surgery.enabled and not result.report.surgery.reverted
 
 
+
+def test_freed_memory_is_trimmed_once_before_surgery(residual, monkeypatch):
+    # The loop's and the original's weights are let go after the loop; trim() hands the heap's free
+    # pages back before surgery builds the rewritten model's session (the run's peak on VGG-19).
+    import egp_onnx.pipeline as pipeline
+
+    events = []
+    monkeypatch.setattr(pipeline, "trim", lambda: events.append("trim") or True)
+    simplify = pipeline.simplify
+    monkeypatch.setattr(pipeline, "simplify", lambda *a, **k: events.append("surgery") or simplify(*a, **k))
+    model, calib = residual
+    compress_plain(model, calib, sparsity=0.5)
+    assert events == ["trim", "surgery"]
+
 def test_sample_at_95_percent_is_shallower_and_runs():
     result = compress_plain(SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz", sparsity=0.95)
     summary = result.report.model
