@@ -168,10 +168,7 @@ def test_sessions_take_weights_from_memory_with_the_same_results(rng):
     assert stubbed.ByteSize() < model.ByteSize() / 2
     x = inputs(rng, 6, (4, 6, 6))
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        want = plain.run(None, {"x": x})[0]
+        want = _plain_output(model, level, x)
         optimize = level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         np.testing.assert_array_equal(make_session(model, optimize).run(None, {"x": x})[0], want)
         from_stubs = make_session(stubbed, optimize, weights=values)
@@ -179,6 +176,14 @@ def test_sessions_take_weights_from_memory_with_the_same_results(rng):
     with pytest.raises(ModelError, match="no values"):
         make_session(stubbed)
 
+
+
+def _plain_output(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, x: np.ndarray) -> np.ndarray:
+    """The model's first output from a plain onnxruntime session at that optimisation level."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return plain.run(None, {"x": x})[0]
 
 def test_a_session_keeps_no_reference_to_the_weights_it_was_built_from(rng):
     """
@@ -189,10 +194,7 @@ def test_a_session_keeps_no_reference_to_the_weights_it_was_built_from(rng):
     stubbed, values = split_weights(model)
     x = inputs(rng, 6, (4, 6, 6))
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        want = plain.run(None, {"x": x})[0]
+        want = _plain_output(model, level, x)
         copies = {name: array.copy() for name, array in values.items()}
         session = make_session(stubbed, level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL, weights=copies)
         for name in copies:
