@@ -27,6 +27,7 @@ from functools import partial
 
 import numpy as np
 import onnx
+from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper, numpy_helper
 
 from egp_onnx.data import CalibrationData
@@ -50,6 +51,8 @@ MAX_SAMPLES = 1024
 CACHE_BYTES = 512 * 2**20
 #: Bytes of im2col rows a layer's normal equations collect before taking their products.
 CHUNK_BYTES = 16 * 2**20
+#: Bytes of layer input whose im2col rows are gathered in one call (consecutive batches joined).
+GROUP_BYTES = 2 * 2**20
 #: Rows a part of a chunk's products has at least (smaller chunks are not split, see map_parts).
 MIN_PART_ROWS = 512
 #: Layers wider than this (columns of the normal equations) are left as they are: the Gram matrix
@@ -345,9 +348,12 @@ def _conv_rows(x: np.ndarray, layer: LinearLayer, where: _Positions) -> np.ndarr
     padded = np.zeros((batch, height + top + bottom, width + left + right, channels), dtype=x.dtype)
     padded[:, top : top + height, left : left + width] = x.transpose(0, 2, 3, 1)
     b_idx, oh, ow = where
-    rows_at = oh[:, None] * sh + np.arange(kh) * dh  # (R, kh)
-    cols_at = ow[:, None] * sw + np.arange(kw) * dw  # (R, kw)
-    patches = padded[b_idx[:, None, None], rows_at[:, :, None], cols_at[:, None, :]]  # (R, kh, kw, C)
+    # Every output position's patch as a strided view (no copy), then one gather of whole patches:
+    # 2-3x faster than indexing each (row, column) of each patch (0.48 -> 0.23 ms for 37 positions
+    # of 32 samples of 64x7x7).
+    span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    windows = sliding_window_view(padded, span, axis=(1, 2))[:, ::sh, ::sw, :, ::dh, ::dw]
+    patches = windows.transpose(0, 1, 2, 4, 5, 3)[b_idx, oh, ow]  # (R, kh, kw, C)
     groups, count = layer.groups, len(b_idx)
     if groups == 1:
         return patches.reshape(1, count, -1)
@@ -728,10 +734,14 @@ def _normal_equations(
         short.rows = total
         return short
 
-    def rows_of_batch(
-        item: tuple[tuple[np.ndarray, ...], _Positions | None],
+    def rows_of_group(
+        item: tuple[list[tuple[np.ndarray, ...]], list[_Positions | None]],
     ) -> tuple[np.ndarray, np.ndarray]:
-        (x, *shortcut, target), where = item
+        batches, wheres = item
+        x, *shortcut, target = (
+            np.concatenate(arrays) if len(batches) > 1 else arrays[0] for arrays in zip(*batches, strict=True)
+        )
+        where = _joined(wheres, [len(batch[-1]) for batch in batches])
         rows = _dense_rows(x) if where is None else _conv_rows(x, layer, where)
         y = _rows_of(target, where).astype(np.float64)
         if shortcut and layer.scale is not None and layer.shift is not None:
@@ -739,11 +749,15 @@ def _normal_equations(
             y = (y - _rows_of(shortcut[0], where) - layer.shift) / safe
         return rows, y
 
-    # PARTS batches' rows are gathered at once; their positions are drawn in batch order first.
-    for start in range(0, len(kept), PARTS):
-        group = kept[start : start + PARTS]
-        wheres = [_positions(batch[-1].shape, rng, take) if conv else None for batch in group]
-        for rows, y in map_parts(rows_of_batch, list(zip(group, wheres, strict=True))):
+    # Consecutive batches are gathered a few at a time (numpy's cost per call outweighed a small
+    # batch's gather), PARTS groups at once; positions are drawn batch by batch, in order.
+    groups = _groups(kept, min(GROUP_BYTES, -(-sum(batch[0].nbytes for batch in kept) // PARTS)))
+    for start in range(0, len(groups), PARTS):
+        items = []
+        for group in groups[start : start + PARTS]:
+            batches = [kept[i] for i in group]
+            items.append((batches, [_positions(b[-1].shape, rng, take) if conv else None for b in batches]))
+        for rows, y in map_parts(rows_of_group, items):
             if normal is None:
                 normal = _Normal(rows.shape[0], rows.shape[2], y.shape[1], layer.bias is not None)
             normal.add(rows, y)
@@ -752,6 +766,32 @@ def _normal_equations(
     if conv:
         normal.reorder(_patch_order(layer, normal.gram.shape[1] - int(normal.bias)))
     return normal
+
+
+def _groups(batches: Sequence[tuple[np.ndarray, ...]], limit: int) -> list[list[int]]:
+    """Indices of consecutive batches of the same shapes, about ``limit`` bytes of input a group."""
+    groups: list[list[int]] = []
+    size, shapes = 0, None
+    for i, batch in enumerate(batches):
+        these = [a.shape[1:] for a in batch]
+        if groups and these == shapes and size + batch[0].nbytes <= limit:
+            groups[-1].append(i)
+            size += batch[0].nbytes
+        else:
+            groups.append([i])
+            size = batch[0].nbytes
+        shapes = these
+    return groups
+
+
+def _joined(wheres: Sequence[_Positions | None], sizes: Sequence[int]) -> _Positions | None:
+    """The positions of consecutive batches as positions in their concatenation."""
+    if wheres[0] is None:
+        return None
+    offsets = np.cumsum([0, *sizes[:-1]])
+    parts = [w for w in wheres if w is not None]
+    b_idx = np.concatenate([w[0] + offset for w, offset in zip(parts, offsets, strict=True)])
+    return b_idx, np.concatenate([w[1] for w in parts]), np.concatenate([w[2] for w in parts])
 
 
 def _rows_of(tensor: np.ndarray, where: _Positions | None) -> np.ndarray:

@@ -121,7 +121,6 @@ def test_normal_equations_in_chunks_equal_the_products_of_all_rows(rng, monkeypa
     assert normal.rows == 19
 
 
-
 @pytest.mark.parametrize("inverse", [False, True])
 def test_masked_solves_equal_each_outputs_own_system(rng, inverse):
     # Outputs with supports of many sizes (one empty, one full) are solved in batches of similar
@@ -145,6 +144,7 @@ def test_masked_solves_equal_each_outputs_own_system(rng, inverse):
             assert diag is not None
             np.testing.assert_allclose(diag[kept, j], np.diag(np.linalg.inv(system)), rtol=1e-9)
     assert (diag is None) == (not inverse)
+
 
 def test_known_layer_is_recovered(rng):
     # The dense layer's weights are already 40% zero; the current model holds other values on the
@@ -378,7 +378,6 @@ def test_masks_stay_zero_over_a_whole_sample_and_obs_selection(rng):
     assert max(errors.values()) < 0.5 * rel(pruned_y, dense_y)
 
 
-
 @pytest.mark.parametrize("select", ["magnitude", "obs"])
 def test_the_refit_is_the_same_on_one_core_and_on_two(monkeypatch, select):
     # Products, solves and both models' segments run in parts on threads; the parts are fixed, so
@@ -398,6 +397,47 @@ def test_the_refit_is_the_same_on_one_core_and_on_two(monkeypatch, select):
         results[cores] = {t.name: t.raw_data for t in result.model.graph.initializer}
     assert results[1] == results[2]
     assert results[1] != {t.name: t.raw_data for t in model.graph.initializer}  # the weights were refit
+
+
+def test_batches_gathered_in_groups_give_the_rows_of_one_batch_at_a_time(monkeypatch):
+    # Consecutive batches are joined before their im2col rows are gathered; the positions are
+    # drawn batch by batch either way, so the fit is the same up to the sums' rounding.
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    calib = open_calibration(SAMPLES / "digits_calib.npz", model)
+    names = ["block1.conv1.weight", "block2.conv2.weight", "fc1.weight"]
+    weights = initializer_arrays(model, names)
+    remove = {n: weights[n].size // 2 for n in names}
+    fits = {}
+    for group_bytes in (1, 2**30):
+        monkeypatch.setattr(rc, "GROUP_BYTES", group_bytes)
+        result = rc.reconstruct(model, model, calib, 16, remove=remove, masked=names)
+        fits[group_bytes] = (initializer_arrays(result.model, names), result.fits)
+    (alone, alone_fits), (grouped, grouped_fits) = fits[1], fits[2**30]
+    for n in names:
+        np.testing.assert_array_equal(alone[n] == 0, grouped[n] == 0)
+        np.testing.assert_allclose(grouped[n], alone[n], rtol=1e-3, atol=1e-5)
+    assert [f.rows for f in alone_fits] == [f.rows for f in grouped_fits]
+
+
+def test_groups_join_consecutive_batches_of_one_shape_up_to_the_limit():
+    def batch(n, size=4):
+        return (np.zeros((n, 2, size, size), np.float32), np.zeros((n, 3), np.float32))
+
+    batches = [batch(4), batch(4), batch(4), batch(2, size=5), batch(4), batch(4)]
+    per = batches[0][0].nbytes
+    assert rc._groups(batches, 2 * per) == [[0, 1], [2], [3], [4, 5]]
+    assert rc._groups(batches, 1) == [[i] for i in range(6)]
+    where = rc._joined(
+        [
+            (np.array([0, 3]), np.array([1, 1]), np.array([2, 0])),
+            (np.array([1]), np.array([0]), np.array([3])),
+        ],
+        [4, 2],
+    )
+    assert where is not None
+    assert [w.tolist() for w in where] == [[0, 3, 5], [1, 1, 0], [2, 0, 3]]
+    assert rc._joined([None, None], [4, 4]) is None
+
 
 def test_limits_keep_heads_dense_and_cap_layers_every_path_needs(rng):
     model = residual_model(rng)
