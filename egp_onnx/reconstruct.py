@@ -735,13 +735,12 @@ def _normal_equations(
         return short
 
     def rows_of_group(
-        item: tuple[list[tuple[np.ndarray, ...]], list[_Positions | None]],
+        item: tuple[list[tuple[np.ndarray, ...]], _Positions | None],
     ) -> tuple[np.ndarray, np.ndarray]:
-        batches, wheres = item
+        batches, where = item
         x, *shortcut, target = (
             np.concatenate(arrays) if len(batches) > 1 else arrays[0] for arrays in zip(*batches, strict=True)
         )
-        where = _joined(wheres, [len(batch[-1]) for batch in batches])
         rows = _dense_rows(x) if where is None else _conv_rows(x, layer, where)
         y = _rows_of(target, where).astype(np.float64)
         if shortcut and layer.scale is not None and layer.shift is not None:
@@ -751,13 +750,15 @@ def _normal_equations(
 
     # Consecutive batches are joined so that each gather is larger and numpy is called less often
     # (with the window view in _conv_rows, MNIST's refit 1.81 -> 1.67 s); PARTS groups at once.
-    # Positions are drawn batch by batch, in order, as when every batch was gathered alone.
+    # A group's positions are drawn for its samples at once, in order: the generator gives the
+    # same numbers as when each batch drew its own.
     groups = _groups(kept, min(GROUP_BYTES, -(-sum(batch[0].nbytes for batch in kept) // PARTS)))
     for start in range(0, len(groups), PARTS):
         items = []
         for group in groups[start : start + PARTS]:
             batches = [kept[i] for i in group]
-            items.append((batches, [_positions(b[-1].shape, rng, take) if conv else None for b in batches]))
+            shape = (sum(len(batch[-1]) for batch in batches), *batches[0][-1].shape[1:])
+            items.append((batches, _positions(shape, rng, take) if conv else None))
         for rows, y in map_parts(rows_of_group, items):
             if normal is None:
                 normal = _Normal(rows.shape[0], rows.shape[2], y.shape[1], layer.bias is not None)
@@ -783,16 +784,6 @@ def _groups(batches: Sequence[tuple[np.ndarray, ...]], limit: int) -> list[list[
             size = batch[0].nbytes
         shapes = these
     return groups
-
-
-def _joined(wheres: Sequence[_Positions | None], sizes: Sequence[int]) -> _Positions | None:
-    """The positions of consecutive batches as positions in their concatenation."""
-    if wheres[0] is None:
-        return None
-    offsets = np.cumsum([0, *sizes[:-1]])
-    parts = [w for w in wheres if w is not None]
-    b_idx = np.concatenate([w[0] + offset for w, offset in zip(parts, offsets, strict=True)])
-    return b_idx, np.concatenate([w[1] for w in parts]), np.concatenate([w[2] for w in parts])
 
 
 def _rows_of(tensor: np.ndarray, where: _Positions | None) -> np.ndarray:

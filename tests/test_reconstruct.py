@@ -427,16 +427,6 @@ def test_groups_join_consecutive_batches_of_one_shape_up_to_the_limit():
     per = batches[0][0].nbytes
     assert rc._groups(batches, 2 * per) == [[0, 1], [2], [3], [4, 5]]
     assert rc._groups(batches, 1) == [[i] for i in range(6)]
-    where = rc._joined(
-        [
-            (np.array([0, 3]), np.array([1, 1]), np.array([2, 0])),
-            (np.array([1]), np.array([0]), np.array([3])),
-        ],
-        [4, 2],
-    )
-    assert where is not None
-    assert [w.tolist() for w in where] == [[0, 3, 5], [1, 1, 0], [2, 0, 3]]
-    assert rc._joined([None, None], [4, 4]) is None
 
 
 def test_limits_keep_heads_dense_and_cap_layers_every_path_needs(rng):
