@@ -21,7 +21,7 @@ output pooled as it is: wrong counts, but the time any probe that reads each out
 would take at least (``floor/plain``).
 
 ``refit`` (on unless --no-refit) is one reconstruction step: 50% of every prunable layer removed
-by magnitude, then every layer refit (egp_onnx.reconstruct, at most its MAX_SAMPLES first samples),
+by magnitude, then every layer refit (egp_onnx.reconstruct.refit, at most its MAX_SAMPLES first samples),
 reported as its time over the statistics pass's (``refit/egp``) and its peak memory.
 """
 
@@ -62,17 +62,17 @@ def worker(approach: str, model_path: str, data_dir: str, batch_size: int) -> di
     """One measured pass, in this (fresh) process."""
     import onnxruntime as ort
 
-    from egp_onnx.calibrate import collect_statistics
-    from egp_onnx.data import open_calibration
-    from egp_onnx.io import load_model
-    from egp_onnx.topology import find_rectifiers
+    from egp_onnx.calibrate.collect import collect_statistics
+    from egp_onnx.graph.topology import find_rectifiers
+    from egp_onnx.load.calibration import open_calibration
+    from egp_onnx.load.model import load_model
 
     model = load_model(model_path)
     data = open_calibration(data_dir, model)
     sites = find_rectifiers(model)
     if approach == "refit":
-        from egp_onnx.loop import LayerSet
-        from egp_onnx.reconstruct import reconstruct
+        from egp_onnx.prune.loop import LayerSet
+        from egp_onnx.reconstruct.refit import reconstruct
 
         layers = LayerSet(model, sites)
         remove = {n: w.size // 2 for n, w in zip(layers.weight_names, layers.weights, strict=True)}
@@ -114,8 +114,7 @@ def _without_indicator() -> None:
     Its counts are meaningless; its time is what reading every probed tensor once more costs in
     the same session, scheduling and pooling: the floor of any probe that reads each once.
     """
-    from egp_onnx import calibrate
-
+    from egp_onnx.calibrate import collect as calibrate
     build = calibrate.statistics_model
 
     def pooled_directly(*args, **kwargs):
@@ -139,7 +138,7 @@ def _overlapped_plain(model: onnx.ModelProto, data, batch_size: int) -> None:
 
     import onnxruntime as ort
 
-    from egp_onnx.calibrate import IN_FLIGHT
+    from egp_onnx.calibrate.collect import IN_FLIGHT
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, len(os.sched_getaffinity(0)) // IN_FLIGHT)
@@ -234,10 +233,10 @@ def whole_process(model_path: Path, data: Path, batch_size: int, folder: Path) -
 
 def session_rebuild_cost(model_path: Path, data_dir: Path, batch_size: int) -> tuple[float, float]:
     """Seconds to build the statistics session, and seconds of the pass it serves."""
-    from egp_onnx.calibrate import collect_statistics, make_session, statistics_model
-    from egp_onnx.data import open_calibration
-    from egp_onnx.io import load_model
-    from egp_onnx.topology import find_rectifiers
+    from egp_onnx.calibrate.collect import collect_statistics, make_session, statistics_model
+    from egp_onnx.graph.topology import find_rectifiers
+    from egp_onnx.load.calibration import open_calibration
+    from egp_onnx.load.model import load_model
 
     model = load_model(model_path)
     sites = find_rectifiers(model)
@@ -283,7 +282,7 @@ def main() -> None:
         approaches.append("floor")
     from models import conv_chain, mobilenet, resnet
 
-    from egp_onnx.report import format_table
+    from egp_onnx.report.records import format_table
 
     folder = Path(tempfile.mkdtemp(prefix="egp-bench-"))
     models = {"chain8x64@32": conv_chain(), "resnet4x32@32": resnet(), "mobilenet@32": mobilenet()}

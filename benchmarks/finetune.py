@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import egp_onnx
-from egp_onnx.report import format_table
+from egp_onnx.report.records import format_table
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 sys.path.insert(0, str(SAMPLES))
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     from digits_torch import factory
 
-    from egp_onnx.torch import ClassificationFinetune
+    from egp_onnx.integrations.torch import ClassificationFinetune
 
     rows = []
     for method in ("egp", "magnitude"):

@@ -3,6 +3,7 @@
 Public API: :func:`analyze` and :func:`compress`, their reports, and the error types.
 """
 
+from egp_onnx.api.compress import CompressionResult, analyze, compress, statistics
 from egp_onnx.errors import (
     CalibrationError,
     ConfigError,
@@ -11,8 +12,7 @@ from egp_onnx.errors import (
     NothingToPruneError,
     OutputError,
 )
-from egp_onnx.pipeline import CompressionResult, analyze, compress, statistics
-from egp_onnx.report import AnalysisReport, CompressionReport, LayerRecord, RectifierRecord
+from egp_onnx.report.records import AnalysisReport, CompressionReport, LayerRecord, RectifierRecord
 
 __version__ = "0.1.0"
 

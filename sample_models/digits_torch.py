@@ -50,7 +50,7 @@ class DigitsResNet(nn.Module):
 
 def factory() -> DigitsResNet:
     """DigitsResNet holding the weights of sample_models/digits_resnet.onnx."""
-    from egp_onnx.torch import load_onnx_weights, map_initializers
+    from egp_onnx.integrations.torch import load_onnx_weights, map_initializers
 
     torch.manual_seed(0)
     module = DigitsResNet()

@@ -49,7 +49,7 @@ class MnistResNet(nn.Module):
 
 def factory() -> MnistResNet:
     """MnistResNet holding the weights of sample_models/mnist_resnet.onnx."""
-    from egp_onnx.torch import load_onnx_weights, map_initializers
+    from egp_onnx.integrations.torch import load_onnx_weights, map_initializers
 
     torch.manual_seed(0)
     module = MnistResNet()

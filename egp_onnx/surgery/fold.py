@@ -1,7 +1,7 @@
 """Constant folding at load time, by onnx-graphsurgeon (which evaluates with onnxruntime).
 
 It lives in surgery/ because only this package imports onnx_graphsurgeon; the load-time stage
-that calls it is :mod:`egp_onnx.normalize`.
+that calls it is :mod:`egp_onnx.load.normalize`.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from egp_onnx import kernels
-from egp_onnx.report import Rewrite
+from egp_onnx.graph.topology import LAYER_OPS, serialized_size
+from egp_onnx.report.records import Rewrite
+from egp_onnx.surgery import algebra as kernels
 from egp_onnx.surgery.export import export_model
 from egp_onnx.surgery.view import (
     LayerView,
@@ -32,7 +33,6 @@ from egp_onnx.surgery.view import (
     single_consumer,
     through_elementwise,
 )
-from egp_onnx.topology import LAYER_OPS, serialized_size
 
 #: Rewritten models of at least this many bytes make simplify run a full garbage collection.
 COLLECT_BYTES = 64 * 2**20

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from egp_onnx import kernels
-from egp_onnx.topology import LAYER_OPS
+from egp_onnx.graph.topology import LAYER_OPS
+from egp_onnx.surgery import algebra as kernels
 
 
 def const(tensor: gs.Tensor) -> np.ndarray | None:

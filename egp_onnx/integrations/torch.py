@@ -1,0 +1,370 @@
+"""PyTorch bridge for finetuning: map ONNX initializers onto a torch.nn.Module and back.
+
+Needs the optional extra: ``pip install 'egp-onnx[torch]'`` (torch==2.13.0, a CPU build).
+
+The mapping pairs the ONNX graph's parametric nodes (Conv, Gemm, MatMul with a constant weight,
+BatchNormalization), in graph order, with the module's Conv/Linear/BatchNorm submodules, in
+registration order, preferring exact export names. A torch BatchNorm that the exporter folded
+into the preceding convolution is recognised and unfolded on the way in, folded on the way out.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from egp_onnx.errors import EgpError
+from egp_onnx.graph.topology import tensor_values
+from egp_onnx.load.model import write_bytes_atomic
+
+try:
+    import torch
+    from torch import nn
+    from torch.nn.utils import prune as torch_prune
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "egp_onnx.integrations.torch needs PyTorch: pip install 'egp-onnx[torch]' "
+        "(torch==2.13.0, a CPU build)"
+    ) from exc
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: ONNX BatchNormalization input role -> torch BatchNorm attribute
+_BN_ROLES = (("scale", "weight"), ("shift", "bias"), ("mean", "running_mean"), ("var", "running_var"))
+
+
+class MappingError(EgpError):
+    """The ONNX model's parameters cannot be matched to the module's unambiguously."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One ONNX parametric node and the torch module(s) holding its values."""
+
+    node: str
+    kind: str  # conv | linear | bn
+    module: str
+    tensors: dict[str, str]  # role (weight, bias, scale, shift, mean, var) -> ONNX tensor name
+    transpose: bool = False  # ONNX weight is (in, out): MatMul, or Gemm without transB
+    folded_bn: str | None = None  # a torch BatchNorm folded into this layer by the exporter
+
+
+def _tensor_source(model: onnx.ModelProto) -> Callable[[str], str | None]:
+    """Resolve a tensor through Identity nodes to an initializer or Constant output name."""
+    inits = {t.name for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def resolve(name: str) -> str | None:
+        for _ in range(8):
+            if name in inits:
+                return name
+            node = producers.get(name)
+            if node is None:
+                return None
+            if node.op_type == "Constant":
+                return name
+            if node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return None
+
+    return resolve
+
+
+def _onnx_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, dict[str, str], bool]]:
+    """(node, kind, role -> tensor, transpose) of every parametric node, in graph order."""
+    resolve = _tensor_source(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found = []
+    for node in model.graph.node:
+        inputs = [resolve(i) if i else None for i in node.input]
+        if node.op_type == "Conv" and len(inputs) > 1 and inputs[1]:
+            roles = {"weight": inputs[1]} | ({"bias": inputs[2]} if len(inputs) > 2 and inputs[2] else {})
+            found.append((node, "conv", roles, False))
+        elif node.op_type == "Gemm" and len(inputs) > 1 and inputs[1]:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            roles = {"weight": inputs[1]} | ({"bias": inputs[2]} if len(inputs) > 2 and inputs[2] else {})
+            found.append((node, "linear", roles, not trans_b))
+        elif node.op_type == "MatMul" and len(inputs) > 1 and inputs[1]:
+            roles = {"weight": inputs[1]}
+            after = consumers.get(node.output[0], [])
+            if len(after) == 1 and after[0].op_type == "Add":
+                other = [resolve(i) for i in after[0].input if i != node.output[0]]
+                if other and other[0]:
+                    roles["bias"] = other[0]
+            found.append((node, "linear", roles, True))
+        elif node.op_type == "BatchNormalization" and all(inputs[1:5]):
+            roles = dict(zip(("scale", "shift", "mean", "var"), inputs[1:5], strict=True))
+            found.append((node, "bn", roles, False))
+    return found
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, _CONV):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, _BN):
+        return "bn"
+    return None
+
+
+def map_initializers(module: nn.Module, model: onnx.ModelProto) -> list[Binding]:
+    """Bind every parametric ONNX node of ``model`` to the submodule of ``module`` that holds it.
+
+    Raises:
+        MappingError: a node has no module of its kind and shape, or modules are left over.
+
+    """
+    values = tensor_values(model)
+    modules = [(name, m) for name, m in module.named_modules() if _kind(m)]
+    by_name = dict(modules)
+    nodes = _onnx_nodes(model)
+    used: set[str] = set()
+    bindings: list[Binding] = []
+    cursor = 0
+    for node, kind, roles, transpose in nodes:
+        weight_name = roles.get("weight") or roles.get("scale", "")
+        named = weight_name.rsplit(".", 1)[0] if "." in weight_name else ""
+        name: str
+        if named in by_name and _kind(by_name[named]) == kind and named not in used:
+            name = named
+        else:
+            while cursor < len(modules) and modules[cursor][0] in used:
+                cursor += 1
+            if cursor >= len(modules):
+                raise MappingError(
+                    f"ONNX node {node.name or node.op_type} ({kind}) has no module left to map to"
+                )
+            name = modules[cursor][0]
+        mod = by_name[name]
+        if _kind(mod) != kind:
+            raise MappingError(
+                f"ONNX node {node.name or node.op_type} is a {kind} but the next module, {name}, is a "
+                f"{type(mod).__name__}: the mapping is ambiguous (export with the module's parameter names)"
+            )
+        _check_shape(node, kind, roles, transpose, mod, name, values)
+        used.add(name)
+        folded = None
+        if kind in ("conv", "linear"):
+            index = [n for n, _ in modules].index(name)
+            after = modules[index + 1] if index + 1 < len(modules) else None
+            next_onnx = (
+                nodes[nodes.index((node, kind, roles, transpose)) + 1][1]
+                if node is not nodes[-1][0]
+                else None
+            )
+            if after and _kind(after[1]) == "bn" and next_onnx != "bn" and after[0] not in used:
+                if after[1].num_features == _out_features(mod):
+                    folded = after[0]
+                    used.add(folded)
+        bindings.append(Binding(node.name, kind, name, roles, transpose, folded))
+    left = [n for n, _ in modules if n not in used]
+    if left:
+        raise MappingError(f"modules {', '.join(left)} match no ONNX node: the mapping is ambiguous")
+    return bindings
+
+
+def _out_features(module: nn.Module) -> int:
+    return int(module.out_channels if isinstance(module, _CONV) else module.out_features)
+
+
+def _check_shape(
+    node: onnx.NodeProto,
+    kind: str,
+    roles: dict[str, str],
+    transpose: bool,
+    module: nn.Module,
+    name: str,
+    values: Mapping[str, np.ndarray],
+) -> None:
+    if kind == "bn":
+        got, want = values[roles["scale"]].shape, tuple(module.weight.shape)
+    else:
+        shape = values[roles["weight"]].shape
+        got, want = (shape[::-1] if transpose else shape), tuple(module.weight.shape)
+    if tuple(got) != want:
+        raise MappingError(
+            f"ONNX node {node.name or node.op_type} has shape {tuple(got)}, module {name} {want}"
+        )
+
+
+def _bn_scale(bn: nn.Module) -> torch.Tensor:
+    return bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+
+
+def load_onnx_weights(module: nn.Module, model: onnx.ModelProto, bindings: Sequence[Binding]) -> None:
+    """Copy the ONNX model's parameter values into ``module`` (in place, no gradient)."""
+    values = tensor_values(model)
+    mods = dict(module.named_modules())
+    with torch.no_grad():
+        for b in bindings:
+            mod = mods[b.module]
+            if b.kind == "bn":
+                for role, attr in _BN_ROLES:
+                    getattr(mod, attr).copy_(torch.from_numpy(values[b.tensors[role]].astype(np.float32)))
+                continue
+            weight = values[b.tensors["weight"]].astype(np.float32)
+            weight = weight.T if b.transpose else weight
+            bias = values[b.tensors["bias"]].astype(np.float32).reshape(-1) if "bias" in b.tensors else None
+            if b.folded_bn is not None:
+                bn = mods[b.folded_bn]
+                scale = _bn_scale(bn).numpy()
+                safe = np.where(scale == 0, 1.0, scale)
+                mod.weight.copy_(torch.from_numpy(weight / safe.reshape(-1, *[1] * (weight.ndim - 1))))
+                own = mod.bias.detach().numpy() if mod.bias is not None else np.zeros_like(safe)
+                # b' = (b - mean) * scale + shift; keep b and mean, solve for shift
+                shift = (bias if bias is not None else 0.0) - (own - bn.running_mean.numpy()) * scale
+                bn.bias.copy_(torch.from_numpy(np.asarray(shift, dtype=np.float32)))
+                continue
+            mod.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+            if bias is not None:
+                if mod.bias is None:
+                    if np.any(bias):
+                        raise MappingError(f"ONNX node {b.node} has a bias, module {b.module} has none")
+                else:
+                    mod.bias.copy_(torch.from_numpy(bias))
+
+
+def onnx_weights(module: nn.Module, bindings: Sequence[Binding]) -> dict[str, np.ndarray]:
+    """The module's current parameters as ONNX tensor values (BatchNorm folded where it was)."""
+    mods = dict(module.named_modules())
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for b in bindings:
+            mod = mods[b.module]
+            if b.kind == "bn":
+                for role, attr in _BN_ROLES:
+                    out[b.tensors[role]] = getattr(mod, attr).detach().numpy().copy()
+                continue
+            weight = mod.weight.detach().numpy().copy()
+            bias = (
+                mod.bias.detach().numpy().copy()
+                if mod.bias is not None
+                else np.zeros(_out_features(mod), np.float32)
+            )
+            if b.folded_bn is not None:
+                bn = mods[b.folded_bn]
+                scale = _bn_scale(bn).numpy()
+                weight = weight * scale.reshape(-1, *[1] * (weight.ndim - 1))
+                bias = (bias - bn.running_mean.numpy()) * scale + bn.bias.detach().numpy()
+            out[b.tensors["weight"]] = weight.T.copy() if b.transpose else weight
+            if "bias" in b.tensors:
+                out[b.tensors["bias"]] = bias.astype(np.float32)
+    return out
+
+
+def apply_masks(
+    module: nn.Module, bindings: Sequence[Binding], masks: Mapping[str, np.ndarray]
+) -> list[nn.Module]:
+    """Pruning hooks on every masked weight: ``weight = weight_orig * mask`` in every forward.
+
+    Returns the modules that carry a hook, for :func:`remove_masks`.
+    """
+    mods = dict(module.named_modules())
+    hooked = []
+    for b in bindings:
+        name = b.tensors.get("weight", "")
+        if b.kind == "bn" or name not in masks:
+            continue
+        mask = masks[name].T if b.transpose else masks[name]
+        torch_prune.custom_from_mask(mods[b.module], "weight", torch.from_numpy(np.ascontiguousarray(mask)))
+        hooked.append(mods[b.module])
+    return hooked
+
+
+def remove_masks(hooked: Sequence[nn.Module]) -> None:
+    """Make the masked weights permanent (zeros stay zeros) and drop the hooks."""
+    for mod in hooked:
+        torch_prune.remove(mod, "weight")
+
+
+def export_onnx(
+    module: nn.Module,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
+    path: str | Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    opset: int = 17,
+    fold_batchnorm: bool = True,
+) -> onnx.ModelProto:
+    """Export ``module`` (eval mode, dynamic batch) to ``path`` (atomically) and return the model."""
+    module.eval()
+    args = example if isinstance(example, tuple) else (example,)
+    axes = {n: {0: "N"} for n in [*input_names, *output_names]}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is chosen on purpose (it needs no onnxscript and keeps parameter
+        # names); its own deprecation notices are not the user's concern.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            module,
+            args,
+            buffer,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            opset_version=opset,
+            dynamic_axes=axes,
+            do_constant_folding=fold_batchnorm,
+            dynamo=False,
+        )
+    write_bytes_atomic(path, buffer.getvalue())
+    return onnx.load_model_from_string(buffer.getvalue())
+
+
+class ClassificationFinetune:
+    """A ready finetune callback: cross-entropy training of ``module`` on (inputs, labels).
+
+    Call it as ``compress(..., finetune=ClassificationFinetune(module, "train.npz"))``: at every
+    step it loads the pruned ONNX weights into ``module``, trains ``epochs`` with the masks
+    hooked (pruned weights stay zero after every optimizer step), and returns the new values.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        train: str | Path | tuple[np.ndarray, np.ndarray],
+        *,
+        epochs: int = 1,
+        lr: float = 1e-3,
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(train, (str, Path)):
+            with np.load(train, allow_pickle=False) as npz:
+                labels = npz["labels"]
+                inputs = npz[next(k for k in npz.files if k != "labels")]
+        else:
+            inputs, labels = train
+        self.module, self.epochs, self.lr, self.batch_size, self.seed = module, epochs, lr, batch_size, seed
+        self.inputs = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.bindings: list[Binding] | None = None
+
+    def __call__(self, model: onnx.ModelProto, masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Train on the pruned ``model`` with ``masks`` held; return the new tensor values."""
+        if self.bindings is None:
+            self.bindings = map_initializers(self.module, model)
+        load_onnx_weights(self.module, model, self.bindings)
+        hooked = apply_masks(self.module, self.bindings, masks)
+        generator = torch.Generator().manual_seed(self.seed)
+        optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
+        self.module.train()
+        for _ in range(self.epochs):
+            for idx in torch.randperm(len(self.inputs), generator=generator).split(self.batch_size):
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(self.module(self.inputs[idx]), self.labels[idx])
+                loss.backward()
+                optimizer.step()
+        self.module.eval()
+        remove_masks(hooked)
+        return onnx_weights(self.module, self.bindings)

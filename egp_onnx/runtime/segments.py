@@ -1,0 +1,181 @@
+"""A model's tensors over a fixed set of batches, computed segment by segment and kept while live.
+
+Reconstruction refits layers in topological order, and each layer needs tensors of the model as
+refit so far. Running the model's prefix again for every layer costs about a pass per layer.
+Instead, :class:`Activations` keeps the tensors it has computed (one array per batch) and each
+request runs only the nodes between the kept tensors and the ones asked for, in one onnxruntime
+session. Every node therefore runs once per batch, with the weights it has when it first runs: the
+caller updates the weights dict between requests, and a layer's refit reaches every later request.
+
+A kept tensor is dropped as soon as every node that reads it has run and no later request names
+it. The graph inputs stay (a node is recomputed from them should a dropped tensor be needed again).
+When the kept tensors would pass the byte budget, the last batches are dropped, for every tensor
+alike: later requests see fewer samples, and memory stays bounded whatever the sample count.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from egp_onnx.calibrate.collect import make_session, run_session
+
+
+def reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads: its inputs and the outer-scope names its bodies read (Loop, If, Scan)."""
+    names = [t for t in node.input if t]
+    for attr in node.attribute:
+        for graph in [attr.g, *attr.graphs] if attr.type in (attr.GRAPH, attr.GRAPHS) else []:
+            for inner in graph.node:
+                names.extend(reads(inner))
+    return names
+
+
+class Activations:
+    """Tensors of ``model`` for ``batches``, computed on request, one array per batch.
+
+    Args:
+        model: the graph; initializers that are stubs take their values from ``weights``.
+        weights: values of the stubs; the caller may change them between requests.
+        batches: the feeds, in order (each a dict of graph input arrays).
+        budget: bytes the kept tensors may take; beyond it the last batches are dropped.
+        threads: onnxruntime's intra-op threads per segment (0: its default, one per core).
+
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        weights: Mapping[str, np.ndarray],
+        batches: Sequence[Mapping[str, np.ndarray]],
+        budget: int,
+        threads: int = 0,
+    ) -> None:
+        if not batches:
+            raise ValueError("no batches to compute tensors for")
+        self.model, self.weights, self.budget, self.threads = model, weights, budget, threads
+        self.nodes = list(model.graph.node)
+        self.producer = {out: i for i, node in enumerate(self.nodes) for out in node.output if out}
+        self.reads = [reads(node) for node in self.nodes]  # bodies walked once, not per request
+        self.readers: dict[str, set[int]] = defaultdict(set)
+        for i, names in enumerate(self.reads):
+            for tensor in names:
+                self.readers[tensor].add(i)
+        self.initializers = {t.name: t for t in model.graph.initializer}
+        self.inputs = {v.name: v for v in model.graph.input if v.name not in self.initializers}
+        self.cache: dict[str, list[np.ndarray]] = {
+            name: [batch[name] for batch in batches] for name in self.inputs if name in batches[0]
+        }
+        self.batches = len(batches)
+        self.done: set[int] = set()
+        self.sessions = 0  # segments run so far (one onnxruntime session each)
+
+    def get(self, names: Sequence[str], later: Collection[str] = ()) -> list[list[np.ndarray]]:
+        """The named tensors, each as one array per kept batch.
+
+        ``later`` names the tensors that later requests will ask for: they are kept when computed
+        on the way, and not dropped. Tensors nothing will read again leave the cache on return.
+        """
+        wanted = list(dict.fromkeys(names))
+        self._drop_dead({*wanted, *later})
+        missing = [name for name in wanted if name not in self.cache]
+        if missing:
+            self._run(missing, set(later))
+        found = [self.cache[name][: self.batches] for name in names]
+        self._drop_dead(later)
+        return found
+
+    def _drop_dead(self, wanted: Collection[str]) -> None:
+        for name in list(self.cache):
+            if name not in wanted and name not in self.inputs and not self.readers[name] - self.done:
+                del self.cache[name]
+
+    def _needed(self, missing: Sequence[str]) -> list[int]:
+        """Indices of the nodes that compute ``missing`` from the kept tensors, in graph order."""
+        needed: set[int] = set()
+        stack, seen = list(missing), set()
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen or tensor in self.cache or tensor in self.initializers:
+                continue
+            seen.add(tensor)
+            i = self.producer.get(tensor)
+            if i is None:
+                if tensor in self.inputs:
+                    raise ValueError(f"graph input {tensor!r} has no value in the batches")
+                continue  # a name read only inside a body, defined there
+            if i not in needed:
+                needed.add(i)
+                stack.extend(self.reads[i])
+        return sorted(needed)
+
+    def _run(self, missing: Sequence[str], later: Collection[str]) -> None:
+        order = self._needed(missing)
+        segment = set(order)
+        # Keep what this request wants, what later requests name, and what nodes outside the
+        # segment that have not run yet will read.
+        keep = [
+            out
+            for i in order
+            for out in self.nodes[i].output
+            if out and (out in missing or out in later or self.readers[out] - self.done - segment)
+        ]
+        read = list(dict.fromkeys(t for i in order for t in self.reads[i]))
+        fed = [t for t in read if t in self.cache]
+        part = self._model(order, fed, keep, read)
+        # Worker threads that sleep when idle: between runs the caller computes with numpy (its
+        # BLAS threads), and spinning workers took those cores (a reconstruction step of the MNIST
+        # sample: 3.2 s with spinning, 2.2 s without, on the loaded machine).
+        session = make_session(
+            part, optimize=True, lean=True, weights=self.weights, threads=self.threads, spinning=False
+        )
+        self.sessions += 1
+        b = 0
+        while b < self.batches:
+            results = run_session(session, keep, {t: self.cache[t][b] for t in fed})
+            for name, value in zip(keep, results, strict=True):
+                self.cache.setdefault(name, []).append(value)
+            if b == 0:
+                self._fit_budget()
+            b += 1
+        self.done |= segment
+
+    def _fit_budget(self) -> None:
+        """Drop the last batches when keeping every batch would pass the budget (from batch 0's size)."""
+        per_batch = sum(arrays[0].nbytes for arrays in self.cache.values())
+        allowed = max(1, self.budget // max(per_batch, 1))
+        if allowed < self.batches:
+            self.batches = allowed
+            for arrays in self.cache.values():
+                del arrays[allowed:]
+
+    def _model(self, order: list[int], fed: list[str], keep: list[str], read: list[str]) -> onnx.ModelProto:
+        """The segment as a model: the kept tensors it reads are its inputs."""
+        graph = helper.make_graph(
+            [self.nodes[i] for i in order],
+            self.model.graph.name or "segment",
+            [self._value_info(t) for t in fed],
+            [helper.make_empty_tensor_value_info(t) for t in keep],
+            [self.initializers[t] for t in read if t in self.initializers and t not in self.cache],
+        )
+        part = helper.make_model(
+            graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version
+        )
+        part.functions.extend(self.model.functions)
+        return part
+
+    def _value_info(self, name: str) -> onnx.ValueInfoProto:
+        """A graph input's declaration; for a computed tensor, its type and the dims every batch shares."""
+        if name in self.inputs:
+            return self.inputs[name]
+        first, last = self.cache[name][0], self.cache[name][self.batches - 1]
+        elem = helper.np_dtype_to_tensor_dtype(first.dtype)
+        if first.ndim != last.ndim:
+            return helper.make_tensor_value_info(name, elem, None)
+        return helper.make_tensor_value_info(
+            name, elem, [a if a == b else None for a, b in zip(first.shape, last.shape, strict=True)]
+        )

@@ -1,0 +1,122 @@
+"""Fidelity-first defaults: the guard is on, the held-out split automatic, sparsity 0 exact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import SAMPLES, load_npz
+from models import Builder, f32
+
+import egp_onnx
+from egp_onnx.load.calibration import automatic_holdout, open_calibration, split_holdout
+from egp_onnx.load.model import load_model
+
+MODEL = SAMPLES / "digits_resnet.onnx"
+CALIB = SAMPLES / "digits_calib.npz"
+
+
+def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)[0]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "egp_onnx", *args], capture_output=True, text=True, check=False
+    )
+
+
+@pytest.mark.parametrize(("samples", "held"), [(1, 0), (3, 0), (8, 4), (512, 256), (2000, 500), (4000, 1000)])
+def test_automatic_holdout_size(samples, held):
+    assert automatic_holdout(samples) == held
+
+
+def test_default_run_writes_a_model_within_the_guard(tmp_path):
+    out, report = tmp_path / "small.onnx", tmp_path / "r.json"
+    # the default command, with a lower ceiling to keep the test short
+    proc = cli(
+        "compress",
+        str(MODEL),
+        "--calib",
+        str(CALIB),
+        "-o",
+        str(out),
+        "--report",
+        str(report),
+        "--sparsity",
+        "0.6",
+        "--no-latency",
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    settings = data["settings"]
+    assert settings["guard"] and settings["reconstruct"] and settings["min_agreement"] == 0.99
+    assert data["fidelity"]["data"] == "holdout" and data["fidelity"]["samples"] == 256
+    assert "coarse: fewer than 500 samples" in proc.stdout
+    assert all(step["reconstructed"] for step in data["steps"])
+    # Re-measure on the same held-out split, independently of the tool's own figures.
+    original = load_model(MODEL)
+    _, held = split_holdout(open_calibration(CALIB, original), None, 0)
+    arrays, _ = held.arrays()
+    want = run(original, arrays)
+    got = run(onnx.load(out), arrays)
+    agreement = float((want.argmax(1) == got.argmax(1)).mean())
+    assert agreement >= 0.99
+    assert agreement == pytest.approx(data["fidelity"]["top1_agreement"])
+    assert data["model"]["sparsity"] > 0.3
+
+
+def classifier(rng) -> onnx.ModelProto:
+    """
+    x(N,16) -> Gemm(16->32) "fc1" -> Relu -> Gemm(32->10) "fc2" -> y
+    """
+    b = Builder(rng)
+    h = b.op("Relu", [b.gemm("x", "fc1", 16, 32)], "relu")
+    return b.model(b.gemm(h, "fc2", 32, 10), ("N", 16))
+
+
+def test_the_guard_refuses_to_write_a_broken_model(rng, tmp_path):
+    # No pruning step of this random classifier keeps every one of 1000 held-out answers.
+    onnx.save(classifier(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=f32(rng.normal(size=(2000, 16))))
+    out = tmp_path / "out.onnx"
+    proc = cli(
+        "compress",
+        str(tmp_path / "m.onnx"),
+        "--calib",
+        str(tmp_path / "c.npz"),
+        "-o",
+        str(out),
+        "--min-agreement",
+        "1.0",
+        "--no-latency",
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "failed the guard" in proc.stderr and "nothing written" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_sparsity_zero_is_exact_on_a_different_distribution(rng):
+    model = load_model(MODEL)
+    result = egp_onnx.compress(model, CALIB, sparsity=0.0, latency=False)
+    kinds = {r.kind for r in result.report.surgery.rewrites if r.applied}
+    assert kinds and kinds <= {"fold_bn", "fold_constant", "merge", "fold_residual"}, kinds
+    assert result.report.model.prunable_zeroed == 0 and result.report.steps == ()
+    # inputs the calibration data never looked like: uniform noise, scaled and shifted
+    x = f32(rng.uniform(-3, 8, size=(64, 1, 8, 8)))
+    want, got = run(model, {"input": x}), run(result.model, {"input": x})
+    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+    test = load_npz(SAMPLES / "digits_test.npz")
+    np.testing.assert_allclose(
+        run(result.model, {"input": test["input"]}),
+        run(model, {"input": test["input"]}),
+        rtol=1e-4,
+        atol=1e-4,
+    )

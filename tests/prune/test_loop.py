@@ -1,0 +1,166 @@
+"""LayerSet: the weights it reads, the model copies it makes only when they changed; the loop's rollback."""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+from conftest import SAMPLES
+
+from egp_onnx.calibrate.collect import collect_statistics
+from egp_onnx.config import Settings
+from egp_onnx.graph.topology import find_rectifiers, initializer_arrays, replace_initializers, tensor_values
+from egp_onnx.load.calibration import open_calibration
+from egp_onnx.load.model import load_model
+from egp_onnx.prune.budget import prune_smallest
+from egp_onnx.prune.limits import sparsity_limits
+from egp_onnx.prune.loop import LayerSet, run_loop
+from egp_onnx.reconstruct import refit as rc
+from egp_onnx.report.records import Fidelity
+
+
+def assert_same_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_apply_shares_the_model_it_read_and_copies_once_weights_change(rng):
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    original = tensor_values(model)
+    layers = LayerSet(model, find_rectifiers(model))
+    assert layers.apply(model) is model, "the weights are the model's own: no copy"
+    other = replace_initializers(model, {})
+    assert_same_tensors(tensor_values(layers.apply(other)), original)
+    layers.weights = [prune_smallest(w, w.size // 2, rng) for w in layers.weights]
+    pruned = layers.apply(model)
+    assert pruned is not model
+    values = tensor_values(pruned)
+    for name, weight in zip(layers.weight_names, layers.weights, strict=True):
+        np.testing.assert_array_equal(values[name], weight)
+    assert_same_tensors(tensor_values(model), original)  # the model read from is untouched
+    layers.read(pruned)
+    assert layers.apply(pruned) is pruned
+
+
+def test_reconstruct_given_the_model_itself_equals_given_a_copy():
+    # the loop's first step now hands reconstruct the loaded model instead of a copy of it
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    calib = open_calibration(SAMPLES / "digits_calib.npz", model)
+    names = ["block1.conv1.weight", "block2.conv2.weight", "fc1.weight"]
+    weights = initializer_arrays(model, names)
+    remove = {n: weights[n].size // 2 for n in names}
+    copy = replace_initializers(model, weights)
+    shared = rc.reconstruct(model, model, calib, 64, remove=remove, masked=names, seed=3)
+    copied = rc.reconstruct(model, copy, calib, 64, remove=remove, masked=names, seed=3)
+    assert_same_tensors(tensor_values(shared.model), tensor_values(copied.model))
+    assert_same_tensors(tensor_values(model), tensor_values(copy))
+
+
+def test_reconstruct_takes_known_weights_as_they_are_with_the_same_result(monkeypatch):
+    import egp_onnx.graph.topology as topology
+
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    calib = open_calibration(SAMPLES / "digits_calib.npz", model)
+    layers = LayerSet(model, find_rectifiers(model))
+    names = layers.weight_names
+    remove = {n: w.size // 2 for n, w in zip(names, layers.weights, strict=True)}
+    plain = rc.reconstruct(model, model, calib, 64, remove=remove, masked=names, seed=3)
+    read = []
+    real = topology.numpy_helper.to_array
+    monkeypatch.setattr(topology.numpy_helper, "to_array", lambda t, *a: read.append(t.name) or real(t, *a))
+    held = layers.held(model)
+    known = rc.reconstruct(model, model, calib, 64, remove=remove, masked=names, seed=3, known=held)
+    assert read and not set(read) & set(names), "the loop's (read-only) arrays are not read again"
+    assert_same_tensors(tensor_values(known.model), tensor_values(plain.model))
+    assert known.fits == plain.fits
+
+
+def test_held_gives_the_weights_only_for_the_model_that_holds_them(rng):
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    layers = LayerSet(model, find_rectifiers(model))
+    held = layers.held(model)
+    assert list(held) == layers.weight_names
+    assert all(held[n] is w for n, w in zip(layers.weight_names, layers.weights, strict=True))
+    assert layers.held(replace_initializers(model, {})) == {}, "a copy is not known to hold them"
+    layers.weights = [prune_smallest(w, w.size // 2, rng) for w in layers.weights]
+    assert layers.held(model) == {}, "the weights changed"
+    pruned = layers.apply(model)  # the model just written from the weights holds them
+    values = tensor_values(pruned)
+    for name, array in layers.held(pruned).items():
+        np.testing.assert_array_equal(values[name], array)
+        assert values[name].dtype == array.dtype
+
+
+def test_nnz_is_counted_once_per_set_of_weights(rng, monkeypatch):
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    layers = LayerSet(model, find_rectifiers(model))
+    counted = []
+    real = np.count_nonzero
+    monkeypatch.setattr(np, "count_nonzero", lambda a, *args, **kw: counted.append(1) or real(a, *args, **kw))
+    first = layers.nnz()
+    assert layers.nnz().tolist() == first.tolist() == [real(w) for w in layers.weights]
+    assert len(counted) == len(layers.weights), "the second call counts nothing"
+    first[0] = -1  # the caller's copy
+    layers.weights = [prune_smallest(w, w.size // 2, rng) for w in layers.weights]
+    assert layers.nnz().tolist() == [real(w) for w in layers.weights]
+
+
+def test_release_lets_the_weights_go_and_reads_them_again_from_the_model_that_holds_them(rng, monkeypatch):
+    import egp_onnx.graph.topology as topology
+
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    layers = LayerSet(model, find_rectifiers(model))
+    layers.weights = [prune_smallest(w, w.size // 2, rng) for w in layers.weights]
+    kept = [w.copy() for w in layers.weights]
+    direct = layers.weights
+    layers.release()
+    assert all(a is b for a, b in zip(layers.weights, direct, strict=True)), "no model holds them: kept"
+    del direct
+    pruned = layers.apply(model)
+    nnz, sizes = layers.nnz(), layers.sizes()
+    alive = [weakref.ref(w) for w in layers.weights]
+    layers.release()
+    assert all(ref() is None for ref in alive), "the arrays are freed"
+    read = []
+    real = topology.numpy_helper.to_array
+    monkeypatch.setattr(topology.numpy_helper, "to_array", lambda t, *a: read.append(t.name) or real(t, *a))
+    assert layers.nnz().tolist() == nnz.tolist() and layers.sizes().tolist() == sizes.tolist()
+    assert read == [], "the counts need no weights"
+    for weights, expected in zip(layers.weights, kept, strict=True):
+        np.testing.assert_array_equal(weights, expected)
+    assert sorted(read) == sorted(layers.weight_names), "read again from the pruned model, once"
+    assert layers.apply(pruned) is pruned and layers.held(pruned).keys() == set(layers.weight_names)
+
+
+def test_a_rejected_step_is_retried_from_the_last_accepted_weights():
+    """Step 2's first attempt fails the guard; its retry prunes step 1's weights, not the rejected ones."""
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    calib = open_calibration(SAMPLES / "digits_calib.npz", model)
+    sites = find_rectifiers(model)
+    layers = LayerSet(model, sites)
+    limits = sparsity_limits(model, layers.weight_names, 0.98)
+    settings = Settings(sparsity=0.8, step=0.5, batch_size=64, reconstruct=False, min_agreement=0.5)
+    candidates: list[dict[str, np.ndarray]] = []
+
+    def guard(candidate):
+        candidates.append(initializer_arrays(candidate, layers.weight_names))
+        fails = len(candidates) == 2
+        fidelity = Fidelity(0.0 if fails else 1.0, 0.0, 0.0, None, None, 1, ())
+        return fidelity, ["rejected"] if fails else []
+
+    stats = collect_statistics(model, sites, calib, 64)
+    quiet = lambda *args: None  # noqa: E731
+    outcome = run_loop(model, sites, layers, limits, stats, calib, settings, guard, quiet, quiet)
+    assert [s.accepted for s in outcome.steps[:3]] == [True, False, True]
+    accepted, rejected, retry = candidates[:3]
+    removed = outcome.steps[2].removed
+    zeros = {n: int((w == 0).sum()) for n, w in accepted.items()}
+    assert sum(int((retry[n] == 0).sum()) - zeros[n] for n in retry) == removed
+    rejected_zeros = sum(int((rejected[n] == 0).sum()) - zeros[n] for n in rejected)
+    assert rejected_zeros == outcome.steps[1].removed > removed
+    for name, weights in retry.items():
+        kept = weights != 0
+        np.testing.assert_array_equal(weights[kept], accepted[name][kept], err_msg=name)
+        assert not (kept & (accepted[name] == 0)).any(), name

@@ -1,0 +1,150 @@
+"""Activations: a model's tensors computed segment by segment equal the whole model's, each node once."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from models import Builder, f32
+from onnx import helper
+from references import spins
+
+from egp_onnx.calibrate.collect import make_session
+from egp_onnx.graph.topology import initializer_arrays, split_weights
+from egp_onnx.runtime.segments import Activations, reads
+
+LAYERS = ["c0", "c1", "c2", "fc"]
+
+
+def residual_model(rng) -> onnx.ModelProto:
+    """x -> c0 -> Relu r0 -> c1 -> Relu r1 -> c2 -> BN -> Add(+r0) -> Relu r2 -> GAP -> Flatten -> fc"""
+    b = Builder(rng)
+    a = b.op("Relu", [b.conv("x", "c0", 3, 4, 3, pad=1)], "r0")
+    h = b.op("Relu", [b.conv(a, "c1", 4, 4, 3, pad=1)], "r1")
+    s = b.op("Add", [b.bn(b.conv(h, "c2", 4, 4, 3, pad=1), "bn", 4), a], "add")
+    pooled = b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [s], "r2")], "gap")], "flat")
+    return b.model(b.gemm(pooled, "fc", 4, 5), ("N", 3, 6, 6))
+
+
+def whole(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> list[np.ndarray]:
+    """The named tensors from one session of the whole model (reference)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.output[:]
+    copy.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(names, {"x": x})
+
+
+def batches_of(x: np.ndarray, size: int) -> list[dict[str, np.ndarray]]:
+    return [{"x": x[i : i + size]} for i in range(0, len(x), size)]
+
+
+def activations(model, x, size=4, budget=2**30, weights=None, threads=0):
+    stubbed, values = split_weights(model, always=[f"{n}.w" for n in LAYERS])
+    if weights is not None:
+        values.update(weights)
+    return Activations(stubbed, values, batches_of(x, size), budget, threads), values
+
+
+def test_requests_in_layer_order_match_the_whole_model_and_run_each_node_once(rng):
+    model = residual_model(rng)
+    x = f32(rng.normal(size=(10, 3, 6, 6)))  # batches of 4, 4 and 2
+    acts, _ = activations(model, x)
+    requests = [["x"], ["r0"], ["r1", "r0"], ["flat"], ["y"]]
+    for k, names in enumerate(requests):
+        later = {n for later in requests[k + 1 :] for n in later}
+        got = acts.get(names, later)
+        for name, expected in zip(names, whole(model, names, x), strict=True):
+            np.testing.assert_allclose(np.concatenate(got[names.index(name)]), expected, rtol=1e-5, atol=1e-5)
+    # four requests computed something, and no node ran twice
+    assert acts.sessions == 4
+    assert acts.done == set(range(len(model.graph.node)))
+
+
+def test_dead_tensors_are_dropped_and_live_ones_kept(rng):
+    model = residual_model(rng)
+    acts, _ = activations(model, f32(rng.normal(size=(8, 3, 6, 6))))
+    acts.get(["r1"], later={"flat"})
+    # r0 is still read by the Add (not run yet); x stays (graph input); nothing else is kept
+    assert set(acts.cache) == {"x", "r0", "r1"}
+    acts.get(["flat"], later=set())
+    assert set(acts.cache) == {"x", "flat"}
+
+
+def test_weights_changed_between_requests_reach_the_nodes_that_run_later(rng):
+    model = residual_model(rng)
+    x = f32(rng.normal(size=(6, 3, 6, 6)))
+    acts, values = activations(model, x)
+    acts.get(["r0"], later={"r1"})
+    changed = {"c1.w": np.zeros_like(values["c1.w"]), "c0.w": np.zeros_like(values["c0.w"])}
+    values.update(changed)  # c0 already ran: its new value must not matter; c1 runs next
+    (r1,) = acts.get(["r1"])
+    reference = dict(initializer_arrays(model, ["c1.w"]))
+    assert not np.allclose(reference["c1.w"], 0)
+    edited = residual_model(np.random.default_rng(0))  # a fresh copy to edit
+    edited.CopyFrom(model)
+    for t in edited.graph.initializer:
+        if t.name == "c1.w":
+            t.CopyFrom(helper.make_tensor("c1.w", t.data_type, t.dims, changed["c1.w"].ravel()))
+    (expected,) = whole(edited, ["r1"], x)
+    np.testing.assert_allclose(np.concatenate(r1), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_small_budget_keeps_the_first_batches_only(rng):
+    model = residual_model(rng)
+    x = f32(rng.normal(size=(12, 3, 6, 6)))
+    # one batch of 4 samples holds x and r0: 2 * 4 * 4*36 floats + x's 4 * 3*36 floats
+    per_batch = 4 * 3 * 36 * 4 + 4 * 4 * 36 * 4
+    acts, _ = activations(model, x, budget=2 * per_batch)
+    (r0,) = acts.get(["r0"], later={"r1"})
+    assert acts.batches == 2 and len(r0) == 2 and all(len(acts.cache[n]) == 2 for n in acts.cache)
+    (expected,) = whole(model, ["r0"], x[:8])
+    np.testing.assert_allclose(np.concatenate(r0), expected, rtol=1e-5, atol=1e-5)
+    # r1 joins x and r0 in the cache: three tensors a batch, so only the first batch fits now
+    (r1,) = acts.get(["r1"])
+    assert acts.batches == 1 and len(r1) == 1
+    (expected,) = whole(model, ["r1"], x[:4])
+    np.testing.assert_allclose(r1[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_sessions_do_not_spin_and_take_the_thread_count(rng, monkeypatch):
+    # Between runs the caller computes with numpy's BLAS threads; spinning onnxruntime workers
+    # would take those cores. Reconstruction runs two models' segments at once, each on its share.
+    import egp_onnx.runtime.segments as segments
+
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(make_session(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(segments, "make_session", recording)
+    acts, _ = activations(residual_model(rng), f32(rng.normal(size=(4, 3, 6, 6))), threads=1)
+    acts.get(["r1"], later={"y"})
+    acts.get(["y"])
+    assert len(built) == 2 and not any(spins(session) for session in built)
+    assert [s.get_session_options().intra_op_num_threads for s in built] == [1, 1]
+
+
+def test_reads_include_what_subgraph_bodies_read_from_the_outer_scope():
+    then = helper.make_graph(
+        [helper.make_node("Add", ["outer_a", "outer_b"], ["t"])],
+        "then",
+        [],
+        [helper.make_empty_tensor_value_info("t")],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["outer_c"], ["e"])],
+        "else",
+        [],
+        [helper.make_empty_tensor_value_info("e")],
+    )
+    node = helper.make_node("If", ["cond"], ["out"], then_branch=then, else_branch=other)
+    assert sorted(reads(node)) == ["cond", "outer_a", "outer_b", "outer_c"]
+
+
+def test_no_batches_is_an_error(rng):
+    with pytest.raises(ValueError, match="no batches"):
+        Activations(residual_model(rng), {}, [], 2**20)
