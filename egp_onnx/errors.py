@@ -45,6 +45,10 @@ class FinetuneError(EgpError):
     """The finetune callback returned something that cannot be put back into the model."""
 
 
+class MappingError(EgpError):
+    """The ONNX model's parameters cannot be matched to a PyTorch module's unambiguously."""
+
+
 class GuardError(EgpError):
     """Even the first pruning step breaks the fidelity guard: there is no model to write."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from egp_onnx.errors import EgpError
+from egp_onnx.errors import MappingError
 from egp_onnx.graph.topology import tensor_values
 from egp_onnx.load.model import write_bytes_atomic
 
@@ -37,10 +37,6 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: ONNX BatchNormalization input role -> torch BatchNorm attribute
 _BN_ROLES = (("scale", "weight"), ("shift", "bias"), ("mean", "running_mean"), ("var", "running_var"))
-
-
-class MappingError(EgpError):
-    """The ONNX model's parameters cannot be matched to the module's unambiguously."""
 
 
 @dataclass(frozen=True)
