@@ -249,9 +249,10 @@ def test_the_graph_surgeon_graph_is_freed_when_simplify_returns(rng, monkeypatch
 
     import onnx_graphsurgeon as gs
 
-    from egp_onnx.surgery import rewrites, simplify
+    import egp_onnx.surgery as surgery
+    from egp_onnx.surgery import simplify
 
-    monkeypatch.setattr(rewrites, "COLLECT_BYTES", 0)
+    monkeypatch.setattr(surgery, "COLLECT_BYTES", 0)
 
     b = Builder(rng)
     h = b.op("Relu", [b.conv("x", "a", 3, 4, 3, pad=1)], "relu")
