@@ -37,8 +37,8 @@ class RewriteSpec:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """Every Rewrite.kind this rewrite writes: its name, then its steps'."""
-        return (self.name, *self.steps)
+        """Every Rewrite.kind this rewrite writes, in the order it can write them: steps first."""
+        return (*self.steps, self.name)
 
 
 REWRITES: dict[str, RewriteSpec] = {}
