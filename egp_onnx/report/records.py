@@ -93,7 +93,9 @@ class StepRecord:
 class Rewrite:
     """One graph rewrite that surgery applied or declined."""
 
-    kind: str  # fold_bn | zero_off_channels | remove_rectifier | fold_constant | merge | fold_residual
+    # the name of a rewrite (or of its step) in surgery/registry.py: fold_bn | zero_off_channels |
+    # remove_rectifier | fold_constant | merge | fold_residual
+    kind: str
     nodes: tuple[str, ...]
     exact: bool  # exact by algebra, or on the calibration data for statistics-based rewrites
     applied: bool

@@ -1,9 +1,8 @@
-"""Each graph rewrite on a tiny onnx.helper model: structure, numbers, and expectations.
+"""Graph surgery end to end: the rewrites one after another on tiny onnx.helper models.
 
-The models are driven through ``egp_onnx.compress(..., sparsity=STATISTICS_ONLY)``: a target
-that rounds to zero weights, so no weight is pruned, but above 0, so the statistics-based
-rewrites (always-ON / always-OFF channels) are allowed; every change comes from the statistics
-and from algebra. (``sparsity=0`` allows exact algebra only.)
+The models are driven through ``egp_onnx.compress(..., sparsity=STATISTICS_ONLY)`` (see
+surgery_checks): no weight is pruned, so every change comes from the statistics and from algebra.
+Each rewrite alone is tested in tests/surgery/test_<rewrite>.py.
 """
 
 from __future__ import annotations
@@ -11,49 +10,12 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
-from models import Builder, f32
+from models import Builder
 from onnx import numpy_helper
+from surgery_checks import applied, assert_same, ops, positive, surgery
 
-import egp_onnx
 from egp_onnx.graph.structure import Depth, depth
-
-
-def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
-
-
-STATISTICS_ONLY = 1e-9
-
-
-def surgery(model, x_calib, tmp_path, **kwargs):
-    np.savez(tmp_path / "calib.npz", x=x_calib)
-    kwargs = {"sparsity": STATISTICS_ONLY, "holdout": 0.0, "reconstruct": False, "guard": False, **kwargs}
-    result = egp_onnx.compress(model, tmp_path / "calib.npz", **kwargs)
-    onnx.checker.check_model(result.model, full_check=True)
-    return result
-
-
-def ops(model: onnx.ModelProto) -> Counter:
-    return Counter(n.op_type for n in model.graph.node)
-
-
-def assert_same(original, rewritten, x, rtol=1e-4):
-    want, got = run(original, x), run(rewritten, x)
-    assert got.shape == want.shape
-    assert np.linalg.norm(got - want) <= rtol * np.linalg.norm(want)
-
-
-def positive(rng, shape) -> np.ndarray:
-    return f32(rng.uniform(0.1, 1.0, shape))
-
-
-def applied(result, kind: str) -> list:
-    return [r for r in result.report.surgery.rewrites if r.kind == kind and r.applied]
-
 
 # --------------------------------------------------------------------------- conv pairs
 PAIRS = {
@@ -143,49 +105,6 @@ def test_residual_block_with_always_on_inner_relu_becomes_one_conv(shortcut, rng
     assert_same(model, result.model, positive(rng, (3, 4, 7, 7)))
 
 
-def test_always_off_channels_are_zeroed_and_reported(rng, tmp_path):
-    """
-    x -> Conv (channels 0, 1 with bias -50: always OFF) -> Relu (mixed) -> Conv -> y
-    """
-    b = Builder(rng)
-    a = b.conv("x", "A", 3, 5, 3, pad=1)
-    b.inits[-1] = numpy_helper.from_array(f32([-50, -50, 0.1, 0.2, 0.0]), "A.b")
-    model = b.model(b.conv(b.op("Relu", [a], "relu"), "B", 5, 2, 1), ["N", 3, 6, 6])
-    result = surgery(model, f32(rng.normal(size=(32, 3, 6, 6))), tmp_path)
-    zeroed = applied(result, "zero_off_channels")
-    assert zeroed and "2 always-OFF channels" in zeroed[0].detail
-    assert result.report.surgery.dead_parameters_zeroed == 2 * 3 * 3 * 3 + 2
-    assert ops(result.model)["Relu"] == 1, "the other channels still switch"
-    weights = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
-    conv_a = next(n for n in result.model.graph.node if n.name == "A")
-    assert not weights[conv_a.input[1]][:2].any() and weights[conv_a.input[1]][2:].all()
-    assert_same(model, result.model, f32(rng.normal(size=(4, 3, 6, 6))))
-
-
-def test_all_zero_layer_is_folded_forward(rng, tmp_path):
-    """
-    x -> Conv -> Relu -> Conv Z (all-zero weights, bias) -> Relu -> Conv (no pad) -> Relu -> Conv -> y
-
-    Z outputs relu(bias): a constant, which the unpadded convs after it map to other constants:
-    Z, c2 and c3 collapse into one all-zero conv whose bias is the output. c0 stays, as the
-    carrier of the batch and spatial shape.
-    """
-    b = Builder(rng)
-    h = b.op("Relu", [b.conv("x", "c0", 3, 4, 3, pad=1)], "r0")
-    z = b.conv(h, "Z", 4, 4, 3, pad=1)
-    b.inits[-2] = numpy_helper.from_array(np.zeros((4, 4, 3, 3), np.float32), "Z.w")
-    h = b.op("Relu", [z], "rz")
-    h = b.op("Relu", [b.conv(h, "c2", 4, 4, 3)], "r2")
-    model = b.model(b.conv(h, "c3", 4, 2, 1), ["N", 3, 8, 8])
-    result = surgery(model, f32(rng.normal(size=(16, 3, 8, 8))), tmp_path)
-    assert applied(result, "fold_constant")
-    states = {layer.name: layer.state for layer in result.report.layers}
-    assert states["Z"] == states["c2"] == "constant"  # c3 owns no rectifier: not in the table
-    assert result.report.model.depth_before == 4 and result.report.model.depth_after == 2
-    assert ops(result.model)["Relu"] == 1
-    assert_same(model, result.model, f32(rng.normal(size=(2, 3, 8, 8))))
-
-
 def test_batchnorm_between_conv_and_relu(rng, tmp_path):
     """
     x -> Conv3x3 p1 (positive) -> BatchNormalization -> Relu (always ON) -> Conv1x1 -> y
@@ -249,9 +168,10 @@ def test_the_graph_surgeon_graph_is_freed_when_simplify_returns(rng, monkeypatch
 
     import onnx_graphsurgeon as gs
 
-    from egp_onnx.surgery import rewrites, simplify
+    import egp_onnx.surgery as surgery
+    from egp_onnx.surgery import simplify
 
-    monkeypatch.setattr(rewrites, "COLLECT_BYTES", 0)
+    monkeypatch.setattr(surgery, "COLLECT_BYTES", 0)
 
     b = Builder(rng)
     h = b.op("Relu", [b.conv("x", "a", 3, 4, 3, pad=1)], "relu")
