@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 from egp_onnx.errors import ConfigError
 
@@ -67,6 +69,41 @@ class Settings:
     def guarded(self) -> bool:
         """True when a fidelity guard is set."""
         return self.guard and (self.min_agreement is not None or self.max_rel_error is not None)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How calibration data is read: image normalisation and loader threads (not in the report)."""
+
+    mean: Sequence[float] = (0.0,)  # per channel, after scaling image pixels to [0, 1]
+    std: Sequence[float] = (1.0,)
+    workers: int = 0  # threads that load calibration shards ahead
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first option outside its range."""
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be at least 0, got {self.workers}")
+        if any(v == 0 for v in self.std):
+            raise ConfigError("--std values must be non-zero")
+
+
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword options split into Settings fields and DataConfig fields.
+
+    Raises:
+        ConfigError: naming an option that is neither.
+
+    """
+    settings = {f.name for f in fields(Settings)}
+    data = {f.name for f in fields(DataConfig)}
+    unknown = sorted(set(options) - settings - data)
+    if unknown:
+        known = ", ".join(sorted(settings | data))
+        raise ConfigError(f"unknown option {unknown[0]!r}; the options are: {known}")
+    return (
+        {k: v for k, v in options.items() if k in settings},
+        {k: v for k, v in options.items() if k in data},
+    )
 
 
 def _finite_at_least(value: float, low: float) -> bool:

@@ -33,7 +33,9 @@ from egp_onnx.report.records import (
     steps_table,
     to_json,
 )
-from egp_onnx.verify.fidelity import compare, outputs_table_rows, passes
+from egp_onnx.report.render import outputs_table_rows
+from egp_onnx.verify.fidelity import compare
+from egp_onnx.verify.guard import guard_problems
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -660,7 +662,7 @@ def verify_command(
             + ("-" if agreement is None else f"{agreement:.4f}")
         )
         if min_agreement is not None:
-            problems = passes(fidelity, min_agreement, None)
+            problems = guard_problems(fidelity, min_agreement, None)
         else:
             problems = [
                 f"output {o.name} is not within atol {atol} / rtol {rtol}"
