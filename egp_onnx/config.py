@@ -21,7 +21,30 @@ DEFAULT_MAX_REL_ERROR = 0.05
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything `compress` was asked to do; recorded in the report."""
+    """Everything `compress` was asked to do; recorded in the report (``asdict``, in this order).
+
+    Attributes:
+        sparsity: fraction of the prunable weights to zero, in [0, 1); with the guard, a ceiling.
+        step: fraction of the remaining weights removed per EGP step, in (0, 1].
+        method: ``egp`` or ``magnitude``.
+        batch_size: samples per onnxruntime call.
+        seed: order among weights of equal magnitude, and the holdout split.
+        surgery: reduce depth after pruning (fold, bypass, merge, delete layers).
+        merge_tolerance: largest relative output error, measured on the calibration data, at
+            which a merge that is not exact is applied; 0 applies exact rewrites only.
+        holdout: fraction of the calibration data split off as held-out data (no eval_data);
+            None: min(max(500, N/4), N/2) samples, or none when N < 4.
+        min_agreement: the guard's lowest top-1 agreement with the original.
+        max_rel_error: the guard's largest relative output error against the original.
+        guard: False turns the guard off (then the loop runs to ``sparsity`` unchecked).
+        reconstruct: refit pruned and downstream layers by ridge least squares after every step.
+        select: which weights a layer loses: ``magnitude`` (smallest |w|) or ``obs`` (OBS
+            saliency on the normal equations; needs ``reconstruct``).
+        layer_cap: largest sparsity of a layer that every path to the outputs needs.
+        latency: measure onnxruntime latency before and after.
+        finetune: the finetune callback's name, when one is given (set by `compress`).
+
+    """
 
     sparsity: float = SPARSITY_CEILING
     step: float = 0.5
@@ -87,23 +110,19 @@ class DataConfig:
             raise ConfigError("--std values must be non-zero")
 
 
-def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Keyword options split into Settings fields and DataConfig fields.
+def split_options(options: dict[str, Any], *configs: type) -> list[dict[str, Any]]:
+    """Keyword options split by the config dataclass each names a field of, in the order of ``configs``.
 
     Raises:
-        ConfigError: naming an option that is neither.
+        ConfigError: naming an option that is a field of none of them.
 
     """
-    settings = {f.name for f in fields(Settings)}
-    data = {f.name for f in fields(DataConfig)}
-    unknown = sorted(set(options) - settings - data)
+    names = [{f.name for f in fields(config)} for config in configs]
+    unknown = sorted(set(options).difference(*names))
     if unknown:
-        known = ", ".join(sorted(settings | data))
+        known = ", ".join(sorted(set().union(*names)))
         raise ConfigError(f"unknown option {unknown[0]!r}; the options are: {known}")
-    return (
-        {k: v for k, v in options.items() if k in settings},
-        {k: v for k, v in options.items() if k in data},
-    )
+    return [{k: v for k, v in options.items() if k in group} for group in names]
 
 
 def _finite_at_least(value: float, low: float) -> bool:

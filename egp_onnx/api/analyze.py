@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import replace
+from typing import Any, Protocol
 
 import onnx
 
 from egp_onnx.api.summary import site_record
 from egp_onnx.calibrate.collect import Statistics, collect_statistics
-from egp_onnx.config import DataConfig, Settings
+from egp_onnx.config import DataConfig, Settings, split_options
 from egp_onnx.errors import CalibrationError, ConfigError
 from egp_onnx.graph.topology import RectifierSite, find_rectifiers
 from egp_onnx.load.calibration import CalibrationData, CalibrationDataReader, open_calibration
@@ -22,8 +23,6 @@ log = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
 DataSource = str | os.PathLike[str] | CalibrationDataReader | CalibrationData
-
-_DATA = DataConfig()
 
 
 class Progress(Protocol):
@@ -77,12 +76,14 @@ def statistics(
     *,
     stats: Sequence[str | os.PathLike[str]] = (),
     batch_size: int = Settings.batch_size,
-    mean: Sequence[float] = _DATA.mean,
-    std: Sequence[float] = _DATA.std,
-    workers: int = _DATA.workers,
+    data: DataConfig | None = None,
     progress: Progress | None = None,
+    **data_options: Any,
 ) -> tuple[onnx.ModelProto, str, list[RectifierSite], Statistics]:
     """Counts of every rectifier of ``model``: from ``calib``, from saved ``stats`` files, or both merged.
+
+    ``data`` says how ``calib`` is read; ``data_options`` (``mean``, ``std``, ``workers``) replace
+    its fields.
 
     Returns:
         The loaded model, its source name, its rectifier sites and their statistics.
@@ -91,6 +92,8 @@ def statistics(
         EgpError: bad model, data, statistics files or options.
 
     """
+    (replaced,) = split_options(data_options, DataConfig)
+    options = replace(data or DataConfig(), **replaced)
     Settings(batch_size=batch_size).check()
     if calib is None and not stats:
         raise ConfigError("give calibration data (--calib) or statistics files (--stats)")
@@ -98,10 +101,10 @@ def statistics(
     sites = find_rectifiers(proto)
     merged = stats_files(stats, proto, sites) if stats else None
     if calib is not None:
-        data = open_data(calib, proto, DataConfig(mean, std, workers))
+        opened = open_data(calib, proto, options)
         progress = progress or Silent()
         progress.stage("calibrating")
-        counted = collect_statistics(proto, sites, data, batch_size, progress.advance)
+        counted = collect_statistics(proto, sites, opened, batch_size, progress.advance)
         merged = counted if merged is None else merged.merged(counted)
     assert merged is not None  # one of the two sources was given
     return proto, source, sites, merged
@@ -112,22 +115,19 @@ def analyze(
     calib: DataSource | None = None,
     *,
     stats: Sequence[str | os.PathLike[str]] = (),
-    batch_size: int = Settings.batch_size,
-    mean: Sequence[float] = _DATA.mean,
-    std: Sequence[float] = _DATA.std,
-    workers: int = _DATA.workers,
     progress: Progress | None = None,
+    **options: Any,
 ) -> AnalysisReport:
     """Measure the entropy of every rectifier of ``model`` on the calibration data.
 
     ``stats`` are files written by :func:`statistics` / `egp-onnx stats` for the same model, e.g.
     shards of a calibration set counted on different machines; they are merged exactly.
+    ``options``: as for :func:`statistics` (``batch_size``, ``data``, ``mean``, ``std``, ``workers``).
 
     Raises:
         EgpError: bad model, data or options (a one-line message).
 
     """
-    options = {"batch_size": batch_size, "mean": mean, "std": std, "workers": workers}
     proto, source, sites, counted = statistics(model, calib, stats=stats, progress=progress, **options)
     return AnalysisReport(
         source=source,

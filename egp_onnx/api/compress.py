@@ -38,7 +38,7 @@ from egp_onnx.graph.topology import (
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.load.model import checked_split
 from egp_onnx.prune.finetune import Finetune
-from egp_onnx.prune.loop import LoopContext, run_loop
+from egp_onnx.prune.loop import LoopContext, LoopOutcome, run_loop
 from egp_onnx.report.records import CompressionReport, Cost, CostComparison, Fidelity, SurgeryRecord
 from egp_onnx.runtime.memory import trim
 from egp_onnx.surgery import simplify
@@ -83,33 +83,15 @@ def compress(
     <= 0.05) rolls back a step that breaks it, retries it at half its size, and stops there:
     the default target is "as far as the guard allows", up to ``sparsity``.
 
-    Options are the fields of :class:`~egp_onnx.config.Settings` (from ``settings``, then any
-    given as keywords: ``compress(m, c, sparsity=0.5, guard=False)``) and of
-    :class:`~egp_onnx.config.DataConfig` (``data``, or ``mean``/``std``/``workers`` as keywords).
+    Options are the fields of :class:`~egp_onnx.config.Settings` (described there), from
+    ``settings`` and then any given as keywords: ``compress(m, c, sparsity=0.5, guard=False)``;
+    and those of :class:`~egp_onnx.config.DataConfig` (``data``, or ``mean``/``std``/``workers``).
 
     Args:
         model: path to an ONNX file or a ModelProto (not modified).
         calib: calibration data (see :func:`egp_onnx.load.calibration.open_calibration`).
         settings: the options; None: the defaults.
-        sparsity: fraction of the prunable weights to zero, in [0, 1); with the guard, a ceiling.
-        step: fraction of the remaining weights removed per EGP step, in (0, 1].
-        method: ``egp`` or ``magnitude``.
-        batch_size: samples per onnxruntime call.
-        seed: order among weights of equal magnitude, and the holdout split.
-        surgery: reduce depth after pruning (fold, bypass, merge, delete layers).
-        merge_tolerance: largest relative output error, measured on the calibration data, at
-            which a merge that is not exact is applied; 0 applies exact rewrites only.
         eval_data: held-out data in any calibration format; ``labels`` give accuracy.
-        holdout: fraction of the calibration data split off as held-out data (no eval_data);
-            None: min(max(500, N/4), N/2) samples, or none when N < 4.
-        min_agreement: the guard's lowest top-1 agreement with the original.
-        max_rel_error: the guard's largest relative output error against the original.
-        guard: False turns the guard off (then the loop runs to ``sparsity`` unchecked).
-        reconstruct: refit pruned and downstream layers by ridge least squares after every step.
-        select: which weights a layer loses: ``magnitude`` (smallest |w|) or ``obs`` (OBS
-            saliency on the normal equations; needs ``reconstruct``).
-        layer_cap: largest sparsity of a layer that every path to the outputs needs.
-        latency: measure onnxruntime latency before and after.
         stats: statistics files of the original model (`egp-onnx stats`) used for the first step
             instead of a calibration pass; later steps measure the pruned model on ``calib``.
         finetune: called after every pruning step with the pruned model and its masks (per
@@ -147,28 +129,7 @@ def compress(
     trim()  # what the loop freed leaves the process before surgery builds the rewritten model's session
     stage = _surgery_stage(pruned, guard.prepared(pruned), inputs, outcome.stats, guard, settings, progress)
     progress.stage("measuring the result")
-    fidelity = stage.fidelity if stage.fidelity is not None else base.reference.evaluate(stage.run)
-    # the weights that the session already holds are counted without reading the protobuf again
-    counts = stage.run.counts if isinstance(stage.run, Prepared) else None
-    cost_after = model_cost(stage.final, base.shapes, counts)
-    timing = None
-    if settings.latency:
-        timing = compare_latency(base.original, stage.run, latency_feeds(outline, base.feed))
-    report = CompressionReport(
-        source=inputs.source,
-        settings=asdict(settings),
-        samples=outcome.stats.samples,
-        layers=layer_records(inputs.layers, base.first_stats, outcome.stats, base.nnz_before, stage.states),
-        steps=outcome.steps,
-        stop=outcome.stop,
-        model=model_summary(
-            inputs.layers, base.first_stats, outcome.stats, outline, stage.final, base.cost_before, cost_after
-        ),
-        surgery=stage.record,
-        fidelity=replace(fidelity, data=inputs.held_name),
-        cost=CostComparison(base.cost_before, cost_after),
-        timing=timing,
-    )
+    report = _report(inputs, base, outcome, stage, outline, settings)
     return CompressionResult(model=stage.final, report=report)
 
 
@@ -261,6 +222,39 @@ def _surgery_stage(
         log.warning("%s; keeping the pruned model", reason)
         return _Surgery(pruned, pruned, replace(record, reverted=True, revert_reason=reason), {}, None)
     return _Surgery(final, run, record, states, fidelity)
+
+
+def _report(
+    inputs: Inputs,
+    base: _Baseline,
+    outcome: LoopOutcome,
+    stage: _Surgery,
+    outline: onnx.ModelProto,
+    settings: Settings,
+) -> CompressionReport:
+    """Measure the model to write (fidelity, cost, latency) and gather the run's records."""
+    fidelity = stage.fidelity if stage.fidelity is not None else base.reference.evaluate(stage.run)
+    # the weights that the session already holds are counted without reading the protobuf again
+    counts = stage.run.counts if isinstance(stage.run, Prepared) else None
+    cost_after = model_cost(stage.final, base.shapes, counts)
+    timing = None
+    if settings.latency:
+        timing = compare_latency(base.original, stage.run, latency_feeds(outline, base.feed))
+    return CompressionReport(
+        source=inputs.source,
+        settings=asdict(settings),
+        samples=outcome.stats.samples,
+        layers=layer_records(inputs.layers, base.first_stats, outcome.stats, base.nnz_before, stage.states),
+        steps=outcome.steps,
+        stop=outcome.stop,
+        model=model_summary(
+            inputs.layers, base.first_stats, outcome.stats, outline, stage.final, base.cost_before, cost_after
+        ),
+        surgery=stage.record,
+        fidelity=replace(fidelity, data=inputs.held_name),
+        cost=CostComparison(base.cost_before, cost_after),
+        timing=timing,
+    )
 
 
 def _reduce_depth(

@@ -36,7 +36,7 @@ def run_options(
         ConfigError: an unknown option, one outside its range, or two that exclude each other.
 
     """
-    setting_overrides, data_overrides = split_options(overrides)
+    setting_overrides, data_overrides = split_options(overrides, Settings, DataConfig)
     settings = replace(settings or Settings(), **setting_overrides)
     settings = replace(settings, finetune=None if finetune is None else callback_name(finetune))
     settings.check()

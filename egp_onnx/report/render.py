@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from egp_onnx.config import Settings
@@ -44,46 +44,35 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _record_rows(records: Iterable[Any], fields: Sequence[str]) -> list[list[Any]]:
+    """One row per record: the named fields, booleans as yes/no."""
+    rows = [[getattr(record, name) for name in fields] for record in records]
+    return [[("yes" if v else "no") if isinstance(v, bool) else v for v in row] for row in rows]
+
+
+#: (header, record field) of each column of the two per-layer tables.
+_ANALYSIS_COLUMNS = (
+    ("rectifier", "rectifier"), ("act", "activation"), ("layer", "name"), ("op", "op_type"),
+    ("ch", "channels"), ("on", "always_on"), ("off", "always_off"), ("on_frac", "on_fraction"),
+    ("entropy", "entropy"), ("prunable", "prunable"),
+)  # fmt: skip
+_COMPRESSION_COLUMNS = (
+    ("layer", "name"), ("op", "op_type"), ("weights", "weights"), ("nonzero", "nonzero"),
+    ("sparsity", "sparsity"), ("H_before", "entropy_before"), ("H_after", "entropy"), ("on", "always_on"),
+    ("off", "always_off"), ("state", "state"),
+)  # fmt: skip
+
+
 def analysis_table(report: AnalysisReport) -> str:
     """One row per activation."""
-    rows = [
-        [
-            r.rectifier,
-            r.activation,
-            r.name,
-            r.op_type,
-            r.channels,
-            r.always_on,
-            r.always_off,
-            r.on_fraction,
-            r.entropy,
-            "yes" if r.prunable else "no",
-        ]
-        for r in report.layers
-    ]
-    headers = ["rectifier", "act", "layer", "op", "ch", "on", "off", "on_frac", "entropy", "prunable"]
-    return format_table(headers, rows)
+    headers, fields = zip(*_ANALYSIS_COLUMNS, strict=True)
+    return format_table(list(headers), _record_rows(report.layers, fields))
 
 
 def compression_table(report: CompressionReport) -> str:
     """One row per prunable layer."""
-    rows = [
-        [
-            r.name,
-            r.op_type,
-            r.weights,
-            r.nonzero,
-            r.sparsity,
-            r.entropy_before,
-            r.entropy,
-            r.always_on,
-            r.always_off,
-            r.state,
-        ]
-        for r in report.layers
-    ]
-    headers = ["layer", "op", "weights", "nonzero", "sparsity", "H_before", "H_after", "on", "off", "state"]
-    return format_table(headers, rows)
+    headers, fields = zip(*_COMPRESSION_COLUMNS, strict=True)
+    return format_table(list(headers), _record_rows(report.layers, fields))
 
 
 def steps_table(report: CompressionReport) -> str:
