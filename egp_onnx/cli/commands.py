@@ -25,6 +25,7 @@ from egp_onnx.report.render import (
     compression_table,
     op_table,
     outputs_table,
+    statistics_line,
     steps_table,
     to_json,
 )
@@ -109,7 +110,7 @@ def stats_command(**params: Any) -> None:
         proto, _, sites, stats = statistics(model, calib, progress=progress, **data)
         progress.close()
         _write_all(plan, [(output, statistics_bytes(stats, model_fingerprint(proto)))])
-        click.echo(f"{stats.samples} samples, {len(sites)} rectifiers: {output}")
+        click.echo(statistics_line(stats.samples, len(sites), output))
 
     run(action)
 

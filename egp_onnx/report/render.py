@@ -239,6 +239,11 @@ def analysis_summary(report: AnalysisReport) -> str:
     return f"{report.samples} samples; {prunable} prunable rectifiers, {zero} with zero entropy"
 
 
+def statistics_line(samples: int, rectifiers: int, path: object) -> str:
+    """What `egp-onnx stats` counted and where it wrote the counts."""
+    return f"{samples} samples, {rectifiers} rectifiers: {path}"
+
+
 def outputs_table_rows(fidelity: Fidelity) -> Iterable[list[object]]:
     """Rows (output, rel_error, max_abs_error, allclose) for printing."""
     for out in fidelity.outputs:
