@@ -115,7 +115,11 @@ def stats_command(**params: Any) -> None:
     run(action)
 
 
-def _compress_command(**params: Any) -> None:
+@options.in_order(options.COMPRESS_HELP_ORDER)
+@click.command("compress")
+@click.argument("model", type=click.Path(path_type=Path))
+@options.compress_options
+def compress_command(**params: Any) -> None:
     """Prune MODEL with Entropy-Guided Pruning, reduce its depth, and write it to OUTPUT."""
 
     def action() -> None:
@@ -176,20 +180,6 @@ def _plan_compress(params: dict[str, Any], reads: list[Any]) -> OutputPlan:
         params["force"],
         possible=[] if external else [data_file],
     )
-
-
-def _with_groups(func: Any) -> Any:
-    for group in reversed(options.COMPRESS_GROUPS):
-        func = group(func)
-    return func
-
-
-compress_command = options.in_order(
-    click.command("compress")(
-        click.argument("model", type=click.Path(path_type=Path))(_with_groups(_compress_command))
-    ),
-    options.COMPRESS_HELP_ORDER,
-)
 
 
 @click.command("verify")

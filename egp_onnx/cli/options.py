@@ -39,11 +39,17 @@ class OptionGroup:
         return func
 
 
-def in_order(command: click.Command, names: Sequence[str]) -> click.Command:
-    """List ``command``'s options in --help in the order of ``names`` (the others after them)."""
+def in_order(names: Sequence[str]) -> Callable[[click.Command], click.Command]:
+    """List a command's options in --help in the order of ``names`` (arguments first, unnamed last)."""
     rank = {name: i for i, name in enumerate(names)}
-    command.params.sort(key=lambda p: (p.param_type_name != "argument", rank.get(p.name or "", len(rank))))
-    return command
+
+    def sort(command: click.Command) -> click.Command:
+        command.params.sort(
+            key=lambda p: (p.param_type_name != "argument", rank.get(p.name or "", len(rank)))
+        )
+        return command
+
+    return sort
 
 
 def _path(*decls: str, **kwargs: Any) -> Callable[[Any], Any]:
@@ -266,6 +272,13 @@ COMPRESS_HELP_ORDER = (
 )  # fmt: skip
 
 COMPRESS_GROUPS = (data_options(), OUTPUT, PRUNE, GUARD, STATS, FINETUNE, SURGERY)
+
+
+def compress_options(func: F) -> F:
+    """Every option of `compress`, group by group."""
+    for group in reversed(COMPRESS_GROUPS):
+        func = group(func)
+    return func
 
 
 def compress_settings(params: Params) -> Settings:

@@ -191,7 +191,7 @@ class StepOutcome:
 
 
 @dataclass
-class _Progress:
+class _LoopState:
     """Where the loop stands: the last accepted model and its statistics, the current step size."""
 
     current: onnx.ModelProto
@@ -221,7 +221,7 @@ def run_loop(ctx: LoopContext, stats: Statistics) -> LoopOutcome:
     total = int(layers.sizes().sum())
     target_zeros = int(round(settings.sparsity * total))
     limit = np.array([ctx.limits[n] for n in layers.weight_names])
-    state = _Progress(ctx.model, stats, settings.step)
+    state = _LoopState(ctx.model, stats, settings.step)
     stop: StopRecord | None = None
     while stop is None:
         nnz = layers.nnz()  # one count per step: it scans every weight
@@ -295,7 +295,7 @@ def _calibrate(ctx: LoopContext, candidate: onnx.ModelProto, number: int, sparsi
     return collect_statistics(candidate, ctx.sites, ctx.data, ctx.settings.batch_size, ctx.on_batch, held)
 
 
-def _roll_back(ctx: LoopContext, state: _Progress, outcome: StepOutcome) -> StopRecord | None:
+def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> StopRecord | None:
     """Undo a step that failed the guard; retry it at half its size (None), or stop the loop.
 
     Raises:
@@ -321,7 +321,7 @@ def _roll_back(ctx: LoopContext, state: _Progress, outcome: StepOutcome) -> Stop
     return StopRecord("guard", state.accepted, detail)
 
 
-def _accept(ctx: LoopContext, state: _Progress, outcome: StepOutcome) -> None:
+def _accept(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> None:
     """Make a step's model the last accepted one, with its statistics."""
     record = outcome.record
     state.retries = 0
