@@ -282,7 +282,7 @@ def main() -> None:
         approaches.append("floor")
     from models import conv_chain, mobilenet, resnet
 
-    from egp_onnx.report.records import format_table
+    from egp_onnx.report.render import format_table
 
     folder = Path(tempfile.mkdtemp(prefix="egp-bench-"))
     models = {"chain8x64@32": conv_chain(), "resnet4x32@32": resnet(), "mobilenet@32": mobilenet()}

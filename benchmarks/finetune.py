@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import egp_onnx
-from egp_onnx.report.records import format_table
+from egp_onnx.report.render import format_table
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 sys.path.insert(0, str(SAMPLES))

@@ -74,7 +74,7 @@ def main() -> None:
     from models import vgg19
 
     from egp_onnx.prune.budget import prune_smallest
-    from egp_onnx.report.records import format_table
+    from egp_onnx.report.render import format_table
 
     folder = Path(tempfile.mkdtemp(prefix="egp-large-"))
     model, calib = folder / "vgg19.onnx", folder / "calib.npz"

@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 
 import egp_onnx
-from egp_onnx.report.records import CompressionReport, LatencyRecord, format_table
+from egp_onnx.report.records import CompressionReport, LatencyRecord
+from egp_onnx.report.render import format_table
 from egp_onnx.verify.fidelity import compare_latency
 
 HERE = Path(__file__).resolve().parent

@@ -25,7 +25,7 @@ import onnxruntime as ort
 import egp_onnx
 from egp_onnx.load.calibration import open_calibration, split_holdout
 from egp_onnx.load.model import load_model
-from egp_onnx.report.records import format_table
+from egp_onnx.report.render import format_table
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 # calibration file: digits uses the 1300 training digits (512 + 788 more than digits_calib.npz)

@@ -3,7 +3,8 @@
 Public API: :func:`analyze` and :func:`compress`, their reports, and the error types.
 """
 
-from egp_onnx.api.compress import CompressionResult, analyze, compress, statistics
+from egp_onnx.api.analyze import analyze, statistics
+from egp_onnx.api.compress import CompressionResult, compress
 from egp_onnx.errors import (
     CalibrationError,
     ConfigError,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 from egp_onnx.errors import ConfigError
 
@@ -19,7 +21,30 @@ DEFAULT_MAX_REL_ERROR = 0.05
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything `compress` was asked to do; recorded in the report."""
+    """Everything `compress` was asked to do; recorded in the report (``asdict``, in this order).
+
+    Attributes:
+        sparsity: fraction of the prunable weights to zero, in [0, 1); with the guard, a ceiling.
+        step: fraction of the remaining weights removed per EGP step, in (0, 1].
+        method: ``egp`` or ``magnitude``.
+        batch_size: samples per onnxruntime call.
+        seed: order among weights of equal magnitude, and the holdout split.
+        surgery: reduce depth after pruning (fold, bypass, merge, delete layers).
+        merge_tolerance: largest relative output error, measured on the calibration data, at
+            which a merge that is not exact is applied; 0 applies exact rewrites only.
+        holdout: fraction of the calibration data split off as held-out data (no eval_data);
+            None: min(max(500, N/4), N/2) samples, or none when N < 4.
+        min_agreement: the guard's lowest top-1 agreement with the original.
+        max_rel_error: the guard's largest relative output error against the original.
+        guard: False turns the guard off (then the loop runs to ``sparsity`` unchecked).
+        reconstruct: refit pruned and downstream layers by ridge least squares after every step.
+        select: which weights a layer loses: ``magnitude`` (smallest |w|) or ``obs`` (OBS
+            saliency on the normal equations; needs ``reconstruct``).
+        layer_cap: largest sparsity of a layer that every path to the outputs needs.
+        latency: measure onnxruntime latency before and after.
+        finetune: the finetune callback's name, when one is given (set by `compress`).
+
+    """
 
     sparsity: float = SPARSITY_CEILING
     step: float = 0.5
@@ -67,6 +92,37 @@ class Settings:
     def guarded(self) -> bool:
         """True when a fidelity guard is set."""
         return self.guard and (self.min_agreement is not None or self.max_rel_error is not None)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How calibration data is read: image normalisation and loader threads (not in the report)."""
+
+    mean: Sequence[float] = (0.0,)  # per channel, after scaling image pixels to [0, 1]
+    std: Sequence[float] = (1.0,)
+    workers: int = 0  # threads that load calibration shards ahead
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first option outside its range."""
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be at least 0, got {self.workers}")
+        if any(v == 0 for v in self.std):
+            raise ConfigError("--std values must be non-zero")
+
+
+def split_options(options: dict[str, Any], *configs: type) -> list[dict[str, Any]]:
+    """Keyword options split by the config dataclass each names a field of, in the order of ``configs``.
+
+    Raises:
+        ConfigError: naming an option that is a field of none of them.
+
+    """
+    names = [{f.name for f in fields(config)} for config in configs]
+    unknown = sorted(set(options).difference(*names))
+    if unknown:
+        known = ", ".join(sorted(set().union(*names)))
+        raise ConfigError(f"unknown option {unknown[0]!r}; the options are: {known}")
+    return [{k: v for k, v in options.items() if k in group} for group in names]
 
 
 def _finite_at_least(value: float, low: float) -> bool:

@@ -8,8 +8,28 @@ import onnx
 from egp_onnx import entropy as ent
 from egp_onnx.calibrate.collect import Statistics
 from egp_onnx.graph.structure import depth, op_counts
+from egp_onnx.graph.topology import RectifierSite
 from egp_onnx.prune.loop import LayerSet
-from egp_onnx.report.records import Cost, LayerRecord, ModelSummary
+from egp_onnx.report.records import Cost, LayerRecord, ModelSummary, RectifierRecord
+
+
+def site_record(site: RectifierSite, stats: Statistics) -> RectifierRecord:
+    """The statistics of one rectifier, with the layer that owns it."""
+    counts = stats.counts[site.name]
+    on, off = ent.constant_channels(counts.on, counts.total)
+    owner = site.owner
+    return RectifierRecord(
+        name=owner.name if owner else None,
+        op_type=owner.op_type if owner else None,
+        rectifier=site.name,
+        activation=site.op_type,
+        prunable=site.prunable,
+        channels=int(counts.on.size),
+        always_on=int(on.sum()),
+        always_off=int(off.sum()),
+        entropy=ent.layer_entropy(counts.on, counts.total),
+        on_fraction=float(ent.on_fraction(counts.on, counts.total).mean()) if counts.on.size else 0.0,
+    )
 
 
 def layer_state(weights: int, nonzero: int, entropy: float, channels: int, always_off: int) -> str:

@@ -86,7 +86,7 @@ def model_inputs(path: PathLike, option: str = "MODEL") -> list[InputPath]:
     found = [input_path(option, path)]
     with contextlib.suppress(Exception):  # a bad model is reported in one line when it is loaded
         if not _mentions(path, b"location"):
-            return found  # no external_data entry names a file: not worth parsing 575 MB to learn that
+            return found  # no external_data entry names a file: not worth parsing a large model to learn that
         model = onnx.load_model(str(path), load_external_data=False)
         found += [input_path(f"the external data of {option}", f) for f in external_data_files(model, path)]
     return found

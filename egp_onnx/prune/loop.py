@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -12,17 +13,11 @@ import onnx
 from egp_onnx import entropy as ent
 from egp_onnx.calibrate.collect import Statistics, collect_statistics
 from egp_onnx.config import Settings
-from egp_onnx.errors import EgpError, FinetuneError, GuardError, one_line
-from egp_onnx.graph.topology import (
-    RectifierSite,
-    initializer_arrays,
-    prunable_layers,
-    replace_initializers,
-    replace_tensors,
-    tensor_values,
-)
+from egp_onnx.errors import GuardError
+from egp_onnx.graph.topology import RectifierSite, initializer_arrays, prunable_layers, replace_initializers
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.prune import budget as prune
+from egp_onnx.prune.finetune import Finetune, apply_finetune
 from egp_onnx.reconstruct.refit import reconstruct
 from egp_onnx.report.records import Fidelity, LayerFit, StepRecord, StopRecord
 
@@ -30,12 +25,16 @@ log = logging.getLogger(__name__)
 
 MAX_STEPS = 200
 
-#: Measures a candidate against the original: its fidelity and the guard's complaints.
-Guard = Callable[[onnx.ModelProto], tuple[Fidelity, list[str]]]
 
-#: Retrains a pruned model: gets the model and, per prunable initializer, the mask of kept weights;
-#: returns the retrained model (same initializer names) or new values for some of its tensors.
-Finetune = Callable[[onnx.ModelProto, dict[str, np.ndarray]], "onnx.ModelProto | Mapping[str, np.ndarray]"]
+class Guard(Protocol):
+    """Measures a candidate against the original: its fidelity and the guard's complaints."""
+
+    @property
+    def measures_only(self) -> bool:
+        """True when it never complains (no thresholds): the step is kept whatever it measures."""
+
+    def __call__(self, candidate: onnx.ModelProto) -> tuple[Fidelity, list[str]]:
+        """The candidate's fidelity and the guard's complaints about it (empty: it passes)."""
 
 
 class LayerSet:
@@ -161,133 +160,186 @@ class LoopOutcome:
 RETRIES = 2
 
 
-def run_loop(
-    model: onnx.ModelProto,
-    sites: list[RectifierSite],
-    layers: LayerSet,
-    limits: Mapping[str, float],
-    stats: Statistics,
-    data: CalibrationData,
-    settings: Settings,
-    guard: Guard | None,
-    on_stage: Callable[[str], None],
-    on_batch: Callable[[int], None],
-    finetune: Finetune | None = None,
-) -> LoopOutcome:
-    """Prune ``layers`` step by step until ``settings.sparsity``; ``layers`` ends accepted.
+@dataclass(frozen=True)
+class LoopContext:
+    """What the loop works on and with; it changes only through ``layers``.
 
-    ``limits`` is the largest sparsity of each layer (by weight name, see :mod:`egp_onnx.prune.limits`).
-    ``stats`` are the statistics of ``model``. Each step prunes, then (``settings.reconstruct``)
-    refits the layers by least squares against ``model`` (:mod:`egp_onnx.reconstruct.refit`). With
-    ``finetune``, every pruned model is handed to it with its masks; the values it returns replace
-    the model's tensors and the masks are applied again, so pruned weights stay zero. With a
-    guard, a step whose model fails it is rolled back and retried at half its size
+    ``model`` is the original; ``limits`` the largest sparsity of each layer (by weight name, see
+    :mod:`egp_onnx.prune.limits`); ``data`` the calibration data.
+    """
+
+    model: onnx.ModelProto
+    sites: list[RectifierSite]
+    layers: LayerSet
+    limits: Mapping[str, float]
+    data: CalibrationData
+    settings: Settings
+    guard: Guard | None
+    on_stage: Callable[[str], None]
+    on_batch: Callable[[int], None]
+    finetune: Finetune | None = None
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """One attempted step: its model, its record, the guard's complaints, its statistics if counted."""
+
+    candidate: onnx.ModelProto
+    record: StepRecord
+    problems: list[str]
+    stats: Statistics | None
+
+
+@dataclass
+class _LoopState:
+    """Where the loop stands: the last accepted model and its statistics, the current step size."""
+
+    current: onnx.ModelProto
+    stats: Statistics
+    step: float
+    steps: list[StepRecord] = field(default_factory=list)
+    retries: int = 0
+    accepted: int = 0
+
+
+def run_loop(ctx: LoopContext, stats: Statistics) -> LoopOutcome:
+    """Prune ``ctx.layers`` step by step until ``settings.sparsity``; the layers end accepted.
+
+    ``stats`` are the statistics of ``ctx.model``. Each step prunes, then (``settings.reconstruct``)
+    refits the layers by least squares against the original (:mod:`egp_onnx.reconstruct.refit`).
+    With ``finetune``, every pruned model is handed to it with its masks; the values it returns
+    replace the model's tensors and the masks are applied again, so pruned weights stay zero. With
+    a guard, a step whose model fails it is rolled back and retried at half its size
     (:data:`RETRIES` times); then the loop stops there.
 
     Raises:
         GuardError: the very first step already fails the guard.
 
     """
+    layers, settings = ctx.layers, ctx.settings
     rng = np.random.default_rng(settings.seed)
     total = int(layers.sizes().sum())
     target_zeros = int(round(settings.sparsity * total))
-    limit = np.array([limits[n] for n in layers.weight_names])
-    current = model  # the last accepted model: pruned weights, refit or finetuned other tensors
-    steps: list[StepRecord] = []
-    stop = StopRecord("target", 0, f"reached sparsity {settings.sparsity}")
-    step, retries, accepted = settings.step, 0, 0
-    while True:
+    limit = np.array([ctx.limits[n] for n in layers.weight_names])
+    state = _LoopState(ctx.model, stats, settings.step)
+    stop: StopRecord | None = None
+    while stop is None:
         nnz = layers.nnz()  # one count per step: it scans every weight
         needed = target_zeros - (total - int(nnz.sum()))
         if needed <= 0:
             break
-        if len(steps) >= MAX_STEPS:
-            stop = StopRecord("max-steps", accepted, f"stopped after {MAX_STEPS} steps")
+        if len(state.steps) >= MAX_STEPS:
+            stop = StopRecord("max-steps", state.accepted, f"stopped after {MAX_STEPS} steps")
             break
         capacity = prune.capacities(nnz, layers.sizes(), limit)
-        counts, rule = step_counts(layers, stats, settings.method, step, needed, capacity)
+        counts, rule = step_counts(layers, state.stats, settings.method, state.step, needed, capacity)
         if counts.sum() == 0:
             detail = "no prunable weight left to remove within the layers' limits"
-            stop = StopRecord("no-weights-left", accepted, detail)
+            stop = StopRecord("no-weights-left", state.accepted, detail)
             break
-        number = len(steps) + 1
-        candidate, fits = _prune_step(model, current, layers, counts, data, settings, rng, number, on_stage)
-        sparsity = 1.0 - float(layers.nnz().sum()) / total
-        if finetune is not None:
-            on_stage(f"step {number}: finetuning at sparsity {sparsity:.3f}")
-            candidate = _finetuned(candidate, layers, finetune)
-        counted: Statistics | None = None
-        fidelity: Fidelity | None
-        if guard is not None and settings.min_agreement is None and settings.max_rel_error is None:
-            # A guard without thresholds only measures: the step is kept whatever it reads, so its
-            # statistics pass need not wait for the verdict. It runs first, and its session is gone
-            # before the measurement builds the candidate's (kept for graph surgery's check): run
-            # beside each other, the two sessions were built at once (VGG-19, the whole run: peak
-            # 4.1 against 3.5 GB, 1-3 s faster).
-            on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
-            held = layers.held(candidate)  # the session reads the loop's arrays, not a copy
-            counted = collect_statistics(candidate, sites, data, settings.batch_size, on_batch, held)
-            fidelity, problems = guard(candidate)
+        outcome = _attempt_step(ctx, state.current, counts, rule, len(state.steps) + 1, total, rng)
+        if outcome.problems:
+            stop = _roll_back(ctx, state, outcome)
         else:
-            fidelity, problems = guard(candidate) if guard else (None, [])
-        record = StepRecord(
-            step=number,
-            method=rule,
-            removed=int(counts.sum()),
-            sparsity=sparsity,
-            accepted=not problems,
-            top1_agreement=fidelity.top1_agreement if fidelity else None,
-            rel_error=fidelity.rel_error if fidelity else None,
-            zero_entropy_layers=None,
-            emptied_layers=int((layers.nnz() == 0).sum()),
-            finetuned=finetune is not None,
-            reconstructed=fits,
-        )
-        if problems:
-            steps.append(record)
-            # back to the last accepted weights, read again from the model that holds them: kept
-            # through the step instead, they were a second copy of every weight while it ran
-            layers.read(current)
-            detail = f"step {number} (sparsity {sparsity:.4f}) failed the guard: {'; '.join(problems)}"
-            if retries < RETRIES:
-                retries += 1
-                step /= 2
-                log.info("%s; retrying at half the step (%.4g)", detail, step)
-                continue
-            if accepted == 0:
-                tried = f"step 1 failed the guard at {len(steps)} sizes, down to sparsity {sparsity:.4f}"
-                advice = "no model passes, nothing written (lower --step or the guard)"
-                raise GuardError(f"{tried}: {'; '.join(problems)}; {advice}")
-            log.warning("%s; keeping the last accepted step", detail)
-            stop = StopRecord("guard", accepted, detail)
-            break
-        retries = 0
-        accepted = number
-        if counted is None:
-            on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
-            held = layers.held(candidate)
-            counted = collect_statistics(candidate, sites, data, settings.batch_size, on_batch, held)
-        stats = counted
-        entropies = layers.entropies(stats)
-        steps.append(replace(record, zero_entropy_layers=int((entropies == 0).sum())))
-        current = candidate
-    if stop.reason == "target":
-        stop = StopRecord("target", accepted, stop.detail)
-    return LoopOutcome(current, stats, tuple(steps), stop)
+            _accept(ctx, state, outcome)
+    if stop is None:
+        stop = StopRecord("target", state.accepted, f"reached sparsity {settings.sparsity}")
+    return LoopOutcome(state.current, state.stats, tuple(state.steps), stop)
+
+
+def _attempt_step(
+    ctx: LoopContext,
+    current: onnx.ModelProto,
+    counts: np.ndarray,
+    rule: str,
+    number: int,
+    total: int,
+    rng: np.random.Generator,
+) -> StepOutcome:
+    """Prune ``counts`` weights per layer from ``current``, finetune, and ask the guard."""
+    candidate, fits = _prune_step(ctx, current, counts, rng, number)
+    sparsity = 1.0 - float(ctx.layers.nnz().sum()) / total
+    if ctx.finetune is not None:
+        ctx.on_stage(f"step {number}: finetuning at sparsity {sparsity:.3f}")
+        candidate = apply_finetune(candidate, ctx.layers, ctx.finetune)
+    counted: Statistics | None = None
+    fidelity: Fidelity | None
+    if ctx.guard is not None and ctx.guard.measures_only:
+        # A guard without thresholds only measures: the step is kept whatever it reads, so its
+        # statistics pass need not wait for the verdict. It runs first, so that its session is
+        # gone before the measurement builds the candidate's and the two never coexist.
+        counted = _calibrate(ctx, candidate, number, sparsity)
+        fidelity, problems = ctx.guard(candidate)
+    else:
+        fidelity, problems = ctx.guard(candidate) if ctx.guard else (None, [])
+    record = StepRecord(
+        step=number,
+        method=rule,
+        removed=int(counts.sum()),
+        sparsity=sparsity,
+        accepted=not problems,
+        top1_agreement=fidelity.top1_agreement if fidelity else None,
+        rel_error=fidelity.rel_error if fidelity else None,
+        zero_entropy_layers=None,
+        emptied_layers=int((ctx.layers.nnz() == 0).sum()),
+        finetuned=ctx.finetune is not None,
+        reconstructed=fits,
+    )
+    return StepOutcome(candidate, record, problems, counted)
+
+
+def _calibrate(ctx: LoopContext, candidate: onnx.ModelProto, number: int, sparsity: float) -> Statistics:
+    """The statistics of a step's model on the calibration data."""
+    ctx.on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
+    held = ctx.layers.held(candidate)  # the session reads the loop's arrays, not a copy
+    return collect_statistics(candidate, ctx.sites, ctx.data, ctx.settings.batch_size, ctx.on_batch, held)
+
+
+def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> StopRecord | None:
+    """Undo a step that failed the guard; retry it at half its size (None), or stop the loop.
+
+    Raises:
+        GuardError: no step has been accepted yet and no retry is left.
+
+    """
+    state.steps.append(outcome.record)
+    # back to the last accepted weights, read again from the model that holds them: kept
+    # through the step instead, they were a second copy of every weight while it ran
+    ctx.layers.read(state.current)
+    number, sparsity, problems = outcome.record.step, outcome.record.sparsity, outcome.problems
+    detail = f"step {number} (sparsity {sparsity:.4f}) failed the guard: {'; '.join(problems)}"
+    if state.retries < RETRIES:
+        state.retries += 1
+        state.step /= 2
+        log.info("%s; retrying at half the step (%.4g)", detail, state.step)
+        return None
+    if state.accepted == 0:
+        tried = f"step 1 failed the guard at {len(state.steps)} sizes, down to sparsity {sparsity:.4f}"
+        advice = "no model passes, nothing written (lower --step or the guard)"
+        raise GuardError(f"{tried}: {'; '.join(problems)}; {advice}")
+    log.warning("%s; keeping the last accepted step", detail)
+    return StopRecord("guard", state.accepted, detail)
+
+
+def _accept(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> None:
+    """Make a step's model the last accepted one, with its statistics."""
+    record = outcome.record
+    state.retries = 0
+    state.accepted = record.step
+    stats = outcome.stats
+    if stats is None:
+        stats = _calibrate(ctx, outcome.candidate, record.step, record.sparsity)
+    state.stats = stats
+    entropies = ctx.layers.entropies(stats)
+    state.steps.append(replace(record, zero_entropy_layers=int((entropies == 0).sum())))
+    state.current = outcome.candidate
 
 
 def _prune_step(
-    dense: onnx.ModelProto,
-    current: onnx.ModelProto,
-    layers: LayerSet,
-    counts: np.ndarray,
-    data: CalibrationData,
-    settings: Settings,
-    rng: np.random.Generator,
-    number: int,
-    on_stage: Callable[[str], None],
+    ctx: LoopContext, current: onnx.ModelProto, counts: np.ndarray, rng: np.random.Generator, number: int
 ) -> tuple[onnx.ModelProto, tuple[LayerFit, ...]]:
     """Remove ``counts`` weights per layer (and refit, when asked); ``layers`` gets the new weights."""
+    layers, settings = ctx.layers, ctx.settings
     if not settings.reconstruct:
         pairs = zip(layers.weights, counts, strict=True)
         layers.weights = [prune.prune_smallest(w, int(c), rng) for w, c in pairs]
@@ -295,13 +347,13 @@ def _prune_step(
     remove = {name: int(c) for name, c in zip(layers.weight_names, counts, strict=True) if c > 0}
 
     def on_layer(name: str) -> None:
-        on_stage(f"step {number}: reconstructing {name}")
+        ctx.on_stage(f"step {number}: reconstructing {name}")
 
     model = layers.apply(current)
     result = reconstruct(
-        dense,
+        ctx.model,
         model,
-        data,
+        ctx.data,
         settings.batch_size,
         remove=remove,
         masked=layers.weight_names,
@@ -312,76 +364,3 @@ def _prune_step(
     )
     layers.read(result.model)
     return result.model, result.fits
-
-
-def _finetuned(candidate: onnx.ModelProto, layers: LayerSet, finetune: Finetune) -> onnx.ModelProto:
-    """Run the callback, take its tensor values, and hold the masks: pruned weights stay zero."""
-    masks = {name: w != 0 for name, w in zip(layers.weight_names, layers.weights, strict=True)}
-    name = getattr(finetune, "__qualname__", type(finetune).__name__)
-    try:
-        returned = finetune(candidate, {k: v.copy() for k, v in masks.items()})
-    except EgpError:
-        raise
-    except Exception as exc:  # the user's training code may fail in any way
-        raise FinetuneError(
-            f"the finetune callback {name} failed: {type(exc).__name__}: {one_line(exc)}"
-        ) from exc
-    values = finetune_values(returned, candidate, layers.weight_names, name)
-    retrained = replace_tensors(candidate, values)
-    arrays = initializer_arrays(retrained, layers.weight_names)
-    layers.weights = [arrays[n] * masks[n] for n in layers.weight_names]
-    return layers.apply(retrained)
-
-
-def finetune_values(
-    returned: object, candidate: onnx.ModelProto, required: list[str], name: str = "finetune"
-) -> dict[str, np.ndarray]:
-    """The tensor values a finetune callback returned, checked against ``candidate``.
-
-    Every name must be a tensor of the model, with the same shape and dtype, and floating values
-    must be finite: anything else would be broadcast, cast or written into the model.
-
-    Raises:
-        FinetuneError: one line naming the callback and the first bad tensor.
-
-    """
-    callback = f"the finetune callback {name}"
-    if isinstance(returned, onnx.ModelProto):
-        values = tensor_values(returned)
-        missing = sorted(set(required) - values.keys())
-        if missing:
-            raise FinetuneError(
-                f"{callback} returned a model without the tensors {', '.join(missing[:3])}; "
-                "return a model with the same initializer names, or a dict of new tensor values"
-            )
-    elif isinstance(returned, Mapping):
-        values = {}
-        for key, value in returned.items():
-            try:
-                values[str(key)] = np.asarray(value)
-            except Exception as exc:  # e.g. a torch tensor that still requires grad
-                raise FinetuneError(
-                    f"{callback} returned a value for '{key}' that is not an array ({type(value).__name__}: "
-                    f"{one_line(exc)})"
-                ) from exc
-    else:
-        raise FinetuneError(
-            f"{callback} returned {type(returned).__name__}; expected an onnx.ModelProto or a dict"
-        )
-    current = tensor_values(candidate)
-    for key, value in values.items():
-        want = current.get(key)
-        if want is None:
-            raise FinetuneError(f"{callback} returned unusable values: {key} is not a tensor of the model")
-        if value.shape != want.shape:
-            raise FinetuneError(
-                f"{callback} returned tensor '{key}' with shape {value.shape}; the model's is {want.shape}"
-            )
-        if value.dtype != want.dtype:
-            raise FinetuneError(
-                f"{callback} returned tensor '{key}' as {value.dtype}; the model's is {want.dtype} "
-                f"(convert with .astype(np.{want.dtype.name}))"
-            )
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            raise FinetuneError(f"{callback} returned tensor '{key}' with NaN or Inf values")
-    return values

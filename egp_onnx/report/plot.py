@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from egp_onnx.errors import ConfigError, one_line
-from egp_onnx.load.model import write_bytes_atomic
 from egp_onnx.report.records import CompressionReport
 
 #: The file types --plot writes, taken from the suffix (matplotlib's raster ones go through Pillow).
@@ -50,11 +49,6 @@ def plot_format(path: str | os.PathLike[str]) -> str:
             f"end the name in one of .{', .'.join(PLOT_FORMATS)}"
         )
     return suffix
-
-
-def render_png(report: CompressionReport) -> bytes:
-    """The plot of :func:`render_plot` as PNG bytes."""
-    return render_plot(report, "png")
 
 
 def render_plot(report: CompressionReport, file_format: str = "png") -> bytes:
@@ -112,8 +106,3 @@ def render_plot(report: CompressionReport, file_format: str = "png") -> bytes:
     finally:
         plt.close(fig)
     return buffer.getvalue()
-
-
-def save_plot(report: CompressionReport, path: str | os.PathLike[str]) -> None:
-    """Render the plot in the format of ``path``'s suffix and write it atomically."""
-    write_bytes_atomic(path, render_plot(report, plot_format(path)))

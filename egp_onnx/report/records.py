@@ -1,10 +1,8 @@
-"""Typed records of an analysis or compression run, their JSON form and their text tables."""
+"""Typed records of an analysis or compression run and their JSON-ready form."""
 
 from __future__ import annotations
 
-import json
 import math
-import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -255,189 +253,23 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def to_json(report: AnalysisReport | CompressionReport) -> str:
-    """Deterministic JSON text: sorted keys, fixed indentation."""
-    return json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"
+# re-export for the merge of issue 20; the lead removes it
+_MOVED_TO_RENDER = {
+    "analysis_table",
+    "compression_summary",
+    "compression_table",
+    "format_table",
+    "op_table",
+    "steps_table",
+    "to_json",
+    "COARSE_GUARD",
+}
 
 
-def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A plain text table with right-aligned numbers."""
-    text = [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(headers)]
-    numeric = [all(_is_number(row[i]) for row in rows) and bool(rows) for i in range(len(headers))]
+def __getattr__(name: str) -> Any:
+    """The renderers that moved to :mod:`egp_onnx.report.render` (imported late: it imports this module)."""
+    if name in _MOVED_TO_RENDER:
+        from egp_onnx.report import render
 
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric, strict=True)
-        ).rstrip()
-
-    out = [line(headers), line(["-" * w for w in widths])]
-    out.extend(line(r) for r in text)
-    return "\n".join(out)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def analysis_table(report: AnalysisReport) -> str:
-    """One row per activation."""
-    rows = [
-        [
-            r.rectifier,
-            r.activation,
-            r.name,
-            r.op_type,
-            r.channels,
-            r.always_on,
-            r.always_off,
-            r.on_fraction,
-            r.entropy,
-            "yes" if r.prunable else "no",
-        ]
-        for r in report.layers
-    ]
-    headers = ["rectifier", "act", "layer", "op", "ch", "on", "off", "on_frac", "entropy", "prunable"]
-    return format_table(headers, rows)
-
-
-def compression_table(report: CompressionReport) -> str:
-    """One row per prunable layer."""
-    rows = [
-        [
-            r.name,
-            r.op_type,
-            r.weights,
-            r.nonzero,
-            r.sparsity,
-            r.entropy_before,
-            r.entropy,
-            r.always_on,
-            r.always_off,
-            r.state,
-        ]
-        for r in report.layers
-    ]
-    headers = ["layer", "op", "weights", "nonzero", "sparsity", "H_before", "H_after", "on", "off", "state"]
-    return format_table(headers, rows)
-
-
-def steps_table(report: CompressionReport) -> str:
-    """One row per loop step: what it pruned, how the refit went, what the guard said."""
-    rows = []
-    for step in report.steps:
-        refit = [f for f in step.reconstructed if f.error_after is not None and f.error_before is not None]
-        # a layer left without weights (bias only) keeps an error of about 1: not informative
-        weighted = [f for f in refit if f.status == "refit"]
-        worst = max(weighted, key=lambda f: f.error_before or 0.0) if weighted else None
-        rows.append(
-            [
-                step.step,
-                step.method,
-                step.removed,
-                step.sparsity,
-                len(refit),
-                "-" if worst is None else f"{worst.error_before:.2e} -> {worst.error_after:.2e}",
-                "-" if step.top1_agreement is None else step.top1_agreement,
-                "-" if step.rel_error is None else f"{step.rel_error:.2e}",
-                "yes" if step.accepted else "rolled back",
-            ]
-        )
-    headers = ["step", "rule", "removed", "sparsity", "refit", "worst layer error", "agree", "rel_err"]
-    headers.append("accepted")
-    return format_table(headers, rows)
-
-
-#: Fewer held-out samples than this make a 0.99 agreement guard coarse (one mismatch is 1/N).
-COARSE_GUARD = 500
-
-
-def op_table(summary: ModelSummary) -> str:
-    """Op types with their counts before and after, in the style of onnxsim."""
-    ops = sorted(set(summary.op_counts_before) | set(summary.op_counts_after))
-    rows: list[list[Any]] = [
-        [op, summary.op_counts_before.get(op, 0), summary.op_counts_after.get(op, 0)] for op in ops
-    ]
-    rows.append(["(depth)", summary.depth_before, summary.depth_after])
-    rows.append(["(non-linear depth)", summary.nonlinear_depth_before, summary.nonlinear_depth_after])
-    return format_table(["op", "before", "after"], rows)
-
-
-def _count(value: int | None) -> str:
-    if value is None:
-        return "?"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= size:
-            return f"{value / size:.2f}{unit}"
-    return str(value)
-
-
-def compression_summary(report: CompressionReport, written: list[str]) -> str:
-    """The closing summary of a compress run, within 100 columns."""
-    m, fid = report.model, report.fidelity
-    agreement = "-" if fid.top1_agreement is None else f"{fid.top1_agreement:.4f}"
-    lines = [
-        f"sparsity    {m.sparsity:.3f} of {m.prunable_weights} prunable weights in "
-        f"{m.prunable_layers} layers, {len(report.steps)} steps (stop: {report.stop.reason})",
-        f"depth       {m.depth_before} -> {m.depth_after} layers; non-linear {m.nonlinear_depth_before} -> "
-        f"{m.nonlinear_depth_after}; zero-entropy layers {m.zero_entropy_layers_before} -> "
-        f"{m.zero_entropy_layers_after}",
-        f"fidelity    top-1 agreement {agreement}, relative error {fid.rel_error:.2e} on {fid.samples} "
-        f"{fid.data} samples",
-    ]
-    if fid.accuracy_before is not None and fid.accuracy_after is not None:
-        lines.append(f"accuracy    {fid.accuracy_before:.4f} -> {fid.accuracy_after:.4f}")
-    b, a = report.cost.before, report.cost.after
-    lines.append(
-        f"size        {_count(b.nonzero_params)} -> {_count(a.nonzero_params)} non-zero parameters; "
-        f"MACs {_count(b.macs)} -> {_count(a.macs)} dense, {_count(a.nonzero_macs)} non-zero"
-    )
-    if report.timing is not None:
-        for t in report.timing.batches:
-            lines.append(
-                f"latency     batch {t.batch_size}: {t.median_ms_before:.3f} ms (IQR "
-                f"{t.iqr_ms_before:.3f}) -> {t.median_ms_after:.3f} ms (IQR {t.iqr_ms_after:.3f}), "
-                f"{t.speedup:.2f}x; median of "
-                f"{t.runs} interleaved runs, onnxruntime CPU"
-            )
-    s = report.surgery
-    if not s.enabled:
-        lines.append("surgery     off (--no-surgery)")
-    else:
-        applied = sum(r.applied for r in s.rewrites)
-        declined = len(s.rewrites) - applied
-        text = f"surgery     {applied} rewrites" + (
-            f", {declined} inexact merges declined" if declined else ""
-        )
-        if s.reverted:
-            text += f"; REVERTED: {s.revert_reason}"
-        elif s.rel_error is not None:
-            text += f"; differs from the pruned model by {s.rel_error:.1e}"
-        lines.append(text)
-    settings = report.settings
-    thresholds = settings.get("min_agreement") is not None or settings.get("max_rel_error") is not None
-    if settings.get("guard") and thresholds:
-        rule = (
-            f"top-1 agreement >= {settings['min_agreement']}"
-            if settings.get("min_agreement") is not None
-            else f"relative error <= {settings['max_rel_error']}"
-        )
-        text = f"guard       {rule} on {fid.samples} {fid.data} samples"
-        if fid.samples < COARSE_GUARD:
-            text += f" (coarse: fewer than {COARSE_GUARD} samples; give --eval or more data)"
-        if report.stop.reason == "guard":
-            text += f"; stopped: {report.stop.detail}"
-        lines.append(text)
-    elif not settings.get("guard", True):
-        lines.append("guard       off (--no-guard)")
-    wrapped = [textwrap.fill(line, width=100, subsequent_indent=" " * 12) for line in lines]
-    wrapped.extend(f"{'written' if i == 0 else '':12}{path}" for i, path in enumerate(written))
-    return "\n".join(wrapped)
+        return getattr(render, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,7 @@ Also the latency measurement, the other place where egp-onnx runs models for the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -330,28 +330,3 @@ def _interleaved(
         speedup=float(q_before[1] / q_after[1]) if q_after[1] > 0 else float("nan"),
     )
 
-
-def passes(fidelity: Fidelity, min_agreement: float | None, max_rel_error: float | None) -> list[str]:
-    """The guard's complaints about ``fidelity``; empty when it passes.
-
-    Outputs that match element-wise within the comparison's atol + rtol |y| pass the relative-error
-    rule whatever their relative L2 error: on outputs of ~1e-6 (a sigmoid detection map),
-    onnxruntime's own rounding reads as tens of percent relative.
-    """
-    problems = []
-    if min_agreement is not None:
-        agreement = fidelity.top1_agreement
-        if agreement is None:
-            problems.append("top-1 agreement is undefined: the first output is not (N, classes)")
-        elif agreement < min_agreement:
-            problems.append(f"top-1 agreement {agreement:.4f} < {min_agreement}")
-    elementwise = bool(fidelity.outputs) and all(o.allclose for o in fidelity.outputs)
-    if max_rel_error is not None and not fidelity.rel_error <= max_rel_error and not elementwise:
-        problems.append(f"relative error {fidelity.rel_error:.3g} > {max_rel_error}")
-    return problems
-
-
-def outputs_table_rows(fidelity: Fidelity) -> Iterable[list[object]]:
-    """Rows (output, rel_error, max_abs_error, allclose) for printing."""
-    for out in fidelity.outputs:
-        yield [out.name, f"{out.rel_error:.3e}", f"{out.max_abs_error:.3e}", "yes" if out.allclose else "NO"]

@@ -160,7 +160,7 @@ def test_missing_matplotlib_is_found_before_any_work(runner, tmp_path, rng, monk
     def no_work(*args, **kwargs):
         raise AssertionError("compress ran before the optional dependency was checked")
 
-    monkeypatch.setattr("egp_onnx.cli.main.compress", no_work)
+    monkeypatch.setattr("egp_onnx.cli.commands.compress", no_work)
     before = digests(tmp_path)
     args = [
         "compress",
@@ -182,7 +182,7 @@ def test_missing_torch_is_found_before_any_work(runner, tmp_path, rng, monkeypat
     monkeypatch.setitem(sys.modules, "torch", None)
     monkeypatch.setitem(sys.modules, "egp_onnx.integrations.torch", None)
     monkeypatch.setattr(
-        "egp_onnx.cli.main.compress", lambda *a, **k: pytest.fail("compress ran without torch")
+        "egp_onnx.cli.commands.compress", lambda *a, **k: pytest.fail("compress ran without torch")
     )
     (tmp_path / "factory.py").write_text("def factory():\n    return None\n")
     before = digests(tmp_path)
@@ -222,7 +222,7 @@ def test_missing_pillow_is_found_before_any_work(runner, tmp_path, rng, monkeypa
 
 def squatting_compress(paths: list[Path]):
     """The real compress, after which another process creates ``paths`` (as a second run would)."""
-    real = egp_onnx.cli.main.compress
+    real = egp_onnx.cli.commands.compress
 
     def run(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -238,7 +238,7 @@ def test_an_output_that_appears_during_the_run_is_not_clobbered(runner, tmp_path
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
     args = ["compress", model, "--calib", calib, "-o", str(out), "--report", str(report), "--sparsity", "0.5"]
     # the report (the second output) appears: the model (the first) must not be committed either
-    monkeypatch.setattr("egp_onnx.cli.main.compress", squatting_compress([report]))
+    monkeypatch.setattr("egp_onnx.cli.commands.compress", squatting_compress([report]))
     line = one_line_error(runner.invoke(main, args))
     assert line == (
         f"egp-onnx: error: output {report} appeared while egp-onnx ran; pass --force to overwrite it; "
@@ -247,7 +247,7 @@ def test_an_output_that_appears_during_the_run_is_not_clobbered(runner, tmp_path
     assert report.read_text() == "another run's file" and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "m.onnx", "r.json"], "no temporaries left"
     report.unlink()
-    monkeypatch.setattr("egp_onnx.cli.main.compress", squatting_compress([out, report]))
+    monkeypatch.setattr("egp_onnx.cli.commands.compress", squatting_compress([out, report]))
     forced = runner.invoke(main, [*args, "--force"])
     assert forced.exit_code == 0, forced.stderr
     onnx.checker.check_model(onnx.load(str(out)))
@@ -427,7 +427,7 @@ def test_unexpected_errors_are_one_line_with_a_trace_on_demand(runner, tmp_path,
     def defect(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("egp_onnx.cli.main.compress", defect)
+    monkeypatch.setattr("egp_onnx.cli.commands.compress", defect)
     args = ["compress", model, "--calib", calib, "-o", str(tmp_path / "o.onnx")]
     line = one_line_error(runner.invoke(main, args), exit_code=3)
     assert line.startswith("egp-onnx: internal error: ZeroDivisionError: division by zero")

@@ -120,3 +120,34 @@ def test_sparsity_zero_is_exact_on_a_different_distribution(rng):
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+def test_an_unknown_option_is_refused_by_name_before_any_work(tmp_path):
+    from egp_onnx.errors import ConfigError
+
+    missing = tmp_path / "missing.onnx"  # never opened: the options are checked first
+    with pytest.raises(ConfigError, match="unknown option 'sparsty'; the options are: .*sparsity"):
+        egp_onnx.compress(missing, CALIB, sparsty=0.5)
+    with pytest.raises(ConfigError, match="--step must be in"):
+        egp_onnx.compress(missing, CALIB, step=0)
+
+
+def test_settings_and_keyword_overrides_make_the_same_run(rng, tmp_path):
+    from models import toy_files
+
+    from egp_onnx.config import DataConfig, Settings
+
+    model, calib = toy_files(tmp_path, rng)
+    by_keywords = egp_onnx.compress(
+        model, calib, sparsity=0.5, step=1.0, guard=False, latency=False, workers=1
+    )
+    settings = Settings(sparsity=0.9, step=1.0, latency=False)
+    by_settings = egp_onnx.compress(
+        model, calib, settings, sparsity=0.5, guard=False, data=DataConfig(workers=1)
+    )
+    assert by_settings.report.settings == by_keywords.report.settings
+    assert by_settings.report.settings["sparsity"] == 0.5 and not by_settings.report.settings["guard"]
+    assert by_settings.model.SerializeToString() == by_keywords.model.SerializeToString()
+    assert settings == Settings(sparsity=0.9, step=1.0, latency=False), (
+        "the caller's settings are not changed"
+    )

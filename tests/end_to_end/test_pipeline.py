@@ -214,11 +214,11 @@ def test_a_step_is_measured_after_its_statistics_pass_only_without_thresholds(rn
     """Without the guard's thresholds no step can be rolled back: its statistics pass runs first, and
     its session is gone before the measurement builds the candidate's (one large session built at a
     time). With them, the statistics wait for the verdict."""
-    import egp_onnx.api.compress as pipeline
     import egp_onnx.prune.loop as loop
+    from egp_onnx.verify.guard import Guard
 
     events = []
-    measure, count = pipeline._Guard.__call__, loop.collect_statistics
+    measure, count = Guard.__call__, loop.collect_statistics
 
     def measuring(self, candidate):
         events.append("measure")
@@ -231,7 +231,7 @@ def test_a_step_is_measured_after_its_statistics_pass_only_without_thresholds(rn
     model, calib = toy_files(tmp_path, rng)
     options = {"sparsity": 0.5, "step": 1.0, "latency": False}
     plain = egp_onnx.compress(model, calib, guard=False, **options)
-    monkeypatch.setattr(pipeline._Guard, "__call__", measuring)
+    monkeypatch.setattr(Guard, "__call__", measuring)
     monkeypatch.setattr(loop, "collect_statistics", counting)
     after = egp_onnx.compress(model, calib, guard=False, **options)
     assert events == ["count", "measure", "measure"], "the step's pass and measurement, the rewritten model"

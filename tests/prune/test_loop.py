@@ -14,7 +14,7 @@ from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import load_model
 from egp_onnx.prune.budget import prune_smallest
 from egp_onnx.prune.limits import sparsity_limits
-from egp_onnx.prune.loop import LayerSet, run_loop
+from egp_onnx.prune.loop import LayerSet, LoopContext, run_loop
 from egp_onnx.reconstruct import refit as rc
 from egp_onnx.report.records import Fidelity
 
@@ -144,15 +144,19 @@ def test_a_rejected_step_is_retried_from_the_last_accepted_weights():
     settings = Settings(sparsity=0.8, step=0.5, batch_size=64, reconstruct=False, min_agreement=0.5)
     candidates: list[dict[str, np.ndarray]] = []
 
-    def guard(candidate):
-        candidates.append(initializer_arrays(candidate, layers.weight_names))
-        fails = len(candidates) == 2
-        fidelity = Fidelity(0.0 if fails else 1.0, 0.0, 0.0, None, None, 1, ())
-        return fidelity, ["rejected"] if fails else []
+    class Guard:
+        measures_only = False
+
+        def __call__(self, candidate):
+            candidates.append(initializer_arrays(candidate, layers.weight_names))
+            fails = len(candidates) == 2
+            fidelity = Fidelity(0.0 if fails else 1.0, 0.0, 0.0, None, None, 1, ())
+            return fidelity, ["rejected"] if fails else []
 
     stats = collect_statistics(model, sites, calib, 64)
     quiet = lambda *args: None  # noqa: E731
-    outcome = run_loop(model, sites, layers, limits, stats, calib, settings, guard, quiet, quiet)
+    context = LoopContext(model, sites, layers, limits, calib, settings, Guard(), quiet, quiet)
+    outcome = run_loop(context, stats)
     assert [s.accepted for s in outcome.steps[:3]] == [True, False, True]
     accepted, rejected, retry = candidates[:3]
     removed = outcome.steps[2].removed

@@ -17,7 +17,8 @@ from egp_onnx.load.model import load_model
 from egp_onnx.prune.budget import prune_smallest
 from egp_onnx.prune.limits import sparsity_limits
 from egp_onnx.reconstruct import refit as rc
-from egp_onnx.report.records import StepRecord, steps_table
+from egp_onnx.report.records import StepRecord
+from egp_onnx.report.render import steps_table
 from egp_onnx.runtime.segments import Activations
 
 

@@ -13,7 +13,7 @@ from references import spins
 
 import egp_onnx
 from egp_onnx.calibrate.collect import make_session
-from egp_onnx.report.records import compression_summary
+from egp_onnx.report.render import compression_summary
 from egp_onnx.verify.fidelity import LATENCY_MIN_RUNS, Prepared, _prepared, compare_latency, latency_feeds
 
 
