@@ -108,11 +108,8 @@ def reconstruct(
     if todo:
         batches = _first_samples(data, batch_size)
         # The first step refits the dense model itself: its weights are read once, not twice.
-        theirs, dense_values = (ours, original) if dense is current else split_weights(dense)
-        # Each layer's tensors of the two models are computed at once, each on half the cores.
-        threads = max(1, cores() // 2)
-        now = Activations(ours, values, batches, CACHE_BYTES // 2, threads)
-        then = Activations(theirs, dense_values, batches, CACHE_BYTES // 2, threads)
+        theirs = (ours, original) if dense is current else split_weights(dense)
+        now, then = _activation_pair((ours, values), theirs, batches)
         refit = partial(
             _refit_in_turn, values=values, remove=remove, masked=set(masked), select=select, rng=rng
         )
@@ -129,6 +126,20 @@ def reconstruct(
                 updates.update(new)
                 fits.append(fit)
     return ReconstructionResult(replace_initializers(current, updates), tuple(fits))
+
+
+def _activation_pair(
+    ours: tuple[onnx.ModelProto, dict[str, np.ndarray]],
+    theirs: tuple[onnx.ModelProto, dict[str, np.ndarray]],
+    batches: list[dict[str, np.ndarray]],
+) -> tuple[Activations, Activations]:
+    """The kept activations of the current and the dense model (each a stubbed model and its weights)."""
+    # Each layer's tensors of the two models are computed at once, each on half the cores.
+    threads = max(1, cores() // 2)
+    return (
+        Activations(*ours, batches, CACHE_BYTES // 2, threads),
+        Activations(*theirs, batches, CACHE_BYTES // 2, threads),
+    )
 
 
 def _prune_unrefittable(
