@@ -7,9 +7,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from egp_onnx.graph.topology import LAYER_OPS, RECTIFIER_OPS, REPORTED_ACTIVATIONS
-
-NONLINEAR_OPS = RECTIFIER_OPS + REPORTED_ACTIVATIONS
+from egp_onnx.graph.ops import LAYER_OPS, NONLINEAR_OPS
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 
 import onnx
 
-from egp_onnx.graph.topology import GraphIndex, layer_of
+from egp_onnx.graph.index import GraphIndex
+from egp_onnx.graph.layers import layer_of
 
 
 def _reaches_output(model: onnx.ModelProto, index: GraphIndex, weight: str) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from egp_onnx.graph.topology import LAYER_OPS
+from egp_onnx.graph import affine
+from egp_onnx.graph.layers import layer_kind
 from egp_onnx.surgery import algebra as kernels
 
 
@@ -99,30 +100,29 @@ class LayerView:
 
 
 def layer_view(node: gs.Node, graph: gs.Graph) -> LayerView | None:
-    """The layer view of ``node`` when egp-onnx may rewrite its weights."""
-    if node.op not in LAYER_OPS or len(node.inputs) < 2:
+    """The layer view of ``node`` when egp-onnx may rewrite its weights.
+
+    The node must be a layer (graph/layers.py's ``layer_kind``, the recogniser the pruning and
+    refit use), its kind must allow the rewrite (``rewritable``) and its bias must be a constant
+    the algebra can take: private to a Conv, of at most one axis for a Gemm.
+    """
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    kind = layer_kind(
+        node.op,
+        len(node.inputs),
+        private_weight=isinstance(weight, gs.Constant) and len(weight.outputs) == 1,
+        constant_input=bool(node.inputs) and isinstance(node.inputs[0], gs.Constant),
+        weight_rank=len(weight.shape) if isinstance(weight, gs.Constant) else 0,
+    )
+    if kind is None or weight is None or not kind.rewritable(node.attrs, len(weight.shape)):
         return None
-    weight = node.inputs[1]
-    if (
-        not isinstance(weight, gs.Constant)
-        or len(weight.outputs) != 1
-        or isinstance(node.inputs[0], gs.Constant)
-    ):
-        return None
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
     if node.op == "Gemm":
-        a = node.attrs
-        if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+        value = const(bias) if bias is not None else np.zeros(1)
+        if value is None or value.ndim > 1:
             return None
-        bias = const(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(1)
-        if bias is None or bias.ndim > 1:
-            return None
-    if node.op == "MatMul" and np.asarray(weight.values).ndim != 2:
+    if node.op == "Conv" and bias is not None and (const(bias) is None or len(bias.outputs) != 1):
         return None
-    if node.op == "Conv":
-        if len(node.inputs) > 2 and (const(node.inputs[2]) is None or len(node.inputs[2].outputs) != 1):
-            return None
-        if LayerView(node).geometry() is None:
-            return None
     return LayerView(node)
 
 
@@ -139,15 +139,14 @@ def through_elementwise(node: gs.Node, tensor: gs.Tensor, value: np.ndarray, ran
         return None if bounds is None else np.clip(value, *bounds)
     if node.op == "BatchNormalization" and node.inputs[0] is tensor:
         params = batchnorm_params(node)
-        return None if params is None else kernels.batchnorm(value, *params)
-    if node.op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
+        return None if params is None else affine.batchnorm(value, *params)
+    if node.op in affine.AFFINE_BINARY and len(node.inputs) == 2:
         first = node.inputs[0] is tensor
         operand = const(node.inputs[1] if first else node.inputs[0])
         channel = per_channel(operand, value.size, rank) if operand is not None else None
         if channel is None:
             return None
-        a, b = (value, channel) if first else (channel, value)
-        return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[node.op](a, b)
+        return affine.apply_binary(node.op, first, value, channel)
     return None
 
 
@@ -167,13 +166,5 @@ def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
 
 
 def per_channel(operand: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
-    """``operand`` as a (C,) vector if it broadcasts along the channel axis only."""
-    if operand.size == 1:
-        return np.full(channels, float(operand.reshape(-1)[0]))
-    if operand.ndim > rank:
-        return None
-    shape = (1,) * (rank - operand.ndim) + operand.shape
-    channel_axis = 1 if rank > 2 else rank - 1
-    if operand.size == channels and shape[channel_axis] == channels:
-        return operand.reshape(-1).astype(np.float64)
-    return None
+    """``operand`` as a (C,) vector if it broadcasts along the channel axis only (1; rank <= 2: the last)."""
+    return affine.per_channel(operand, channels, rank - 1 if rank > 2 else 1, rank)

@@ -1,4 +1,4 @@
-"""Layer-wise reconstruction (shared/RECONSTRUCT.md), checked against onnxruntime and numpy."""
+"""Reconstruction end to end: refit layers recover, residual targets, masks, determinism, limits."""
 
 from __future__ import annotations
 
@@ -6,145 +6,22 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from conftest import SAMPLES, load_npz
 from models import Builder, f32
+from refit_models import CONVS, conv_model, correlated, data_for, rel, residual_model, run
 
-from egp_onnx.graph.topology import initializer_arrays, replace_initializers, split_weights
-from egp_onnx.load.calibration import in_memory, input_specs, open_calibration
+from egp_onnx.graph.layers import LinearLayer, linear_layers
+from egp_onnx.graph.weights import initializer_arrays, replace_initializers, split_weights
+from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import load_model
 from egp_onnx.prune.budget import prune_smallest
 from egp_onnx.prune.limits import sparsity_limits
+from egp_onnx.reconstruct import normal, solve
 from egp_onnx.reconstruct import refit as rc
 from egp_onnx.report.records import StepRecord
 from egp_onnx.report.render import steps_table
 from egp_onnx.runtime.segments import Activations
-
-
-def run(
-    model: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str] | None = None
-) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(names, feed)
-
-
-def data_for(model: onnx.ModelProto, x: np.ndarray):
-    return in_memory(input_specs(model), {"x": x}, None, "test data")
-
-
-def correlated(rng, n: int, c: int, size: int = 9) -> np.ndarray:
-    """Inputs with correlated channels and smooth neighbourhoods, like activations (white noise
-    would make the pruned weights the least-squares answer already: nothing to refit)."""
-    z = rng.normal(size=(n, c, size, size))
-    z = np.einsum("dc,nchw->ndhw", rng.normal(size=(c, c)) + 2 * np.eye(c), z)
-    z = sum(np.roll(z, (i, j), axis=(2, 3)) for i in (-1, 0, 1) for j in (-1, 0, 1)) / 3 + 0.5
-    return f32(z)
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-CONVS = {
-    "plain": dict(cin=4, cout=6, k=3, stride=1, pad=1, group=1),
-    "strided": dict(cin=4, cout=6, k=3, stride=2, pad=1, group=1),
-    "grouped": dict(cin=4, cout=6, k=3, stride=1, pad=1, group=2),
-    "depthwise": dict(cin=6, cout=6, k=3, stride=1, pad=1, group=6),
-    "1x1": dict(cin=4, cout=6, k=1, stride=1, pad=0, group=1),
-}
-
-
-def conv_model(rng, cin, cout, k, stride, pad, group, dilation=1) -> onnx.ModelProto:
-    """
-    x(N,cin,9,9) -> Conv(k, stride, pad, group, dilation, bias) "conv" -> y
-    """
-    b = Builder(rng)
-    w = b.init("conv.w", rng.normal(size=(cout, cin // group, k, k)) * 0.4)
-    bias = b.init("conv.b", rng.normal(size=cout) * 0.1)
-    b.nodes.append(
-        onnx.helper.make_node(
-            "Conv",
-            ["x", w, bias],
-            ["conv"],
-            name="conv",
-            strides=[stride] * 2,
-            pads=[pad, pad, pad + 1, pad],
-            group=group,
-            dilations=[dilation] * 2,
-        )
-    )
-    return b.model("conv", ("N", cin, 9, 9))
-
-
-@pytest.mark.parametrize("name", [*CONVS, "dilated"])
-def test_conv_rows_reproduce_onnxruntime(rng, name):
-    # The im2col rows times the weight columns are the convolution onnxruntime computes, at the
-    # sampled positions, for every geometry the solver accepts (asymmetric pads included).
-    config = CONVS.get(name, dict(cin=4, cout=6, k=3, stride=1, pad=2, group=1))
-    model = conv_model(rng, **config, dilation=2 if name == "dilated" else 1)
-    (layer,), skipped = rc.linear_layers(model)
-    assert not skipped and layer.groups == config["group"]
-    x = f32(rng.normal(size=(3, config["cin"], 9, 9)))
-    (y,) = run(model, {"x": x})
-    where = rc._positions(y.shape, np.random.default_rng(0), rc.POSITIONS_PER_SAMPLE)
-    rows, target = rc._conv_rows(x, layer, where), rc._rows_of(y, where)
-    arrays = initializer_arrays(model, ["conv.w", "conv.b"])
-    columns = rc._to_columns(layer, arrays["conv.w"])  # (groups, d, per)
-    per = columns.shape[2]
-    order = rc._patch_order(layer, rows.shape[2])  # the rows' columns in the solver's order
-    predicted = np.concatenate([rows[g][:, order] @ columns[g] for g in range(layer.groups)], axis=1)
-    predicted += arrays["conv.b"]
-    assert rows.shape[1] == len(target) == 3 * min(rc.POSITIONS_PER_SAMPLE, y.shape[2] * y.shape[3])
-    assert per * layer.groups == config["cout"]
-    np.testing.assert_allclose(predicted, target, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize(("chunk", "part_rows"), [(1, 512), (2**30, 512), (2**30, 1), (1, 1)])
-def test_normal_equations_in_chunks_equal_the_products_of_all_rows(rng, monkeypatch, chunk, part_rows):
-    # Rows are collected and multiplied in chunks (each batch alone, or all at once), each chunk
-    # in parts when it has the rows: the sums are A~^T A~ and A~^T Y over every row, per group,
-    # with the bias column.
-    monkeypatch.setattr(rc, "CHUNK_BYTES", chunk)
-    monkeypatch.setattr(rc, "MIN_PART_ROWS", part_rows)
-    batches = [(f32(rng.normal(size=(2, n, 5))), rng.normal(size=(n, 6))) for n in (7, 3, 9)]
-    normal = rc._Normal(2, 5, 6, bias=True)
-    for rows, target in batches:
-        normal.add(rows, target)
-    normal.finish()
-    rows = np.concatenate([r for r, _ in batches], axis=1).astype(np.float64)
-    target = np.concatenate([t for _, t in batches])
-    for g in range(2):
-        a = np.concatenate([rows[g], np.ones((len(target), 1))], axis=1)
-        np.testing.assert_allclose(normal.gram[g], a.T @ a, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(normal.cross[g], a.T @ target[:, 3 * g : 3 * g + 3], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(normal.target_sq, (target**2).sum(axis=0))
-    assert normal.rows == 19
-
-
-@pytest.mark.parametrize("inverse", [False, True])
-def test_masked_solves_equal_each_outputs_own_system(rng, inverse):
-    # Outputs with supports of many sizes (one empty, one full) are solved in batches of similar
-    # size, each batch in parts: every output's solution is its own ridge system's, 0 off its
-    # support, and the inverses' diagonals are those of its own system.
-    d, outputs = 12, 9
-    a = rng.normal(size=(40, d))
-    a[:, -1] = 1.0  # the bias column
-    gram, cross = a.T @ a, a.T @ rng.normal(size=(40, outputs))
-    support = rng.random((d - 1, outputs)) < np.linspace(0, 1, outputs)
-    support[:, 0], support[:, -1] = False, True
-    solution, diag = rc._solve(gram, cross, support, bias=True, inverse=inverse)
-    lam = rc._ridge(gram, bias=True)
-    for j in range(outputs):
-        kept = np.flatnonzero(np.append(support[:, j], True))
-        system = gram[np.ix_(kept, kept)] + np.diag(np.where(kept < d - 1, lam, 0.0))
-        expected = np.zeros(d)
-        expected[kept] = np.linalg.solve(system, cross[kept, j])
-        np.testing.assert_allclose(solution[:, j], expected, rtol=1e-9, atol=1e-12)
-        if inverse:
-            assert diag is not None
-            np.testing.assert_allclose(diag[kept, j], np.diag(np.linalg.inv(system)), rtol=1e-9)
-    assert (diag is None) == (not inverse)
 
 
 def test_known_layer_is_recovered(rng):
@@ -187,7 +64,7 @@ def test_a_layer_left_without_weights_is_marked_and_not_the_steps_worst(rng):
 
 def test_too_few_rows_leaves_the_layer_pruned_by_magnitude_and_says_how_many(rng, monkeypatch):
     # Two samples x 4 positions = 8 rows for 37 columns: no refit (and no products taken).
-    monkeypatch.setattr(rc, "POSITIONS_PER_SAMPLE", 4)
+    monkeypatch.setattr(normal, "POSITIONS_PER_SAMPLE", 4)
     model = conv_model(rng, **CONVS["plain"])
     w = initializer_arrays(model, ["conv.w"])["conv.w"]
     data = data_for(model, f32(rng.normal(size=(2, 4, 9, 9))))
@@ -254,7 +131,7 @@ def test_dense_layers_refit_with_either_layout(rng, op):
     scale = 0.5 if op != "matmul" else 1.0
     a = np.hstack([x, np.ones((len(x), 1))]) if bias else x.astype(np.float64)
     gram = a.T @ a
-    lam = rc.RIDGE * np.diag(gram)[:12].mean()
+    lam = solve.RIDGE * np.diag(gram)[:12].mean()
     for o in range(8):
         idx = np.concatenate([np.flatnonzero(kept[:, o]), [12]]) if bias else np.flatnonzero(kept[:, o])
         system = gram[np.ix_(idx, idx)] + lam * np.diag((idx < 12).astype(float))
@@ -266,37 +143,9 @@ def test_dense_layers_refit_with_either_layout(rng, op):
     assert rel(refit_y, dense_y) < rel(pruned_y, dense_y)
 
 
-def residual_model(rng) -> onnx.ModelProto:
-    """
-    x(N,4,8,8) -> Conv "c0" -> Relu -> a
-    a -> Conv "c1" -> Relu -> Conv "c2" -> BN "bn" -> Add(+a) -> Relu -> GAP -> Flatten -> Gemm "fc" -> y
-    """
-    b = Builder(rng)
-    a = b.op("Relu", [b.conv("x", "c0", 4, 4, 3, pad=1)], "r0")
-    h = b.op("Relu", [b.conv(a, "c1", 4, 4, 3, pad=1)], "r1")
-    s = b.op("Add", [b.bn(b.conv(h, "c2", 4, 4, 3, pad=1, bias=None), "bn", 4), a], "add")
-    pooled = b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [s], "r2")], "gap")], "flat")
-    return b.model(b.gemm(pooled, "fc", 4, 5), ("N", 4, 8, 8))
-
-
-def test_linear_layers_read_shapes_and_types_not_weights(rng, monkeypatch):
-    """
-    x -> Conv a (float32) -> Relu -> Conv b (float16 weights, Cast around it) -> y
-    """
-    b = Builder(rng)
-    h = b.op("Relu", [b.conv("x", "a", 3, 4, 3, pad=1)], "r")
-    half = b.init("b.w", rng.normal(size=(2, 4, 1, 1)), dtype=np.float16)
-    h = b.op("Conv", [b.op("Cast", [h], "to16", to=onnx.TensorProto.FLOAT16), half], "b")
-    model = b.model(b.op("Cast", [h], "to32", to=onnx.TensorProto.FLOAT), ("N", 3, 6, 6))
-    monkeypatch.setattr(rc.numpy_helper, "to_array", lambda *a: pytest.fail("a weight was read"))
-    layers, skipped = rc.linear_layers(model)
-    assert [(layer.name, layer.kernel, layer.groups) for layer in layers] == [("a", (3, 3), 1)]
-    assert skipped == {"b": ("b.w", "float16 weights")}
-
-
 def test_residual_branch_targets_the_add_minus_the_current_shortcut(rng):
     model = residual_model(rng)
-    layers, _ = rc.linear_layers(model)
+    layers, _ = linear_layers(model)
     by_name = {layer.name: layer for layer in layers}
     c2 = by_name["c2"]
     assert c2.residual == "add" and c2.shortcut == "r0" and c2.bias is None
@@ -318,7 +167,7 @@ def test_residual_branch_targets_the_add_minus_the_current_shortcut(rng):
     dense_add = run(model_with_output(model, "add"), {"x": held})[0]
     aware = run(model_with_output(result.model, "add"), {"x": held})[0]
     plain_layers = [
-        rc.LinearLayer(**{**vars(c2), "residual": None, "shortcut": None, "scale": None, "shift": None})
+        LinearLayer(**{**vars(c2), "residual": None, "shortcut": None, "scale": None, "shift": None})
     ]
     unaware = refit_with(model, result.model, plain_layers[0], x)
     plain = run(model_with_output(unaware, "add"), {"x": held})[0]
@@ -340,11 +189,11 @@ def refit_with(dense, current, layer, x) -> onnx.ModelProto:
     now = Activations(stubbed, values, batches, 2**30)
     then = Activations(*split_weights(dense), batches, 2**30)
     rng = np.random.default_rng(0)
-    _, updates = rc._refit(
+    _, updates = rc.refit_layer(
         layer,
         values[layer.weight],
         values,
-        lambda width: rc._normal_equations(layer, width, now, then, [], rng),
+        lambda width: normal.normal_equations(layer, width, now, then, [], rng),
         remove=0,
         full_support=False,
     )
@@ -384,12 +233,13 @@ def test_the_refit_is_the_same_on_one_core_and_on_two(monkeypatch, select):
     # Products, solves and both models' segments run in parts on threads; the parts are fixed, so
     # the weights are bitwise the same whether the parts run one after the other or at once.
     from egp_onnx.runtime import threads
+
     model = load_model(SAMPLES / "digits_resnet.onnx")
     calib = open_calibration(SAMPLES / "digits_calib.npz", model)
     names = ["block1.conv1.weight", "block2.conv2.weight", "fc1.weight"]
     weights = initializer_arrays(model, names)
     remove = {n: weights[n].size // 2 for n in names}
-    monkeypatch.setattr(rc, "MIN_PART_ROWS", 64)  # every chunk split, small as these layers are
+    monkeypatch.setattr(normal, "MIN_PART_ROWS", 64)  # every chunk split, small as these layers are
     results = {}
     for cores in (1, 2):
         monkeypatch.setattr(threads, "cores", lambda cores=cores: cores)
@@ -409,7 +259,7 @@ def test_batches_gathered_in_groups_give_the_rows_of_one_batch_at_a_time(monkeyp
     remove = {n: weights[n].size // 2 for n in names}
     fits = {}
     for group_bytes in (1, 2**30):
-        monkeypatch.setattr(rc, "GROUP_BYTES", group_bytes)
+        monkeypatch.setattr(normal, "GROUP_BYTES", group_bytes)
         result = rc.reconstruct(model, model, calib, 16, remove=remove, masked=names)
         fits[group_bytes] = (initializer_arrays(result.model, names), result.fits)
     (alone, alone_fits), (grouped, grouped_fits) = fits[1], fits[2**30]
@@ -417,16 +267,6 @@ def test_batches_gathered_in_groups_give_the_rows_of_one_batch_at_a_time(monkeyp
         np.testing.assert_array_equal(alone[n] == 0, grouped[n] == 0)
         np.testing.assert_allclose(grouped[n], alone[n], rtol=1e-3, atol=1e-5)
     assert [f.rows for f in alone_fits] == [f.rows for f in grouped_fits]
-
-
-def test_groups_join_consecutive_batches_of_one_shape_up_to_the_limit():
-    def batch(n, size=4):
-        return (np.zeros((n, 2, size, size), np.float32), np.zeros((n, 3), np.float32))
-
-    batches = [batch(4), batch(4), batch(4), batch(2, size=5), batch(4), batch(4)]
-    per = batches[0][0].nbytes
-    assert rc._groups(batches, 2 * per) == [[0, 1], [2], [3], [4, 5]]
-    assert rc._groups(batches, 1) == [[i] for i in range(6)]
 
 
 def test_limits_keep_heads_dense_and_cap_layers_every_path_needs(rng):

@@ -1,71 +1,23 @@
+"""Weights and protobuf plumbing: counts, skeletons, static shapes, sizes, replaced and stubbed weights."""
+
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
-from models import conv_bn_relu, gemm_head, no_rectifier, residual_block, single_conv
+from models import gemm_head, residual_block, single_conv
 from onnx import TensorProto, helper, numpy_helper
 
-from egp_onnx.graph.topology import (
+from egp_onnx.graph.weights import (
     count_parameters,
-    find_rectifiers,
     initializer_counts,
-    prunable_layers,
     replace_initializers,
     serialized_size,
     shape_skeleton,
     split_weights,
     static_shapes,
 )
-from egp_onnx.load.model import load_model, prepare_model
-
-
-def owners(model: onnx.ModelProto) -> dict[str, str | None]:
-    return {s.name: (s.owner.name if s.owner else None) for s in find_rectifiers(prepare_model(model))}
-
-
-def test_single_conv_owner(rng):
-    assert owners(single_conv(rng)) == {"relu": "conv"}
-
-
-def test_owner_through_batchnorm_and_constant_mul(rng):
-    assert owners(conv_bn_relu(rng)) == {"relu": "conv"}
-
-
-def test_residual_add_owner_is_deeper_branch_not_projection(rng):
-    assert owners(residual_block(rng)) == {"relu0": "conv0", "relu1": "conv1", "relu2": "conv2"}
-
-
-def test_gemm_and_matmul_owners_and_channel_axis(rng):
-    sites = {s.name: s for s in find_rectifiers(prepare_model(gemm_head(rng)))}
-    assert sites["fc1.relu"].owner.name == "fc1" and sites["fc1.relu"].owner.out_channels == 6
-    assert sites["fc2.relu"].owner.name == "fc2" and sites["fc2.relu"].owner.out_channels == 5
-    assert sites["fc2.relu"].channel_last
-    assert not sites["relu0"].channel_last
-
-
-def test_sample_model_ownership():
-    from conftest import SAMPLES
-
-    model = load_model(SAMPLES / "digits_resnet.onnx")
-    layers = prunable_layers(find_rectifiers(model))
-    assert sorted(layers) == sorted(
-        [
-            "stem.conv",
-            "block1.conv1",
-            "block1.conv2",
-            "block2.conv1",
-            "block2.conv2",
-            "block3.conv1",
-            "block3.conv2",
-            "fc1",
-        ]
-    )
-    assert "block2.down.0" not in layers and "fc2" not in layers, "shortcut and classifier stay dense"
-
-
-def test_no_rectifier_means_nothing_prunable(rng):
-    assert prunable_layers(find_rectifiers(prepare_model(no_rectifier(rng)))) == {}
+from egp_onnx.load.model import prepare_model
 
 
 def test_count_parameters(rng):
