@@ -251,25 +251,3 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
-
-
-# re-export for the merge of issue 20; the lead removes it
-_MOVED_TO_RENDER = {
-    "analysis_table",
-    "compression_summary",
-    "compression_table",
-    "format_table",
-    "op_table",
-    "steps_table",
-    "to_json",
-    "COARSE_GUARD",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """The renderers that moved to :mod:`egp_onnx.report.render` (imported late: it imports this module)."""
-    if name in _MOVED_TO_RENDER:
-        from egp_onnx.report import render
-
-        return getattr(render, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

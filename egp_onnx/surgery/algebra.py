@@ -108,13 +108,6 @@ def fold_batchnorm(
     return new_w.astype(weight.dtype), new_b.astype(weight.dtype)
 
 
-def batchnorm(
-    x: np.ndarray, scale: np.ndarray, shift: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: float
-) -> np.ndarray:
-    """BatchNormalization of per-channel values ``x`` (shape (C,))."""
-    return (x - mean) / np.sqrt(var + epsilon) * scale + shift
-
-
 def add_identity(weight: np.ndarray, projection: np.ndarray | None = None) -> np.ndarray | None:
     """Fold a residual shortcut into a centred kernel: K[:, :, centre] += I (or += P).
 

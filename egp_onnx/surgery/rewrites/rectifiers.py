@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from egp_onnx.graph.ops import ACTIVATIONS
 from egp_onnx.surgery.registry import register_rewrite
 from egp_onnx.surgery.surgeon import Surgeon
-from egp_onnx.surgery.view import LayerView, clip_bounds, const, feeds_only, layer_view
+from egp_onnx.surgery.view import LayerView, clip_bounds, const, feeds_only, layer_view, per_channel
 
 NAME = "remove_rectifier"
 ZERO_OFF_CHANNELS = "zero_off_channels"
@@ -112,14 +113,17 @@ def _remove_rectifier(s: Surgeon, node: gs.Node, owner: LayerView | None, detail
 
 def _removable_kind(node: gs.Node) -> str | None:
     """relu, relu6 (a Clip with min 0) or leaky (LeakyRelu/PRelu) for activations surgery may remove."""
-    if node.op == "Relu":
-        return "relu"
-    if node.op in ("LeakyRelu", "PRelu"):
-        return "leaky"
-    bounds = clip_bounds(node) if node.op == "Clip" else None
-    if bounds is None or bounds[0] != 0.0:
+    activation = ACTIVATIONS.get(node.op)
+    if activation is None or not activation.removable:
         return None
-    return "relu" if np.isinf(bounds[1]) else "relu6"
+    if activation.kind in ("leaky_relu", "prelu"):
+        return "leaky"  # one sign per channel: the negative side's slope moves into the layer
+    if activation.from_zero:  # a Clip: removable as a ReLU (no upper bound) or a ReLU6 (min 0)
+        bounds = clip_bounds(node)
+        if bounds is None or bounds[0] != 0.0:
+            return None
+        return "relu" if np.isinf(bounds[1]) else "relu6"
+    return activation.kind
 
 
 def _slope(node: gs.Node, owner: LayerView) -> np.ndarray | None:
@@ -128,15 +132,5 @@ def _slope(node: gs.Node, owner: LayerView) -> np.ndarray | None:
     if node.op == "LeakyRelu":
         return np.full(channels, float(node.attrs.get("alpha", 0.01)))
     value = const(node.inputs[1]) if len(node.inputs) > 1 else None
-    if value is None:
-        return None
-    if value.size == 1:
-        return np.full(channels, float(value.reshape(-1)[0]))
-    rank = owner.weight.ndim if owner.conv else 2
-    # PRelu broadcasts the slope from the right: per channel means (C, 1, ...) under (N, C, ...)
-    # for a Conv, (C,) on the last axis of a dense layer's output
-    shape = (1,) * (rank - value.ndim) + value.shape
-    axis = 1 if owner.conv else rank - 1
-    if value.ndim <= rank and value.size == channels and shape[axis] == channels:
-        return value.reshape(-1).astype(np.float64)
-    return None
+    # PRelu broadcasts the slope from the right, as a per-channel operand of the layer's output
+    return None if value is None else per_channel(value, channels, owner.weight.ndim if owner.conv else 2)
