@@ -7,6 +7,7 @@ import onnx_graphsurgeon as gs
 
 from egp_onnx.graph import affine
 from egp_onnx.graph.layers import layer_kind
+from egp_onnx.graph.ops import LAYER_KINDS
 from egp_onnx.surgery import algebra as kernels
 
 
@@ -64,11 +65,7 @@ class LayerView:
     @property
     def out_axis(self) -> int:
         """Axis of the weight that indexes output channels."""
-        if self.node.op == "Conv":
-            return 0
-        if self.node.op == "Gemm":
-            return 0 if self.node.attrs.get("transB", 0) else 1
-        return 1
+        return LAYER_KINDS[self.node.op].out_axis(self.node.attrs)
 
     @property
     def out_channels(self) -> int:
@@ -87,13 +84,14 @@ class LayerView:
         return m, self.bias()
 
     def geometry(self) -> kernels.ConvGeometry | None:
-        """Stride and pads, or None for convolutions we do not rewrite (groups, dilation, auto_pad)."""
+        """Stride and pads of a Conv (None for Gemm/MatMul).
+
+        Only convolutions that the kernel algebra takes have a view (see :func:`layer_view`).
+        """
+        if not self.conv:
+            return None
         attrs = self.node.attrs
         rank = self.weight.ndim - 2
-        if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1] * rank)):
-            return None
-        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-            return None
         strides = tuple(int(s) for s in attrs.get("strides", [1] * rank))
         pads = tuple(int(p) for p in attrs.get("pads", [0] * 2 * rank))
         return kernels.ConvGeometry(strides, pads)
