@@ -48,9 +48,10 @@ def test_a_preset_without_optimisation_runs_the_graph_as_it_is(rng):
 
 def test_a_rejected_batch_is_one_calibration_error(rng):
     session = make_session(prepare_model(single_conv(rng)), MEASURE)
-    with pytest.raises(CalibrationError, match="onnxruntime rejected a batch: ") as caught:
+    # One line up to the end. Matched inside raises: an ExceptionInfo bound here would keep this
+    # frame and its session in a reference cycle, which a later test's forked child could collect.
+    with pytest.raises(CalibrationError, match=r"^onnxruntime rejected a batch: [^\n]+\Z"):
         run_session(session, None, {"x": inputs(rng, 2, (5, 6, 6))})
-    assert "\n" not in str(caught.value)
 
 
 def test_sessions_take_weights_from_memory_with_the_same_results(rng):
