@@ -233,15 +233,16 @@ def whole_process(model_path: Path, data: Path, batch_size: int, folder: Path) -
 
 def session_rebuild_cost(model_path: Path, data_dir: Path, batch_size: int) -> tuple[float, float]:
     """Seconds to build the statistics session, and seconds of the pass it serves."""
-    from egp_onnx.calibrate.collect import collect_statistics, make_session, statistics_model
+    from egp_onnx.calibrate.collect import collect_statistics, statistics_model
     from egp_onnx.graph.topology import find_rectifiers
     from egp_onnx.load.calibration import open_calibration
     from egp_onnx.load.model import load_model
+    from egp_onnx.runtime.session import STATISTICS, make_session
 
     model = load_model(model_path)
     sites = find_rectifiers(model)
     start = time.perf_counter()
-    make_session(statistics_model(model, sites), optimize=True)
+    make_session(statistics_model(model, sites), STATISTICS)
     build = time.perf_counter() - start
     start = time.perf_counter()
     collect_statistics(model, sites, open_calibration(data_dir, model), batch_size)

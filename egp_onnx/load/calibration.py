@@ -1,6 +1,7 @@
-"""Calibration data: readers for .npz, .npy, folders of them, images, and CalibrationDataReaders.
+"""Calibration data: .npz, .npy, folders of them, images, and CalibrationDataReaders, in batches.
 
-Every batch is checked against the model's inputs (names, ranks, fixed dims, dtypes, finiteness).
+The files are read in :mod:`egp_onnx.load.readers`. Every batch is checked against the model's
+inputs (names, ranks, fixed dims, dtypes, finiteness).
 """
 
 from __future__ import annotations
@@ -20,13 +21,9 @@ import onnx
 from onnx import helper
 
 from egp_onnx.errors import CalibrationError
+from egp_onnx.load.readers import LABELS_KEY, Batch, find_images, image_shards, read_npy, read_npz, shape_text
 
 log = logging.getLogger(__name__)
-
-LABELS_KEY = "labels"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-Batch = dict[str, np.ndarray]
 
 
 class CalibrationDataReader(Protocol):
@@ -83,13 +80,13 @@ def _check_arrays(arrays: Batch, specs: Sequence[InputSpec], where: str) -> int:
         if array.ndim != len(spec.shape):
             raise CalibrationError(
                 f"{where}: input '{spec.name}' has rank {array.ndim} {array.shape}, "
-                f"the model expects rank {len(spec.shape)} {_shape_text(spec.shape)}"
+                f"the model expects rank {len(spec.shape)} {shape_text(spec.shape)}"
             )
         for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
             if axis > 0 and want is not None and got != want:
                 raise CalibrationError(
                     f"{where}: input '{spec.name}' has shape {array.shape}, "
-                    f"the model expects {_shape_text(spec.shape)}"
+                    f"the model expects {shape_text(spec.shape)}"
                 )
         if array.dtype != spec.dtype:
             raise CalibrationError(
@@ -124,10 +121,6 @@ def class_labels(labels: np.ndarray, where: str) -> np.ndarray:
             "give class indices (N,) or one-hot rows (N, C)"
         )
     return labels
-
-
-def _shape_text(shape: tuple[int | None, ...]) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
 class CalibrationData:
@@ -249,86 +242,6 @@ def _concat(parts: list[tuple[Batch, np.ndarray | None]]) -> tuple[Batch, np.nda
     return arrays, labels
 
 
-def _read_npz(path: Path) -> tuple[Batch, np.ndarray | None]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
-    if not arrays:
-        raise CalibrationError(f"calibration file {path} is empty")
-    labels = arrays.pop(LABELS_KEY, None)
-    return arrays, labels
-
-
-def _read_npy(path: Path, specs: Sequence[InputSpec]) -> tuple[Batch, np.ndarray | None]:
-    if len(specs) != 1:
-        raise CalibrationError(
-            f"{path}: a .npy file feeds a single-input model; this model has inputs "
-            f"{', '.join(s.name for s in specs)}: use an .npz keyed by input name"
-        )
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
-    if array.ndim == len(specs[0].shape) - 1 and array.size:
-        array = array[None]  # one sample without its batch axis
-    return {specs[0].name: array}, None
-
-
-def _image_shards(
-    folder: Path,
-    images: list[tuple[Path, int | None]],
-    spec: InputSpec,
-    mean: Sequence[float],
-    std: Sequence[float],
-    chunk: int,
-) -> list[Callable[[], tuple[Batch, np.ndarray | None]]]:
-    if len(spec.shape) != 4 or any(d is None for d in spec.shape[1:]):
-        raise CalibrationError(
-            f"{folder}: images need a model input of fixed shape (N, C, H, W); "
-            f"'{spec.name}' is {_shape_text(spec.shape)}"
-        )
-    channels, height, width = (int(d) for d in spec.shape[1:])  # type: ignore[arg-type]
-    if channels not in (1, 3):
-        raise CalibrationError(f"{folder}: images need 1 or 3 input channels, model has {channels}")
-    mean_a = _per_channel(mean, channels, "--mean")
-    std_a = _per_channel(std, channels, "--std")
-    if (std_a == 0).any():
-        raise CalibrationError("--std values must be non-zero")
-    try:
-        from PIL import Image
-    except ImportError as exc:
-        raise CalibrationError("reading images needs Pillow: pip install 'egp-onnx[images]'") from exc
-
-    def load(part: list[tuple[Path, int | None]]) -> tuple[Batch, np.ndarray | None]:
-        batch = np.empty((len(part), channels, height, width), dtype=np.float32)
-        for i, (path, _) in enumerate(part):
-            try:
-                with Image.open(path) as img:
-                    resized = img.convert("L" if channels == 1 else "RGB").resize((width, height))
-                    pixels = np.asarray(resized, dtype=np.float32) / 255.0
-            except (OSError, ValueError) as exc:
-                raise CalibrationError(f"cannot read image {path}: {exc}") from exc
-            pixels = pixels.reshape(height, width, -1).transpose(2, 0, 1)
-            batch[i] = (pixels - mean_a[:, None, None]) / std_a[:, None, None]
-        labels = None
-        if all(label is not None for _, label in part):
-            labels = np.array([label for _, label in part], dtype=np.int64)
-        return {spec.name: batch.astype(spec.dtype)}, labels
-
-    return [partial(load, images[i : i + chunk]) for i in range(0, len(images), chunk)]
-
-
-def _per_channel(values: Sequence[float], channels: int, option: str) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float32).reshape(-1)
-    if array.size == 1:
-        return np.repeat(array, channels)
-    if array.size != channels:
-        raise CalibrationError(f"{option} needs 1 or {channels} values, got {array.size}")
-    return array
-
-
 def open_calibration(
     source: str | os.PathLike[str] | CalibrationDataReader,
     model: onnx.ModelProto,
@@ -362,35 +275,24 @@ def open_calibration(
         raise CalibrationError(f"calibration data not found: {path}")
     if path.is_file():
         if path.suffix == ".npz":
-            return CalibrationData(specs, [partial(_read_npz, path)], str(path), workers)
+            return CalibrationData(specs, [partial(read_npz, path)], str(path), workers)
         if path.suffix == ".npy":
-            return CalibrationData(specs, [partial(_read_npy, path, specs)], str(path), workers)
+            return CalibrationData(specs, [partial(read_npy, path, specs)], str(path), workers)
         raise CalibrationError(f"{path}: calibration files must be .npz or .npy")
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".npz", ".npy"))
     if files:
         shards = [
-            partial(_read_npz, p) if p.suffix == ".npz" else partial(_read_npy, p, specs) for p in files
+            partial(read_npz, p) if p.suffix == ".npz" else partial(read_npy, p, specs) for p in files
         ]
         return CalibrationData(specs, shards, str(path), workers)
-    images = _find_images(path)
+    images = find_images(path)
     if not images:
         raise CalibrationError(f"{path}: no .npz, .npy or image files in the calibration folder")
     if len(specs) != 1:
         raise CalibrationError(f"{path}: image folders feed single-input models only")
     return CalibrationData(
-        specs, _image_shards(path, images, specs[0], mean, std, image_chunk), str(path), workers
+        specs, image_shards(path, images, specs[0], mean, std, image_chunk), str(path), workers
     )
-
-
-def _find_images(folder: Path) -> list[tuple[Path, int | None]]:
-    top = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if top:
-        return [(p, None) for p in top]
-    classes = sorted(p for p in folder.iterdir() if p.is_dir())
-    found: list[tuple[Path, int | None]] = []
-    for label, sub in enumerate(classes):
-        found.extend((p, label) for p in sorted(sub.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
-    return found
 
 
 def _from_reader(reader: CalibrationDataReader, specs: Sequence[InputSpec]) -> CalibrationData:

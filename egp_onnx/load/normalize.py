@@ -21,6 +21,7 @@ import logging
 import onnx
 
 from egp_onnx.errors import one_line
+from egp_onnx.graph.walk import subgraphs
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,10 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
-    from egp_onnx.calibrate.collect import quiet_onnxruntime
+    from egp_onnx.runtime.session import quiet
     from egp_onnx.surgery.fold import fold_constants
 
-    quiet_onnxruntime()  # graph-surgeon evaluates the constants in onnxruntime sessions of its own
+    quiet()  # graph-surgeon evaluates the constants in onnxruntime sessions of its own
     return fold_constants(model)
 
 
@@ -61,9 +62,8 @@ def needs_folding(graph: onnx.GraphProto) -> bool:
     for node in graph.node:
         if node.op_type in _FOLDED_OPS:
             return True
-        has_subgraph = any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute)
         inputs = [i for i in node.input if i]
-        if inputs and not has_subgraph and all(i in constants for i in inputs):
+        if inputs and not subgraphs(node) and all(i in constants for i in inputs):
             return True
     return False
 

@@ -22,17 +22,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from egp_onnx.calibrate.collect import make_session, run_session
-
-
-def reads(node: onnx.NodeProto) -> list[str]:
-    """The tensors a node reads: its inputs and the outer-scope names its bodies read (Loop, If, Scan)."""
-    names = [t for t in node.input if t]
-    for attr in node.attribute:
-        for graph in [attr.g, *attr.graphs] if attr.type in (attr.GRAPH, attr.GRAPHS) else []:
-            for inner in graph.node:
-                names.extend(reads(inner))
-    return names
+from egp_onnx.graph.walk import reads
+from egp_onnx.runtime.session import SEGMENTS, make_session, run_session
 
 
 class Activations:
@@ -128,11 +119,8 @@ class Activations:
         fed = [t for t in read if t in self.cache]
         part = self._model(order, fed, keep, read)
         # Worker threads that sleep when idle: between runs the caller computes with numpy (its
-        # BLAS threads), and spinning workers took those cores (a reconstruction step of the MNIST
-        # sample: 3.2 s with spinning, 2.2 s without, on the loaded machine).
-        session = make_session(
-            part, optimize=True, lean=True, weights=self.weights, threads=self.threads, spinning=False
-        )
+        # BLAS threads), which spinning workers would take the cores from.
+        session = make_session(part, SEGMENTS, weights=self.weights, threads=self.threads)
         self.sessions += 1
         b = 0
         while b < self.batches:

@@ -1,82 +1,28 @@
-"""Fidelity: run a reference and a candidate model on the same data and compare their outputs.
-
-Also the latency measurement, the other place where egp-onnx runs models for the user.
-"""
+"""Fidelity: run a reference and a candidate model on the same data and compare their outputs."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from egp_onnx.calibrate.collect import make_session, run_session
 from egp_onnx.errors import ModelError
-from egp_onnx.graph.topology import initializer_counts, serialized_size, split_weights
 from egp_onnx.load.calibration import Batch, CalibrationData
-from egp_onnx.report.records import Fidelity, LatencyRecord, OutputFidelity, Timing
+from egp_onnx.report.records import Fidelity, OutputFidelity
+from egp_onnx.runtime.handle import ModelHandle, StoredOutputs
 
-
-class Prepared:
-    """A model and its optimised onnxruntime session, built on first use and reused after.
-
-    For a model that several comparisons run (the rewritten model: checked against the pruned
-    one, measured on the held-out data, timed): each session costs about a second per 500 MB.
-    Its worker threads do not spin (as every session :func:`compare_latency` times).
-    """
-
-    def __init__(
-        self,
-        model: onnx.ModelProto,
-        split: tuple[onnx.ModelProto, dict[str, np.ndarray]] | None = None,
-        known: Mapping[str, np.ndarray] | None = None,
-    ) -> None:
-        """Keep ``model``; its session is built on first use.
-
-        ``split`` is ``split_weights(model)`` when the caller has made it; ``known``, values of some
-        of the model's initializers already read (see :func:`egp_onnx.graph.topology.split_weights`).
-        Either saves reading and copying the same weights again. Neither is kept once the session
-        is built: onnxruntime holds its own copy of the weights.
-        """
-        self.model = model
-        self._split = split
-        self._known = known
-        self._session: ort.InferenceSession | None = None
-        #: The model's :func:`egp_onnx.graph.topology.initializer_counts`, taken while the session is built
-        #: (from the arrays it is built from: the cost figures need no second read of the weights).
-        self.counts: dict[str, tuple[bool, int, int]] = {}
-        self.warm: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()  # input shapes its session has run
-
-    @property
-    def session(self) -> ort.InferenceSession:
-        """The session (built now if not yet)."""
-        if self._session is None:
-            stubbed, weights = self._split or split_weights(self.model, known=self._known)
-            self._split = self._known = None
-            self._session = make_session(stubbed, optimize=True, spinning=False, weights=weights)
-            self.counts = initializer_counts(self.model, weights)
-        return self._session
-
-    def run(self, names: list[str] | None, feed: Batch) -> list[np.ndarray]:
-        """Run one batch; its input shapes are remembered (the session has planned its memory for them)."""
-        outputs = run_session(self.session, names, feed)
-        self.warm.add(_shapes(feed))
-        return outputs
-
-    def release(self) -> None:
-        """Let the session go (it holds a copy of the weights); it is built again if used again."""
-        self._session = None
-        self.warm = set()
-
-
-def _shapes(feed: Batch) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    return tuple(sorted((name, tuple(array.shape)) for name, array in feed.items()))
-
-
-def _prepared(model: onnx.ModelProto | Prepared) -> Prepared:
-    return model if isinstance(model, Prepared) else Prepared(model)
+# re-export for the merge of issue 20; the lead removes it
+from egp_onnx.runtime.handle import ModelHandle as Prepared  # noqa: F401
+from egp_onnx.runtime.handle import StoredOutputs as Outputs  # noqa: F401
+from egp_onnx.verify.latency import (  # noqa: F401
+    LATENCY_BUDGET_S,
+    LATENCY_MAX_RUNS,
+    LATENCY_MIN_RUNS,
+    LATENCY_WARMUP,
+    compare_latency,
+    latency_feeds,
+)
 
 
 class _Accumulator:
@@ -138,42 +84,9 @@ class _Accumulator:
         )
 
 
-class Outputs:
-    """A model's outputs on every batch of streamed data, kept in memory (the data is not).
-
-    Compared with a candidate in place of the model itself, they let the model's session go before
-    the candidate's is built (graph surgery's check: the pruned and the rewritten model).
-    """
-
-    def __init__(self, names: list[str], batches: list[list[np.ndarray]]) -> None:
-        self.names, self.batches = names, batches
-
-    @classmethod
-    def instead_of(
-        cls, model: onnx.ModelProto | Prepared, data: CalibrationData, batch_size: int
-    ) -> Outputs | Prepared:
-        """``model``'s outputs on ``data``, its session let go; ``model`` if they outweigh its weights.
-
-        A session holds a copy of the weights (more, once onnxruntime has packed them): VGG-19's
-        takes 0.7 GB. It is built again if the model is run later.
-        """
-        prepared = _prepared(model)
-        limit = serialized_size(prepared.model)
-        names = [o.name for o in prepared.session.get_outputs()]
-        batches, size = [], 0
-        for feed, _ in data.batches(batch_size):
-            outputs = prepared.run(names, feed)
-            size += sum(np.asarray(o).nbytes for o in outputs)
-            if size > limit:
-                return prepared
-            batches.append(outputs)
-        prepared.release()
-        return cls(names, batches)
-
-
 def compare(
-    reference: onnx.ModelProto | Prepared | Outputs,
-    candidate: onnx.ModelProto | Prepared,
+    reference: onnx.ModelProto | ModelHandle | StoredOutputs,
+    candidate: onnx.ModelProto | ModelHandle,
     data: CalibrationData,
     batch_size: int,
     atol: float = 1e-5,
@@ -181,9 +94,9 @@ def compare(
 ) -> Fidelity:
     """Run both models in onnxruntime on ``data`` (streamed) and compare their outputs.
 
-    A reference given as :class:`Outputs` (taken on the same ``data`` and ``batch_size``) is not run.
+    A reference given as :class:`StoredOutputs` (taken on the same ``data`` and ``batch_size``) is not run.
     """
-    cand = _prepared(candidate)
+    cand = ModelHandle.of(candidate)
     names, expected = _expected(reference)
     found = [o.name for o in cand.session.get_outputs()]
     missing = [n for n in names if n not in found]
@@ -199,13 +112,13 @@ def compare(
 
 
 def _expected(
-    reference: onnx.ModelProto | Prepared | Outputs,
+    reference: onnx.ModelProto | ModelHandle | StoredOutputs,
 ) -> tuple[list[str], Callable[[Batch], list[np.ndarray]]]:
     """The reference's output names, and its outputs batch by batch: run, or the stored ones in turn."""
-    if isinstance(reference, Outputs):
+    if isinstance(reference, StoredOutputs):
         stored = iter(reference.batches)
         return reference.names, lambda feed: next(stored)
-    ref = _prepared(reference)
+    ref = ModelHandle.of(reference)
     names = [o.name for o in ref.session.get_outputs()]
     return names, lambda feed: ref.run(names, feed)
 
@@ -216,19 +129,19 @@ class Reference:
     The EGP loop checks many candidates against the same original: its outputs are computed once.
     """
 
-    def __init__(self, model: onnx.ModelProto | Prepared, data: CalibrationData, batch_size: int) -> None:
-        """``model`` as a Prepared one keeps its session for later use (e.g. the latency measurement)."""
-        prepared = _prepared(model)
+    def __init__(self, model: onnx.ModelProto | ModelHandle, data: CalibrationData, batch_size: int) -> None:
+        """``model`` as a ModelHandle keeps its session for later use (e.g. the latency measurement)."""
+        prepared = ModelHandle.of(model)
         self.names = [o.name for o in prepared.session.get_outputs()]
         self.batches: list[tuple[Batch, np.ndarray | None, list[np.ndarray]]] = [
             (feed, labels, prepared.run(self.names, feed)) for feed, labels in data.batches(batch_size)
         ]
 
     def evaluate(
-        self, candidate: onnx.ModelProto | Prepared, atol: float = 1e-5, rtol: float = 1e-5
+        self, candidate: onnx.ModelProto | ModelHandle, atol: float = 1e-5, rtol: float = 1e-5
     ) -> Fidelity:
         """Fidelity of ``candidate`` against the stored outputs."""
-        prepared = _prepared(candidate)
+        prepared = ModelHandle.of(candidate)
         acc = _Accumulator(self.names, atol, rtol)
         for feed, labels, ref in self.batches:
             acc.add(ref, prepared.run(self.names, feed), labels)
@@ -242,91 +155,3 @@ class Reference:
     def first_feed(self) -> Batch:
         """One batch, for latency measurements."""
         return self.batches[0][0]
-
-
-#: Per batch size: timed runs of each model stop at MAX_RUNS, or once BUDGET_S seconds have passed
-#: and at least MIN_RUNS were timed (so a large model still gets a median and a spread).
-LATENCY_BUDGET_S = 1.0
-LATENCY_MAX_RUNS = 200
-LATENCY_MIN_RUNS = 3
-#: Untimed runs of each model per batch size, at least; more while they take under a tenth of the
-#: budget (the first runs allocate and plan memory for the new shape). None for a batch whose
-#: shapes both sessions have already run (a Prepared model checked or measured on that data).
-LATENCY_WARMUP = 1
-
-
-def latency_feeds(model: onnx.ModelProto, feed: Batch) -> list[Batch]:
-    """``feed`` cut to batch 1, then ``feed`` itself (its batch), where the model accepts them."""
-    batch = next(iter(feed.values())).shape[0] if feed else 1
-    first_dims = [i.type.tensor_type.shape.dim[:1] for i in model.graph.input if i.name in feed]
-    fixed = [d[0].dim_value for d in first_dims if d and d[0].HasField("dim_value")]
-    feeds = []
-    if batch > 1 and all(size == 1 for size in fixed):
-        feeds.append({k: v[:1] for k, v in feed.items()})
-    feeds.append(feed)
-    return feeds
-
-
-def compare_latency(
-    before: onnx.ModelProto | Prepared,
-    after: onnx.ModelProto | Prepared,
-    feeds: Sequence[Batch],
-    budget_s: float = LATENCY_BUDGET_S,
-    max_runs: int = LATENCY_MAX_RUNS,
-    warmup: int = LATENCY_WARMUP,
-) -> Timing:
-    """Latency of ``before`` and ``after`` in onnxruntime on each feed, measured run by run in turn.
-
-    Both sessions get the same options (``ORT_ENABLE_ALL``), so the speed-up is over what
-    onnxruntime already does. The two models alternate (AB, BA, AB, ... so neither always runs
-    second) and share whatever the machine is doing at the time: a busy neighbour slows both alike.
-    Neither session's idle threads spin: with spinning (onnxruntime's default) each session's
-    workers kept the cores busy through the other's runs, and on 2 cores a model timed against a
-    copy of itself read up to 5.9% apart, each run up to twice its time alone (resnet4x32, batch
-    32: 55-70 ms against 31 ms); without, 1-3% apart at 36-38 ms.
-    """
-    models = (_prepared(before), _prepared(after))
-    records = []
-    for feed in feeds:
-        warm = all(_shapes(feed) in m.warm for m in models)
-        sessions = (models[0].session, models[1].session)
-        records.append(_interleaved(sessions, feed, budget_s, max_runs, warmup, warm))
-    return Timing("ORT_ENABLE_ALL", warmup, budget_s, max_runs, tuple(records))
-
-
-def _interleaved(
-    sessions: tuple[ort.InferenceSession, ort.InferenceSession],
-    feed: Batch,
-    budget_s: float,
-    max_runs: int,
-    warmup: int,
-    warm: bool = False,
-) -> LatencyRecord:
-    times: tuple[list[float], list[float]] = ([], [])
-    start = time.perf_counter()
-    done = 0
-    while not warm and (done < warmup or (time.perf_counter() - start < budget_s / 10 and done < max_runs)):
-        for session in sessions:
-            run_session(session, None, feed)
-        done += 1
-    start = time.perf_counter()
-    while len(times[0]) < max_runs and (
-        len(times[0]) < LATENCY_MIN_RUNS or time.perf_counter() - start < budget_s
-    ):
-        order = (0, 1) if len(times[0]) % 2 == 0 else (1, 0)
-        for k in order:
-            began = time.perf_counter()
-            run_session(sessions[k], None, feed)
-            times[k].append(time.perf_counter() - began)
-    before_ms, after_ms = (np.array(t) * 1000.0 for t in times)
-    q_before, q_after = np.percentile(before_ms, [25, 50, 75]), np.percentile(after_ms, [25, 50, 75])
-    return LatencyRecord(
-        batch_size=int(next(iter(feed.values())).shape[0]) if feed else 1,
-        runs=len(before_ms),
-        median_ms_before=float(q_before[1]),
-        iqr_ms_before=float(q_before[2] - q_before[0]),
-        median_ms_after=float(q_after[1]),
-        iqr_ms_after=float(q_after[2] - q_after[0]),
-        speedup=float(q_before[1] / q_after[1]) if q_after[1] > 0 else float("nan"),
-    )
-

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 from models import conv_bn_relu, gemm_head, inputs, mixed_ranks, residual_block, single_conv
 from references import reference_activations
 
-from egp_onnx.calibrate.collect import (
-    ChannelCounts,
-    collect_statistics,
-    make_session,
-    probes,
-    statistics_model,
-)
+from egp_onnx.calibrate.collect import ChannelCounts, collect_statistics
 from egp_onnx.entropy import binary_entropy
-from egp_onnx.errors import ModelError
 from egp_onnx.graph.topology import find_rectifiers, split_weights
 from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import prepare_model
@@ -67,34 +56,6 @@ def test_counts_match_numpy_reference(name, batch_size, tmp_path, rng):
         np.testing.assert_array_equal(got.on, on)
         assert got.total == z.size // z.shape[z.ndim - 1 if site.channel_last else 1]
         assert layer_entropy(got.on, got.total) == pytest.approx(h, abs=1e-6)
-
-
-@pytest.mark.parametrize("fast", [True, False])
-def test_statistics_model_outputs_only_counts(fast, rng):
-    model = prepare_model(residual_block(rng))
-    sites = find_rectifiers(model)
-    stats = statistics_model(model, sites, fast=fast)
-    onnx.checker.check_model(stats)
-    outputs = [o.name for o in stats.graph.output]
-    # fast probes: the (N, C, 1, 1) ON fractions of every site in one output (all rank 4);
-    # general probes: a count and a size per site
-    assert len(outputs) == (1 if fast else 2 * len(sites))
-    names = "egp_on_fraction__4" if fast else ("egp_on_count__", "egp_size__")
-    assert all(o.startswith(names) for o in outputs)
-    assert [p.fast for p in probes(model, sites)] == [True] * len(sites)
-    # the user's model is not touched
-    assert [o.name for o in model.graph.output] == ["y"]
-
-
-def test_fast_probes_of_each_rank_leave_in_one_output(rng):
-    model = prepare_model(mixed_ranks(rng))
-    sites = find_rectifiers(model)
-    assert [p.fast for p in probes(model, sites)] == [True, True, False]
-    stats = statistics_model(model, sites)
-    outputs = {o.name: o for o in stats.graph.output}
-    assert sorted(outputs) == ["egp_on_count__2", "egp_on_fraction__3", "egp_on_fraction__4", "egp_size__2"]
-    dims = outputs["egp_on_fraction__3"].type.tensor_type.shape.dim
-    assert [d.dim_value for d in dims[1:]] == [5, 1]
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
@@ -151,65 +112,13 @@ def test_channel_counts_entropy_matches_formula():
     assert binary_entropy(p[3]) == pytest.approx(-(0.3 * np.log2(0.3) + 0.7 * np.log2(0.7)))
 
 
-def test_sessions_take_weights_from_memory_with_the_same_results(rng):
-    """
-    x(N,4,6,6) -> Conv Relu Conv Relu Conv Add(+proj) Relu -> y (residual_block): weights as
-    in-memory stubs vs inline.
-    """
-    model = prepare_model(residual_block(rng))
-    stubbed, values = split_weights(model)
-    big = [t.name for t in model.graph.initializer if np.prod(t.dims) > 64]
-    assert big and sorted(values) == sorted(big)
-    assert all(not t.raw_data and not t.float_data for t in stubbed.graph.initializer if t.name in values)
-    assert stubbed.ByteSize() < model.ByteSize() / 2
-    x = inputs(rng, 6, (4, 6, 6))
-    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        want = _plain_output(model, level, x)
-        optimize = level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        np.testing.assert_array_equal(make_session(model, optimize).run(None, {"x": x})[0], want)
-        from_stubs = make_session(stubbed, optimize, weights=values)
-        np.testing.assert_array_equal(from_stubs.run(None, {"x": x})[0], want)
-    with pytest.raises(ModelError, match="no values"):
-        make_session(stubbed)
-
-
-
-def _plain_output(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, x: np.ndarray) -> np.ndarray:
-    """The model's first output from a plain onnxruntime session at that optimisation level."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return plain.run(None, {"x": x})[0]
-
-def test_a_session_keeps_no_reference_to_the_weights_it_was_built_from(rng):
-    """
-    x(N,4,6,6) -> Conv Relu Conv Relu Conv Add(+proj) Relu -> y (residual_block): onnxruntime copies
-    the in-memory weights while it builds the session, so they may be overwritten or freed after.
-    """
-    model = prepare_model(residual_block(rng))
-    stubbed, values = split_weights(model)
-    x = inputs(rng, 6, (4, 6, 6))
-    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        want = _plain_output(model, level, x)
-        copies = {name: array.copy() for name, array in values.items()}
-        session = make_session(stubbed, level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL, weights=copies)
-        for name in copies:
-            copies[name][...] = np.nan
-        np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
-        alive = [weakref.ref(array) for array in copies.values()]
-        del copies
-        assert alive and all(ref() is None for ref in alive), "the session holds none of them"
-        np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
-        config = session.get_session_options().get_session_config_entry
-        assert config("session.use_device_allocator_for_initializers") == "1"  # outside the arena
-
-
 def test_a_rejected_batch_stops_the_pass_with_batches_in_flight(tmp_path, rng, monkeypatch):
     """x(N,3,6,6) -> Conv Relu -> y (single_conv); the third of five batches fails in its thread."""
     from egp_onnx.calibrate import collect as calibrate
+
     model = prepare_model(single_conv(rng))
     np.savez(tmp_path / "c.npz", x=inputs(rng, n=10))
-    run, calls = calibrate._Runner.run, []
+    run, calls = calibrate.ProbeTotals.run, []
 
     def failing(self, feed, spatial):
         calls.append(len(calls))
@@ -217,7 +126,7 @@ def test_a_rejected_batch_stops_the_pass_with_batches_in_flight(tmp_path, rng, m
             raise calibrate.CalibrationError("onnxruntime rejected a batch: test")
         return run(self, feed, spatial)
 
-    monkeypatch.setattr(calibrate._Runner, "run", failing)
+    monkeypatch.setattr(calibrate.ProbeTotals, "run", failing)
     done = []
     with pytest.raises(calibrate.CalibrationError, match="rejected a batch: test"):
         collect_statistics(

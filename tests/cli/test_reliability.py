@@ -491,7 +491,10 @@ for t in model.graph.initializer:
             "ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])",
             True,
         ),
-        ("from egp_onnx.calibrate.collect import make_session; make_session(model, optimize=True)", False),
+        (
+            "from egp_onnx.runtime.session import STATISTICS, make_session; make_session(model, STATISTICS)",
+            False,
+        ),
     ],
     ids=["plain onnxruntime (control)", "egp-onnx session"],
 )

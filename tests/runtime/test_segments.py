@@ -10,9 +10,9 @@ from models import Builder, f32
 from onnx import helper
 from references import spins
 
-from egp_onnx.calibrate.collect import make_session
 from egp_onnx.graph.topology import initializer_arrays, split_weights
-from egp_onnx.runtime.segments import Activations, reads
+from egp_onnx.runtime.segments import Activations
+from egp_onnx.runtime.session import make_session
 
 LAYERS = ["c0", "c1", "c2", "fc"]
 
@@ -126,23 +126,6 @@ def test_segment_sessions_do_not_spin_and_take_the_thread_count(rng, monkeypatch
     acts.get(["y"])
     assert len(built) == 2 and not any(spins(session) for session in built)
     assert [s.get_session_options().intra_op_num_threads for s in built] == [1, 1]
-
-
-def test_reads_include_what_subgraph_bodies_read_from_the_outer_scope():
-    then = helper.make_graph(
-        [helper.make_node("Add", ["outer_a", "outer_b"], ["t"])],
-        "then",
-        [],
-        [helper.make_empty_tensor_value_info("t")],
-    )
-    other = helper.make_graph(
-        [helper.make_node("Identity", ["outer_c"], ["e"])],
-        "else",
-        [],
-        [helper.make_empty_tensor_value_info("e")],
-    )
-    node = helper.make_node("If", ["cond"], ["out"], then_branch=then, else_branch=other)
-    assert sorted(reads(node)) == ["cond", "outer_a", "outer_b", "outer_c"]
 
 
 def test_no_batches_is_an_error(rng):

@@ -44,7 +44,7 @@ def test_tiny_outputs_do_not_revert_an_exact_rewrite(rng, tmp_path):
 def test_the_check_is_the_same_with_the_pruned_outputs_stored_or_run_again(rng, tmp_path, monkeypatch):
     """Stored when they take less memory than the pruned model's weights (its session goes first)."""
     import egp_onnx.api.compress as pipeline
-    import egp_onnx.verify.fidelity as verify
+    import egp_onnx.runtime.handle as handle
 
     model = tiny_sigmoid(rng)
     np.savez(tmp_path / "c.npz", x=rng.normal(size=(8, 3, 6, 6)).astype(np.float32))
@@ -59,7 +59,7 @@ def test_the_check_is_the_same_with_the_pruned_outputs_stored_or_run_again(rng, 
 
     records = {}
     for limit, way in ((2**40, "stored"), (0, "run")):
-        monkeypatch.setattr(verify, "serialized_size", lambda m, limit=limit: limit)
+        monkeypatch.setattr(handle, "serialized_size", lambda m, limit=limit: limit)
         monkeypatch.setattr(pipeline, "simplify", real)
         records[way] = egp_onnx.compress(model, tmp_path / "c.npz", sparsity=0.0, latency=False)
         monkeypatch.setattr(pipeline, "simplify", broken)

@@ -22,8 +22,9 @@ from egp_onnx.graph.topology import count_parameters, initializer_counts, split_
 from egp_onnx.load.calibration import open_calibration, split_holdout
 from egp_onnx.load.model import load_model, prepare_model
 from egp_onnx.prune.loop import RETRIES
+from egp_onnx.runtime.handle import ModelHandle, StoredOutputs
 from egp_onnx.verify.cost import count_macs, model_cost
-from egp_onnx.verify.fidelity import Prepared, Reference, compare
+from egp_onnx.verify.fidelity import Reference, compare
 
 MODEL = SAMPLES / "digits_resnet.onnx"
 CALIB = SAMPLES / "digits_calib.npz"
@@ -257,12 +258,12 @@ def test_plot_writes_a_png(tmp_path):
     assert str(plot) in result.output
 
 
-def test_prepared_model_builds_its_session_once_and_measures_the_same(rng, tmp_path):
+def test_a_model_handle_builds_its_session_once_and_measures_the_same(rng, tmp_path):
     model = prepare_model(single_conv(rng))
     other = prepare_model(single_conv(np.random.default_rng(5)))
     np.savez(tmp_path / "c.npz", x=inputs(rng, n=12))
     data = open_calibration(tmp_path / "c.npz", model)
-    prepared = Prepared(other)
+    prepared = ModelHandle(other)
     session = prepared.session
     reference = Reference(model, data, 5)
     assert compare(model, prepared, data, 5) == compare(model, other, data, 5)
@@ -271,7 +272,7 @@ def test_prepared_model_builds_its_session_once_and_measures_the_same(rng, tmp_p
     assert prepared.session is session
 
 
-def test_prepared_model_with_known_or_split_weights_measures_and_counts_the_same(rng, tmp_path, monkeypatch):
+def test_a_model_handle_with_known_or_split_weights_measures_and_counts_the_same(rng, tmp_path, monkeypatch):
     import egp_onnx.graph.topology as topology
 
     model = prepare_model(single_conv(rng))
@@ -280,12 +281,12 @@ def test_prepared_model_with_known_or_split_weights_measures_and_counts_the_same
     data = open_calibration(tmp_path / "c.npz", model)
     stubbed, weights = split_weights(other)
     plain, counts = compare(model, other, data, 5), initializer_counts(other)
-    reference = Prepared(model)
+    reference = ModelHandle(model)
     assert reference.session is not None  # built before to_array is watched
     read = []
     real = topology.numpy_helper.to_array
     monkeypatch.setattr(topology.numpy_helper, "to_array", lambda t, *a: read.append(t.name) or real(t, *a))
-    for prepared in (Prepared(other, known=weights), Prepared(other, split=(stubbed, weights))):
+    for prepared in (ModelHandle(other, known=weights), ModelHandle(other, split=(stubbed, weights))):
         assert prepared.counts == {}
         assert compare(reference, prepared, data, 5) == plain
         assert prepared.counts == counts
@@ -324,7 +325,7 @@ def test_the_original_kept_for_the_latency_is_its_session_and_graph(rng, tmp_pat
 
 
 def test_stored_outputs_compare_as_the_model_does_and_its_session_goes(rng, tmp_path, monkeypatch):
-    import egp_onnx.verify.fidelity as verify
+    import egp_onnx.runtime.handle as handle
 
     model = prepare_model(single_conv(rng))
     other = prepare_model(single_conv(np.random.default_rng(5)))
@@ -332,25 +333,25 @@ def test_stored_outputs_compare_as_the_model_does_and_its_session_goes(rng, tmp_
     data = open_calibration(tmp_path / "c.npz", model)
     plain = compare(model, other, data, 5, 1e-3, 1e-3)
     outputs = 12 * 4 * 6 * 6 * 4  # bytes: 12 samples of (4, 6, 6) float32
-    monkeypatch.setattr(verify, "serialized_size", lambda m: outputs)  # weights as large as the outputs
-    prepared = Prepared(model)
+    monkeypatch.setattr(handle, "serialized_size", lambda m: outputs)  # weights as large as the outputs
+    prepared = ModelHandle(model)
     session = prepared.session
-    stored = verify.Outputs.instead_of(prepared, data, 5)
-    assert isinstance(stored, verify.Outputs) and [len(b) for b in stored.batches] == [1, 1, 1]
+    stored = StoredOutputs.instead_of(prepared, data, 5)
+    assert isinstance(stored, StoredOutputs) and [len(b) for b in stored.batches] == [1, 1, 1]
     assert compare(stored, other, data, 5, 1e-3, 1e-3) == plain and plain.rel_error > 0
     assert prepared.warm == set() and prepared.session is not session, "let go, built again when run"
     assert compare(prepared, other, data, 5, 1e-3, 1e-3) == plain
     # outputs that would take more memory than the weights: the model keeps its session
-    monkeypatch.setattr(verify, "serialized_size", lambda m: outputs - 1)
+    monkeypatch.setattr(handle, "serialized_size", lambda m: outputs - 1)
     session = prepared.session
-    assert verify.Outputs.instead_of(prepared, data, 5) is prepared and prepared.session is session
+    assert StoredOutputs.instead_of(prepared, data, 5) is prepared and prepared.session is session
 
 
-def test_a_prepared_model_remembers_the_shapes_it_has_run(rng, tmp_path):
+def test_a_model_handle_remembers_the_shapes_it_has_run(rng, tmp_path):
     model = prepare_model(single_conv(rng))
     np.savez(tmp_path / "c.npz", x=inputs(rng, n=12))
     data = open_calibration(tmp_path / "c.npz", model)
-    prepared = Prepared(model)
+    prepared = ModelHandle(model)
     Reference(prepared, data, 5)  # batches of 5, 5 and 2
     assert prepared.warm == {(("x", (5, 3, 6, 6)),), (("x", (2, 3, 6, 6)),)}
 
@@ -358,16 +359,16 @@ def test_a_prepared_model_remembers_the_shapes_it_has_run(rng, tmp_path):
 def test_compress_builds_one_session_per_model(rng, tmp_path, monkeypatch):
     """The original's session serves the reference outputs and the latency; the pruned model's
     serves the guard and surgery's check; the rewritten model's its check, evaluation and latency."""
-    import egp_onnx.verify.fidelity as verify
+    import egp_onnx.runtime.handle as handle
 
     built = []
-    real = verify.make_session
+    real = handle.make_session
 
     def counting(model, *args, **kwargs):
         built.append(model.graph.name)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(verify, "make_session", counting)
+    monkeypatch.setattr(handle, "make_session", counting)
     model, calib = toy_files(tmp_path, rng)
     result = egp_onnx.compress(model, calib, sparsity=0.5, step=1.0, guard=False, batch_size=8)
     assert len(result.report.steps) == 1 and result.report.timing is not None

@@ -12,9 +12,10 @@ from onnx import helper
 from references import spins
 
 import egp_onnx
-from egp_onnx.calibrate.collect import make_session
 from egp_onnx.report.render import compression_summary
-from egp_onnx.verify.fidelity import LATENCY_MIN_RUNS, Prepared, _prepared, compare_latency, latency_feeds
+from egp_onnx.runtime.handle import ModelHandle
+from egp_onnx.runtime.session import STATISTICS, make_session
+from egp_onnx.verify.latency import LATENCY_MIN_RUNS, compare_latency, latency_feeds
 
 
 def heavy_conv(rng: np.random.Generator, channels: int = 64):
@@ -84,30 +85,30 @@ def test_compress_reports_latency_at_batch_1_and_the_calibration_batch():
 
 
 def test_timed_sessions_do_not_spin_and_are_built_alike(rng):
-    # Both sides of a latency comparison come from _prepared (a Prepared model passes through), with
+    # Both sides of a latency comparison come from ModelHandle.of (a handle passes through), with
     # onnxruntime's thread spinning off: spinning workers of one session slow the other's runs.
     model = single_conv(rng)
-    assert not spins(_prepared(model).session) and not spins(_prepared(Prepared(model)).session)
-    assert spins(make_session(model, optimize=True))
+    assert not spins(ModelHandle.of(model).session) and not spins(ModelHandle.of(ModelHandle(model)).session)
+    assert spins(make_session(model, STATISTICS))
 
 
 def test_sessions_that_have_run_the_batch_shape_skip_the_warmup(rng, monkeypatch):
-    import egp_onnx.verify.fidelity as verify
+    import egp_onnx.verify.latency as latency
 
     calls = []
-    real = verify.run_session
+    real = latency.run_session
 
     def counting(session, names, feed):
         calls.append(next(iter(feed.values())).shape[0])
         return real(session, names, feed)
 
-    monkeypatch.setattr(verify, "run_session", counting)
+    monkeypatch.setattr(latency, "run_session", counting)
     model = single_conv(rng)
     feed = {"x": inputs(rng, 4)}
     runs = {"budget_s": 0.0, "max_runs": LATENCY_MIN_RUNS}
     compare_latency(model, model, [feed], **runs)
     assert len(calls) == 2 * (LATENCY_MIN_RUNS + 1), "fresh sessions: one untimed run each first"
-    before, after = Prepared(model), Prepared(model)
+    before, after = ModelHandle(model), ModelHandle(model)
     before.run(None, feed)
     after.run(None, feed)
     calls.clear()

@@ -1,0 +1,136 @@
+"""onnxruntime sessions: the one place that builds them, with named presets instead of flags.
+
+Every session runs on the CPU with the graph optimised (``ORT_ENABLE_ALL``): the statistics probes
+are built to stay inside onnxruntime's fused, blocked-layout graph, segments and measured models
+should run as the user's deployment runs them. The presets differ in two things:
+
+- ``lean`` turns off onnxruntime's memory pattern planning, which keeps a plan (and its buffers)
+  per input shape: the statistics pass and the segments run many batches and should stay flat in
+  memory whatever their number; a measured model runs few shapes and is timed, so it plans.
+- ``spinning`` False makes idle worker threads sleep at once instead of spinning. The statistics
+  pass keeps onnxruntime's default (only its own sessions run then). Segments alternate with numpy
+  work whose BLAS threads spinning workers would starve; two measured models are timed in turn, and
+  spinning workers of one would slow the other's runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from egp_onnx.errors import CalibrationError, ModelError, one_line
+from egp_onnx.graph.topology import IN_MEMORY, split_weights
+
+__all__ = [
+    "MEASURE",
+    "SEGMENTS",
+    "STATISTICS",
+    "Session",
+    "SessionPreset",
+    "make_session",
+    "quiet",
+    "run_session",
+]
+
+#: The session type, for annotations outside runtime/ (which never import onnxruntime).
+Session = ort.InferenceSession
+
+#: onnxruntime's ERROR severity: its warnings (e.g. unused initializers) stay off stderr
+_ERROR = 3
+
+
+@dataclass(frozen=True)
+class SessionPreset:
+    """How a session is built: graph optimisation, memory planning and idle threads (see the module)."""
+
+    optimize: bool
+    lean: bool
+    spinning: bool
+
+
+#: The statistics pass (calibrate): many batches, flat memory, onnxruntime's default threads.
+STATISTICS = SessionPreset(optimize=True, lean=True, spinning=True)
+#: Segments of a model being refit (runtime.segments): many batches between numpy work.
+SEGMENTS = SessionPreset(optimize=True, lean=True, spinning=False)
+#: Models that are compared and timed (runtime.handle, verify): planned memory, sleeping threads.
+MEASURE = SessionPreset(optimize=True, lean=False, spinning=False)
+
+
+def quiet() -> None:
+    """Keep onnxruntime's own warnings (also from sessions that other libraries open) off stderr.
+
+    Graph warnings come through onnxruntime's default logger, not the session's.
+    """
+    ort.set_default_logger_severity(_ERROR)
+
+
+def make_session(
+    model: onnx.ModelProto,
+    preset: SessionPreset,
+    weights: Mapping[str, np.ndarray] | None = None,
+    threads: int = 0,
+) -> ort.InferenceSession:
+    """A CPU session of ``model`` built as ``preset`` says.
+
+    The weights go to onnxruntime from memory, not inside the serialised model (see
+    :func:`egp_onnx.graph.topology.split_weights`), which shortens the build of a large model.
+    onnxruntime copies them while it builds the session (``AddExternalInitializers``: "the
+    user provided buffers can then be deallocated"), so the session keeps no reference to them and
+    they are freed with the caller's last one (``set_providers``, which would read them again, is
+    never called on these sessions). ``weights`` gives the values of stubs already in ``model``.
+    ``threads`` is onnxruntime's intra-op thread count (0: its default, one per physical core).
+
+    Raises:
+        ModelError: a stub has no value in ``weights``, or onnxruntime cannot load the model.
+
+    """
+    quiet()
+    options = ort.SessionOptions()
+    options.log_severity_level = _ERROR
+    options.enable_mem_pattern = not preset.lean
+    options.intra_op_num_threads = threads
+    if not preset.spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # The weights outside the memory arena, whose chunks round them up: a session takes less
+    # memory, its outputs are the same.
+    options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if preset.optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    stubbed, values = split_weights(model)
+    stubs = [t.name for t in stubbed.graph.initializer if t.name not in values and _is_stub(t)]
+    missing = [name for name in stubs if weights is None or name not in weights]
+    if missing:
+        raise ModelError(f"no values for the in-memory initializers {', '.join(missing[:3])}")
+    arrays = [np.ascontiguousarray(a) for a in [*values.values(), *(weights[n] for n in stubs if weights)]]
+    held = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    if held:
+        options.add_external_initializers([*values, *stubs], held)
+    try:
+        serialized = stubbed.SerializeToString()
+        session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
+        raise ModelError(f"onnxruntime cannot load the model: {one_line(exc)}") from exc
+    return session
+
+
+def _is_stub(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == tensor.EXTERNAL and any(
+        e.key == "location" and e.value == IN_MEMORY for e in tensor.external_data
+    )
+
+
+def run_session(
+    session: ort.InferenceSession, names: list[str] | None, feed: dict[str, np.ndarray]
+) -> list[np.ndarray]:
+    """``session.run`` with onnxruntime's failures turned into a one-line CalibrationError."""
+    try:
+        return list(session.run(names, feed))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException types
+        raise CalibrationError(f"onnxruntime rejected a batch: {one_line(exc)}") from exc

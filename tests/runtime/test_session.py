@@ -1,0 +1,109 @@
+"""Sessions: each preset's options, weights from memory, and no reference kept to them."""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from models import inputs, residual_block, single_conv
+from references import spins
+
+from egp_onnx.errors import CalibrationError, ModelError
+from egp_onnx.graph.topology import split_weights
+from egp_onnx.load.model import prepare_model
+from egp_onnx.runtime.session import MEASURE, SEGMENTS, STATISTICS, SessionPreset, make_session, run_session
+
+
+def _preset(optimize: bool) -> SessionPreset:
+    """onnxruntime's own defaults, with the graph optimised or not."""
+    return SessionPreset(optimize=optimize, lean=False, spinning=True)
+
+
+@pytest.mark.parametrize(
+    ("preset", "mem_pattern", "spinning"),
+    [(STATISTICS, False, True), (SEGMENTS, False, False), (MEASURE, True, False)],
+    ids=["statistics", "segments", "measure"],
+)
+def test_each_preset_builds_its_session_options(preset, mem_pattern, spinning, rng):
+    """x(N,3,6,6) -> Conv Relu -> y (single_conv): every preset optimises; lean and spinning differ."""
+    session = make_session(prepare_model(single_conv(rng)), preset, threads=1)
+    options = session.get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.enable_mem_pattern is mem_pattern
+    assert spins(session) is spinning
+    assert options.intra_op_num_threads == 1
+    assert options.log_severity_level == 3
+    assert options.get_session_config_entry("session.use_device_allocator_for_initializers") == "1"
+
+
+def test_a_preset_without_optimisation_runs_the_graph_as_it_is(rng):
+    session = make_session(prepare_model(single_conv(rng)), _preset(False))
+    options = session.get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert options.enable_mem_pattern and spins(session)
+
+
+def test_a_rejected_batch_is_one_calibration_error(rng):
+    session = make_session(prepare_model(single_conv(rng)), MEASURE)
+    # One line up to the end. Matched inside raises: an ExceptionInfo bound here would keep this
+    # frame and its session in a reference cycle, which a later test's forked child could collect.
+    with pytest.raises(CalibrationError, match=r"^onnxruntime rejected a batch: [^\n]+\Z"):
+        run_session(session, None, {"x": inputs(rng, 2, (5, 6, 6))})
+
+
+def test_sessions_take_weights_from_memory_with_the_same_results(rng):
+    """
+    x(N,4,6,6) -> Conv Relu Conv Relu Conv Add(+proj) Relu -> y (residual_block): weights as
+    in-memory stubs vs inline.
+    """
+    model = prepare_model(residual_block(rng))
+    stubbed, values = split_weights(model)
+    big = [t.name for t in model.graph.initializer if np.prod(t.dims) > 64]
+    assert big and sorted(values) == sorted(big)
+    assert all(not t.raw_data and not t.float_data for t in stubbed.graph.initializer if t.name in values)
+    assert stubbed.ByteSize() < model.ByteSize() / 2
+    x = inputs(rng, 6, (4, 6, 6))
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        want = _plain_output(model, level, x)
+        optimize = level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        np.testing.assert_array_equal(make_session(model, _preset(optimize)).run(None, {"x": x})[0], want)
+        from_stubs = make_session(stubbed, _preset(optimize), weights=values)
+        np.testing.assert_array_equal(from_stubs.run(None, {"x": x})[0], want)
+    with pytest.raises(ModelError, match="no values"):
+        make_session(stubbed, STATISTICS)
+
+
+
+def _plain_output(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, x: np.ndarray) -> np.ndarray:
+    """The model's first output from a plain onnxruntime session at that optimisation level."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return plain.run(None, {"x": x})[0]
+
+def test_a_session_keeps_no_reference_to_the_weights_it_was_built_from(rng):
+    """
+    x(N,4,6,6) -> Conv Relu Conv Relu Conv Add(+proj) Relu -> y (residual_block): onnxruntime copies
+    the in-memory weights while it builds the session, so they may be overwritten or freed after.
+    """
+    model = prepare_model(residual_block(rng))
+    stubbed, values = split_weights(model)
+    x = inputs(rng, 6, (4, 6, 6))
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        want = _plain_output(model, level, x)
+        copies = {name: array.copy() for name, array in values.items()}
+        session = make_session(
+            stubbed, _preset(level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL), weights=copies
+        )
+        for name in copies:
+            copies[name][...] = np.nan
+        np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
+        alive = [weakref.ref(array) for array in copies.values()]
+        del copies
+        assert alive and all(ref() is None for ref in alive), "the session holds none of them"
+        np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
+        config = session.get_session_options().get_session_config_entry
+        assert config("session.use_device_allocator_for_initializers") == "1"  # outside the arena
