@@ -63,7 +63,7 @@ def worker(approach: str, model_path: str, data_dir: str, batch_size: int) -> di
     import onnxruntime as ort
 
     from egp_onnx.calibrate.collect import collect_statistics
-    from egp_onnx.graph.topology import find_rectifiers
+    from egp_onnx.graph.rectifiers import find_rectifiers
     from egp_onnx.load.calibration import open_calibration
     from egp_onnx.load.model import load_model
 
@@ -233,8 +233,9 @@ def whole_process(model_path: Path, data: Path, batch_size: int, folder: Path) -
 
 def session_rebuild_cost(model_path: Path, data_dir: Path, batch_size: int) -> tuple[float, float]:
     """Seconds to build the statistics session, and seconds of the pass it serves."""
-    from egp_onnx.calibrate.collect import collect_statistics, statistics_model
-    from egp_onnx.graph.topology import find_rectifiers
+    from egp_onnx.calibrate.collect import collect_statistics
+    from egp_onnx.calibrate.probes import statistics_model
+    from egp_onnx.graph.rectifiers import find_rectifiers
     from egp_onnx.load.calibration import open_calibration
     from egp_onnx.load.model import load_model
     from egp_onnx.runtime.session import STATISTICS, make_session

@@ -3,7 +3,7 @@
 First the check that the measurement can be trusted: each model against an identical copy of
 itself (two sessions of the same bytes), which must agree within 5%. Then the sample (at the
 sparsities of the README) and the generated ResNet, original vs compressed, at batch 1 and 32:
-egp_onnx.verify.fidelity.compare_latency (the same measurement `compress` reports: both sessions
+egp_onnx.verify.latency.compare_latency (the same measurement `compress` reports: both sessions
 optimised alike, warm-up, runs alternating between the two models until a time budget or a run
 count, median and interquartile range). Then the wall time of `egp-onnx compress` on the sample,
 start-up included. One run prints everything; the figures are ratios measured in that run.
@@ -28,7 +28,7 @@ import onnx
 import egp_onnx
 from egp_onnx.report.records import CompressionReport, LatencyRecord
 from egp_onnx.report.render import format_table
-from egp_onnx.verify.fidelity import compare_latency
+from egp_onnx.verify.latency import compare_latency
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = HERE.parent / "sample_models"

@@ -11,12 +11,14 @@ from typing import Any, Protocol
 import onnx
 
 from egp_onnx.api.summary import site_record
-from egp_onnx.calibrate.collect import Statistics, collect_statistics
+from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.config import DataConfig, Settings, split_options
+from egp_onnx.entropy import Statistics
 from egp_onnx.errors import CalibrationError, ConfigError
-from egp_onnx.graph.topology import RectifierSite, find_rectifiers
+from egp_onnx.graph.rectifiers import RectifierSite, find_rectifiers
 from egp_onnx.load.calibration import CalibrationData, CalibrationDataReader, open_calibration
-from egp_onnx.load.model import load_model, load_statistics, model_fingerprint, prepare_model
+from egp_onnx.load.model import load_model, prepare_model
+from egp_onnx.load.stats_file import load_statistics, model_fingerprint
 from egp_onnx.report.records import AnalysisReport
 
 log = logging.getLogger(__name__)

@@ -27,24 +27,24 @@ from egp_onnx.api.analyze import (
 )
 from egp_onnx.api.stages import Inputs, channel_states, open_inputs, run_options, strip_value_info, weightless
 from egp_onnx.api.summary import layer_records, model_summary
-from egp_onnx.calibrate.collect import Statistics, collect_statistics
+from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.config import METHODS, DataConfig, Settings
+from egp_onnx.entropy import Statistics
 from egp_onnx.errors import EgpError
-from egp_onnx.graph.topology import (
-    RectifierSite,
-    initializer_counts,
-    shape_skeleton,
-)
+from egp_onnx.graph.rectifiers import RectifierSite
+from egp_onnx.graph.weights import initializer_counts, shape_skeleton
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.load.model import checked_split
 from egp_onnx.prune.finetune import Finetune
 from egp_onnx.prune.loop import LoopContext, LoopOutcome, run_loop
 from egp_onnx.report.records import CompressionReport, Cost, CostComparison, Fidelity, SurgeryRecord
+from egp_onnx.runtime.handle import ModelHandle, StoredOutputs
 from egp_onnx.runtime.memory import trim
 from egp_onnx.surgery import simplify
 from egp_onnx.verify.cost import model_cost
-from egp_onnx.verify.fidelity import Outputs, Prepared, Reference, compare, compare_latency, latency_feeds
+from egp_onnx.verify.fidelity import Reference, compare
 from egp_onnx.verify.guard import SURGERY_ATOL, SURGERY_CHECK, SURGERY_RTOL, Guard, default_thresholds
+from egp_onnx.verify.latency import compare_latency, latency_feeds
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def compress(
 class _Baseline:
     """The original model's figures that every later measurement compares against."""
 
-    original: onnx.ModelProto | Prepared  # what the latency is compared against
+    original: onnx.ModelProto | ModelHandle  # what the latency is compared against
     reference: Reference
     first_stats: Statistics
     nnz_before: np.ndarray
@@ -158,7 +158,7 @@ def _baseline(
     # With latency on, the original's session that computes the reference outputs is kept for the
     # latency measurement (it has already run the timed batch size); it comes without the model's
     # weights, which after the loop only the session holds.
-    original: onnx.ModelProto | Prepared = proto
+    original: onnx.ModelProto | ModelHandle = proto
     if settings.latency:
         original = weightless(proto, layers.held(proto))
     with ThreadPoolExecutor(1, thread_name_prefix="egp-reference") as pool:
@@ -179,7 +179,7 @@ def _baseline(
     feed = reference.first_feed()
     shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
     # the original's cost is taken while its weights are at hand (after the loop they are gone)
-    held_counts = original.counts if isinstance(original, Prepared) else None
+    held_counts = original.counts if isinstance(original, ModelHandle) else None
     cost_before = model_cost(proto, shapes, held_counts or initializer_counts(proto, layers.held(proto)))
     return _Baseline(original, reference, first_stats, nnz_before, feed, shapes, cost_before)
 
@@ -189,7 +189,7 @@ class _Surgery:
     """What graph surgery leaves: the model to write, what measures it, the record, the states."""
 
     final: onnx.ModelProto
-    run: onnx.ModelProto | Prepared  # ``final``, with its session when one was built
+    run: onnx.ModelProto | ModelHandle  # ``final``, with its session when one was built
     record: SurgeryRecord
     states: dict[str, str]
     fidelity: Fidelity | None  # measured by the guard, when it checked the rewritten model
@@ -197,7 +197,7 @@ class _Surgery:
 
 def _surgery_stage(
     pruned: onnx.ModelProto,
-    run: onnx.ModelProto | Prepared,
+    run: onnx.ModelProto | ModelHandle,
     inputs: Inputs,
     stats: Statistics,
     guard: Guard,
@@ -213,7 +213,7 @@ def _surgery_stage(
         return _Surgery(pruned, run, off, {}, None)
     progress.stage("reducing depth")
     run, record, states = _reduce_depth(run, inputs.sites, stats, inputs.data, settings)
-    final = run.model if isinstance(run, Prepared) else run
+    final = run.model if isinstance(run, ModelHandle) else run
     if final is pruned:
         return _Surgery(final, run, record, states, None)
     fidelity, problems = guard(run)
@@ -235,7 +235,7 @@ def _report(
     """Measure the model to write (fidelity, cost, latency) and gather the run's records."""
     fidelity = stage.fidelity if stage.fidelity is not None else base.reference.evaluate(stage.run)
     # the weights that the session already holds are counted without reading the protobuf again
-    counts = stage.run.counts if isinstance(stage.run, Prepared) else None
+    counts = stage.run.counts if isinstance(stage.run, ModelHandle) else None
     cost_after = model_cost(stage.final, base.shapes, counts)
     timing = None
     if settings.latency:
@@ -258,12 +258,12 @@ def _report(
 
 
 def _reduce_depth(
-    pruned: onnx.ModelProto | Prepared,
+    pruned: onnx.ModelProto | ModelHandle,
     sites: list[RectifierSite],
     stats: Statistics,
     data: CalibrationData,
     settings: Settings,
-) -> tuple[onnx.ModelProto | Prepared, SurgeryRecord, dict[str, str]]:
+) -> tuple[onnx.ModelProto | ModelHandle, SurgeryRecord, dict[str, str]]:
     """Run graph surgery on the pruned model and check it against the pruned model.
 
     Returns:
@@ -271,14 +271,14 @@ def _reduce_depth(
         for the measurements that follow; the record; the layers' states.
 
     """
-    model = pruned.model if isinstance(pruned, Prepared) else pruned
+    model = pruned.model if isinstance(pruned, ModelHandle) else pruned
     # Always-ON / always-OFF channels are read off a sample: removing them is a pruning decision,
     # taken only when the user asks for sparsity (then the guard judges it on held-out data).
     on_off = channel_states(sites, stats) if settings.sparsity > 0 else {}
 
     # The pruned model's outputs are kept instead of its session, which goes before surgery runs
     # (when they take less memory than its weights; else it stays and runs again).
-    reference = Outputs.instead_of(pruned, data, settings.batch_size)
+    reference = StoredOutputs.instead_of(pruned, data, settings.batch_size)
 
     def measure(candidate: onnx.ModelProto) -> float:
         return compare(reference, candidate, data, settings.batch_size).rel_error
@@ -296,7 +296,7 @@ def _reduce_depth(
         revert_reason=None,
     )
     try:
-        rewritten = Prepared(result.model, checked_split(result.model))
+        rewritten = ModelHandle(result.model, checked_split(result.model))
         check = compare(reference, rewritten, data, settings.batch_size, SURGERY_ATOL, SURGERY_RTOL)
     except (onnx.checker.ValidationError, EgpError) as exc:
         reason = f"graph surgery produced an invalid model ({exc})"

@@ -11,16 +11,18 @@ import onnx
 
 from egp_onnx import entropy as ent
 from egp_onnx.api.analyze import DataSource, ModelSource, load_source, open_data
-from egp_onnx.calibrate.collect import Statistics
 from egp_onnx.config import DataConfig, Settings, split_options
+from egp_onnx.entropy import Statistics
 from egp_onnx.errors import ConfigError, NothingToPruneError
-from egp_onnx.graph.topology import REMOVABLE_KINDS, RectifierSite, find_rectifiers, split_weights
+from egp_onnx.graph.ops import REMOVABLE_KINDS
+from egp_onnx.graph.rectifiers import RectifierSite, find_rectifiers
+from egp_onnx.graph.weights import split_weights
 from egp_onnx.load.calibration import CalibrationData, split_holdout
 from egp_onnx.prune.finetune import Finetune, callback_name
 from egp_onnx.prune.limits import sparsity_limits
 from egp_onnx.prune.loop import LayerSet
+from egp_onnx.runtime.handle import ModelHandle
 from egp_onnx.surgery import ChannelStates
-from egp_onnx.verify.fidelity import Prepared
 
 
 def run_options(
@@ -117,13 +119,13 @@ def channel_states(sites: list[RectifierSite], stats: Statistics) -> dict[str, C
     return states
 
 
-def weightless(model: onnx.ModelProto, known: Mapping[str, np.ndarray]) -> Prepared:
+def weightless(model: onnx.ModelProto, known: Mapping[str, np.ndarray]) -> ModelHandle:
     """``model`` with its session, holding the model without its weights: only the session keeps them.
 
     ``known``: values of the model's initializers already read (see ``split_weights``).
     """
     stubbed, weights = split_weights(model, known=known)
-    return Prepared(stubbed, (stubbed, weights))
+    return ModelHandle(stubbed, (stubbed, weights))
 
 
 def strip_value_info(model: onnx.ModelProto, in_place: bool) -> onnx.ModelProto:

@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 
 from egp_onnx import entropy as ent
-from egp_onnx.calibrate.collect import Statistics
+from egp_onnx.entropy import Statistics
+from egp_onnx.graph.rectifiers import RectifierSite
 from egp_onnx.graph.structure import depth, op_counts
-from egp_onnx.graph.topology import RectifierSite
 from egp_onnx.prune.loop import LayerSet
 from egp_onnx.report.records import Cost, LayerRecord, ModelSummary, RectifierRecord
 

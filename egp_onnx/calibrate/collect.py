@@ -26,7 +26,8 @@ from egp_onnx.calibrate.probes import (
 )
 from egp_onnx.entropy import ChannelCounts, Statistics
 from egp_onnx.errors import CalibrationError
-from egp_onnx.graph.topology import RectifierSite, split_weights, static_shapes
+from egp_onnx.graph.rectifiers import RectifierSite
+from egp_onnx.graph.weights import split_weights, static_shapes
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.runtime.session import STATISTICS, Session, make_session, run_session
 from egp_onnx.runtime.threads import cores
@@ -222,6 +223,3 @@ def collect_statistics(
     return Statistics(result, samples)
 
 
-# re-export for the merge of issue 20; the lead removes it
-from egp_onnx.calibrate.probes import Probe, probes  # noqa: E402,F401
-from egp_onnx.runtime.session import quiet as quiet_onnxruntime  # noqa: E402,F401

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from egp_onnx.graph.topology import RectifierSite
+from egp_onnx.graph.rectifiers import RectifierSite
 from egp_onnx.graph.walk import graph_names, subgraphs
 
 #: float32's largest value: HardSigmoid's slope in the fast probe (any positive normal float -> 1)

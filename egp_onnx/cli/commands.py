@@ -15,7 +15,8 @@ from egp_onnx.cli.files import OutputPlan, OutputWriter, model_inputs, plan_outp
 from egp_onnx.cli.run import StderrProgress, run
 from egp_onnx.config import Settings
 from egp_onnx.load.calibration import open_calibration
-from egp_onnx.load.model import external_data_path, load_model, model_fingerprint, statistics_bytes
+from egp_onnx.load.model import external_data_path, load_model
+from egp_onnx.load.stats_file import model_fingerprint, statistics_bytes
 from egp_onnx.report.plot import plot_format, render_plot
 from egp_onnx.report.render import (
     agreement_line,

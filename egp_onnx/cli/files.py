@@ -25,7 +25,7 @@ from types import TracebackType
 import onnx
 
 from egp_onnx.errors import OutputError
-from egp_onnx.graph.topology import serialized_size
+from egp_onnx.graph.weights import serialized_size
 from egp_onnx.load.model import PROTOBUF_LIMIT, external_data_files, external_data_path, new_file_mode
 
 PathLike = str | os.PathLike[str]

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from egp_onnx.errors import MappingError
-from egp_onnx.graph.topology import tensor_values
+from egp_onnx.graph.weights import tensor_values
 from egp_onnx.load.model import write_bytes_atomic
 
 try:

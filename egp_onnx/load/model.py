@@ -12,8 +12,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from egp_onnx.errors import ModelError, one_line
-from egp_onnx.graph.topology import shape_skeleton, split_weights
 from egp_onnx.graph.walk import subgraphs
+from egp_onnx.graph.weights import shape_skeleton, split_weights
 from egp_onnx.load.normalize import normalize
 
 
@@ -212,10 +212,3 @@ def external_data_path(path: str | os.PathLike[str]) -> Path:
     return target.with_name(target.name + ".data")
 
 
-# re-export for the merge of issue 20; the lead removes it
-from egp_onnx.load.stats_file import (  # noqa: E402,F401
-    STATS_FORMAT,
-    load_statistics,
-    model_fingerprint,
-    statistics_bytes,
-)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from egp_onnx.errors import EgpError, FinetuneError, one_line
-from egp_onnx.graph.topology import initializer_arrays, replace_tensors, tensor_values
+from egp_onnx.graph.weights import initializer_arrays, replace_tensors, tensor_values
 
 if TYPE_CHECKING:
     from egp_onnx.prune.loop import LayerSet

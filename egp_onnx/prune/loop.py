@@ -11,10 +11,12 @@ import numpy as np
 import onnx
 
 from egp_onnx import entropy as ent
-from egp_onnx.calibrate.collect import Statistics, collect_statistics
+from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.config import Settings
+from egp_onnx.entropy import Statistics
 from egp_onnx.errors import GuardError
-from egp_onnx.graph.topology import RectifierSite, initializer_arrays, prunable_layers, replace_initializers
+from egp_onnx.graph.rectifiers import RectifierSite, prunable_layers
+from egp_onnx.graph.weights import initializer_arrays, replace_initializers
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.prune import budget as prune
 from egp_onnx.prune.finetune import Finetune, apply_finetune

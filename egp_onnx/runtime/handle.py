@@ -23,11 +23,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from egp_onnx.graph.topology import initializer_counts, serialized_size, split_weights
+from egp_onnx.graph.weights import initializer_counts, serialized_size, split_weights
 from egp_onnx.runtime.session import MEASURE, make_session, run_session
 
 if TYPE_CHECKING:
-    from egp_onnx.load.calibration import Batch, CalibrationData
+    from egp_onnx.load.calibration import CalibrationData
+    from egp_onnx.load.readers import Batch
 
 #: A feed's input names and shapes: the shapes a session has planned its memory for.
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]
@@ -45,7 +46,7 @@ class ModelHandle:
         """Keep ``model``; its session is built on first use.
 
         ``split`` is ``split_weights(model)`` when the caller has made it; ``known``, values of some
-        of the model's initializers already read (see :func:`egp_onnx.graph.topology.split_weights`).
+        of the model's initializers already read (see :func:`egp_onnx.graph.weights.split_weights`).
         Either saves reading and copying the same weights again. Neither is kept once the session
         is built: onnxruntime holds its own copy of the weights.
         """
@@ -53,7 +54,7 @@ class ModelHandle:
         self._split = split
         self._known = known
         self._session: ort.InferenceSession | None = None
-        #: The model's :func:`egp_onnx.graph.topology.initializer_counts`, taken while the session is built
+        #: The model's :func:`egp_onnx.graph.weights.initializer_counts`, taken while the session is built
         #: (from the arrays it is built from: the cost figures need no second read of the weights).
         self.counts: dict[str, tuple[bool, int, int]] = {}
         self.warm: set[Shapes] = set()  # input shapes its session has run

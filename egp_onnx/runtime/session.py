@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from egp_onnx.errors import CalibrationError, ModelError, one_line
-from egp_onnx.graph.topology import IN_MEMORY, split_weights
+from egp_onnx.graph.weights import IN_MEMORY, split_weights
 
 __all__ = [
     "MEASURE",
@@ -77,7 +77,7 @@ def make_session(
     """A CPU session of ``model`` built as ``preset`` says.
 
     The weights go to onnxruntime from memory, not inside the serialised model (see
-    :func:`egp_onnx.graph.topology.split_weights`), which shortens the build of a large model.
+    :func:`egp_onnx.graph.weights.split_weights`), which shortens the build of a large model.
     onnxruntime copies them while it builds the session (``AddExternalInitializers``: "the
     user provided buffers can then be deallocated"), so the session keeps no reference to them and
     they are freed with the caller's last one (``set_providers``, which would read them again, is

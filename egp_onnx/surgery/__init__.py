@@ -19,7 +19,8 @@ from collections.abc import Collection, Mapping
 
 import onnx
 
-from egp_onnx.graph.topology import LAYER_OPS, serialized_size
+from egp_onnx.graph.ops import LAYER_OPS
+from egp_onnx.graph.weights import serialized_size
 from egp_onnx.surgery import registry
 from egp_onnx.surgery import rewrites as rewrites  # registers every rewrite
 from egp_onnx.surgery.export import export_model

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from egp_onnx.graph.topology import count_parameters, initializer_counts, serialized_size, static_shapes
+from egp_onnx.graph.weights import count_parameters, initializer_counts, serialized_size, static_shapes
 from egp_onnx.report.records import Cost
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def count_macs(
     """(dense MACs, non-zero-weight MACs) for one sample; None when a shape stays unknown.
 
     ``input_shapes`` gives each input's shape with batch size 1; ``counts`` are the model's
-    :func:`egp_onnx.graph.topology.initializer_counts`, when already taken.
+    :func:`egp_onnx.graph.weights.initializer_counts`, when already taken.
     """
     shapes = static_shapes(model, input_shapes)
     weights = {t.name: t for t in model.graph.initializer}
@@ -65,7 +65,7 @@ def model_cost(
 ) -> Cost:
     """Parameters, MACs (when ``input_shapes`` is given and shapes resolve) and file size.
 
-    ``counts``: the model's :func:`egp_onnx.graph.topology.initializer_counts`, when already taken.
+    ``counts``: the model's :func:`egp_onnx.graph.weights.initializer_counts`, when already taken.
     """
     counts = counts or initializer_counts(model)  # each weight read once for both figures
     params, nonzero = count_parameters(model, counts)

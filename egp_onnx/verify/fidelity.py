@@ -8,21 +8,10 @@ import numpy as np
 import onnx
 
 from egp_onnx.errors import ModelError
-from egp_onnx.load.calibration import Batch, CalibrationData
+from egp_onnx.load.calibration import CalibrationData
+from egp_onnx.load.readers import Batch
 from egp_onnx.report.records import Fidelity, OutputFidelity
 from egp_onnx.runtime.handle import ModelHandle, StoredOutputs
-
-# re-export for the merge of issue 20; the lead removes it
-from egp_onnx.runtime.handle import ModelHandle as Prepared  # noqa: F401
-from egp_onnx.runtime.handle import StoredOutputs as Outputs  # noqa: F401
-from egp_onnx.verify.latency import (  # noqa: F401
-    LATENCY_BUDGET_S,
-    LATENCY_MAX_RUNS,
-    LATENCY_MIN_RUNS,
-    LATENCY_WARMUP,
-    compare_latency,
-    latency_feeds,
-)
 
 
 class _Accumulator:

@@ -15,7 +15,8 @@ import onnx
 
 from egp_onnx.config import DEFAULT_MAX_REL_ERROR, DEFAULT_MIN_AGREEMENT, Settings
 from egp_onnx.report.records import Fidelity
-from egp_onnx.verify.fidelity import Prepared, Reference
+from egp_onnx.runtime.handle import ModelHandle
+from egp_onnx.verify.fidelity import Reference
 
 #: A rewritten model with an output element y' such that |y' - y| > SURGERY_ATOL + SURGERY_RTOL |y|
 #: against the pruned model's y on the calibration data is a defect: the pruned model is kept
@@ -77,24 +78,24 @@ class Guard:
         instead of a copy.
         """
         self.reference, self.settings, self._held = reference, settings, held
-        self._last: Prepared | None = None
+        self._last: ModelHandle | None = None
 
     @property
     def measures_only(self) -> bool:
         """True when no threshold is set: every candidate is kept, whatever it measures."""
         return not self.settings.guarded
 
-    def __call__(self, candidate: onnx.ModelProto | Prepared) -> tuple[Fidelity, list[str]]:
+    def __call__(self, candidate: onnx.ModelProto | ModelHandle) -> tuple[Fidelity, list[str]]:
         """The candidate's fidelity and the guard's complaints about it."""
-        if isinstance(candidate, Prepared):
+        if isinstance(candidate, ModelHandle):
             prepared = candidate
         else:  # the session reads the loop's copy of the pruned weights, not a new one
-            prepared = Prepared(candidate, known=self._held(candidate))
+            prepared = ModelHandle(candidate, known=self._held(candidate))
         self._last = prepared
         fidelity = self.reference.evaluate(prepared, SURGERY_ATOL, SURGERY_RTOL)
         return fidelity, guard_problems(fidelity, self.settings.min_agreement, self.settings.max_rel_error)
 
-    def prepared(self, model: onnx.ModelProto) -> onnx.ModelProto | Prepared:
+    def prepared(self, model: onnx.ModelProto) -> onnx.ModelProto | ModelHandle:
         """``model`` with its session if it was the last candidate measured, else ``model``; forgets it."""
         last, self._last = self._last, None
         return last if last is not None and last.model is model else model

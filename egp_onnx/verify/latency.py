@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from egp_onnx.load.calibration import Batch
+from egp_onnx.load.readers import Batch
 from egp_onnx.report.records import LatencyRecord, Timing
 from egp_onnx.runtime.handle import ModelHandle, shapes
 from egp_onnx.runtime.session import run_session

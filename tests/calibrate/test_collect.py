@@ -7,9 +7,10 @@ import pytest
 from models import conv_bn_relu, gemm_head, inputs, mixed_ranks, residual_block, single_conv
 from references import reference_activations
 
-from egp_onnx.calibrate.collect import ChannelCounts, collect_statistics
-from egp_onnx.entropy import binary_entropy
-from egp_onnx.graph.topology import find_rectifiers, split_weights
+from egp_onnx.calibrate.collect import collect_statistics
+from egp_onnx.entropy import ChannelCounts, binary_entropy
+from egp_onnx.graph.rectifiers import find_rectifiers
+from egp_onnx.graph.weights import split_weights
 from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import prepare_model
 
@@ -136,7 +137,7 @@ def test_a_rejected_batch_stops_the_pass_with_batches_in_flight(tmp_path, rng, m
 
 
 def test_known_weights_are_used_as_they_are_and_count_the_same(rng, tmp_path, monkeypatch):
-    import egp_onnx.graph.topology as topology
+    import egp_onnx.graph.weights as topology
 
     model = prepare_model(residual_block(rng))
     sites = find_rectifiers(model)

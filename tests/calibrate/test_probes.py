@@ -7,7 +7,7 @@ import pytest
 from models import mixed_ranks, residual_block
 
 from egp_onnx.calibrate.probes import probes, statistics_model
-from egp_onnx.graph.topology import find_rectifiers
+from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.load.model import prepare_model
 
 

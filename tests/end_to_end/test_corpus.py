@@ -25,7 +25,7 @@ from corpus import (
     torch_net,
 )
 
-from egp_onnx.graph.topology import find_rectifiers, prunable_layers
+from egp_onnx.graph.rectifiers import find_rectifiers, prunable_layers
 from egp_onnx.load.model import prepare_model
 
 HAND_BUILT = {

@@ -19,7 +19,7 @@ from onnx import helper
 from references import lexsort_global_amounts, lexsort_prune_smallest
 
 from egp_onnx.calibrate.collect import collect_statistics
-from egp_onnx.graph.topology import find_rectifiers
+from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.load.calibration import in_memory, input_specs
 from egp_onnx.load.model import prepare_model
 from egp_onnx.prune.budget import egp_allocation, global_magnitude_amounts, integer_amounts, prune_smallest

@@ -10,7 +10,7 @@ from references import reference_activations
 
 import egp_onnx
 from egp_onnx.calibrate.collect import collect_statistics
-from egp_onnx.graph.topology import find_rectifiers
+from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import prepare_model
 

@@ -15,10 +15,10 @@ torch = pytest.importorskip("torch", reason="needs the optional torch extra: pip
 from torch import nn  # noqa: E402
 
 import egp_onnx  # noqa: E402
-from egp_onnx.graph.topology import replace_tensors, tensor_values  # noqa: E402
+from egp_onnx.errors import MappingError  # noqa: E402
+from egp_onnx.graph.weights import replace_tensors, tensor_values  # noqa: E402
 from egp_onnx.integrations.torch import (  # noqa: E402
     ClassificationFinetune,
-    MappingError,
     apply_masks,
     export_onnx,
     load_onnx_weights,

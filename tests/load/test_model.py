@@ -8,7 +8,7 @@ import pytest
 from models import gemm_head, residual_block, single_conv, two_convs
 from onnx import helper
 
-from egp_onnx.graph.topology import split_weights
+from egp_onnx.graph.weights import split_weights
 from egp_onnx.load.model import checked_split
 
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 from corpus import ir3_inputs, paddle_style, probe_names, subgraph_reads_outer
 
 from egp_onnx.calibrate.probes import probe_prefix, statistics_model
-from egp_onnx.graph.topology import find_rectifiers
+from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.load.model import prepare_model
 from egp_onnx.load.normalize import needs_folding
 

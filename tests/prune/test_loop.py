@@ -9,7 +9,8 @@ from conftest import SAMPLES
 
 from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.config import Settings
-from egp_onnx.graph.topology import find_rectifiers, initializer_arrays, replace_initializers, tensor_values
+from egp_onnx.graph.rectifiers import find_rectifiers
+from egp_onnx.graph.weights import initializer_arrays, replace_initializers, tensor_values
 from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import load_model
 from egp_onnx.prune.budget import prune_smallest
@@ -59,7 +60,7 @@ def test_reconstruct_given_the_model_itself_equals_given_a_copy():
 
 
 def test_reconstruct_takes_known_weights_as_they_are_with_the_same_result(monkeypatch):
-    import egp_onnx.graph.topology as topology
+    import egp_onnx.graph.weights as topology
 
     model = load_model(SAMPLES / "digits_resnet.onnx")
     calib = open_calibration(SAMPLES / "digits_calib.npz", model)
@@ -108,7 +109,7 @@ def test_nnz_is_counted_once_per_set_of_weights(rng, monkeypatch):
 
 
 def test_release_lets_the_weights_go_and_reads_them_again_from_the_model_that_holds_them(rng, monkeypatch):
-    import egp_onnx.graph.topology as topology
+    import egp_onnx.graph.weights as topology
 
     model = load_model(SAMPLES / "digits_resnet.onnx")
     layers = LayerSet(model, find_rectifiers(model))

@@ -10,7 +10,7 @@ from models import Builder, f32
 from onnx import helper
 from references import spins
 
-from egp_onnx.graph.topology import initializer_arrays, split_weights
+from egp_onnx.graph.weights import initializer_arrays, split_weights
 from egp_onnx.runtime.segments import Activations
 from egp_onnx.runtime.session import make_session
 

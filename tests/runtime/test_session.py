@@ -12,7 +12,7 @@ from models import inputs, residual_block, single_conv
 from references import spins
 
 from egp_onnx.errors import CalibrationError, ModelError
-from egp_onnx.graph.topology import split_weights
+from egp_onnx.graph.weights import split_weights
 from egp_onnx.load.model import prepare_model
 from egp_onnx.runtime.session import MEASURE, SEGMENTS, STATISTICS, SessionPreset, make_session, run_session
 

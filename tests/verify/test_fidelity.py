@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 import egp_onnx
 from egp_onnx.cli.main import main
 from egp_onnx.graph.structure import depth
-from egp_onnx.graph.topology import count_parameters, initializer_counts, split_weights
+from egp_onnx.graph.weights import count_parameters, initializer_counts, split_weights
 from egp_onnx.load.calibration import open_calibration, split_holdout
 from egp_onnx.load.model import load_model, prepare_model
 from egp_onnx.prune.loop import RETRIES
@@ -273,7 +273,7 @@ def test_a_model_handle_builds_its_session_once_and_measures_the_same(rng, tmp_p
 
 
 def test_a_model_handle_with_known_or_split_weights_measures_and_counts_the_same(rng, tmp_path, monkeypatch):
-    import egp_onnx.graph.topology as topology
+    import egp_onnx.graph.weights as topology
 
     model = prepare_model(single_conv(rng))
     other = prepare_model(single_conv(np.random.default_rng(5)))
