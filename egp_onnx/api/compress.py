@@ -127,7 +127,7 @@ def compress(
     outline = shape_skeleton(proto)
     del proto, ctx
     trim()  # what the loop freed leaves the process before surgery builds the rewritten model's session
-    stage = _surgery_stage(pruned, guard.prepared(pruned), inputs, outcome.stats, guard, settings, progress)
+    stage = _surgery_stage(pruned, guard.handle(pruned), inputs, outcome.stats, guard, settings, progress)
     progress.stage("measuring the result")
     report = _report(inputs, base, outcome, stage, outline, settings)
     return CompressionResult(model=stage.final, report=report)
@@ -137,7 +137,7 @@ def compress(
 class _Baseline:
     """The original model's figures that every later measurement compares against."""
 
-    original: onnx.ModelProto | ModelHandle  # what the latency is compared against
+    original: ModelHandle | None  # what the latency is compared against (None: no latency measured)
     reference: Reference
     first_stats: Statistics
     nnz_before: np.ndarray
@@ -158,14 +158,13 @@ def _baseline(
     # With latency on, the original's session that computes the reference outputs is kept for the
     # latency measurement (it has already run the timed batch size); it comes without the model's
     # weights, which after the loop only the session holds.
-    original: onnx.ModelProto | ModelHandle = proto
-    if settings.latency:
-        original = weightless(proto, layers.held(proto))
+    original = weightless(proto, layers.held(proto)) if settings.latency else None
+    runs = original or ModelHandle(proto)  # without latency its session goes with the reference run
     with ThreadPoolExecutor(1, thread_name_prefix="egp-reference") as pool:
         # The reference outputs are computed while the statistics pass runs, which leaves cores
         # idle on a few batches. One data source is never read from two threads.
         held = inputs.held
-        pending = pool.submit(Reference, original, held, batch_size) if held is not inputs.data else None
+        pending = pool.submit(Reference, runs, held, batch_size) if held is not inputs.data else None
         if stats:
             first_stats = stats_files(stats, proto, inputs.sites)
         else:
@@ -174,12 +173,13 @@ def _baseline(
                 proto, inputs.sites, inputs.data, batch_size, progress.advance, layers.held(proto)
             )
         progress.stage(f"running the original model on the {inputs.held_name} data")
-        reference = pending.result() if pending is not None else Reference(original, held, batch_size)
+        reference = pending.result() if pending is not None else Reference(runs, held, batch_size)
+    del runs
     nnz_before = layers.nnz()
     feed = reference.first_feed()
     shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
     # the original's cost is taken while its weights are at hand (after the loop they are gone)
-    held_counts = original.counts if isinstance(original, ModelHandle) else None
+    held_counts = original.counts if original is not None else None
     cost_before = model_cost(proto, shapes, held_counts or initializer_counts(proto, layers.held(proto)))
     return _Baseline(original, reference, first_stats, nnz_before, feed, shapes, cost_before)
 
@@ -189,7 +189,7 @@ class _Surgery:
     """What graph surgery leaves: the model to write, what measures it, the record, the states."""
 
     final: onnx.ModelProto
-    run: onnx.ModelProto | ModelHandle  # ``final``, with its session when one was built
+    run: ModelHandle  # runs ``final``
     record: SurgeryRecord
     states: dict[str, str]
     fidelity: Fidelity | None  # measured by the guard, when it checked the rewritten model
@@ -197,7 +197,7 @@ class _Surgery:
 
 def _surgery_stage(
     pruned: onnx.ModelProto,
-    run: onnx.ModelProto | ModelHandle,
+    run: ModelHandle,
     inputs: Inputs,
     stats: Statistics,
     guard: Guard,
@@ -206,21 +206,22 @@ def _surgery_stage(
 ) -> _Surgery:
     """Reduce the pruned model's depth, check the result with the guard, and revert if it fails.
 
-    ``run`` is ``pruned``, with the guard's session of it when it has one.
+    ``run`` runs ``pruned``, with the guard's session of it when it has one.
     """
     if not settings.surgery:
         off = SurgeryRecord(False, settings.merge_tolerance, (), 0, None, None, False, None)
         return _Surgery(pruned, run, off, {}, None)
     progress.stage("reducing depth")
+    pruned_run = run
     run, record, states = _reduce_depth(run, inputs.sites, stats, inputs.data, settings)
-    final = run.model if isinstance(run, ModelHandle) else run
+    final = run.model
     if final is pruned:
         return _Surgery(final, run, record, states, None)
-    fidelity, problems = guard(run)
+    fidelity, problems = guard.check(run)
     if problems:
         reason = f"the rewritten model fails the guard on the {inputs.held_name} data: {'; '.join(problems)}"
         log.warning("%s; keeping the pruned model", reason)
-        return _Surgery(pruned, pruned, replace(record, reverted=True, revert_reason=reason), {}, None)
+        return _Surgery(pruned, pruned_run, replace(record, reverted=True, revert_reason=reason), {}, None)
     return _Surgery(final, run, record, states, fidelity)
 
 
@@ -235,10 +236,10 @@ def _report(
     """Measure the model to write (fidelity, cost, latency) and gather the run's records."""
     fidelity = stage.fidelity if stage.fidelity is not None else base.reference.evaluate(stage.run)
     # the weights that the session already holds are counted without reading the protobuf again
-    counts = stage.run.counts if isinstance(stage.run, ModelHandle) else None
+    counts = stage.run.counts or None  # taken when its session was built
     cost_after = model_cost(stage.final, base.shapes, counts)
     timing = None
-    if settings.latency:
+    if base.original is not None:
         timing = compare_latency(base.original, stage.run, latency_feeds(outline, base.feed))
     return CompressionReport(
         source=inputs.source,
@@ -258,12 +259,12 @@ def _report(
 
 
 def _reduce_depth(
-    pruned: onnx.ModelProto | ModelHandle,
+    pruned: ModelHandle,
     sites: list[RectifierSite],
     stats: Statistics,
     data: CalibrationData,
     settings: Settings,
-) -> tuple[onnx.ModelProto | ModelHandle, SurgeryRecord, dict[str, str]]:
+) -> tuple[ModelHandle, SurgeryRecord, dict[str, str]]:
     """Run graph surgery on the pruned model and check it against the pruned model.
 
     Returns:
@@ -271,7 +272,7 @@ def _reduce_depth(
         for the measurements that follow; the record; the layers' states.
 
     """
-    model = pruned.model if isinstance(pruned, ModelHandle) else pruned
+    model = pruned.model
     # Always-ON / always-OFF channels are read off a sample: removing them is a pruning decision,
     # taken only when the user asks for sparsity (then the guard judges it on held-out data).
     on_off = channel_states(sites, stats) if settings.sparsity > 0 else {}

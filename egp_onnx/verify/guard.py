@@ -85,17 +85,23 @@ class Guard:
         """True when no threshold is set: every candidate is kept, whatever it measures."""
         return not self.settings.guarded
 
-    def __call__(self, candidate: onnx.ModelProto | ModelHandle) -> tuple[Fidelity, list[str]]:
-        """The candidate's fidelity and the guard's complaints about it."""
-        if isinstance(candidate, ModelHandle):
-            prepared = candidate
-        else:  # the session reads the loop's copy of the pruned weights, not a new one
-            prepared = ModelHandle(candidate, known=self._held(candidate))
-        self._last = prepared
-        fidelity = self.reference.evaluate(prepared, SURGERY_ATOL, SURGERY_RTOL)
+    def __call__(self, candidate: onnx.ModelProto) -> tuple[Fidelity, list[str]]:
+        """The fidelity of a loop candidate and the guard's complaints about it.
+
+        Its session reads the loop's copy of the pruned weights, not a new one.
+        """
+        return self.check(ModelHandle(candidate, known=self._held(candidate)))
+
+    def check(self, handle: ModelHandle) -> tuple[Fidelity, list[str]]:
+        """The fidelity of ``handle``'s model and the guard's complaints about it; its session is kept."""
+        self._last = handle
+        fidelity = self.reference.evaluate(handle, SURGERY_ATOL, SURGERY_RTOL)
         return fidelity, guard_problems(fidelity, self.settings.min_agreement, self.settings.max_rel_error)
 
-    def prepared(self, model: onnx.ModelProto) -> onnx.ModelProto | ModelHandle:
-        """``model`` with its session if it was the last candidate measured, else ``model``; forgets it."""
+    def handle(self, model: onnx.ModelProto) -> ModelHandle:
+        """The last candidate's handle if ``model`` is that candidate (its session kept), else a new one.
+
+        The guard forgets it: from here on the caller decides how long the session lives.
+        """
         last, self._last = self._last, None
-        return last if last is not None and last.model is model else model
+        return last if last is not None and last.model is model else ModelHandle(model)

@@ -218,11 +218,11 @@ def test_a_step_is_measured_after_its_statistics_pass_only_without_thresholds(rn
     from egp_onnx.verify.guard import Guard
 
     events = []
-    measure, count = Guard.__call__, loop.collect_statistics
+    measure, count = Guard.check, loop.collect_statistics
 
-    def measuring(self, candidate):
+    def measuring(self, handle):
         events.append("measure")
-        return measure(self, candidate)
+        return measure(self, handle)
 
     def counting(*args, **kwargs):
         events.append("count")
@@ -231,7 +231,7 @@ def test_a_step_is_measured_after_its_statistics_pass_only_without_thresholds(rn
     model, calib = toy_files(tmp_path, rng)
     options = {"sparsity": 0.5, "step": 1.0, "latency": False}
     plain = egp_onnx.compress(model, calib, guard=False, **options)
-    monkeypatch.setattr(Guard, "__call__", measuring)
+    monkeypatch.setattr(Guard, "check", measuring)
     monkeypatch.setattr(loop, "collect_statistics", counting)
     after = egp_onnx.compress(model, calib, guard=False, **options)
     assert events == ["count", "measure", "measure"], "the step's pass and measurement, the rewritten model"
