@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from egp_onnx.graph.ops import ACTIVATIONS
 from egp_onnx.graph.rectifiers import RectifierSite
 from egp_onnx.graph.walk import graph_names, subgraphs
 
@@ -57,10 +58,11 @@ def probes(model: onnx.ModelProto, sites: Sequence[RectifierSite], fast: bool = 
     Conv+ReLU fusion; every other activation on its input z (ON = z > 0).
     """
     infos = _value_infos(model)
-    relu_outputs = {n.name: n.output[0] for n in model.graph.node if n.op_type == "Relu"}
+    at_output = {op for op, activation in ACTIVATIONS.items() if activation.probe_output}
+    outputs = {n.name: n.output[0] for n in model.graph.node if n.op_type in at_output}
     result = []
     for site in sites:
-        tensor = relu_outputs.get(site.node, site.input) if site.op_type == "Relu" else site.input
+        tensor = outputs.get(site.node, site.input) if site.op_type in at_output else site.input
         info = infos.get(tensor)
         rank = channels = None
         elem: int = TensorProto.FLOAT
