@@ -1,9 +1,9 @@
 """A few entries of ``rng.permutation(n)`` without the shuffle, with the generator left as it leaves it.
 
 ``prune.prune_smallest`` orders weights of equal magnitude by a seeded permutation of a layer's
-non-zero entries, and only the few tied at the threshold ever consult it. Shuffling an array of
-100 M entries costs 10-20 s: every swap of the Fisher-Yates loop is a cache miss. Its random
-numbers alone are cheap. numpy's ``Generator.shuffle`` (n - 1 swaps, for i = n-1 .. 1, with
+non-zero entries, and only the few tied at the threshold ever consult it. Shuffling a large array
+is slow (every swap of the Fisher-Yates loop is a cache miss); its random numbers alone are cheap.
+numpy's ``Generator.shuffle`` (n - 1 swaps, for i = n-1 .. 1, with
 j = ``random_interval(i)``: the next 32-bit output masked to the smallest ``2**b - 1 >= i``,
 drawn again while it exceeds i) is replayed here in vectorised chunks, and an entry of the
 permutation is found by following the swaps that moved it. Generators other than PCG64 (whose

@@ -6,10 +6,9 @@ smaller block comes from the heap, whose freed space the process keeps. The thre
 weight has been freed, later weights and onnxruntime's buffers under it come from the heap, and
 what a stage frees there stays resident. ``malloc_trim`` gives the free pages of the heap back.
 
-Called where a run has just let go of a model's worth of memory (before graph surgery: VGG-19's
-peak 3.84 -> 3.61-3.67 GB), not after every free: fixing the threshold low instead (``mallopt``)
-had every temporary array of 1 MiB or more mapped and faulted in afresh, and the MNIST sample's
-compress took 7.0-7.9 s against 5.2-5.7 s.
+Called where a run has just let go of a model's worth of memory (before graph surgery), not after
+every free; the threshold is left as glibc sets it, because fixing it low (``mallopt``) has every
+temporary array above it mapped and faulted in afresh (the README's memory figures give both).
 """
 
 from __future__ import annotations

@@ -3,8 +3,7 @@
 :func:`one_blas_thread` (OpenBLAS only; elsewhere a no-op):
 
 A batch of linear systems of a few hundred unknowns gains nothing from BLAS threads, and when the
-other cores are busy each call waits for its threads to be scheduled: 128 masked systems of 290
-unknowns took 1.1-1.5 s on OpenBLAS's two threads against 0.2-0.3 s on one, on the loaded machine.
+other cores are busy each call waits for its threads to be scheduled, so such batches run on one.
 The count is set with ``openblas_set_num_threads_local`` (OpenBLAS 0.3.27 on), which returns the
 count it replaces; in numpy's OpenBLAS it holds for the whole process while the block runs (a
 thread started inside the block sees it too), so the block should not overlap other BLAS work.

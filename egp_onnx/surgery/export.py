@@ -1,8 +1,8 @@
 """A graph-surgeon graph back to ONNX, with each weight's bytes copied once instead of four times.
 
 ``gs.export_onnx`` turns a constant's array into bytes (``tobytes``), a tensor (``make_tensor``),
-then ``make_graph`` and ``make_model`` copy every initializer again: on VGG-19 (575 MB) that was
-5.2 s. Here the exporter gets value-less stubs of the large constants, and their bytes go into the
+then ``make_graph`` and ``make_model`` copy every initializer again, a cost in proportion to the
+model. Here the exporter gets value-less stubs of the large constants, and their bytes go into the
 exported initializers afterwards: the same message, field for field.
 """
 
