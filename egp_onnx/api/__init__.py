@@ -1,1 +1,1 @@
-"""api."""
+"""The public API composed of the stages: ``analyze``, ``statistics`` (analyze.py), ``compress``."""

@@ -1,1 +1,1 @@
-"""cli."""
+"""The command line (main.py); its option groups, command bodies, output files and error mapping."""

@@ -1,1 +1,1 @@
-"""graph."""
+"""ONNX graphs read, never run: op tables, the layer recogniser, rectifier sites, weights."""

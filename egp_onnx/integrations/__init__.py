@@ -1,1 +1,1 @@
-"""integrations."""
+"""Bridges to training frameworks (PyTorch, for finetuning between pruning steps)."""

@@ -1,1 +1,1 @@
-"""load."""
+"""Models and calibration data in: loading, normalisation, readers, statistics files."""

@@ -1,1 +1,1 @@
-"""verify."""
+"""Measuring a model against the original: fidelity, the guard, latency and cost."""
