@@ -80,3 +80,20 @@ def test_shortcuts_that_do_not_fit_the_centre_tap_stay(case, rng):
     x = f32(rng.normal(size=(2, 4, 5, 5)))
     for got, want in zip(run_ort(result.model, {"x": x}), run_ort(model, {"x": x}), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_an_even_kernel_keeps_its_projection_and_says_nothing_of_it(rng):
+    """
+    x (2x2) -> Conv2x2 F (3->4), output 1x1 -> Add (broadcast to 2x2) -> y
+    x (2x2) -> Conv1x1 P (3->4), output 2x2 --^
+    An even kernel has no centre tap: nothing folds, and P's state is not "merged".
+    """
+    b = Builder(rng)
+    f, p = b.conv("x", "F", 3, 4, 2), b.conv("x", "P", 3, 4, 1)
+    model = b.model(b.op("Add", [f, p], "add"), ["N", 3, 2, 2])
+    result = alone(FOLD_RESIDUAL, model)
+    assert ops(result.model) == ops(model) and not result.rewrites
+    assert result.states == {}
+    x = f32(rng.normal(size=(2, 3, 2, 2)))
+    for got, want in zip(run_ort(result.model, {"x": x}), run_ort(model, {"x": x}), strict=True):
+        np.testing.assert_array_equal(got, want)

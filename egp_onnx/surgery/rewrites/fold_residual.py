@@ -54,9 +54,10 @@ def _fold_residual(s: Surgeon, add: gs.Node, branch: gs.Tensor, other: gs.Tensor
             return False
         weight, bias = algebra.add_identity(f.weight, p.weight), f.bias() + p.bias()
         parts = (f.node.name, p.node.name, add.name)
-        s.state(p.node.name, "merged")
     if weight is None:
-        return False
+        return False  # an even kernel has no centre tap: nothing folds, no state changes
+    if len(parts) == 3:
+        s.state(parts[1], "merged")  # the projection
     s.set_layer(f, weight, bias)
     f.node.outputs = list(add.outputs)
     add.outputs = []
