@@ -209,7 +209,16 @@ def _surgery_stage(
     ``run`` runs ``pruned``, with the guard's session of it when it has one.
     """
     if not settings.surgery:
-        off = SurgeryRecord(False, settings.merge_tolerance, (), 0, None, None, False, None)
+        off = SurgeryRecord(
+            enabled=False,
+            merge_tolerance=settings.merge_tolerance,
+            rewrites=(),
+            dead_parameters_zeroed=0,
+            rel_error=None,
+            max_abs_error=None,
+            reverted=False,
+            revert_reason=None,
+        )
         return _Surgery(pruned, run, off, {}, None)
     progress.stage("reducing depth")
     pruned_run = run

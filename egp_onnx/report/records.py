@@ -87,7 +87,7 @@ class StepRecord:
     reconstructed: tuple[LayerFit, ...] = ()  # per-layer least-squares refits of this step
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Rewrite:
     """One graph rewrite that surgery applied or declined."""
 
@@ -101,7 +101,7 @@ class Rewrite:
     detail: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SurgeryRecord:
     """What depth reduction did, and its check against the pruned model on the calibration data."""
 
