@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+import references  # noqa: E402  (found through the path entry above)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -16,6 +19,12 @@ SAMPLES = ROOT / "sample_models"
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def run_ort() -> Callable[..., list[np.ndarray]]:
+    """references.run_ort, the suite's one plain onnxruntime runner (optimisation off, CPU)."""
+    return references.run_ort
 
 
 def load_npz(path) -> dict[str, np.ndarray]:

@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from conftest import SAMPLES, load_npz
 from models import Builder, f32
+from references import run_ort
 
 import egp_onnx
 from egp_onnx.load.calibration import automatic_holdout, open_calibration, split_holdout
@@ -19,11 +19,6 @@ from egp_onnx.load.model import load_model
 
 MODEL = SAMPLES / "digits_resnet.onnx"
 CALIB = SAMPLES / "digits_calib.npz"
-
-
-def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feed)[0]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -64,8 +59,8 @@ def test_default_run_writes_a_model_within_the_guard(tmp_path):
     original = load_model(MODEL)
     _, held = split_holdout(open_calibration(CALIB, original), None, 0)
     arrays, _ = held.arrays()
-    want = run(original, arrays)
-    got = run(onnx.load(out), arrays)
+    want = run_ort(original, arrays)[0]
+    got = run_ort(onnx.load(out), arrays)[0]
     agreement = float((want.argmax(1) == got.argmax(1)).mean())
     assert agreement >= 0.99
     assert agreement == pytest.approx(data["fidelity"]["top1_agreement"])
@@ -111,12 +106,12 @@ def test_sparsity_zero_is_exact_on_a_different_distribution(rng):
     assert result.report.model.prunable_zeroed == 0 and result.report.steps == ()
     # inputs the calibration data never looked like: uniform noise, scaled and shifted
     x = f32(rng.uniform(-3, 8, size=(64, 1, 8, 8)))
-    want, got = run(model, {"input": x}), run(result.model, {"input": x})
+    want, got = run_ort(model, {"input": x})[0], run_ort(result.model, {"input": x})[0]
     assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
     test = load_npz(SAMPLES / "digits_test.npz")
     np.testing.assert_allclose(
-        run(result.model, {"input": test["input"]}),
-        run(model, {"input": test["input"]}),
+        run_ort(result.model, {"input": test["input"]})[0],
+        run_ort(model, {"input": test["input"]})[0],
         rtol=1e-4,
         atol=1e-4,
     )

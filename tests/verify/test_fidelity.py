@@ -8,12 +8,12 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from conftest import ROOT, SAMPLES, compress_plain, load_npz
 from models import inputs, residual_block, single_conv, toy_files
 from onnx import TensorProto, helper, numpy_helper
+from references import run_ort
 
 import egp_onnx
 from egp_onnx.cli.main import main
@@ -48,9 +48,7 @@ def sample_args(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def predictions(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": x})[0].argmax(1)
+    return run_ort(model, {"input": x})[0].argmax(1)
 
 
 def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
