@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from conftest import SAMPLES, load_npz
 from models import image_model as image_model_builder
 from models import inputs, no_rectifier, save, save_external, toy_files, two_convs
@@ -22,11 +21,6 @@ from egp_onnx.cli.main import main
 
 MODEL = SAMPLES / "digits_resnet.onnx"
 CALIB = SAMPLES / "digits_calib.npz"
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
 
 
 def digest(path) -> str:

@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
-from conftest import SAMPLES, load_npz
-from models import Builder, f32
+from cli_checks import cli
+from click.testing import CliRunner
+from conftest import REPORT_SCHEMA, SAMPLES, load_npz
+from models import Builder, f32, toy_files
 from references import run_ort
 
 import egp_onnx
+from egp_onnx.cli.main import main
 from egp_onnx.load.calibration import automatic_holdout, open_calibration, split_holdout
 from egp_onnx.load.model import load_model
 
+TEST = SAMPLES / "digits_test.npz"
+
 MODEL = SAMPLES / "digits_resnet.onnx"
 CALIB = SAMPLES / "digits_calib.npz"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "egp_onnx", *args], capture_output=True, text=True, check=False
-    )
 
 
 @pytest.mark.parametrize(("samples", "held"), [(1, 0), (3, 0), (8, 4), (512, 256), (2000, 500), (4000, 1000)])
@@ -146,3 +145,63 @@ def test_settings_and_keyword_overrides_make_the_same_run(rng, tmp_path):
     assert settings == Settings(sparsity=0.9, step=1.0, latency=False), (
         "the caller's settings are not changed"
     )
+
+
+def predictions(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
+    return run_ort(model, {"input": x})[0].argmax(1)
+
+
+def test_guarded_sample_agreement_matches_independent_measurement(tmp_path):
+    out, report_path = tmp_path / "x.onnx", tmp_path / "r.json"
+    args = [
+        "compress",
+        str(MODEL),
+        "--calib",
+        str(CALIB),
+        "-o",
+        str(out),
+        "--sparsity",
+        "0.9",
+        "--eval",
+        str(TEST),
+        "--min-agreement",
+        "0.97",
+        "--no-reconstruct",  # plain EGP: the guard stops it within a few steps
+        "--report",
+        str(report_path),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    test = load_npz(TEST)
+    independent = float((predictions(out, test["input"]) == predictions(MODEL, test["input"])).mean())
+    assert report["fidelity"]["top1_agreement"] == pytest.approx(independent, abs=0.003)
+    assert report["fidelity"]["top1_agreement"] >= 0.97
+    assert report["fidelity"]["data"] == "eval" and report["fidelity"]["samples"] == len(test["input"])
+    accuracy = float((predictions(out, test["input"]) == test["labels"]).mean())
+    assert report["fidelity"]["accuracy_after"] == pytest.approx(accuracy, abs=1e-8)
+    assert report["stop"]["reason"] == "guard"
+    assert report["steps"][-1]["accepted"] is False and report["steps"][-1]["top1_agreement"] < 0.97
+    jsonschema.validate(report, REPORT_SCHEMA)
+
+
+def test_first_step_failing_the_guard_exits_1_and_writes_nothing(rng, tmp_path):
+    model, calib = toy_files(tmp_path, rng)
+    out = tmp_path / "o.onnx"
+    args = [
+        "compress",
+        model,
+        "--calib",
+        calib,
+        "-o",
+        str(out),
+        "--max-rel-error",
+        "0",
+        "--report",
+        str(tmp_path / "r.json"),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "step 1" in result.stderr and "failed the guard" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "r.json").exists()

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from conftest import SAMPLES, compress_plain, load_npz
 from models import gemm_head, inputs, residual_block, toy_files
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 from references import run_ort
 
 import egp_onnx
@@ -15,7 +15,7 @@ from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.entropy import layer_entropy
 from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.load.calibration import open_calibration
-from egp_onnx.load.model import prepare_model
+from egp_onnx.load.model import load_model, prepare_model
 
 
 def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -236,3 +236,38 @@ def test_a_step_is_measured_after_its_statistics_pass_only_without_thresholds(rn
     assert events == ["measure", "count", "measure"]
     assert after.model.SerializeToString() == plain.model.SerializeToString()
     assert after.report.steps == plain.report.steps and after.report.layers == plain.report.layers
+
+
+def test_the_original_kept_for_the_latency_is_its_session_and_graph(rng, tmp_path, monkeypatch):
+    """The session holds its own copy of the weights; the model beside it is the graph only."""
+    import egp_onnx.api.compress as pipeline
+
+    timed = []
+    real = pipeline.compare_latency
+    monkeypatch.setattr(pipeline, "compare_latency", lambda *args: timed.append(args[0]) or real(*args))
+    model, calib = toy_files(tmp_path, rng)
+    egp_onnx.compress(model, calib, sparsity=0.5, step=1.0, guard=False, batch_size=8)
+    kept = timed[0].model
+    large = [t for t in kept.graph.initializer if np.prod(t.dims) > 64]
+    assert large and all(not t.raw_data and t.data_location == TensorProto.EXTERNAL for t in large)
+    assert len(kept.graph.node) == len(load_model(model).graph.node)
+
+
+def test_compress_builds_one_session_per_model(rng, tmp_path, monkeypatch):
+    """The original's session serves the reference outputs and the latency; the pruned model's
+    serves the guard and surgery's check; the rewritten model's its check, evaluation and latency."""
+    import egp_onnx.runtime.handle as handle
+
+    built = []
+    real = handle.make_session
+
+    def counting(model, *args, **kwargs):
+        built.append(model.graph.name)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(handle, "make_session", counting)
+    model, calib = toy_files(tmp_path, rng)
+    result = egp_onnx.compress(model, calib, sparsity=0.5, step=1.0, guard=False, batch_size=8)
+    assert len(result.report.steps) == 1 and result.report.timing is not None
+    assert not result.report.surgery.reverted
+    assert len(built) == 3

@@ -1,12 +1,17 @@
-"""Sessions: each preset's options, weights from memory, and no reference kept to them."""
+"""Sessions: each preset's options, weights from memory, no reference kept to them, and
+onnxruntime's log lines and profile dumps kept out of the user's way."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import weakref
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import ROOT
 from models import inputs, residual_block, single_conv
 from references import run_ort, spins
 
@@ -95,3 +100,49 @@ def test_a_session_keeps_no_reference_to_the_weights_it_was_built_from(rng):
         np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
         config = session.get_session_options().get_session_config_entry
         assert config("session.use_device_allocator_for_initializers") == "1"  # outside the arena
+
+
+INITIALIZER_INPUTS = """
+import sys
+import onnx
+from onnx import helper
+sys.path.insert(0, {tests!r})
+import numpy as np
+from models import two_convs
+model = two_convs(np.random.default_rng(0))
+for t in model.graph.initializer:
+    model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+{session}
+"""
+
+
+@pytest.mark.parametrize(
+    ("session", "leaks"),
+    [
+        (  # a bare session on purpose, not run_ort: the control shows onnxruntime's own logging
+            "import onnxruntime as ort; "
+            "ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])",
+            True,
+        ),
+        (
+            "from egp_onnx.runtime.session import STATISTICS, make_session; make_session(model, STATISTICS)",
+            False,
+        ),
+    ],
+    ids=["plain onnxruntime (control)", "egp-onnx session"],
+)
+def test_onnxruntime_log_lines_never_reach_stderr(session, leaks):
+    code = INITIALIZER_INPUTS.format(tests=str(ROOT / "tests"), session=session)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert ("onnxruntime" in proc.stderr) is leaks, proc.stderr
+
+
+def test_no_onnxruntime_profile_dumps_in_the_repository():
+    assert not list(ROOT.glob("onnxruntime_profile__*.json"))
+    assert "onnxruntime_profile__*.json" in (ROOT / ".gitignore").read_text().splitlines()
