@@ -44,16 +44,11 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def compress_args(model: str | Path, calib: str | Path, out: str | Path, *extra: str) -> list[str]:
+    """The arguments of `compress MODEL --calib CALIB -o OUT`, then ``extra``."""
+    return ["compress", str(model), "--calib", str(calib), "-o", str(out), *extra]
+
+
 def sample_args(tmp_path: Path, *extra: str) -> list[str]:
     """`compress` on the sample model at sparsity 0.5, writing tmp_path/x.onnx."""
-    return [
-        "compress",
-        str(SAMPLE),
-        "--calib",
-        str(SAMPLE_CALIB),
-        "-o",
-        str(tmp_path / "x.onnx"),
-        "--sparsity",
-        "0.5",
-        *extra,
-    ]
+    return compress_args(SAMPLE, SAMPLE_CALIB, tmp_path / "x.onnx", "--sparsity", "0.5", *extra)

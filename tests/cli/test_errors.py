@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from cli_checks import cli, digests, one_line_error
+from cli_checks import cli, compress_args, digests, one_line_error
 from click.testing import CliRunner
 from conftest import ROOT
 from models import inputs, save, toy_files, two_convs
@@ -27,16 +27,7 @@ def test_missing_matplotlib_is_found_before_any_work(runner, tmp_path, rng, monk
 
     monkeypatch.setattr("egp_onnx.cli.commands.compress", no_work)
     before = digests(tmp_path)
-    args = [
-        "compress",
-        model,
-        "--calib",
-        calib,
-        "-o",
-        str(tmp_path / "o.onnx"),
-        "--report",
-        str(tmp_path / "r.json"),
-    ]
+    args = compress_args(model, calib, tmp_path / "o.onnx", "--report", str(tmp_path / "r.json"))
     line = one_line_error(runner.invoke(main, [*args, "--plot", str(tmp_path / "p.png")]))
     assert line == "egp-onnx: error: --plot needs matplotlib: pip install 'egp-onnx[plot]'"
     assert digests(tmp_path) == before
@@ -51,21 +42,9 @@ def test_missing_torch_is_found_before_any_work(runner, tmp_path, rng, monkeypat
     )
     (tmp_path / "factory.py").write_text("def factory():\n    return None\n")
     before = digests(tmp_path)
-    result = runner.invoke(
-        main,
-        [
-            "compress",
-            model,
-            "--calib",
-            calib,
-            "-o",
-            str(tmp_path / "o.onnx"),
-            "--torch-model",
-            f"{tmp_path / 'factory.py'}:factory",
-            "--train",
-            calib,
-        ],
-    )
+    factory = f"{tmp_path / 'factory.py'}:factory"
+    args = compress_args(model, calib, tmp_path / "o.onnx", "--torch-model", factory, "--train", calib)
+    result = runner.invoke(main, args)
     assert "torch" in one_line_error(result)
     assert digests(tmp_path) == before
 

@@ -9,7 +9,7 @@ import jsonschema
 import numpy as np
 import onnx
 import pytest
-from cli_checks import cli
+from cli_checks import cli, compress_args
 from click.testing import CliRunner
 from conftest import REPORT_SCHEMA, SAMPLES, load_npz
 from models import Builder, f32, toy_files
@@ -35,17 +35,7 @@ def test_default_run_writes_a_model_within_the_guard(tmp_path):
     out, report = tmp_path / "small.onnx", tmp_path / "r.json"
     # the default command, with a lower ceiling to keep the test short
     proc = cli(
-        "compress",
-        str(MODEL),
-        "--calib",
-        str(CALIB),
-        "-o",
-        str(out),
-        "--report",
-        str(report),
-        "--sparsity",
-        "0.6",
-        "--no-latency",
+        *compress_args(MODEL, CALIB, out, "--report", str(report), "--sparsity", "0.6", "--no-latency")
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(report.read_text())
@@ -81,15 +71,7 @@ def test_the_guard_refuses_to_write_a_broken_model(rng, tmp_path):
     np.savez(tmp_path / "c.npz", x=f32(rng.normal(size=(2000, 16))))
     out = tmp_path / "out.onnx"
     proc = cli(
-        "compress",
-        str(tmp_path / "m.onnx"),
-        "--calib",
-        str(tmp_path / "c.npz"),
-        "-o",
-        str(out),
-        "--min-agreement",
-        "1.0",
-        "--no-latency",
+        *compress_args(tmp_path / "m.onnx", tmp_path / "c.npz", out, "--min-agreement", "1.0", "--no-latency")
     )
     assert proc.returncode == 1, proc.stderr
     assert "failed the guard" in proc.stderr and "nothing written" in proc.stderr
@@ -153,23 +135,9 @@ def predictions(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
 
 def test_guarded_sample_agreement_matches_independent_measurement(tmp_path):
     out, report_path = tmp_path / "x.onnx", tmp_path / "r.json"
-    args = [
-        "compress",
-        str(MODEL),
-        "--calib",
-        str(CALIB),
-        "-o",
-        str(out),
-        "--sparsity",
-        "0.9",
-        "--eval",
-        str(TEST),
-        "--min-agreement",
-        "0.97",
-        "--no-reconstruct",  # plain EGP: the guard stops it within a few steps
-        "--report",
-        str(report_path),
-    ]
+    guarded = ["--sparsity", "0.9", "--eval", str(TEST), "--min-agreement", "0.97"]
+    # plain EGP (--no-reconstruct): the guard stops it within a few steps
+    args = compress_args(MODEL, CALIB, out, *guarded, "--no-reconstruct", "--report", str(report_path))
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
@@ -188,18 +156,7 @@ def test_guarded_sample_agreement_matches_independent_measurement(tmp_path):
 def test_first_step_failing_the_guard_exits_1_and_writes_nothing(rng, tmp_path):
     model, calib = toy_files(tmp_path, rng)
     out = tmp_path / "o.onnx"
-    args = [
-        "compress",
-        model,
-        "--calib",
-        calib,
-        "-o",
-        str(out),
-        "--max-rel-error",
-        "0",
-        "--report",
-        str(tmp_path / "r.json"),
-    ]
+    args = compress_args(model, calib, out, "--max-rel-error", "0", "--report", str(tmp_path / "r.json"))
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert "step 1" in result.stderr and "failed the guard" in result.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from cli_checks import digests, one_line_error
+from cli_checks import compress_args, digests, one_line_error
 from conftest import compress_plain
 from models import toy_files
 from onnx import numpy_helper
@@ -67,20 +67,8 @@ def test_a_bad_finetune_writes_nothing(runner, tmp_path, rng, monkeypatch):
         "import numpy as np\ndef bad(model, masks):\n    return {'w': np.zeros(1, np.float32)}\n"
     )
     before = digests(tmp_path)
-    result = runner.invoke(
-        main,
-        [
-            "compress",
-            model,
-            "--calib",
-            calib,
-            "-o",
-            str(tmp_path / "o.onnx"),
-            "--finetune",
-            f"{tmp_path / 'hooks.py'}:bad",
-            "--report",
-            str(tmp_path / "r.json"),
-        ],
-    )
+    hook, report = f"{tmp_path / 'hooks.py'}:bad", str(tmp_path / "r.json")
+    args = compress_args(model, calib, tmp_path / "o.onnx", "--finetune", hook, "--report", report)
+    result = runner.invoke(main, args)
     assert "returned tensor 'w' with shape (1,)" in one_line_error(result)
     assert digests(tmp_path) == before
