@@ -27,8 +27,8 @@ def run_ort(
         outputs: the output names to return, in order; all of the graph's outputs when None.
         batch: run the feed in chunks of this many samples and concatenate (a model with a fixed
             batch size, or a test set too large for one run); one run when None.
-        optimize: all of onnxruntime's graph optimisations on, for the tests that compare against
-            what an optimised session computes.
+        optimize: all of onnxruntime's graph optimisations on: for a test that compares against an
+            optimised session on purpose, or measures a shipped model as a user's session runs it.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = (

@@ -62,7 +62,9 @@ def test_mnist_data_files_are_distinct_images():
 
 def test_mnist_onnx_accuracy_on_the_shipped_test_set():
     data = load_npz(TEST)
-    (logits,) = run_ort(MODEL, {"image": data["image"]}, batch=500)
+    # optimised, as a user's session runs it: this measures the shipped file and is no reference
+    # for egp-onnx's output, and its BatchNormalization nodes folded keep the 10,000 images quick
+    (logits,) = run_ort(MODEL, {"image": data["image"]}, batch=500, optimize=True)
     assert logits.shape == (len(data["labels"]), 10)
     assert float((logits.argmax(1) == data["labels"]).mean()) >= 0.99
 
