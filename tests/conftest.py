@@ -1,21 +1,40 @@
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import references  # noqa: E402  (found through the path entry above)
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
+#: the report's documented JSON schema
+REPORT_SCHEMA = json.loads((ROOT / "docs" / "compress-report.schema.json").read_text())
 
 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def run_ort() -> Callable[..., list[np.ndarray]]:
+    """references.run_ort, the suite's one plain onnxruntime runner (optimisation off, CPU)."""
+    return references.run_ort
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    """click's runner: the command line in this process, stdout and stderr kept apart."""
+    return CliRunner()
 
 
 def load_npz(path) -> dict[str, np.ndarray]:

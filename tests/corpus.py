@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from models import _model, _x
 from onnx import TensorProto, helper, numpy_helper
+from references import run_ort
 
 import egp_onnx
 
@@ -40,14 +40,10 @@ class Outcome:
 
 
 # ------------------------------------------------------------------ the acceptance check
-def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Outputs on ``feed``, run in chunks of the model's batch size when it is fixed."""
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    fixed = session.get_inputs()[0].shape[0]
-    n = len(next(iter(feed.values())))
-    step = fixed if isinstance(fixed, int) and fixed > 0 else n
-    parts = [session.run(None, {k: v[i : i + step] for k, v in feed.items()}) for i in range(0, n, step)]
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+def run_fixed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """run_ort on ``feed``, in chunks of the model's batch size when it is fixed."""
+    first = next(i for i in model.graph.input if i.name in feed)
+    return run_ort(model, feed, batch=first.type.tensor_type.shape.dim[0].dim_value or None)
 
 
 def rel_error(want: list[np.ndarray], got: list[np.ndarray]) -> float:
@@ -84,11 +80,11 @@ def accept(
     onnx.checker.check_model(same.model, full_check=True)
     assert not same.report.surgery.reverted, same.report.surgery.revert_reason
     assert not any(r.kind in ("zero_off_channels", "remove_rectifier") for r in same.report.surgery.rewrites)
-    assert rel_error(run(model, fresh), run(same.model, fresh)) < 1e-5
-    assert rel_error(run(model, calib), run(same.model, calib)) < 1e-5
+    assert rel_error(run_fixed(model, fresh), run_fixed(same.model, fresh)) < 1e-5
+    assert rel_error(run_fixed(model, calib), run_fixed(same.model, calib)) < 1e-5
     half = egp_onnx.compress(model, path, sparsity=0.5, **plain)
     onnx.checker.check_model(half.model, full_check=True)
-    assert all(np.isfinite(o).all() for o in run(half.model, fresh))
+    assert all(np.isfinite(o).all() for o in run_fixed(half.model, fresh))
     summary = half.report.model
     # the budget leaves output heads dense: a small model may stop short of 0.5
     assert summary.sparsity > 0.45 or half.report.stop.reason == "no-weights-left"

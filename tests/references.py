@@ -3,28 +3,53 @@ numpy definitions that egp-onnx's faster code must match."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
 
 
-def run_ort(model: onnx.ModelProto, feed: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
-    """The one plain onnxruntime run of the suite: graph optimisation off, so nothing is fused away."""
+def run_ort(
+    model: onnx.ModelProto | str | Path,
+    feed: dict[str, np.ndarray],
+    outputs: list[str] | None = None,
+    *,
+    batch: int | None = None,
+    optimize: bool = False,
+) -> list[np.ndarray]:
+    """The one plain onnxruntime run of the suite: graph optimisation off, so nothing is fused away.
+
+    Args:
+        model: the model, or the path of a model file (its external data is read beside it).
+        feed: input name -> array.
+        outputs: the output names to return, in order; all of the graph's outputs when None.
+        batch: run the feed in chunks of this many samples and concatenate (a model with a fixed
+            batch size, or a test set too large for one run); one run when None.
+        optimize: all of onnxruntime's graph optimisations on: for a test that compares against an
+            optimised session on purpose, or measures a shipped model as a user's session runs it.
+    """
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(outputs, feed)
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    n = len(next(iter(feed.values())))
+    if batch is None or batch >= n:
+        return session.run(outputs, feed)
+    parts = [session.run(outputs, {k: v[i : i + batch] for k, v in feed.items()}) for i in range(0, n, batch)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
 def reference_activations(model: onnx.ModelProto, tensors: list[str], feed: dict) -> dict[str, np.ndarray]:
-    """Plain onnxruntime with the rectifier inputs exposed as graph outputs."""
+    """Plain onnxruntime (run_ort) with exactly ``tensors`` as the graph outputs."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
-    for t in tensors:
-        exposed.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
-    return dict(zip(tensors, session.run(tensors, feed), strict=True))
+    del exposed.graph.output[:]
+    exposed.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors)
+    return dict(zip(tensors, run_ort(exposed, feed, tensors), strict=True))
 
 
 def spins(session) -> bool:

@@ -11,22 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 from conftest import SAMPLES, load_npz
 from models import image_model as image_model_builder
 from models import inputs, no_rectifier, save, save_external, toy_files, two_convs
+from references import run_ort
 
 from egp_onnx.cli.main import main
 
 MODEL = SAMPLES / "digits_resnet.onnx"
 CALIB = SAMPLES / "digits_calib.npz"
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
 
 
 def digest(path) -> str:
@@ -53,8 +47,7 @@ def test_compress_sample_to_ninety_percent(tmp_path):
     assert digest(MODEL) == before, "input model untouched"
     onnx.checker.check_model(model, full_check=True)
     x = load_npz(SAMPLES / "digits_test.npz")["input"]
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"input": x})[0]
+    logits = run_ort(model, {"input": x})[0]
     assert logits.shape == (len(x), 10) and np.isfinite(logits).all()
     summary = data["model"]
     assert summary["prunable_zeroed"] == round(0.9 * summary["prunable_weights"])
@@ -287,11 +280,8 @@ def test_external_data_in_and_out(runner, tmp_path, rng):
     data_file = tmp_path / "o.onnx.data"
     assert data_file.exists() and data_file.stat().st_size >= 4 * 3 * 3 * 3 * 4
     assert out.stat().st_size < data_file.stat().st_size, "the weights live beside the graph"
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x}
-    )[0]
-    np.testing.assert_allclose(session.run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-6)
+    want = run_ort(model, {"x": x})[0]
+    np.testing.assert_allclose(run_ort(out, {"x": x})[0], want, rtol=1e-5, atol=1e-6)
     again = runner.invoke(main, [*args, "--external-data"])
     assert again.exit_code == 2, "an existing output is not overwritten without --force"
     forced = runner.invoke(main, [*args, "--external-data", "--force"])

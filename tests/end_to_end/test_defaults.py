@@ -3,33 +3,27 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from conftest import SAMPLES, load_npz
-from models import Builder, f32
+from cli_checks import cli, compress_args
+from click.testing import CliRunner
+from conftest import REPORT_SCHEMA, SAMPLES, load_npz
+from models import Builder, f32, toy_files
+from references import run_ort
 
 import egp_onnx
+from egp_onnx.cli.main import main
 from egp_onnx.load.calibration import automatic_holdout, open_calibration, split_holdout
 from egp_onnx.load.model import load_model
 
+TEST = SAMPLES / "digits_test.npz"
+
 MODEL = SAMPLES / "digits_resnet.onnx"
 CALIB = SAMPLES / "digits_calib.npz"
-
-
-def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feed)[0]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "egp_onnx", *args], capture_output=True, text=True, check=False
-    )
 
 
 @pytest.mark.parametrize(("samples", "held"), [(1, 0), (3, 0), (8, 4), (512, 256), (2000, 500), (4000, 1000)])
@@ -41,17 +35,7 @@ def test_default_run_writes_a_model_within_the_guard(tmp_path):
     out, report = tmp_path / "small.onnx", tmp_path / "r.json"
     # the default command, with a lower ceiling to keep the test short
     proc = cli(
-        "compress",
-        str(MODEL),
-        "--calib",
-        str(CALIB),
-        "-o",
-        str(out),
-        "--report",
-        str(report),
-        "--sparsity",
-        "0.6",
-        "--no-latency",
+        *compress_args(MODEL, CALIB, out, "--report", str(report), "--sparsity", "0.6", "--no-latency")
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(report.read_text())
@@ -64,8 +48,8 @@ def test_default_run_writes_a_model_within_the_guard(tmp_path):
     original = load_model(MODEL)
     _, held = split_holdout(open_calibration(CALIB, original), None, 0)
     arrays, _ = held.arrays()
-    want = run(original, arrays)
-    got = run(onnx.load(out), arrays)
+    want = run_ort(original, arrays)[0]
+    got = run_ort(onnx.load(out), arrays)[0]
     agreement = float((want.argmax(1) == got.argmax(1)).mean())
     assert agreement >= 0.99
     assert agreement == pytest.approx(data["fidelity"]["top1_agreement"])
@@ -87,15 +71,7 @@ def test_the_guard_refuses_to_write_a_broken_model(rng, tmp_path):
     np.savez(tmp_path / "c.npz", x=f32(rng.normal(size=(2000, 16))))
     out = tmp_path / "out.onnx"
     proc = cli(
-        "compress",
-        str(tmp_path / "m.onnx"),
-        "--calib",
-        str(tmp_path / "c.npz"),
-        "-o",
-        str(out),
-        "--min-agreement",
-        "1.0",
-        "--no-latency",
+        *compress_args(tmp_path / "m.onnx", tmp_path / "c.npz", out, "--min-agreement", "1.0", "--no-latency")
     )
     assert proc.returncode == 1, proc.stderr
     assert "failed the guard" in proc.stderr and "nothing written" in proc.stderr
@@ -111,12 +87,12 @@ def test_sparsity_zero_is_exact_on_a_different_distribution(rng):
     assert result.report.model.prunable_zeroed == 0 and result.report.steps == ()
     # inputs the calibration data never looked like: uniform noise, scaled and shifted
     x = f32(rng.uniform(-3, 8, size=(64, 1, 8, 8)))
-    want, got = run(model, {"input": x}), run(result.model, {"input": x})
+    want, got = run_ort(model, {"input": x})[0], run_ort(result.model, {"input": x})[0]
     assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
     test = load_npz(SAMPLES / "digits_test.npz")
     np.testing.assert_allclose(
-        run(result.model, {"input": test["input"]}),
-        run(model, {"input": test["input"]}),
+        run_ort(result.model, {"input": test["input"]})[0],
+        run_ort(model, {"input": test["input"]})[0],
         rtol=1e-4,
         atol=1e-4,
     )
@@ -151,3 +127,38 @@ def test_settings_and_keyword_overrides_make_the_same_run(rng, tmp_path):
     assert settings == Settings(sparsity=0.9, step=1.0, latency=False), (
         "the caller's settings are not changed"
     )
+
+
+def predictions(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
+    return run_ort(model, {"input": x})[0].argmax(1)
+
+
+def test_guarded_sample_agreement_matches_independent_measurement(tmp_path):
+    out, report_path = tmp_path / "x.onnx", tmp_path / "r.json"
+    guarded = ["--sparsity", "0.9", "--eval", str(TEST), "--min-agreement", "0.97"]
+    # plain EGP (--no-reconstruct): the guard stops it within a few steps
+    args = compress_args(MODEL, CALIB, out, *guarded, "--no-reconstruct", "--report", str(report_path))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    test = load_npz(TEST)
+    independent = float((predictions(out, test["input"]) == predictions(MODEL, test["input"])).mean())
+    assert report["fidelity"]["top1_agreement"] == pytest.approx(independent, abs=0.003)
+    assert report["fidelity"]["top1_agreement"] >= 0.97
+    assert report["fidelity"]["data"] == "eval" and report["fidelity"]["samples"] == len(test["input"])
+    accuracy = float((predictions(out, test["input"]) == test["labels"]).mean())
+    assert report["fidelity"]["accuracy_after"] == pytest.approx(accuracy, abs=1e-8)
+    assert report["stop"]["reason"] == "guard"
+    assert report["steps"][-1]["accepted"] is False and report["steps"][-1]["top1_agreement"] < 0.97
+    jsonschema.validate(report, REPORT_SCHEMA)
+
+
+def test_first_step_failing_the_guard_exits_1_and_writes_nothing(rng, tmp_path):
+    model, calib = toy_files(tmp_path, rng)
+    out = tmp_path / "o.onnx"
+    args = compress_args(model, calib, out, "--max-rel-error", "0", "--report", str(tmp_path / "r.json"))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "step 1" in result.stderr and "failed the guard" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "r.json").exists()

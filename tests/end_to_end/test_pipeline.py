@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from conftest import SAMPLES, compress_plain, load_npz
 from models import gemm_head, inputs, residual_block, toy_files
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
+from references import run_ort
 
 import egp_onnx
 from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.entropy import layer_entropy
 from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.load.calibration import open_calibration
-from egp_onnx.load.model import prepare_model
-
-
-def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+from egp_onnx.load.model import load_model, prepare_model
 
 
 def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -40,7 +35,7 @@ def test_sparsity_zero_is_output_identical_and_caller_model_untouched(residual, 
     result = compress_plain(model, calib, sparsity=0.0, surgery=False)
     assert model.SerializeToString() == snapshot
     x = inputs(rng, n=5, shape=(4, 6, 6))
-    np.testing.assert_array_equal(run(result.model, x), run(model, x))
+    np.testing.assert_array_equal(run_ort(result.model, {"x": x})[0], run_ort(model, {"x": x})[0])
     assert result.report.model.prunable_zeroed == 0
     assert result.report.steps == ()
 
@@ -133,9 +128,10 @@ def test_sparsity_zero_with_surgery_matches_outputs(residual, rng):
     model, calib = residual
     result = compress_plain(model, calib, sparsity=0.0)
     x = inputs(rng, n=5, shape=(4, 6, 6))
-    np.testing.assert_allclose(run(result.model, x), run(model, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        run_ort(result.model, {"x": x})[0], run_ort(model, {"x": x})[0], rtol=1e-5, atol=1e-5
+    )
     assert result.report.surgery.enabled and not result.report.surgery.reverted
-
 
 
 def test_freed_memory_is_trimmed_once_before_surgery(residual, monkeypatch):
@@ -151,6 +147,7 @@ def test_freed_memory_is_trimmed_once_before_surgery(residual, monkeypatch):
     compress_plain(model, calib, sparsity=0.5)
     assert events == ["trim", "surgery"]
 
+
 def test_sample_at_95_percent_is_shallower_and_runs():
     result = compress_plain(SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz", sparsity=0.95)
     summary = result.report.model
@@ -158,8 +155,7 @@ def test_sample_at_95_percent_is_shallower_and_runs():
     assert summary.nonlinear_depth_after < summary.nonlinear_depth_before
     onnx.checker.check_model(result.model, full_check=True)
     test = load_npz(SAMPLES / "digits_test.npz")
-    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"input": test["input"]})[0]
+    logits = run_ort(result.model, {"input": test["input"]})[0]
     assert logits.shape == (len(test["input"]), 10) and np.isfinite(logits).all()
     assert {layer.state for layer in result.report.layers} <= {
         "kept",
@@ -240,3 +236,38 @@ def test_a_step_is_measured_after_its_statistics_pass_only_without_thresholds(rn
     assert events == ["measure", "count", "measure"]
     assert after.model.SerializeToString() == plain.model.SerializeToString()
     assert after.report.steps == plain.report.steps and after.report.layers == plain.report.layers
+
+
+def test_the_original_kept_for_the_latency_is_its_session_and_graph(rng, tmp_path, monkeypatch):
+    """The session holds its own copy of the weights; the model beside it is the graph only."""
+    import egp_onnx.api.compress as pipeline
+
+    timed = []
+    real = pipeline.compare_latency
+    monkeypatch.setattr(pipeline, "compare_latency", lambda *args: timed.append(args[0]) or real(*args))
+    model, calib = toy_files(tmp_path, rng)
+    egp_onnx.compress(model, calib, sparsity=0.5, step=1.0, guard=False, batch_size=8)
+    kept = timed[0].model
+    large = [t for t in kept.graph.initializer if np.prod(t.dims) > 64]
+    assert large and all(not t.raw_data and t.data_location == TensorProto.EXTERNAL for t in large)
+    assert len(kept.graph.node) == len(load_model(model).graph.node)
+
+
+def test_compress_builds_one_session_per_model(rng, tmp_path, monkeypatch):
+    """The original's session serves the reference outputs and the latency; the pruned model's
+    serves the guard and surgery's check; the rewritten model's its check, evaluation and latency."""
+    import egp_onnx.runtime.handle as handle
+
+    built = []
+    real = handle.make_session
+
+    def counting(model, *args, **kwargs):
+        built.append(model.graph.name)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(handle, "make_session", counting)
+    model, calib = toy_files(tmp_path, rng)
+    result = egp_onnx.compress(model, calib, sparsity=0.5, step=1.0, guard=False, batch_size=8)
+    assert len(result.report.steps) == 1 and result.report.timing is not None
+    assert not result.report.surgery.reverted
+    assert len(built) == 3

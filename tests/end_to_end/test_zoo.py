@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from models import Builder
+from references import run_ort
 
 import egp_onnx
 
@@ -168,11 +168,6 @@ def feeds(rng, shapes, dtype, n=24):
     return {k: rng.normal(size=(n, *s)).astype(dtype) for k, s in shapes.items()}
 
 
-def run(model, feed):
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feed)
-
-
 def rel_error(want, got):
     return max(
         float(np.linalg.norm(g.astype(np.float64) - w) / max(np.linalg.norm(w.astype(np.float64)), 1e-12))
@@ -192,13 +187,13 @@ def check(model, shapes, dtype, rng, tmp_path, tolerance=1e-5):
     )
     onnx.checker.check_model(same.model, full_check=True)
     assert not same.report.surgery.reverted, same.report.surgery.revert_reason
-    assert rel_error(run(model, calib), run(same.model, calib)) < tolerance
+    assert rel_error(run_ort(model, calib), run_ort(same.model, calib)) < tolerance
     half = egp_onnx.compress(
         model, tmp_path / "calib.npz", sparsity=0.5, latency=False, guard=False, holdout=0
     )
     onnx.checker.check_model(half.model, full_check=True)
     assert not half.report.surgery.reverted, half.report.surgery.revert_reason
-    outputs = run(half.model, feeds(rng, shapes, dtype, n=3))
+    outputs = run_ort(half.model, feeds(rng, shapes, dtype, n=3))
     assert all(np.isfinite(o).all() for o in outputs)
     if half.report.stop.reason == "no-weights-left":
         # the budget leaves output heads dense and caps layers every path needs: in small models
@@ -235,5 +230,5 @@ def test_dynamic_spatial_size(rng, tmp_path):
     model, shapes = upsampling(rng)
     same, _ = check(model, shapes, np.float32, rng, tmp_path)
     other = {"x": rng.normal(size=(2, 3, 7, 9)).astype(np.float32)}  # another batch and spatial size
-    out = run(same.model, other)[0]
-    assert out.shape == run(model, other)[0].shape == (2, 2, 28, 36)
+    out = run_ort(same.model, other)[0]
+    assert out.shape == run_ort(model, other)[0].shape == (2, 2, 28, 36)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from models import Builder
-from references import reference_activations
+from references import reference_activations, run_ort
 
 import egp_onnx
 from egp_onnx.calibrate.collect import collect_statistics
@@ -85,12 +84,7 @@ def test_leaky_with_fixed_signs_is_removed_exactly(op, rng, tmp_path):
     assert op not in {n.op_type for n in result.model.graph.node}
     assert any(r.kind == "remove_rectifier" and r.nodes == ("act",) for r in result.report.surgery.rewrites)
     fresh = rng.normal(size=(5, 3, 6, 6)).astype(np.float32)
-    want, got = (
-        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-            None, {"x": fresh}
-        )[0]
-        for m in (model, result.model)
-    )
+    want, got = (run_ort(m, {"x": fresh})[0] for m in (model, result.model))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from conftest import ROOT, SAMPLES, compress_plain, load_npz
+from references import run_ort
 
 torch = pytest.importorskip("torch", reason="needs the optional torch extra: pip install 'egp-onnx[torch]'")
 from torch import nn  # noqa: E402
@@ -58,11 +58,6 @@ def trained_small(seed: int) -> Small:
     return module.eval()
 
 
-def ort_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
-
-
 @pytest.mark.parametrize("fold", [True, False], ids=["bn_folded", "bn_unfolded"])
 def test_torch_mapping_round_trips_through_export(fold, tmp_path):
     source = trained_small(0)
@@ -80,7 +75,7 @@ def test_torch_mapping_round_trips_through_export(fold, tmp_path):
     with torch.no_grad():
         got = fresh(torch.from_numpy(x)).numpy()
         want = source(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(got, ort_run(model, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, run_ort(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # and back: the module's parameters, folded again where they were, equal the ONNX tensors
     values = onnx_weights(fresh, bindings)
@@ -88,7 +83,10 @@ def test_torch_mapping_round_trips_through_export(fold, tmp_path):
     for name, value in values.items():
         np.testing.assert_allclose(value, original[name], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
-        ort_run(replace_tensors(model, values), x), ort_run(model, x), rtol=1e-5, atol=1e-6
+        run_ort(replace_tensors(model, values), {"x": x})[0],
+        run_ort(model, {"x": x})[0],
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -151,8 +149,7 @@ def test_finetune_callback_beats_no_finetune_at_equal_sparsity():
     assert tuned.fidelity.accuracy_after > 0.9
     # the accuracy the report gives is what onnxruntime measures on the written model
     data = load_npz(test)
-    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    accuracy = float((session.run(None, {"input": data["input"]})[0].argmax(1) == data["labels"]).mean())
+    accuracy = float((run_ort(result.model, {"input": data["input"]})[0].argmax(1) == data["labels"]).mean())
     assert accuracy == pytest.approx(tuned.fidelity.accuracy_after)
 
 

@@ -1,11 +1,18 @@
+"""Calibration data (load/calibration.py): files and folders read and rebatched, labels, a fixed
+batch's leftover samples, the held-out split; mismatches refused."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from models import image_model, inputs, single_conv
+from conftest import compress_plain
+from models import image_model, inputs, save, single_conv, two_convs
+from onnx import TensorProto, helper, numpy_helper
+from references import run_ort
 
+import egp_onnx
 from egp_onnx.errors import CalibrationError
-from egp_onnx.load.calibration import open_calibration
+from egp_onnx.load.calibration import open_calibration, split_holdout
 from egp_onnx.load.model import prepare_model
 
 
@@ -134,3 +141,63 @@ def test_workers_report_a_bad_shard(model, rng, tmp_path):
     data = open_calibration(folder, model, workers=2)
     with pytest.raises(CalibrationError, match=r"part 2\).*dtype float64"):
         list(data.batches(3))
+
+
+def test_one_hot_labels_count_as_their_argmax(tmp_path):
+    rng = np.random.default_rng(11)
+    model = two_convs(rng)
+    flat = helper.make_node("Flatten", ["y"], ["f"], name="flat")
+    head = helper.make_node("Gemm", ["f", "hw"], ["logits"], name="fc", transB=1)
+    model.graph.node.extend([flat, head])
+    model.graph.initializer.append(
+        numpy_helper.from_array(rng.normal(size=(5, 144)).astype(np.float32), "hw")
+    )
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5]))
+    save(model, tmp_path / "m.onnx")
+    x = inputs(rng, n=40)
+    labels = rng.integers(0, 5, 40)
+    np.savez(tmp_path / "index.npz", x=x, labels=labels)
+    np.savez(tmp_path / "onehot.npz", x=x, labels=np.eye(5, dtype=np.float32)[labels])
+    want = float((run_ort(model, {"x": x})[0].argmax(1) == labels).mean())
+    for eval_file in ("index.npz", "onehot.npz"):
+        report = compress_plain(
+            tmp_path / "m.onnx",
+            tmp_path / "index.npz",
+            sparsity=0.3,
+            eval_data=tmp_path / eval_file,
+            latency=False,
+        ).report
+        assert report.fidelity.accuracy_before == pytest.approx(want)
+    np.savez(tmp_path / "cube.npz", x=x, labels=np.zeros((40, 5, 2)))
+    with pytest.raises(egp_onnx.EgpError, match=r"'labels' have shape \(40, 5, 2\); give class indices"):
+        compress_plain(tmp_path / "m.onnx", tmp_path / "index.npz", eval_data=tmp_path / "cube.npz")
+
+
+def test_samples_that_do_not_fill_a_fixed_batch_are_counted(tmp_path, rng, caplog):
+    model = two_convs(rng)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=10))
+    with caplog.at_level("WARNING", logger="egp_onnx"):
+        report = compress_plain(model, tmp_path / "c.npz", sparsity=0.5, latency=False).report
+    warned = [r.getMessage() for r in caplog.records if "fixed at 4" in r.getMessage()]
+    assert warned == [
+        f"{tmp_path / 'c.npz'}: the model's batch size is fixed at 4: 2 of 10 samples do not fill a batch "
+        "and are not used (give a multiple of 4 samples)"
+    ], "said once, with the count"
+    assert report.samples == 8 and report.fidelity.samples == 8
+
+
+def test_holdout_split_is_disjoint_and_seeded(rng, tmp_path):
+    model = prepare_model(single_conv(rng))
+    x = inputs(rng, n=20)
+    np.savez(tmp_path / "c.npz", x=x, labels=np.arange(20))
+    data = open_calibration(tmp_path / "c.npz", model)
+    calib, held = split_holdout(data, 0.25, seed=3)
+    (xc, lc), (xh, lh) = calib.arrays(), held.arrays()
+    np.testing.assert_array_equal(xc["x"], x[lc])
+    assert len(lh) == 5 and len(lc) == 15
+    assert sorted([*lc.tolist(), *lh.tolist()]) == list(range(20))
+    np.testing.assert_array_equal(xh["x"], x[lh])
+    again = split_holdout(data, 0.25, seed=3)[1].arrays()[1]
+    np.testing.assert_array_equal(again, lh)

@@ -1,13 +1,16 @@
-"""io.checked_split: onnx.checker's verdict on a model without serialising its weights."""
+"""load/model.py: onnx.checker's verdict on a model without serialising its weights; external data
+files that are missing or outside the model's folder refused."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
-from models import gemm_head, residual_block, single_conv, two_convs
+from cli_checks import one_line_error
+from models import gemm_head, inputs, residual_block, save_external, single_conv, two_convs
 from onnx import helper
 
+from egp_onnx.cli.main import main
 from egp_onnx.graph.weights import split_weights
 from egp_onnx.load.model import checked_split
 
@@ -79,3 +82,22 @@ def test_an_initializer_that_is_also_an_input_stays_one_input(rng):
     stubbed, weights = checked_split(model)
     assert "w" in weights
     assert [i.name for i in stubbed.graph.input] == ["x", "w"]
+
+
+def test_external_data_outside_or_missing_is_refused(runner, tmp_path, rng):
+    model = two_convs(rng)
+    np.savez(tmp_path / "c.npz", x=inputs(rng))
+    (tmp_path / "m").mkdir()
+    save_external(model, tmp_path / "m" / "gone.onnx", "gone.bin")
+    (tmp_path / "m" / "gone.bin").unlink()
+    outside = onnx.load(str(tmp_path / "m" / "gone.onnx"), load_external_data=False)
+    for tensor in outside.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../c.npz"
+    onnx.save(outside, str(tmp_path / "m" / "out.onnx"))
+    c = ["--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o.onnx")]
+    gone = one_line_error(runner.invoke(main, ["compress", str(tmp_path / "m" / "gone.onnx"), *c]))
+    assert "external data file gone.bin of tensor 'w' not found beside the model" in gone
+    far = one_line_error(runner.invoke(main, ["compress", str(tmp_path / "m" / "out.onnx"), *c]))
+    assert "tensor 'w' keeps its data at '../c.npz', outside the model's folder" in far

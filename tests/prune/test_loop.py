@@ -5,7 +5,9 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
-from conftest import SAMPLES
+import pytest
+from conftest import SAMPLES, compress_plain
+from models import inputs, residual_block
 
 from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.config import Settings
@@ -15,7 +17,7 @@ from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import load_model
 from egp_onnx.prune.budget import prune_smallest
 from egp_onnx.prune.limits import sparsity_limits
-from egp_onnx.prune.loop import LayerSet, LoopContext, run_loop
+from egp_onnx.prune.loop import RETRIES, LayerSet, LoopContext, run_loop
 from egp_onnx.reconstruct import refit as rc
 from egp_onnx.report.records import Fidelity
 
@@ -169,3 +171,37 @@ def test_a_rejected_step_is_retried_from_the_last_accepted_weights():
         kept = weights != 0
         np.testing.assert_array_equal(weights[kept], accepted[name][kept], err_msg=name)
         assert not (kept & (accepted[name] == 0)).any(), name
+
+
+def test_guard_stops_at_the_right_step(rng, tmp_path):
+    model = residual_block(rng)
+    np.savez(tmp_path / "c.npz", x=inputs(rng, n=24, shape=(4, 6, 6)))
+    calib = tmp_path / "c.npz"
+    free = compress_plain(model, calib, sparsity=0.95, step=0.3, surgery=False, latency=False).report
+    errors = [s.rel_error for s in free.steps]
+    assert len(errors) >= 4 and errors[:4] == sorted(errors[:4]), "damage grows step by step"
+    threshold = (errors[1] + errors[2]) / 2  # step 2 passes, step 3 does not
+    guarded = compress_plain(
+        model, calib, sparsity=0.95, step=0.3, surgery=False, latency=False, max_rel_error=threshold
+    )
+    report = guarded.report
+    steps = report.steps
+    assert report.stop.reason == "guard"
+    # steps 1 and 2 are the free run's; step 3 at full size breaks the guard and is rolled back
+    assert [(s.removed, s.accepted) for s in steps[:3]] == [
+        (free.steps[0].removed, True),
+        (free.steps[1].removed, True),
+        (free.steps[2].removed, False),
+    ]
+    # a rejected step is retried at half its size; the run stops after RETRIES rejections in a row
+    for rejected, retry in zip(steps[:-1], steps[1:], strict=True):
+        if not rejected.accepted:
+            assert retry.removed <= rejected.removed / 2 + 1
+    assert [s.accepted for s in steps[-(RETRIES + 1) :]] == [False] * (RETRIES + 1)
+    accepted = [s for s in steps if s.accepted]
+    assert all(s.rel_error <= threshold for s in accepted)
+    assert all(s.rel_error > threshold for s in steps if not s.accepted)
+    # the written model is the last accepted step's
+    assert report.stop.step == accepted[-1].step
+    assert report.model.sparsity == pytest.approx(accepted[-1].sparsity)
+    assert report.fidelity.rel_error == pytest.approx(accepted[-1].rel_error, rel=1e-6)

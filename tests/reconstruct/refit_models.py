@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from models import Builder, f32
 
 from egp_onnx.load.calibration import in_memory, input_specs
-
-
-def run(
-    model: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str] | None = None
-) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(names, feed)
 
 
 def data_for(model: onnx.ModelProto, x: np.ndarray):

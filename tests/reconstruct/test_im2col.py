@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from models import f32
-from refit_models import CONVS, conv_model, run
+from references import run_ort
+from refit_models import CONVS, conv_model
 
 from egp_onnx.graph.layers import linear_layers
 from egp_onnx.graph.weights import initializer_arrays
@@ -21,7 +22,7 @@ def test_conv_rows_reproduce_onnxruntime(rng, name):
     (layer,), skipped = linear_layers(model)
     assert not skipped and layer.groups == config["group"]
     x = f32(rng.normal(size=(3, config["cin"], 9, 9)))
-    (y,) = run(model, {"x": x})
+    (y,) = run_ort(model, {"x": x})
     where = im2col.positions(y.shape, np.random.default_rng(0), normal.POSITIONS_PER_SAMPLE)
     rows, target = im2col.conv_rows(x, layer, where), im2col.rows_of(y, where)
     arrays = initializer_arrays(model, ["conv.w", "conv.b"])

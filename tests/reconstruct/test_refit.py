@@ -9,7 +9,8 @@ import onnx
 import pytest
 from conftest import SAMPLES, load_npz
 from models import Builder, f32
-from refit_models import CONVS, conv_model, correlated, data_for, rel, residual_model, run
+from references import reference_activations, run_ort
+from refit_models import CONVS, conv_model, correlated, data_for, rel, residual_model
 
 from egp_onnx.graph.layers import LinearLayer, linear_layers
 from egp_onnx.graph.weights import initializer_arrays, replace_initializers, split_weights
@@ -88,7 +89,7 @@ def test_pruned_conv_refit_beats_pruning_alone_on_held_out_data(rng, name):
     refit = initializer_arrays(result.model, ["conv.w"])["conv.w"]
     assert np.count_nonzero(refit) == w.size - count
     np.testing.assert_array_equal(refit == 0, initializer_arrays(pruned, ["conv.w"])["conv.w"] == 0)
-    (dense_y,), (pruned_y,), (refit_y,) = (run(m, {"x": held}) for m in (model, pruned, result.model))
+    (dense_y,), (pruned_y,), (refit_y,) = (run_ort(m, {"x": held}) for m in (model, pruned, result.model))
     assert rel(refit_y, dense_y) < 0.9 * rel(pruned_y, dense_y)
 
 
@@ -123,7 +124,7 @@ def test_dense_layers_refit_with_either_layout(rng, op):
     refit = initializer_arrays(result.model, ["fc.w"])["fc.w"]
     assert np.count_nonzero(refit) == w.size - count
     # An independent reference: per output, ridge least squares on the kept inputs (numpy).
-    (dense_x_y,) = run(model, {"x": x})
+    (dense_x_y,) = run_ort(model, {"x": x})
     mask = initializer_arrays(pruned, ["fc.w"])["fc.w"] != 0
     kept = mask.T if op == "gemm-transB" else mask  # (12 inputs, 8 outputs)
     bias = op != "matmul"
@@ -139,7 +140,7 @@ def test_dense_layers_refit_with_either_layout(rng, op):
         expected[idx[idx < 12], o] = solution[: (idx < 12).sum()] / scale
     got = refit.T if op == "gemm-transB" else refit
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-    (dense_y,), (pruned_y,), (refit_y,) = (run(m, {"x": held}) for m in (model, pruned, result.model))
+    (dense_y,), (pruned_y,), (refit_y,) = (run_ort(m, {"x": held}) for m in (model, pruned, result.model))
     assert rel(refit_y, dense_y) < rel(pruned_y, dense_y)
 
 
@@ -164,22 +165,14 @@ def test_residual_branch_targets_the_add_minus_the_current_shortcut(rng):
     weights = initializer_arrays(model, ["c0.w", "c2.w"])
     remove = {"c0.w": weights["c0.w"].size * 9 // 10, "c2.w": weights["c2.w"].size // 2}
     result = rc.reconstruct(model, model, data_for(model, x), 32, remove=remove, masked=list(remove))
-    dense_add = run(model_with_output(model, "add"), {"x": held})[0]
-    aware = run(model_with_output(result.model, "add"), {"x": held})[0]
+    dense_add = reference_activations(model, ["add"], {"x": held})["add"]
+    aware = reference_activations(result.model, ["add"], {"x": held})["add"]
     plain_layers = [
         LinearLayer(**{**vars(c2), "residual": None, "shortcut": None, "scale": None, "shift": None})
     ]
     unaware = refit_with(model, result.model, plain_layers[0], x)
-    plain = run(model_with_output(unaware, "add"), {"x": held})[0]
+    plain = reference_activations(unaware, ["add"], {"x": held})["add"]
     assert rel(aware, dense_add) < rel(plain, dense_add)
-
-
-def model_with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    del copy.graph.output[0]
-    return copy
 
 
 def refit_with(dense, current, layer, x) -> onnx.ModelProto:
@@ -207,7 +200,7 @@ def test_masks_stay_zero_over_a_whole_sample_and_obs_selection(rng):
     weights = initializer_arrays(model, names)
     remove = {n: weights[n].size * 7 // 10 for n in names}
     test = load_npz(SAMPLES / "digits_test.npz")
-    (dense_y,) = run(model, {"input": test["input"]})
+    (dense_y,) = run_ort(model, {"input": test["input"]})
     errors = {}
     for select in ("magnitude", "obs"):
         result = rc.reconstruct(model, model, calib, 64, remove=remove, masked=names, select=select)
@@ -218,13 +211,13 @@ def test_masks_stay_zero_over_a_whole_sample_and_obs_selection(rng):
         refit = {f.name for f in result.fits if f.status == "refit"}
         assert {"block1.conv1", "block3.conv2", "fc1", "fc2"} <= refit and "stem.conv" not in refit
         assert all(f.error_after <= f.error_before + 1e-9 for f in result.fits if f.name in ("fc1",))
-        (y,) = run(result.model, {"input": test["input"]})
+        (y,) = run_ort(result.model, {"input": test["input"]})
         errors[select] = rel(y, dense_y)
         assert (y.argmax(1) == dense_y.argmax(1)).mean() >= 0.97
     pruned = replace_initializers(
         model, {n: prune_smallest(weights[n], remove[n], np.random.default_rng(1)) for n in names}
     )
-    (pruned_y,) = run(pruned, {"input": test["input"]})
+    (pruned_y,) = run_ort(pruned, {"input": test["input"]})
     assert max(errors.values()) < 0.5 * rel(pruned_y, dense_y)
 
 

@@ -1,15 +1,19 @@
-"""Sessions: each preset's options, weights from memory, and no reference kept to them."""
+"""Sessions: each preset's options, weights from memory, no reference kept to them, and
+onnxruntime's log lines and profile dumps kept out of the user's way."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import weakref
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
+from conftest import ROOT
 from models import inputs, residual_block, single_conv
-from references import spins
+from references import run_ort, spins
 
 from egp_onnx.errors import CalibrationError, ModelError
 from egp_onnx.graph.weights import split_weights
@@ -66,23 +70,14 @@ def test_sessions_take_weights_from_memory_with_the_same_results(rng):
     assert all(not t.raw_data and not t.float_data for t in stubbed.graph.initializer if t.name in values)
     assert stubbed.ByteSize() < model.ByteSize() / 2
     x = inputs(rng, 6, (4, 6, 6))
-    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        want = _plain_output(model, level, x)
-        optimize = level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for optimize in (False, True):
+        want = run_ort(model, {"x": x}, optimize=optimize)[0]
         np.testing.assert_array_equal(make_session(model, _preset(optimize)).run(None, {"x": x})[0], want)
         from_stubs = make_session(stubbed, _preset(optimize), weights=values)
         np.testing.assert_array_equal(from_stubs.run(None, {"x": x})[0], want)
     with pytest.raises(ModelError, match="no values"):
         make_session(stubbed, STATISTICS)
 
-
-
-def _plain_output(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, x: np.ndarray) -> np.ndarray:
-    """The model's first output from a plain onnxruntime session at that optimisation level."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return plain.run(None, {"x": x})[0]
 
 def test_a_session_keeps_no_reference_to_the_weights_it_was_built_from(rng):
     """
@@ -92,12 +87,10 @@ def test_a_session_keeps_no_reference_to_the_weights_it_was_built_from(rng):
     model = prepare_model(residual_block(rng))
     stubbed, values = split_weights(model)
     x = inputs(rng, 6, (4, 6, 6))
-    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        want = _plain_output(model, level, x)
+    for optimize in (False, True):
+        want = run_ort(model, {"x": x}, optimize=optimize)[0]
         copies = {name: array.copy() for name, array in values.items()}
-        session = make_session(
-            stubbed, _preset(level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL), weights=copies
-        )
+        session = make_session(stubbed, _preset(optimize), weights=copies)
         for name in copies:
             copies[name][...] = np.nan
         np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
@@ -107,3 +100,49 @@ def test_a_session_keeps_no_reference_to_the_weights_it_was_built_from(rng):
         np.testing.assert_array_equal(session.run(None, {"x": x})[0], want)
         config = session.get_session_options().get_session_config_entry
         assert config("session.use_device_allocator_for_initializers") == "1"  # outside the arena
+
+
+INITIALIZER_INPUTS = """
+import sys
+import onnx
+from onnx import helper
+sys.path.insert(0, {tests!r})
+import numpy as np
+from models import two_convs
+model = two_convs(np.random.default_rng(0))
+for t in model.graph.initializer:
+    model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+{session}
+"""
+
+
+@pytest.mark.parametrize(
+    ("session", "leaks"),
+    [
+        (  # a bare session on purpose, not run_ort: the control shows onnxruntime's own logging
+            "import onnxruntime as ort; "
+            "ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])",
+            True,
+        ),
+        (
+            "from egp_onnx.runtime.session import STATISTICS, make_session; make_session(model, STATISTICS)",
+            False,
+        ),
+    ],
+    ids=["plain onnxruntime (control)", "egp-onnx session"],
+)
+def test_onnxruntime_log_lines_never_reach_stderr(session, leaks):
+    code = INITIALIZER_INPUTS.format(tests=str(ROOT / "tests"), session=session)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert ("onnxruntime" in proc.stderr) is leaks, proc.stderr
+
+
+def test_no_onnxruntime_profile_dumps_in_the_repository():
+    assert not list(ROOT.glob("onnxruntime_profile__*.json"))
+    assert "onnxruntime_profile__*.json" in (ROOT / ".gitignore").read_text().splitlines()

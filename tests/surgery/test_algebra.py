@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from references import run_ort
 
 from egp_onnx.surgery.algebra import (
     ConvGeometry,
@@ -36,8 +36,7 @@ def run_convs(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray, ConvGeom
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return run_ort(model, {"x": x})[0]
 
 
 def geometry(stride: int, pad: int) -> ConvGeometry:

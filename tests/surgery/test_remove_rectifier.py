@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import onnx
 import pytest
-from models import Builder, f32
-from onnx import numpy_helper
+from conftest import compress_plain
+from models import Builder, _model, _x, _y, f32, save
+from onnx import helper, numpy_helper
+from references import run_ort
 from surgery_checks import (
     alone,
     applied,
@@ -151,3 +154,43 @@ def test_always_off_channels_are_zeroed_and_reported(rng, tmp_path):
     conv_a = next(n for n in result.model.graph.node if n.name == "A")
     assert not values[conv_a.input[1]][:2].any() and values[conv_a.input[1]][2:].all()
     assert_same(model, result.model, f32(rng.normal(size=(4, 3, 6, 6))))
+
+
+def relu_output_model() -> onnx.ModelProto:
+    """A ReLU whose output is the graph output; positive weights and biases keep both ReLUs ON.
+
+    x(N,3,6,6) -> Conv3x3 c1 (+5) -> Relu r1 -> Conv1x1 c2 (+5) -> Relu r2 = y (graph output)
+    """
+    rng = np.random.default_rng(7)
+    inits = [
+        numpy_helper.from_array(rng.uniform(0.05, 0.5, (4, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.full(4, 5.0, np.float32), "b1"),
+        numpy_helper.from_array(rng.uniform(0.05, 0.5, (4, 4, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.full(4, 5.0, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="c1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="c2"),
+        helper.make_node("Relu", ["c2"], ["y"], name="r2"),
+    ]
+    return _model(nodes, [_x()], [_y((4, 4, 4))], inits)
+
+
+def test_relu_that_is_a_graph_output_is_removed(tmp_path):
+    model = relu_output_model()
+    x = np.random.default_rng(3).uniform(0, 1, (16, 3, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    save(model, tmp_path / "m.onnx")
+    kept = compress_plain(tmp_path / "m.onnx", tmp_path / "c.npz", sparsity=0.5, surgery=False, latency=False)
+    result = compress_plain(tmp_path / "m.onnx", tmp_path / "c.npz", sparsity=0.5, latency=False)
+    surgery = result.report.surgery
+    assert not surgery.reverted
+    removed = {r.nodes[0] for r in surgery.rewrites if r.kind == "remove_rectifier"}
+    assert removed == {"r1", "r2"}
+    assert [o.name for o in result.model.graph.output] == ["y"]
+    assert "Relu" not in {n.op_type for n in result.model.graph.node}
+    onnx.checker.check_model(result.model, full_check=True)
+    np.testing.assert_allclose(
+        run_ort(result.model, {"x": x})[0], run_ort(kept.model, {"x": x})[0], rtol=1e-4, atol=1e-4
+    )
