@@ -44,20 +44,20 @@ def _fold_residual(s: Surgeon, add: gs.Node, branch: gs.Tensor, other: gs.Tensor
     if not centred:
         return False
     weight: np.ndarray | None
-    parts: tuple[str, ...]
+    p: LayerView | None = None  # the 1x1 projection on the shortcut, if there is one
     square = f.weight.shape[0] == f.weight.shape[1]
     if other is f.node.inputs[0] and all(st == 1 for st in geo.strides) and square:
-        weight, bias, parts = algebra.add_identity(f.weight), f.bias(), (f.node.name, add.name)
+        weight, bias = algebra.add_identity(f.weight), f.bias()
     else:
         p = _projection(s, f, geo, add, other)
         if p is None:
             return False
         weight, bias = algebra.add_identity(f.weight, p.weight), f.bias() + p.bias()
-        parts = (f.node.name, p.node.name, add.name)
     if weight is None:
         return False  # an even kernel has no centre tap: nothing folds, no state changes
-    if len(parts) == 3:
-        s.state(parts[1], "merged")  # the projection
+    parts = (f.node.name, add.name) if p is None else (f.node.name, p.node.name, add.name)
+    if p is not None:
+        s.state(p.node.name, "merged")
     s.set_layer(f, weight, bias)
     f.node.outputs = list(add.outputs)
     add.outputs = []
