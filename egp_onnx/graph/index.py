@@ -56,8 +56,8 @@ class GraphIndex:
             return numpy_helper.to_array(self.initializers[tensor])
         node = self.producer.get(tensor)
         if node is not None and node.op_type == "Constant":
-            found = next((a for a in node.attribute if a.name == "value"), None)
-            return None if found is None else numpy_helper.to_array(found.t)
+            value = attr(node, "value")
+            return None if value is None else numpy_helper.to_array(value)
         return None
 
     def scalar(self, tensor: str) -> float | None:

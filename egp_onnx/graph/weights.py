@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from egp_onnx.graph.index import attr
+
 log = logging.getLogger(__name__)
 
 
@@ -58,10 +60,9 @@ def tensor_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Initializer and Constant-node values by tensor name."""
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Constant":
-            attr = next((a for a in node.attribute if a.name == "value"), None)
-            if attr is not None:
-                values[node.output[0]] = numpy_helper.to_array(attr.t)
+        value = attr(node, "value") if node.op_type == "Constant" else None
+        if value is not None:
+            values[node.output[0]] = numpy_helper.to_array(value)
     return values
 
 
@@ -76,11 +77,11 @@ def replace_tensors(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) ->
     known = {t.name: tuple(t.dims) for t in copy.graph.initializer}
     for node in copy.graph.node:
         if node.op_type == "Constant" and node.output[0] in arrays:
-            attr = next((a for a in node.attribute if a.name == "value"), None)
-            if attr is not None:
-                dtype = numpy_helper.to_array(attr.t).dtype
-                known[node.output[0]] = tuple(attr.t.dims)
-                attr.t.CopyFrom(
+            found = next((a for a in node.attribute if a.name == "value"), None)  # changed in place
+            if found is not None:
+                dtype = numpy_helper.to_array(found.t).dtype
+                known[node.output[0]] = tuple(found.t.dims)
+                found.t.CopyFrom(
                     numpy_helper.from_array(np.asarray(arrays[node.output[0]]).astype(dtype), node.output[0])
                 )
     for name, value in arrays.items():

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from egp_onnx.errors import MappingError
+from egp_onnx.graph.index import attr
 from egp_onnx.graph.weights import tensor_values
 from egp_onnx.load.model import write_bytes_atomic
 
@@ -87,7 +88,7 @@ def _onnx_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, dict[
             roles = {"weight": inputs[1]} | ({"bias": inputs[2]} if len(inputs) > 2 and inputs[2] else {})
             found.append((node, "conv", roles, False))
         elif node.op_type == "Gemm" and len(inputs) > 1 and inputs[1]:
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            trans_b = attr(node, "transB", 0)
             roles = {"weight": inputs[1]} | ({"bias": inputs[2]} if len(inputs) > 2 and inputs[2] else {})
             found.append((node, "linear", roles, not trans_b))
         elif node.op_type == "MatMul" and len(inputs) > 1 and inputs[1]:
@@ -206,8 +207,8 @@ def load_onnx_weights(module: nn.Module, model: onnx.ModelProto, bindings: Seque
         for b in bindings:
             mod = mods[b.module]
             if b.kind == "bn":
-                for role, attr in _BN_ROLES:
-                    getattr(mod, attr).copy_(torch.from_numpy(values[b.tensors[role]].astype(np.float32)))
+                for role, field in _BN_ROLES:
+                    getattr(mod, field).copy_(torch.from_numpy(values[b.tensors[role]].astype(np.float32)))
                 continue
             weight = values[b.tensors["weight"]].astype(np.float32)
             weight = weight.T if b.transpose else weight
@@ -239,8 +240,8 @@ def onnx_weights(module: nn.Module, bindings: Sequence[Binding]) -> dict[str, np
         for b in bindings:
             mod = mods[b.module]
             if b.kind == "bn":
-                for role, attr in _BN_ROLES:
-                    out[b.tensors[role]] = getattr(mod, attr).detach().numpy().copy()
+                for role, field in _BN_ROLES:
+                    out[b.tensors[role]] = getattr(mod, field).detach().numpy().copy()
                 continue
             weight = mod.weight.detach().numpy().copy()
             bias = (
