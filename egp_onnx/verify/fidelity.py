@@ -120,20 +120,20 @@ class Reference:
 
     def __init__(self, model: onnx.ModelProto | ModelHandle, data: CalibrationData, batch_size: int) -> None:
         """``model`` as a ModelHandle keeps its session for later use (e.g. the latency measurement)."""
-        prepared = ModelHandle.of(model)
-        self.names = [o.name for o in prepared.session.get_outputs()]
+        handle = ModelHandle.of(model)
+        self.names = [o.name for o in handle.session.get_outputs()]
         self.batches: list[tuple[Batch, np.ndarray | None, list[np.ndarray]]] = [
-            (feed, labels, prepared.run(self.names, feed)) for feed, labels in data.batches(batch_size)
+            (feed, labels, handle.run(self.names, feed)) for feed, labels in data.batches(batch_size)
         ]
 
     def evaluate(
         self, candidate: onnx.ModelProto | ModelHandle, atol: float = 1e-5, rtol: float = 1e-5
     ) -> Fidelity:
         """Fidelity of ``candidate`` against the stored outputs."""
-        prepared = ModelHandle.of(candidate)
+        handle = ModelHandle.of(candidate)
         acc = _Accumulator(self.names, atol, rtol)
         for feed, labels, ref in self.batches:
-            acc.add(ref, prepared.run(self.names, feed), labels)
+            acc.add(ref, handle.run(self.names, feed), labels)
         return acc.result()
 
     def classifier(self) -> bool:
