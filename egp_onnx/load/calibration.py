@@ -163,17 +163,33 @@ class CalibrationData:
         return arrays, labels
 
     def batches(self, batch_size: int) -> Iterator[tuple[Batch, np.ndarray | None]]:
-        """Yield (feed, labels) batches of ``batch_size`` samples (the last may be smaller).
+        """Yield (feed, labels) batches of ``batch_size`` samples (the last of a shape may be smaller).
+
+        A batch never mixes per-sample shapes: consecutive shards whose samples have the same
+        shape are re-batched together, and a shard of another shape closes the batch in progress
+        (models with symbolic H/W are calibrated with images of many sizes). Data of one shape
+        is batched exactly as if shapes were never looked at.
 
         A model whose batch size is fixed gets batches of exactly that size; samples that do not
-        fill the last one are left out, and a warning says how many.
+        fill the last batch of a shape are left out, and a warning says how many.
         """
         fixed = self.specs[0].shape[0] if self.specs[0].shape else None
         if fixed is not None:
             batch_size = fixed
         pending: list[tuple[Batch, np.ndarray | None]] = []
-        pending_size = total = 0
+        pending_size = total = unused = 0
+        pending_shape: SampleShape | None = None
+        mixed = False
         for shard in self._loaded():
+            shape = sample_shape(shard[0])
+            mixed = mixed or (pending_shape is not None and shape != pending_shape)
+            if pending_size and shape != pending_shape:
+                if fixed is None:
+                    yield _concat(pending)
+                else:
+                    unused += pending_size
+                pending, pending_size = [], 0
+            pending_shape = shape
             pending.append(shard)
             pending_size += next(iter(shard[0].values())).shape[0]
             total += next(iter(shard[0].values())).shape[0]
@@ -189,16 +205,20 @@ class CalibrationData:
                 del merged, merged_labels, rest
         if pending_size and fixed is None:
             yield _concat(pending)
-        elif pending_size and not self.unused:
-            self.unused = pending_size  # warned once per data set, not at every loop step
+            return
+        unused += pending_size
+        if unused and not self.unused:
+            self.unused = unused  # warned once per data set, not at every loop step
             log.warning(
-                "%s: the model's batch size is fixed at %d: %d of %d samples do not fill a batch and "
-                "are not used (give a multiple of %d samples)",
+                "%s: the model's batch size is fixed at %d: %d of %d samples do not fill a batch%s "
+                "and are not used (give a multiple of %d samples%s)",
                 self.description,
                 batch_size,
-                pending_size,
+                unused,
                 total,
+                " of their shape" if mixed else "",
                 batch_size,
+                " of each shape" if mixed else "",
             )
 
     def _loaded(self) -> Iterator[tuple[Batch, np.ndarray | None]]:
@@ -222,6 +242,15 @@ class CalibrationData:
     def arrays(self) -> tuple[Batch, np.ndarray | None]:
         """All samples at once (for small held-out sets)."""
         return _concat(list(self._loaded()))
+
+
+#: The shape of one sample of every input, by input name (sorted): batches never mix two of them.
+SampleShape = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def sample_shape(arrays: Batch) -> SampleShape:
+    """The per-sample shape (all dims but the batch axis) of each input of a batch."""
+    return tuple((name, arrays[name].shape[1:]) for name in sorted(arrays))
 
 
 def _take(arrays: Batch, start: int, stop: int | None) -> Batch:

@@ -201,3 +201,53 @@ def test_holdout_split_is_disjoint_and_seeded(rng, tmp_path):
     np.testing.assert_array_equal(xh["x"], x[lh])
     again = split_holdout(data, 0.25, seed=3)[1].arrays()[1]
     np.testing.assert_array_equal(again, lh)
+
+
+def symbolic_hw(model):
+    """``model`` with its input's H and W made symbolic (the first conv pads, so any size runs)."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for axis, name in ((2, "H"), (3, "W")):
+        dims[axis].Clear()
+        dims[axis].dim_param = name
+    return model
+
+
+def test_batches_never_mix_shapes_and_same_shape_shards_merge(rng, tmp_path):
+    model = prepare_model(symbolic_hw(single_conv(rng)))
+    parts = [
+        inputs(rng, n=3, shape=(3, 6, 6)),
+        inputs(rng, n=2, shape=(3, 6, 6)),
+        inputs(rng, n=5, shape=(3, 8, 5)),
+        inputs(rng, n=4, shape=(3, 6, 6)),
+    ]
+    for i, x in enumerate(parts):
+        np.savez(tmp_path / f"{i}.npz", x=x, labels=np.full(len(x), i))
+    batches = list(open_calibration(tmp_path, model).batches(4))
+    # 3 + 2 of 6x6 merge into 4 + 1; the 8x5 shard is batched on its own; the last 6x6 shard
+    # is not merged with the first two: it comes after another shape.
+    assert [(b["x"].shape, lab.tolist()) for b, lab in batches] == [
+        ((4, 3, 6, 6), [0, 0, 0, 1]),
+        ((1, 3, 6, 6), [1]),
+        ((4, 3, 8, 5), [2, 2, 2, 2]),
+        ((1, 3, 8, 5), [2]),
+        ((4, 3, 6, 6), [3, 3, 3, 3]),
+    ]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b, _ in batches[:2]]), np.concatenate(parts[:2]))
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b, _ in batches[2:4]]), parts[2])
+    np.testing.assert_array_equal(batches[4][0]["x"], parts[3])
+
+
+def test_a_fixed_batch_counts_the_leftovers_of_every_shape(rng, tmp_path, caplog):
+    model = symbolic_hw(single_conv(rng))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    np.savez(tmp_path / "a.npz", x=inputs(rng, n=6, shape=(3, 6, 6)))
+    np.savez(tmp_path / "b.npz", x=inputs(rng, n=9, shape=(3, 7, 9)))
+    data = open_calibration(tmp_path, prepare_model(model))
+    with caplog.at_level("WARNING", logger="egp_onnx"):
+        shapes = [b["x"].shape for b, _ in data.batches(16)]
+    assert shapes == [(4, 3, 6, 6), (4, 3, 7, 9), (4, 3, 7, 9)]
+    assert data.unused == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}: the model's batch size is fixed at 4: 3 of 15 samples do not fill a batch of their "
+        "shape and are not used (give a multiple of 4 samples of each shape)"
+    ]
