@@ -240,8 +240,37 @@ class CalibrationData:
                 yield ahead.popleft().result()
 
     def arrays(self) -> tuple[Batch, np.ndarray | None]:
-        """All samples at once (for small held-out sets)."""
-        return _concat(list(self._loaded()))
+        """All samples at once (for small held-out sets); data of one per-sample shape only.
+
+        Raises:
+            CalibrationError: the samples have several shapes (see :meth:`runs`).
+
+        """
+        parts = self.runs()
+        if len(parts) > 1:
+            raise CalibrationError(
+                f"{self.description}: samples of {len(parts)} shapes in turn do not make one array"
+            )
+        return parts[0]
+
+    def runs(self) -> list[tuple[Batch, np.ndarray | None]]:
+        """All samples at once, one part per run of consecutive shards of one per-sample shape.
+
+        Labels are kept only when every shard has them (as :meth:`batches` gives them).
+        """
+        runs: list[list[tuple[Batch, np.ndarray | None]]] = []
+        last: SampleShape | None = None
+        for shard in self._loaded():
+            shape = sample_shape(shard[0])
+            if runs and shape == last:
+                runs[-1].append(shard)
+            else:
+                runs.append([shard])
+            last = shape
+        parts = [_concat(run) for run in runs]
+        if any(labels is None for _, labels in parts):
+            parts = [(arrays, None) for arrays, _ in parts]
+        return parts
 
 
 #: The shape of one sample of every input, by input name (sorted): batches never mix two of them.
@@ -366,8 +395,9 @@ def split_holdout(
 
     ``fraction=None`` holds out :func:`automatic_holdout` samples.
     """
-    arrays, labels = data.arrays()
-    samples = next(iter(arrays.values())).shape[0]
+    runs = data.runs()
+    sizes = [next(iter(arrays.values())).shape[0] for arrays, _ in runs]
+    samples = sum(sizes)
     if fraction is None:
         held = automatic_holdout(samples)
         fraction = held / samples
@@ -378,13 +408,20 @@ def split_holdout(
             f"--holdout {fraction} of {samples} samples leaves {held} held out and {samples - held} "
             "for calibration; both need at least one"
         )
+    # One permutation of all samples, whatever their shapes; each part keeps the samples of each
+    # run of one shape together, in their order, so no batch of either part mixes two shapes.
     order = np.random.default_rng(seed).permutation(samples)
+    starts = np.cumsum([0, *sizes])
     parts = []
     for idx, name in ((np.sort(order[held:]), "calibration"), (np.sort(order[:held]), "holdout")):
-        part = {k: v[idx] for k, v in arrays.items()}
-        parts.append(
-            in_memory(
-                data.specs, part, None if labels is None else labels[idx], f"{data.description} ({name})"
-            )
-        )
+        shards = []
+        for (arrays, labels), start, stop in zip(runs, starts[:-1], starts[1:], strict=True):
+            local = idx[(idx >= start) & (idx < stop)] - start if len(runs) > 1 else idx
+            if local.size:
+                shards.append(partial(_pair, {k: v[local] for k, v in arrays.items()}, _pick(labels, local)))
+        parts.append(CalibrationData(data.specs, shards, f"{data.description} ({name})"))
     return parts[0], parts[1]
+
+
+def _pick(labels: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if labels is None else labels[idx]
