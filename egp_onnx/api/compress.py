@@ -44,7 +44,7 @@ from egp_onnx.surgery import simplify
 from egp_onnx.verify.cost import model_cost
 from egp_onnx.verify.fidelity import Reference, compare
 from egp_onnx.verify.guard import SURGERY_ATOL, SURGERY_CHECK, SURGERY_RTOL, Guard, default_thresholds
-from egp_onnx.verify.latency import compare_latency, latency_feeds
+from egp_onnx.verify.latency import common_feed, compare_latency, latency_feeds, sample_shapes
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ class _Baseline:
     reference: Reference
     first_stats: Statistics
     nnz_before: np.ndarray
-    feed: dict[str, np.ndarray]  # the first batch of the held-out data
-    shapes: dict[str, tuple[int, ...]]  # the inputs' shapes at batch size 1
+    feed: dict[str, np.ndarray]  # the first held-out batch of the shape most samples have
+    shapes: dict[str, tuple[int, ...]]  # its inputs' shapes at batch size 1: MACs are counted there
     cost_before: Cost
 
 
@@ -176,8 +176,9 @@ def _baseline(
         reference = pending.result() if pending is not None else Reference(runs, held, batch_size)
     del runs
     nnz_before = layers.nnz()
-    feed = reference.first_feed()
-    shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
+    # Latency and MACs at one stated shape: the one most held-out samples have.
+    feed = common_feed(batch_feed for batch_feed, _, _ in reference.batches)
+    shapes = sample_shapes(feed)
     # the original's cost is taken while its weights are at hand (after the loop they are gone)
     held_counts = original.counts if original is not None else None
     cost_before = model_cost(proto, shapes, held_counts or initializer_counts(proto, layers.held(proto)))
@@ -262,7 +263,7 @@ def _report(
         ),
         surgery=stage.record,
         fidelity=replace(fidelity, data=inputs.held_name),
-        cost=CostComparison(base.cost_before, cost_after),
+        cost=CostComparison(base.cost_before, cost_after, base.shapes),
         timing=timing,
     )
 

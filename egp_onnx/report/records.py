@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 2
@@ -156,6 +156,9 @@ class CostComparison:
 
     before: Cost
     after: Cost
+    #: The inputs' shapes (batch 1) the MACs are counted at: the most common shape of the held-out
+    #: samples (a model with symbolic H/W costs what the image it is given costs).
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,8 @@ class Timing:
     budget_s: float
     max_runs: int
     batches: tuple[LatencyRecord, ...]  # batch 1 (when the model allows it) and the calibration batch
+    #: The inputs' per-sample shapes (batch 1) timed: the most common shape of the held-out samples.
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

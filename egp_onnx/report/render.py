@@ -171,7 +171,13 @@ def _size_line(report: CompressionReport) -> list[str]:
     return [
         f"size        {_count(b.nonzero_params)} -> {_count(a.nonzero_params)} non-zero parameters; "
         f"MACs {_count(b.macs)} -> {_count(a.macs)} dense, {_count(a.nonzero_macs)} non-zero"
+        + (f" at {_shapes_text(report.cost.input_shapes)}" if report.cost.input_shapes else "")
     ]
+
+
+def _shapes_text(shapes: dict[str, tuple[int, ...]]) -> str:
+    """Input shapes for the summary: ``x 1x3x640x480``."""
+    return ", ".join(f"{name} {'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
 
 
 def _latency_lines(report: CompressionReport) -> list[str]:
