@@ -44,7 +44,7 @@ from egp_onnx.surgery import simplify
 from egp_onnx.verify.cost import model_cost
 from egp_onnx.verify.fidelity import Reference, compare
 from egp_onnx.verify.guard import SURGERY_ATOL, SURGERY_CHECK, SURGERY_RTOL, Guard, default_thresholds
-from egp_onnx.verify.latency import common_feed, compare_latency, latency_feeds, sample_shapes
+from egp_onnx.verify.latency import common_feed, compare_latency, latency_feeds, one_sample, sample_shapes
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ def _baseline(
     shapes = sample_shapes(feed)
     # the original's cost is taken while its weights are at hand (after the loop they are gone)
     held_counts = original.counts if original is not None else None
-    cost_before = model_cost(proto, shapes, held_counts or initializer_counts(proto, layers.held(proto)))
+    counts = held_counts or initializer_counts(proto, layers.held(proto))
+    cost_before = model_cost(proto, shapes, counts, one_sample(feed))
     return _Baseline(original, reference, first_stats, nnz_before, feed, shapes, cost_before)
 
 
@@ -247,7 +248,7 @@ def _report(
     fidelity = stage.fidelity if stage.fidelity is not None else base.reference.evaluate(stage.run)
     # the weights that the session already holds are counted without reading the protobuf again
     counts = stage.run.counts or None  # taken when its session was built
-    cost_after = model_cost(stage.final, base.shapes, counts)
+    cost_after = model_cost(stage.final, base.shapes, counts, one_sample(base.feed))
     timing = None
     if base.original is not None:
         timing = compare_latency(base.original, stage.run, latency_feeds(outline, base.feed))

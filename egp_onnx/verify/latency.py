@@ -46,6 +46,11 @@ def sample_shapes(feed: Batch) -> dict[str, tuple[int, ...]]:
     return {name: (1, *array.shape[1:]) for name, array in feed.items()}
 
 
+def one_sample(feed: Batch) -> Batch:
+    """The first sample of ``feed``, as a batch of one."""
+    return {name: array[:1] for name, array in feed.items()}
+
+
 def latency_feeds(model: onnx.ModelProto, feed: Batch) -> list[Batch]:
     """``feed`` cut to batch 1, then ``feed`` itself (its batch), where the model accepts them."""
     batch = next(iter(feed.values())).shape[0] if feed else 1
