@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from egp_onnx.errors import CalibrationError
-from egp_onnx.load.readers import LABELS_KEY, Batch, find_images, image_shards, read_npy, read_npz, shape_text
+from egp_onnx.errors import CalibrationError, one_line
+from egp_onnx.load.readers import LABELS_KEY, Batch, image_shards, list_folder, read_npy, read_npz, shape_text
 
 log = logging.getLogger(__name__)
 
@@ -279,13 +279,16 @@ def open_calibration(
         if path.suffix == ".npy":
             return CalibrationData(specs, [partial(read_npy, path, specs)], str(path), workers)
         raise CalibrationError(f"{path}: calibration files must be .npz or .npy")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".npz", ".npy"))
+    if not path.is_dir():
+        raise CalibrationError(
+            f"{path} is neither a file nor a folder (a pipe or device): the data is read more than once"
+        )
+    files, images = list_folder(path)
     if files:
         shards = [
-            partial(read_npz, p) if p.suffix == ".npz" else partial(read_npy, p, specs) for p in files
+            partial(read_npz, p) if p.suffix.lower() == ".npz" else partial(read_npy, p, specs) for p in files
         ]
         return CalibrationData(specs, shards, str(path), workers)
-    images = find_images(path)
     if not images:
         raise CalibrationError(f"{path}: no .npz, .npy or image files in the calibration folder")
     if len(specs) != 1:
@@ -296,10 +299,28 @@ def open_calibration(
 
 
 def _from_reader(reader: CalibrationDataReader, specs: Sequence[InputSpec]) -> CalibrationData:
+    name = type(reader).__name__
     feeds: list[Batch] = []
-    while (feed := reader.get_next()) is not None:
-        feeds.append({k: np.asarray(v) for k, v in feed.items()})
-    return CalibrationData(specs, [partial(_constant, f) for f in feeds], type(reader).__name__)
+    while True:
+        try:
+            feed = reader.get_next()
+        except Exception as exc:  # the user's code: its failure is reported, not a defect of ours
+            failure = f"{type(exc).__name__}: {one_line(exc)}"
+            raise CalibrationError(f"{name}.get_next() failed: {failure}") from exc
+        if feed is None:
+            break
+        if not isinstance(feed, Mapping) or not all(isinstance(k, str) for k in feed):
+            raise CalibrationError(
+                f"{name}.get_next() returned a {type(feed).__name__}; a CalibrationDataReader returns "
+                "a dict of arrays keyed by input name, then None"
+            )
+        try:
+            feeds.append({k: np.asarray(v) for k, v in feed.items()})
+        except (ValueError, TypeError) as exc:
+            raise CalibrationError(
+                f"{name}.get_next() returned values that are not arrays: {one_line(exc)}"
+            ) from exc
+    return CalibrationData(specs, [partial(_constant, f) for f in feeds], name)
 
 
 def _constant(feed: Batch) -> tuple[Batch, np.ndarray | None]:
