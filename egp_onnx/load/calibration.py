@@ -351,25 +351,52 @@ def automatic_holdout(samples: int) -> int:
     return min(max(HOLDOUT_SAMPLES, samples // 4), int(samples * HOLDOUT_MAX_FRACTION))
 
 
+def holdout_count(samples: int, fraction: float | None, batch: int | None = None) -> int:
+    """How many of ``samples`` to hold out: ``fraction`` of them, or :func:`automatic_holdout`.
+
+    ``batch`` is the model's fixed batch size, if it has one. Then the automatic count is the
+    multiple of ``batch`` nearest to it that leaves at least one batch to calibrate with, and 0
+    (measure on the calibration data) when the samples fill fewer than two batches.
+
+    Raises:
+        CalibrationError: an explicit ``fraction`` leaves one part empty, or below one fixed batch.
+
+    """
+    if fraction is None:
+        held = automatic_holdout(samples)
+        if batch is None or held == 0:
+            return held
+        batches = samples // batch
+        return 0 if batches < 2 else min(max(1, round(held / batch)), batches - 1) * batch
+    held = int(round(fraction * samples))
+    need = batch or 1
+    if held < need or samples - held < need:
+        rule = "both need at least one" if batch is None else (
+            f"the model's batch size is fixed at {batch}, so both need at least {batch} "
+            "(--holdout 0 measures on the calibration data)"
+        )
+        raise CalibrationError(
+            f"--holdout {fraction} of {samples} samples leaves {held} held out and {samples - held} "
+            f"for calibration; {rule}"
+        )
+    return held
+
+
 def split_holdout(
-    data: CalibrationData, fraction: float | None, seed: int
+    data: CalibrationData, fraction: float | None, seed: int, batch: int | None = None
 ) -> tuple[CalibrationData, CalibrationData]:
     """Split ``fraction`` of the samples off as held-out data (seeded); returns (calib, holdout).
 
-    ``fraction=None`` holds out :func:`automatic_holdout` samples.
+    ``fraction=None`` holds out :func:`automatic_holdout` samples; ``batch`` is the model's fixed
+    batch size, if any (see :func:`holdout_count`). When nothing is held out (too few samples for
+    an automatic split), both parts are the same data: fidelity is measured on the calibration data.
     """
     arrays, labels = data.arrays()
     samples = next(iter(arrays.values())).shape[0]
-    if fraction is None:
-        held = automatic_holdout(samples)
-        fraction = held / samples
-    else:
-        held = int(round(fraction * samples))
-    if held < 1 or held >= samples:
-        raise CalibrationError(
-            f"--holdout {fraction} of {samples} samples leaves {held} held out and {samples - held} "
-            "for calibration; both need at least one"
-        )
+    held = holdout_count(samples, fraction, batch)
+    if held == 0:
+        whole = in_memory(data.specs, arrays, labels, data.description)
+        return whole, whole
     order = np.random.default_rng(seed).permutation(samples)
     parts = []
     for idx, name in ((np.sort(order[held:]), "calibration"), (np.sort(order[:held]), "holdout")):
