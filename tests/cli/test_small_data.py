@@ -77,7 +77,8 @@ def test_eval_with_holdout_zero_is_refused(runner, tmp_path, rng):
     model, calib = _files(tmp_path, rng, 10, None)
     before = digests(tmp_path)
     args = compress_args(model, calib, tmp_path / "o.onnx", "--eval", str(calib), "--holdout", "0")
-    assert one_line_error(runner.invoke(main, args)) == "egp-onnx: error: give either --eval or --holdout, not both"
+    line = one_line_error(runner.invoke(main, args))
+    assert line == "egp-onnx: error: give either --eval or --holdout, not both"
     assert digests(tmp_path) == before
 
 
