@@ -113,7 +113,7 @@ def test_empty_and_missing(model, tmp_path):
     with pytest.raises(CalibrationError, match="not found"):
         open_calibration(tmp_path / "missing.npz", model)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(CalibrationError, match="cannot read"):
+    with pytest.raises(CalibrationError, match="is not an .npz file"):
         open_calibration(tmp_path / "bad.npz", model)
 
 
