@@ -43,7 +43,14 @@ from egp_onnx.runtime.memory import trim
 from egp_onnx.surgery import simplify
 from egp_onnx.verify.cost import model_cost
 from egp_onnx.verify.fidelity import Reference, compare
-from egp_onnx.verify.guard import SURGERY_ATOL, SURGERY_CHECK, SURGERY_RTOL, Guard, default_thresholds
+from egp_onnx.verify.guard import (
+    SURGERY_ATOL,
+    SURGERY_CHECK,
+    SURGERY_RTOL,
+    Guard,
+    default_thresholds,
+    surgery_failures,
+)
 from egp_onnx.verify.latency import common_feed, compare_latency, latency_feeds, one_sample, sample_shapes
 
 log = logging.getLogger(__name__)
@@ -164,7 +171,8 @@ def _baseline(
         # The reference outputs are computed while the statistics pass runs, which leaves cores
         # idle on a few batches. One data source is never read from two threads.
         held = inputs.held
-        pending = pool.submit(Reference, runs, held, batch_size) if held is not inputs.data else None
+        unseen = settings.eval_unseen
+        pending = pool.submit(Reference, runs, held, batch_size, unseen) if held is not inputs.data else None
         if stats:
             first_stats = stats_files(stats, proto, inputs.sites)
         else:
@@ -173,7 +181,7 @@ def _baseline(
                 proto, inputs.sites, inputs.data, batch_size, progress.advance, layers.held(proto)
             )
         progress.stage(f"running the original model on the {inputs.held_name} data")
-        reference = pending.result() if pending is not None else Reference(runs, held, batch_size)
+        reference = pending.result() if pending is not None else Reference(runs, held, batch_size, unseen)
     del runs
     nnz_before = layers.nnz()
     # Latency and MACs at one stated shape: the one most held-out samples have.
@@ -319,7 +327,7 @@ def _reduce_depth(
     if inexact:
         failed = [o for o in check.outputs if not o.rel_error <= tolerance + SURGERY_CHECK]
     else:
-        failed = [o for o in check.outputs if not o.allclose]
+        failed = surgery_failures(check)
     if failed:
         worst = max(failed, key=lambda o: o.rel_error)
         reason = (

@@ -47,6 +47,8 @@ def run_options(
     settings.check()
     if eval_data is not None and settings.holdout is not None:  # --holdout 0 too: documented as exclusive
         raise ConfigError("give either --eval or --holdout, not both")
+    if settings.eval_unseen and eval_data is None:
+        raise ConfigError("--eval-unseen describes the --eval data; give --eval with it")
     if settings.select == "obs" and not settings.reconstruct:
         raise ConfigError("--select obs needs reconstruction; drop --no-reconstruct")
     return settings, replace(data or DataConfig(), **data_overrides)
