@@ -129,8 +129,12 @@ def _is_stub(tensor: onnx.TensorProto) -> bool:
 def run_session(
     session: ort.InferenceSession, names: list[str] | None, feed: dict[str, np.ndarray]
 ) -> list[np.ndarray]:
-    """``session.run`` with onnxruntime's failures turned into a one-line CalibrationError."""
+    """``session.run`` with onnxruntime's failures turned into a one-line CalibrationError.
+
+    The message gives the batch's shapes: with inputs of many sizes, they say which data failed.
+    """
     try:
         return list(session.run(names, feed))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException types
-        raise CalibrationError(f"onnxruntime rejected a batch: {one_line(exc)}") from exc
+        shapes = ", ".join(f"{name} {tuple(np.shape(array))}" for name, array in feed.items())
+        raise CalibrationError(f"onnxruntime rejected a batch ({shapes}): {one_line(exc)}") from exc

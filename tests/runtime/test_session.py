@@ -54,7 +54,9 @@ def test_a_rejected_batch_is_one_calibration_error(rng):
     session = make_session(prepare_model(single_conv(rng)), MEASURE)
     # One line up to the end. Matched inside raises: an ExceptionInfo bound here would keep this
     # frame and its session in a reference cycle, which a later test's forked child could collect.
-    with pytest.raises(CalibrationError, match=r"^onnxruntime rejected a batch: [^\n]+\Z"):
+    with pytest.raises(
+        CalibrationError, match=r"^onnxruntime rejected a batch \(x \(2, 5, 6, 6\)\): [^\n]+\Z"
+    ):
         run_session(session, None, {"x": inputs(rng, 2, (5, 6, 6))})
 
 
