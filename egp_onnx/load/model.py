@@ -140,15 +140,24 @@ def prepare_model(
     try:
         # Inference needs the weights' shapes, not their values: it runs on the graph without them
         # (a weight-sized serialisation less each way) and its value_info goes onto our copy.
-        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(normalized, keep_value_info=True))
+        # The model's own value_info is a hint that may disagree with its graph (a stale shape, a
+        # wrong type): inference starts without it, and only what it cannot infer is taken from it.
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(normalized))
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{source}: ONNX shape inference failed: {one_line(exc)}") from exc
     copy = normalized
     if copy is model and not in_place:  # normalize changed nothing, so the copy is still to be made
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+    hints = {v.name: v for v in copy.graph.value_info}
+    merged = []
+    for value in inferred.graph.value_info:
+        shaped = value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape")
+        hint = hints.pop(value.name, None)
+        merged.append(hint if hint is not None and not shaped else value)
+    merged += hints.values()  # tensors inference knows nothing about (e.g. outputs of custom ops)
     del copy.graph.value_info[:]
-    copy.graph.value_info.extend(inferred.graph.value_info)
+    copy.graph.value_info.extend(merged)
     name_nodes(copy.graph)
     return copy
 

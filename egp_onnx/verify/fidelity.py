@@ -33,12 +33,18 @@ class _Accumulator:
                 self.diff_sq[i] = self.max_abs[i] = np.inf
                 self.close[i] = False
                 continue
-            diff = np.abs(r64 - c64)
+            # Equal values (an Inf included) and NaN where the reference has NaN are no difference;
+            # a NaN or Inf on one side only is an infinite one. The reference's size counts its
+            # finite values.
+            same = (r64 == c64) | (np.isnan(r64) & np.isnan(c64))
+            with np.errstate(invalid="ignore"):
+                diff = np.where(same, 0.0, np.nan_to_num(np.abs(r64 - c64), nan=np.inf))
             self.diff_sq[i] += float((diff**2).sum())
-            self.ref_sq[i] += float((r64**2).sum())
+            self.ref_sq[i] += float((np.where(np.isfinite(r64), r64, 0.0) ** 2).sum())
             if diff.size:
                 self.max_abs[i] = max(self.max_abs[i], float(diff.max()))
-            self.close[i] &= bool((diff <= self.atol + self.rtol * np.abs(r64)).all())
+            with np.errstate(invalid="ignore"):
+                self.close[i] &= bool((same | (diff <= self.atol + self.rtol * np.abs(r64))).all())
         first_ref, first_cand = np.asarray(ref[0]), np.asarray(cand[0])
         batch = first_ref.shape[0] if first_ref.ndim else 1
         self.samples += batch
