@@ -41,6 +41,9 @@ Session = ort.InferenceSession
 
 #: onnxruntime's ERROR severity: its warnings (e.g. unused initializers) stay off stderr
 _ERROR = 3
+#: onnxruntime's FATAL severity, for sessions: a node that fails logs an ERROR line (coloured, on
+#: stderr) and raises the same message, which run_session turns into our one line.
+_FATAL = 4
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def make_session(
     """
     quiet()
     options = ort.SessionOptions()
-    options.log_severity_level = _ERROR
+    options.log_severity_level = _FATAL
     options.enable_mem_pattern = not preset.lean
     options.intra_op_num_threads = threads
     if not preset.spinning:
