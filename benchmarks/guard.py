@@ -8,12 +8,19 @@ each candidate statistic, and on the unseen test split (agreement and accuracy).
 
 Candidates (held-out split): ``agree`` plain top-1 agreement; ``lcb`` its 95% Wilson lower bound;
 ``low25`` agreement on the quarter of samples where the dense model's margin is smallest;
+``mK`` agreement counting a sample as flipped where the compressed model closes more than K of
+the dense model's logit margin to another class (m0.9 is what the guard counts);
 ``noiseS`` agreement with Gaussian noise of S times the input's standard deviation added to both
 models' inputs; ``shift`` agreement on inputs shifted by one pixel (the four directions);
-``est`` the guard's estimate (egp_onnx.verify.fidelity); ``kl`` mean KL(dense || compressed) of
+``est`` the report's estimate (m0.9's count, Jeffreys' posterior mean); ``kl`` mean KL(dense || compressed) of
 the softmax in nats; ``logit`` relative L2 error of the logits; ``accdrop`` dense minus
 compressed accuracy (labels of the held-out split).
+
+``--default``: the default command itself (guard on), scored on the unseen test set beside the
+estimate its report states. ``--trajectory "k=v;k=v/..."``: every candidate that guarded runs
+with those options judge, measured as above.
 Run: python benchmarks/guard.py [--sample digits|mnist|all] [--sparsities 0.5,0.6,...]
+     [--default | --trajectory OPTIONS]
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import egp_onnx
 from egp_onnx.load.calibration import open_calibration, split_holdout
 from egp_onnx.load.model import load_model
 from egp_onnx.report.render import format_table
+from egp_onnx.verify.fidelity import scaled_flips
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 SETS = {  # model, calibration (the default command's --calib), unseen test set, input name
@@ -37,6 +45,7 @@ SETS = {  # model, calibration (the default command's --calib), unseen test set,
     "mnist": ("mnist_resnet.onnx", "mnist_calib.npz", "mnist_test.npz", "image"),
 }
 NOISE = (0.1, 0.25, 0.5)
+MARGINS = (0.9, 0.7, 0.5)
 
 
 def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
@@ -81,6 +90,7 @@ def candidates(dense, small, x: np.ndarray, y: np.ndarray, name: str, rng) -> di
         "agree": float(same.mean()),
         "lcb": wilson_lower(int(same.sum()), len(same)),
         "low25": float(same[low].mean()),
+        **{f"m{k}": 1 - float(scaled_flips(zd, zs, k).mean()) for k in MARGINS},
     }
     std = float(x.std())
     for s in NOISE:
@@ -186,8 +196,8 @@ def sweep(sample: str, sparsities: list[float]) -> list[list]:
         unseen = float((zs_test.argmax(1) == zd_test.argmax(1)).mean())
         acc = float((zs_test.argmax(1) == y_test).mean())
         rows.append(
-            [sample, result.report.model.sparsity, *cand.values(), getattr(est, "estimate", None) or "-",
-             unseen, acc_dense, acc, acc - acc_dense]
+            [sample, result.report.model.sparsity, *cand.values(),
+             est.estimate if est.estimate is not None else "-", unseen, acc_dense, acc, acc - acc_dense]
         )  # fmt: skip
         print(format_table(HEADER, [rows[-1]]), flush=True)
     return rows
@@ -223,7 +233,8 @@ def default_run(sample: str, options: dict) -> list:
 
 
 HEADER = [
-    "sample", "sparsity", "agree", "lcb", "low25", *(f"noise{s}" for s in NOISE), "shift", "kl", "logit",
+    "sample", "sparsity", "agree", "lcb", "low25", *(f"m{k}" for k in MARGINS), *(f"noise{s}" for s in NOISE),
+    "shift", "kl", "logit",
     "accdrop", "est", "unseen_agree", "acc_dense", "acc", "acc_diff",
 ]  # fmt: skip
 

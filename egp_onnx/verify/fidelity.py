@@ -75,6 +75,15 @@ def scaled_flips(ref: np.ndarray, cand: np.ndarray, scale: float) -> np.ndarray:
     return np.asarray(over.max(1) > 0)
 
 
+def jeffreys_mean(successes: int, n: int) -> float:
+    """(successes + 1/2) / (n + 1): the posterior mean of a proportion under Jeffreys' prior.
+
+    Unlike successes / n it does not claim 1 from a sample with no failure (0 flips of 256 read
+    0.998, not 1).
+    """
+    return (successes + 0.5) / (n + 1)
+
+
 def wilson_interval(successes: float, n: int, z: float = INTERVAL_Z) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion."""
     if n <= 0:
@@ -217,22 +226,25 @@ class FidelitySums:
         if self.unseen:
             return "agreement as measured: the data are unseen"
         return (
-            f"a sample counts as flipped where the candidate closes {1 - MARGIN_SCALE:.0%} of the "
-            "original's margin: data from the training set are easier than unseen data"
+            f"a sample counts as flipped where the candidate closes {MARGIN_SCALE:.0%} of the "
+            "original's margin to another class: training data are easier than unseen data"
         )
 
     def _output(self, name: str, sums: _OutputSums) -> OutputFidelity:
         agreement = estimate = low = high = None
+        flips = None
         if sums.kind in (CLASSES, SEQUENCE) and sums.positions and not sums.mismatched:
             agreement = sums.agree / sums.positions
-            estimate = agreement if self.unseen else sums.kept / sums.positions
+            flips = sums.positions - (sums.agree if self.unseen else sums.kept)
+            estimate = jeffreys_mean(sums.positions - flips, sums.positions)
             # samples, not positions: the positions of one sequence do not flip independently
-            low, high = wilson_interval(estimate * self.samples, self.samples)
+            low, high = wilson_interval((1 - flips / sums.positions) * self.samples, self.samples)
         elif sums.kind in (CLASSES, SEQUENCE):
             agreement = estimate = low = high = 0.0 if sums.mismatched else None
         return OutputFidelity(
             name, sums.rel_error(), sums.max_abs, sums.close, kind=sums.kind or TENSOR,
-            agreement=agreement, estimate=estimate, estimate_low=low, estimate_high=high,
+            agreement=agreement, estimate=estimate, estimate_low=low, estimate_high=high, flips=flips,
+            positions=sums.positions if flips is not None else None,
         )  # fmt: skip
 
 

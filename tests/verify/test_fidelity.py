@@ -115,11 +115,13 @@ def test_the_estimate_sees_flips_that_confident_held_out_data_hides(tmp_path):
     np.savez(unseen, x=_samples(np.linspace(0.5, 1.5, 101)))
     reference = Reference(original, open_calibration(held, original), 16)
     measured = reference.evaluate(shifted)
-    assert measured.top1_agreement == 1.0 and measured.estimate == 0.0
+    assert measured.top1_agreement == 1.0 and measured.outputs[0].flips == 50
+    assert measured.estimate == pytest.approx(0.5 / 51)  # Jeffreys: (0 + 1/2) / (50 + 1)
     assert measured.estimate_low is not None and measured.estimate_high is not None
     assert guard_problems(measured, 0.99, None)
     truth = compare(original, shifted, open_calibration(unseen, original), 16)
-    assert truth.top1_agreement == pytest.approx(51 / 101) and truth.estimate == truth.top1_agreement
+    assert truth.top1_agreement == pytest.approx(51 / 101) and truth.outputs[0].flips == 50
+    assert truth.estimate == pytest.approx(51.5 / 102)
     assert truth.unseen and not measured.unseen
 
 

@@ -17,9 +17,23 @@ from egp_onnx.verify.guard import (
 )
 
 
-def classes(agreement: float | None, estimate: float | None = None, name: str = "logits") -> OutputFidelity:
+def classes(
+    agreement: float | None, estimate: float | None = None, name: str = "logits", n: int = 1000
+) -> OutputFidelity:
+    """A classifier output; ``estimate``: the agreement counting near-flips (default: ``agreement``)."""
     estimate = agreement if estimate is None else estimate
-    return OutputFidelity(name, 0.5, 1.0, False, kind="classes", agreement=agreement, estimate=estimate)
+    flips = None if estimate is None else round((1 - estimate) * n)
+    return OutputFidelity(
+        name,
+        0.5,
+        1.0,
+        False,
+        kind="classes",
+        agreement=agreement,
+        estimate=estimate,
+        flips=flips,
+        positions=n,
+    )
 
 
 def tensor(rel_error: float, allclose: bool = False, name: str = "y", kind: str = "tensor") -> OutputFidelity:
@@ -52,15 +66,18 @@ def test_agreement_passes_one_standard_error_above_the_threshold(agreement, pass
 def test_the_margin_shrinks_with_more_samples():
     assert guard_bound(0.995, 200) < guard_bound(0.995, 2000) < 0.995
     assert guard_bound(1.0, 10) == 1.0, "no flip seen: nothing more to say"
-    assert guard_problems(fidelity(classes(0.995), samples=200), 0.99, None)
-    assert guard_problems(fidelity(classes(0.995), samples=5000), 0.99, None) == []
+    assert guard_problems(fidelity(classes(0.995, n=200), samples=200), 0.99, None)
+    assert guard_problems(fidelity(classes(0.995, n=5000), samples=5000), 0.99, None) == []
+    # what GUARD_Z's comment says: at 0.99, no flip of 256 passes, two of 500 but not three
+    passes = [guard_bound(1 - f / n, n) >= 0.99 for f, n in ((0, 256), (1, 256), (2, 500), (3, 500))]
+    assert passes == [True, False, True, False]
 
 
 def test_the_estimate_decides_not_the_plain_agreement():
     """A step that passes plain agreement but fails the estimate of unseen agreement is rejected."""
     plain_only = fidelity(classes(1.0, estimate=0.97))
     assert guard_problems(plain_only, 0.99, None, z=0.0) == [
-        "output logits: estimated unseen top-1 agreement 0.9700 (measured 1.0000) < 0.99"
+        "output logits: top-1 agreement 0.9700 counting near-flips (measured 1.0000) < 0.99"
     ]
     marked = fidelity(classes(0.97), unseen=True)
     assert guard_problems(marked, 0.99, None, z=0.0) == ["output logits: top-1 agreement 0.9700 < 0.99"]
@@ -96,7 +113,9 @@ def test_every_output_is_judged_by_its_own_rule():
         "output box: relative error 0.36 > 0.05",
         "output aux: top-1 agreement 0.9000, 0.8901 at 1 standard error below, < 0.99",
     ]
-    sequence = OutputFidelity("chars", 0.3, 1.0, False, kind="sequence", agreement=0.98, estimate=0.98)
+    sequence = OutputFidelity(
+        "chars", 0.3, 1.0, False, kind="sequence", agreement=0.98, estimate=0.98, flips=2, positions=100
+    )
     assert guard_problems(fidelity(classes(1.0), sequence), 0.99, 0.05, z=0.0) == [
         "output chars: per-position agreement 0.9800 < 0.99"
     ]
