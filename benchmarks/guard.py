@@ -174,6 +174,43 @@ def trajectory(sample: str, options: dict, dump: str = "") -> list[list]:
     return recorder.rows
 
 
+def errors(sample: str, rows: list[list]) -> list[list]:
+    """Each agreement-like candidate minus the unseen agreement: mean (bias) and root mean square,
+    over all candidates judged and over those whose unseen agreement is >= 0.975 (near the guard's
+    threshold, where its verdicts matter)."""
+    header = ["sample", "options", "kept", *HEADER[2:]]
+    unseen = np.array([r[header.index("unseen_agree")] for r in rows], dtype=float)
+    near = unseen >= 0.975
+    table = []
+    names = [
+        "agree",
+        "lcb",
+        "low25",
+        *(f"m{k}" for k in MARGINS),
+        *(f"noise{s}" for s in NOISE),
+        "shift",
+        "est",
+    ]
+    for name in names:
+        values = np.array([r[header.index(name)] for r in rows], dtype=float)
+        diff = values - unseen
+        close = (
+            (float(diff[near].mean()), float(np.sqrt((diff[near] ** 2).mean()))) if near.any() else ("-", "-")
+        )
+        table.append(
+            [
+                sample,
+                name,
+                len(diff),
+                float(diff.mean()),
+                float(np.sqrt((diff**2).mean())),
+                int(near.sum()),
+                *close,
+            ]
+        )
+    return table
+
+
 def sweep(sample: str, sparsities: list[float]) -> list[list]:
     model_file, calib_file, test_file, name = SETS[sample]
     model, calib = SAMPLES / model_file, SAMPLES / calib_file
@@ -255,9 +292,13 @@ def main() -> None:
         return
     if args.trajectory:
         for sample in SETS if args.sample == "all" else [args.sample]:
+            rows = []
             for run in args.trajectory.split("/"):
                 options = {k: float(v) for k, v in (kv.split("=") for kv in run.split(";") if kv)}
-                trajectory(sample, options, args.dump)
+                rows += trajectory(sample, options, args.dump)
+            print(format_table(["sample", "options", "kept", *HEADER[2:]], rows), flush=True)
+            columns = ["sample", "candidate", "n", "bias", "rms", "n>=.975", "bias>=.975", "rms>=.975"]
+            print(format_table(columns, errors(sample, rows)), flush=True)
         return
     targets = [float(s) for s in args.sparsities.split(",")]
     for sample in SETS if args.sample == "all" else [args.sample]:

@@ -71,9 +71,8 @@ def test_the_guard_refuses_to_write_a_broken_model(rng, tmp_path):
     onnx.save(classifier(rng), tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", x=f32(rng.normal(size=(2000, 16))))
     out = tmp_path / "out.onnx"
-    proc = cli(
-        *compress_args(tmp_path / "m.onnx", tmp_path / "c.npz", out, "--max-rel-error", "1e-9", "--no-latency")
-    )
+    strict = ("--max-rel-error", "1e-9", "--no-latency")
+    proc = cli(*compress_args(tmp_path / "m.onnx", tmp_path / "c.npz", out, *strict))
     assert proc.returncode == 1, proc.stderr
     assert "failed the guard" in proc.stderr and "nothing written" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
