@@ -46,18 +46,30 @@ INTERVAL_Z = 1.96
 CLASSES, SEQUENCE, MAP, TENSOR = "classes", "sequence", "map", "tensor"
 
 
-def output_kind(shape: tuple[int, ...]) -> str:
-    """The rule an output of ``shape`` (batch first) is judged by.
+def output_kind(shape: tuple[int, ...], values: np.ndarray | None = None) -> str:
+    """The rule an output of ``shape`` (batch first) is judged by; ``values``: the original's, if known.
 
     ``classes``: (N, C) with C > 1, top-1 agreement per sample; ``sequence``: (N, T, C) with
-    C > 1, argmax agreement per position; ``map``: any other output of rank >= 3 (detection,
-    segmentation, feature maps); ``tensor``: the rest. Maps and tensors: relative L2 error.
+    C > 1 whose rows are probability distributions or their logarithms (a recogniser's softmax
+    or CTC log-softmax; a detector's (N, anchors, 4 + classes) is not one), argmax agreement per
+    position; ``map``: any other output of rank >= 3 (detection, segmentation, feature maps);
+    ``tensor``: the rest. Maps and tensors: relative L2 error.
     """
     if len(shape) == 2 and shape[1] > 1:
         return CLASSES
-    if len(shape) == 3 and shape[2] > 1:
+    if len(shape) == 3 and shape[2] > 1 and values is not None and _distributions(values):
         return SEQUENCE
     return MAP if len(shape) >= 3 else TENSOR
+
+
+def _distributions(values: np.ndarray) -> bool:
+    """True when every row along the last axis is a probability distribution or its logarithm."""
+    v = np.asarray(values, np.float64)
+    if not v.size or not np.isfinite(v).all():
+        return False
+    if v.min() >= -1e-6 and np.allclose(v.sum(-1), 1.0, atol=1e-3):
+        return True
+    return bool(v.max() <= 1e-6 and np.allclose(np.exp(v).sum(-1), 1.0, atol=1e-3))
 
 
 def scaled_flips(ref: np.ndarray, cand: np.ndarray, scale: float) -> np.ndarray:
@@ -111,7 +123,7 @@ class _OutputSums:
 
     def add(self, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float) -> None:
         if not self.kind:
-            self.kind = output_kind(ref.shape)
+            self.kind = output_kind(ref.shape, ref)
         if ref.shape != cand.shape:
             self.mismatched, self.close = True, False
             self.diff_sq = self.max_abs = math.inf
@@ -323,7 +335,7 @@ class Reference:
 
     def kinds(self) -> list[str]:
         """The kind of each output (:func:`output_kind`), from the first batch."""
-        return [output_kind(np.shape(o)) for o in self.batches[0][2]]
+        return [output_kind(np.shape(o), o) for o in self.batches[0][2]]
 
     def classifier(self) -> bool:
         """True when some output is judged by argmax agreement (classes or sequences)."""

@@ -85,10 +85,15 @@ def _samples(margins: np.ndarray) -> np.ndarray:
     return np.stack([margins, np.zeros_like(margins), np.full_like(margins, -9.0)], 1).astype(np.float32)
 
 
-def test_output_kinds():
+def test_output_kinds(rng):
     assert [output_kind(s) for s in [(8, 10), (8, 1), (8, 25, 97), (8, 1, 32, 32), (8, 4, 32, 32), (8,)]] == [
-        "classes", "tensor", "sequence", "map", "map", "tensor",
+        "classes", "tensor", "map", "map", "map", "tensor",
     ]  # fmt: skip
+    logits = rng.normal(size=(8, 25, 97))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    # a recogniser's softmax or log-softmax is a sequence; a detector's raw (N, anchors, 4 + C) is not
+    assert output_kind(probs.shape, probs) == output_kind(probs.shape, np.log(probs)) == "sequence"
+    assert output_kind(logits.shape, logits) == "map"
 
 
 def test_scaled_flips_against_a_plain_loop(rng):
@@ -126,7 +131,8 @@ def test_the_estimate_sees_flips_that_confident_held_out_data_hides(tmp_path):
 
 
 def test_sequences_are_scored_per_position(rng):
-    ref = rng.normal(size=(4, 6, 5))
+    logits = rng.normal(size=(4, 6, 5))
+    ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # log-softmax, as CTC heads give
     cand = ref.copy()
     cand[0, 2] = ref[0, 2] - 10 * np.eye(5)[ref[0, 2].argmax()]  # one position flips
     sums = FidelitySums(["seq"], 1e-5, 1e-5, unseen=True)

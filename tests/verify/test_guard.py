@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
+import onnx
 import pytest
+from conftest import compress_plain
+from onnx import TensorProto, helper, numpy_helper
 
 from egp_onnx.config import DEFAULT_MAX_REL_ERROR, DEFAULT_MIN_AGREEMENT, Settings
 from egp_onnx.report.records import Fidelity, OutputFidelity
@@ -157,3 +161,49 @@ def test_surgery_reverts_on_a_change_not_on_rounding():
     changed = tensor(1.0, allclose=False, kind="map")  # a near-zero map, its whole signal changed
     exact = tensor(0.2, allclose=True, kind="map")
     assert surgery_failures(fidelity(rounding, changed, exact)) == [changed]
+
+
+def _two_heads(rng: np.random.Generator) -> onnx.ModelProto:
+    """
+    x(N,16) -> Gemm(16->48) "fc1" -> Relu -> Gemm(48->48) "fc2" -> Relu -+-> Gemm(48->4) -> logits(N,4)
+                                                                         +-> Gemm(48->1) -> score(N,1)
+    """
+
+    def init(name, *shape):
+        return numpy_helper.from_array((rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Relu", ["h1"], ["r1"], name="fc1.relu"),
+        helper.make_node("Gemm", ["r1", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Relu", ["h2"], ["r2"], name="fc2.relu"),
+        helper.make_node("Gemm", ["r2", "wc"], ["logits"], name="cls"),
+        helper.make_node("Gemm", ["r2", "wb"], ["score"], name="reg"),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N", 1])],
+        [init("w1", 16, 48), init("w2", 48, 48), init("wc", 48, 4), init("wb", 48, 1)],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_second_output_is_guarded_when_the_first_is_a_classifier(rng, tmp_path):
+    """Issue 24 class 8: a classifier first output must not let a second output change unchecked."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_two_heads(rng), path)
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(400, 16)).astype(np.float32))
+    # agreement can not stop this run (0.0); only the default relative-error rule on "score" can
+    result = compress_plain(str(path), str(tmp_path / "c.npz"), sparsity=0.9, min_agreement=0.0)
+    report = result.report
+    assert report.settings["max_rel_error"] == DEFAULT_MAX_REL_ERROR
+    assert report.stop.reason == "guard"
+    rejected = [s for s in report.steps if not s.accepted]
+    assert rejected
+    assert all(any(p.startswith("output score: relative error") for p in s.problems) for s in rejected)
+    score = {o.name: o for o in report.fidelity.outputs}["score"]
+    assert score.rel_error <= DEFAULT_MAX_REL_ERROR
+    assert {o.name: o.kind for o in report.fidelity.outputs} == {"logits": "classes", "score": "tensor"}
