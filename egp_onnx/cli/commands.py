@@ -191,7 +191,7 @@ def verify_command(**params: Any) -> None:
     """Compare COMPRESSED with ORIGINAL on --data; exit 0 when it passes, 1 when it does not.
 
     Without --min-agreement every output must satisfy |c - o| <= atol + rtol |o| everywhere
-    (as Polygraphy checks, the atol capped at a thousandth of the output's magnitude); with it,
+    (as Polygraphy checks, the atol capped at half the output's magnitude); with it,
     the argmax agreement of every classifier (N, classes) and sequence output decides, as measured.
     """
 

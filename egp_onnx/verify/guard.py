@@ -29,7 +29,7 @@ AGREEMENT_KINDS = (CLASSES, SEQUENCE)
 GUARD_Z = 1.0
 
 #: A rewritten model with an output element y' such that |y' - y| > SURGERY_ATOL + SURGERY_RTOL |y|
-#: (the atol capped at a thousandth of the output's magnitude, see verify/fidelity.py) against the
+#: (the atol capped at half the output's magnitude, see verify/fidelity.py) against the
 #: pruned model's y on the calibration data, and a relative L2 error above SURGERY_CHECK on that
 #: output, is a defect: the pruned model is kept instead. Either test alone misreads rounding: a
 #: detection map's few large elements can differ by more than the element tolerance at a relative
