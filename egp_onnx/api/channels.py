@@ -1,0 +1,282 @@
+"""The channel-removal stage (``--channels``): whole channels out, consumers refit, under the guard.
+
+It runs before the weight-pruning loop, on the dense model (why: prune/channels.py's budget and
+the refit need the dense consumers' equations; the loop then prunes and refits the narrower model
+against it, so sparsity and channel removal compose, and the guard judges both against the
+original). Steps, as the loop's:
+
+1. statistics of the current model at each group's rectifier (graph/channels.py);
+2. always-OFF channels are taken at once: they are 0 on every calibration sample, so removing
+   them changes no consumer's input there (exact on that data; the guard judges held-out data);
+3. the other channels are priced by what the consumers' refit cannot recover
+   (reconstruct/channels.py) and the EGP budget over groups (prune/channels.py) picks them;
+4. the initializers are cut (surgery/narrow.py), the consumers refit by least squares against
+   the original, and the candidate is kept only if it lowers the dense MACs and passes the guard;
+   a step that fails is rolled back and retried at half its size (:data:`RETRIES` times), then
+   the stage stops at the last accepted model. Without a guard only always-OFF channels go.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from egp_onnx import entropy as ent
+from egp_onnx.calibrate.collect import collect_statistics
+from egp_onnx.config import Settings
+from egp_onnx.entropy import Statistics
+from egp_onnx.graph.channels import ChannelGroup, channel_groups
+from egp_onnx.graph.rectifiers import find_rectifiers
+from egp_onnx.load.calibration import CalibrationData
+from egp_onnx.prune.channels import channel_capacity, cheapest, step_amounts
+from egp_onnx.prune.loop import RETRIES, Guard
+from egp_onnx.reconstruct.channels import refit_consumers, removal_costs
+from egp_onnx.report.records import ChannelGroupRecord, ChannelsRecord, ChannelStepRecord
+from egp_onnx.surgery.narrow import narrowed
+from egp_onnx.verify.cost import count_macs
+
+log = logging.getLogger(__name__)
+
+#: The fraction of what the groups may lose that one step takes (halved on each rejection).
+CHANNEL_STEP = 0.5
+#: Steps the stage attempts at most.
+MAX_CHANNEL_STEPS = 40
+
+
+@dataclass(frozen=True)
+class ChannelOutcome:
+    """The narrowed model (the input itself when nothing went) and the stage's record."""
+
+    model: onnx.ModelProto
+    record: ChannelsRecord
+
+
+def nothing_removable(tied: Mapping[str, str]) -> str:
+    """The one line that says no layer has channels to give up, with the first reason."""
+    if not tied:
+        return "channels: nothing removable (no layer feeds a rectifier read by other layers)"
+    layer, why = next(iter(tied.items()))
+    return f"channels: nothing removable ({len(tied)} layers tied; e.g. {layer}: {why})"
+
+
+def remove_channels(
+    model: onnx.ModelProto,
+    data: CalibrationData,
+    settings: Settings,
+    guard: Guard | None,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    on_stage: Callable[[str], None] = lambda _: None,
+) -> ChannelOutcome:
+    """Remove whole channels from ``model`` (never modified) as the module docstring says."""
+    groups, tied = channel_groups(model)
+    tied_record = tuple(tied.items())
+    macs_before = _macs(model, input_shapes)
+    if not groups:
+        log.warning("%s", nothing_removable(tied))
+        record = ChannelsRecord((), tied_record, (), "nothing removable", 0, macs_before, macs_before)
+        return ChannelOutcome(model, record)
+    alive = {g.producer: np.arange(g.channels) for g in groups}  # original indices still present
+    exact = {g.producer: 0 for g in groups}
+    guarded = guard is not None and not guard.measures_only
+    current, step, retries, number = model, CHANNEL_STEP, 0, 0
+    steps: list[ChannelStepRecord] = []
+    stop = "max-steps"
+    macs_now = macs_before
+    while number < MAX_CHANNEL_STEPS:
+        number += 1
+        on_stage(f"channels step {number}: calibrating")
+        now_groups = {g.producer: g for g in channel_groups(current)[0]}
+        live = [g for g in groups if g.producer in now_groups]
+        counts = _rectifier_counts(current, [now_groups[g.producer] for g in live], data, settings)
+        dead: dict[str, np.ndarray] = {}
+        for g in live:
+            on, _ = counts[g.producer]
+            off = np.flatnonzero(on == 0)
+            if off.size >= on.size:  # keep one channel: a layer with none left is surgery's case
+                off = off[1:]
+            if off.size:
+                dead[g.producer] = off
+        chosen = dict(dead)
+        if guarded:
+            chosen = _priced(model, current, live, now_groups, counts, dead, alive, step, data, settings)
+        if not any(v.size for v in chosen.values()):
+            stop = (
+                "nothing left to remove" if guarded else "always-OFF channels removed (no guard: no others)"
+            )
+            break
+        cut = [now_groups[p] for p in chosen]
+        candidate = _candidate(model, current, cut, chosen, dead, alive, data, settings, on_stage, number)
+        removed_n = sum(v.size for v in chosen.values())
+        dead_n = sum(v.size for v in dead.values())
+        macs = _macs(candidate, input_shapes)
+        if macs is not None and macs_now is not None and macs >= macs_now:
+            steps.append(
+                ChannelStepRecord(number, removed_n, dead_n, False, macs, None, None, "does not lower MACs")
+            )
+            log.info(
+                "channels step %d skipped: it does not lower the MACs (%s >= %s)", number, macs, macs_now
+            )
+            stop = "no step lowers the MACs"
+            break
+        fidelity, problems = guard(candidate) if guard is not None else (None, [])
+        agreement = fidelity.top1_agreement if fidelity else None
+        error = fidelity.rel_error if fidelity else None
+        if problems and guarded:
+            steps.append(
+                ChannelStepRecord(
+                    number, removed_n, dead_n, False, macs, agreement, error, "; ".join(problems)
+                )
+            )
+            if retries < RETRIES:
+                retries += 1
+                step /= 2
+                continue
+            stop = f"guard: step {number} failed ({'; '.join(problems)})"
+            break
+        steps.append(ChannelStepRecord(number, removed_n, dead_n, True, macs, agreement, error, ""))
+        retries = 0
+        for producer, local in chosen.items():
+            exact[producer] += int(np.isin(local, dead.get(producer, np.zeros(0, np.int64))).sum())
+            alive[producer] = np.delete(alive[producer], local)
+        current, macs_now = candidate, macs
+        if not guarded:
+            stop = "always-OFF channels removed (no guard: no others)"
+            break
+    removed = sum(g.channels - alive[g.producer].size for g in groups)
+    record = ChannelsRecord(
+        groups=tuple(
+            ChannelGroupRecord(
+                g.producer, g.rectifier, tuple(c.node for c in g.consumers), g.channels,
+                int(alive[g.producer].size), exact[g.producer],
+            )
+            for g in groups
+        ),
+        tied=tied_record,
+        steps=tuple(steps),
+        stop=stop,
+        removed=removed,
+        macs_before=macs_before,
+        macs_after=macs_now,
+    )  # fmt: skip
+    return ChannelOutcome(current, record)
+
+
+def _macs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    found = count_macs(model, input_shapes) if input_shapes else None
+    return found[0] if found else None
+
+
+def _rectifier_counts(
+    model: onnx.ModelProto, groups: list[ChannelGroup], data: CalibrationData, settings: Settings
+) -> dict[str, tuple[np.ndarray, int]]:
+    """Per group, ON counts of its channels at its rectifier, and events per channel."""
+    wanted = {g.rectifier for g in groups}
+    sites = [s for s in find_rectifiers(model) if s.node in wanted]
+    stats: Statistics = collect_statistics(model, sites, data, settings.batch_size)
+    parts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    totals: dict[str, int] = {}
+    for site in sites:
+        c = stats.counts[site.name]
+        parts.setdefault(site.node, []).append((site.channels[0] if site.channels else 0, c.on))
+        totals[site.node] = c.total
+    full = {
+        node: np.concatenate([on for _, on in sorted(p, key=lambda x: x[0])]) for node, p in parts.items()
+    }
+    out = {}
+    for g in groups:
+        on = full[g.rectifier][g.rectifier_offset : g.rectifier_offset + g.channels]
+        out[g.producer] = (on, totals[g.rectifier])
+    return out
+
+
+def _priced(
+    dense: onnx.ModelProto,
+    current: onnx.ModelProto,
+    live: list[ChannelGroup],
+    now_groups: Mapping[str, ChannelGroup],
+    counts: Mapping[str, tuple[np.ndarray, int]],
+    dead: Mapping[str, np.ndarray],
+    alive: Mapping[str, np.ndarray],
+    step: float,
+    data: CalibrationData,
+    settings: Settings,
+) -> dict[str, np.ndarray]:
+    """The always-OFF channels, and those the EGP budget takes by entropy and refit cost."""
+    blocks: dict[str, list[np.ndarray]] = {}
+    for g in live:
+        now = now_groups[g.producer]
+        for c in now.consumers:
+            blocks.setdefault(c.node, []).extend(
+                c.offset + k * c.per + np.arange(c.per) for k in range(now.channels)
+            )
+    costs = removal_costs(
+        dense, current, data, settings.batch_size, blocks, _kept_outputs(alive), settings.seed
+    )
+    taken = {node: 0 for node in blocks}
+    channel_cost: dict[str, np.ndarray] = {}
+    for g in live:
+        now = now_groups[g.producer]
+        total = np.zeros(now.channels)
+        for c in now.consumers:
+            start = taken[c.node]
+            taken[c.node] += now.channels
+            if c.node not in costs:
+                total += np.inf  # a consumer the solver cannot take: no priced removal here
+                continue
+            total += costs[c.node][start : start + now.channels]
+        channel_cost[g.producer] = total
+    entropy = np.array([ent.layer_entropy(*counts[g.producer]) for g in live])
+    alive_n = np.array([now_groups[g.producer].channels for g in live])
+    after_dead = alive_n - np.array([dead.get(g.producer, np.zeros(0)).size for g in live])
+    capacity = channel_capacity(after_dead, np.array([g.channels for g in live]), settings.layer_cap)
+    finite = [channel_cost[g.producer][np.isfinite(channel_cost[g.producer])] for g in live]
+    mean_cost = np.array([float(f.mean()) if f.size else np.inf for f in finite])
+    capacity = np.where(np.isfinite(mean_cost), capacity, 0)
+    amounts = step_amounts(
+        entropy, np.where(np.isfinite(mean_cost), mean_cost, 0.0), capacity, after_dead, step
+    )
+    chosen = {}
+    for g, amount in zip(live, amounts, strict=True):
+        off = dead.get(g.producer, np.zeros(0, dtype=np.int64))
+        extra = cheapest(channel_cost[g.producer], int(amount), exclude=off)
+        extra = extra[np.isfinite(channel_cost[g.producer][extra])]
+        picked = np.union1d(off, extra).astype(np.int64)
+        if picked.size:
+            chosen[g.producer] = picked
+    return chosen
+
+
+def _kept_outputs(alive: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {producer: kept for producer, kept in alive.items()}
+
+
+def _candidate(
+    dense: onnx.ModelProto,
+    current: onnx.ModelProto,
+    groups: list[ChannelGroup],
+    chosen: Mapping[str, np.ndarray],
+    dead: Mapping[str, np.ndarray],
+    alive: Mapping[str, np.ndarray],
+    data: CalibrationData,
+    settings: Settings,
+    on_stage: Callable[[str], None],
+    number: int,
+) -> onnx.ModelProto:
+    """``current`` without the chosen channels, the consumers of priced ones refit.
+
+    A group that lost only always-OFF channels lost nothing its consumers saw: they stay as
+    they are, so that removal stays exact.
+    """
+    cut = narrowed(current, groups, chosen)
+    kept = {p: np.delete(alive[p], chosen[p]) if p in chosen else alive[p] for p in alive}
+    priced = [g for g in groups if not np.isin(chosen[g.producer], dead.get(g.producer, ())).all()]
+    consumers = list(dict.fromkeys(c.node for g in priced for c in g.consumers))
+    if not consumers:
+        return cut
+    on_stage(f"channels step {number}: refitting {len(consumers)} layers")
+    refit, _ = refit_consumers(dense, cut, data, settings.batch_size, consumers, kept, settings.seed)
+    return refit

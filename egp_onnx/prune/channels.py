@@ -1,0 +1,55 @@
+"""How many channels each group loses in a step, and which: the EGP budget over channel groups.
+
+Pure numpy. A group (graph/channels.py) takes the place of a layer in EGP's rule
+(shared/EGP.md section 3): its entropy is the mean binary entropy of its rectifier's
+non-constant channels, and its "magnitude" the mean cost of its channels, the rise of the
+consumers' least-squares residual when a channel goes and they are refit
+(reconstruct/channels.py). Shares are softmax(T / s) with s = entropy * mean cost, so the groups
+whose channels are cheapest and least informative lose the most. Within a group the cheapest
+channels go first. Always-OFF channels cost nothing and leave first, outside the budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from egp_onnx.prune.budget import egp_allocation, integer_amounts
+
+#: At most this fraction of a group's remaining channels leaves in one step: the refit of its
+#: consumers is measured against what it can absorb, which shrinks as the group narrows.
+MAX_STEP_SHARE = 0.5
+
+
+def channel_capacity(alive: np.ndarray, channels: np.ndarray, layer_cap: float) -> np.ndarray:
+    """How many more channels each group may lose: every group keeps ``1 - layer_cap`` (and 1)."""
+    alive = np.asarray(alive, dtype=np.int64)
+    floor = np.array([max(1, math.ceil((1.0 - layer_cap) * c - 1e-9)) for c in channels], dtype=np.int64)
+    return np.maximum(alive - floor, 0)
+
+
+def step_amounts(
+    entropy: np.ndarray, mean_cost: np.ndarray, capacity: np.ndarray, alive: np.ndarray, step: float
+) -> np.ndarray:
+    """Channels each group loses in this step: ``step`` of what the groups may lose, by EGP shares.
+
+    No group loses more than :data:`MAX_STEP_SHARE` of its ``alive`` channels (at least one).
+    """
+    alive = np.asarray(alive, dtype=np.int64)
+    cap = np.minimum(capacity, np.maximum(1, np.floor(MAX_STEP_SHARE * alive).astype(np.int64)))
+    cap = np.where(np.asarray(capacity) > 0, cap, 0)
+    open_ = (np.asarray(entropy) > 0) & (cap > 0)
+    if not open_.any():
+        return np.zeros_like(alive)
+    budget = max(1, int(math.floor(step * float(cap[open_].sum()))))
+    amounts = egp_allocation(np.where(open_, entropy, 0.0), mean_cost, cap, budget)
+    return integer_amounts(amounts, cap, budget)
+
+
+def cheapest(costs: np.ndarray, count: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the ``count`` cheapest channels (ties in channel order), skipping ``exclude``."""
+    order = np.argsort(np.asarray(costs, dtype=np.float64), kind="stable")
+    if exclude is not None and exclude.size:
+        order = order[~np.isin(order, exclude)]
+    return np.sort(order[: max(0, count)])
