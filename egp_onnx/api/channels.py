@@ -12,14 +12,16 @@ original). Steps, as the loop's:
    (reconstruct/channels.py) and the EGP budget over groups (prune/channels.py) picks them;
 4. the initializers are cut (surgery/narrow.py), the consumers refit by least squares against
    the original, and the candidate is kept only if it lowers the dense MACs and passes the guard;
-   a step that fails is rolled back and retried at half its size (:data:`RETRIES` times), then
-   the stage stops at the last accepted model. Without a guard only always-OFF channels go.
+   a step that fails is rolled back and retried at half its size (:data:`RETRIES` times); when
+   the smallest still fails, the group that lost the most in it keeps its channels and the
+   others go on. The stage ends when no group can lose more. Without a guard only always-OFF
+   channels go.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +32,10 @@ from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.config import Settings
 from egp_onnx.entropy import Statistics
 from egp_onnx.graph.channels import ChannelGroup, channel_groups
+from egp_onnx.graph.layers import linear_layers
 from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.load.calibration import CalibrationData
-from egp_onnx.prune.channels import channel_capacity, cheapest, step_amounts
+from egp_onnx.prune.channels import aligned_count, channel_capacity, cheapest, exact_count, step_amounts
 from egp_onnx.prune.loop import RETRIES, Guard
 from egp_onnx.reconstruct.channels import refit_consumers, removal_costs
 from egp_onnx.report.records import ChannelGroupRecord, ChannelsRecord, ChannelStepRecord
@@ -60,7 +63,7 @@ def nothing_removable(tied: Mapping[str, str]) -> str:
     if not tied:
         return "channels: nothing removable (no layer feeds a rectifier read by other layers)"
     layer, why = next(iter(tied.items()))
-    return f"channels: nothing removable ({len(tied)} layers tied; e.g. {layer}: {why})"
+    return f"channels: nothing removable ({len(tied)} layer(s) with tied channels; first {layer}: {why})"
 
 
 def remove_channels(
@@ -84,32 +87,51 @@ def remove_channels(
     guarded = guard is not None and not guard.measures_only
     current, step, retries, number = model, CHANNEL_STEP, 0, 0
     steps: list[ChannelStepRecord] = []
+    frozen: set[str] = set()  # groups the guard stopped
     stop = "max-steps"
     macs_now = macs_before
     while number < MAX_CHANNEL_STEPS:
         number += 1
         on_stage(f"channels step {number}: calibrating")
         now_groups = {g.producer: g for g in channel_groups(current)[0]}
-        live = [g for g in groups if g.producer in now_groups]
+        live = [g for g in groups if g.producer in now_groups and g.producer not in frozen]
+        if not live:
+            stop = "every group stopped by the guard"
+            break
         counts = _rectifier_counts(current, [now_groups[g.producer] for g in live], data, settings)
         dead: dict[str, np.ndarray] = {}
         for g in live:
             on, _ = counts[g.producer]
             off = np.flatnonzero(on == 0)
-            if off.size >= on.size:  # keep one channel: a layer with none left is surgery's case
-                off = off[1:]
-            if off.size:
-                dead[g.producer] = off
+            # keep one channel (a layer with none left is surgery's case); alone, keep the
+            # alignment too (a guarded step rounds the group's whole count instead)
+            take = min(off.size, on.size - 1) if guarded else exact_count(g.channels, on.size, off.size)
+            if take:
+                dead[g.producer] = off[:take]
         chosen = dict(dead)
         if guarded:
-            chosen = _priced(model, current, live, now_groups, counts, dead, alive, step, data, settings)
+            chosen = _priced(
+                model,
+                current,
+                live,
+                [g for g in groups if g.producer in frozen],
+                now_groups,
+                counts,
+                dead,
+                alive,
+                step,
+                data,
+                settings,
+            )
         if not any(v.size for v in chosen.values()):
             stop = (
                 "nothing left to remove" if guarded else "always-OFF channels removed (no guard: no others)"
             )
             break
         cut = [now_groups[p] for p in chosen]
-        candidate = _candidate(model, current, cut, chosen, dead, alive, data, settings, on_stage, number)
+        candidate = _candidate(
+            model, current, cut, groups, chosen, dead, alive, data, settings, on_stage, number
+        )
         removed_n = sum(v.size for v in chosen.values())
         dead_n = sum(v.size for v in dead.values())
         macs = _macs(candidate, input_shapes)
@@ -135,8 +157,16 @@ def remove_channels(
                 retries += 1
                 step /= 2
                 continue
-            stop = f"guard: step {number} failed ({'; '.join(problems)})"
-            break
+            # The smallest step still fails: the group that lost the most in it keeps what it
+            # has (its consumers absorb no more), and the others go on at the full step.
+            priced = {p: v.size - dead.get(p, np.zeros(0)).size for p, v in chosen.items()}
+            worst = max(priced, key=lambda p: priced[p])
+            frozen.add(worst)
+            log.info(
+                "channels step %d failed the guard at the smallest step: %s keeps its channels", number, worst
+            )
+            retries, step = 0, CHANNEL_STEP
+            continue
         steps.append(ChannelStepRecord(number, removed_n, dead_n, True, macs, agreement, error, ""))
         retries = 0
         for producer, local in chosen.items():
@@ -197,6 +227,7 @@ def _priced(
     dense: onnx.ModelProto,
     current: onnx.ModelProto,
     live: list[ChannelGroup],
+    frozen_groups: list[ChannelGroup],
     now_groups: Mapping[str, ChannelGroup],
     counts: Mapping[str, tuple[np.ndarray, int]],
     dead: Mapping[str, np.ndarray],
@@ -214,7 +245,13 @@ def _priced(
                 c.offset + k * c.per + np.arange(c.per) for k in range(now.channels)
             )
     costs = removal_costs(
-        dense, current, data, settings.batch_size, blocks, _kept_outputs(alive), settings.seed
+        dense,
+        current,
+        data,
+        settings.batch_size,
+        blocks,
+        _kept_outputs([*live, *frozen_groups], alive),
+        settings.seed,
     )
     taken = {node: 0 for node in blocks}
     channel_cost: dict[str, np.ndarray] = {}
@@ -240,24 +277,34 @@ def _priced(
         entropy, np.where(np.isfinite(mean_cost), mean_cost, 0.0), capacity, after_dead, step
     )
     chosen = {}
-    for g, amount in zip(live, amounts, strict=True):
+    for g, amount, cap_left in zip(live, amounts, capacity, strict=True):
         off = dead.get(g.producer, np.zeros(0, dtype=np.int64))
-        extra = cheapest(channel_cost[g.producer], int(amount), exclude=off)
-        extra = extra[np.isfinite(channel_cost[g.producer][extra])]
-        picked = np.union1d(off, extra).astype(np.int64)
+        alive_now = now_groups[g.producer].channels
+        floor = alive_now - off.size - int(cap_left)
+        count = aligned_count(g.channels, alive_now, off.size + int(amount), floor)
+        cost = channel_cost[g.producer].copy()
+        cost[off] = -1.0  # always-OFF channels first: they cost nothing
+        picked = cheapest(cost, count)
+        picked = picked[np.isfinite(cost[picked])]
         if picked.size:
-            chosen[g.producer] = picked
+            chosen[g.producer] = picked.astype(np.int64)
     return chosen
 
 
-def _kept_outputs(alive: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {producer: kept for producer, kept in alive.items()}
+def _kept_outputs(groups: Sequence[ChannelGroup], alive: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per layer whose output lost channels, the original channels it keeps (depthwise convs included)."""
+    kept = {}
+    for g in groups:
+        for layer in (g.producer, *g.grouped):
+            kept[layer] = alive[g.producer]
+    return kept
 
 
 def _candidate(
     dense: onnx.ModelProto,
     current: onnx.ModelProto,
     groups: list[ChannelGroup],
+    every: Sequence[ChannelGroup],
     chosen: Mapping[str, np.ndarray],
     dead: Mapping[str, np.ndarray],
     alive: Mapping[str, np.ndarray],
@@ -272,11 +319,19 @@ def _candidate(
     they are, so that removal stays exact.
     """
     cut = narrowed(current, groups, chosen)
-    kept = {p: np.delete(alive[p], chosen[p]) if p in chosen else alive[p] for p in alive}
+    after = {p: np.delete(alive[p], chosen[p]) if p in chosen else alive[p] for p in alive}
+    kept = _kept_outputs(every, after)
     priced = [g for g in groups if not np.isin(chosen[g.producer], dead.get(g.producer, ())).all()]
-    consumers = list(dict.fromkeys(c.node for g in priced for c in g.consumers))
+    consumers = {c.node for g in priced for c in g.consumers}
     if not consumers:
         return cut
-    on_stage(f"channels step {number}: refitting {len(consumers)} layers")
-    refit, _ = refit_consumers(dense, cut, data, settings.batch_size, consumers, kept, settings.seed)
+    # Every layer from the first consumer on is refit against the original, as after a pruning
+    # step: the layers downstream absorb what the consumers could not.
+    order = [layer.name for layer in linear_layers(cut)[0]]
+    first = min(order.index(name) for name in consumers if name in order)
+    consumers_and_after = order[first:]
+    on_stage(f"channels step {number}: refitting {len(consumers_and_after)} layers")
+    refit, _ = refit_consumers(
+        dense, cut, data, settings.batch_size, consumers_and_after, kept, settings.seed
+    )
     return refit

@@ -233,6 +233,8 @@ def _step(
     if op in AFFINE_CONSTANT and len(node.input) == 2 and per == 1:
         other = node.input[1] if first else node.input[0]
         if other == tensor or not index.is_constant(other):
+            if op == "Add":
+                return f"{node.name}: a residual Add ties them to its other operand's channels"
             return f"{node.name} ({op}) meets them with another tensor (tied channels)"
         if op == "Div" and not first:
             return f"{node.name} divides by them"

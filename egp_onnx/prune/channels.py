@@ -53,3 +53,39 @@ def cheapest(costs: np.ndarray, count: int, exclude: np.ndarray | None = None) -
     if exclude is not None and exclude.size:
         order = order[~np.isin(order, exclude)]
     return np.sort(order[: max(0, count)])
+
+
+#: Groups whose channel count is a multiple of this keep a multiple of it. onnxruntime's CPU
+#: convolutions run blocked channel layouts (NCHWc, blocks of 8 or 16): measured on the MNIST
+#: sample (AVX-512, 1 thread, batch 32) with its six inner groups cut to 8 channels each the model
+#: ran 1.32x faster than dense, cut to 7 only 1.07x; to 16: 1.27x, to 15: 0.96x.
+CHANNEL_MULTIPLE = 8
+
+
+def aligned_count(channels: int, alive: int, want: int, floor: int, multiple: int = CHANNEL_MULTIPLE) -> int:
+    """How many of ``alive`` channels to remove when ``want`` are asked for, keeping the alignment.
+
+    A group of ``channels`` (its original count) that is a multiple of ``multiple`` keeps a
+    multiple of it: the kept count is rounded to the nearest multiple (up on a tie); if that
+    removes nothing while something was asked, one multiple lower, when ``floor`` allows it.
+    Other groups lose exactly ``want`` (at most down to ``floor``).
+    """
+    want = max(0, min(want, alive - floor))
+    if want == 0 or channels % multiple or multiple <= 1:
+        return want
+    kept = alive - want
+    rounded = int(np.floor(kept / multiple + 0.5)) * multiple
+    if rounded >= alive:
+        rounded = (alive - 1) // multiple * multiple
+    if rounded < max(floor, multiple):
+        return 0
+    return alive - rounded
+
+
+def exact_count(channels: int, alive: int, dead: int, multiple: int = CHANNEL_MULTIPLE) -> int:
+    """How many of ``dead`` always-OFF channels to remove with nothing else: as many as keep the alignment."""
+    dead = max(0, min(dead, alive - 1))
+    if channels % multiple or multiple <= 1:
+        return dead
+    kept = max(multiple, -(-(alive - dead) // multiple) * multiple)
+    return max(0, min(dead, alive - kept))
