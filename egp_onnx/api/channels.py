@@ -203,8 +203,11 @@ def _macs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -
 def _rectifier_counts(
     model: onnx.ModelProto, groups: list[ChannelGroup], data: CalibrationData, settings: Settings
 ) -> dict[str, tuple[np.ndarray, int]]:
-    """Per group, ON counts of its channels at its rectifier, and events per channel."""
-    wanted = {g.rectifier for g in groups}
+    """Per group, ON counts of its channels summed over its rectifiers, and events per channel.
+
+    A channel is always OFF when its sum is 0: OFF at every rectifier the consumers read through.
+    """
+    wanted = {name for g in groups for name, _ in g.rectifiers}
     sites = [s for s in find_rectifiers(model) if s.node in wanted]
     stats: Statistics = collect_statistics(model, sites, data, settings.batch_size)
     parts: dict[str, list[tuple[int, np.ndarray]]] = {}
@@ -218,8 +221,8 @@ def _rectifier_counts(
     }
     out = {}
     for g in groups:
-        on = full[g.rectifier][g.rectifier_offset : g.rectifier_offset + g.channels]
-        out[g.producer] = (on, totals[g.rectifier])
+        on = sum(full[name][offset : offset + g.channels] for name, offset in g.rectifiers)
+        out[g.producer] = (np.asarray(on), sum(totals[name] for name, _ in g.rectifiers))
     return out
 
 
@@ -295,8 +298,9 @@ def _kept_outputs(groups: Sequence[ChannelGroup], alive: Mapping[str, np.ndarray
     """Per layer whose output lost channels, the original channels it keeps (depthwise convs included)."""
     kept = {}
     for g in groups:
-        for layer in (g.producer, *g.grouped):
-            kept[layer] = alive[g.producer]
+        if alive[g.producer].size < g.channels:
+            for layer in (*g.producers, *g.grouped):
+                kept[layer] = alive[g.producer]
     return kept
 
 

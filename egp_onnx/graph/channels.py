@@ -12,11 +12,15 @@ per-channel parameter on the way (BN's four vectors, a per-channel constant, a d
 filter and bias), and column(s) c of every consumer's weight: at a channel Concat the columns
 start at the Concat offset, after a Flatten channel c owns S consecutive columns (S = spatial
 size). The rectifier is the last one on every path to the consumers: an always-OFF channel is 0
-there and after it, so removing it changes no consumer's input (exact). Channels that meet other
-channels elementwise move together or not at all: a residual Add (the stream's channels are tied
-to every block), a grouped Conv, a graph output, or any op not listed here makes the layer's
-channels tied, and the group is not offered (its reason is reported). Channels inside a residual
-branch (a block's first conv, read by the block's last conv) are free.
+there and after it, so removing it changes no consumer's input (exact).
+
+A residual Add joins the channels of its two operands: channel c of the stream is channel c of
+every layer that writes into it (each block's last conv, a projection shortcut, the stem) and of
+every tensor the Adds chain through. Such channels move together: the group then has several
+producers (found by walking back from each Add's other operand) and several rectifiers, and a
+channel is always OFF only when it is OFF at every one of them. A grouped Conv, a graph output,
+or any op not listed here ties the channels for good: the group is not offered (its reason is
+reported). Channels inside a residual branch (a block's first conv) form groups of their own.
 """
 
 from __future__ import annotations
@@ -51,20 +55,25 @@ class ChannelGroup:
     """A producer's output channels, with every initializer slice their removal cuts.
 
     ``slices`` are (initializer, axis) pairs cut at the removed channel indices themselves (the
-    producer's weight and bias, BN's vectors, per-channel constants, depthwise filters).
-    ``rectifier`` is the deciding activation node and ``rectifier_offset`` the group's first
-    channel in it (non-zero after a Concat). ``grouped`` are depthwise Conv nodes whose ``group``
+    producers' weights and biases, BN's vectors, per-channel constants, depthwise filters).
+    ``rectifiers`` are the deciding activation nodes, each with the group's first channel in it
+    (non-zero after a Concat). ``grouped`` are depthwise Conv nodes whose ``group``
     attribute equals the channel count; ``tensors`` the tensors whose channel axis narrows.
     """
 
-    producer: str
+    producer: str  # the first producer in node order: the group's name
     channels: int
-    rectifier: str
-    rectifier_offset: int
+    rectifiers: tuple[tuple[str, int], ...]  # (activation node, the group's first channel in it)
     slices: tuple[tuple[str, int], ...]
     consumers: tuple[Consumer, ...]
     grouped: tuple[str, ...] = ()
     tensors: tuple[str, ...] = ()
+    producers: tuple[str, ...] = ()  # every layer writing the channels (a residual stream's several)
+
+    @property
+    def rectifier(self) -> str:
+        """The rectifier nodes' names, joined (for the report)."""
+        return ",".join(name for name, _ in self.rectifiers)
 
 
 @dataclass
@@ -76,6 +85,7 @@ class _Walk:
     grouped: list[str] = field(default_factory=list)
     tensors: list[str] = field(default_factory=list)
     rectifiers: set[tuple[str, int]] = field(default_factory=set)
+    junctions: list[onnx.NodeProto] = field(default_factory=list)  # residual Adds met on the way
     problem: str | None = None
 
 
@@ -89,41 +99,102 @@ def channel_groups(model: onnx.ModelProto) -> tuple[list[ChannelGroup], dict[str
     outputs = {o.name for o in model.graph.output}
     groups: list[ChannelGroup] = []
     tied: dict[str, str] = {}
+    done: set[str] = set()
+    nodes = {node.name or node.output[0]: node for node in model.graph.node}
     for node in model.graph.node:
-        layer = layer_of(node, index)
-        if layer is None:
-            continue
         name = node.name or node.output[0]
-        problem = _producer_problem(node, index)
-        walk = _Walk()
-        if problem is None:
-            rank = 4 if node.op_type == "Conv" else 2
-            walk.slices.append((layer.weight, _out_axis(node)))
-            if len(node.input) > 2 and node.input[2]:
-                walk.slices.append((node.input[2], 0))
-            _follow(node.output[0], index, outputs, walk, layer.out_channels, rank, None, 0, 1)
-            problem = walk.problem
-        if problem is None and not walk.consumers:
-            problem = "no layer reads its channels"
-        if problem is None and len({r for r, _ in walk.rectifiers}) != 1:
-            problem = "its paths to the consumers pass different rectifiers"
-        if problem is not None:
-            tied[name] = problem
+        if name in done or layer_of(node, index) is None:
             continue
-        ((rectifier, offset),) = walk.rectifiers
-        groups.append(
-            ChannelGroup(
-                producer=name,
-                channels=layer.out_channels,
-                rectifier=rectifier,
-                rectifier_offset=offset,
-                slices=tuple(dict.fromkeys(walk.slices)),
-                consumers=tuple(walk.consumers),
-                grouped=tuple(walk.grouped),
-                tensors=tuple(dict.fromkeys(walk.tensors)),
-            )
-        )
+        found = _group_from(node, index, outputs, nodes)
+        members = found[1] if isinstance(found, tuple) else [name]
+        done.update(members)
+        if isinstance(found, str):
+            tied.update(dict.fromkeys(members, found))
+            continue
+        group, _ = found
+        groups.append(group)
     return groups, tied
+
+
+def _group_from(
+    node: onnx.NodeProto, index: GraphIndex, outputs: set[str], nodes: dict[str, onnx.NodeProto]
+) -> tuple[ChannelGroup, list[str]] | str:
+    """The group of ``node``'s output channels, with every producer a residual Add joins to it."""
+    producers = [node]
+    while True:
+        walk = _Walk()
+        channels = None
+        for producer in producers:
+            layer = layer_of(producer, index)
+            if layer is None:
+                return f"{producer.name} writes into its channels and is not a layer"
+            problem = _producer_problem(producer, index)
+            if problem is not None:
+                return problem if producer is node else f"{producer.name} joins them: {problem}"
+            if channels is not None and layer.out_channels != channels:
+                return f"{producer.name} joins them with another channel count"
+            channels = layer.out_channels
+            rank = 4 if producer.op_type == "Conv" else 2
+            walk.slices.append((layer.weight, _out_axis(producer)))
+            if len(producer.input) > 2 and producer.input[2]:
+                walk.slices.append((producer.input[2], 0))
+            _follow(producer.output[0], index, outputs, walk, layer.out_channels, rank, None, 0, 1)
+            if walk.problem is not None:
+                return walk.problem
+        # Each residual Add's operands must all come from the group's producers.
+        reached = set(walk.tensors)
+        more: list[onnx.NodeProto] = []
+        for add in walk.junctions:
+            for operand in add.input:
+                if operand in reached:
+                    continue
+                sources = _sources(operand, index)
+                if isinstance(sources, str):
+                    return f"{add.name}: a residual Add joins them to {sources}"
+                more.extend(p for p in sources if p not in producers and p not in more)
+        if not more:
+            break
+        producers.extend(more)
+    assert channels is not None
+    if not walk.consumers:
+        return "no layer reads its channels"
+    names = sorted((p.name or p.output[0] for p in producers), key=lambda n: list(nodes).index(n))
+    group = ChannelGroup(
+        producer=names[0],
+        channels=channels,
+        rectifiers=tuple(sorted(walk.rectifiers)),
+        slices=tuple(dict.fromkeys(walk.slices)),
+        consumers=tuple(dict.fromkeys(walk.consumers)),
+        grouped=tuple(dict.fromkeys(walk.grouped)),
+        tensors=tuple(dict.fromkeys(walk.tensors)),
+        producers=tuple(names),
+    )
+    return group, names
+
+
+def _sources(tensor: str, index: GraphIndex) -> list[onnx.NodeProto] | str:
+    """The layers whose channels reach ``tensor`` one to one (through per-channel ops and Adds)."""
+    node = index.producer.get(tensor)
+    if node is None:
+        return "a graph input"
+    if layer_of(node, index) is not None:
+        return [node]
+    op = node.op_type
+    variables = [t for t in node.input if t and not index.is_constant(t)]
+    per_channel = op in ("BatchNormalization", "Relu", *PASS_ZERO) or (
+        op == "Clip" and _clip_from_zero(node, index)
+    )
+    if (per_channel or op in AFFINE_CONSTANT) and len(variables) == 1 and node.input[0] == variables[0]:
+        return _sources(variables[0], index)
+    if op == "Add" and len(variables) == 2:
+        found: list[onnx.NodeProto] = []
+        for t in variables:
+            sub = _sources(t, index)
+            if isinstance(sub, str):
+                return sub
+            found.extend(sub)
+        return found
+    return f"{node.name} ({op})"
 
 
 def _out_axis(node: onnx.NodeProto) -> int:
@@ -166,6 +237,8 @@ def _follow(
         return
     if tensor in outputs:
         walk.problem = "its channels reach a graph output"
+        return
+    if tensor in walk.tensors:  # reached again through a residual Add: walked already
         return
     walk.tensors.append(tensor)
     readers = index.consumers.get(tensor, [])
@@ -232,9 +305,12 @@ def _step(
         return None
     if op in AFFINE_CONSTANT and len(node.input) == 2 and per == 1:
         other = node.input[1] if first else node.input[0]
+        if op == "Add" and other != tensor and not index.is_constant(other):
+            # a residual Add: the other operand's producers join the group (channel_groups)
+            walk.junctions.append(node)
+            _follow(out, index, outputs, walk, channels, rank, None, offset, per)
+            return None
         if other == tensor or not index.is_constant(other):
-            if op == "Add":
-                return f"{node.name}: a residual Add ties them to its other operand's channels"
             return f"{node.name} ({op}) meets them with another tensor (tied channels)"
         if op == "Div" and not first:
             return f"{node.name} divides by them"

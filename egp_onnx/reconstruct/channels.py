@@ -11,6 +11,7 @@ consumer's residual when that channel is gone and the rest refit: what the refit
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -43,7 +44,16 @@ def _in_turn(
     """
     layers, skipped = linear_layers(current)
     wanted = set(names)
-    todo = [layer for layer in layers if layer.name in wanted]
+    # A layer whose output channels were cut and that ends a residual branch is fit to its own
+    # dense output (its kept channels): the dense Add output minus the narrowed shortcut would
+    # not line up channel for channel.
+    todo = [
+        replace(layer, residual=None, shortcut=None, scale=None, shift=None)
+        if layer.residual and layer.name in outputs
+        else layer
+        for layer in layers
+        if layer.name in wanted
+    ]
     missing = [f"{name}: not refit ({skipped[name][1]})" for name in names if name in skipped]
     changing = [n for layer in todo for n in (layer.weight, layer.bias) if n]
     ours, values = split_weights(current, always=changing)

@@ -21,7 +21,7 @@ def test_a_conv_bn_relu_read_by_a_conv_is_free_with_its_bn_slices(rng):
     out = b.conv(b.op("Relu", [b.bn(b.conv("x", "a", 3, 4, 3, pad=1), "bn", 4)], "r"), "b", 4, 2, 3)
     groups, tied = groups_of(b.model(out, ["N", 3, 6, 6]))
     a = groups["a"]
-    assert a.channels == 4 and a.rectifier == "r" and a.rectifier_offset == 0
+    assert a.channels == 4 and a.rectifiers == (("r", 0),) and a.producers == ("a",)
     assert set(a.slices) == {
         ("a.w", 0),
         ("a.b", 0),
@@ -31,7 +31,26 @@ def test_a_conv_bn_relu_read_by_a_conv_is_free_with_its_bn_slices(rng):
     assert set(tied) == {"b"}  # its output goes to the graph output (through an Identity)
 
 
-def test_residual_add_ties_the_stream_but_the_branch_inside_is_free(rng):
+def test_a_residual_stream_moves_as_one_group_and_the_branch_inside_is_free(rng):
+    """
+    x -> Conv "stem" -> Relu "r0" -+-> Conv "c1" -> Relu "r1" -> Conv "c2" -> Add "add" -> Relu "r2"
+                                   +-------------------------------------------^
+    Relu "r2" -> Conv "head" -> y
+    """
+    b = Builder(rng)
+    r0 = b.op("Relu", [b.conv("x", "stem", 3, 4, 3, pad=1)], "r0")
+    c2 = b.conv(b.op("Relu", [b.conv(r0, "c1", 4, 5, 3, pad=1)], "r1"), "c2", 5, 4, 3, pad=1)
+    out = b.conv(b.op("Relu", [b.op("Add", [c2, r0], "add")], "r2"), "head", 4, 2, 3)
+    groups, tied = groups_of(b.model(out, ["N", 3, 6, 6]))
+    assert set(groups) == {"stem", "c1"}
+    stream = groups["stem"]
+    assert stream.producers == ("stem", "c2") and stream.rectifiers == (("r0", 0), ("r2", 0))
+    assert {c.node for c in stream.consumers} == {"c1", "head"}
+    assert {("stem.w", 0), ("c2.w", 0)} <= set(stream.slices)
+    assert groups["c1"].consumers[0].node == "c2"
+
+
+def test_a_stream_that_reaches_an_output_is_tied_with_all_its_producers(rng):
     """
     x -> Conv "stem" -> Relu "r0" -+-> Conv "c1" -> Relu "r1" -> Conv "c2" -> Add "add" -> Relu "r2" -> y
                                    +-------------------------------------------^
@@ -39,10 +58,9 @@ def test_residual_add_ties_the_stream_but_the_branch_inside_is_free(rng):
     b = Builder(rng)
     r0 = b.op("Relu", [b.conv("x", "stem", 3, 4, 3, pad=1)], "r0")
     c2 = b.conv(b.op("Relu", [b.conv(r0, "c1", 4, 5, 3, pad=1)], "r1"), "c2", 5, 4, 3, pad=1)
-    out = b.op("Relu", [b.op("Add", [c2, r0], "add")], "r2")
-    groups, tied = groups_of(b.model(out, ["N", 3, 6, 6]))
+    groups, tied = groups_of(b.model(b.op("Relu", [b.op("Add", [c2, r0], "add")], "r2"), ["N", 3, 6, 6]))
     assert set(groups) == {"c1"}
-    assert "add" in tied["stem"] and "add" in tied["c2"]
+    assert "graph output" in tied["stem"] and "graph output" in tied["c2"]
 
 
 def test_a_depthwise_conv_moves_with_the_group_and_a_grouped_one_ties_it(rng):

@@ -117,3 +117,28 @@ def test_flatten_into_gemm_slices_the_channel_columns(rng):
     np.testing.assert_array_equal(
         _values(out)["fc.w"], np.delete(_values(before)["fc.w"], range(9, 18), axis=1)
     )
+
+
+def test_a_dead_channel_of_a_residual_stream_leaves_every_producer_and_consumer(rng):
+    """
+    x -> Conv "stem" -> Relu "r0" -+-> Conv "c1" -> Relu "r1" -> Conv "c2" -> Add -> Relu "r2"
+                                   +---------------------------------------------^
+    Relu "r2" -> Conv "head" -> y
+    Stream channel 1 is dead at r0 (stem: zero filter, bias -1) and at r2 (c2: zero filter, bias -1).
+    """
+    b = Builder(rng)
+    r0 = b.op("Relu", [b.conv("x", "stem", 3, 4, 3, pad=1)], "r0")
+    c2 = b.conv(b.op("Relu", [b.conv(r0, "c1", 4, 5, 3, pad=1)], "r1"), "c2", 5, 4, 3, pad=1)
+    model = b.model(
+        b.conv(b.op("Relu", [b.op("Add", [c2, r0], "add")], "r2"), "head", 4, 2, 3), ["N", 3, 6, 6]
+    )
+    v = _values(model)
+    for layer in ("stem", "c2"):
+        w, bias = v[f"{layer}.w"].copy(), v[f"{layer}.b"].copy()
+        w[1], bias[1] = 0.0, -1.0
+        _set(_set(model, f"{layer}.w", w), f"{layer}.b", bias)
+    before, out = _narrow_and_compare(model, {"stem": np.array([1])}, rng, (3, 6, 6))
+    got, then = _values(out), _values(before)
+    assert got["stem.w"].shape[0] == got["c2.w"].shape[0] == 3  # both producers lose the row
+    np.testing.assert_array_equal(got["c1.w"], np.delete(then["c1.w"], 1, axis=1))
+    np.testing.assert_array_equal(got["head.w"], np.delete(then["head.w"], 1, axis=1))
