@@ -56,20 +56,23 @@ def cheapest(costs: np.ndarray, count: int, exclude: np.ndarray | None = None) -
 
 
 #: Groups whose channel count is a multiple of this keep a multiple of it. onnxruntime's CPU
-#: convolutions run blocked channel layouts (NCHWc, blocks of 8 or 16): measured on the MNIST
-#: sample (AVX-512, 1 thread, batch 32) with its six inner groups cut to 8 channels each the model
-#: ran 1.32x faster than dense, cut to 7 only 1.07x; to 16: 1.27x, to 15: 0.96x.
-CHANNEL_MULTIPLE = 8
+#: convolutions run a blocked channel layout (NCHWc: blocks of 16 with AVX-512, 8 with AVX2;
+#: 16 serves both) only on whole blocks; off it a narrower conv can run slower than the dense one.
+#: On the MNIST sample (AVX-512, 1 thread, batch 32, README "Channel removal"): every group kept
+#: at multiples of 8 (1.75M MACs) ran 1.09-1.11x dense, at multiples of 16 (2.59M MACs) 1.47-1.82x.
+CHANNEL_MULTIPLE = 16
 
 
-def aligned_count(channels: int, alive: int, want: int, floor: int, multiple: int = CHANNEL_MULTIPLE) -> int:
+def aligned_count(channels: int, alive: int, want: int, floor: int, multiple: int | None = None) -> int:
     """How many of ``alive`` channels to remove when ``want`` are asked for, keeping the alignment.
 
     A group of ``channels`` (its original count) that is a multiple of ``multiple`` keeps a
     multiple of it: the kept count is rounded to the nearest multiple (up on a tie); if that
     removes nothing while something was asked, one multiple lower, when ``floor`` allows it.
-    Other groups lose exactly ``want`` (at most down to ``floor``).
+    Other groups lose exactly ``want`` (at most down to ``floor``). ``multiple``: default
+    :data:`CHANNEL_MULTIPLE`.
     """
+    multiple = CHANNEL_MULTIPLE if multiple is None else multiple
     want = max(0, min(want, alive - floor))
     if want == 0 or channels % multiple or multiple <= 1:
         return want
@@ -82,8 +85,9 @@ def aligned_count(channels: int, alive: int, want: int, floor: int, multiple: in
     return alive - rounded
 
 
-def exact_count(channels: int, alive: int, dead: int, multiple: int = CHANNEL_MULTIPLE) -> int:
+def exact_count(channels: int, alive: int, dead: int, multiple: int | None = None) -> int:
     """How many of ``dead`` always-OFF channels to remove with nothing else: as many as keep the alignment."""
+    multiple = CHANNEL_MULTIPLE if multiple is None else multiple
     dead = max(0, min(dead, alive - 1))
     if channels % multiple or multiple <= 1:
         return dead
