@@ -46,6 +46,11 @@ def run_options(
         raise ConfigError("give either --eval or --holdout, not both")
     if settings.select == "obs" and not settings.reconstruct:
         raise ConfigError("--select obs needs reconstruction; drop --no-reconstruct")
+    if settings.channels and finetune is not None:
+        raise ConfigError(
+            "--channels cannot be combined with finetuning: the narrowed weights no longer match the "
+            "trained module; drop one of them"
+        )
     return settings, replace(data or DataConfig(), **data_overrides)
 
 

@@ -13,6 +13,7 @@ from models import Builder, f32
 from references import run_ort
 
 import egp_onnx
+from egp_onnx.errors import ConfigError
 from egp_onnx.verify.cost import count_macs
 
 torch = pytest.importorskip("torch", reason="needs the optional torch extra: pip install 'egp-onnx[torch]'")
@@ -134,3 +135,13 @@ def test_a_model_with_nothing_removable_says_so_in_one_line(rng, tmp_path, caplo
         "rectifier)"
     ]
     assert result.report.channels is not None and result.report.channels.removed == 0
+
+
+def test_channels_with_a_finetune_callback_is_refused_before_any_work(rng, tmp_path):
+    b = Builder(rng)
+    model = b.model(
+        b.conv(b.op("Relu", [b.conv("x", "a", 3, 4, 3, pad=1)], "r"), "b", 4, 2, 3), ["N", 3, 6, 6]
+    )
+    np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(8, 3, 6, 6))))
+    with pytest.raises(ConfigError, match="--channels cannot be combined with finetuning"):
+        egp_onnx.compress(model, tmp_path / "calib.npz", channels=True, finetune=lambda m, masks: m)
