@@ -73,6 +73,7 @@ def main() -> None:
         help="the guard of the variants that set none (default: egp-onnx's)",
     )
     parser.add_argument("--samples", nargs="+", default=list(FILES))
+    parser.add_argument("--only", default="", help="run the variants whose label contains this")
     args = parser.parse_args()
     variants = {
         "--channels --sparsity 0": {"channels": True, "sparsity": 0.0},
@@ -99,6 +100,8 @@ def main() -> None:
             [sample, "dense", f"{(dense_pred == labels).mean():.4f}", "1.0000", dense_macs, 1.0, 1.0, "-"]
         )
         for label, options in variants.items():
+            if args.only not in label:
+                continue
             if args.min_agreement is not None and "min_agreement" not in options:
                 options = {**options, "min_agreement": args.min_agreement}
             began = time.perf_counter()

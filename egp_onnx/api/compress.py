@@ -130,6 +130,7 @@ def compress(
     ctx = LoopContext(
         proto, inputs.sites, inputs.layers, inputs.limits, inputs.data, settings, guard,
         progress.stage, progress.advance, finetune,
+        start_passes=channels is not None and channels.removed > 0,
     )  # fmt: skip
     outcome = run_loop(ctx, base.first_stats)
     pruned = strip_value_info(outcome.model, in_place=outcome.model is not proto)

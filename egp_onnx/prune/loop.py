@@ -180,6 +180,7 @@ class LoopContext:
     on_stage: Callable[[str], None]
     on_batch: Callable[[int], None]
     finetune: Finetune | None = None
+    start_passes: bool = False  # ``model`` already passed the guard (channel removal's result)
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,8 @@ def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> Sto
     """Undo a step that failed the guard; retry it at half its size (None), or stop the loop.
 
     Raises:
-        GuardError: no step has been accepted yet and no retry is left.
+        GuardError: no step has been accepted yet and no retry is left (unless the starting model
+            passed the guard already: then the loop ends there).
 
     """
     state.steps.append(outcome.record)
@@ -315,7 +317,7 @@ def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> Sto
         state.step /= 2
         log.info("%s; retrying at half the step (%.4g)", detail, state.step)
         return None
-    if state.accepted == 0:
+    if state.accepted == 0 and not ctx.start_passes:
         tried = f"step 1 failed the guard at {len(state.steps)} sizes, down to sparsity {sparsity:.4f}"
         advice = "no model passes, nothing written (lower --step or the guard)"
         raise GuardError(f"{tried}: {'; '.join(problems)}; {advice}")

@@ -145,3 +145,19 @@ def test_channels_with_a_finetune_callback_is_refused_before_any_work(rng, tmp_p
     np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(8, 3, 6, 6))))
     with pytest.raises(ConfigError, match="--channels cannot be combined with finetuning"):
         egp_onnx.compress(model, tmp_path / "calib.npz", channels=True, finetune=lambda m, masks: m)
+
+
+def test_weight_pruning_after_channel_removal_ends_at_the_narrowed_model_when_its_first_step_fails(
+    rng, tmp_path
+):
+    """Channels first, weights second: the channel stage spends the guard, the loop may find nothing left."""
+    model = _exported()
+    np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(600, 3, 8, 8))))
+    result = egp_onnx.compress(
+        model, tmp_path / "calib.npz", channels=True, max_rel_error=0.05, latency=False
+    )
+    record = result.report.channels
+    assert record is not None and record.removed > 0
+    assert result.report.fidelity.rel_error <= 0.05
+    assert result.report.stop.reason in ("guard", "target", "no-weights-left")
+    onnx.checker.check_model(result.model, full_check=True)
