@@ -47,6 +47,8 @@ class Settings:
         layer_cap: largest sparsity of a layer that every path to the outputs needs.
         latency: measure onnxruntime latency before and after.
         finetune: the finetune callback's name, when one is given (set by `compress`).
+        channels: remove whole channels before pruning weights (api/channels.py): always-OFF
+            ones exactly, others by entropy and refit cost under the guard.
 
     """
 
@@ -67,6 +69,7 @@ class Settings:
     layer_cap: float = 0.98
     latency: bool = True
     finetune: str | None = None  # the finetune callback's name, when one is given
+    channels: bool = False  # --channels: remove whole channels first (api/channels.py)
 
     def check(self) -> None:
         """Raise ConfigError naming the first option outside its range."""

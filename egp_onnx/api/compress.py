@@ -25,19 +25,28 @@ from egp_onnx.api.analyze import (
     statistics,
     stats_files,
 )
+from egp_onnx.api.channels import remove_channels
 from egp_onnx.api.stages import Inputs, channel_states, open_inputs, run_options, strip_value_info, weightless
 from egp_onnx.api.summary import layer_records, model_summary
 from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.config import METHODS, DataConfig, Settings
 from egp_onnx.entropy import Statistics
 from egp_onnx.errors import EgpError
-from egp_onnx.graph.rectifiers import RectifierSite
+from egp_onnx.graph.rectifiers import RectifierSite, find_rectifiers
 from egp_onnx.graph.weights import initializer_counts, shape_skeleton
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.load.model import checked_split
 from egp_onnx.prune.finetune import Finetune
-from egp_onnx.prune.loop import LoopContext, LoopOutcome, run_loop
-from egp_onnx.report.records import CompressionReport, Cost, CostComparison, Fidelity, SurgeryRecord
+from egp_onnx.prune.limits import sparsity_limits
+from egp_onnx.prune.loop import LayerSet, LoopContext, LoopOutcome, run_loop
+from egp_onnx.report.records import (
+    ChannelsRecord,
+    CompressionReport,
+    Cost,
+    CostComparison,
+    Fidelity,
+    SurgeryRecord,
+)
 from egp_onnx.runtime.handle import ModelHandle, StoredOutputs
 from egp_onnx.runtime.memory import trim
 from egp_onnx.surgery import simplify
@@ -124,9 +133,13 @@ def compress(
     base = _baseline(proto, inputs, stats, settings, progress)
     settings = default_thresholds(settings, base.reference)
     guard = Guard(base.reference, settings, inputs.layers.held)  # without thresholds it only measures
+    channels = None
+    if settings.channels:
+        proto, inputs, base, guard, channels = _channel_stage(proto, inputs, base, guard, settings, progress)
     ctx = LoopContext(
         proto, inputs.sites, inputs.layers, inputs.limits, inputs.data, settings, guard,
         progress.stage, progress.advance, finetune,
+        start_passes=channels is not None and channels.removed > 0,
     )  # fmt: skip
     outcome = run_loop(ctx, base.first_stats)
     pruned = strip_value_info(outcome.model, in_place=outcome.model is not proto)
@@ -138,8 +151,39 @@ def compress(
     trim()  # what the loop freed leaves the process before surgery builds the rewritten model's session
     stage = _surgery_stage(pruned, guard.handle(pruned), inputs, outcome.stats, guard, settings, progress)
     progress.stage("measuring the result")
-    report = _report(inputs, base, outcome, stage, outline, settings)
+    report = replace(_report(inputs, base, outcome, stage, outline, settings), channels=channels)
     return CompressionResult(model=stage.final, report=report)
+
+
+def _channel_stage(
+    proto: onnx.ModelProto,
+    inputs: Inputs,
+    base: _Baseline,
+    guard: Guard,
+    settings: Settings,
+    progress: Progress,
+) -> tuple[onnx.ModelProto, Inputs, _Baseline, Guard, ChannelsRecord]:
+    """Remove whole channels first; the loop then starts from the narrowed model as its dense one.
+
+    Channels go before weights: their refit and their price need the dense consumers' equations
+    (a consumer already sparse would be refit on its support only), and weight pruning then works
+    on, and refits against, the model that will be written. The guard keeps judging against the
+    original's outputs, so the two stages together stay within it.
+    """
+    progress.stage("removing channels")
+    result = remove_channels(proto, inputs.data, settings, guard, base.shapes, progress.stage)
+    if result.model is proto:
+        return proto, inputs, base, guard, result.record
+    narrow = result.model
+    sites = find_rectifiers(narrow)
+    layers = LayerSet(narrow, sites)
+    limits = sparsity_limits(narrow, layers.weight_names, settings.layer_cap)
+    inputs = replace(inputs, sites=sites, layers=layers, limits=limits)
+    progress.stage("calibrating the narrowed model")
+    held = layers.held(narrow)
+    first = collect_statistics(narrow, sites, inputs.data, settings.batch_size, progress.advance, held)
+    base = replace(base, first_stats=first, nnz_before=layers.nnz())
+    return narrow, inputs, base, Guard(base.reference, settings, layers.held), result.record
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,11 @@ GUARD = OptionGroup(
 SURGERY = OptionGroup(
     (
         _flag("--no-surgery", help="Only zero weights; keep the graph as it is."),
+        _flag(
+            "--channels",
+            help="First remove whole channels (always-OFF ones exactly, others by entropy and refit cost "
+            "under the guard), so that the graph itself gets narrower.",
+        ),
         _default(
             "--merge-tolerance",
             default=_SETTINGS.merge_tolerance,
@@ -227,7 +232,11 @@ SURGERY = OptionGroup(
             "at most this; 0 applies exact rewrites only.",
         ),
     ),
-    lambda params: {"surgery": not params["no_surgery"], "merge_tolerance": params["merge_tolerance"]},
+    lambda params: {
+        "surgery": not params["no_surgery"],
+        "merge_tolerance": params["merge_tolerance"],
+        "channels": params["channels"],
+    },
 )
 
 FINETUNE = OptionGroup(
@@ -276,7 +285,7 @@ COMPRESS_HELP_ORDER = (
     "eval_unseen", "holdout", "min_agreement", "max_rel_error", "no_guard", "no_reconstruct", "select",
     "layer_cap", "report_path", "seed", "stats_paths", "finetune_spec", "torch_model", "train_path",
     "epochs", "lr",
-    "no_surgery", "merge_tolerance", "no_latency", "plot_path", "external_data", "quiet", "force",
+    "no_surgery", "channels", "merge_tolerance", "no_latency", "plot_path", "external_data", "quiet", "force",
 )  # fmt: skip
 
 COMPRESS_GROUPS = (data_options(), OUTPUT, PRUNE, GUARD, STATS, FINETUNE, SURGERY)

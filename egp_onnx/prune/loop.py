@@ -182,6 +182,7 @@ class LoopContext:
     on_stage: Callable[[str], None]
     on_batch: Callable[[int], None]
     finetune: Finetune | None = None
+    start_passes: bool = False  # ``model`` already passed the guard (channel removal's result)
 
 
 @dataclass(frozen=True)
@@ -327,7 +328,8 @@ def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> Sto
     """Undo a step that failed the guard: the next step aims lower (None), or the loop stops.
 
     Raises:
-        GuardError: no step has been accepted and the search has reached its smallest step.
+        GuardError: no step has been accepted and the search has reached its smallest step
+            (unless the starting model passed the guard already: then the loop ends there).
 
     """
     state.steps.append(outcome.record)
@@ -337,7 +339,7 @@ def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> Sto
     number, sparsity, problems = outcome.record.step, outcome.record.sparsity, outcome.problems
     state.rejected = sparsity if state.rejected is None else min(state.rejected, sparsity)
     log.info("step %d (sparsity %.4f) failed the guard: %s", number, sparsity, "; ".join(problems))
-    if state.accepted == 0 and state.next_target(ctx.settings.sparsity) is None:
+    if state.accepted == 0 and not ctx.start_passes and state.next_target(ctx.settings.sparsity) is None:
         tried = f"step 1 failed the guard at {len(state.steps)} sizes, down to sparsity {sparsity:.4f}"
         advice = "no model passes, nothing written (lower the guard's threshold or give more data)"
         raise GuardError(f"{tried}: {'; '.join(problems)}; {advice}")

@@ -108,10 +108,10 @@ def reconstruct(
     values.update(updates)
     fits = [LayerFit(name, 0, 0, None, None, f"not refit: {why}") for name, (_, why) in skipped.items()]
     if todo:
-        batches = _first_samples(data, batch_size)
+        batches = first_samples(data, batch_size)
         # The first step refits the dense model itself: its weights are read once, not twice.
         theirs = (ours, original) if dense is current else split_weights(dense)
-        now, then = _activation_pair((ours, values), theirs, batches)
+        now, then = activation_pair((ours, values), theirs, batches)
         refit = partial(
             _refit_in_turn, values=values, remove=remove, masked=set(masked), select=select, rng=rng
         )
@@ -130,7 +130,7 @@ def reconstruct(
     return ReconstructionResult(replace_initializers(current, updates), tuple(fits))
 
 
-def _activation_pair(
+def activation_pair(
     ours: tuple[onnx.ModelProto, dict[str, np.ndarray]],
     theirs: tuple[onnx.ModelProto, dict[str, np.ndarray]],
     batches: list[dict[str, np.ndarray]],
@@ -189,7 +189,7 @@ def _refit_in_turn(
     return fit, refit
 
 
-def _first_samples(data: CalibrationData, batch_size: int) -> list[dict[str, np.ndarray]]:
+def first_samples(data: CalibrationData, batch_size: int) -> list[dict[str, np.ndarray]]:
     """The batches holding the first :data:`MAX_SAMPLES` samples (whole: a model may fix its batch size)."""
     batches, seen = [], 0
     for feed, _ in data.batches(batch_size):

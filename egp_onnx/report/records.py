@@ -260,6 +260,7 @@ class CompressionReport:
     fidelity: Fidelity  # the compressed model against the original
     cost: CostComparison
     timing: Timing | None  # None with --no-latency
+    channels: ChannelsRecord | None = None  # None without --channels
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -276,3 +277,42 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
+
+
+@dataclass(frozen=True)
+class ChannelGroupRecord:
+    """One free channel group (graph/channels.py): its producer and what channel removal took."""
+
+    producer: str
+    rectifier: str
+    consumers: tuple[str, ...]
+    channels: int  # before
+    kept: int
+    always_off_removed: int  # exact removals (the channel was 0 on every calibration sample)
+
+
+@dataclass(frozen=True)
+class ChannelStepRecord:
+    """One attempted channel-removal step."""
+
+    step: int
+    removed: int  # channels this step took (always-OFF ones included)
+    always_off: int
+    accepted: bool
+    macs: int | None  # dense MACs per sample of the candidate
+    top1_agreement: float | None
+    rel_error: float | None
+    detail: str  # why it was rejected or skipped; "" when accepted
+
+
+@dataclass(frozen=True)
+class ChannelsRecord:
+    """What `--channels` did: the groups, the tied layers and why, the steps and why it stopped."""
+
+    groups: tuple[ChannelGroupRecord, ...]
+    tied: tuple[tuple[str, str], ...]  # (layer, why its channels cannot leave on their own)
+    steps: tuple[ChannelStepRecord, ...]
+    stop: str
+    removed: int
+    macs_before: int | None
+    macs_after: int | None

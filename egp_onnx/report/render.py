@@ -211,6 +211,18 @@ def _latency_lines(report: CompressionReport) -> list[str]:
     ]
 
 
+def _channels_line(report: CompressionReport) -> list[str]:
+    c = report.channels
+    if c is None:
+        return []
+    total = sum(g.channels for g in c.groups)
+    exact = sum(g.always_off_removed for g in c.groups)
+    return [
+        f"channels    {c.removed} of {total} removed in {len(c.groups)} groups ({exact} always OFF), "
+        f"{len(c.tied)} layers tied; MACs {_count(c.macs_before)} -> {_count(c.macs_after)} (stop: {c.stop})"
+    ]
+
+
 def _surgery_line(report: CompressionReport) -> list[str]:
     s = report.surgery
     if not s.enabled:
@@ -253,6 +265,7 @@ _SUMMARY_LINES: tuple[Callable[[CompressionReport], list[str]], ...] = (
     _fidelity_line,
     _accuracy_line,
     _size_line,
+    _channels_line,
     _latency_lines,
     _surgery_line,
     _guard_line,

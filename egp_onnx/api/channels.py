@@ -1,0 +1,344 @@
+"""The channel-removal stage (``--channels``): whole channels out, consumers refit, under the guard.
+
+It runs before the weight-pruning loop, on the dense model (why: prune/channels.py's budget and
+the refit need the dense consumers' equations; the loop then prunes and refits the narrower model
+against it, so sparsity and channel removal compose, and the guard judges both against the
+original). Steps, as the loop's:
+
+1. statistics of the current model at each group's rectifier (graph/channels.py);
+2. always-OFF channels are taken at once: they are 0 on every calibration sample, so removing
+   them changes no consumer's input there (exact on that data; the guard judges held-out data);
+3. the other channels are priced by what the consumers' refit cannot recover
+   (reconstruct/channels.py) and the EGP budget over groups (prune/channels.py) picks them;
+4. the initializers are cut (surgery/narrow.py), the consumers refit by least squares against
+   the original, and the candidate is kept only if it lowers the dense MACs and passes the guard;
+   a step that fails is rolled back and retried at half its size (:data:`RETRIES` times); when
+   the smallest still fails, the group that lost the most in it keeps its channels and the
+   others go on. The stage ends when no group can lose more. Without a guard only always-OFF
+   channels go.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from egp_onnx import entropy as ent
+from egp_onnx.calibrate.collect import collect_statistics
+from egp_onnx.config import Settings
+from egp_onnx.entropy import Statistics
+from egp_onnx.graph.channels import ChannelGroup, channel_groups
+from egp_onnx.graph.layers import linear_layers
+from egp_onnx.graph.rectifiers import find_rectifiers
+from egp_onnx.load.calibration import CalibrationData
+from egp_onnx.prune.channels import aligned_count, channel_capacity, cheapest, exact_count, step_amounts
+from egp_onnx.prune.loop import Guard
+from egp_onnx.reconstruct.channels import refit_consumers, removal_costs
+from egp_onnx.report.records import ChannelGroupRecord, ChannelsRecord, ChannelStepRecord
+from egp_onnx.surgery.narrow import narrowed
+from egp_onnx.verify.cost import count_macs
+
+log = logging.getLogger(__name__)
+
+#: A channel step that fails the guard is retried this many times, each at half the previous size
+#: (the weight loop bisects instead; a channel step is priced per group, so halving is the search).
+RETRIES = 2
+#: The fraction of what the groups may lose that one step takes (halved on each rejection).
+CHANNEL_STEP = 0.5
+#: Steps the stage attempts at most.
+MAX_CHANNEL_STEPS = 40
+
+
+@dataclass(frozen=True)
+class ChannelOutcome:
+    """The narrowed model (the input itself when nothing went) and the stage's record."""
+
+    model: onnx.ModelProto
+    record: ChannelsRecord
+
+
+def nothing_removable(tied: Mapping[str, str]) -> str:
+    """The one line that says no layer has channels to give up, with the first reason."""
+    if not tied:
+        return "channels: nothing removable (no layer feeds a rectifier read by other layers)"
+    layer, why = next(iter(tied.items()))
+    return f"channels: nothing removable ({len(tied)} layer(s) with tied channels; first {layer}: {why})"
+
+
+def remove_channels(
+    model: onnx.ModelProto,
+    data: CalibrationData,
+    settings: Settings,
+    guard: Guard | None,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    on_stage: Callable[[str], None] = lambda _: None,
+) -> ChannelOutcome:
+    """Remove whole channels from ``model`` (never modified) as the module docstring says."""
+    groups, tied = channel_groups(model)
+    tied_record = tuple(tied.items())
+    macs_before = _macs(model, input_shapes)
+    if not groups:
+        log.warning("%s", nothing_removable(tied))
+        record = ChannelsRecord((), tied_record, (), "nothing removable", 0, macs_before, macs_before)
+        return ChannelOutcome(model, record)
+    alive = {g.producer: np.arange(g.channels) for g in groups}  # original indices still present
+    exact = {g.producer: 0 for g in groups}
+    guarded = guard is not None and not guard.measures_only
+    current, step, retries, number = model, CHANNEL_STEP, 0, 0
+    steps: list[ChannelStepRecord] = []
+    frozen: set[str] = set()  # groups the guard stopped
+    stop = "max-steps"
+    macs_now = macs_before
+    while number < MAX_CHANNEL_STEPS:
+        number += 1
+        on_stage(f"channels step {number}: calibrating")
+        now_groups = {g.producer: g for g in channel_groups(current)[0]}
+        live = [g for g in groups if g.producer in now_groups and g.producer not in frozen]
+        if not live:
+            stop = "every group stopped by the guard"
+            break
+        counts = _rectifier_counts(current, [now_groups[g.producer] for g in live], data, settings)
+        dead: dict[str, np.ndarray] = {}
+        for g in live:
+            on, _ = counts[g.producer]
+            off = np.flatnonzero(on == 0)
+            # keep one channel (a layer with none left is surgery's case); alone, keep the
+            # alignment too (a guarded step rounds the group's whole count instead)
+            take = min(off.size, on.size - 1) if guarded else exact_count(g.channels, on.size, off.size)
+            if take:
+                dead[g.producer] = off[:take]
+        chosen = dict(dead)
+        if guarded:
+            chosen = _priced(
+                model,
+                current,
+                live,
+                [g for g in groups if g.producer in frozen],
+                now_groups,
+                counts,
+                dead,
+                alive,
+                step,
+                data,
+                settings,
+            )
+        if not any(v.size for v in chosen.values()):
+            stop = (
+                "nothing left to remove" if guarded else "always-OFF channels removed (no guard: no others)"
+            )
+            break
+        cut = [now_groups[p] for p in chosen]
+        candidate = _candidate(
+            model, current, cut, groups, chosen, dead, alive, data, settings, on_stage, number
+        )
+        removed_n = sum(v.size for v in chosen.values())
+        dead_n = sum(v.size for v in dead.values())
+        macs = _macs(candidate, input_shapes)
+        if macs is not None and macs_now is not None and macs >= macs_now:
+            steps.append(
+                ChannelStepRecord(number, removed_n, dead_n, False, macs, None, None, "does not lower MACs")
+            )
+            log.info(
+                "channels step %d skipped: it does not lower the MACs (%s >= %s)", number, macs, macs_now
+            )
+            stop = "no step lowers the MACs"
+            break
+        fidelity, problems = guard(candidate) if guard is not None else (None, [])
+        agreement = fidelity.top1_agreement if fidelity else None
+        error = fidelity.rel_error if fidelity else None
+        if problems and guarded:
+            steps.append(
+                ChannelStepRecord(
+                    number, removed_n, dead_n, False, macs, agreement, error, "; ".join(problems)
+                )
+            )
+            if retries < RETRIES:
+                retries += 1
+                step /= 2
+                continue
+            # The smallest step still fails: the group that lost the most in it keeps what it
+            # has (its consumers absorb no more), and the others go on at the full step.
+            priced = {p: v.size - dead.get(p, np.zeros(0)).size for p, v in chosen.items()}
+            worst = max(priced, key=lambda p: priced[p])
+            frozen.add(worst)
+            log.info(
+                "channels step %d failed the guard at the smallest step: %s keeps its channels", number, worst
+            )
+            retries, step = 0, CHANNEL_STEP
+            continue
+        steps.append(ChannelStepRecord(number, removed_n, dead_n, True, macs, agreement, error, ""))
+        retries = 0
+        for producer, local in chosen.items():
+            exact[producer] += int(np.isin(local, dead.get(producer, np.zeros(0, np.int64))).sum())
+            alive[producer] = np.delete(alive[producer], local)
+        current, macs_now = candidate, macs
+        if not guarded:
+            stop = "always-OFF channels removed (no guard: no others)"
+            break
+    removed = sum(g.channels - alive[g.producer].size for g in groups)
+    record = ChannelsRecord(
+        groups=tuple(
+            ChannelGroupRecord(
+                g.producer, g.rectifier, tuple(c.node for c in g.consumers), g.channels,
+                int(alive[g.producer].size), exact[g.producer],
+            )
+            for g in groups
+        ),
+        tied=tied_record,
+        steps=tuple(steps),
+        stop=stop,
+        removed=removed,
+        macs_before=macs_before,
+        macs_after=macs_now,
+    )  # fmt: skip
+    return ChannelOutcome(current, record)
+
+
+def _macs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    found = count_macs(model, input_shapes) if input_shapes else None
+    return found[0] if found else None
+
+
+def _rectifier_counts(
+    model: onnx.ModelProto, groups: list[ChannelGroup], data: CalibrationData, settings: Settings
+) -> dict[str, tuple[np.ndarray, int]]:
+    """Per group, ON counts of its channels summed over its rectifiers, and events per channel.
+
+    A channel is always OFF when its sum is 0: OFF at every rectifier the consumers read through.
+    """
+    wanted = {name for g in groups for name, _ in g.rectifiers}
+    sites = [s for s in find_rectifiers(model) if s.node in wanted]
+    stats: Statistics = collect_statistics(model, sites, data, settings.batch_size)
+    parts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    totals: dict[str, int] = {}
+    for site in sites:
+        c = stats.counts[site.name]
+        parts.setdefault(site.node, []).append((site.channels[0] if site.channels else 0, c.on))
+        totals[site.node] = c.total
+    full = {
+        node: np.concatenate([on for _, on in sorted(p, key=lambda x: x[0])]) for node, p in parts.items()
+    }
+    out = {}
+    for g in groups:
+        on = sum(full[name][offset : offset + g.channels] for name, offset in g.rectifiers)
+        out[g.producer] = (np.asarray(on), sum(totals[name] for name, _ in g.rectifiers))
+    return out
+
+
+def _priced(
+    dense: onnx.ModelProto,
+    current: onnx.ModelProto,
+    live: list[ChannelGroup],
+    frozen_groups: list[ChannelGroup],
+    now_groups: Mapping[str, ChannelGroup],
+    counts: Mapping[str, tuple[np.ndarray, int]],
+    dead: Mapping[str, np.ndarray],
+    alive: Mapping[str, np.ndarray],
+    step: float,
+    data: CalibrationData,
+    settings: Settings,
+) -> dict[str, np.ndarray]:
+    """The always-OFF channels, and those the EGP budget takes by entropy and refit cost."""
+    blocks: dict[str, list[np.ndarray]] = {}
+    for g in live:
+        now = now_groups[g.producer]
+        for c in now.consumers:
+            blocks.setdefault(c.node, []).extend(
+                c.offset + k * c.per + np.arange(c.per) for k in range(now.channels)
+            )
+    costs = removal_costs(
+        dense,
+        current,
+        data,
+        settings.batch_size,
+        blocks,
+        _kept_outputs([*live, *frozen_groups], alive),
+        settings.seed,
+    )
+    taken = {node: 0 for node in blocks}
+    channel_cost: dict[str, np.ndarray] = {}
+    for g in live:
+        now = now_groups[g.producer]
+        total = np.zeros(now.channels)
+        for c in now.consumers:
+            start = taken[c.node]
+            taken[c.node] += now.channels
+            if c.node not in costs:
+                total += np.inf  # a consumer the solver cannot take: no priced removal here
+                continue
+            total += costs[c.node][start : start + now.channels]
+        channel_cost[g.producer] = total
+    entropy = np.array([ent.layer_entropy(*counts[g.producer]) for g in live])
+    alive_n = np.array([now_groups[g.producer].channels for g in live])
+    after_dead = alive_n - np.array([dead.get(g.producer, np.zeros(0)).size for g in live])
+    capacity = channel_capacity(after_dead, np.array([g.channels for g in live]), settings.layer_cap)
+    finite = [channel_cost[g.producer][np.isfinite(channel_cost[g.producer])] for g in live]
+    mean_cost = np.array([float(f.mean()) if f.size else np.inf for f in finite])
+    capacity = np.where(np.isfinite(mean_cost), capacity, 0)
+    amounts = step_amounts(
+        entropy, np.where(np.isfinite(mean_cost), mean_cost, 0.0), capacity, after_dead, step
+    )
+    chosen = {}
+    for g, amount, cap_left in zip(live, amounts, capacity, strict=True):
+        off = dead.get(g.producer, np.zeros(0, dtype=np.int64))
+        alive_now = now_groups[g.producer].channels
+        floor = alive_now - off.size - int(cap_left)
+        count = aligned_count(g.channels, alive_now, off.size + int(amount), floor)
+        cost = channel_cost[g.producer].copy()
+        cost[off] = -1.0  # always-OFF channels first: they cost nothing
+        picked = cheapest(cost, count)
+        picked = picked[np.isfinite(cost[picked])]
+        if picked.size:
+            chosen[g.producer] = picked.astype(np.int64)
+    return chosen
+
+
+def _kept_outputs(groups: Sequence[ChannelGroup], alive: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per layer whose output lost channels, the original channels it keeps (depthwise convs included)."""
+    kept = {}
+    for g in groups:
+        if alive[g.producer].size < g.channels:
+            for layer in (*g.producers, *g.grouped):
+                kept[layer] = alive[g.producer]
+    return kept
+
+
+def _candidate(
+    dense: onnx.ModelProto,
+    current: onnx.ModelProto,
+    groups: list[ChannelGroup],
+    every: Sequence[ChannelGroup],
+    chosen: Mapping[str, np.ndarray],
+    dead: Mapping[str, np.ndarray],
+    alive: Mapping[str, np.ndarray],
+    data: CalibrationData,
+    settings: Settings,
+    on_stage: Callable[[str], None],
+    number: int,
+) -> onnx.ModelProto:
+    """``current`` without the chosen channels, the consumers of priced ones refit.
+
+    A group that lost only always-OFF channels lost nothing its consumers saw: they stay as
+    they are, so that removal stays exact.
+    """
+    cut = narrowed(current, groups, chosen)
+    after = {p: np.delete(alive[p], chosen[p]) if p in chosen else alive[p] for p in alive}
+    kept = _kept_outputs(every, after)
+    priced = [g for g in groups if not np.isin(chosen[g.producer], dead.get(g.producer, ())).all()]
+    consumers = {c.node for g in priced for c in g.consumers}
+    if not consumers:
+        return cut
+    # Every layer from the first consumer on is refit against the original, as after a pruning
+    # step: the layers downstream absorb what the consumers could not.
+    order = [layer.name for layer in linear_layers(cut)[0]]
+    first = min(order.index(name) for name in consumers if name in order)
+    consumers_and_after = order[first:]
+    on_stage(f"channels step {number}: refitting {len(consumers_and_after)} layers")
+    refit, _ = refit_consumers(
+        dense, cut, data, settings.batch_size, consumers_and_after, kept, settings.seed
+    )
+    return refit

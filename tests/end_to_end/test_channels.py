@@ -1,0 +1,163 @@
+"""`--channels` through compress: a torch-exported network, the guard, and nothing to remove."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from models import Builder, f32
+from references import run_ort
+
+import egp_onnx
+from egp_onnx.errors import ConfigError
+from egp_onnx.verify.cost import count_macs
+
+torch = pytest.importorskip("torch", reason="needs the optional torch extra: pip install 'egp-onnx[torch]'")
+from torch import nn  # noqa: E402
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int, inner: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, inner, 3, padding=1, bias=False), nn.BatchNorm2d(inner)
+        self.conv2, self.bn2 = nn.Conv2d(inner, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class _Net(nn.Module):
+    """stem -> residual block -> [branch a | branch b] concat -> pool -> flatten -> fc1 -> relu -> fc2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = _Block(8, 12)
+        self.a = nn.Sequential(nn.Conv2d(8, 6, 1), nn.ReLU())
+        self.b = nn.Sequential(
+            nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.ReLU()
+        )
+        self.fc1, self.fc2 = nn.Linear(12 * 4 * 4, 12), nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = self.block(self.stem(x))
+        y = nn.functional.max_pool2d(torch.cat([self.a(y), self.b(y)], 1), 2)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(y, 1))))
+
+
+def _exported() -> onnx.ModelProto:
+    torch.manual_seed(0)
+    net = _Net().eval()
+    with torch.no_grad():
+        # dead channels on any input: zero weights, a negative bias after BN or the conv
+        net.block.conv1.weight[3] = 0
+        net.block.bn1.bias[3] = -1.0
+        net.a[0].weight[2] = 0
+        net.a[0].bias[2] = -1.0
+        net.b[2].weight[5] = 0  # depthwise channel 5 of branch b
+        net.b[2].bias[5] = -1.0
+        net.fc1.weight[7] = 0
+        net.fc1.bias[7] = -1.0
+    buffer = io.BytesIO()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated; dynamo needs onnxscript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            net, (x,), buffer, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False,
+            dynamic_axes={"x": {0: "N"}},
+        )  # fmt: skip
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def test_dead_channels_of_a_torch_network_leave_exactly(rng, tmp_path):
+    """Without a guard only always-OFF channels go: the outputs on the calibration data stay, per element.
+
+    The groups' widths (12, 6, 6, 12) are not multiples of 8, so no alignment holds a channel back.
+
+    The four channels made dead go wherever they sit (after BN, behind a Concat into a Flatten-Gemm,
+    after a depthwise conv, in fc1); a random network has more that are OFF on every sample.
+    """
+    model = _exported()
+    x = f32(rng.normal(size=(64, 3, 8, 8)))
+    np.savez(tmp_path / "calib.npz", x=x)
+    result = egp_onnx.compress(
+        model, tmp_path / "calib.npz", channels=True, sparsity=0.0, guard=False, holdout=0.0, latency=False
+    )  # holdout 0: the statistics see every sample compared below
+    onnx.checker.check_model(result.model, full_check=True)
+    record = result.report.channels
+    assert record is not None
+    exact = {g.producer: g.always_off_removed for g in record.groups}
+    assert all(exact[p] >= 1 for p in ("/block/conv1/Conv", "/a/a.0/Conv", "/b/b.0/Conv", "/fc1/Gemm")), exact
+    assert all(g.channels - g.kept == g.always_off_removed for g in record.groups)
+    tied = dict(record.tied)
+    assert "grouped" in tied["/b/b.2/Conv"]
+    stream = next(g for g in record.groups if g.producer == "/stem/stem.0/Conv")  # stem + block.conv2
+    assert stream.rectifier.count(",") == 1  # the stem's ReLU and the block's last one
+    (want,), (got,) = run_ort(model, {"x": x}), run_ort(result.model, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    shapes = {"x": (1, 3, 8, 8)}
+    assert count_macs(result.model, shapes)[0] < count_macs(model, shapes)[0]
+
+
+def test_the_guard_keeps_priced_removal_within_it(rng, tmp_path):
+    model = _exported()
+    np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(600, 3, 8, 8))))
+    result = egp_onnx.compress(
+        model, tmp_path / "calib.npz", channels=True, sparsity=0.0, max_rel_error=0.05, latency=False
+    )
+    record = result.report.channels
+    assert record is not None and record.removed > 4
+    assert result.report.fidelity.rel_error <= 0.05
+    assert all(s.rel_error <= 0.05 for s in record.steps if s.accepted and s.rel_error is not None)
+    assert record.macs_after < record.macs_before
+
+
+def test_a_model_with_nothing_removable_says_so_in_one_line(rng, tmp_path, caplog):
+    """
+    x -> Conv "a" -> Relu -> Add(x) -> y   (the only layer's channels meet x and reach the output)
+    """
+    b = Builder(rng)
+    model = b.model(
+        b.op("Add", [b.op("Relu", [b.conv("x", "a", 3, 3, 3, pad=1)], "r"), "x"], "add"), ["N", 3, 6, 6]
+    )
+    np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(16, 3, 6, 6))))
+    with caplog.at_level(logging.WARNING):
+        result = egp_onnx.compress(
+            model, tmp_path / "calib.npz", channels=True, sparsity=0.0, guard=False, latency=False
+        )
+    lines = [r.getMessage() for r in caplog.records if "channels:" in r.getMessage()]
+    assert lines == [
+        "channels: nothing removable (1 layer(s) with tied channels; first a: output (Identity) before any "
+        "rectifier)"
+    ]
+    assert result.report.channels is not None and result.report.channels.removed == 0
+
+
+def test_channels_with_a_finetune_callback_is_refused_before_any_work(rng, tmp_path):
+    b = Builder(rng)
+    model = b.model(
+        b.conv(b.op("Relu", [b.conv("x", "a", 3, 4, 3, pad=1)], "r"), "b", 4, 2, 3), ["N", 3, 6, 6]
+    )
+    np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(8, 3, 6, 6))))
+    with pytest.raises(ConfigError, match="--channels cannot be combined with finetuning"):
+        egp_onnx.compress(model, tmp_path / "calib.npz", channels=True, finetune=lambda m, masks: m)
+
+
+def test_weight_pruning_after_channel_removal_ends_at_the_narrowed_model_when_its_first_step_fails(
+    rng, tmp_path
+):
+    """Channels first, weights second: the channel stage spends the guard, the loop may find nothing left."""
+    model = _exported()
+    np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(600, 3, 8, 8))))
+    result = egp_onnx.compress(
+        model, tmp_path / "calib.npz", channels=True, max_rel_error=0.05, latency=False
+    )
+    record = result.report.channels
+    assert record is not None and record.removed > 0
+    assert result.report.fidelity.rel_error <= 0.05
+    assert result.report.stop.reason in ("guard", "target", "no-weights-left")
+    onnx.checker.check_model(result.model, full_check=True)
