@@ -25,6 +25,7 @@ from egp_onnx.api.analyze import (
     statistics,
     stats_files,
 )
+from egp_onnx.api.quantize import quantize_stage
 from egp_onnx.api.stages import Inputs, channel_states, open_inputs, run_options, strip_value_info, weightless
 from egp_onnx.api.summary import layer_records, model_summary
 from egp_onnx.calibrate.collect import collect_statistics
@@ -128,8 +129,13 @@ def compress(
     del proto, ctx
     trim()  # what the loop freed leaves the process before surgery builds the rewritten model's session
     stage = _surgery_stage(pruned, guard.handle(pruned), inputs, outcome.stats, guard, settings, progress)
+    quantized = quantize_stage(stage.final, stage.run, inputs, guard, settings, progress)
+    if quantized is not None and quantized.record.applied:
+        stage = replace(stage, final=quantized.model, run=quantized.run, fidelity=quantized.fidelity)
     progress.stage("measuring the result")
     report = _report(inputs, base, outcome, stage, outline, settings)
+    if quantized is not None:
+        report = replace(report, quantization=quantized.record)
     return CompressionResult(model=stage.final, report=report)
 
 

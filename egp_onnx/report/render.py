@@ -174,6 +174,38 @@ def _size_line(report: CompressionReport) -> list[str]:
     ]
 
 
+def _bytes(value: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value} B"
+
+
+def _file_line(report: CompressionReport) -> list[str]:
+    b, a = report.cost.before, report.cost.after
+    ratio = b.deflate_bytes / max(a.deflate_bytes, 1)
+    return [
+        f"file        {_bytes(b.file_bytes)} -> {_bytes(a.file_bytes)}; deflated (zlib 9) "
+        f"{_bytes(b.deflate_bytes)} -> {_bytes(a.deflate_bytes)}, {ratio:.2f}x smaller"
+    ]
+
+
+def _quantize_line(report: CompressionReport) -> list[str]:
+    q = report.quantization
+    if q is None:
+        return []
+    if not q.applied:
+        return [f"quantize    {q.mode} NOT APPLIED, the float model is written: {q.reason}"]
+    agreement = "-" if q.top1_agreement is None else f"{q.top1_agreement:.4f}"
+    accuracy = "" if q.accuracy is None else f", accuracy {q.accuracy:.4f}"
+    rel = "-" if q.rel_error is None else f"{q.rel_error:.2e}"
+    return [
+        f"quantize    {q.mode} (QDQ, per-channel symmetric weights) on {q.calibration_samples} calibration "
+        f"samples: top-1 agreement {agreement}{accuracy}, relative error {rel}; "
+        f"{q.zero_weights_checked} pruned weights checked to stay exactly 0"
+    ]
+
+
 def _latency_lines(report: CompressionReport) -> list[str]:
     if report.timing is None:
         return []
@@ -226,8 +258,10 @@ _SUMMARY_LINES: tuple[Callable[[CompressionReport], list[str]], ...] = (
     _fidelity_line,
     _accuracy_line,
     _size_line,
+    _file_line,
     _latency_lines,
     _surgery_line,
+    _quantize_line,
     _guard_line,
 )
 

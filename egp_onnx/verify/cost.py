@@ -1,15 +1,26 @@
-"""Cost figures of a model: parameters, multiply-accumulates and size (pure, on ModelProto)."""
+"""Cost figures of a model: parameters, multiply-accumulates and size (pure, on ModelProto).
+
+A quantized (QDQ) model's layers read their weights through a DequantizeLinear of an integer
+initializer: its MACs and parameters are counted on that initializer, as for a float weight.
+"""
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Mapping
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from egp_onnx.graph.weights import count_parameters, initializer_counts, serialized_size, static_shapes
+from egp_onnx.graph.weights import (
+    count_parameters,
+    initializer_counts,
+    serialized_chunks,
+    serialized_size,
+    static_shapes,
+)
 from egp_onnx.report.records import Cost
 
 log = logging.getLogger(__name__)
@@ -27,6 +38,7 @@ def count_macs(
     """
     shapes = static_shapes(model, input_shapes)
     weights = {t.name: t for t in model.graph.initializer}
+    dequantized = dequantized_weights(model)
     dense = sparse = 0
     for node in model.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
@@ -34,7 +46,7 @@ def count_macs(
         if len(node.input) < 2 or node.output[0] not in shapes or node.input[0] not in shapes:
             return None
         out, inp = shapes[node.output[0]], shapes[node.input[0]]
-        w_name = node.input[1]
+        w_name = dequantized.get(node.input[1], node.input[1])
         if w_name in weights and counts is not None:
             _, size, nnz = counts[w_name]
         elif w_name in weights:
@@ -58,6 +70,33 @@ def count_macs(
     return dense, sparse
 
 
+def dequantized_weights(model: onnx.ModelProto) -> dict[str, str]:
+    """Outputs of DequantizeLinear nodes that read an initializer, to that initializer's name."""
+    initializers = {t.name for t in model.graph.initializer}
+    return {
+        node.output[0]: node.input[0]
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear" and node.input and node.input[0] in initializers
+    }
+
+
+#: zlib's level for the deflate size: its best compression, as an archive or a bundle would pack it.
+DEFLATE_LEVEL = 9
+
+
+def deflate_size(model: onnx.ModelProto) -> int:
+    """Bytes of the serialised model once deflated (zlib, level 9): what a download or app bundle pays.
+
+    The model is encoded and compressed one initializer at a time (``serialized_chunks``), so a
+    large model is never held twice; the result equals ``len(zlib.compress(model.SerializeToString(), 9))``.
+    """
+    packer = zlib.compressobj(DEFLATE_LEVEL)
+    size = 0
+    for chunk in serialized_chunks(model):
+        size += len(packer.compress(chunk))
+    return size + len(packer.flush())
+
+
 def model_cost(
     model: onnx.ModelProto,
     input_shapes: Mapping[str, tuple[int, ...]] | None,
@@ -68,7 +107,7 @@ def model_cost(
     ``counts``: the model's :func:`egp_onnx.graph.weights.initializer_counts`, when already taken.
     """
     counts = counts or initializer_counts(model)  # each weight read once for both figures
-    params, nonzero = count_parameters(model, counts)
+    params, nonzero = count_parameters(model, counts, quantized=set(dequantized_weights(model).values()))
     macs = count_macs(model, input_shapes, counts) if input_shapes else None
     return Cost(
         params=params,
@@ -76,4 +115,5 @@ def model_cost(
         macs=macs[0] if macs else None,
         nonzero_macs=macs[1] if macs else None,
         file_bytes=serialized_size(model),
+        deflate_bytes=deflate_size(model),
     )

@@ -1,0 +1,181 @@
+"""Static INT8 quantization by onnxruntime.quantization: QDQ, per-channel symmetric weights.
+
+The scheme is onnxruntime's recommended one for CPUs (``quantize_static``'s own guidance):
+
+- QDQ format (QuantizeLinear/DequantizeLinear around float ops; onnxruntime's CPU kernels fuse
+  them into integer Conv/MatMul), per-channel weights as signed int8, activations as uint8 per
+  tensor, ranges by MinMax over the calibration data, no reduced range (VNNI-era CPUs).
+- Weights are quantized symmetrically (``WeightSymmetric``, onnxruntime's default, stated here
+  because pruning depends on it): the zero point is 0, so a pruned weight, exactly 0.0, becomes
+  the integer 0 and dequantizes to exactly 0.0 again. :func:`quantize_int8` checks that on the
+  model it returns.
+- ``quant_pre_process`` first (onnx shape inference and onnxruntime's basic graph optimisation,
+  which folds a BatchNormalization left in the graph into its Conv), as onnxruntime recommends;
+  symbolic shape inference is skipped (it needs sympy and serves transformer models).
+
+Everything onnxruntime writes goes to a temporary folder that is removed whatever happens; the
+caller's model is never modified (``quant_pre_process`` would move the weights of a ModelProto
+it is given into external data, so it is given a file).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+from egp_onnx.errors import ModelError, one_line
+from egp_onnx.graph.weights import serialized_size
+from egp_onnx.runtime.session import quiet
+
+log = logging.getLogger(__name__)
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+#: How the INT8 model is quantized, as the report states it.
+INT8_SCHEME = (
+    "QDQ; weights int8 per channel, symmetric (zero point 0); activations uint8 per tensor, "
+    "MinMax over the calibration data"
+)
+#: Above this serialised size the models onnxruntime reads and writes keep their weights in a
+#: side file (protobuf's limit is 2 GiB).
+_EXTERNAL_BYTES = 2**31 - 2**26
+
+#: The arguments of the one ``quantize_static`` call (see the module docstring).
+INT8_ARGUMENTS = {
+    "quant_format": QuantFormat.QDQ,
+    "per_channel": True,
+    "reduce_range": False,
+    "activation_type": QuantType.QUInt8,
+    "weight_type": QuantType.QInt8,
+    "calibrate_method": CalibrationMethod.MinMax,
+    # onnxruntime's defaults, stated: pruned weights must stay exactly zero
+    "extra_options": {"WeightSymmetric": True, "ActivationSymmetric": False},
+}
+
+
+class FeedReader(CalibrationDataReader):
+    """onnxruntime's CalibrationDataReader over feeds (input name -> array), read once, counted."""
+
+    def __init__(self, feeds: Iterable[Mapping[str, np.ndarray]]) -> None:
+        self._feeds: Iterator[Mapping[str, np.ndarray]] = iter(feeds)
+        self.samples = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next feed, or None when there are no more."""
+        feed = next(self._feeds, None)
+        if feed is None:
+            return None
+        self.samples += int(next(iter(feed.values())).shape[0]) if feed else 0
+        return dict(feed)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """The INT8 model, the calibration samples its ranges come from, and the zero weights checked."""
+
+    model: onnx.ModelProto
+    samples: int
+    zeros_checked: int  # weights 0.0 in the float model found to dequantize to exactly 0.0
+
+
+def quantize_int8(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]]) -> Quantized:
+    """``model`` statically quantized to INT8 (QDQ) with activation ranges from ``feeds``.
+
+    Raises:
+        ModelError: onnxruntime cannot quantize the model, or a weight that was 0.0 does not
+            dequantize to 0.0 (a defect: the scheme is symmetric).
+
+    """
+    quiet()
+    reader = FeedReader(feeds)
+    large = serialized_size(model) > _EXTERNAL_BYTES
+    with tempfile.TemporaryDirectory(prefix="egp-quantize-") as folder:
+        source, prepared, output = (Path(folder) / name for name in ("in.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save_model(model, source, save_as_external_data=large, location="in.onnx.data")
+        try:
+            quant_pre_process(
+                source,
+                prepared,
+                skip_symbolic_shape=True,
+                save_as_external_data=large,
+                all_tensors_to_one_file=True,
+                external_data_location="pre.onnx.data",
+            )
+            quantize_static(prepared, output, reader, use_external_data_format=large, **INT8_ARGUMENTS)
+        except Exception as exc:  # onnxruntime.quantization raises ValueError, RuntimeError, its own Fail
+            raise ModelError(f"onnxruntime cannot quantize the model to INT8: {one_line(exc)}") from exc
+        quantized = onnx.load_model(output)  # external data, if any, is read in before the folder goes
+    checked = zeros_kept(model, quantized)
+    log.info("quantized to INT8 on %d calibration samples; %d zero weights stay 0", reader.samples, checked)
+    return Quantized(quantized, reader.samples, checked)
+
+
+def dequantized_values(quantized: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Per DequantizeLinear of an initializer: the float values it gives, by its input's name."""
+    values = {t.name: t for t in quantized.graph.initializer}
+    out = {}
+    for node in quantized.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in values:
+            continue
+        q = numpy_helper.to_array(values[node.input[0]]).astype(np.float64)
+        scale = numpy_helper.to_array(values[node.input[1]]).astype(np.float64)
+        zero = (
+            numpy_helper.to_array(values[node.input[2]]).astype(np.float64)
+            if len(node.input) > 2 and node.input[2] in values
+            else np.zeros_like(scale)
+        )
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and q.ndim > 1:  # per channel along ``axis``
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        out[node.input[0]] = (q - zero) * scale
+    return out
+
+
+def zeros_kept(model: onnx.ModelProto, quantized: onnx.ModelProto) -> int:
+    """The zero weights of ``model`` checked to dequantize to exactly 0.0 in ``quantized``.
+
+    A float weight ``w`` becomes onnxruntime's ``w_quantized`` (``ConvBnFusion_W_w_quantized``
+    when quant_pre_process folded a BatchNormalization into its Conv, which scales rows and keeps
+    zeros); weights found under neither name are not checked.
+
+    Raises:
+        ModelError: a weight that was 0.0 dequantizes to something else.
+
+    """
+    dequantized = dequantized_values(quantized)
+    checked = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_type not in _FLOATS:
+            continue
+        names = (f"{tensor.name}_quantized", f"ConvBnFusion_W_{tensor.name}_quantized")
+        found = next((dequantized[n] for n in names if n in dequantized), None)
+        if found is None:
+            continue
+        zeros = numpy_helper.to_array(tensor) == 0
+        if found.shape != zeros.shape or not zeros.any():
+            continue
+        moved = int(np.count_nonzero(found[zeros]))
+        if moved:
+            raise ModelError(
+                f"INT8 quantization moved {moved} pruned weights of {tensor.name} away from 0; "
+                "the weights must be quantized symmetrically"
+            )
+        checked += int(zeros.sum())
+    return checked
