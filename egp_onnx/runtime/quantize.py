@@ -126,7 +126,7 @@ def quantize_int8(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarra
 
 
 def dequantized_values(quantized: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Per DequantizeLinear of an initializer: the float values it gives, by its input's name."""
+    """Per DequantizeLinear of an initializer: the float values it gives, by its output's name."""
     values = {t.name: t for t in quantized.graph.initializer}
     out = {}
     for node in quantized.graph.node:
@@ -144,38 +144,54 @@ def dequantized_values(quantized: onnx.ModelProto) -> dict[str, np.ndarray]:
             shape = [1] * q.ndim
             shape[axis] = -1
             scale, zero = scale.reshape(shape), zero.reshape(shape)
-        out[node.input[0]] = (q - zero) * scale
+        out[node.output[0]] = (q - zero) * scale
     return out
 
 
-def zeros_kept(model: onnx.ModelProto, quantized: onnx.ModelProto) -> int:
-    """The zero weights of ``model`` checked to dequantize to exactly 0.0 in ``quantized``.
+#: The layers whose weights pruning zeroes.
+_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
-    A float weight ``w`` becomes onnxruntime's ``w_quantized`` (``ConvBnFusion_W_w_quantized``
-    when quant_pre_process folded a BatchNormalization into its Conv, which scales rows and keeps
-    zeros); weights found under neither name are not checked.
+
+def zeros_kept(model: onnx.ModelProto, quantized: onnx.ModelProto) -> int:
+    """The zero weights of ``model``'s layers checked to dequantize to exactly 0.0 in ``quantized``.
+
+    Layers are matched by node name: onnxruntime keeps it, or appends ``/MatMulAddFusion`` when it
+    fuses a MatMul and its Add into a Gemm; it renames the weights it folds a BatchNormalization
+    or a Mul into (which scales rows and keeps zeros). A layer whose weight onnxruntime left in
+    float is compared as it is.
 
     Raises:
-        ModelError: a weight that was 0.0 dequantizes to something else.
+        ModelError: a weight that was 0.0 is something else in ``quantized``.
 
     """
+    floats = {t.name: t for t in model.graph.initializer if t.data_type in _FLOATS}
+    after = {t.name: t for t in quantized.graph.initializer}
     dequantized = dequantized_values(quantized)
+    layers = {n.name: n for n in quantized.graph.node if n.op_type in _LAYERS and n.name}
+    for name, node in list(layers.items()):  # a fused layer is named "<layer>/<Kind>Fusion"
+        layer, _, fusion = name.rpartition("/")
+        if layer and fusion.endswith("Fusion"):
+            layers.setdefault(layer, node)
     checked = 0
-    for tensor in model.graph.initializer:
-        if tensor.data_type not in _FLOATS:
+    for node in model.graph.node:
+        match = layers.get(node.name)
+        if node.op_type not in _LAYERS or len(node.input) < 2 or node.input[1] not in floats or match is None:
             continue
-        names = (f"{tensor.name}_quantized", f"ConvBnFusion_W_{tensor.name}_quantized")
-        found = next((dequantized[n] for n in names if n in dequantized), None)
-        if found is None:
+        zeros = numpy_helper.to_array(floats[node.input[1]]) == 0
+        name = match.input[1] if len(match.input) > 1 else ""
+        if name in dequantized:
+            found = dequantized[name]
+        elif name in after:
+            found = numpy_helper.to_array(after[name])
+        else:
             continue
-        zeros = numpy_helper.to_array(tensor) == 0
         if found.shape != zeros.shape or not zeros.any():
             continue
         moved = int(np.count_nonzero(found[zeros]))
         if moved:
             raise ModelError(
-                f"INT8 quantization moved {moved} pruned weights of {tensor.name} away from 0; "
-                "the weights must be quantized symmetrically"
+                f"INT8 quantization moved {moved} pruned weights of {node.name} ({node.input[1]}) away "
+                "from 0; the weights must be quantized symmetrically"
             )
         checked += int(zeros.sum())
     return checked
