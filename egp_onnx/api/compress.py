@@ -33,6 +33,7 @@ from egp_onnx.config import METHODS, DataConfig, Settings
 from egp_onnx.entropy import Statistics
 from egp_onnx.errors import EgpError
 from egp_onnx.graph.rectifiers import RectifierSite
+from egp_onnx.graph.structure import depth
 from egp_onnx.graph.weights import initializer_counts, shape_skeleton
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.load.model import checked_split
@@ -130,12 +131,18 @@ def compress(
     trim()  # what the loop freed leaves the process before surgery builds the rewritten model's session
     stage = _surgery_stage(pruned, guard.handle(pruned), inputs, outcome.stats, guard, settings, progress)
     quantized = quantize_stage(stage.final, stage.run, inputs, guard, settings, progress)
+    float_depth = depth(stage.final)
     if quantized is not None and quantized.record.applied:
         stage = replace(stage, final=quantized.model, run=quantized.run, fidelity=quantized.fidelity)
     progress.stage("measuring the result")
     report = _report(inputs, base, outcome, stage, outline, settings)
     if quantized is not None:
-        report = replace(report, quantization=quantized.record)
+        # QDQ drops each ReLU into the uint8 QuantizeLinear after it (zero point 0 clamps at 0):
+        # the depth stays the float graph's, the op counts are the written model's
+        summary = replace(
+            report.model, depth_after=float_depth.layers, nonlinear_depth_after=float_depth.nonlinear
+        )
+        report = replace(report, model=summary, quantization=quantized.record)
     return CompressionResult(model=stage.final, report=report)
 
 

@@ -20,6 +20,7 @@ import egp_onnx
 from egp_onnx.cli.main import main
 from egp_onnx.config import Settings
 from egp_onnx.errors import ConfigError
+from egp_onnx.graph.structure import depth
 from egp_onnx.verify.cost import model_cost
 
 EVAL = SAMPLES / "digits_test.npz"
@@ -84,6 +85,14 @@ def test_the_written_int8_model_keeps_every_pruned_weight_at_zero(tmp_path):
     # the guard judged the quantized model: the report's fidelity is the INT8 model's, on --eval
     assert data["fidelity"]["top1_agreement"] == record["top1_agreement"] >= 0.99
     assert data["fidelity"]["data"] == "eval" and data["settings"]["quantize"] == "int8"
+    # QDQ folds the ReLUs into the uint8 QuantizeLinear after them: the depth reported is the float graph's
+    assert "Relu" not in {n.op_type for n in quantized.graph.node}
+    float_depth = depth(floats)
+    assert (data["model"]["depth_after"], data["model"]["nonlinear_depth_after"]) == (
+        float_depth.layers,
+        float_depth.nonlinear,
+    )
+    assert float_depth.nonlinear > 0
     test = load_npz(EVAL)
     (original,) = run_ort(SAMPLE, {"input": test["input"]})
     (int8,) = run_ort(tmp_path / "q.onnx", {"input": test["input"]}, optimize=True)
