@@ -148,7 +148,9 @@ class Cost:
     macs: int | None  # multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul, per sample
     nonzero_macs: int | None  # the same, counting only non-zero weights
     file_bytes: int
-    deflate_bytes: int  # the serialised model deflated (zlib level 9): what a download or app bundle pays
+    # the serialised model deflated (zlib level 9): what a download or app bundle pays; None above
+    # verify.cost.DEFLATE_MAX_BYTES (level 9 is slow on large pruned models)
+    deflate_bytes: int | None
 
 
 @dataclass(frozen=True)

@@ -183,11 +183,14 @@ def _bytes(value: int) -> str:
 
 def _file_line(report: CompressionReport) -> list[str]:
     b, a = report.cost.before, report.cost.after
-    ratio = b.deflate_bytes / max(a.deflate_bytes, 1)
-    return [
-        f"file        {_bytes(b.file_bytes)} -> {_bytes(a.file_bytes)}; deflated (zlib 9) "
-        f"{_bytes(b.deflate_bytes)} -> {_bytes(a.deflate_bytes)}, {ratio:.2f}x smaller"
-    ]
+    text = f"file        {_bytes(b.file_bytes)} -> {_bytes(a.file_bytes)}"
+    if b.deflate_bytes is not None and a.deflate_bytes is not None:
+        ratio = b.deflate_bytes / max(a.deflate_bytes, 1)
+        text += f"; deflated (zlib 9) {_bytes(b.deflate_bytes)} -> {_bytes(a.deflate_bytes)}"
+        text += f", {ratio:.2f}x smaller"
+    elif a.deflate_bytes is not None:
+        text += f"; deflated (zlib 9) {_bytes(a.deflate_bytes)}"
+    return [text]
 
 
 def _quantize_line(report: CompressionReport) -> list[str]:

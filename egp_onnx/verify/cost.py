@@ -82,6 +82,11 @@ def dequantized_weights(model: onnx.ModelProto) -> dict[str, str]:
 
 #: zlib's level for the deflate size: its best compression, as an archive or a bundle would pack it.
 DEFLATE_LEVEL = 9
+#: The report's deflate size is measured for models up to this serialised size, else None: level 9
+#: walks long match chains on pruned weights (runs of zeros between random values) and compresses
+#: them at about 5 MB/s of CPU on this machine (dense float32: about 17 MB/s), so a 500 MB model
+#: would add minutes to a run. :func:`deflate_size` itself has no limit.
+DEFLATE_MAX_BYTES = 32 * 2**20
 
 
 def deflate_size(model: onnx.ModelProto) -> int:
@@ -102,18 +107,19 @@ def model_cost(
     input_shapes: Mapping[str, tuple[int, ...]] | None,
     counts: Mapping[str, tuple[bool, int, int]] | None = None,
 ) -> Cost:
-    """Parameters, MACs (when ``input_shapes`` is given and shapes resolve) and file size.
+    """Parameters, MACs (when ``input_shapes`` is given and shapes resolve), file and deflate size.
 
     ``counts``: the model's :func:`egp_onnx.graph.weights.initializer_counts`, when already taken.
     """
     counts = counts or initializer_counts(model)  # each weight read once for both figures
     params, nonzero = count_parameters(model, counts, quantized=set(dequantized_weights(model).values()))
     macs = count_macs(model, input_shapes, counts) if input_shapes else None
+    size = serialized_size(model)
     return Cost(
         params=params,
         nonzero_params=nonzero,
         macs=macs[0] if macs else None,
         nonzero_macs=macs[1] if macs else None,
-        file_bytes=serialized_size(model),
-        deflate_bytes=deflate_size(model),
+        file_bytes=size,
+        deflate_bytes=deflate_size(model) if size <= DEFLATE_MAX_BYTES else None,
     )

@@ -14,6 +14,7 @@ import egp_onnx
 from egp_onnx.graph.structure import depth
 from egp_onnx.graph.weights import count_parameters, serialized_chunks
 from egp_onnx.load.model import load_model
+from egp_onnx.verify import cost as cost_module
 from egp_onnx.verify.cost import count_macs, deflate_size, model_cost
 
 
@@ -79,3 +80,11 @@ def test_the_streamed_deflate_size_is_that_of_the_whole_file(name):
     encoded = model.SerializeToString()
     assert b"".join(serialized_chunks(model)) == encoded
     assert deflate_size(model) == len(zlib.compress(encoded, 9)) < len(encoded)
+
+
+def test_the_report_leaves_the_deflate_size_of_a_large_model_out(monkeypatch):
+    """Level 9 deflates pruned weights at a few MB/s: above the limit the report says None."""
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    assert model_cost(model, None).deflate_bytes == deflate_size(model)
+    monkeypatch.setattr(cost_module, "DEFLATE_MAX_BYTES", model.ByteSize() - 1)
+    assert model_cost(model, None).deflate_bytes is None
