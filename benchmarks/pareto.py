@@ -44,6 +44,7 @@ from onnxruntime.quantization import quant_pre_process, quantize_static
 
 import egp_onnx
 from egp_onnx.config import Settings
+from egp_onnx.errors import EgpError
 from egp_onnx.report.render import format_table
 from egp_onnx.runtime.quantize import INT8_ARGUMENTS, FeedReader
 from egp_onnx.runtime.session import MEASURE, make_session
@@ -131,7 +132,12 @@ def variants(case: Case, folder: Path) -> tuple[dict[str, onnx.ModelProto | str]
         models["--channels"] = models["--channels + INT8"] = "n/a (--channels not available)"
     for variant, options in runs.items():
         began = time.perf_counter()
-        result = egp_onnx.compress(case.model, case.calib, latency=False, **case.options, **options)
+        try:
+            result = egp_onnx.compress(case.model, case.calib, latency=False, **case.options, **options)
+        except EgpError as exc:  # e.g. the guard refuses even the first step: nothing to time
+            models[variant] = f"none written: {exc}"[:160]
+            notes[variant] = f"{time.perf_counter() - began:.1f} s; {type(exc).__name__}"
+            continue
         r = result.report
         m = r.model
         note = f"{time.perf_counter() - began:.1f} s; sparsity {m.sparsity:.3f}, depth {m.depth_before}->"
