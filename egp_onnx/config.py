@@ -11,6 +11,8 @@ from egp_onnx.errors import ConfigError
 
 METHODS = ("egp", "magnitude")
 SELECTIONS = ("magnitude", "obs")
+#: What ``quantize`` may ask for after pruning and surgery (None: stay float).
+QUANTIZE_MODES = ("int8",)
 #: The default target: compress as far as the guard allows, up to this sparsity.
 SPARSITY_CEILING = 0.95
 #: The default guard: top-1 agreement for classifier outputs (N, classes) ...
@@ -49,6 +51,8 @@ class Settings:
         finetune: the finetune callback's name, when one is given (set by `compress`).
         channels: remove whole channels before pruning weights (api/channels.py): always-OFF
             ones exactly, others by entropy and refit cost under the guard.
+        quantize: ``int8``: quantize the result statically (onnxruntime, QDQ, per-channel
+            weights) as the last stage, judged by the guard; None: keep it float.
 
     """
 
@@ -70,6 +74,7 @@ class Settings:
     latency: bool = True
     finetune: str | None = None  # the finetune callback's name, when one is given
     channels: bool = False  # --channels: remove whole channels first (api/channels.py)
+    quantize: str | None = None  # "int8": static INT8 quantization as the last stage
 
     def check(self) -> None:
         """Raise ConfigError naming the first option outside its range."""
@@ -95,6 +100,8 @@ class Settings:
             raise ConfigError(f"--max-rel-error must be a finite number >= 0, got {self.max_rel_error}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be at least 0, got {self.seed}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
 
     @property
     def guarded(self) -> bool:

@@ -26,6 +26,7 @@ from egp_onnx.api.analyze import (
     stats_files,
 )
 from egp_onnx.api.channels import remove_channels
+from egp_onnx.api.quantize import quantize_stage
 from egp_onnx.api.stages import Inputs, channel_states, open_inputs, run_options, strip_value_info, weightless
 from egp_onnx.api.summary import layer_records, model_summary
 from egp_onnx.calibrate.collect import collect_statistics
@@ -33,6 +34,7 @@ from egp_onnx.config import METHODS, DataConfig, Settings
 from egp_onnx.entropy import Statistics
 from egp_onnx.errors import EgpError
 from egp_onnx.graph.rectifiers import RectifierSite, find_rectifiers
+from egp_onnx.graph.structure import depth
 from egp_onnx.graph.weights import initializer_counts, shape_skeleton
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.load.model import checked_split
@@ -150,8 +152,20 @@ def compress(
     del proto, ctx
     trim()  # what the loop freed leaves the process before surgery builds the rewritten model's session
     stage = _surgery_stage(pruned, guard.handle(pruned), inputs, outcome.stats, guard, settings, progress)
+    quantized = quantize_stage(stage.final, stage.run, inputs, guard, settings, progress)
+    float_depth = depth(stage.final)
+    if quantized is not None and quantized.record.applied:
+        stage = replace(stage, final=quantized.model, run=quantized.run, fidelity=quantized.fidelity)
     progress.stage("measuring the result")
-    report = replace(_report(inputs, base, outcome, stage, outline, settings), channels=channels)
+    report = _report(inputs, base, outcome, stage, outline, settings)
+    report = replace(report, channels=channels)
+    if quantized is not None:
+        # QDQ drops each ReLU into the uint8 QuantizeLinear after it (zero point 0 clamps at 0):
+        # the depth stays the float graph's, the op counts are the written model's
+        summary = replace(
+            report.model, depth_after=float_depth.layers, nonlinear_depth_after=float_depth.nonlinear
+        )
+        report = replace(report, model=summary, quantization=quantized.record)
     return CompressionResult(model=stage.final, report=report)
 
 

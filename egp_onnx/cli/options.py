@@ -16,7 +16,15 @@ import click
 
 from egp_onnx.cli.files import InputPath, input_path
 from egp_onnx.cli.plugins import load_attribute, source_file
-from egp_onnx.config import METHODS, SELECTIONS, DataConfig, Settings, check_positive, check_tolerances
+from egp_onnx.config import (
+    METHODS,
+    QUANTIZE_MODES,
+    SELECTIONS,
+    DataConfig,
+    Settings,
+    check_positive,
+    check_tolerances,
+)
 from egp_onnx.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -239,6 +247,19 @@ SURGERY = OptionGroup(
     },
 )
 
+QUANTIZE = OptionGroup(
+    (
+        click.option(
+            "--quantize",
+            type=click.Choice(QUANTIZE_MODES),
+            help="Quantize the result as the last stage: int8 = onnxruntime static quantization (QDQ, "
+            "per-channel symmetric weights, so pruned weights stay 0), judged by the guard; the float "
+            "model is kept if it fails [default: off].",
+        ),
+    ),
+    lambda params: {"quantize": params["quantize"]},
+)
+
 FINETUNE = OptionGroup(
     (
         click.option(
@@ -285,10 +306,11 @@ COMPRESS_HELP_ORDER = (
     "eval_unseen", "holdout", "min_agreement", "max_rel_error", "no_guard", "no_reconstruct", "select",
     "layer_cap", "report_path", "seed", "stats_paths", "finetune_spec", "torch_model", "train_path",
     "epochs", "lr",
-    "no_surgery", "channels", "merge_tolerance", "no_latency", "plot_path", "external_data", "quiet", "force",
+    "no_surgery", "channels", "merge_tolerance", "quantize", "no_latency", "plot_path", "external_data",
+    "quiet", "force",
 )  # fmt: skip
 
-COMPRESS_GROUPS = (data_options(), OUTPUT, PRUNE, GUARD, STATS, FINETUNE, SURGERY)
+COMPRESS_GROUPS = (data_options(), OUTPUT, PRUNE, GUARD, STATS, FINETUNE, SURGERY, QUANTIZE)
 
 
 def compress_options(func: F) -> F:

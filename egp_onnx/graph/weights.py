@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -93,14 +93,19 @@ def replace_tensors(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) ->
 
 
 def count_parameters(
-    model: onnx.ModelProto, counts: Mapping[str, tuple[bool, int, int]] | None = None
+    model: onnx.ModelProto,
+    counts: Mapping[str, tuple[bool, int, int]] | None = None,
+    quantized: Collection[str] = (),
 ) -> tuple[int, int]:
-    """(parameters, non-zero parameters) over all floating-point initializers.
+    """(parameters, non-zero parameters) over all floating-point initializers and ``quantized``.
 
-    ``counts`` are the model's :func:`initializer_counts`, when already taken.
+    ``counts`` are the model's :func:`initializer_counts`, when already taken; ``quantized``
+    names integer initializers that hold weights (those a DequantizeLinear reads).
     """
     counts = initializer_counts(model) if counts is None else counts
-    floating = [(size, nonzero) for is_float, size, nonzero in counts.values() if is_float]
+    floating = [
+        (size, nonzero) for name, (is_float, size, nonzero) in counts.items() if is_float or name in quantized
+    ]
     return sum(size for size, _ in floating), sum(nonzero for _, nonzero in floating)
 
 
@@ -221,6 +226,56 @@ def serialized_size(model: onnx.ModelProto) -> int:
     _copy_fields(model.graph, graph, skip=("initializer",))
     inner = graph.ByteSize() + sum(_field_bytes(_tensor_bytes(t)) for t in model.graph.initializer)
     return shell.ByteSize() + _field_bytes(inner)
+
+
+def serialized_chunks(model: onnx.ModelProto) -> Iterator[bytes]:
+    """The bytes of ``model.SerializeToString()`` in pieces, one initializer at a time.
+
+    Their concatenation is the serialised model (protobuf writes fields in field-number order;
+    the graph is field 7 of ModelProto, its initializers field 5 of GraphProto), but the whole
+    model is never encoded at once: a consumer that streams them (a deflate size) holds at most
+    one initializer's encoding beside the model.
+    """
+    head, tail = onnx.ModelProto(), onnx.ModelProto()
+    _copy_numbered(model, head, tail, split=7)
+    if not model.HasField("graph"):
+        yield head.SerializeToString() + tail.SerializeToString()
+        return
+    graph_head, graph_tail = onnx.GraphProto(), onnx.GraphProto()
+    _copy_numbered(model.graph, graph_head, graph_tail, split=5)
+    graph_bytes = graph_head.ByteSize() + graph_tail.ByteSize()
+    graph_bytes += sum(_field_bytes(_tensor_bytes(t)) for t in model.graph.initializer)
+    yield head.SerializeToString()
+    yield _varint((7 << 3) | 2) + _varint(graph_bytes)
+    yield graph_head.SerializeToString()
+    for tensor in model.graph.initializer:
+        encoded = tensor.SerializeToString()
+        yield _varint((5 << 3) | 2) + _varint(len(encoded)) + encoded
+    yield graph_tail.SerializeToString()
+    yield tail.SerializeToString()
+
+
+def _copy_numbered(source: Any, before: Any, after: Any, split: int) -> None:
+    """Copy the set fields of ``source`` numbered below ``split`` to ``before``, above it to ``after``."""
+    for field, value in source.ListFields():
+        if field.number == split:
+            continue
+        target = before if field.number < split else after
+        if getattr(field, "is_repeated", None) or getattr(field, "label", None) == 3:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:

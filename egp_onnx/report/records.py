@@ -168,6 +168,9 @@ class Cost:
     macs: int | None  # multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul, per sample
     nonzero_macs: int | None  # the same, counting only non-zero weights
     file_bytes: int
+    # the serialised model deflated (zlib level 9): what a download or app bundle pays; None above
+    # verify.cost.DEFLATE_MAX_BYTES (level 9 is slow on large pruned models)
+    deflate_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,21 @@ class Timing:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, kw_only=True)
+class QuantizationRecord:
+    """The last stage, ``--quantize``: what was asked, and whether the quantized model was kept."""
+
+    mode: str  # int8
+    scheme: str  # how it was quantized (format, weights, activations, calibration)
+    calibration_samples: int  # samples the activation ranges come from
+    zero_weights_checked: int  # pruned weights found to dequantize to exactly 0.0
+    applied: bool  # False: the float model was kept (see reason)
+    reason: str | None  # why not applied: quantization failed, or the quantized model failed the guard
+    top1_agreement: float | None  # the quantized model against the original, on the held-out data
+    rel_error: float | None
+    accuracy: float | None  # the quantized model's, when the held-out data has labels
+
+
 @dataclass(frozen=True)
 class ModelSummary:
     """Whole-model figures."""
@@ -261,6 +279,7 @@ class CompressionReport:
     cost: CostComparison
     timing: Timing | None  # None with --no-latency
     channels: ChannelsRecord | None = None  # None without --channels
+    quantization: QuantizationRecord | None = None  # None without --quantize
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

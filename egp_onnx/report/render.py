@@ -197,6 +197,39 @@ def _size_line(report: CompressionReport) -> list[str]:
 def _shapes_text(shapes: dict[str, tuple[int, ...]]) -> str:
     """Input shapes for the summary: ``x 1x3x640x480``."""
     return ", ".join(f"{name} {'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
+def _bytes(value: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value} B"
+
+
+def _file_line(report: CompressionReport) -> list[str]:
+    b, a = report.cost.before, report.cost.after
+    text = f"file        {_bytes(b.file_bytes)} -> {_bytes(a.file_bytes)}"
+    if b.deflate_bytes is not None and a.deflate_bytes is not None:
+        ratio = b.deflate_bytes / max(a.deflate_bytes, 1)
+        text += f"; deflated (zlib 9) {_bytes(b.deflate_bytes)} -> {_bytes(a.deflate_bytes)}"
+        text += f", {ratio:.2f}x smaller"
+    elif a.deflate_bytes is not None:
+        text += f"; deflated (zlib 9) {_bytes(a.deflate_bytes)}"
+    return [text]
+
+
+def _quantize_line(report: CompressionReport) -> list[str]:
+    q = report.quantization
+    if q is None:
+        return []
+    if not q.applied:
+        return [f"quantize    {q.mode} NOT APPLIED, the float model is written: {q.reason}"]
+    agreement = "-" if q.top1_agreement is None else f"{q.top1_agreement:.4f}"
+    accuracy = "" if q.accuracy is None else f", accuracy {q.accuracy:.4f}"
+    rel = "-" if q.rel_error is None else f"{q.rel_error:.2e}"
+    return [
+        f"quantize    {q.mode} (QDQ, per-channel symmetric weights) on {q.calibration_samples} calibration "
+        f"samples: top-1 agreement {agreement}{accuracy}, relative error {rel}; "
+        f"{q.zero_weights_checked} pruned weights checked to stay exactly 0"
+    ]
 
 
 def _latency_lines(report: CompressionReport) -> list[str]:
@@ -266,8 +299,10 @@ _SUMMARY_LINES: tuple[Callable[[CompressionReport], list[str]], ...] = (
     _accuracy_line,
     _size_line,
     _channels_line,
+    _file_line,
     _latency_lines,
     _surgery_line,
+    _quantize_line,
     _guard_line,
 )
 

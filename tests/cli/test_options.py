@@ -43,12 +43,12 @@ def test_each_option_sets_its_field():
         "--sparsity", "0.5", "--step", "0.25", "--method", "magnitude", "--batch-size", "8", "--seed", "3",
         "--no-surgery", "--merge-tolerance", "0.01", "--holdout", "0.2", "--min-agreement", "0.9",
         "--max-rel-error", "0.1", "--no-guard", "--no-reconstruct", "--select", "obs", "--layer-cap", "0.5",
-        "--no-latency", "--mean", "0.5,0.25", "--std", "2", "--workers", "2",
+        "--no-latency", "--mean", "0.5,0.25", "--std", "2", "--workers", "2", "--quantize", "int8",
     )  # fmt: skip
     assert options.compress_settings(parsed) == Settings(
         sparsity=0.5, step=0.25, method="magnitude", batch_size=8, seed=3, surgery=False,
         merge_tolerance=0.01, holdout=0.2, min_agreement=0.9, max_rel_error=0.1, guard=False,
-        reconstruct=False, select="obs", layer_cap=0.5, latency=False,
+        reconstruct=False, select="obs", layer_cap=0.5, latency=False, quantize="int8",
     )  # fmt: skip
     assert options.data_config(parsed) == DataConfig(mean=(0.5, 0.25), std=(2.0,), workers=2)
 
@@ -151,6 +151,7 @@ def sweep_cases(
         "--lr": [["--lr", v] for v in ("nan", "0", "-1", "inf")],
         "--merge-tolerance": [["--merge-tolerance", v] for v in ("nan", "-1", "inf")],
         "--select": [["--select", "foo"], ["--select", "obs", "--no-reconstruct"]],
+        "--quantize": [["--quantize", v] for v in ("int4", "INT8", "")],
         "--layer-cap": [["--layer-cap", v] for v in ("nan", "0", "1.5", "inf", "abc")],
         "--plot": [["--plot", v] for v in (f"{t}/p.xyz", f"{t}/plot", f"{t}/no/p.png", calib)],
         "--bogus": [["--bogus"]],

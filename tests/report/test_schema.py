@@ -17,7 +17,13 @@ CALIB = SAMPLES / "digits_calib.npz"
 
 
 @pytest.mark.parametrize(
-    "extra", [[], ["--no-latency", "--no-surgery"], ["--holdout", "0.25", "--max-rel-error", "0.9"]]
+    "extra",
+    [
+        [],
+        ["--no-latency", "--no-surgery"],
+        ["--holdout", "0.25", "--max-rel-error", "0.9"],
+        ["--no-latency", "--quantize", "int8"],
+    ],
 )
 def test_reports_validate_against_documented_schema(extra, tmp_path):
     report_path = tmp_path / "r.json"

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
+from conftest import SAMPLES
 from models import toy_files
 from onnx import TensorProto, helper, numpy_helper
 
 import egp_onnx
 from egp_onnx.graph.structure import depth
-from egp_onnx.graph.weights import count_parameters
+from egp_onnx.graph.weights import count_parameters, serialized_chunks
 from egp_onnx.load.model import load_model
-from egp_onnx.verify.cost import count_macs, model_cost
+from egp_onnx.verify import cost as cost_module
+from egp_onnx.verify.cost import count_macs, deflate_size, model_cost
 
 
 def test_mac_count_matches_hand_computation(rng):
@@ -49,6 +53,7 @@ def test_mac_count_matches_hand_computation(rng):
     assert (cost.macs, cost.nonzero_macs) == (dense, sparse)
     assert (cost.params, cost.nonzero_params) == count_parameters(model) == (4 * 27 + 20 + 5, 3 * 27 + 20)
     assert cost.file_bytes == model.ByteSize()
+    assert cost.deflate_bytes == len(zlib.compress(model.SerializeToString(), 9))
 
 
 @pytest.mark.parametrize("latency", [True, False])
@@ -108,3 +113,20 @@ def test_macs_inference_cannot_give_are_measured_on_a_sample(rng):
     assert count_macs(model, shapes, feed=feed) == (want, want)
     assert model_cost(model, shapes, feed=feed).macs == want
     assert len(model.graph.output) == 1, "the caller's model is not modified"
+@pytest.mark.parametrize("name", ["digits_resnet.onnx", "mnist_resnet.onnx"])
+def test_the_streamed_deflate_size_is_that_of_the_whole_file(name):
+    """serialized_chunks gives the serialised model piece by piece; deflating them is deflating the file."""
+    model = load_model(SAMPLES / name)
+    model.graph.doc_string = "after the initializers"  # a field numbered above the initializers' 5
+    model.metadata_props.add(key="k", value="v")  # and one above the graph's 7
+    encoded = model.SerializeToString()
+    assert b"".join(serialized_chunks(model)) == encoded
+    assert deflate_size(model) == len(zlib.compress(encoded, 9)) < len(encoded)
+
+
+def test_the_report_leaves_the_deflate_size_of_a_large_model_out(monkeypatch):
+    """Level 9 deflates pruned weights at a few MB/s: above the limit the report says None."""
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    assert model_cost(model, None).deflate_bytes == deflate_size(model)
+    monkeypatch.setattr(cost_module, "DEFLATE_MAX_BYTES", model.ByteSize() - 1)
+    assert model_cost(model, None).deflate_bytes is None

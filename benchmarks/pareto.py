@@ -1,0 +1,269 @@
+"""What a deployment gets: dense, INT8 alone, egp-onnx, egp-onnx then INT8, and with --channels.
+
+On the MNIST and digits samples (real images; accuracy and agreement with the dense model on
+their unseen test splits) and on the generated ResNet-style and MobileNet-style nets (random
+weights and inputs: speed and size only), each variant's MACs (of the graph, dense), its file
+deflated by zlib at level 9 (what a download or an app bundle pays), and its onnxruntime CPU
+latency at batch 1 and 32 with 1 and 2 intra-op threads, as a ratio to the dense model
+(speed = dense median / variant median). The variants of one model are timed interleaved in one
+run: round after round, each variant runs once, in an order that rotates, so a busy neighbour
+slows them alike; the median of each.
+
+Variants (egp-onnx with its defaults on the samples: ``--calib`` only, the default guard on an
+automatic holdout of the calibration data; on the random-weight nets ``--sparsity 0.9 --no-guard``,
+as they have no class to keep):
+
+- dense: the model as given.
+- INT8 alone: one ``quantize_static`` call on the dense model, what a user would do instead
+  (after ``quant_pre_process``; the same scheme as ``--quantize int8``: QDQ, per-channel int8
+  weights, uint8 activations, MinMax over the whole calibration file).
+- egp-onnx: ``compress(model, calib)``.
+- egp-onnx + INT8: ``compress(model, calib, quantize="int8")``.
+- --channels, --channels --quantize int8: when ``Settings`` has a ``channels`` field (channel
+  removal, another branch); else the rows say "n/a (--channels not available)".
+
+Run: nice -n 10 python benchmarks/pareto.py [--budget 3] [--models mnist,digits,resnet,mobilenet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import quant_pre_process, quantize_static
+
+import egp_onnx
+from egp_onnx.config import Settings
+from egp_onnx.errors import EgpError
+from egp_onnx.report.render import format_table
+from egp_onnx.runtime.quantize import INT8_ARGUMENTS, FeedReader
+from egp_onnx.runtime.session import MEASURE, make_session
+from egp_onnx.verify.cost import deflate_size, model_cost
+
+HERE = Path(__file__).resolve().parent
+SAMPLES = HERE.parent / "sample_models"
+sys.path.insert(0, str(HERE))
+
+HAS_CHANNELS = "channels" in {f.name for f in dataclasses.fields(Settings)}
+VARIANTS = ("dense", "INT8 alone", "egp-onnx", "egp-onnx + INT8", "--channels", "--channels + INT8")
+BATCHES = (1, 32)
+THREADS = (1, 2)
+
+
+@dataclasses.dataclass
+class Case:
+    """One model with its data: calibration feeds, and the unseen test split when it has one."""
+
+    name: str
+    model: onnx.ModelProto
+    calib: Path
+    input_name: str
+    shape: tuple[int, ...]  # one sample's
+    test: tuple[np.ndarray, np.ndarray] | None  # (inputs, labels)
+    options: dict[str, object] = dataclasses.field(default_factory=dict)  # egp-onnx's, beyond the defaults
+
+
+def cases(folder: Path, names: list[str]) -> list[Case]:
+    from models import mobilenet, resnet
+
+    out = []
+    for name, stem, key in (("mnist", "mnist", "image"), ("digits", "digits", "input")):
+        if name not in names:
+            continue
+        test = np.load(SAMPLES / f"{stem}_test.npz")
+        out.append(
+            Case(
+                name,
+                onnx.load(str(SAMPLES / f"{stem}_resnet.onnx")),
+                SAMPLES / f"{stem}_calib.npz",
+                key,
+                tuple(test[key].shape[1:]),
+                (test[key], test["labels"]),
+            )
+        )
+    rng = np.random.default_rng(0)
+    for name, build in (("resnet", resnet), ("mobilenet", mobilenet)):
+        if name not in names:
+            continue
+        calib = folder / f"{name}_calib.npz"
+        np.savez(calib, x=rng.normal(size=(256, 3, 32, 32)).astype(np.float32))
+        # random weights answer random inputs with no class to keep: no guard, a fixed sparsity
+        options = {"sparsity": 0.9, "guard": False}
+        size = 64 if name == "mobilenet" else 32  # at 32x32 it is 0.37 M MACs: onnxruntime overhead alone
+        np.savez(calib, x=rng.normal(size=(256, 3, size, size)).astype(np.float32))
+        model = build(size=size)
+        out.append(Case(f"{name} (random weights)", model, calib, "x", (3, size, size), None, options))
+    return out
+
+
+def int8_alone(case: Case, folder: Path) -> onnx.ModelProto:
+    """One quantize_static call on the dense model (after onnxruntime's pre-processing)."""
+    source, prepared, output = (folder / f"{case.name.split()[0]}_{n}.onnx" for n in ("in", "pre", "int8"))
+    onnx.save(case.model, source)
+    quant_pre_process(source, prepared, skip_symbolic_shape=True)
+    data = np.load(case.calib)[case.input_name]
+    feeds = ({case.input_name: data[i : i + 32]} for i in range(0, len(data), 32))
+    quantize_static(prepared, output, FeedReader(feeds), **INT8_ARGUMENTS)
+    return onnx.load(output)
+
+
+def variants(case: Case, folder: Path) -> tuple[dict[str, onnx.ModelProto | str], dict[str, str]]:
+    """The models of each variant (a string: why there is none), and notes from the reports."""
+    models: dict[str, onnx.ModelProto | str] = {"dense": case.model}
+    notes: dict[str, str] = {}
+    began = time.perf_counter()
+    models["INT8 alone"] = int8_alone(case, folder)
+    notes["INT8 alone"] = f"{time.perf_counter() - began:.1f} s"
+    runs = {"egp-onnx": {}, "egp-onnx + INT8": {"quantize": "int8"}}
+    if HAS_CHANNELS:
+        runs["--channels"] = {"channels": True}
+        runs["--channels + INT8"] = {"channels": True, "quantize": "int8"}
+    else:
+        models["--channels"] = models["--channels + INT8"] = "n/a (--channels not available)"
+    for variant, options in runs.items():
+        began = time.perf_counter()
+        try:
+            result = egp_onnx.compress(case.model, case.calib, latency=False, **case.options, **options)
+        except EgpError as exc:  # e.g. the guard refuses even the first step: nothing to time
+            models[variant] = f"none written: {exc}"[:160]
+            notes[variant] = f"{time.perf_counter() - began:.1f} s; {type(exc).__name__}"
+            continue
+        r = result.report
+        m = r.model
+        note = f"{time.perf_counter() - began:.1f} s; sparsity {m.sparsity:.3f}, depth {m.depth_before}->"
+        note += f"{m.depth_after}, stop {r.stop.reason}"
+        if r.quantization is not None and not r.quantization.applied:
+            note += f"; INT8 NOT APPLIED: {r.quantization.reason}"
+        notes[variant] = note
+        models[variant] = result.model
+    return models, notes
+
+
+def unseen(case: Case, models: dict[str, onnx.ModelProto]) -> dict[str, tuple[float, float]]:
+    """(accuracy, agreement with dense) on the test split."""
+    assert case.test is not None
+    x, labels = case.test
+    predictions = {}
+    for variant, model in models.items():
+        session = make_session(model, MEASURE)
+        outs = [session.run(None, {case.input_name: x[i : i + 500]})[0] for i in range(0, len(x), 500)]
+        predictions[variant] = np.concatenate(outs).argmax(1)
+    dense = predictions["dense"]
+    return {v: (float((p == labels).mean()), float((p == dense).mean())) for v, p in predictions.items()}
+
+
+def latency(
+    case: Case, models: dict[str, onnx.ModelProto], threads: int, batch: int, budget: float
+) -> dict[str, float]:
+    """Median ms per variant, all timed interleaved (rotating order) after a warm-up."""
+    rng = np.random.default_rng(batch)
+    feed = {case.input_name: rng.normal(size=(batch, *case.shape)).astype(np.float32)}
+    if case.test is not None:
+        feed = {case.input_name: case.test[0][:batch]}
+    names = list(models)
+    sessions = [make_session(models[n], MEASURE, threads=threads) for n in names]
+    for session in sessions:
+        for _ in range(3):
+            session.run(None, feed)
+    times: list[list[float]] = [[] for _ in names]
+    start, rounds = time.perf_counter(), 0
+    while rounds < 5 or (time.perf_counter() - start < budget and rounds < 2000):
+        order = range(len(names))
+        shift = rounds % len(names)
+        for k in [*order[shift:], *order[:shift]]:
+            began = time.perf_counter()
+            sessions[k].run(None, feed)
+            times[k].append(time.perf_counter() - began)
+        rounds += 1
+    return {n: float(np.median(t)) * 1000 for n, t in zip(names, times, strict=True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of interleaved runs per cell")
+    parser.add_argument("--models", default="mnist,digits,resnet,mobilenet")
+    args = parser.parse_args()
+    ort.set_default_logger_severity(3)
+    logging.getLogger("egp_onnx").setLevel(
+        logging.ERROR
+    )  # the guard's stop lines; notes say where it stopped
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs through the root logger
+    began = time.perf_counter()
+    summary = []
+    with tempfile.TemporaryDirectory(prefix="egp-pareto-") as tmp:
+        folder = Path(tmp)
+        for case in cases(folder, args.models.split(",")):
+            built, notes = variants(case, folder)
+            models = {v: m for v, m in built.items() if isinstance(m, onnx.ModelProto)}
+            accuracy = unseen(case, models) if case.test is not None else {}
+            shapes = {case.input_name: (1, *case.shape)}
+            speed: dict[tuple[int, int], dict[str, float]] = {}
+            for threads in THREADS:
+                for batch in BATCHES:
+                    speed[threads, batch] = latency(case, models, threads, batch, args.budget)
+            rows = []
+            for variant in VARIANTS:
+                model = built[variant]
+                if not isinstance(model, onnx.ModelProto):
+                    rows.append([variant, model, *[""] * 7])
+                    continue
+                cost = model_cost(model, shapes)
+                acc, agree = accuracy.get(variant, (None, None))
+                ratios = [speed[t, b]["dense"] / speed[t, b][variant] for t in THREADS for b in BATCHES]
+                rows.append([variant, acc, agree, (cost.macs or 0) / 1e6, deflate_size(model) / 1e6, *ratios])
+            print(f"\n## {case.name}")
+            headers = ["variant", "unseen acc", "agreement", "MACs (M)", "deflate MB"]
+            headers += [f"speed t{t} b{b}" for t in THREADS for b in BATCHES]
+            print(format_table(headers, rows))
+            dense_ms = ", ".join(f"t{t} b{b} {speed[t, b]['dense']:.3f} ms" for t in THREADS for b in BATCHES)
+            print(f"dense medians: {dense_ms}")
+            for variant, note in notes.items():
+                print(f"  {variant}: {note}")
+            summary.append((case, built, accuracy, speed))
+        print("\n## targets (--quantize int8 against INT8 alone; accuracy against dense, unseen)")
+        target_rows = []
+        for case, built, accuracy, speed in summary:
+            for variant in ("egp-onnx + INT8", "--channels + INT8"):
+                model = built[variant]
+                if not isinstance(model, onnx.ModelProto):
+                    target_rows.append([case.name, variant, model, "", "", ""])
+                    continue
+                alone = built["INT8 alone"]
+                assert isinstance(alone, onnx.ModelProto)
+                vs_int8 = [speed[t, b]["INT8 alone"] / speed[t, b][variant] for t in THREADS for b in BATCHES]
+                smaller = deflate_size(alone) / deflate_size(model)
+                lost = (accuracy["dense"][0] - accuracy[variant][0]) * 100 if variant in accuracy else None
+                target_rows.append([case.name, variant, min(vs_int8), max(vs_int8), smaller, lost])
+        print(
+            format_table(
+                [
+                    "model",
+                    "variant",
+                    "speed vs INT8 alone, worst cell (>= 1.3)",
+                    "best cell",
+                    "deflate vs INT8 (>= 5)",
+                    "pt lost (<= 0.5)",
+                ],
+                target_rows,
+            )
+        )
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}, "
+        f"sessions ORT_ENABLE_ALL, idle threads not spinning; {args.budget} s of interleaved rounds per "
+        f"cell; load average at the end {os.getloadavg()[0]:.2f}; "
+        f"whole run {time.perf_counter() - began:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
