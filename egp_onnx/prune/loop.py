@@ -207,8 +207,21 @@ class _LoopState:
     stats: Statistics
     sparsity: float = 0.0
     rejected: float | None = None
+    rejected_from: float = 0.0  # the sparsity of the model that ``rejected`` was pruned from
     steps: list[StepRecord] = field(default_factory=list)
     accepted: int = 0
+
+    def retry_ceiling(self) -> float | None:
+        """The smallest rejected sparsity once more, if it was rejected from an earlier model.
+
+        A verdict near the threshold can go either way; a ceiling found from a less pruned model
+        is tried once from the current one before the search ends (then it is forgotten, or
+        rejected again from here).
+        """
+        if self.rejected is None or self.rejected_from >= self.sparsity:
+            return None
+        ceiling, self.rejected = self.rejected, None
+        return ceiling
 
     def next_target(self, target: float) -> float | None:
         """The sparsity the next step aims at: ``target``, or halfway to the smallest rejected one.
@@ -253,6 +266,8 @@ def run_loop(ctx: LoopContext, stats: Statistics) -> LoopOutcome:
             stop = StopRecord("max-steps", state.accepted, f"stopped after {MAX_STEPS} steps")
             break
         aim = state.next_target(settings.sparsity)
+        if aim is None:
+            aim = state.retry_ceiling()
         if aim is None:
             stop = _converged(state)
             break
@@ -337,7 +352,8 @@ def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> Sto
     # through the step instead, they were a second copy of every weight while it ran
     ctx.layers.read(state.current)
     number, sparsity, problems = outcome.record.step, outcome.record.sparsity, outcome.problems
-    state.rejected = sparsity if state.rejected is None else min(state.rejected, sparsity)
+    if state.rejected is None or sparsity <= state.rejected:
+        state.rejected, state.rejected_from = sparsity, state.sparsity
     log.info("step %d (sparsity %.4f) failed the guard: %s", number, sparsity, "; ".join(problems))
     if state.accepted == 0 and not ctx.start_passes and state.next_target(ctx.settings.sparsity) is None:
         tried = f"step 1 failed the guard at {len(state.steps)} sizes, down to sparsity {sparsity:.4f}"
