@@ -31,6 +31,7 @@ from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.config import METHODS, DataConfig, Settings
 from egp_onnx.entropy import Statistics
 from egp_onnx.errors import EgpError
+from egp_onnx.graph.carry import carry_model_fields
 from egp_onnx.graph.rectifiers import RectifierSite
 from egp_onnx.graph.weights import initializer_counts, shape_skeleton
 from egp_onnx.load.calibration import CalibrationData
@@ -130,7 +131,8 @@ def compress(
     stage = _surgery_stage(pruned, guard.handle(pruned), inputs, outcome.stats, guard, settings, progress)
     progress.stage("measuring the result")
     report = _report(inputs, base, outcome, stage, outline, settings)
-    return CompressionResult(model=stage.final, report=report)
+    # surgery's exporter drops what the model carries besides its graph (metadata a reader needs)
+    return CompressionResult(model=carry_model_fields(outline, stage.final), report=report)
 
 
 @dataclass(frozen=True)
