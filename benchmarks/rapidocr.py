@@ -214,9 +214,11 @@ def compress(work: Path, models: list[str], egp_args: dict[str, list[str]]) -> N
         summary = ""
         if report.exists() and code == 0:
             data = json.loads(report.read_text())
-            model = data.get("model", {})
-            summary = f"sparsity {model.get('sparsity')}, params {model.get('parameters_before')} -> " + str(
-                model.get("parameters_after")
+            cost = data["cost"]
+            summary = (
+                f"sparsity {data['model']['sparsity']:.3f}, params {cost['before']['params']} -> "
+                f"{cost['after']['params']}, held-out agreement {data['fidelity']['top1_agreement']}, "
+                f"rel error {data['fidelity']['rel_error']:.4f}, stop: {data['stop']['reason']}"
             )
         tail = (out / f"{m}.log").read_text().strip().splitlines()[-1:] if code else []
         print(f"{m}: exit {code}, {seconds:.0f} s, peak {peak:.2f} GB {summary} {' '.join(tail)}")

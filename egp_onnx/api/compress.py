@@ -30,7 +30,7 @@ from egp_onnx.api.summary import layer_records, model_summary
 from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.config import METHODS, DataConfig, Settings
 from egp_onnx.entropy import Statistics
-from egp_onnx.errors import EgpError
+from egp_onnx.errors import EgpError, GuardError
 from egp_onnx.graph.carry import carry_model_fields
 from egp_onnx.graph.rectifiers import RectifierSite
 from egp_onnx.graph.weights import initializer_counts, shape_skeleton
@@ -38,7 +38,14 @@ from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.load.model import checked_split
 from egp_onnx.prune.finetune import Finetune
 from egp_onnx.prune.loop import LoopContext, LoopOutcome, run_loop
-from egp_onnx.report.records import CompressionReport, Cost, CostComparison, Fidelity, SurgeryRecord
+from egp_onnx.report.records import (
+    CompressionReport,
+    Cost,
+    CostComparison,
+    Fidelity,
+    GuardFailureReport,
+    SurgeryRecord,
+)
 from egp_onnx.runtime.handle import ModelHandle, StoredOutputs
 from egp_onnx.runtime.memory import trim
 from egp_onnx.surgery import simplify
@@ -46,6 +53,7 @@ from egp_onnx.verify.cost import model_cost
 from egp_onnx.verify.fidelity import Reference, compare
 from egp_onnx.verify.guard import SURGERY_ATOL, SURGERY_CHECK, SURGERY_RTOL, Guard, default_thresholds
 from egp_onnx.verify.latency import compare_latency, latency_feeds
+from egp_onnx.verify.sensitivity import layer_blame, sensitivity_caps
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +124,16 @@ def compress(
     base = _baseline(proto, inputs, stats, settings, progress)
     settings = default_thresholds(settings, base.reference)
     guard = Guard(base.reference, settings, inputs.layers.held)  # without thresholds it only measures
+    limits = _measured_limits(proto, inputs, base.reference, settings, progress)
     ctx = LoopContext(
-        proto, inputs.sites, inputs.layers, inputs.limits, inputs.data, settings, guard,
+        proto, inputs.sites, inputs.layers, limits, inputs.data, settings, guard,
         progress.stage, progress.advance, finetune,
     )  # fmt: skip
-    outcome = run_loop(ctx, base.first_stats)
+    try:
+        outcome = run_loop(ctx, base.first_stats)
+    except GuardError as exc:
+        exc.report = _failure_report(exc, inputs, base.reference, settings, progress)
+        raise
     pruned = strip_value_info(outcome.model, in_place=outcome.model is not proto)
     inputs.layers.release()  # the loop's weights are in the pruned model (and the guard's session of it)
     # From here on the original's graph is enough: its weights go (kept by nothing else unless the
@@ -130,9 +143,54 @@ def compress(
     trim()  # what the loop freed leaves the process before surgery builds the rewritten model's session
     stage = _surgery_stage(pruned, guard.handle(pruned), inputs, outcome.stats, guard, settings, progress)
     progress.stage("measuring the result")
+    # surgery's exporter drops what the model carries besides its graph (metadata a reader needs);
+    # put back before the report measures the file
+    carry_model_fields(outline, stage.final)
     report = _report(inputs, base, outcome, stage, outline, settings)
-    # surgery's exporter drops what the model carries besides its graph (metadata a reader needs)
-    return CompressionResult(model=carry_model_fields(outline, stage.final), report=report)
+    return CompressionResult(model=stage.final, report=report)
+
+
+def _measured_limits(
+    proto: onnx.ModelProto, inputs: Inputs, reference: Reference, settings: Settings, progress: Progress
+) -> dict[str, float]:
+    """The graph's layer limits, lowered where a layer pruned alone takes too much of the guard."""
+    limits = dict(inputs.limits)
+    if not (settings.sensitivity and settings.guarded and settings.sparsity > 0):
+        return limits
+    progress.stage("measuring each layer's sensitivity")
+    measured = sensitivity_caps(
+        proto, inputs.layers.held(proto), limits, reference, settings.min_agreement, settings.max_rel_error
+    )
+    for layer in measured:
+        limits[layer.weight] = min(limits[layer.weight], layer.cap)
+    return limits
+
+
+def _failure_report(
+    exc: GuardError, inputs: Inputs, reference: Reference, settings: Settings, progress: Progress
+) -> GuardFailureReport | None:
+    """The report of a run whose first step never passed the guard, with the layers that hurt most."""
+    failure = exc.failure
+    if failure is None:
+        return None
+    progress.stage("measuring which layers broke the guard")
+    layers = inputs.layers  # rolled back: the weights before the failed step
+    accepted = dict(zip(layers.weight_names, layers.weights, strict=True))
+    blamed = layer_blame(
+        failure.candidate,
+        accepted,
+        failure.removed,
+        reference,
+        settings.min_agreement,
+        settings.max_rel_error,
+    )
+    return GuardFailureReport(
+        source=inputs.source,
+        settings=asdict(settings),
+        error=str(exc),
+        steps=failure.steps,
+        layers=tuple(blamed),
+    )
 
 
 @dataclass(frozen=True)
