@@ -90,8 +90,8 @@ def _fold_branch(s: Surgeon, pool: gs.Node) -> bool:
 
 
 def _pointwise(layer: LayerView) -> bool:
-    """A 1x1 conv without padding: on a (N, C, 1, 1) input it is a dense layer."""
-    if not layer.conv:
+    """A 2-D 1x1 conv without padding: on a (N, C, 1, 1) input it is a dense layer."""
+    if not layer.conv or layer.weight.ndim != 4:  # the scale is written (1, C, 1, 1)
         return False
     geometry = layer.geometry()
     return all(k == 1 for k in layer.weight.shape[2:]) and geometry is not None and not any(geometry.pads)
