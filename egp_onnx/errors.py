@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 #: The exit code of an unexpected failure, a defect of egp-onnx (bad input exits with 2).
 INTERNAL_ERROR_EXIT = 3
 
@@ -53,6 +55,14 @@ class GuardError(EgpError):
     """Even the first pruning step breaks the fidelity guard: there is no model to write."""
 
     exit_code = 1
+
+    def __init__(self, message: str, failure: Any = None) -> None:
+        """``failure``: what the loop knows of it (:class:`egp_onnx.prune.loop.GuardFailure`)."""
+        super().__init__(message)
+        self.failure = failure
+        #: the failure's report (:class:`egp_onnx.report.records.GuardFailureReport`), when
+        #: compress measured which layers hurt most; the CLI writes it with --report
+        self.report: Any = None
 
 
 def one_line(exc: BaseException, limit: int = 240) -> str:

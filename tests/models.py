@@ -323,3 +323,30 @@ def toy_files(tmp_path, rng: np.random.Generator) -> tuple[str, str]:
     model = save(two_convs(rng), tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", x=inputs(rng))
     return model, str(tmp_path / "c.npz")
+
+
+def mobilenet_v3(rng: np.random.Generator) -> onnx.ModelProto:
+    """A small MobileNetV3-style classifier like PP-OCR's direction classifier (dynamic H and W).
+
+    x(N,3,H,W) -> Conv stem (3x3 s2) -> BN -> HardSwish -> s
+    s -> Conv expand (1x1) -> BN -> HardSwish -> Conv dw (3x3 depthwise) -> BN -> Relu -> d
+    d -> GlobalAveragePool -> Conv se1 (1x1) -> Relu -> Conv se2 (1x1) -> HardSigmoid -> Mul(d, .) -> e
+    e -> Conv project (1x1) -> BN -> Add(+ s) -> GlobalAveragePool -> Flatten -> Gemm head -> Softmax -> y
+
+    It carries RapidOCR-style metadata (its labels in ``metadata_props["character"]``).
+    """
+    b = Builder(rng)
+    s = b.op("HardSwish", [b.bn(b.conv("x", "stem", 3, 8, 3, stride=2, pad=1), "stem_bn", 8)], "stem_act")
+    e = b.op("HardSwish", [b.bn(b.conv(s, "expand", 8, 16, 1), "expand_bn", 16)], "expand_act")
+    d = b.op("Relu", [b.bn(b.conv(e, "dw", 16, 16, 3, pad=1, group=16), "dw_bn", 16)], "dw_act")
+    squeezed = b.op("Relu", [b.conv(b.op("GlobalAveragePool", [d], "se_pool"), "se1", 16, 4, 1)], "se_act")
+    gate = b.op(
+        "HardSigmoid", [b.conv(squeezed, "se2", 4, 16, 1, bias=0.5)], "se_gate", alpha=1 / 6, beta=0.5
+    )
+    excited = b.op("Mul", [d, gate], "se_mul")
+    block = b.op("Add", [b.bn(b.conv(excited, "project", 16, 8, 1), "project_bn", 8), s], "residual")
+    pooled = b.op("Flatten", [b.op("GlobalAveragePool", [block], "pool")], "flatten")
+    model = b.model(b.op("Softmax", [b.gemm(pooled, "head", 8, 4)], "softmax", axis=1), ["N", 3, "H", "W"])
+    helper.set_model_props(model, {"character": "0\n90\n180\n270"})
+    model.doc_string, model.producer_name = "direction classifier", "paddle2onnx"
+    return model

@@ -32,7 +32,8 @@ from egp_onnx.api.summary import layer_records, model_summary
 from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.config import METHODS, DataConfig, Settings
 from egp_onnx.entropy import Statistics
-from egp_onnx.errors import EgpError
+from egp_onnx.errors import EgpError, GuardError
+from egp_onnx.graph.carry import carry_model_fields
 from egp_onnx.graph.rectifiers import RectifierSite, find_rectifiers
 from egp_onnx.graph.structure import depth
 from egp_onnx.graph.weights import initializer_counts, shape_skeleton
@@ -47,6 +48,7 @@ from egp_onnx.report.records import (
     Cost,
     CostComparison,
     Fidelity,
+    GuardFailureReport,
     SurgeryRecord,
 )
 from egp_onnx.runtime.handle import ModelHandle, StoredOutputs
@@ -63,6 +65,7 @@ from egp_onnx.verify.guard import (
     surgery_failures,
 )
 from egp_onnx.verify.latency import common_feed, compare_latency, latency_feeds, one_sample, sample_shapes
+from egp_onnx.verify.sensitivity import layer_blame, sensitivity_caps
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +141,17 @@ def compress(
     channels = None
     if settings.channels:
         proto, inputs, base, guard, channels = _channel_stage(proto, inputs, base, guard, settings, progress)
+    limits = _measured_limits(proto, inputs, base.reference, settings, progress)
     ctx = LoopContext(
-        proto, inputs.sites, inputs.layers, inputs.limits, inputs.data, settings, guard,
+        proto, inputs.sites, inputs.layers, limits, inputs.data, settings, guard,
         progress.stage, progress.advance, finetune,
         start_passes=channels is not None and channels.removed > 0,
     )  # fmt: skip
-    outcome = run_loop(ctx, base.first_stats)
+    try:
+        outcome = run_loop(ctx, base.first_stats)
+    except GuardError as exc:
+        exc.report = _failure_report(exc, inputs, base.reference, settings, progress)
+        raise
     pruned = strip_value_info(outcome.model, in_place=outcome.model is not proto)
     inputs.layers.release()  # the loop's weights are in the pruned model (and the guard's session of it)
     # From here on the original's graph is enough: its weights go (kept by nothing else unless the
@@ -157,6 +165,9 @@ def compress(
     if quantized is not None and quantized.record.applied:
         stage = replace(stage, final=quantized.model, run=quantized.run, fidelity=quantized.fidelity)
     progress.stage("measuring the result")
+    # surgery's exporter drops what the model carries besides its graph (metadata a reader needs);
+    # put back before the report measures the file
+    carry_model_fields(outline, stage.final)
     report = _report(inputs, base, outcome, stage, outline, settings)
     report = replace(report, channels=channels)
     if quantized is not None:
@@ -198,6 +209,47 @@ def _channel_stage(
     first = collect_statistics(narrow, sites, inputs.data, settings.batch_size, progress.advance, held)
     base = replace(base, first_stats=first, nnz_before=layers.nnz())
     return narrow, inputs, base, Guard(base.reference, settings, layers.held), result.record
+def _measured_limits(
+    proto: onnx.ModelProto, inputs: Inputs, reference: Reference, settings: Settings, progress: Progress
+) -> dict[str, float]:
+    """The graph's layer limits, lowered where a layer pruned alone takes too much of the guard."""
+    limits = dict(inputs.limits)
+    if not (settings.sensitivity and settings.guarded and settings.sparsity > 0):
+        return limits
+    progress.stage("measuring each layer's sensitivity")
+    measured = sensitivity_caps(
+        proto, inputs.layers.held(proto), limits, reference, settings.min_agreement, settings.max_rel_error
+    )
+    for layer in measured:
+        limits[layer.weight] = min(limits[layer.weight], layer.cap)
+    return limits
+
+
+def _failure_report(
+    exc: GuardError, inputs: Inputs, reference: Reference, settings: Settings, progress: Progress
+) -> GuardFailureReport | None:
+    """The report of a run whose first step never passed the guard, with the layers that hurt most."""
+    failure = exc.failure
+    if failure is None:
+        return None
+    progress.stage("measuring which layers broke the guard")
+    layers = inputs.layers  # rolled back: the weights before the failed step
+    accepted = dict(zip(layers.weight_names, layers.weights, strict=True))
+    blamed = layer_blame(
+        failure.candidate,
+        accepted,
+        failure.removed,
+        reference,
+        settings.min_agreement,
+        settings.max_rel_error,
+    )
+    return GuardFailureReport(
+        source=inputs.source,
+        settings=asdict(settings),
+        error=str(exc),
+        steps=failure.steps,
+        layers=tuple(blamed),
+    )
 
 
 @dataclass(frozen=True)

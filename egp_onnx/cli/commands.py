@@ -14,6 +14,7 @@ from egp_onnx.cli import options
 from egp_onnx.cli.files import OutputPlan, OutputWriter, model_inputs, plan_outputs
 from egp_onnx.cli.run import StderrProgress, run
 from egp_onnx.config import Settings
+from egp_onnx.errors import GuardError
 from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import external_data_path, load_model
 from egp_onnx.load.stats_file import model_fingerprint, statistics_bytes
@@ -141,16 +142,26 @@ def compress_command(**params: Any) -> None:
         plot_type = None if plot_path is None else plot_format(plot_path)  # matplotlib is there
         callback = finetune.callback()
         progress = StderrProgress(sys.stderr.isatty() and not params["quiet"])
-        result = compress(
-            params["model"],
-            params["calib"],
-            settings,
-            eval_data=params["eval_path"],
-            stats=params["stats_paths"],
-            finetune=callback,
-            data=data,
-            progress=progress,
-        )
+        try:
+            result = compress(
+                params["model"],
+                params["calib"],
+                settings,
+                eval_data=params["eval_path"],
+                stats=params["stats_paths"],
+                finetune=callback,
+                data=data,
+                progress=progress,
+            )
+        except GuardError as exc:
+            progress.close()
+            if report_path is not None and exc.report is not None:
+                # no model to write, but the report says which steps failed and which layers hurt most
+                with OutputWriter(plan) as writer:
+                    writer.write_bytes(report_path, to_json(exc.report).encode("utf-8"))
+                    writer.commit()
+                exc.args = (f"{exc.args[0]}; report: {report_path}",)
+            raise
         progress.close()
         with OutputWriter(plan) as writer:  # every output written, then all committed together
             writer.write_model(result.model, output, external=True if params["external_data"] else None)

@@ -171,6 +171,11 @@ PRUNE = OptionGroup(
             default=_SETTINGS.layer_cap,
             help="Largest sparsity of a layer that every path to the outputs goes through.",
         ),
+        _flag(
+            "--no-sensitivity",
+            help="Do not cap each layer where pruning it alone moves the held-out outputs (measured "
+            "before the loop, with a guard).",
+        ),
         _default(
             "--seed",
             default=_SETTINGS.seed,
@@ -184,6 +189,7 @@ PRUNE = OptionGroup(
         "reconstruct": not params["no_reconstruct"],
         "select": params["select"],
         "layer_cap": params["layer_cap"],
+        "sensitivity": not params["no_sensitivity"],
         "seed": params["seed"],
     },
 )
@@ -304,8 +310,8 @@ OUTPUT = OptionGroup(
 COMPRESS_HELP_ORDER = (
     "calib", "batch_size", "workers", "mean", "std", "output", "sparsity", "step", "method", "eval_path",
     "eval_unseen", "holdout", "min_agreement", "max_rel_error", "no_guard", "no_reconstruct", "select",
-    "layer_cap", "report_path", "seed", "stats_paths", "finetune_spec", "torch_model", "train_path",
-    "epochs", "lr",
+    "layer_cap", "no_sensitivity", "report_path", "seed", "stats_paths", "finetune_spec", "torch_model",
+    "train_path", "epochs", "lr",
     "no_surgery", "channels", "merge_tolerance", "quantize", "no_latency", "plot_path", "external_data",
     "quiet", "force",
 )  # fmt: skip

@@ -193,6 +193,16 @@ class StepOutcome:
     record: StepRecord
     problems: list[str]
     stats: Statistics | None
+    counts: np.ndarray  # weights removed per layer (``LayerSet.weight_names`` order)
+
+
+@dataclass(frozen=True)
+class GuardFailure:
+    """The loop's last failed step when no step passed: what a report of the failure is made of."""
+
+    steps: tuple[StepRecord, ...]
+    candidate: onnx.ModelProto  # the last step's model, rejected
+    removed: dict[str, int]  # weights that step removed, per layer (by weight initializer)
 
 
 @dataclass
@@ -329,7 +339,7 @@ def _attempt_step(
         estimate=fidelity.estimate if fidelity else None,
         problems=tuple(problems),
     )
-    return StepOutcome(candidate, record, problems, counted)
+    return StepOutcome(candidate, record, problems, counted, counts)
 
 
 def _calibrate(ctx: LoopContext, candidate: onnx.ModelProto, number: int, sparsity: float) -> Statistics:
@@ -358,7 +368,9 @@ def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> Sto
     if state.accepted == 0 and not ctx.start_passes and state.next_target(ctx.settings.sparsity) is None:
         tried = f"step 1 failed the guard at {len(state.steps)} sizes, down to sparsity {sparsity:.4f}"
         advice = "no model passes, nothing written (lower the guard's threshold or give more data)"
-        raise GuardError(f"{tried}: {'; '.join(problems)}; {advice}")
+        removed = {n: int(c) for n, c in zip(ctx.layers.weight_names, outcome.counts, strict=True) if c > 0}
+        failure = GuardFailure(tuple(state.steps), outcome.candidate, removed)
+        raise GuardError(f"{tried}: {'; '.join(problems)}; {advice}", failure)
     return None
 
 

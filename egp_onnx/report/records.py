@@ -335,3 +335,32 @@ class ChannelsRecord:
     removed: int
     macs_before: int | None
     macs_after: int | None
+@dataclass(frozen=True, kw_only=True)
+class LayerBlame:
+    """One layer of a step the guard rejected: what the guard reads with that layer alone put back.
+
+    Measured on the first held-out samples; the rejected model's own figures are its step's.
+    """
+
+    weight: str  # the layer's weight initializer
+    removed: int  # weights the step removed from it
+    rel_error: float  # the rejected model with this layer's weights as before the step
+    top1_agreement: float | None
+    samples: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuardFailureReport:
+    """What `compress --report` writes when no step passes the guard: why, and which layers hurt most."""
+
+    source: str
+    settings: dict[str, Any]
+    error: str
+    steps: tuple[StepRecord, ...]
+    layers: tuple[LayerBlame, ...]  # the most damaging first
+    result: str = "guard-failed"
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return _clean(asdict(self))

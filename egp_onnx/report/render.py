@@ -8,10 +8,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from egp_onnx.config import Settings
-from egp_onnx.report.records import AnalysisReport, CompressionReport, Fidelity, ModelSummary
+from egp_onnx.report.records import (
+    AnalysisReport,
+    CompressionReport,
+    Fidelity,
+    GuardFailureReport,
+    ModelSummary,
+)
 
 
-def to_json(report: AnalysisReport | CompressionReport) -> str:
+def to_json(report: AnalysisReport | CompressionReport | GuardFailureReport) -> str:
     """Deterministic JSON text: sorted keys, fixed indentation."""
     return json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"
 

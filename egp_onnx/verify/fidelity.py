@@ -17,6 +17,7 @@ is used as is.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -349,6 +350,24 @@ class Reference:
     def classifier(self) -> bool:
         """True when some output is judged by argmax agreement (classes or sequences)."""
         return any(kind in (CLASSES, SEQUENCE) for kind in self.kinds())
+
+    def head(self, samples: int, elements: int) -> Reference:
+        """The same reference on its first samples, cut from its batches (nothing runs again).
+
+        At most ``samples`` samples holding at most ``elements`` input values (at least one sample).
+        """
+        view = copy.copy(self)
+        view.batches, count, size = [], 0, 0
+        for feed, labels, outputs in self.batches:
+            per_sample = max(1, sum(int(np.prod(a.shape[1:])) for a in feed.values()))
+            room = min(samples - count, (elements - size) // per_sample)
+            take = min(len(next(iter(feed.values()))), room if view.batches else max(room, 1))
+            if take <= 0:
+                break
+            cut = None if labels is None else labels[:take]
+            view.batches.append(({k: a[:take] for k, a in feed.items()}, cut, [o[:take] for o in outputs]))
+            count, size = count + take, size + take * per_sample
+        return view
 
     def first_feed(self) -> Batch:
         """One batch, for latency measurements."""

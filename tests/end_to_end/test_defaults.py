@@ -158,12 +158,29 @@ def test_guarded_sample_agreement_matches_independent_measurement(tmp_path):
     jsonschema.validate(report, REPORT_SCHEMA)
 
 
-def test_first_step_failing_the_guard_exits_1_and_writes_nothing(rng, tmp_path):
+def test_first_step_failing_the_guard_exits_1_and_writes_only_the_report(rng, tmp_path):
+    """No model passes: nothing but the report is written, and it says which layers hurt most."""
     model, calib = toy_files(tmp_path, rng)
-    out = tmp_path / "o.onnx"
-    args = compress_args(model, calib, out, "--max-rel-error", "0", "--report", str(tmp_path / "r.json"))
-    result = CliRunner().invoke(main, args)
+    out, report_path = tmp_path / "o.onnx", tmp_path / "r.json"
+    result = CliRunner().invoke(
+        main, compress_args(model, calib, out, "--max-rel-error", "0", "--report", str(report_path))
+    )
     assert result.exit_code == 1
-    assert "step 1" in result.stderr and "failed the guard" in result.stderr
+    assert (
+        "step 1" in result.stderr
+        and "failed the guard" in result.stderr
+        and str(report_path) in result.stderr
+    )
     assert len(result.stderr.strip().splitlines()) == 1
-    assert not out.exists() and not (tmp_path / "r.json").exists()
+    assert not out.exists()
+    report = json.loads(report_path.read_text())
+    assert report["result"] == "guard-failed" and "failed the guard" in report["error"]
+    assert [s["accepted"] for s in report["steps"]] == [False] * len(report["steps"]) and report["steps"]
+    layers = report["layers"]
+    assert layers and all(layer["removed"] > 0 for layer in layers)
+    # each layer put back alone leaves the others pruned: the error stays, in order from the least
+    failed = report["steps"][-1]["rel_error"]
+    assert [layer["rel_error"] for layer in layers] == sorted(layer["rel_error"] for layer in layers)
+    assert all(0 <= layer["rel_error"] for layer in layers) and layers[0]["rel_error"] < failed
+    result = CliRunner().invoke(main, compress_args(model, calib, out, "--max-rel-error", "0"))
+    assert result.exit_code == 1 and not out.exists()  # without --report, still nothing written

@@ -12,7 +12,7 @@ from references import run_ort
 
 import egp_onnx
 from egp_onnx.errors import CalibrationError
-from egp_onnx.load.calibration import open_calibration, split_holdout
+from egp_onnx.load.calibration import BATCH_BYTES, open_calibration, split_holdout
 from egp_onnx.load.model import prepare_model
 
 
@@ -275,3 +275,16 @@ def test_holdout_split_of_mixed_shapes_keeps_each_shape_apart(rng, tmp_path):
         data.arrays()
     again = [lab.tolist() for _, lab in split_holdout(data, 0.3, seed=1)[1].batches(3)]
     assert again == [lab.tolist() for _, lab in held.batches(3)], "seeded"
+def test_large_samples_go_in_batches_of_bounded_bytes(rng, tmp_path):
+    """Pages of 3x512x512 float32 (3 MiB each): 16 MiB hold 5 of them, whatever --batch-size asks."""
+    model = single_conv(rng)
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], "HW", strict=True):
+        dim.dim_param = name  # input (N, 3, H, W)
+    pages = rng.normal(size=(12, 3, 512, 512)).astype(np.float32)
+    np.save(tmp_path / "pages.npy", pages)
+    data = open_calibration(tmp_path / "pages.npy", model)
+    assert BATCH_BYTES // pages[0].nbytes == 5
+    sizes = [len(feed["x"]) for feed, _ in data.batches(32)]
+    assert sizes == [5, 5, 2]
+    np.testing.assert_array_equal(np.concatenate([feed["x"] for feed, _ in data.batches(32)]), pages)
+    assert [len(feed["x"]) for feed, _ in data.batches(2)] == [2] * 6  # a smaller batch size stays

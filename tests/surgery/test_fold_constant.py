@@ -87,6 +87,32 @@ def test_a_dense_layer_after_a_constant_outputs_a_constant(rng):
     assert_same(model, result.model, x, rtol=1e-6)
 
 
+def test_a_constant_is_not_merged_into_a_larger_zero_layer(rng):
+    """
+    x(N,c) -> Gemm Z (all-zero weights, c->k) -> Relu -> Gemm wide (k->16) -> y
+
+    The merge leaves one zero layer of c x 16 weights. For c=3, k=1 that is 48 for the pair's
+    3 + 16: declined and reported, the graph unchanged (surgery never grows a model); for c=2,
+    k=2, 32 for 4 + 32: taken.
+    """
+    b = Builder(rng)
+    z = b.gemm("x", "Z", 2, 2)
+    b.inits[-2] = numpy_helper.from_array(np.zeros((2, 2), np.float32), "Z.w")
+    model = b.model(b.gemm(b.op("Relu", [z], "rz"), "wide", 2, 16), ["N", 2])
+    b2 = Builder(rng)
+    z2 = b2.gemm("x", "Z", 3, 1)
+    b2.inits[-2] = numpy_helper.from_array(np.zeros((1, 3), np.float32), "Z.w")
+    larger = b2.model(b2.gemm(b2.op("Relu", [z2], "rz"), "wide", 1, 16), ["N", 3])
+    result = alone(FOLD_CONSTANT, larger)
+    [declined] = [r for r in result.rewrites if r.nodes == ("Z", "wide")]
+    assert not declined.applied and "skipped" in declined.detail
+    assert ops(result.model)["Gemm"] == 2
+    x = f32(rng.normal(size=(3, 3)))
+    np.testing.assert_array_equal(run_ort(result.model, {"x": x})[0], run_ort(larger, {"x": x})[0])
+    taken = alone(FOLD_CONSTANT, model)
+    assert ops(taken.model)["Gemm"] == 1
+
+
 def test_a_padded_conv_after_a_constant_stays(rng):
     """
     x -> Conv Z (all-zero weights, bias 0.1) -> Conv3x3 p1 -> y   (its zero padding varies the output)

@@ -29,6 +29,7 @@ def test_the_rewrites_run_in_the_order_simplify_has_always_used():
     assert [s.name for s in specs] == [
         "fold_bn",
         "remove_rectifier",
+        "fold_gate",  # before fold_constant: an emptied SE branch goes whole instead of merging its convs
         "fold_constant",
         "merge",
         "fold_residual",
@@ -36,13 +37,14 @@ def test_the_rewrites_run_in_the_order_simplify_has_always_used():
     assert [s.order for s in specs] == sorted(s.order for s in specs)
     assert [s.name for s in rewrites(skip={"merge", "fold_bn"})] == [
         "remove_rectifier",
+        "fold_gate",
         "fold_constant",
         "fold_residual",
     ]
 
 
 def test_an_unknown_skip_name_is_a_config_error_naming_the_rewrites(rng):
-    valid = "fold_bn, remove_rectifier, fold_constant, merge, fold_residual"
+    valid = "fold_bn, remove_rectifier, fold_gate, fold_constant, merge, fold_residual"
     with pytest.raises(ConfigError, match=f"cannot skip rewrite fuse: the rewrites are {valid}"):
         rewrites(skip=["fuse", "merge"])
     with pytest.raises(

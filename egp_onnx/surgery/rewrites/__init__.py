@@ -4,4 +4,4 @@ Each module registers one function with :func:`egp_onnx.surgery.registry.registe
 :func:`egp_onnx.surgery.simplify` runs them in their registered order until none changes the graph.
 """
 
-from egp_onnx.surgery.rewrites import fold_bn, fold_constant, fold_residual, merge, rectifiers  # noqa: F401
+from egp_onnx.surgery.rewrites import fold_bn, fold_constant, fold_gate, fold_residual, merge, rectifiers  # noqa: F401

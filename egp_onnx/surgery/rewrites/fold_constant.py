@@ -112,6 +112,14 @@ def _into_next_layer(
         bias = value @ m_b + c_b
         weight = np.zeros((layer.dense()[0].shape[0], m_b.shape[1]))
         op, attrs = ("Gemm", {}) if "Gemm" in (layer.node.op, nxt.node.op) else ("MatMul", {})
+    if weight.size > layer.weight.size + nxt.weight.size:
+        # the zero layer that replaces the pair would hold more (zero) weights than both: skipped
+        nodes = (layer.node.name, nxt.node.name)
+        if not s.recorded(NAME, nodes):
+            pair = layer.weight.size + nxt.weight.size
+            detail = f"skipped: the merged zero layer would have {weight.size} weights, the pair has {pair}"
+            s.record(NAME, nodes, exact=True, applied=False, detail=detail)
+        return False
     s.replace_pair(layer, nxt, op, attrs, weight, bias)
     s.state(layer.node.name, "removed")
     s.state(nxt.node.name, "constant")

@@ -1,0 +1,331 @@
+"""RapidOCR's three PP-OCR models (det, cls, rec) compressed with nothing but ``--calib``, end to end.
+
+A real third-party client, run as a new user would (issue 25). Nothing downloads: the models
+ship in the ``rapidocr-onnxruntime==1.4.4`` wheel, the documents are rendered here.
+
+1. ``render``: ``--docs`` pages of English-like text lines (Pillow, the DejaVu fonts of this
+   machine, several sizes and page shapes; about one line in five upside down so that the
+   direction classifier has work), each line's text and box kept as the ground truth.
+2. ``record``: the original pipeline reads every page while a wrapper around each of its three
+   onnxruntime sessions records the exact tensors RapidOCR feeds it. The first documents are the
+   calibration set, the last ``--held-out`` are held out. The recorded calibration tensors are
+   written one .npy per call (``calib/<model>/``). With ``--one-shape`` (the default until
+   egp-onnx reads calibration files of several shapes), det pages are cropped to the smallest
+   page and rec batches padded with zeros to the widest line (RapidOCR pads a batch that way).
+3. ``compress``: ``egp-onnx compress MODEL --calib calib/<model> -o ... --report ...`` for each
+   model, in a child process whose peak resident memory (``wait4``) and wall time are printed.
+4. ``score``: the held-out documents are read by the original pipeline, by the pipeline with each
+   compressed model swapped in alone, and with all three at once, the configurations interleaved
+   page by page. Per ground-truth line: does the pipeline read exactly what the original reads
+   (the target: >= 99%), and its character error rate against the truth. The time per page of
+   each configuration is the median over pages of its ratio to the original's time on that page.
+
+Run: python benchmarks/rapidocr.py WORKDIR [--docs 50] [--held-out 15] [--stages render,record,compress,score]
+     [--models det,cls,rec] [--egp-args "cls=--sparsity 0.3"]
+Needs: pip install 'rapidocr-onnxruntime==1.4.4' (in its own venv: it brings opencv and pyclipper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODELS = ("det", "cls", "rec")
+FONTS = Path("/usr/share/fonts/truetype/dejavu")
+FONT_FILES = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf")
+PAGE_SIZES = ((1000, 760), (1100, 800), (900, 760), (1000, 900))  # (width, height) in pixels
+WORDS = (
+    "the of and to in is was for on that with as by at from his an were are which this be or had "
+    "not first one their its new after but who they has have her she two been other when there all "
+    "during into school time may years more most only over city some world would where later up "
+    "such used many can state about national out known university united then made 2024 1987 "
+    "invoice total amount date page report number model pruning entropy layer network Paris London "
+    "Berlin Tokyo March April June 42 17.5 3,200 No. 7 item price EUR USD order ref A-113 B2"
+).split()
+
+
+def _rapidocr_models() -> dict[str, Path]:
+    import rapidocr_onnxruntime
+
+    folder = Path(rapidocr_onnxruntime.__file__).parent / "models"
+    return {
+        "det": folder / "ch_PP-OCRv4_det_infer.onnx",
+        "cls": folder / "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "rec": folder / "ch_PP-OCRv4_rec_infer.onnx",
+    }
+
+
+# ---------------------------------------------------------------------------------------- render
+def render(work: Path, docs: int, seed: int) -> None:
+    """Render ``docs`` pages and their ground truth (``docs/NN.png``, ``docs/truth.json``)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = random.Random(seed)
+    out = work / "docs"
+    out.mkdir(parents=True, exist_ok=True)
+    truth: list[dict[str, Any]] = []
+    for number in range(docs):
+        width, height = PAGE_SIZES[number % len(PAGE_SIZES)]
+        page = Image.new("RGB", (width, height), "white")
+        lines = []
+        y = rng.randint(30, 60)
+        while True:
+            size = rng.choice((22, 26, 30, 34))
+            font = ImageFont.truetype(str(FONTS / rng.choice(FONT_FILES)), size)
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
+            left, top, right, bottom = font.getbbox(text)
+            w, h = right - left + 8, bottom - top + 8
+            x = rng.randint(30, max(31, width // 3))
+            if y + h > height - 30 or x + w > width - 20:
+                if y + h > height - 30:
+                    break
+                continue
+            strip = Image.new("RGB", (w, h), "white")
+            ImageDraw.Draw(strip).text((4 - left, 4 - top), text, fill=(0, 0, 0), font=font)
+            flipped = rng.random() < 0.2
+            if flipped:
+                strip = strip.rotate(180)
+            page.paste(strip, (x, y))
+            lines.append({"text": text, "box": [x, y, x + w, y + h], "flipped": flipped})
+            y += h + rng.randint(14, 40)
+        page.save(out / f"{number:02d}.png")
+        truth.append({"page": f"{number:02d}.png", "lines": lines})
+    (out / "truth.json").write_text(json.dumps(truth, indent=1))
+    print(f"rendered {docs} pages, {sum(len(t['lines']) for t in truth)} lines")
+
+
+def _pages(work: Path) -> list[dict[str, Any]]:
+    return json.loads((work / "docs" / "truth.json").read_text())
+
+
+def _image(work: Path, page: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(work / "docs" / page).convert("RGB"))[:, :, ::-1].copy()  # BGR, as cv2
+
+
+# ---------------------------------------------------------------------------------------- record
+def _sessions(engine: Any) -> dict[str, Any]:
+    """The three OrtInferSession objects of a RapidOCR engine, by model."""
+    return {"det": engine.text_det.infer, "cls": engine.text_cls.infer, "rec": engine.text_rec.session}
+
+
+def record(work: Path, held_out: int, one_shape: bool) -> None:
+    """Record the tensors the original pipeline feeds each model, and its reading of every page."""
+    from rapidocr_onnxruntime import RapidOCR
+
+    engine = RapidOCR()
+    recorded: dict[str, list[np.ndarray]] = {m: [] for m in MODELS}
+    _record_calls()
+    for name, session in _sessions(engine).items():
+        session.benchmark_record = recorded[name]
+    pages = _pages(work)
+    calibration = len(pages) - held_out
+    per_page: dict[str, list[int]] = {m: [] for m in MODELS}
+    for entry in pages:
+        before = {m: len(recorded[m]) for m in MODELS}
+        engine(_image(work, entry["page"]))
+        for m in MODELS:
+            per_page[m].append(len(recorded[m]) - before[m])
+    for m in MODELS:
+        arrays = recorded[m]
+        calib_count = sum(per_page[m][:calibration])
+        calib, held = arrays[:calib_count], arrays[calib_count:]
+        shapes = {a.shape[2:] for a in arrays}
+        if one_shape:
+            calib, held = _one_shape(m, calib), _one_shape(m, held)
+        for part, tensors in (("calib", calib), ("held", held)):
+            folder = work / part / m
+            folder.mkdir(parents=True, exist_ok=True)
+            for old in folder.glob("*.npy"):
+                old.unlink()
+            for i, tensor in enumerate(tensors):
+                np.save(folder / f"{i:04d}.npy", tensor)
+        samples = sum(a.shape[0] for a in calib)
+        megabytes = sum(a.nbytes for a in calib) / 2**20
+        print(
+            f"{m}: {len(arrays)} calls ({len(shapes)} shapes), calibration {len(calib)} calls / {samples} "
+            f"samples / {megabytes:.0f} MB" + (" (one shape)" if one_shape else "")
+        )
+
+
+def _record_calls() -> None:
+    """Make every OrtInferSession call append its input to the session's ``benchmark_record`` list."""
+    from rapidocr_onnxruntime.utils.infer_engine import OrtInferSession
+
+    if getattr(OrtInferSession, "benchmark_hooked", False):
+        return
+    original = OrtInferSession.__call__
+
+    def recording(self: Any, x: np.ndarray) -> Any:
+        kept = self.__dict__.get("benchmark_record")
+        if kept is not None:
+            kept.append(np.array(x, dtype=np.float32, copy=True))
+        return original(self, x)
+
+    # The call syntax looks __call__ up on the class, so the hook goes there, reading a list
+    # set on the instance (the three sessions are instances of the one class).
+    OrtInferSession.__call__ = recording  # type: ignore[method-assign]
+    OrtInferSession.benchmark_hooked = True  # type: ignore[attr-defined]
+
+
+def _one_shape(model: str, tensors: list[np.ndarray]) -> list[np.ndarray]:
+    """Crop det pages to the smallest page; pad rec (and cls) batches with zeros to the widest."""
+    if not tensors:
+        return tensors
+    if model == "det":
+        h = min(t.shape[2] for t in tensors)
+        w = min(t.shape[3] for t in tensors)
+        return [np.ascontiguousarray(t[:, :, :h, :w]) for t in tensors]
+    width = max(t.shape[3] for t in tensors)
+    return [np.pad(t, ((0, 0), (0, 0), (0, 0), (0, width - t.shape[3]))) for t in tensors]
+
+
+# -------------------------------------------------------------------------------------- compress
+def compress(work: Path, models: list[str], egp_args: dict[str, list[str]]) -> None:
+    """Compress each model with ``egp-onnx compress --calib``; print exit code, peak memory, time."""
+    sources = _rapidocr_models()
+    out = work / "compressed"
+    out.mkdir(exist_ok=True)
+    for m in models:
+        target = out / f"{m}.onnx"
+        report = out / f"{m}.json"
+        command = [
+            sys.executable, "-m", "egp_onnx", "compress", str(sources[m]), "--calib", str(work / "calib" / m),
+            "-o", str(target), "--report", str(report), "--force", *egp_args.get(m, []),
+        ]  # fmt: skip
+        start = time.perf_counter()
+        with open(out / f"{m}.log", "w") as log:
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        peak = usage.ru_maxrss / 2**20  # KiB -> GiB
+        summary = ""
+        if report.exists() and code == 0:
+            data = json.loads(report.read_text())
+            cost = data["cost"]
+            summary = (
+                f"sparsity {data['model']['sparsity']:.3f}, params {cost['before']['params']} -> "
+                f"{cost['after']['params']}, held-out agreement {data['fidelity']['top1_agreement']}, "
+                f"rel error {data['fidelity']['rel_error']:.4f}, stop: {data['stop']['reason']}"
+            )
+        tail = (out / f"{m}.log").read_text().strip().splitlines()[-1:] if code else []
+        print(f"{m}: exit {code}, {seconds:.0f} s, peak {peak:.2f} GB {summary} {' '.join(tail)}")
+
+
+# ----------------------------------------------------------------------------------------- score
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def _read_lines(result: Any, lines: list[dict[str, Any]]) -> list[str]:
+    """What the pipeline read on each ground-truth line: its boxes whose centre lies in the line's box."""
+    found: list[list[tuple[float, str]]] = [[] for _ in lines]
+    for box, text, _score in result or []:
+        points = np.asarray(box, dtype=np.float64)
+        cx, cy = points[:, 0].mean(), points[:, 1].mean()
+        for i, line in enumerate(lines):
+            x0, y0, x1, y1 = line["box"]
+            if x0 - 4 <= cx <= x1 + 4 and y0 - 4 <= cy <= y1 + 4:
+                found[i].append((cx, text))
+                break
+    return [" ".join(t for _, t in sorted(parts)) for parts in found]
+
+
+def score(work: Path, held_out: int, models: list[str]) -> dict[str, Any]:
+    """Read the held-out pages with each configuration; print line agreement, CER and time."""
+    from rapidocr_onnxruntime import RapidOCR
+
+    compressed = work / "compressed"
+    available = [m for m in models if (compressed / f"{m}.onnx").exists()]
+    configs: dict[str, dict[str, str]] = {"original": {}}
+    for m in available:
+        configs[f"{m} swapped"] = {f"{m}_model_path": str(compressed / f"{m}.onnx")}
+    if len(available) > 1:
+        configs["all swapped"] = {f"{m}_model_path": str(compressed / f"{m}.onnx") for m in available}
+    engines = {}
+    for name, paths in configs.items():
+        try:
+            engines[name] = RapidOCR(**paths)
+        except Exception as exc:  # a model the client cannot load is a result, not a crash
+            print(f"{name}: RapidOCR cannot load it: {type(exc).__name__}: {exc}")
+    pages = _pages(work)[-held_out:]
+    reads: dict[str, list[str]] = {n: [] for n in engines}
+    times: dict[str, list[float]] = {n: [] for n in engines}
+    truth: list[str] = []
+    for entry in pages:
+        image = _image(work, entry["page"])
+        for engine in engines.values():  # warm-up on the page, so that no configuration runs it first cold
+            engine(image)
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            result, _ = engine(image)
+            times[name].append(time.perf_counter() - start)
+            reads[name].extend(_read_lines(result, entry["lines"]))
+        truth.extend(line["text"] for line in entry["lines"])
+    base = reads.get("original")
+    figures: dict[str, Any] = {}
+    print(f"{len(pages)} held-out pages, {len(truth)} lines")
+    for name in engines:
+        got = reads[name]
+        cer = sum(_edit_distance(g, t) for g, t in zip(got, truth, strict=True)) / sum(len(t) for t in truth)
+        exact_truth = float(np.mean([g == t for g, t in zip(got, truth, strict=True)]))
+        same = float(np.mean([g == o for g, o in zip(got, base, strict=True)])) if base else float("nan")
+        ratio = float(np.median(np.array(times[name]) / np.array(times["original"]))) if base else np.nan
+        figures[name] = {"same_as_original": same, "exact_vs_truth": exact_truth, "cer": cer, "time": ratio}
+        print(
+            f"{name:>12}: same as original {same:.3f}, exact vs truth {exact_truth:.3f}, CER {cer:.4f}, "
+            f"time x{ratio:.2f} (median per page {np.median(times[name]) * 1000:.0f} ms)"
+        )
+    (work / "score.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("work", type=Path, help="folder for the documents, tensors, models and figures")
+    parser.add_argument("--docs", type=int, default=50)
+    parser.add_argument("--held-out", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", default="render,record,compress,score")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--all-shapes", action="store_true", help="record tensors as they come (no crop/pad)")
+    parser.add_argument(
+        "--egp-args", action="append", default=[], help='compress options for one model: "cls=--sparsity 0.3"'
+    )
+    args = parser.parse_args()
+    stages = args.stages.split(",")
+    models = [m for m in args.models.split(",") if m]
+    extra = {}
+    for item in args.egp_args:
+        model, _, options = item.partition("=")
+        extra[model] = shlex.split(options)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if "render" in stages:
+        render(args.work, args.docs, args.seed)
+    if "record" in stages:
+        record(args.work, args.held_out, one_shape=not args.all_shapes)
+    if "compress" in stages:
+        compress(args.work, models, extra)
+    if "score" in stages:
+        score(args.work, args.held_out, models)
+
+
+if __name__ == "__main__":
+    main()
