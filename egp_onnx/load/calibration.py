@@ -152,6 +152,11 @@ class CalibrationData:
         self.unused = 0  # samples left out of a pass: they do not fill the model's fixed batch size
         self._first: tuple[Batch, np.ndarray | None] | None = self._load(0)  # checked now, used once
 
+    @property
+    def loaders(self) -> list[Callable[[], tuple[Batch, np.ndarray | None]]]:
+        """The shards' loaders, in order (load/parts.py cuts them into parts for a cluster)."""
+        return list(self._shards)
+
     def _load(self, i: int) -> tuple[Batch, np.ndarray | None]:
         arrays, labels = self._shards[i]()
         where = self.description if len(self._shards) == 1 else f"{self.description} (part {i + 1})"
