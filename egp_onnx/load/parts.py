@@ -74,11 +74,12 @@ def shard_layout(loader: Loader) -> tuple[int, SampleShape]:
     if func in (_pair, _constant):
         arrays = args[0]
         return _samples(next(iter(arrays.values())).shape), sample_shape(arrays)
-    if isinstance(func, partial) and func.func is _load_images:
-        spec, keywords = func.keywords["spec"], func.keywords
+    if func is _load_images:  # partial(partial(f, **kw), part) is flattened into one partial
+        keywords = loader.keywords  # type: ignore[attr-defined]
         size = (keywords["channels"], keywords["height"], keywords["width"])
-        return len(args[0]), ((spec.name, size),)
-    raise CalibrationError(f"calibration data of this kind ({loader!r}) cannot be split over a cluster")
+        return len(args[0]), ((keywords["spec"].name, size),)
+    name = getattr(func, "__name__", type(loader).__name__)
+    raise CalibrationError(f"calibration shards read by {name} cannot be cut into parts for a cluster")
 
 
 def _samples(shape: tuple[int, ...]) -> int:

@@ -86,10 +86,14 @@ class Cluster:
         return uuid.uuid4().hex, future
 
     def share_once(self, value: Any) -> Any:
-        """``value`` placed on the cluster once for this run (the same object: the same future)."""
+        """``value`` placed on every worker once for this run (the same object: the same future).
+
+        On every worker, not one: scattered data cannot be recomputed, so a copy held by a single
+        worker would be lost with it, and with it every task that reads it.
+        """
         held = self._shared.get(id(value))
         if held is None or held[0] is not value:
-            (future,) = self.client.scatter([value], hash=False)
+            (future,) = self.client.scatter([value], broadcast=True, hash=False)
             held = self._shared[id(value)] = (value, future)
         return held[1]
 
@@ -151,7 +155,7 @@ def open_cluster(spec: str, processes: bool = True) -> Iterator[Cluster]:
             processes=processes,
             host="127.0.0.1",
             protocol="tcp://",  # also for thread workers: the same transport as real ones
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: its HTTP server never collides with another cluster's
             silence_logs=logging.ERROR,
         )
         client = distributed.Client(local)
