@@ -277,15 +277,19 @@ def count_part(
     The worker builds the statistics session once per model ``version`` and reuses it for every
     part it is given; only the per-channel counts go back.
     """
+    # As in one process: IN_FLIGHT batches at once, each on its share of the worker's cores.
+    cores_here = threads or cores()
+    in_flight = IN_FLIGHT if cores_here >= IN_FLIGHT else 1
 
     def build() -> tuple[ProbeTotals, threading.Lock]:
-        return ProbeTotals(onnx.load_from_string(model_bytes), sites, threads=threads), threading.Lock()
+        model = onnx.load_from_string(model_bytes)
+        return ProbeTotals(model, sites, threads=max(1, cores_here // in_flight)), threading.Lock()
 
     runner, lock = worker_cached(version, build)
     data = part_data(loaders, loaders_key, specs, description, part)
     with lock:  # a worker with several threads runs its parts one at a time on the one session
         runner.reset()
-        samples = _count(runner, data, batch_size, 1, None)
+        samples = _count(runner, data, batch_size, in_flight, None)
         totals = [(on.copy(), events) for on, events in runner.totals()]
     return PartCounts(totals, samples, data.unused)
 
