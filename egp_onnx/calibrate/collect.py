@@ -304,6 +304,7 @@ def _on_cluster(
 ) -> tuple[list[tuple[np.ndarray, int]], int]:
     """The totals of ``data`` counted part by part on the cluster, merged in the parts' order."""
     parts = plan_parts(data, batch_size)
+    log.info("statistics pass: %d parts on %d workers", len(parts), cluster.workers)
     loaders = cluster.share_once(data.loaders)  # once per run: later passes reuse the workers' copy
     version, shared = cluster.share(model.SerializeToString())
     args = (version, shared, list(sites), data.specs, data.description, loaders, loaders.key)

@@ -153,9 +153,12 @@ class CalibrationData:
         self._first: tuple[Batch, np.ndarray | None] | None = self._load(0)  # checked now, used once
 
     @property
-    def loaders(self) -> list[Callable[[], tuple[Batch, np.ndarray | None]]]:
-        """The shards' loaders, in order (load/parts.py cuts them into parts for a cluster)."""
-        return list(self._shards)
+    def loaders(self) -> Sequence[Callable[[], tuple[Batch, np.ndarray | None]]]:
+        """The shards' loaders, in order (load/parts.py cuts them into parts for a cluster).
+
+        The same object at every call: a cluster shares it with its workers once per run.
+        """
+        return self._shards
 
     def _load(self, i: int) -> tuple[Batch, np.ndarray | None]:
         arrays, labels = self._shards[i]()

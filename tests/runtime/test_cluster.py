@@ -90,11 +90,13 @@ def test_statistics_on_a_cluster_equal_one_process(threads, tmp_path, rng, batch
     single = collect.collect_statistics(model, sites, open_calibration(tmp_path, model), batch_size)
     seen: list[int] = []
     data = open_calibration(tmp_path, model)
+    shared = len(threads._shared)
     for _ in range(2):  # a second pass reuses the workers' copy of the loaders
         seen.clear()
         spread = collect.collect_statistics(model, sites, data, batch_size, seen.append, cluster=threads)
         same_statistics(single, spread)
         assert sum(seen) == 437  # progress: every part once
+        assert len(threads._shared) == shared + 1  # the data's loaders went to the workers once
 
 
 def test_compress_on_a_cluster_writes_the_same_model_and_report(threads, tmp_path, rng, monkeypatch):
