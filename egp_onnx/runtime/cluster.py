@@ -15,6 +15,7 @@ shard (a held-out split, a reader's feeds) goes to each worker that runs one of 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import uuid
@@ -145,19 +146,20 @@ def open_cluster(spec: str, processes: bool = True) -> Iterator[Cluster]:
     """
     count = local_workers(spec)
     try:
+        import dask
         import distributed
     except ImportError as exc:
         raise ConfigError(INSTALL_HINT) from exc
     if count is not None:
-        local = distributed.LocalCluster(
-            n_workers=count,
-            threads_per_worker=1,  # one task at a time per worker: its session has the cores
-            processes=processes,
-            host="127.0.0.1",
-            protocol="tcp://",  # also for thread workers: the same transport as real ones
-            dashboard_address=":0",  # a free port: its HTTP server never collides with another cluster's
-            silence_logs=logging.ERROR,
-        )
+        # Dask's nanny sets its workers' environment (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_,
+        # ...) in this process's os.environ before it spawns them, and leaves it there: a library
+        # must not change its caller's environment (a later torch, a subprocess would inherit it).
+        # Not asked for, and what was there is put back.
+        environ = dict(os.environ)
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
+            local = _local_cluster(distributed, count, processes)
+        os.environ.clear()
+        os.environ.update(environ)
         client = distributed.Client(local)
         threads = max(1, cores() // count)
     else:
@@ -175,6 +177,19 @@ def open_cluster(spec: str, processes: bool = True) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+def _local_cluster(distributed: Any, count: int, processes: bool) -> Any:
+    """``count`` workers on 127.0.0.1, one task at a time each (its session has the cores)."""
+    return distributed.LocalCluster(
+        n_workers=count,
+        threads_per_worker=1,
+        processes=processes,
+        host="127.0.0.1",
+        protocol="tcp://",  # also for thread workers: the same transport as real ones
+        dashboard_address=":0",  # a free port: its HTTP server never collides with another cluster's
+        silence_logs=logging.ERROR,
+    )
 
 
 def worker_cached(key: str, build: Callable[[], T]) -> T:

@@ -141,7 +141,9 @@ def test_a_killed_worker_has_its_parts_rerun_and_merged_once(tmp_path, monkeypat
     monkeypatch.setenv("EGP_TEST_DIE_ONCE", str(marker))  # before the workers start: they inherit it
     monkeypatch.setattr(collect, "count_part", count_part_or_die)
     seen: list[int] = []
+    environ = dict(os.environ)
     with open_cluster("local:2") as cluster:
+        assert dict(os.environ) == environ  # Dask's nanny would leave OMP_NUM_THREADS=1 etc. here
         pids = set(cluster.client.run(os.getpid).values())
         data = open_calibration(MNIST_CALIB, model)
         spread = collect.collect_statistics(model, sites, data, 64, seen.append, cluster=cluster)
