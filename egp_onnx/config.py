@@ -34,8 +34,12 @@ class Settings:
             which a merge that is not exact is applied; 0 applies exact rewrites only.
         holdout: fraction of the calibration data split off as held-out data (no eval_data);
             None: min(max(500, N/4), N/2) samples, or none when N < 4.
-        min_agreement: the guard's lowest top-1 agreement with the original.
-        max_rel_error: the guard's largest relative output error against the original.
+        eval_unseen: the eval data are unseen by the model's training (a test set): the guard's
+            estimate of unseen agreement is their agreement as is.
+        min_agreement: the guard's lowest estimate of unseen top-1 agreement with the original,
+            for each classifier (N, classes) and sequence (N, T, classes) output.
+        max_rel_error: the guard's largest relative output error against the original, for each
+            other output (for every output when ``min_agreement`` is not set).
         guard: False turns the guard off (then the loop runs to ``sparsity`` unchecked).
         reconstruct: refit pruned and downstream layers by ridge least squares after every step.
         select: which weights a layer loses: ``magnitude`` (smallest |w|) or ``obs`` (OBS
@@ -56,6 +60,7 @@ class Settings:
     holdout: float | None = None  # None: split off a held-out set automatically when no eval data
     min_agreement: float | None = None
     max_rel_error: float | None = None
+    eval_unseen: bool = False  # the eval data are unseen by training: their agreement is used as is
     guard: bool = True  # False: no fidelity guard at all (--no-guard)
     reconstruct: bool = True
     select: str = "magnitude"

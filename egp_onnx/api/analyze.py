@@ -12,13 +12,14 @@ import onnx
 
 from egp_onnx.api.summary import site_record
 from egp_onnx.calibrate.collect import collect_statistics
+from egp_onnx.calibrate.probes import probes
 from egp_onnx.config import DataConfig, Settings, split_options
 from egp_onnx.entropy import Statistics
-from egp_onnx.errors import CalibrationError, ConfigError
+from egp_onnx.errors import ConfigError
 from egp_onnx.graph.rectifiers import RectifierSite, find_rectifiers
 from egp_onnx.load.calibration import CalibrationData, CalibrationDataReader, open_calibration
 from egp_onnx.load.model import load_model, prepare_model
-from egp_onnx.load.stats_file import load_statistics, model_fingerprint
+from egp_onnx.load.stats_file import load_statistics, model_fingerprint, stats_paths
 from egp_onnx.report.records import AnalysisReport
 from egp_onnx.runtime.cluster import cluster_or_none
 
@@ -67,9 +68,11 @@ def stats_files(
     paths: Sequence[str | os.PathLike[str]], model: onnx.ModelProto, sites: list[RectifierSite]
 ) -> Statistics:
     """Merged statistics files, checked to belong to ``model``."""
-    stats = load_statistics(paths, model_fingerprint(model))
-    if set(stats.counts) != {s.name for s in sites}:
-        raise CalibrationError("the statistics files do not cover this model's rectifiers")
+    channels = {
+        site.name: site.channels[1] - site.channels[0] if site.channels else probe.channels
+        for site, probe in zip(sites, probes(model, sites), strict=True)
+    }
+    stats = load_statistics(stats_paths(paths), model_fingerprint(model), channels)
     return stats
 
 

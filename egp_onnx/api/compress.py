@@ -44,8 +44,15 @@ from egp_onnx.runtime.memory import trim
 from egp_onnx.surgery import simplify
 from egp_onnx.verify.cost import model_cost
 from egp_onnx.verify.fidelity import Reference, compare
-from egp_onnx.verify.guard import SURGERY_ATOL, SURGERY_CHECK, SURGERY_RTOL, Guard, default_thresholds
-from egp_onnx.verify.latency import compare_latency, latency_feeds
+from egp_onnx.verify.guard import (
+    SURGERY_ATOL,
+    SURGERY_CHECK,
+    SURGERY_RTOL,
+    Guard,
+    default_thresholds,
+    surgery_failures,
+)
+from egp_onnx.verify.latency import common_feed, compare_latency, latency_feeds, one_sample, sample_shapes
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +167,8 @@ class _Baseline:
     reference: Reference
     first_stats: Statistics
     nnz_before: np.ndarray
-    feed: dict[str, np.ndarray]  # the first batch of the held-out data
-    shapes: dict[str, tuple[int, ...]]  # the inputs' shapes at batch size 1
+    feed: dict[str, np.ndarray]  # the first held-out batch of the shape most samples have
+    shapes: dict[str, tuple[int, ...]]  # its inputs' shapes at batch size 1: MACs are counted there
     cost_before: Cost
 
 
@@ -184,7 +191,8 @@ def _baseline(
         # The reference outputs are computed while the statistics pass runs, which leaves cores
         # idle on a few batches. One data source is never read from two threads.
         held = inputs.held
-        pending = pool.submit(Reference, runs, held, batch_size) if held is not inputs.data else None
+        unseen = settings.eval_unseen
+        pending = pool.submit(Reference, runs, held, batch_size, unseen) if held is not inputs.data else None
         if stats:
             first_stats = stats_files(stats, proto, inputs.sites)
         else:
@@ -193,14 +201,16 @@ def _baseline(
                 proto, inputs.sites, inputs.data, batch_size, progress.advance, layers.held(proto), cluster
             )
         progress.stage(f"running the original model on the {inputs.held_name} data")
-        reference = pending.result() if pending is not None else Reference(runs, held, batch_size)
+        reference = pending.result() if pending is not None else Reference(runs, held, batch_size, unseen)
     del runs
     nnz_before = layers.nnz()
-    feed = reference.first_feed()
-    shapes = {name: (1, *array.shape[1:]) for name, array in feed.items()}
+    # Latency and MACs at one stated shape: the one most held-out samples have.
+    feed = common_feed(batch_feed for batch_feed, _, _ in reference.batches)
+    shapes = sample_shapes(feed)
     # the original's cost is taken while its weights are at hand (after the loop they are gone)
     held_counts = original.counts if original is not None else None
-    cost_before = model_cost(proto, shapes, held_counts or initializer_counts(proto, layers.held(proto)))
+    counts = held_counts or initializer_counts(proto, layers.held(proto))
+    cost_before = model_cost(proto, shapes, counts, one_sample(feed))
     return _Baseline(original, reference, first_stats, nnz_before, feed, shapes, cost_before)
 
 
@@ -266,7 +276,7 @@ def _report(
     fidelity = stage.fidelity if stage.fidelity is not None else base.reference.evaluate(stage.run)
     # the weights that the session already holds are counted without reading the protobuf again
     counts = stage.run.counts or None  # taken when its session was built
-    cost_after = model_cost(stage.final, base.shapes, counts)
+    cost_after = model_cost(stage.final, base.shapes, counts, one_sample(base.feed))
     timing = None
     if base.original is not None:
         timing = compare_latency(base.original, stage.run, latency_feeds(outline, base.feed))
@@ -282,7 +292,7 @@ def _report(
         ),
         surgery=stage.record,
         fidelity=replace(fidelity, data=inputs.held_name),
-        cost=CostComparison(base.cost_before, cost_after),
+        cost=CostComparison(base.cost_before, cost_after, base.shapes),
         timing=timing,
     )
 
@@ -337,7 +347,7 @@ def _reduce_depth(
     if inexact:
         failed = [o for o in check.outputs if not o.rel_error <= tolerance + SURGERY_CHECK]
     else:
-        failed = [o for o in check.outputs if not o.allclose]
+        failed = surgery_failures(check)
     if failed:
         worst = max(failed, key=lambda o: o.rel_error)
         reason = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,6 +25,8 @@ from egp_onnx.prune.loop import LayerSet
 from egp_onnx.runtime.handle import ModelHandle
 from egp_onnx.surgery import ChannelStates
 
+log = logging.getLogger(__name__)
+
 
 def run_options(
     settings: Settings | None,
@@ -42,8 +45,10 @@ def run_options(
     settings = replace(settings or Settings(), **setting_overrides)
     settings = replace(settings, finetune=None if finetune is None else callback_name(finetune))
     settings.check()
-    if eval_data is not None and settings.holdout:
+    if eval_data is not None and settings.holdout is not None:  # --holdout 0 too: documented as exclusive
         raise ConfigError("give either --eval or --holdout, not both")
+    if settings.eval_unseen and eval_data is None:
+        raise ConfigError("--eval-unseen describes the --eval data; give --eval with it")
     if settings.select == "obs" and not settings.reconstruct:
         raise ConfigError("--select obs needs reconstruction; drop --no-reconstruct")
     return settings, replace(data or DataConfig(), **data_overrides)
@@ -80,8 +85,11 @@ def open_inputs(
     if eval_data is not None:
         held, held_name = open_data(eval_data, proto, options), "eval"
     elif settings.holdout is None or settings.holdout > 0:
-        data, held = split_holdout(data, settings.holdout, settings.seed)
-        held_name = "holdout"
+        fixed = data.specs[0].shape[0] if data.specs[0].shape else None
+        whole = data
+        data, held = split_holdout(data, settings.holdout, settings.seed, batch=fixed)
+        held_name = "holdout" if held is not data else "calibration"
+        _say_split(whole.description, data, held, fixed)
     else:
         held, held_name = data, "calibration"
     sites = find_rectifiers(proto)
@@ -97,6 +105,35 @@ def open_inputs(
             "no output written"
         )
     return proto, Inputs(source, data, held, held_name, sites, layers, limits)
+
+
+def _say_split(source: str, data: CalibrationData, held: CalibrationData, fixed: int | None) -> None:
+    """Say how the automatic split came out when the data or a fixed batch size shaped it."""
+    if held is data:
+        reason = (
+            f"the model's batch size is fixed at {fixed} and they fill fewer than two batches"
+            if fixed
+            else ("fewer than 4")
+        )
+        log.warning(
+            "%s: %s samples, %s: fidelity is measured on the calibration data itself (no holdout)",
+            source,
+            _count(data),
+            reason,
+        )
+    elif fixed is not None:
+        log.info(
+            "%s: %d samples held out and %d for calibration, in batches of %d (the model's fixed batch size)",
+            source,
+            _count(held),
+            _count(data),
+            fixed,
+        )
+
+
+def _count(data: CalibrationData) -> int:
+    arrays, _ = data.arrays()
+    return int(next(iter(arrays.values())).shape[0])
 
 
 def channel_states(sites: list[RectifierSite], stats: Statistics) -> dict[str, ChannelStates]:

@@ -203,7 +203,7 @@ def verify_command(**params: Any) -> None:
         click.echo(outputs_table(fidelity))
         click.echo(f"\n{agreement_line(fidelity)}")
         if min_agreement is not None:
-            problems = guard_problems(fidelity, min_agreement, None)
+            problems = guard_problems(fidelity, min_agreement, None, z=0.0)
         else:
             problems = [
                 f"output {o.name} is not within atol {atol} / rtol {rtol}"

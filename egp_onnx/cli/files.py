@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import logging
 import mmap
 import os
 import shutil
@@ -27,6 +29,8 @@ import onnx
 from egp_onnx.errors import OutputError
 from egp_onnx.graph.weights import serialized_size
 from egp_onnx.load.model import PROTOBUF_LIMIT, external_data_files, external_data_path, new_file_mode
+
+log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
@@ -135,12 +139,15 @@ def plan_outputs(
 
     Raises:
         OutputError: an output is an input or inside an input folder, is given twice, is a
-            folder, exists without ``force``, or its folder is missing or not writable.
+            folder, exists without ``force``, its name is longer than the file system allows, or
+            its folder is missing or not writable.
 
     """
     plan = OutputPlan(tuple(Path(p) for p in outputs if p is not None), tuple(inputs), force)
     seen: set[Path] = set()
     for out, required in [*((p, True) for p in plan.outputs), *((Path(p), False) for p in possible)]:
+        if required:
+            _check_name_length(out)
         item = plan.conflict(out)
         if item is not None:
             raise OutputError(f"output {out} is {item.describe()}; choose another output path")
@@ -160,6 +167,79 @@ def plan_outputs(
         if not os.access(folder, os.W_OK):
             raise OutputError(f"output folder {folder} is not writable")
     return plan
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (in bytes) the file system of ``folder`` takes."""
+    try:
+        return os.pathconf(folder if folder.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no such folder yet
+        return 255
+
+
+def _check_name_length(out: Path) -> None:
+    limit, length = _name_max(out.parent), len(os.fsencode(out.name))
+    if length > limit:
+        raise OutputError(
+            f"output name {out.name[:40]}... is {length} bytes long; the file system allows {limit}"
+        )
+
+
+#: Temporaries are named .NAME.PID.XXXXXXXX.tmp: PID says whether the run that made them is alive.
+_TMP_SUFFIX = ".tmp"
+
+
+def _tmp_prefix(target: Path) -> str:
+    """The prefix of ``target``'s temporaries: .NAME.PID. (mkstemp adds 8 characters and .tmp).
+
+    A NAME so long that the temporary's name would pass the file system's limit is shortened and
+    made unique again with a digest of the full name: a legal output name always has a legal
+    temporary beside it.
+    """
+    pid = str(os.getpid())
+    room = _name_max(target.parent) - len(pid) - 3 - 8 - len(_TMP_SUFFIX)
+    name = os.fsencode(target.name)
+    if len(name) > room:
+        digest = hashlib.sha256(name).hexdigest()[:8]
+        name = name[: room - 9].decode(errors="ignore").encode() + b"~" + digest.encode()
+    return f".{os.fsdecode(name)}.{pid}."
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove the temporaries of ``target`` left by runs that are no longer alive (e.g. SIGKILLed).
+
+    Only names of our own pattern (.NAME.PID.XXXXXXXX.tmp, NAME as :func:`_tmp_prefix` writes
+    it) whose PID is not a running process are removed; a run still working on the same target
+    keeps its temporaries. Returns what was removed.
+    """
+    stem = _tmp_prefix(target)[: -len(str(os.getpid())) - 1]  # .NAME.
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in target.parent.iterdir():
+            name = entry.name
+            if not (name.startswith(stem) and name.endswith(_TMP_SUFFIX)):
+                continue
+            pid, _, rest = name[len(stem) : -len(_TMP_SUFFIX)].partition(".")
+            if not pid.isdigit() or len(rest) != 8 or _alive(int(pid)):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process is alive
+        return True
+    return True
 
 
 class OutputWriter:
@@ -182,11 +262,16 @@ class OutputWriter:
     ) -> None:
         self.discard()
 
+    def _clean(self, target: Path) -> None:
+        for stale in remove_stale_temporaries(target):
+            log.info("removed %s, a temporary of an earlier run that did not finish", stale)
+
     def write_bytes(self, target: PathLike, data: bytes) -> None:
         """Stage ``data`` for ``target``."""
         path = Path(target)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            self._clean(path)
+            fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
             self._scratch.append(Path(tmp))
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -214,7 +299,8 @@ class OutputWriter:
             return
         data_path = external_data_path(path)
         try:
-            staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            self._clean(path)
+            staging = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent))
             self._scratch.append(staging)
             copy = onnx.ModelProto()
             copy.CopyFrom(model)  # onnx.save_model rewrites the proto it is given
@@ -262,6 +348,9 @@ class OutputWriter:
         except OSError as exc:
             _remove(created)
             raise OutputError(f"cannot write {target}: {exc.strerror}") from exc
+        except BaseException:  # an interrupt between two targets: none of them stays
+            _remove(created)
+            raise
         targets = [t for _, t in self._staged]
         self._staged = []
         self.discard()

@@ -194,6 +194,11 @@ PRUNE = OptionGroup(
 GUARD = OptionGroup(
     (
         _path("--eval", "eval_path", help="Held-out data (any --calib format; 'labels' give accuracy)."),
+        _flag(
+            "--eval-unseen",
+            help="The --eval data are unseen by training (e.g. a test set): the guard takes their "
+            "agreement as the estimate as is, instead of correcting it for confident training data.",
+        ),
         click.option(
             "--holdout",
             type=float,
@@ -203,7 +208,8 @@ GUARD = OptionGroup(
         click.option(
             "--min-agreement",
             type=float,
-            help="Guard: lowest top-1 agreement with the original [default: 0.99 for classifier outputs].",
+            help="Guard: lowest estimated unseen top-1 agreement with the original, per classifier or "
+            "(N, T, classes) output [default: 0.99].",
         ),
         click.option(
             "--max-rel-error",
@@ -215,6 +221,7 @@ GUARD = OptionGroup(
     ),
     lambda params: {
         "holdout": params["holdout"],
+        "eval_unseen": params["eval_unseen"],
         "min_agreement": params["min_agreement"],
         "max_rel_error": params["max_rel_error"],
         "guard": not params["no_guard"],
@@ -277,10 +284,10 @@ OUTPUT = OptionGroup(
 #: The order `compress --help` lists the options in (as before they were grouped).
 COMPRESS_HELP_ORDER = (
     "calib", "batch_size", "workers", "scheduler", "mean", "std", "output", "sparsity", "step", "method",
-    "eval_path", "holdout", "min_agreement", "max_rel_error", "no_guard", "no_reconstruct", "select",
-    "layer_cap", "report_path", "seed", "stats_paths", "finetune_spec", "torch_model", "train_path",
-    "epochs", "lr", "no_surgery", "merge_tolerance", "no_latency", "plot_path", "external_data", "quiet",
-    "force",
+    "eval_path", "eval_unseen", "holdout", "min_agreement", "max_rel_error", "no_guard", "no_reconstruct",
+    "select", "layer_cap", "report_path", "seed", "stats_paths", "finetune_spec", "torch_model",
+    "train_path", "epochs", "lr", "no_surgery", "merge_tolerance", "no_latency", "plot_path",
+    "external_data", "quiet", "force",
 )  # fmt: skip
 
 COMPRESS_GROUPS = (data_options(), OUTPUT, PRUNE, GUARD, STATS, FINETUNE, SURGERY)

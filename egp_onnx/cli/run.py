@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -59,11 +61,13 @@ def _debug() -> bool:
 def run(action: Callable[[], None], quiet: bool = False) -> None:
     """Run a command: whatever goes wrong becomes one line on stderr and a documented exit code.
 
-    EgpError: its exit code (2, or 1 for a failed guard); an interrupt: 130; anything else is a
-    defect of egp-onnx: exit code 3. `egp-onnx --debug` prints the trace as well.
+    EgpError: its exit code (2, or 1 for a failed guard); an interrupt (SIGINT): 130; SIGTERM:
+    143 (128 + 15, as a shell reports a process the signal ended); anything else is a defect of
+    egp-onnx: exit code 3. `egp-onnx --debug` prints the trace as well. An interrupt or a
+    termination unwinds like an error, so staged outputs are removed and nothing is written.
     """
     try:
-        with warnings.catch_warnings(), _quiet(quiet):
+        with warnings.catch_warnings(), _quiet(quiet), _terminate_as_interrupt():
             warnings.showwarning = _log_warning
             action()
     except EgpError as exc:
@@ -71,6 +75,9 @@ def run(action: Callable[[], None], quiet: bool = False) -> None:
             traceback.print_exc()
         click.echo(f"egp-onnx: {exc.label}: {one_line(exc, limit=2000)}", err=True)
         sys.exit(exc.exit_code)
+    except Terminated:
+        click.echo("egp-onnx: terminated; nothing was written", err=True)
+        sys.exit(TERMINATED_EXIT)
     except KeyboardInterrupt:
         click.echo("egp-onnx: interrupted; nothing was written", err=True)
         sys.exit(130)
@@ -89,6 +96,31 @@ def run(action: Callable[[], None], quiet: bool = False) -> None:
             err=True,
         )
         sys.exit(INTERNAL_ERROR_EXIT)
+
+
+#: The exit code of a run ended by SIGTERM.
+TERMINATED_EXIT = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds the run like KeyboardInterrupt does (a BaseException, not an error)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises Terminated while the block runs (in the main thread; elsewhere it is left be)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from egp_onnx.errors import CalibrationError
-from egp_onnx.load.readers import LABELS_KEY, Batch, find_images, image_shards, read_npy, read_npz, shape_text
+from egp_onnx.errors import CalibrationError, one_line
+from egp_onnx.load.readers import LABELS_KEY, Batch, image_shards, list_folder, read_npy, read_npz, shape_text
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +248,37 @@ class CalibrationData:
                 yield ahead.popleft().result()
 
     def arrays(self) -> tuple[Batch, np.ndarray | None]:
-        """All samples at once (for small held-out sets)."""
-        return _concat(list(self._loaded()))
+        """All samples at once (for small held-out sets); data of one per-sample shape only.
+
+        Raises:
+            CalibrationError: the samples have several shapes (see :meth:`runs`).
+
+        """
+        parts = self.runs()
+        if len(parts) > 1:
+            raise CalibrationError(
+                f"{self.description}: samples of {len(parts)} shapes in turn do not make one array"
+            )
+        return parts[0]
+
+    def runs(self) -> list[tuple[Batch, np.ndarray | None]]:
+        """All samples at once, one part per run of consecutive shards of one per-sample shape.
+
+        Labels are kept only when every shard has them (as :meth:`batches` gives them).
+        """
+        runs: list[list[tuple[Batch, np.ndarray | None]]] = []
+        last: SampleShape | None = None
+        for shard in self._loaded():
+            shape = sample_shape(shard[0])
+            if runs and shape == last:
+                runs[-1].append(shard)
+            else:
+                runs.append([shard])
+            last = shape
+        parts = [_concat(run) for run in runs]
+        if any(labels is None for _, labels in parts):
+            parts = [(arrays, None) for arrays, _ in parts]
+        return parts
 
 
 #: The shape of one sample of every input, by input name (sorted): batches never mix two of them.
@@ -316,13 +345,16 @@ def open_calibration(
         if path.suffix == ".npy":
             return CalibrationData(specs, [partial(read_npy, path, specs)], str(path), workers)
         raise CalibrationError(f"{path}: calibration files must be .npz or .npy")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".npz", ".npy"))
+    if not path.is_dir():
+        raise CalibrationError(
+            f"{path} is neither a file nor a folder (a pipe or device): the data is read more than once"
+        )
+    files, images = list_folder(path)
     if files:
         shards = [
-            partial(read_npz, p) if p.suffix == ".npz" else partial(read_npy, p, specs) for p in files
+            partial(read_npz, p) if p.suffix.lower() == ".npz" else partial(read_npy, p, specs) for p in files
         ]
         return CalibrationData(specs, shards, str(path), workers)
-    images = find_images(path)
     if not images:
         raise CalibrationError(f"{path}: no .npz, .npy or image files in the calibration folder")
     if len(specs) != 1:
@@ -333,10 +365,28 @@ def open_calibration(
 
 
 def _from_reader(reader: CalibrationDataReader, specs: Sequence[InputSpec]) -> CalibrationData:
+    name = type(reader).__name__
     feeds: list[Batch] = []
-    while (feed := reader.get_next()) is not None:
-        feeds.append({k: np.asarray(v) for k, v in feed.items()})
-    return CalibrationData(specs, [partial(_constant, f) for f in feeds], type(reader).__name__)
+    while True:
+        try:
+            feed = reader.get_next()
+        except Exception as exc:  # the user's code: its failure is reported, not a defect of ours
+            failure = f"{type(exc).__name__}: {one_line(exc)}"
+            raise CalibrationError(f"{name}.get_next() failed: {failure}") from exc
+        if feed is None:
+            break
+        if not isinstance(feed, Mapping) or not all(isinstance(k, str) for k in feed):
+            raise CalibrationError(
+                f"{name}.get_next() returned a {type(feed).__name__}; a CalibrationDataReader returns "
+                "a dict of arrays keyed by input name, then None"
+            )
+        try:
+            feeds.append({k: np.asarray(v) for k, v in feed.items()})
+        except (ValueError, TypeError) as exc:
+            raise CalibrationError(
+                f"{name}.get_next() returned values that are not arrays: {one_line(exc)}"
+            ) from exc
+    return CalibrationData(specs, [partial(_constant, f) for f in feeds], name)
 
 
 def _constant(feed: Batch) -> tuple[Batch, np.ndarray | None]:
@@ -367,32 +417,67 @@ def automatic_holdout(samples: int) -> int:
     return min(max(HOLDOUT_SAMPLES, samples // 4), int(samples * HOLDOUT_MAX_FRACTION))
 
 
+def holdout_count(samples: int, fraction: float | None, batch: int | None = None) -> int:
+    """How many of ``samples`` to hold out: ``fraction`` of them, or :func:`automatic_holdout`.
+
+    ``batch`` is the model's fixed batch size, if it has one. Then the automatic count is the
+    multiple of ``batch`` nearest to it that leaves at least one batch to calibrate with, and 0
+    (measure on the calibration data) when the samples fill fewer than two batches.
+
+    Raises:
+        CalibrationError: an explicit ``fraction`` leaves one part empty, or below one fixed batch.
+
+    """
+    if fraction is None:
+        held = automatic_holdout(samples)
+        if batch is None or held == 0:
+            return held
+        batches = samples // batch
+        return 0 if batches < 2 else min(max(1, round(held / batch)), batches - 1) * batch
+    held = int(round(fraction * samples))
+    need = batch or 1
+    if held < need or samples - held < need:
+        rule = "both need at least one" if batch is None else (
+            f"the model's batch size is fixed at {batch}, so both need at least {batch} "
+            "(--holdout 0 measures on the calibration data)"
+        )
+        raise CalibrationError(
+            f"--holdout {fraction} of {samples} samples leaves {held} held out and {samples - held} "
+            f"for calibration; {rule}"
+        )
+    return held
+
+
 def split_holdout(
-    data: CalibrationData, fraction: float | None, seed: int
+    data: CalibrationData, fraction: float | None, seed: int, batch: int | None = None
 ) -> tuple[CalibrationData, CalibrationData]:
     """Split ``fraction`` of the samples off as held-out data (seeded); returns (calib, holdout).
 
-    ``fraction=None`` holds out :func:`automatic_holdout` samples.
+    ``fraction=None`` holds out :func:`automatic_holdout` samples; ``batch`` is the model's fixed
+    batch size, if any (see :func:`holdout_count`). When nothing is held out (too few samples for
+    an automatic split), both parts are the same data: fidelity is measured on the calibration data.
     """
-    arrays, labels = data.arrays()
-    samples = next(iter(arrays.values())).shape[0]
-    if fraction is None:
-        held = automatic_holdout(samples)
-        fraction = held / samples
-    else:
-        held = int(round(fraction * samples))
-    if held < 1 or held >= samples:
-        raise CalibrationError(
-            f"--holdout {fraction} of {samples} samples leaves {held} held out and {samples - held} "
-            "for calibration; both need at least one"
-        )
+    runs = data.runs()
+    sizes = [next(iter(arrays.values())).shape[0] for arrays, _ in runs]
+    samples = sum(sizes)
+    held = holdout_count(samples, fraction, batch)
+    if held == 0:
+        whole = CalibrationData(data.specs, [partial(_pair, a, lab) for a, lab in runs], data.description)
+        return whole, whole
+    # One permutation of all samples, whatever their shapes; each part keeps the samples of each
+    # run of one shape together, in their order, so no batch of either part mixes two shapes.
     order = np.random.default_rng(seed).permutation(samples)
+    starts = np.cumsum([0, *sizes])
     parts = []
     for idx, name in ((np.sort(order[held:]), "calibration"), (np.sort(order[:held]), "holdout")):
-        part = {k: v[idx] for k, v in arrays.items()}
-        parts.append(
-            in_memory(
-                data.specs, part, None if labels is None else labels[idx], f"{data.description} ({name})"
-            )
-        )
+        shards = []
+        for (arrays, labels), start, stop in zip(runs, starts[:-1], starts[1:], strict=True):
+            local = idx[(idx >= start) & (idx < stop)] - start if len(runs) > 1 else idx
+            if local.size:
+                shards.append(partial(_pair, {k: v[local] for k, v in arrays.items()}, _pick(labels, local)))
+        parts.append(CalibrationData(data.specs, shards, f"{data.description} ({name})"))
     return parts[0], parts[1]
+
+
+def _pick(labels: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if labels is None else labels[idx]

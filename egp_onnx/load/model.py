@@ -41,18 +41,19 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"{p} is not an ONNX model (protobuf parse failed: {exc})") from exc
     if model.ir_version == 0 or not model.graph.node:
         raise ModelError(f"{p} is not an ONNX model (no IR version or no graph nodes)")
-    external = bool(external_data_files(model, p))  # checks every location before onnx reads one
+    external = bool(external_data_files(model, p))  # checks every location before one is read
     try:
-        from onnx.external_data_helper import load_external_data_for_model
-
-        load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        _load_external_data(model, p.parent)
+    except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load external data of {p}: {one_line(exc)}") from exc
     return prepare_model(model, source=str(p), serialized=None if external else data, in_place=True)
 
 
 def external_data_files(model: onnx.ModelProto, path: str | os.PathLike[str]) -> list[Path]:
     """The files that hold the external data of ``model`` (read from ``path``), checked.
+
+    A location must name a file inside the model's folder as written ("w.bin", "weights/w.bin");
+    that file may be a symlink to one elsewhere (the user put it there, the model did not).
 
     Raises:
         ModelError: a location points outside the model's folder, or its file is missing.
@@ -65,8 +66,11 @@ def external_data_files(model: onnx.ModelProto, path: str | os.PathLike[str]) ->
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        # The location is judged as written, so a symlink the user put beside the model is followed,
+        # while a model cannot name a file outside its folder ("../x", "/etc/x", "a/../../x").
+        inside = os.path.normpath(location) if location else ""
         target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+        if not inside or Path(location).is_absolute() or inside == ".." or inside.startswith(".." + os.sep):
             raise ModelError(
                 f"{model_path}: tensor '{tensor.name}' keeps its data at {location!r}, outside the "
                 "model's folder; move the file beside the model and give its bare name as location"
@@ -78,6 +82,31 @@ def external_data_files(model: onnx.ModelProto, path: str | os.PathLike[str]) ->
             )
         files[target] = None
     return list(files)
+
+
+def _load_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """Read every external tensor's bytes into the tensor, from locations already checked.
+
+    Read here rather than by onnx's loader, which refuses a location that is a symlink: a user
+    who links a weights file beside the model means it (external_data_files keeps the model itself
+    from naming a file outside its folder).
+    """
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        offset, length = int(info.get("offset") or 0), info.get("length")
+        with open(folder / info["location"], "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(int(length)) if length else handle.read()
+        if length and len(data) != int(length):
+            raise ValueError(
+                f"tensor '{tensor.name}' wants {length} bytes at offset {offset} of {info['location']}, "
+                f"the file holds {len(data)}"
+            )
+        tensor.raw_data = data
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

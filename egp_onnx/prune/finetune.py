@@ -32,6 +32,10 @@ def apply_finetune(candidate: onnx.ModelProto, layers: LayerSet, finetune: Finet
         returned = finetune(candidate, {k: v.copy() for k, v in masks.items()})
     except EgpError:
         raise
+    except SystemExit as exc:  # sys.exit() in training code must not end the run as if it were done
+        raise FinetuneError(
+            f"the finetune callback {name} called sys.exit({exc.code!r}); return the tensors instead"
+        ) from exc
     except Exception as exc:  # the user's training code may fail in any way
         raise FinetuneError(
             f"the finetune callback {name} failed: {type(exc).__name__}: {one_line(exc)}"

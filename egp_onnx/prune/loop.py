@@ -161,8 +161,10 @@ class LoopOutcome:
     stop: StopRecord
 
 
-#: A step that fails the guard is retried this many times, each at half the previous size.
-RETRIES = 2
+#: The step search's resolution: once the last accepted and the smallest rejected sparsity are
+#: closer than this fraction of the weights still left, no step in between is tried and the loop
+#: stops (a step that small would not change the model's cost noticeably).
+MIN_STEP = 0.02
 
 
 @dataclass(frozen=True)
@@ -198,14 +200,29 @@ class StepOutcome:
 
 @dataclass
 class _LoopState:
-    """Where the loop stands: the last accepted model and its statistics, the current step size."""
+    """Where the loop stands: the last accepted model and its statistics, and the search's bounds.
+
+    ``sparsity`` is the last accepted model's; ``rejected`` the smallest sparsity the guard has
+    rejected (None: none yet). Between the two the next step bisects.
+    """
 
     current: onnx.ModelProto
     stats: Statistics
-    step: float
+    sparsity: float = 0.0
+    rejected: float | None = None
     steps: list[StepRecord] = field(default_factory=list)
-    retries: int = 0
     accepted: int = 0
+
+    def next_target(self, target: float) -> float | None:
+        """The sparsity the next step aims at: ``target``, or halfway to the smallest rejected one.
+
+        None when that interval is below :data:`MIN_STEP` of the remaining weights.
+        """
+        if self.rejected is None:
+            return target
+        if self.rejected - self.sparsity < MIN_STEP * (1.0 - self.sparsity):
+            return None
+        return min(target, (self.sparsity + self.rejected) / 2)
 
 
 def run_loop(ctx: LoopContext, stats: Statistics) -> LoopOutcome:
@@ -215,11 +232,12 @@ def run_loop(ctx: LoopContext, stats: Statistics) -> LoopOutcome:
     refits the layers by least squares against the original (:mod:`egp_onnx.reconstruct.refit`).
     With ``finetune``, every pruned model is handed to it with its masks; the values it returns
     replace the model's tensors and the masks are applied again, so pruned weights stay zero. With
-    a guard, a step whose model fails it is rolled back and retried at half its size
-    (:data:`RETRIES` times); then the loop stops there.
+    a guard, a step whose model fails it is rolled back, and the next steps bisect between the last
+    accepted and the smallest rejected sparsity until the two are within :data:`MIN_STEP` of the
+    remaining weights; then the loop stops at the last accepted step.
 
     Raises:
-        GuardError: the very first step already fails the guard.
+        GuardError: no step passes the guard, down to the smallest step tried.
 
     """
     layers, settings = ctx.layers, ctx.settings
@@ -227,18 +245,24 @@ def run_loop(ctx: LoopContext, stats: Statistics) -> LoopOutcome:
     total = int(layers.sizes().sum())
     target_zeros = int(round(settings.sparsity * total))
     limit = np.array([ctx.limits[n] for n in layers.weight_names])
-    state = _LoopState(ctx.model, stats, settings.step)
+    state = _LoopState(ctx.model, stats)
     stop: StopRecord | None = None
     while stop is None:
         nnz = layers.nnz()  # one count per step: it scans every weight
-        needed = target_zeros - (total - int(nnz.sum()))
-        if needed <= 0:
+        zeros = total - int(nnz.sum())
+        if target_zeros - zeros <= 0:
             break
         if len(state.steps) >= MAX_STEPS:
             stop = StopRecord("max-steps", state.accepted, f"stopped after {MAX_STEPS} steps")
             break
+        aim = state.next_target(settings.sparsity)
+        if aim is None:
+            stop = _converged(state)
+            break
+        # at least one weight, so that a search never stalls on a step that removes nothing
+        needed = max(1, min(target_zeros, int(round(aim * total))) - zeros)
         capacity = prune.capacities(nnz, layers.sizes(), limit)
-        counts, rule = step_counts(layers, state.stats, settings.method, state.step, needed, capacity)
+        counts, rule = step_counts(layers, state.stats, settings.method, settings.step, needed, capacity)
         if counts.sum() == 0:
             detail = "no prunable weight left to remove within the layers' limits"
             stop = StopRecord("no-weights-left", state.accepted, detail)
@@ -290,6 +314,8 @@ def _attempt_step(
         emptied_layers=int((ctx.layers.nnz() == 0).sum()),
         finetuned=ctx.finetune is not None,
         reconstructed=fits,
+        estimate=fidelity.estimate if fidelity else None,
+        problems=tuple(problems),
     )
     return StepOutcome(candidate, record, problems, counted)
 
@@ -304,10 +330,10 @@ def _calibrate(ctx: LoopContext, candidate: onnx.ModelProto, number: int, sparsi
 
 
 def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> StopRecord | None:
-    """Undo a step that failed the guard; retry it at half its size (None), or stop the loop.
+    """Undo a step that failed the guard: the next step aims lower (None), or the loop stops.
 
     Raises:
-        GuardError: no step has been accepted yet and no retry is left.
+        GuardError: no step has been accepted and the search has reached its smallest step.
 
     """
     state.steps.append(outcome.record)
@@ -315,16 +341,24 @@ def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> Sto
     # through the step instead, they were a second copy of every weight while it ran
     ctx.layers.read(state.current)
     number, sparsity, problems = outcome.record.step, outcome.record.sparsity, outcome.problems
-    detail = f"step {number} (sparsity {sparsity:.4f}) failed the guard: {'; '.join(problems)}"
-    if state.retries < RETRIES:
-        state.retries += 1
-        state.step /= 2
-        log.info("%s; retrying at half the step (%.4g)", detail, state.step)
-        return None
-    if state.accepted == 0:
+    state.rejected = sparsity if state.rejected is None else min(state.rejected, sparsity)
+    log.info("step %d (sparsity %.4f) failed the guard: %s", number, sparsity, "; ".join(problems))
+    if state.accepted == 0 and state.next_target(ctx.settings.sparsity) is None:
         tried = f"step 1 failed the guard at {len(state.steps)} sizes, down to sparsity {sparsity:.4f}"
-        advice = "no model passes, nothing written (lower --step or the guard)"
+        advice = "no model passes, nothing written (lower the guard's threshold or give more data)"
         raise GuardError(f"{tried}: {'; '.join(problems)}; {advice}")
+    return None
+
+
+def _converged(state: _LoopState) -> StopRecord:
+    """The stop record of a search whose accepted and rejected sparsities have met."""
+    assert state.rejected is not None  # next_target gives None only once a step was rejected
+    last = next(s for s in reversed(state.steps) if not s.accepted)
+    detail = (
+        f"the guard accepts sparsity {state.sparsity:.4f} and rejects {state.rejected:.4f}; a step in "
+        f"between would remove less than {MIN_STEP:g} of the remaining weights (last rejected: step "
+        f"{last.step}: {'; '.join(last.problems)})"
+    )
     log.warning("%s; keeping the last accepted step", detail)
     return StopRecord("guard", state.accepted, detail)
 
@@ -332,8 +366,8 @@ def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> Sto
 def _accept(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> None:
     """Make a step's model the last accepted one, with its statistics."""
     record = outcome.record
-    state.retries = 0
     state.accepted = record.step
+    state.sparsity = record.sparsity
     stats = outcome.stats
     if stats is None:
         stats = _calibrate(ctx, outcome.candidate, record.step, record.sparsity)

@@ -35,6 +35,19 @@ def positions(shape: tuple[int, ...], rng: np.random.Generator, take: int) -> Po
     return b_idx, oh, ow
 
 
+def positions_per_sample(areas: Sequence[tuple[int, int]], take: int) -> dict[int, int]:
+    """Output positions to sample per sample of each output area, ``take`` on average.
+
+    ``areas`` holds (samples, output positions per sample) of each batch. A sample's share is in
+    proportion to its area, so the sampled rows estimate the error over every output position of
+    every sample, as the model makes it: a large image weighs more than a small one. Samples of
+    one area all get ``take`` (or all their positions, if fewer).
+    """
+    samples = sum(count for count, _ in areas)
+    total = sum(count * area for count, area in areas)
+    return {area: min(area, max(1, (take * area * samples + total // 2) // total)) for _, area in areas}
+
+
 def conv_rows(x: np.ndarray, layer: LinearLayer, where: Positions) -> np.ndarray:
     """im2col rows of a conv input at the output positions ``where``.
 

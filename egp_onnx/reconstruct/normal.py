@@ -21,6 +21,7 @@ from egp_onnx.reconstruct.im2col import (
     groups_of,
     patch_order,
     positions,
+    positions_per_sample,
     rows_of,
 )
 from egp_onnx.runtime.segments import Activations
@@ -129,14 +130,17 @@ def normal_equations(
     samples = sum(len(target) for *_, target in kept)
     take = min(POSITIONS_PER_SAMPLE, max(1, -(-ROWS_PER_COLUMN * width // samples)))
     spatial = layer.kind.spatial
+    # Samples of several sizes (a model with symbolic H/W): positions in proportion to each area.
+    areas = [(len(t), t.shape[2] * t.shape[3]) for *_, t in kept] if spatial else []
+    takes = positions_per_sample(areas, take) if spatial else {}
     total = sum(
-        len(t) * min(take, t.shape[2] * t.shape[3]) if spatial else t.size // t.shape[-1] for *_, t in kept
+        len(t) * takes[t.shape[2] * t.shape[3]] if spatial else t.size // t.shape[-1] for *_, t in kept
     )
     if total < width:  # too few rows to refit: an empty system with the count, for the record
         short = NormalEquations(1, 0, 0, bias=False)
         short.rows = total
         return short
-    normal = _accumulate(layer, kept, take, rng)
+    normal = _accumulate(layer, kept, takes, rng)
     if spatial:
         normal.reorder(patch_order(layer, normal.gram.shape[1] - int(normal.bias)))
     return normal
@@ -159,9 +163,12 @@ def _batches(
 
 
 def _accumulate(
-    layer: LinearLayer, kept: list[tuple[np.ndarray, ...]], take: int, rng: np.random.Generator
+    layer: LinearLayer, kept: list[tuple[np.ndarray, ...]], takes: dict[int, int], rng: np.random.Generator
 ) -> NormalEquations:
-    """The products of every kept batch's rows, gathered a group of batches at a time."""
+    """The products of every kept batch's rows, gathered a group of batches at a time.
+
+    ``takes``: a conv layer's positions per sample, by output area (:func:`positions_per_sample`).
+    """
     # Consecutive batches are joined so that each gather is larger and numpy is called less often;
     # PARTS groups at once. A group's positions are drawn for its samples at once, in order: the
     # generator gives the same numbers as when each batch drew its own.
@@ -172,7 +179,8 @@ def _accumulate(
         for group in groups[start : start + PARTS]:
             batches = [kept[i] for i in group]
             shape = (sum(len(batch[-1]) for batch in batches), *batches[0][-1].shape[1:])
-            items.append((batches, positions(shape, rng, take) if layer.kind.spatial else None))
+            where = positions(shape, rng, takes[shape[2] * shape[3]]) if layer.kind.spatial else None
+            items.append((batches, where))
         for rows, y in map_parts(partial(_group_rows, layer), items):
             if normal is None:
                 normal = NormalEquations(rows.shape[0], rows.shape[2], y.shape[1], layer.bias is not None)

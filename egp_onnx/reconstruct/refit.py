@@ -9,7 +9,8 @@ shortcut, so the branch also absorbs the shortcut's error. Pruned weights stay e
 Gram matrices are streamed into float64 sums (reconstruct/normal.py) of im2col rows
 (reconstruct/im2col.py) and solved on each output's support (reconstruct/solve.py). Every layer
 sees the first :data:`MAX_SAMPLES` samples (rounded up to a whole batch); a conv layer about
-``ROWS_PER_COLUMN`` rows per column of its normal equations (seeded output positions). The
+``ROWS_PER_COLUMN`` rows per column of its normal equations (seeded output positions; samples
+of several sizes get positions in proportion to their output area, each batch one size). The
 activations of the current and the dense model stay in memory from one layer to the next
 (egp_onnx.runtime.segments), so a step runs each node of both models once over those samples.
 Per-channel affine ops between a layer and its target (BatchNormalization, Mul/Add/Sub/Div by

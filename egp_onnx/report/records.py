@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 2
@@ -85,6 +85,8 @@ class StepRecord:
     emptied_layers: int  # layers with no non-zero weight after the step
     finetuned: bool = False  # the finetune callback retrained the step's model
     reconstructed: tuple[LayerFit, ...] = ()  # per-layer least-squares refits of this step
+    estimate: float | None = None  # the guard's estimate of unseen top-1 agreement (Fidelity.estimate)
+    problems: tuple[str, ...] = ()  # the guard's complaints, per output (empty: accepted)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,7 +124,14 @@ class OutputFidelity:
     name: str
     rel_error: float  # ||y' - y||_2 / ||y||_2
     max_abs_error: float
-    allclose: bool  # |y' - y| <= atol + rtol |y| everywhere (Polygraphy's test)
+    # |y' - y| <= min(atol, 1e-3 max|y|) + rtol |y| everywhere: Polygraphy's test, with an absolute
+    # tolerance that cannot swallow the signal of an output of tiny magnitude
+    allclose: bool
+    kind: str = "tensor"  # classes (N, C) | sequence (N, T, C) | map (rank >= 3) | tensor: its rule
+    agreement: float | None = None  # classes, sequence: argmax agreement per sample / per position
+    estimate: float | None = None  # the same, estimated for unseen data (see Fidelity.estimate)
+    estimate_low: float | None = None  # its 95% interval (Wilson, over samples)
+    estimate_high: float | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,14 @@ class Fidelity:
     samples: int
     outputs: tuple[OutputFidelity, ...]
     data: str = ""  # eval | holdout | calibration: where the samples came from
+    # The estimate of top-1 agreement on unseen data (first classes output): on data that are not
+    # marked unseen, samples where the candidate moves a class toward the top one by more than half
+    # the original's margin count as flips (verify/fidelity.py); on unseen data, the agreement.
+    estimate: float | None = None
+    estimate_low: float | None = None  # its 95% interval (Wilson, over samples)
+    estimate_high: float | None = None
+    unseen: bool = False  # the data are unseen by training (--eval-unseen): the estimate is the agreement
+    estimate_rule: str = ""  # how the estimate was made from the data, in words
 
 
 @dataclass(frozen=True)
@@ -156,6 +173,9 @@ class CostComparison:
 
     before: Cost
     after: Cost
+    #: The inputs' shapes (batch 1) the MACs are counted at: the most common shape of the held-out
+    #: samples (a model with symbolic H/W costs what the image it is given costs).
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -194,6 +214,8 @@ class Timing:
     budget_s: float
     max_runs: int
     batches: tuple[LatencyRecord, ...]  # batch 1 (when the model allows it) and the calibration batch
+    #: The inputs' per-sample shapes (batch 1) timed: the most common shape of the held-out samples.
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -92,11 +92,13 @@ def steps_table(report: CompressionReport) -> str:
                 len(refit),
                 "-" if worst is None else f"{worst.error_before:.2e} -> {worst.error_after:.2e}",
                 "-" if step.top1_agreement is None else step.top1_agreement,
+                "-" if step.estimate is None else step.estimate,
                 "-" if step.rel_error is None else f"{step.rel_error:.2e}",
                 "yes" if step.accepted else "rolled back",
             ]
         )
-    headers = ["step", "rule", "removed", "sparsity", "refit", "worst layer error", "agree", "rel_err"]
+    headers = ["step", "rule", "removed", "sparsity", "refit", "worst layer error", "agree", "estimate"]
+    headers.append("rel_err")
     headers.append("accepted")
     return format_table(headers, rows)
 
@@ -153,10 +155,27 @@ def _depth_line(report: CompressionReport) -> list[str]:
 def _fidelity_line(report: CompressionReport) -> list[str]:
     fid = report.fidelity
     agreement = "-" if fid.top1_agreement is None else f"{fid.top1_agreement:.4f}"
-    return [
+    lines = [
         f"fidelity    top-1 agreement {agreement}, relative error {fid.rel_error:.2e} on {fid.samples} "
         f"{fid.data} samples"
     ]
+    estimate = estimate_line(fid)
+    return [*lines, estimate] if estimate else lines
+
+
+def estimate_line(fid: Fidelity) -> str:
+    """The estimate of unseen agreement, its 95% interval and the data it came from ("" when none)."""
+    if fid.estimate is None or fid.estimate_low is None or fid.estimate_high is None:
+        return ""
+    source = (
+        f"the agreement on {fid.samples} {fid.data} samples marked unseen, as is"
+        if fid.unseen
+        else f"{fid.samples} {fid.data} samples ({fid.estimate_rule})"
+    )
+    return (
+        f"unseen      top-1 agreement estimated {fid.estimate:.4f} (95%: {fid.estimate_low:.4f}-"
+        f"{fid.estimate_high:.4f}) from {source}"
+    )
 
 
 def _accuracy_line(report: CompressionReport) -> list[str]:
@@ -171,7 +190,13 @@ def _size_line(report: CompressionReport) -> list[str]:
     return [
         f"size        {_count(b.nonzero_params)} -> {_count(a.nonzero_params)} non-zero parameters; "
         f"MACs {_count(b.macs)} -> {_count(a.macs)} dense, {_count(a.nonzero_macs)} non-zero"
+        + (f" at {_shapes_text(report.cost.input_shapes)}" if report.cost.input_shapes else "")
     ]
+
+
+def _shapes_text(shapes: dict[str, tuple[int, ...]]) -> str:
+    """Input shapes for the summary: ``x 1x3x640x480``."""
+    return ", ".join(f"{name} {'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
 
 
 def _latency_lines(report: CompressionReport) -> list[str]:
@@ -206,11 +231,13 @@ def _guard_line(report: CompressionReport) -> list[str]:
         return ["guard       off (--no-guard)"]
     if not settings.guarded:
         return []
-    rule = (
-        f"top-1 agreement >= {settings.min_agreement}"
-        if settings.min_agreement is not None
-        else f"relative error <= {settings.max_rel_error}"
-    )
+    rules = []
+    if settings.min_agreement is not None:
+        rules.append(f"estimated unseen agreement >= {settings.min_agreement} (classifier, sequence outputs)")
+    if settings.max_rel_error is not None:
+        others = "other outputs" if settings.min_agreement is not None else "every output"
+        rules.append(f"relative error <= {settings.max_rel_error} ({others})")
+    rule = ", ".join(rules)
     text = f"guard       {rule} on {fid.samples} {fid.data} samples"
     if fid.samples < COARSE_GUARD:
         text += f" (coarse: fewer than {COARSE_GUARD} samples; give --eval or more data)"
@@ -245,14 +272,16 @@ def statistics_line(samples: int, rectifiers: int, path: object) -> str:
 
 
 def outputs_table_rows(fidelity: Fidelity) -> Iterable[list[object]]:
-    """Rows (output, rel_error, max_abs_error, allclose) for printing."""
+    """Rows (output, kind, agreement, rel_error, max_abs_error, allclose) for printing."""
     for out in fidelity.outputs:
-        yield [out.name, f"{out.rel_error:.3e}", f"{out.max_abs_error:.3e}", "yes" if out.allclose else "NO"]
+        agreement = "-" if out.agreement is None else f"{out.agreement:.4f}"
+        close = "yes" if out.allclose else "NO"
+        yield [out.name, out.kind, agreement, f"{out.rel_error:.3e}", f"{out.max_abs_error:.3e}", close]
 
 
 def outputs_table(fidelity: Fidelity) -> str:
     """One row per output of a comparison."""
-    headers = ["output", "rel_error", "max_abs_error", "allclose"]
+    headers = ["output", "kind", "agreement", "rel_error", "max_abs_error", "allclose"]
     return format_table(headers, list(outputs_table_rows(fidelity)))
 
 

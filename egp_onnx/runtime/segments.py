@@ -62,6 +62,10 @@ class Activations:
             name: [batch[name] for batch in batches] for name in self.inputs if name in batches[0]
         }
         self.batches = len(batches)
+        # Per batch, its input bytes per sample relative to batch 0's: batches of images of other
+        # sizes take that much more or less per sample (1 for every batch of data of one shape).
+        per_sample = [sum(a.nbytes / max(len(a), 1) for a in batch.values()) for batch in batches]
+        self.scales = np.array(per_sample) / (per_sample[0] or 1.0)
         self.done: set[int] = set()
         self.sessions = 0  # segments run so far (one onnxruntime session each)
 
@@ -133,9 +137,13 @@ class Activations:
         self.done |= segment
 
     def _fit_budget(self) -> None:
-        """Drop the last batches when keeping every batch would pass the budget (from batch 0's size)."""
-        per_batch = sum(arrays[0].nbytes for arrays in self.cache.values())
-        allowed = max(1, self.budget // max(per_batch, 1))
+        """Drop the last batches when keeping every batch would pass the budget.
+
+        Each batch is estimated from batch 0's size, scaled by its per-sample input size.
+        """
+        per_batch = max(sum(arrays[0].nbytes for arrays in self.cache.values()), 1)
+        kept = np.cumsum(per_batch * self.scales[: self.batches])
+        allowed = max(1, int(np.searchsorted(kept, self.budget, side="right")))
         if allowed < self.batches:
             self.batches = allowed
             for arrays in self.cache.values():
@@ -160,10 +168,10 @@ class Activations:
         """A graph input's declaration; for a computed tensor, its type and the dims every batch shares."""
         if name in self.inputs:
             return self.inputs[name]
-        first, last = self.cache[name][0], self.cache[name][self.batches - 1]
-        elem = helper.np_dtype_to_tensor_dtype(first.dtype)
-        if first.ndim != last.ndim:
+        arrays = self.cache[name][: self.batches]
+        elem = helper.np_dtype_to_tensor_dtype(arrays[0].dtype)
+        if len({a.ndim for a in arrays}) > 1:
             return helper.make_tensor_value_info(name, elem, None)
-        return helper.make_tensor_value_info(
-            name, elem, [a if a == b else None for a, b in zip(first.shape, last.shape, strict=True)]
-        )
+        # every batch, not the first and the last: batches of several image sizes may come in turn
+        dims = [d[0] if len(set(d)) == 1 else None for d in zip(*(a.shape for a in arrays), strict=True)]
+        return helper.make_tensor_value_info(name, elem, dims)

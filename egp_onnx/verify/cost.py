@@ -1,4 +1,8 @@
-"""Cost figures of a model: parameters, multiply-accumulates and size (pure, on ModelProto)."""
+"""Cost figures of a model: parameters, multiply-accumulates and size.
+
+Shapes come from ONNX's shape inference at the stated input shapes; where it leaves a layer's
+shape unknown (shape computations of old opsets), from one onnxruntime run of a sample.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +13,36 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from egp_onnx.errors import EgpError
 from egp_onnx.graph.weights import count_parameters, initializer_counts, serialized_size, static_shapes
 from egp_onnx.report.records import Cost
+from egp_onnx.runtime.shapes import measured_shapes
 
 log = logging.getLogger(__name__)
+
+#: The ops whose multiply-accumulates are counted.
+_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def count_macs(
     model: onnx.ModelProto,
     input_shapes: Mapping[str, tuple[int, ...]],
     counts: Mapping[str, tuple[bool, int, int]] | None = None,
+    feed: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[int, int] | None:
     """(dense MACs, non-zero-weight MACs) for one sample; None when a shape stays unknown.
 
     ``input_shapes`` gives each input's shape with batch size 1; ``counts`` are the model's
-    :func:`egp_onnx.graph.weights.initializer_counts`, when already taken.
+    :func:`egp_onnx.graph.weights.initializer_counts`, when already taken. ``feed``, one sample
+    of those shapes: the shapes inference leaves unknown are measured by running it.
     """
     shapes = static_shapes(model, input_shapes)
     weights = {t.name: t for t in model.graph.initializer}
+    if feed is not None:
+        shapes.update(_measured(model, feed, _unknown(model, shapes, weights)))
     dense = sparse = 0
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if node.op_type not in _COUNTED:
             continue
         if len(node.input) < 2 or node.output[0] not in shapes or node.input[0] not in shapes:
             return None
@@ -58,18 +71,46 @@ def count_macs(
     return dense, sparse
 
 
+def _unknown(
+    model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], weights: Mapping[str, onnx.TensorProto]
+) -> list[str]:
+    """The inputs and outputs of the counted layers whose shapes are not in ``shapes``."""
+    needed = []
+    for node in model.graph.node:
+        if node.op_type in _COUNTED and len(node.input) >= 2:
+            needed += [node.input[0], node.output[0]]
+            if node.input[1] not in weights:
+                needed.append(node.input[1])
+    return [name for name in dict.fromkeys(needed) if name and name not in shapes]
+
+
+def _measured(
+    model: onnx.ModelProto, feed: Mapping[str, np.ndarray], names: list[str]
+) -> dict[str, tuple[int, ...]]:
+    """``names``' shapes on ``feed`` in onnxruntime ({} when none is asked for or the run fails)."""
+    if not names:
+        return {}
+    try:
+        return measured_shapes(model, feed, names)
+    except EgpError as exc:  # the MACs stay unknown; the run goes on
+        log.info("shapes not measured: %s", exc)
+        return {}
+
+
 def model_cost(
     model: onnx.ModelProto,
     input_shapes: Mapping[str, tuple[int, ...]] | None,
     counts: Mapping[str, tuple[bool, int, int]] | None = None,
+    feed: Mapping[str, np.ndarray] | None = None,
 ) -> Cost:
     """Parameters, MACs (when ``input_shapes`` is given and shapes resolve) and file size.
 
-    ``counts``: the model's :func:`egp_onnx.graph.weights.initializer_counts`, when already taken.
+    ``counts``: the model's :func:`egp_onnx.graph.weights.initializer_counts`, when already taken;
+    ``feed``: one sample of ``input_shapes``, to measure the shapes inference cannot give.
     """
     counts = counts or initializer_counts(model)  # each weight read once for both figures
     params, nonzero = count_parameters(model, counts)
-    macs = count_macs(model, input_shapes, counts) if input_shapes else None
+    macs = count_macs(model, input_shapes, counts, feed) if input_shapes else None
     return Cost(
         params=params,
         nonzero_params=nonzero,

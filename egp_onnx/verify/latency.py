@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
 
 from egp_onnx.load.readers import Batch
 from egp_onnx.report.records import LatencyRecord, Timing
-from egp_onnx.runtime.handle import ModelHandle, shapes
+from egp_onnx.runtime.handle import ModelHandle, Shapes, shapes
 from egp_onnx.runtime.session import run_session
 
 #: Per batch size: timed runs of each model stop at MAX_RUNS, or once BUDGET_S seconds have passed
@@ -22,6 +22,33 @@ LATENCY_MIN_RUNS = 3
 #: budget (the first runs allocate and plan memory for the new shape). None for a batch whose
 #: shapes both sessions have already run (a ModelHandle checked or measured on that data).
 LATENCY_WARMUP = 1
+
+
+def common_feed(feeds: Iterable[Batch]) -> Batch:
+    """The first of ``feeds`` whose per-sample shape most samples have (the first such, on a tie).
+
+    Data of many shapes (images of many sizes for a model with symbolic H/W) is timed and costed
+    at one stated shape: the one most samples have.
+    """
+    counts: dict[Shapes, int] = {}
+    first: dict[Shapes, Batch] = {}
+    for feed in feeds:
+        key = shapes({name: array[:0] for name, array in feed.items()})
+        counts[key] = counts.get(key, 0) + (next(iter(feed.values())).shape[0] if feed else 1)
+        first.setdefault(key, feed)
+    if not first:
+        raise ValueError("common_feed needs at least one feed")
+    return first[max(counts, key=lambda key: counts[key])]  # max keeps the first of equals
+
+
+def sample_shapes(feed: Batch) -> dict[str, tuple[int, ...]]:
+    """The inputs' shapes in ``feed`` at batch size 1."""
+    return {name: (1, *array.shape[1:]) for name, array in feed.items()}
+
+
+def one_sample(feed: Batch) -> Batch:
+    """The first sample of ``feed``, as a batch of one."""
+    return {name: array[:1] for name, array in feed.items()}
 
 
 def latency_feeds(model: onnx.ModelProto, feed: Batch) -> list[Batch]:
@@ -57,7 +84,8 @@ def compare_latency(
     for feed in feeds:
         warm = all(shapes(feed) in m.warm for m in models)
         records.append(_interleaved(models, feed, budget_s, max_runs, warmup, warm))
-    return Timing("ORT_ENABLE_ALL", warmup, budget_s, max_runs, tuple(records))
+    stated = sample_shapes(feeds[-1]) if feeds else {}
+    return Timing("ORT_ENABLE_ALL", warmup, budget_s, max_runs, tuple(records), stated)
 
 
 def _interleaved(

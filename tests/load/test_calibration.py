@@ -113,7 +113,7 @@ def test_empty_and_missing(model, tmp_path):
     with pytest.raises(CalibrationError, match="not found"):
         open_calibration(tmp_path / "missing.npz", model)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(CalibrationError, match="cannot read"):
+    with pytest.raises(CalibrationError, match="is not an .npz file"):
         open_calibration(tmp_path / "bad.npz", model)
 
 
@@ -251,3 +251,27 @@ def test_a_fixed_batch_counts_the_leftovers_of_every_shape(rng, tmp_path, caplog
         f"{tmp_path}: the model's batch size is fixed at 4: 3 of 15 samples do not fill a batch of their "
         "shape and are not used (give a multiple of 4 samples of each shape)"
     ]
+
+
+def test_holdout_split_of_mixed_shapes_keeps_each_shape_apart(rng, tmp_path):
+    model = prepare_model(symbolic_hw(single_conv(rng)))
+    sizes = [(6, 6), (6, 6), (9, 7), (5, 8)]
+    for i, (h, w) in enumerate(sizes):
+        x = inputs(rng, n=5, shape=(3, h, w))
+        x[:, 0, 0, 0] = np.arange(5) + 10 * i  # each sample's id, to follow it through the split
+        np.savez(tmp_path / f"{i}.npz", x=x, labels=np.arange(5) + 10 * i)
+    data = open_calibration(tmp_path, model)
+    calib, held = split_holdout(data, 0.3, seed=1)
+    seen = []
+    for part in (calib, held):
+        for feed, labels in part.batches(3):
+            np.testing.assert_array_equal(feed["x"][:, 0, 0, 0], labels)  # samples keep their labels
+            h, w = sizes[int(labels[0]) // 10]
+            assert feed["x"].shape[2:] == (h, w) and all(sizes[int(k) // 10] == (h, w) for k in labels)
+            seen.append(labels)
+    assert sum(len(s) for s in seen[: len(list(calib.batches(3)))]) == 14
+    assert sorted(np.concatenate(seen).tolist()) == [k + 10 * i for i in range(4) for k in range(5)]
+    with pytest.raises(CalibrationError, match="samples of 3 shapes in turn do not make one array"):
+        data.arrays()
+    again = [lab.tolist() for _, lab in split_holdout(data, 0.3, seed=1)[1].batches(3)]
+    assert again == [lab.tolist() for _, lab in held.batches(3)], "seeded"

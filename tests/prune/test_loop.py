@@ -11,13 +11,14 @@ from models import inputs, residual_block
 
 from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.config import Settings
+from egp_onnx.errors import GuardError
 from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.graph.weights import initializer_arrays, replace_initializers, tensor_values
 from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import load_model
 from egp_onnx.prune.budget import prune_smallest
 from egp_onnx.prune.limits import sparsity_limits
-from egp_onnx.prune.loop import RETRIES, LayerSet, LoopContext, run_loop
+from egp_onnx.prune.loop import MIN_STEP, LayerSet, LoopContext, run_loop
 from egp_onnx.reconstruct import refit as rc
 from egp_onnx.report.records import Fidelity
 
@@ -193,11 +194,11 @@ def test_guard_stops_at_the_right_step(rng, tmp_path):
         (free.steps[1].removed, True),
         (free.steps[2].removed, False),
     ]
-    # a rejected step is retried at half its size; the run stops after RETRIES rejections in a row
+    # after a rejection the steps bisect between the last accepted and the smallest rejected sparsity
     for rejected, retry in zip(steps[:-1], steps[1:], strict=True):
         if not rejected.accepted:
-            assert retry.removed <= rejected.removed / 2 + 1
-    assert [s.accepted for s in steps[-(RETRIES + 1) :]] == [False] * (RETRIES + 1)
+            assert retry.removed < rejected.removed
+    assert "rejects" in report.stop.detail
     accepted = [s for s in steps if s.accepted]
     assert all(s.rel_error <= threshold for s in accepted)
     assert all(s.rel_error > threshold for s in steps if not s.accepted)
@@ -205,3 +206,60 @@ def test_guard_stops_at_the_right_step(rng, tmp_path):
     assert report.stop.step == accepted[-1].step
     assert report.model.sparsity == pytest.approx(accepted[-1].sparsity)
     assert report.fidelity.rel_error == pytest.approx(accepted[-1].rel_error, rel=1e-6)
+
+
+class _SparsityGuard:
+    """Accepts a candidate when the loop's weights are at most ``ceiling`` sparse; records each sparsity."""
+
+    measures_only = False
+
+    def __init__(self, layers: LayerSet, ceiling: float) -> None:
+        self.layers, self.ceiling, self.seen = layers, ceiling, []
+
+    def __call__(self, candidate):
+        sparsity = 1 - self.layers.nnz().sum() / self.layers.sizes().sum()
+        self.seen.append(sparsity)
+        fails = sparsity > self.ceiling
+        return Fidelity(0.0 if fails else 1.0, 0.0, 0.0, None, None, 1, ()), ["too sparse"] if fails else []
+
+
+def _guarded_loop(target: float, ceiling: float, step: float = 0.5):
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    calib = open_calibration(SAMPLES / "digits_calib.npz", model)
+    sites = find_rectifiers(model)
+    layers = LayerSet(model, sites)
+    limits = sparsity_limits(model, layers.weight_names, 0.98)
+    settings = Settings(sparsity=target, step=step, batch_size=128, reconstruct=False, min_agreement=0.5)
+    guard = _SparsityGuard(layers, ceiling)
+    quiet = lambda *args: None  # noqa: E731
+    context = LoopContext(model, sites, layers, limits, calib, settings, guard, quiet, quiet)
+    return run_loop(context, collect_statistics(model, sites, calib, 128)), guard
+
+
+def test_retries_shrink_a_step_that_the_target_caps():
+    """--sparsity 0.1 caps step 1 at 0.1: each retry after a rejection still aims lower than the last."""
+    outcome, guard = _guarded_loop(0.1, 0.03)
+    rejected = [s.sparsity for s in outcome.steps if not s.accepted]
+    assert rejected[0] == pytest.approx(0.1, abs=1e-3)
+    assert rejected == sorted(rejected, reverse=True) and len(set(rejected)) == len(rejected)
+    final = outcome.steps[outcome.stop.step - 1].sparsity
+    assert outcome.stop.reason == "guard" and final <= 0.03
+
+
+@pytest.mark.parametrize("ceiling", [0.62, 0.8])
+def test_a_strict_guard_converges_in_few_steps_near_its_limit(ceiling):
+    outcome, guard = _guarded_loop(0.95, ceiling)
+    assert len(outcome.steps) <= 25
+    assert outcome.stop.reason == "guard"
+    final = outcome.steps[outcome.stop.step - 1].sparsity
+    assert final <= ceiling
+    # the search stops once no step between the accepted and the rejected sparsity is worth trying
+    smallest_rejected = min(s.sparsity for s in outcome.steps if not s.accepted)
+    assert smallest_rejected - final < MIN_STEP * (1 - final) + 1e-9
+    assert final > ceiling - MIN_STEP * (1 - final) - 1e-3
+    assert "rejects" in outcome.stop.detail and "less than" in outcome.stop.detail
+
+
+def test_a_guard_that_nothing_passes_fails_after_a_bounded_search():
+    with pytest.raises(GuardError, match="step 1 failed the guard at"):
+        _, guard = _guarded_loop(0.95, 0.0)

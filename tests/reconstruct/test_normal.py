@@ -1,12 +1,18 @@
-"""Streamed normal equations: the sums of every row's products, in any chunking."""
+"""Streamed normal equations: the sums of every row's products, in any chunking and over samples of
+several sizes."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from models import f32
+from models import Builder, f32
+from references import run_ort
 
+from egp_onnx.graph.layers import linear_layers
+from egp_onnx.graph.weights import split_weights
 from egp_onnx.reconstruct import normal
+from egp_onnx.reconstruct.im2col import positions_per_sample
+from egp_onnx.runtime.segments import Activations
 
 
 @pytest.mark.parametrize(("chunk", "part_rows"), [(1, 512), (2**30, 512), (2**30, 1), (1, 1)])
@@ -29,3 +35,44 @@ def test_normal_equations_in_chunks_equal_the_products_of_all_rows(rng, monkeypa
         np.testing.assert_allclose(sums.cross[g], a.T @ target[:, 3 * g : 3 * g + 3], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sums.target_sq, (target**2).sum(axis=0))
     assert sums.rows == 19
+
+
+def test_samples_of_several_sizes_get_positions_in_proportion_to_their_area():
+    assert positions_per_sample([(7, 81), (5, 81)], 8) == {81: 8}, "one size: take, as before"
+    assert positions_per_sample([(10, 16), (10, 64)], 8) == {16: 3, 64: 13}  # 3.2 and 12.8
+    # 30 small and 10 large samples: 30 x 18 + 10 x 73 = 1270 rows, about 40 x 32 = 1280
+    assert positions_per_sample([(30, 100), (10, 400)], 32) == {100: 18, 400: 73}
+    assert positions_per_sample([(1, 4), (100, 400)], 64) == {4: 1, 400: 65}, "at least one each"
+    assert positions_per_sample([(4, 9), (4, 16)], 20) == {9: 9, 16: 16}, "never more than there are"
+
+
+def test_normal_equations_over_batches_of_several_sizes_sum_every_position(rng):
+    """
+    x(N,3,H,W) -> Conv3x3(3->4, pad 1, bias) "conv" -> y
+
+    Batches of 4x5 and 6x6 images, few enough samples that every output position is taken: the
+    sums are those of an im2col written out here, over every position of every sample.
+    """
+    b = Builder(rng)
+    model = b.model(b.conv("x", "conv", 3, 4, 3, pad=1), ("N", 3, "H", "W"))
+    (layer,), _ = linear_layers(model)
+    batches = [{"x": f32(rng.normal(size=(n, 3, h, w)))} for n, h, w in ((5, 4, 5), (3, 6, 6), (5, 4, 5))]
+    now = Activations(*split_weights(model), batches, 2**30)
+    then = Activations(*split_weights(model), batches, 2**30)
+    sums = normal.normal_equations(layer, 28, now, then, [], np.random.default_rng(0))
+    rows, targets = [], []
+    for feed in batches:
+        x = feed["x"].astype(np.float64)
+        padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        n, _, h, w = x.shape
+        (y,) = run_ort(model, feed)
+        for s in range(n):
+            for i in range(h):
+                for j in range(w):
+                    rows.append([*padded[s, :, i : i + 3, j : j + 3].ravel(), 1.0])  # (c, kh, kw), 1
+                    targets.append(y[s, :, i, j])
+    a, t = np.array(rows), np.array(targets, dtype=np.float64)
+    assert sums.rows == len(a) == 5 * 20 + 3 * 36 + 5 * 20
+    np.testing.assert_allclose(sums.gram[0], a.T @ a, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(sums.cross[0], a.T @ t, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(sums.target_sq, (t**2).sum(axis=0), rtol=1e-5)

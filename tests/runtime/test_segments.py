@@ -126,3 +126,39 @@ def test_segment_sessions_do_not_spin_and_take_the_thread_count(rng, monkeypatch
 def test_no_batches_is_an_error(rng):
     with pytest.raises(ValueError, match="no batches"):
         Activations(residual_model(rng), {}, [], 2**20)
+
+
+def symbolic_model(rng) -> onnx.ModelProto:
+    """the residual model's convolutions, on x(N, 3, H, W): c0 -> Relu r0 -> c1 -> Relu r1 -> c2 -> y"""
+    b = Builder(rng)
+    a = b.op("Relu", [b.conv("x", "c0", 3, 4, 3, pad=1)], "r0")
+    h = b.op("Relu", [b.conv(a, "c1", 4, 4, 3, pad=1)], "r1")
+    return b.model(b.conv(h, "c2", 4, 4, 3, pad=1), ("N", 3, "H", "W"))
+
+
+def test_batches_of_several_sizes_in_turn_run_segment_by_segment(rng):
+    # 6x6, 9x5, 6x6: a segment fed a kept tensor declares only the dims every batch shares (the
+    # first and the last batch agree here, the middle one does not).
+    model = symbolic_model(rng)
+    batches = [{"x": f32(rng.normal(size=(n, 3, h, w)))} for n, h, w in ((4, 6, 6), (3, 9, 5), (2, 6, 6))]
+    acts = Activations(*split_weights(model), batches, 2**30)
+    (r0,) = acts.get(["r0"], later={"r1"})
+    (r1,) = acts.get(["r1"], later={"y"})
+    (y,) = acts.get(["y"])
+    for k, batch in enumerate(batches):
+        for name, got in (("r0", r0), ("r1", r1), ("y", y)):
+            (expected,) = whole(model, [name], batch["x"])
+            np.testing.assert_allclose(got[k], expected, rtol=1e-5, atol=1e-5)
+    assert acts.sessions == 3
+
+
+def test_the_budget_counts_larger_images_as_larger(rng):
+    # Batch 0 holds 4 samples of 6x6: x and r0 take 4 * (3 + 4) * 36 floats. The second batch's
+    # images are 12x12, four times the bytes per sample: batches 0 and 1 (five batch 0s) fit a
+    # budget of five and a half, the third does not (counted by batch 0's size, all four would).
+    model = symbolic_model(rng)
+    batches = [{"x": f32(rng.normal(size=(4, 3, h, h)))} for h in (6, 12, 6, 6)]
+    per_batch = 4 * (3 + 4) * 36 * 4
+    acts = Activations(*split_weights(model), batches, 5 * per_batch + per_batch // 2)
+    (r0,) = acts.get(["r0"], later={"r1"})
+    assert acts.batches == 2 and [a.shape[2] for a in r0] == [6, 12]

@@ -64,3 +64,47 @@ def test_the_report_counts_both_models_as_an_independent_count_does(latency, rng
     assert result.report.cost.after.nonzero_params < result.report.cost.before.nonzero_params
     summary = result.report.model
     assert (summary.depth_before, summary.nodes_before) == (depth(original).layers, len(original.graph.node))
+
+
+def test_macs_inference_cannot_give_are_measured_on_a_sample(rng):
+    """
+    x(N,3,H,W) -> Conv3x3(3->4, pad 1) -> Relu -> GlobalAveragePool -> g
+    Reshape(g, Concat(Slice(Shape(g), 0, 1), [-1])) -> Gemm(4->5) -> y        (opset 11)
+
+    At opset 11 ONNX does not propagate the shape computation's values: the Gemm's input stays
+    of unknown shape whatever the input's size, as in PaddleOCR's exported models.
+    """
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Shape", ["g"], ["s"]),
+        helper.make_node("Slice", ["s", "zero", "one", "zero"], ["n"]),
+        helper.make_node("Concat", ["n", "minus_one"], ["to"], axis=0),
+        helper.make_node("Reshape", ["g", "to"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fb"], ["y"], transB=1),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(size=(5, 4)).astype(np.float32), "fc"),
+        numpy_helper.from_array(np.zeros(5, np.float32), "fb"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    shapes = {"x": (1, 3, 10, 7)}
+    assert count_macs(model, shapes) is None, "inference alone leaves the Gemm unknown"
+    feed = {"x": rng.normal(size=(1, 3, 10, 7)).astype(np.float32)}
+    want = 4 * 3 * 3 * 3 * 10 * 7 + 4 * 5
+    assert count_macs(model, shapes, feed=feed) == (want, want)
+    assert model_cost(model, shapes, feed=feed).macs == want
+    assert len(model.graph.output) == 1, "the caller's model is not modified"

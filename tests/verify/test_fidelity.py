@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from cli_checks import one_line_error
 from click.testing import CliRunner
 from conftest import SAMPLES
@@ -11,6 +12,9 @@ from models import inputs, save, two_convs
 from onnx import helper, numpy_helper
 
 from egp_onnx.cli.main import main
+from egp_onnx.load.calibration import open_calibration
+from egp_onnx.verify.fidelity import FidelitySums, Reference, compare, output_kind, scaled_flips
+from egp_onnx.verify.guard import guard_problems
 
 MODEL = SAMPLES / "digits_resnet.onnx"
 TEST = SAMPLES / "digits_test.npz"
@@ -51,3 +55,114 @@ def test_verify_with_different_output_names_says_so(runner, tmp_path, rng):
         "egp-onnx: error: the models' outputs differ: the compressed model has no output y (its outputs: q); "
         "outputs are compared by name"
     )
+
+
+# --- the comparison's rules: kinds, the estimate of unseen agreement, tolerances, sums ---------
+
+
+def _logit_model(bias: list[float]) -> onnx.ModelProto:
+    """
+    x(N,3) -> Add(bias) -> logits(N,3)
+
+    With bias [0, d, 0] against bias 0, a sample of class 0 flips to class 1 exactly when its
+    margin x0 - x1 is below d: a model that flips only on low-margin inputs.
+    """
+    nodes = [helper.make_node("Add", ["x", "b"], ["logits"], name="add")]
+    graph = helper.make_graph(
+        nodes,
+        "shift",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.asarray(bias, np.float32), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _samples(margins: np.ndarray) -> np.ndarray:
+    """Class 0 ahead of class 1 by ``margins``, class 2 far behind."""
+    return np.stack([margins, np.zeros_like(margins), np.full_like(margins, -9.0)], 1).astype(np.float32)
+
+
+def test_output_kinds():
+    assert [output_kind(s) for s in [(8, 10), (8, 1), (8, 25, 97), (8, 1, 32, 32), (8, 4, 32, 32), (8,)]] == [
+        "classes", "tensor", "sequence", "map", "map", "tensor",
+    ]  # fmt: skip
+
+
+def test_scaled_flips_against_a_plain_loop(rng):
+    ref, cand = rng.normal(size=(200, 5)), rng.normal(size=(200, 5))
+    cand = ref + 0.3 * cand
+    for scale in (1.0, 0.9, 0.5):
+        expected = []
+        for r, c in zip(ref, cand, strict=True):
+            top = r.argmax()
+            expected.append(
+                any((c[j] - c[top]) - (r[j] - r[top]) > scale * (r[top] - r[j]) for j in range(5) if j != top)
+            )
+        np.testing.assert_array_equal(scaled_flips(ref, cand, scale), expected)
+    np.testing.assert_array_equal(scaled_flips(ref, cand, 1.0), ref.argmax(1) != cand.argmax(1))
+
+
+def test_the_estimate_sees_flips_that_confident_held_out_data_hides(tmp_path):
+    """Held-out margins just above the shift: no plain flip, but the estimate counts them; unseen
+    inputs (margins down to half the shift) flip for real, and the guard rejects the step."""
+    original, shifted = _logit_model([0, 0, 0]), _logit_model([0, 1.0, 0])
+    held = tmp_path / "held.npz"
+    np.savez(held, x=_samples(np.linspace(1.02, 1.1, 50)))
+    unseen = tmp_path / "unseen.npz"
+    np.savez(unseen, x=_samples(np.linspace(0.5, 1.5, 101)))
+    reference = Reference(original, open_calibration(held, original), 16)
+    measured = reference.evaluate(shifted)
+    assert measured.top1_agreement == 1.0 and measured.estimate == 0.0
+    assert measured.estimate_low is not None and measured.estimate_high is not None
+    assert guard_problems(measured, 0.99, None)
+    truth = compare(original, shifted, open_calibration(unseen, original), 16)
+    assert truth.top1_agreement == pytest.approx(51 / 101) and truth.estimate == truth.top1_agreement
+    assert truth.unseen and not measured.unseen
+
+
+def test_sequences_are_scored_per_position(rng):
+    ref = rng.normal(size=(4, 6, 5))
+    cand = ref.copy()
+    cand[0, 2] = ref[0, 2] - 10 * np.eye(5)[ref[0, 2].argmax()]  # one position flips
+    sums = FidelitySums(["seq"], 1e-5, 1e-5, unseen=True)
+    sums.add([ref], [cand], None)
+    out = sums.result().outputs[0]
+    assert out.kind == "sequence" and out.agreement == pytest.approx(23 / 24)
+
+
+def test_a_near_zero_map_is_judged_on_its_own_scale(rng):
+    """An atol of 1e-4 would call a map of ~1e-6 values unchanged whatever happens to it."""
+    ref = rng.uniform(0, 2e-6, size=(2, 1, 8, 8))
+    changed, rounded = ref * 2.0, ref * (1 + 1e-7)
+    for cand, close in ((changed, False), (rounded, True)):
+        sums = FidelitySums(["map"], 1e-4, 1e-3)
+        sums.add([ref], [cand], None)
+        out = sums.result().outputs[0]
+        assert out.kind == "map" and out.allclose is close
+    assert guard_problems(_result(ref, changed), None, 0.05) == ["output map: relative error 1 > 0.05"]
+
+
+def _result(ref, cand):
+    sums = FidelitySums(["map"], 1e-4, 1e-3)
+    sums.add([ref], [cand], None)
+    return sums.result()
+
+
+def test_sums_of_two_halves_merge_into_the_whole(rng):
+    ref = [rng.normal(size=(40, 7)), rng.normal(size=(40, 2, 4, 4))]
+    cand = [r + 0.4 * rng.normal(size=r.shape) for r in ref]
+    labels = rng.integers(0, 7, size=40)
+    whole = FidelitySums(["a", "b"], 1e-5, 1e-5)
+    whole.add(ref, cand, labels)
+    first, second = FidelitySums(["a", "b"], 1e-5, 1e-5), FidelitySums(["a", "b"], 1e-5, 1e-5)
+    first.add([r[:25] for r in ref], [c[:25] for c in cand], labels[:25])
+    second.add([r[25:] for r in ref], [c[25:] for c in cand], labels[25:])
+    merged = first.merge(second).result()
+    expected = whole.result()
+    assert merged.samples == expected.samples == 40
+    assert merged.estimate == expected.estimate and merged.accuracy_after == expected.accuracy_after
+    for a, b in zip(merged.outputs, expected.outputs, strict=True):
+        assert a.rel_error == pytest.approx(b.rel_error) and a.agreement == b.agreement

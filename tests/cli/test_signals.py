@@ -1,0 +1,86 @@
+"""Signals and leftovers (issue 24, class 7): SIGTERM unwinds a run like SIGINT (staged outputs
+removed, exit 143), a later run removes the temporaries a killed run left of its outputs, and a
+finetune callback that calls sys.exit() is an error, not a finished run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from cli_checks import cli, compress_args, digests, one_line_error
+from models import toy_files
+
+from egp_onnx.cli import files
+from egp_onnx.cli.main import main
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_a_signal_while_outputs_are_staged_leaves_nothing(
+    runner, tmp_path, rng, monkeypatch, sig, code, word
+):
+    model, calib = toy_files(tmp_path, rng)
+    commit = files.OutputWriter.commit
+    staged = []
+
+    def signalled(self):
+        staged.extend(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+        os.kill(os.getpid(), sig)  # arrives while the model (external data: a staging folder) is staged
+        return commit(self)
+
+    monkeypatch.setattr(files.OutputWriter, "commit", signalled)
+    before = digests(tmp_path)
+    args = compress_args(
+        model, calib, tmp_path / "o.onnx", "--sparsity", "0", "--no-latency", "--external-data"
+    )
+    result = runner.invoke(main, [*args, "--report", str(tmp_path / "r.json")])
+    assert staged, "the run staged nothing: the signal came at the wrong time"
+    assert one_line_error(result, code) == f"egp-onnx: {word}; nothing was written"
+    assert sorted(os.listdir(tmp_path)) == sorted(before)  # no output, no temporary
+    assert digests(tmp_path) == before
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+
+
+def _dead_pid() -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(done.stdout)
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path, rng):
+    model, calib = toy_files(tmp_path, rng)
+    out = tmp_path / "o.onnx"
+    dead, alive = _dead_pid(), os.getpid()  # this test's process is alive while the CLI runs
+    stale_dir = tmp_path / f".o.onnx.{dead}.k2j4x9qz.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "o.onnx").write_bytes(b"partial model")
+    stale_file = tmp_path / f".o.onnx.{dead}.a1b2c3d4.tmp"
+    stale_file.write_bytes(b"partial")
+    live = tmp_path / f".o.onnx.{alive}.zzzzzzzz.tmp"  # a run still at work on the same output
+    live.write_bytes(b"in progress")
+    other = tmp_path / f".other.onnx.{dead}.a1b2c3d4.tmp"  # another output's: not this run's business
+    other.write_bytes(b"x")
+    result = cli("-v", *compress_args(model, calib, out, "--sparsity", "0", "--no-latency"))
+    assert result.returncode == 0, result.stderr
+    assert not stale_dir.exists() and not stale_file.exists()
+    assert live.exists() and other.exists() and out.is_file()
+    assert f"removed {stale_dir}, a temporary of an earlier run that did not finish" in result.stderr
+
+
+def test_a_finetune_callback_that_exits_is_an_error(runner, tmp_path, rng):
+    model, calib = toy_files(tmp_path, rng)
+    (tmp_path / "hooks.py").write_text("import sys\ndef leave(model, masks):\n    sys.exit(0)\n")
+    before = digests(tmp_path)
+    hook = f"{tmp_path / 'hooks.py'}:leave"
+    result = runner.invoke(main, compress_args(model, calib, tmp_path / "o.onnx", "--finetune", hook))
+    line = one_line_error(result)
+    assert (
+        line == "egp-onnx: error: the finetune callback leave called sys.exit(0); return the tensors instead"
+    )
+    assert digests(tmp_path) == before
