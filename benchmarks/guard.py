@@ -8,12 +8,19 @@ each candidate statistic, and on the unseen test split (agreement and accuracy).
 
 Candidates (held-out split): ``agree`` plain top-1 agreement; ``lcb`` its 95% Wilson lower bound;
 ``low25`` agreement on the quarter of samples where the dense model's margin is smallest;
+``mK`` agreement counting a sample as flipped where the compressed model closes more than K of
+the dense model's logit margin to another class (m0.9 is what the guard counts);
 ``noiseS`` agreement with Gaussian noise of S times the input's standard deviation added to both
 models' inputs; ``shift`` agreement on inputs shifted by one pixel (the four directions);
-``est`` the guard's estimate (egp_onnx.verify.fidelity); ``kl`` mean KL(dense || compressed) of
+``est`` the report's estimate (m0.9's count, Jeffreys' posterior mean); ``kl`` mean KL(dense || compressed) of
 the softmax in nats; ``logit`` relative L2 error of the logits; ``accdrop`` dense minus
 compressed accuracy (labels of the held-out split).
+
+``--default``: the default command itself (guard on), scored on the unseen test set beside the
+estimate its report states. ``--trajectory "k=v;k=v/..."``: every candidate that guarded runs
+with those options judge, measured as above.
 Run: python benchmarks/guard.py [--sample digits|mnist|all] [--sparsities 0.5,0.6,...]
+     [--default | --trajectory OPTIONS]
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import egp_onnx
 from egp_onnx.load.calibration import open_calibration, split_holdout
 from egp_onnx.load.model import load_model
 from egp_onnx.report.render import format_table
+from egp_onnx.verify.fidelity import scaled_flips
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 SETS = {  # model, calibration (the default command's --calib), unseen test set, input name
@@ -37,6 +45,7 @@ SETS = {  # model, calibration (the default command's --calib), unseen test set,
     "mnist": ("mnist_resnet.onnx", "mnist_calib.npz", "mnist_test.npz", "image"),
 }
 NOISE = (0.1, 0.25, 0.5)
+MARGINS = (0.9, 0.7, 0.5)
 
 
 def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
@@ -81,6 +90,7 @@ def candidates(dense, small, x: np.ndarray, y: np.ndarray, name: str, rng) -> di
         "agree": float(same.mean()),
         "lcb": wilson_lower(int(same.sum()), len(same)),
         "low25": float(same[low].mean()),
+        **{f"m{k}": 1 - float(scaled_flips(zd, zs, k).mean()) for k in MARGINS},
     }
     std = float(x.std())
     for s in NOISE:
@@ -164,6 +174,43 @@ def trajectory(sample: str, options: dict, dump: str = "") -> list[list]:
     return recorder.rows
 
 
+def errors(sample: str, rows: list[list]) -> list[list]:
+    """Each agreement-like candidate minus the unseen agreement: mean (bias) and root mean square,
+    over all candidates judged and over those whose unseen agreement is >= 0.975 (near the guard's
+    threshold, where its verdicts matter)."""
+    header = ["sample", "options", "kept", *HEADER[2:]]
+    unseen = np.array([r[header.index("unseen_agree")] for r in rows], dtype=float)
+    near = unseen >= 0.975
+    table = []
+    names = [
+        "agree",
+        "lcb",
+        "low25",
+        *(f"m{k}" for k in MARGINS),
+        *(f"noise{s}" for s in NOISE),
+        "shift",
+        "est",
+    ]
+    for name in names:
+        values = np.array([r[header.index(name)] for r in rows], dtype=float)
+        diff = values - unseen
+        close = (
+            (float(diff[near].mean()), float(np.sqrt((diff[near] ** 2).mean()))) if near.any() else ("-", "-")
+        )
+        table.append(
+            [
+                sample,
+                name,
+                len(diff),
+                float(diff.mean()),
+                float(np.sqrt((diff**2).mean())),
+                int(near.sum()),
+                *close,
+            ]
+        )
+    return table
+
+
 def sweep(sample: str, sparsities: list[float]) -> list[list]:
     model_file, calib_file, test_file, name = SETS[sample]
     model, calib = SAMPLES / model_file, SAMPLES / calib_file
@@ -186,8 +233,8 @@ def sweep(sample: str, sparsities: list[float]) -> list[list]:
         unseen = float((zs_test.argmax(1) == zd_test.argmax(1)).mean())
         acc = float((zs_test.argmax(1) == y_test).mean())
         rows.append(
-            [sample, result.report.model.sparsity, *cand.values(), getattr(est, "estimate", None) or "-",
-             unseen, acc_dense, acc, acc - acc_dense]
+            [sample, result.report.model.sparsity, *cand.values(),
+             est.estimate if est.estimate is not None else "-", unseen, acc_dense, acc, acc - acc_dense]
         )  # fmt: skip
         print(format_table(HEADER, [rows[-1]]), flush=True)
     return rows
@@ -223,7 +270,8 @@ def default_run(sample: str, options: dict) -> list:
 
 
 HEADER = [
-    "sample", "sparsity", "agree", "lcb", "low25", *(f"noise{s}" for s in NOISE), "shift", "kl", "logit",
+    "sample", "sparsity", "agree", "lcb", "low25", *(f"m{k}" for k in MARGINS), *(f"noise{s}" for s in NOISE),
+    "shift", "kl", "logit",
     "accdrop", "est", "unseen_agree", "acc_dense", "acc", "acc_diff",
 ]  # fmt: skip
 
@@ -244,9 +292,13 @@ def main() -> None:
         return
     if args.trajectory:
         for sample in SETS if args.sample == "all" else [args.sample]:
+            rows = []
             for run in args.trajectory.split("/"):
                 options = {k: float(v) for k, v in (kv.split("=") for kv in run.split(";") if kv)}
-                trajectory(sample, options, args.dump)
+                rows += trajectory(sample, options, args.dump)
+            print(format_table(["sample", "options", "kept", *HEADER[2:]], rows), flush=True)
+            columns = ["sample", "candidate", "n", "bias", "rms", "n>=.975", "bias>=.975", "rms>=.975"]
+            print(format_table(columns, errors(sample, rows)), flush=True)
         return
     targets = [float(s) for s in args.sparsities.split(",")]
     for sample in SETS if args.sample == "all" else [args.sample]:

@@ -65,4 +65,5 @@ def compress_plain(*args, **kwargs):
     import egp_onnx
 
     guarded = kwargs.get("min_agreement") is not None or kwargs.get("max_rel_error") is not None
-    return egp_onnx.compress(*args, **{**PLAIN, "guard": guarded, **kwargs})
+    plain = {k: v for k, v in PLAIN.items() if k != "holdout" or kwargs.get("eval_data") is None}
+    return egp_onnx.compress(*args, **{**plain, "guard": guarded, **kwargs})  # eval data excludes a holdout

@@ -87,9 +87,11 @@ def compress(
     again. ``method="magnitude"`` spends the same total budget by global magnitude. Graph surgery
     then makes the pruned model shallower. Fidelity against the original is measured on
     ``eval_data`` (or a ``holdout`` split of the calibration data, automatic by default); the
-    guard (on by default: top-1 agreement >= 0.99 for classifier outputs, else relative error
-    <= 0.05) rolls back a step that breaks it, retries it at half its size, and stops there:
-    the default target is "as far as the guard allows", up to ``sparsity``.
+    guard (on by default, every output by its kind's rule: estimated unseen top-1 agreement
+    >= 0.99 for classifier and sequence outputs, relative error <= 0.05 for the others, see
+    :mod:`egp_onnx.verify.guard`) rolls back a step that breaks it, bisects toward the largest
+    step it accepts, and stops there: the default target is "as far as the guard allows", up
+    to ``sparsity``.
 
     Options are the fields of :class:`~egp_onnx.config.Settings` (described there), from
     ``settings`` and then any given as keywords: ``compress(m, c, sparsity=0.5, guard=False)``;

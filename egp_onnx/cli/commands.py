@@ -191,7 +191,8 @@ def verify_command(**params: Any) -> None:
     """Compare COMPRESSED with ORIGINAL on --data; exit 0 when it passes, 1 when it does not.
 
     Without --min-agreement every output must satisfy |c - o| <= atol + rtol |o| everywhere
-    (as Polygraphy checks); with it, the top-1 agreement of the first output decides.
+    (as Polygraphy checks, the atol capped at half the output's magnitude); with it,
+    the argmax agreement of every classifier (N, classes) and sequence output decides, as measured.
     """
 
     def action() -> None:

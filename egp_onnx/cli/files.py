@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import mmap
 import os
@@ -28,7 +27,15 @@ import onnx
 
 from egp_onnx.errors import OutputError
 from egp_onnx.graph.weights import serialized_size
-from egp_onnx.load.model import PROTOBUF_LIMIT, external_data_files, external_data_path, new_file_mode
+from egp_onnx.load.model import (
+    PROTOBUF_LIMIT,
+    TMP_SUFFIX,
+    external_data_files,
+    external_data_path,
+    name_max,
+    new_file_mode,
+    temporary_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,40 +176,12 @@ def plan_outputs(
     return plan
 
 
-def _name_max(folder: Path) -> int:
-    """The longest file name (in bytes) the file system of ``folder`` takes."""
-    try:
-        return os.pathconf(folder if folder.is_dir() else ".", "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no such folder yet
-        return 255
-
-
 def _check_name_length(out: Path) -> None:
-    limit, length = _name_max(out.parent), len(os.fsencode(out.name))
+    limit, length = name_max(out.parent), len(os.fsencode(out.name))
     if length > limit:
         raise OutputError(
             f"output name {out.name[:40]}... is {length} bytes long; the file system allows {limit}"
         )
-
-
-#: Temporaries are named .NAME.PID.XXXXXXXX.tmp: PID says whether the run that made them is alive.
-_TMP_SUFFIX = ".tmp"
-
-
-def _tmp_prefix(target: Path) -> str:
-    """The prefix of ``target``'s temporaries: .NAME.PID. (mkstemp adds 8 characters and .tmp).
-
-    A NAME so long that the temporary's name would pass the file system's limit is shortened and
-    made unique again with a digest of the full name: a legal output name always has a legal
-    temporary beside it.
-    """
-    pid = str(os.getpid())
-    room = _name_max(target.parent) - len(pid) - 3 - 8 - len(_TMP_SUFFIX)
-    name = os.fsencode(target.name)
-    if len(name) > room:
-        digest = hashlib.sha256(name).hexdigest()[:8]
-        name = name[: room - 9].decode(errors="ignore").encode() + b"~" + digest.encode()
-    return f".{os.fsdecode(name)}.{pid}."
 
 
 def remove_stale_temporaries(target: Path) -> list[Path]:
@@ -212,14 +191,14 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     it) whose PID is not a running process are removed; a run still working on the same target
     keeps its temporaries. Returns what was removed.
     """
-    stem = _tmp_prefix(target)[: -len(str(os.getpid())) - 1]  # .NAME.
+    stem = temporary_prefix(target)[: -len(str(os.getpid())) - 1]  # .NAME.
     removed = []
     with contextlib.suppress(OSError):
         for entry in target.parent.iterdir():
             name = entry.name
-            if not (name.startswith(stem) and name.endswith(_TMP_SUFFIX)):
+            if not (name.startswith(stem) and name.endswith(TMP_SUFFIX)):
                 continue
-            pid, _, rest = name[len(stem) : -len(_TMP_SUFFIX)].partition(".")
+            pid, _, rest = name[len(stem) : -len(TMP_SUFFIX)].partition(".")
             if not pid.isdigit() or len(rest) != 8 or _alive(int(pid)):
                 continue
             if entry.is_dir() and not entry.is_symlink():
@@ -271,7 +250,7 @@ class OutputWriter:
         path = Path(target)
         try:
             self._clean(path)
-            fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
             self._scratch.append(Path(tmp))
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -300,7 +279,8 @@ class OutputWriter:
         data_path = external_data_path(path)
         try:
             self._clean(path)
-            staging = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent))
+            prefix = temporary_prefix(path)
+            staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=TMP_SUFFIX, dir=path.parent))
             self._scratch.append(staging)
             copy = onnx.ModelProto()
             copy.CopyFrom(model)  # onnx.save_model rewrites the proto it is given

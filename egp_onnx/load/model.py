@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -140,15 +141,24 @@ def prepare_model(
     try:
         # Inference needs the weights' shapes, not their values: it runs on the graph without them
         # (a weight-sized serialisation less each way) and its value_info goes onto our copy.
-        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(normalized, keep_value_info=True))
+        # The model's own value_info is a hint that may disagree with its graph (a stale shape, a
+        # wrong type): inference starts without it, and only what it cannot infer is taken from it.
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(normalized))
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{source}: ONNX shape inference failed: {one_line(exc)}") from exc
     copy = normalized
     if copy is model and not in_place:  # normalize changed nothing, so the copy is still to be made
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+    hints = {v.name: v for v in copy.graph.value_info}
+    merged = []
+    for value in inferred.graph.value_info:
+        shaped = value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape")
+        hint = hints.pop(value.name, None)
+        merged.append(hint if hint is not None and not shaped else value)
+    merged += hints.values()  # tensors inference knows nothing about (e.g. outputs of custom ops)
     del copy.graph.value_info[:]
-    copy.graph.value_info.extend(inferred.graph.value_info)
+    copy.graph.value_info.extend(merged)
     name_nodes(copy.graph)
     return copy
 
@@ -208,10 +218,38 @@ def checked_split(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np
     return stubbed, weights
 
 
+def name_max(folder: Path) -> int:
+    """The longest file name (in bytes) the file system of ``folder`` takes."""
+    try:
+        return os.pathconf(folder if folder.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no such folder yet
+        return 255
+
+
+#: Temporaries are named .NAME.PID.XXXXXXXX.tmp: PID says whether the run that made them is alive.
+TMP_SUFFIX = ".tmp"
+
+
+def temporary_prefix(target: Path) -> str:
+    """The prefix of ``target``'s temporaries: .NAME.PID. (mkstemp adds 8 characters and .tmp).
+
+    A NAME so long that the temporary's name would pass the file system's limit is shortened and
+    made unique again with a digest of the full name: a legal output name always has a legal
+    temporary beside it.
+    """
+    pid = str(os.getpid())
+    room = name_max(target.parent) - len(pid) - 3 - 8 - len(TMP_SUFFIX)
+    name = os.fsencode(target.name)
+    if len(name) > room:
+        digest = hashlib.sha256(name).hexdigest()[:8]
+        name = name[: room - 9].decode(errors="ignore").encode() + b"~" + digest.encode()
+    return f".{os.fsdecode(name)}.{pid}."
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target), suffix=TMP_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -69,7 +69,15 @@ class NormalEquations:
             self.finish()
 
     def finish(self) -> None:
-        """Take the products of the rows collected so far."""
+        """Take the products of the rows collected so far.
+
+        Activations near float32's range overflow the products to Inf or NaN: no warning, the
+        refit sees the equations are not finite and leaves the layer as it is.
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            self._finish()
+
+    def _finish(self) -> None:
         if not self._pending:
             return
         if len(self._pending) == 1:
@@ -106,6 +114,11 @@ class NormalEquations:
 def products(part: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """A^T A and A^T Y of rows A (groups, R, columns) and targets Y (groups, R, outputs), per group."""
     rows, y = part
+    with np.errstate(over="ignore", invalid="ignore"):  # in a worker thread: its own error state
+        return _products(rows, y)
+
+
+def _products(rows: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if rows.shape[0] == 1:
         a = rows[0]
         return (a.T @ a)[None], (a.T @ y[0])[None]  # a.T @ a: numpy's symmetric rank-k product

@@ -222,6 +222,27 @@ def refit_layer(
     if normal.rows < width:
         why = f"not refit: {normal.rows} rows < {width} columns"
         return LayerFit(layer.name, normal.rows, width, None, None, why), {}
+    if not all(np.isfinite(a).all() for a in (normal.gram, normal.cross, normal.target_sq)):
+        # Activations near float32's range (inputs ~1e30) overflow the sums of products: there is
+        # no system to solve, and the layer keeps its pruned weights.
+        why = "not refit: its normal equations overflow (activations too large)"
+        return LayerFit(layer.name, normal.rows, width, None, None, why), {}
+    try:
+        return _refit(layer, weight, values, normal, width, remove=remove, full_support=full_support)
+    except np.linalg.LinAlgError as exc:  # e.g. "SVD did not converge" on a system near overflow
+        return LayerFit(layer.name, normal.rows, width, None, None, f"not refit: {exc}"), {}
+
+
+def _refit(
+    layer: LinearLayer,
+    weight: np.ndarray,
+    values: Mapping[str, np.ndarray],
+    normal: NormalEquations,
+    width: int,
+    *,
+    remove: int,
+    full_support: bool,
+) -> tuple[LayerFit, dict[str, np.ndarray]]:
     kind, columns = layer.kind, width - int(layer.bias is not None)
     bias = values[layer.bias] if layer.bias else None
     state = kind.to_columns(layer, weight).astype(np.float64)
@@ -249,6 +270,9 @@ def refit_layer(
         updates[layer.bias] = kind.bias_from_row(layer, solved[:, columns:], bias)
     # A layer with no weights left has only its bias to fit: its error stays about 1 (it is
     # bypassed or deleted by surgery), and the steps table leaves it out of "worst layer error".
+    if not all(np.isfinite(v).all() for v in updates.values()):
+        why = "not refit: the solution is not finite"
+        return LayerFit(layer.name, normal.rows, width, None, None, why), {}
     status = "refit" if support.any() else EMPTIED
     fit = LayerFit(layer.name, normal.rows, width, before / total, after / total, status)
     return fit, updates

@@ -124,7 +124,7 @@ class OutputFidelity:
     name: str
     rel_error: float  # ||y' - y||_2 / ||y||_2
     max_abs_error: float
-    # |y' - y| <= min(atol, 1e-3 max|y|) + rtol |y| everywhere: Polygraphy's test, with an absolute
+    # |y' - y| <= min(atol, 0.5 max|y|) + rtol |y| everywhere: Polygraphy's test, with an absolute
     # tolerance that cannot swallow the signal of an output of tiny magnitude
     allclose: bool
     kind: str = "tensor"  # classes (N, C) | sequence (N, T, C) | map (rank >= 3) | tensor: its rule
@@ -132,6 +132,8 @@ class OutputFidelity:
     estimate: float | None = None  # the same, estimated for unseen data (see Fidelity.estimate)
     estimate_low: float | None = None  # its 95% interval (Wilson, over samples)
     estimate_high: float | None = None
+    flips: int | None = None  # samples (positions) the estimate counts as flipped ...
+    positions: int | None = None  # ... of this many
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,9 @@ class Fidelity:
     outputs: tuple[OutputFidelity, ...]
     data: str = ""  # eval | holdout | calibration: where the samples came from
     # The estimate of top-1 agreement on unseen data (first classes output): on data that are not
-    # marked unseen, samples where the candidate moves a class toward the top one by more than half
-    # the original's margin count as flips (verify/fidelity.py); on unseen data, the agreement.
+    # marked unseen, samples where the candidate closes more than 90% of the original's margin to
+    # another class count as flips (verify/fidelity.py); on unseen data, plain flips. The estimate
+    # is (samples - flips + 1/2) / (samples + 1), the posterior mean under Jeffreys' prior.
     estimate: float | None = None
     estimate_low: float | None = None  # its 95% interval (Wilson, over samples)
     estimate_high: float | None = None

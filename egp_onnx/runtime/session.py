@@ -41,6 +41,9 @@ Session = ort.InferenceSession
 
 #: onnxruntime's ERROR severity: its warnings (e.g. unused initializers) stay off stderr
 _ERROR = 3
+#: onnxruntime's FATAL severity, for sessions: a node that fails logs an ERROR line (coloured, on
+#: stderr) and raises the same message, which run_session turns into our one line.
+_FATAL = 4
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def make_session(
     """
     quiet()
     options = ort.SessionOptions()
-    options.log_severity_level = _ERROR
+    options.log_severity_level = _FATAL
     options.enable_mem_pattern = not preset.lean
     options.intra_op_num_threads = threads
     if not preset.spinning:
@@ -129,8 +132,12 @@ def _is_stub(tensor: onnx.TensorProto) -> bool:
 def run_session(
     session: ort.InferenceSession, names: list[str] | None, feed: dict[str, np.ndarray]
 ) -> list[np.ndarray]:
-    """``session.run`` with onnxruntime's failures turned into a one-line CalibrationError."""
+    """``session.run`` with onnxruntime's failures turned into a one-line CalibrationError.
+
+    The message gives the batch's shapes: with inputs of many sizes, they say which data failed.
+    """
     try:
         return list(session.run(names, feed))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException types
-        raise CalibrationError(f"onnxruntime rejected a batch: {one_line(exc)}") from exc
+        shapes = ", ".join(f"{name} {tuple(np.shape(array))}" for name, array in feed.items())
+        raise CalibrationError(f"onnxruntime rejected a batch ({shapes}): {one_line(exc)}") from exc

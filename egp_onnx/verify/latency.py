@@ -25,20 +25,27 @@ LATENCY_WARMUP = 1
 
 
 def common_feed(feeds: Iterable[Batch]) -> Batch:
-    """The first of ``feeds`` whose per-sample shape most samples have (the first such, on a tie).
+    """The largest of ``feeds`` (the first such) of the per-sample shape most samples have.
 
     Data of many shapes (images of many sizes for a model with symbolic H/W) is timed and costed
-    at one stated shape: the one most samples have.
+    at one stated shape: the one most samples have (the first seen, on a tie). Data of one shape
+    gives its first batch: no later batch is larger.
     """
     counts: dict[Shapes, int] = {}
-    first: dict[Shapes, Batch] = {}
+    largest: dict[Shapes, Batch] = {}
     for feed in feeds:
         key = shapes({name: array[:0] for name, array in feed.items()})
-        counts[key] = counts.get(key, 0) + (next(iter(feed.values())).shape[0] if feed else 1)
-        first.setdefault(key, feed)
-    if not first:
+        size = _batch_size(feed)
+        counts[key] = counts.get(key, 0) + size
+        if key not in largest or size > _batch_size(largest[key]):
+            largest[key] = feed
+    if not largest:
         raise ValueError("common_feed needs at least one feed")
-    return first[max(counts, key=lambda key: counts[key])]  # max keeps the first of equals
+    return largest[max(counts, key=lambda key: counts[key])]  # max keeps the first of equals
+
+
+def _batch_size(feed: Batch) -> int:
+    return int(next(iter(feed.values())).shape[0]) if feed else 1
 
 
 def sample_shapes(feed: Batch) -> dict[str, tuple[int, ...]]:

@@ -150,6 +150,7 @@ def bad_cases(tmp_path, rng):
         ("missing calib", ["compress", model, "--calib", str(tmp_path / "nope.npz"), "-o", out], "not found"),
         ("batch size", ["compress", model, *c, "-o", out, "--batch-size", "0"], "--batch-size"),
         ("holdout", ["compress", model, *c, "-o", out, "--holdout", "1.5"], "--holdout"),
+        ("unseen, no eval", ["compress", model, *c, "-o", out, "--eval-unseen"], "give --eval with it"),
         (
             "eval and holdout",
             ["compress", model, *c, "-o", out, "--holdout", "0.5", "--eval", str(good)],

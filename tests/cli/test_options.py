@@ -126,6 +126,7 @@ def sweep_cases(
         "--method": [["--method", "foo"]],
         "--eval": [["--eval", v] for v in (*missing, f"{t}/names.npz", f"{t}/notes.txt")],
         "--holdout": [["--holdout", v] for v in ("nan", "-0.1", "1", "inf")],
+        "--eval-unseen": [["--eval-unseen"]],  # without --eval
         "--min-agreement": [["--min-agreement", v] for v in ("nan", "-0.5", "1.5")],
         "--max-rel-error": [["--max-rel-error", v] for v in ("nan", "-1", "inf")],
         "--report": [["--report", v] for v in (t, f"{t}/no/r.json", f"{t}/exists.onnx", calib)],

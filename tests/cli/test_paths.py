@@ -14,14 +14,14 @@ import pytest
 from cli_checks import compress_args, digests, one_line_error
 from models import inputs, save_external, toy_files, two_convs
 
-from egp_onnx.cli.files import _name_max
 from egp_onnx.cli.main import main
+from egp_onnx.load.model import name_max
 
 
 @pytest.mark.parametrize("extra", [242, 250, 255])
 def test_an_output_name_up_to_the_limit_is_written(runner, tmp_path, rng, extra):
     model, calib = toy_files(tmp_path, rng)
-    limit = _name_max(tmp_path)
+    limit = name_max(tmp_path)
     out = tmp_path / ("a" * (min(extra, limit) - len(".onnx")) + ".onnx")
     result = runner.invoke(main, compress_args(model, calib, out, "--sparsity", "0", "--no-latency"))
     assert result.exit_code == 0, result.output
@@ -31,7 +31,7 @@ def test_an_output_name_up_to_the_limit_is_written(runner, tmp_path, rng, extra)
 
 def test_an_output_name_past_the_limit_is_one_line(runner, tmp_path, rng):
     model, calib = toy_files(tmp_path, rng)
-    limit = _name_max(tmp_path)
+    limit = name_max(tmp_path)
     before = digests(tmp_path)
     for command in (
         compress_args(model, calib, tmp_path / ("b" * limit + ".onnx")),

@@ -9,9 +9,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from cli_checks import cli, compress_args, digests, one_line_error
+from conftest import ROOT
 from models import toy_files
 
 from egp_onnx.cli import files
@@ -34,7 +36,7 @@ def test_a_signal_while_outputs_are_staged_leaves_nothing(
         return commit(self)
 
     monkeypatch.setattr(files.OutputWriter, "commit", signalled)
-    before = digests(tmp_path)
+    before, handler = digests(tmp_path), signal.getsignal(signal.SIGTERM)
     args = compress_args(
         model, calib, tmp_path / "o.onnx", "--sparsity", "0", "--no-latency", "--external-data"
     )
@@ -43,7 +45,7 @@ def test_a_signal_while_outputs_are_staged_leaves_nothing(
     assert one_line_error(result, code) == f"egp-onnx: {word}; nothing was written"
     assert sorted(os.listdir(tmp_path)) == sorted(before)  # no output, no temporary
     assert digests(tmp_path) == before
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+    assert signal.getsignal(signal.SIGTERM) == handler  # the run's handler lasts only while it runs
 
 
 def _dead_pid() -> int:
@@ -83,4 +85,36 @@ def test_a_finetune_callback_that_exits_is_an_error(runner, tmp_path, rng):
     assert (
         line == "egp-onnx: error: the finetune callback leave called sys.exit(0); return the tensors instead"
     )
+    assert digests(tmp_path) == before
+
+
+def test_sigterm_ends_a_real_run_with_143(tmp_path, rng):
+    """The command line in its own process: a TERM during the run (here inside a finetune callback
+    that waits) ends it with one line and exit 143, nothing written."""
+    model, calib = toy_files(tmp_path, rng)
+    marker = tmp_path / "started"
+    (tmp_path / "hooks.py").write_text(
+        f"import pathlib, time\ndef wait(model, masks):\n    pathlib.Path({str(marker)!r}).touch()\n"
+        "    time.sleep(120)\n"
+    )
+    before = digests(tmp_path)
+    args = compress_args(model, calib, tmp_path / "o.onnx", "--finetune", f"{tmp_path / 'hooks.py'}:wait")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "egp_onnx", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the run never reached the callback"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143 and stderr.strip() == "egp-onnx: terminated; nothing was written", stderr
+    marker.unlink()
     assert digests(tmp_path) == before

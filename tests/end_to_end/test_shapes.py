@@ -225,3 +225,23 @@ def test_a_torch_export_with_dynamic_height_and_width(rng, tmp_path):
     assert result.report.fidelity.top1_agreement == pytest.approx(agree / 10)
     assert result.report.cost.input_shapes == {"x": (1, 3, 16, 10)}
     assert result.report.cost.before.macs == 8 * 3 * 9 * 160 + 8 * 8 * 9 * 40 + 8 * 5
+
+
+def test_a_size_the_model_cannot_run_is_one_line_naming_the_shape(rng, tmp_path, runner):
+    """
+    x(N,3,H,W) -> Conv3x3(stride 2, pad 1) -> Resize(x2) -> Add(+ Conv1x1(x)) -> Relu -> Conv1x1 -> y
+
+    Every H/W is symbolic, yet an odd size cannot run: the upsampled map is one row larger.
+    """
+    b = Builder(rng)
+    scales = b.init("scales", [1.0, 1.0, 2.0, 2.0], np.float32)
+    up = b.op("Resize", [b.conv("x", "c1", 3, 4, 3, stride=2, pad=1), "", scales], "up", mode="nearest")
+    joined = b.op("Relu", [b.op("Add", [up, b.conv("x", "c2", 3, 4, 1)], "add")], "r1")
+    model = save(b.model(b.conv(joined, "c3", 4, 2, 1), ("N", 3, "H", "W")), tmp_path / "m.onnx")
+    shards(rng, tmp_path / "calib", [(4, 16, 16), (3, 15, 16)])
+    for command in (["analyze", model], ["compress", model, "-o", str(tmp_path / "o.onnx")]):
+        line = one_line_error(runner.invoke(main, [*command, "--calib", str(tmp_path / "calib")]))
+        # the batch's size: 3 in analyze, what the held-out split leaves of that shard in compress
+        assert re.match(r"egp-onnx: error: onnxruntime rejected a batch \(x \(\d, 3, 15, 16\)\): ", line), (
+            line
+        )

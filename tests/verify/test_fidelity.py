@@ -85,10 +85,15 @@ def _samples(margins: np.ndarray) -> np.ndarray:
     return np.stack([margins, np.zeros_like(margins), np.full_like(margins, -9.0)], 1).astype(np.float32)
 
 
-def test_output_kinds():
+def test_output_kinds(rng):
     assert [output_kind(s) for s in [(8, 10), (8, 1), (8, 25, 97), (8, 1, 32, 32), (8, 4, 32, 32), (8,)]] == [
-        "classes", "tensor", "sequence", "map", "map", "tensor",
+        "classes", "tensor", "map", "map", "map", "tensor",
     ]  # fmt: skip
+    logits = rng.normal(size=(8, 25, 97))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    # a recogniser's softmax or log-softmax is a sequence; a detector's raw (N, anchors, 4 + C) is not
+    assert output_kind(probs.shape, probs) == output_kind(probs.shape, np.log(probs)) == "sequence"
+    assert output_kind(logits.shape, logits) == "map"
 
 
 def test_scaled_flips_against_a_plain_loop(rng):
@@ -115,16 +120,19 @@ def test_the_estimate_sees_flips_that_confident_held_out_data_hides(tmp_path):
     np.savez(unseen, x=_samples(np.linspace(0.5, 1.5, 101)))
     reference = Reference(original, open_calibration(held, original), 16)
     measured = reference.evaluate(shifted)
-    assert measured.top1_agreement == 1.0 and measured.estimate == 0.0
+    assert measured.top1_agreement == 1.0 and measured.outputs[0].flips == 50
+    assert measured.estimate == pytest.approx(0.5 / 51)  # Jeffreys: (0 + 1/2) / (50 + 1)
     assert measured.estimate_low is not None and measured.estimate_high is not None
     assert guard_problems(measured, 0.99, None)
     truth = compare(original, shifted, open_calibration(unseen, original), 16)
-    assert truth.top1_agreement == pytest.approx(51 / 101) and truth.estimate == truth.top1_agreement
+    assert truth.top1_agreement == pytest.approx(51 / 101) and truth.outputs[0].flips == 50
+    assert truth.estimate == pytest.approx(51.5 / 102)
     assert truth.unseen and not measured.unseen
 
 
 def test_sequences_are_scored_per_position(rng):
-    ref = rng.normal(size=(4, 6, 5))
+    logits = rng.normal(size=(4, 6, 5))
+    ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # log-softmax, as CTC heads give
     cand = ref.copy()
     cand[0, 2] = ref[0, 2] - 10 * np.eye(5)[ref[0, 2].argmax()]  # one position flips
     sums = FidelitySums(["seq"], 1e-5, 1e-5, unseen=True)

@@ -15,7 +15,7 @@ import egp_onnx
 from egp_onnx.report.render import compression_summary
 from egp_onnx.runtime.handle import ModelHandle
 from egp_onnx.runtime.session import STATISTICS, make_session
-from egp_onnx.verify.latency import LATENCY_MIN_RUNS, compare_latency, latency_feeds
+from egp_onnx.verify.latency import LATENCY_MIN_RUNS, common_feed, compare_latency, latency_feeds
 
 
 def heavy_conv(rng: np.random.Generator, channels: int = 64):
@@ -116,3 +116,16 @@ def test_sessions_that_have_run_the_batch_shape_skip_the_warmup(rng, monkeypatch
     assert [t.runs for t in timing.batches] == [LATENCY_MIN_RUNS, LATENCY_MIN_RUNS]
     assert calls.count(1) == 2 * (LATENCY_MIN_RUNS + 1), "batch 1 is a new shape for both: warmed up"
     assert calls.count(4) == 2 * LATENCY_MIN_RUNS, "batch 4 has run in both sessions: timed at once"
+
+
+def test_the_stated_feed_is_the_largest_batch_of_the_most_common_shape():
+    def feed(n, h, w):
+        return {"x": np.zeros((n, 3, h, w), np.float32)}
+
+    small, large = feed(1, 8, 8), feed(4, 8, 8)
+    batches = [feed(3, 5, 5), small, feed(4, 5, 5), large, feed(4, 8, 8), feed(2, 6, 6)]
+    assert common_feed(batches) is large, "8x8: 9 samples, 5x5: 7; its first batch of 4"
+    one = [feed(4, 8, 8), feed(4, 8, 8), feed(2, 8, 8)]
+    assert common_feed(one) is one[0], "one shape: the first batch, as before"
+    tie = [feed(2, 5, 5), feed(2, 8, 8)]
+    assert common_feed(tie) is tie[0], "a tie: the shape seen first"
