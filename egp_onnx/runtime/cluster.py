@@ -75,7 +75,8 @@ class Cluster:
     @property
     def workers(self) -> int:
         """Workers connected now."""
-        return len(self.client.scheduler_info(n_workers=-1)["workers"])
+        # nthreads() lists every worker in every Dask since 2024.1 (scheduler_info truncates to 5)
+        return len(self.client.nthreads())
 
     def share(self, value: Any, broadcast: bool = True) -> tuple[str, Any]:
         """``value`` placed on the workers: (a key naming this version, its future).
