@@ -121,9 +121,9 @@ class Cluster:
                 results[i] = future.result()  # raises the task's own exception
                 if on_done is not None:
                     on_done(i, results[i])
-        finally:
-            for future in futures:
-                future.cancel()  # after an error: the rest of the pass is not wanted
+        except BaseException:
+            self.client.cancel([f for f in futures if not f.done()])  # the rest is not wanted
+            raise
         return results
 
     def close(self) -> None:
@@ -151,6 +151,23 @@ def open_cluster(spec: str, processes: bool = True) -> Iterator[Cluster]:
         import distributed
     except ImportError as exc:
         raise ConfigError(INSTALL_HINT) from exc
+    # Dask logs every scheduler event at INFO; ours speak at warning and above (errors only when
+    # egp_onnx's own logger is quieter), for as long as the cluster lives.
+    dask_log = logging.getLogger("distributed")
+    previous = dask_log.level
+    dask_log.setLevel(max(logging.WARNING, logging.getLogger("egp_onnx").getEffectiveLevel()))
+    try:
+        with _connected(spec, count, processes, dask, distributed) as cluster:
+            yield cluster
+    finally:
+        dask_log.setLevel(previous)
+
+
+@contextmanager
+def _connected(
+    spec: str, count: int | None, processes: bool, dask: Any, distributed: Any
+) -> Iterator[Cluster]:
+    """The client of :func:`open_cluster`, closed on exit."""
     if count is not None:
         # Dask's nanny sets its workers' environment (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_,
         # ...) in this process's os.environ before it spawns them, and leaves it there: a library

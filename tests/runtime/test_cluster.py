@@ -7,6 +7,7 @@ processes where the test is about processes (a killed worker, the command line's
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -110,13 +111,18 @@ def test_compress_on_a_cluster_writes_the_same_model_and_report(threads, tmp_pat
     assert spread.report.to_dict() == single.report.to_dict()
 
 
-def test_stats_on_local_workers_write_the_same_bytes(runner, tmp_path, monkeypatch):
+def test_stats_on_local_workers_write_the_same_bytes(runner, tmp_path, monkeypatch, caplog):
+    dask_level = logging.getLogger("distributed").level
     monkeypatch.setattr(cluster_module, "open_cluster", partial(open_cluster, processes=False))
     args = ["stats", str(MNIST), "--calib", str(MNIST_CALIB), "--batch-size", "64"]
     alone = runner.invoke(main, [*args, "-o", str(tmp_path / "a.npz")])
     assert alone.exit_code == 0, alone.output
-    spread = runner.invoke(main, [*args, "-o", str(tmp_path / "b.npz"), "--scheduler", "local:2"])
+    with caplog.at_level(logging.INFO):
+        spread = runner.invoke(main, [*args, "-o", str(tmp_path / "b.npz"), "--scheduler", "local:2"])
     assert spread.exit_code == 0, spread.output + spread.stderr
+    chatter = [r.getMessage() for r in caplog.records if r.name.startswith("distributed")]
+    assert not chatter, chatter[:3]  # Dask's INFO lines (a line per scheduler event) stay out
+    assert logging.getLogger("distributed").level == dask_level  # and its level is put back
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
 
 
