@@ -119,6 +119,7 @@ class DataConfig:
     mean: Sequence[float] = (0.0,)  # per channel, after scaling image pixels to [0, 1]
     std: Sequence[float] = (1.0,)
     workers: int = 0  # threads that load calibration shards ahead
+    scheduler: str | None = None  # a Dask scheduler's address, or local:N (runtime/cluster.py)
 
     def check(self) -> None:
         """Raise ConfigError naming the first option outside its range."""
@@ -126,6 +127,8 @@ class DataConfig:
             raise ConfigError(f"--workers must be at least 0, got {self.workers}")
         if any(v == 0 for v in self.std):
             raise ConfigError("--std values must be non-zero")
+        if self.scheduler is not None and not self.scheduler.strip():
+            raise ConfigError("--scheduler needs an address (tcp://host:8786) or local:N")
 
 
 def split_options(options: dict[str, Any], *configs: type) -> list[dict[str, Any]]:

@@ -23,6 +23,8 @@ HOMES = {
     "torch": "integrations",
     "matplotlib": "report",
     "PIL": "load",
+    "distributed": "runtime",  # runtime/cluster.py, the optional egp-onnx[dask]
+    "dask": "runtime",
 }
 
 #: The parts of egp_onnx each part may import, lowest first; a part may always import itself.

@@ -21,6 +21,7 @@ from egp_onnx.load.calibration import CalibrationData, CalibrationDataReader, op
 from egp_onnx.load.model import load_model, prepare_model
 from egp_onnx.load.stats_file import load_statistics, model_fingerprint, stats_paths
 from egp_onnx.report.records import AnalysisReport
+from egp_onnx.runtime.cluster import cluster_or_none
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,9 @@ def statistics(
 ) -> tuple[onnx.ModelProto, str, list[RectifierSite], Statistics]:
     """Counts of every rectifier of ``model``: from ``calib``, from saved ``stats`` files, or both merged.
 
-    ``data`` says how ``calib`` is read; ``data_options`` (``mean``, ``std``, ``workers``) replace
-    its fields.
+    ``data`` says how ``calib`` is read; ``data_options`` (``mean``, ``std``, ``workers``,
+    ``scheduler``) replace its fields. ``scheduler``: a Dask scheduler's address or ``local:N``;
+    the statistics pass runs there, part by part, with the same counts (runtime/cluster.py).
 
     Returns:
         The loaded model, its source name, its rectifier sites and their statistics.
@@ -102,15 +104,18 @@ def statistics(
     Settings(batch_size=batch_size).check()
     if calib is None and not stats:
         raise ConfigError("give calibration data (--calib) or statistics files (--stats)")
-    proto, source = load_source(model)
-    sites = find_rectifiers(proto)
-    merged = stats_files(stats, proto, sites) if stats else None
-    if calib is not None:
-        opened = open_data(calib, proto, options)
-        progress = progress or Silent()
-        progress.stage("calibrating")
-        counted = collect_statistics(proto, sites, opened, batch_size, progress.advance)
-        merged = counted if merged is None else merged.merged(counted)
+    options.check()
+    # The cluster first: a scheduler that cannot be reached is an error before any work.
+    with cluster_or_none(options.scheduler if calib is not None else None) as cluster:
+        proto, source = load_source(model)
+        sites = find_rectifiers(proto)
+        merged = stats_files(stats, proto, sites) if stats else None
+        if calib is not None:
+            opened = open_data(calib, proto, options)
+            progress = progress or Silent()
+            progress.stage("calibrating")
+            counted = collect_statistics(proto, sites, opened, batch_size, progress.advance, cluster=cluster)
+            merged = counted if merged is None else merged.merged(counted)
     assert merged is not None  # one of the two sources was given
     return proto, source, sites, merged
 

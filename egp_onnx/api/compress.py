@@ -51,6 +51,7 @@ from egp_onnx.report.records import (
     GuardFailureReport,
     SurgeryRecord,
 )
+from egp_onnx.runtime.cluster import Cluster, cluster_or_none
 from egp_onnx.runtime.handle import ModelHandle, StoredOutputs
 from egp_onnx.runtime.memory import trim
 from egp_onnx.surgery import simplify
@@ -108,7 +109,8 @@ def compress(
 
     Options are the fields of :class:`~egp_onnx.config.Settings` (described there), from
     ``settings`` and then any given as keywords: ``compress(m, c, sparsity=0.5, guard=False)``;
-    and those of :class:`~egp_onnx.config.DataConfig` (``data``, or ``mean``/``std``/``workers``).
+    and those of :class:`~egp_onnx.config.DataConfig` (``data``, or ``mean``/``std``/``workers``/
+    ``scheduler``: the statistics passes on a Dask cluster, with the same counts).
 
     Args:
         model: path to an ONNX file or a ModelProto (not modified).
@@ -133,9 +135,26 @@ def compress(
 
     """
     settings, options = run_options(settings, data, finetune, eval_data, overrides)
+    # The cluster first: a scheduler that cannot be reached is an error before any work.
+    with cluster_or_none(options.scheduler) as cluster:
+        return _compress(model, calib, eval_data, stats, finetune, settings, options, progress, cluster)
+
+
+def _compress(
+    model: ModelSource,
+    calib: DataSource,
+    eval_data: DataSource | None,
+    stats: Sequence[str | os.PathLike[str]],
+    finetune: Finetune | None,
+    settings: Settings,
+    options: DataConfig,
+    progress: Progress | None,
+    cluster: Cluster | None,
+) -> CompressionResult:
+    """:func:`compress` once its options are checked (statistics passes on ``cluster`` if given)."""
     progress = progress or Silent()
     proto, inputs = open_inputs(model, calib, eval_data, settings, options)
-    base = _baseline(proto, inputs, stats, settings, progress)
+    base = _baseline(proto, inputs, stats, settings, progress, cluster)
     settings = default_thresholds(settings, base.reference)
     guard = Guard(base.reference, settings, inputs.layers.held)  # without thresholds it only measures
     channels = None
@@ -145,7 +164,7 @@ def compress(
     ctx = LoopContext(
         proto, inputs.sites, inputs.layers, limits, inputs.data, settings, guard,
         progress.stage, progress.advance, finetune,
-        start_passes=channels is not None and channels.removed > 0,
+        cluster=cluster, start_passes=channels is not None and channels.removed > 0,
     )  # fmt: skip
     try:
         outcome = run_loop(ctx, base.first_stats)
@@ -271,6 +290,7 @@ def _baseline(
     stats: Sequence[str | os.PathLike[str]],
     settings: Settings,
     progress: Progress,
+    cluster: Cluster | None = None,
 ) -> _Baseline:
     """The original's reference outputs and first statistics, computed side by side, and its cost."""
     layers, batch_size = inputs.layers, settings.batch_size
@@ -290,7 +310,7 @@ def _baseline(
         else:
             progress.stage("calibrating the original model")
             first_stats = collect_statistics(
-                proto, inputs.sites, inputs.data, batch_size, progress.advance, layers.held(proto)
+                proto, inputs.sites, inputs.data, batch_size, progress.advance, layers.held(proto), cluster
             )
         progress.stage(f"running the original model on the {inputs.held_name} data")
         reference = pending.result() if pending is not None else Reference(runs, held, batch_size, unseen)

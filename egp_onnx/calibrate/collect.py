@@ -8,9 +8,11 @@ shards.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -28,13 +30,16 @@ from egp_onnx.entropy import ChannelCounts, Statistics
 from egp_onnx.errors import CalibrationError
 from egp_onnx.graph.rectifiers import RectifierSite
 from egp_onnx.graph.weights import split_weights, static_shapes
-from egp_onnx.load.calibration import CalibrationData
+from egp_onnx.load.calibration import CalibrationData, InputSpec
+from egp_onnx.load.parts import DataPart, part_data, plan_parts
+from egp_onnx.load.readers import Batch
+from egp_onnx.runtime.cluster import Cluster, worker_cached
 from egp_onnx.runtime.session import STATISTICS, Session, make_session, run_session
 from egp_onnx.runtime.threads import cores
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChannelCounts", "ProbeTotals", "Statistics", "collect_statistics"]
+__all__ = ["ChannelCounts", "PartCounts", "ProbeTotals", "Statistics", "collect_statistics", "count_part"]
 
 #: Batches the statistics pass runs at once, each on its share of the cores (see collect_statistics)
 IN_FLIGHT = 2
@@ -75,10 +80,14 @@ class ProbeTotals:
             self.names += [count_name(self.prefix, i), size_name(self.prefix, i)]
         widths = [self.probes[i].channels or 0 for i in self.fast_ids]
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        self.reset()
+        self._spatial: dict[tuple[tuple[str, tuple[int, ...]], ...], _Spatial | None] = {}
+
+    def reset(self) -> None:
+        """Zero the totals (a cluster worker counts one part after another with one session)."""
         self.on_fast = np.zeros(int(self.offsets[-1]), dtype=np.int64)
         self.on_other: list[np.ndarray | None] = [None for _ in self.probes]
         self.events = np.zeros(len(self.probes), dtype=np.int64)
-        self._spatial: dict[tuple[tuple[str, tuple[int, ...]], ...], _Spatial | None] = {}
 
     def _spatial_sizes(self, feed: dict[str, np.ndarray]) -> _Spatial | None:
         """The spatial sizes for this batch's input shapes (cached); None if they do not resolve.
@@ -172,6 +181,7 @@ def collect_statistics(
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
     known: Mapping[str, np.ndarray] | None = None,
+    cluster: Cluster | None = None,
 ) -> Statistics:
     """Run the calibration data and count ON events per channel at every site.
 
@@ -182,6 +192,8 @@ def collect_statistics(
         batch_size: samples per onnxruntime call.
         on_batch: called with the number of samples after each batch (progress display).
         known: values of initializers already read from ``model`` (see split_weights).
+        cluster: run the data's parts on this Dask cluster (see :func:`count_part`); the counts
+            are the same as without it.
 
     Raises:
         CalibrationError: the data yields no batch, or onnxruntime rejects a batch.
@@ -189,10 +201,34 @@ def collect_statistics(
     """
     if not sites:
         return Statistics({}, 0)
-    # IN_FLIGHT batches run at once, each on its share of the cores: onnxruntime's threads
-    # synchronise at every node, which on small convolutions and on the probes' pooling costs
-    # more than the work (README, Performance). Counts are integer sums: the order is free.
-    runner = ProbeTotals(model, sites, threads=max(1, cores() // IN_FLIGHT), known=known)
+    if cluster is not None:
+        totals, samples = _on_cluster(cluster, model, sites, data, batch_size, on_batch)
+    else:
+        # IN_FLIGHT batches run at once, each on its share of the cores: onnxruntime's threads
+        # synchronise at every node, which on small convolutions and on the probes' pooling costs
+        # more than the work (README, Performance). Counts are integer sums: the order is free.
+        runner = ProbeTotals(model, sites, threads=max(1, cores() // IN_FLIGHT), known=known)
+        samples = _count(runner, data, batch_size, IN_FLIGHT, on_batch)
+        totals = runner.totals()
+    if samples == 0:
+        raise CalibrationError(
+            f"{data.description}: no complete batch (the model's batch size is fixed and larger "
+            "than the data)"
+        )
+    result = {}
+    for site, (site_on, total) in zip(sites, totals, strict=True):
+        result[site.name] = ChannelCounts(site_on, total)
+    return Statistics(result, samples)
+
+
+def _count(
+    runner: ProbeTotals,
+    data: CalibrationData,
+    batch_size: int,
+    in_flight: int,
+    on_batch: Callable[[int], None] | None,
+) -> int:
+    """Add every batch of ``data`` to ``runner``'s totals, ``in_flight`` batches at once; the samples."""
     samples = 0
     pending: deque[tuple[Future[list[np.ndarray]], _Spatial | None, int]] = deque()
 
@@ -202,24 +238,97 @@ def collect_statistics(
         if on_batch is not None:
             on_batch(batch)
 
-    with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="egp-stats") as pool:
+    with ThreadPoolExecutor(in_flight, thread_name_prefix="egp-stats") as pool:
         for feed, _ in data.batches(batch_size):
             spatial = runner.prepare(feed)
             batch = next(iter(feed.values())).shape[0]
             pending.append((pool.submit(runner.run, feed, spatial), spatial, batch))
             samples += batch
-            if len(pending) >= IN_FLIGHT:
+            if len(pending) >= in_flight:
                 finish_one()
         while pending:
             finish_one()
-    if samples == 0:
-        raise CalibrationError(
-            f"{data.description}: no complete batch (the model's batch size is fixed and larger "
-            "than the data)"
+    return samples
+
+
+@dataclass(frozen=True)
+class PartCounts:
+    """What a worker returns for one part: per site (ON counts, events), and the samples counted."""
+
+    totals: list[tuple[np.ndarray, int]]
+    samples: int
+    unused: int  # samples of the part that do not fill the model's fixed batch size
+
+
+def count_part(
+    version: str,
+    model_bytes: bytes,
+    sites: Sequence[RectifierSite],
+    specs: Sequence[InputSpec],
+    description: str,
+    loaders: Sequence[Callable[[], tuple[Batch, np.ndarray | None]]],
+    loaders_key: str,
+    part: DataPart,
+    batch_size: int,
+    threads: int,
+) -> PartCounts:
+    """A cluster task: the ON counts of one part of the data (runs on a worker).
+
+    The worker builds the statistics session once per model ``version`` and reuses it for every
+    part it is given; only the per-channel counts go back.
+    """
+    # As in one process: IN_FLIGHT batches at once, each on its share of the worker's cores.
+    cores_here = threads or cores()
+    in_flight = IN_FLIGHT if cores_here >= IN_FLIGHT else 1
+
+    def build() -> tuple[ProbeTotals, threading.Lock]:
+        model = onnx.load_from_string(model_bytes)
+        return ProbeTotals(model, sites, threads=max(1, cores_here // in_flight)), threading.Lock()
+
+    runner, lock = worker_cached(version, build)
+    data = part_data(loaders, loaders_key, specs, description, part)
+    with lock:  # a worker with several threads runs its parts one at a time on the one session
+        runner.reset()
+        samples = _count(runner, data, batch_size, in_flight, None)
+        totals = [(on.copy(), events) for on, events in runner.totals()]
+    return PartCounts(totals, samples, data.unused)
+
+
+def _on_cluster(
+    cluster: Cluster,
+    model: onnx.ModelProto,
+    sites: Sequence[RectifierSite],
+    data: CalibrationData,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None,
+) -> tuple[list[tuple[np.ndarray, int]], int]:
+    """The totals of ``data`` counted part by part on the cluster, merged in the parts' order."""
+    parts = plan_parts(data, batch_size)
+    log.info("statistics pass: %d parts on %d workers", len(parts), cluster.workers)
+    loaders = cluster.share_once(data.loaders)  # once per run: later passes reuse the workers' copy
+    version, shared = cluster.share(model.SerializeToString())
+    args = (version, shared, list(sites), data.specs, data.description, loaders, loaders.key)
+    done = 0
+
+    def progress(i: int, result: PartCounts) -> None:
+        nonlocal done
+        done += 1
+        log.debug("part %d done (%d of %d)", i, done, len(parts))
+        if on_batch is not None:
+            on_batch(result.samples)
+
+    tasks = [(*args, part, batch_size, cluster.threads) for part in parts]
+    results = cluster.map(count_part, tasks, progress)
+    totals = [(np.zeros_like(on), 0) for on, _ in results[0].totals]
+    for result in results:  # in the parts' order (integers: exact in any order, kept for the float sums)
+        pairs = zip(totals, result.totals, strict=True)
+        totals = [(on + add, events + more) for (on, events), (add, more) in pairs]
+    unused = sum(result.unused for result in results)
+    if unused and not data.unused:
+        data.unused = unused
+        log.warning(
+            "%s: the model's batch size is fixed: %d samples do not fill a batch and are not used",
+            data.description,
+            unused,
         )
-    result = {}
-    for site, (site_on, total) in zip(sites, runner.totals(), strict=True):
-        result[site.name] = ChannelCounts(site_on, total)
-    return Statistics(result, samples)
-
-
+    return totals, sum(result.samples for result in results)

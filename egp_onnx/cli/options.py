@@ -93,6 +93,12 @@ def data_options(required: bool = True) -> OptionGroup:
             ),
             BATCH_SIZE,
             _default("--workers", default=_DATA.workers, help="Threads that load calibration files ahead."),
+            click.option(
+                "--scheduler",
+                default=None,
+                help="Run the statistics passes on a Dask cluster: a scheduler's address "
+                "(tcp://host:8786) or local:N worker processes (needs egp-onnx[dask]).",
+            ),
             _default(
                 "--mean",
                 default=_text(_DATA.mean),
@@ -123,7 +129,12 @@ def data_config(params: Params) -> DataConfig:
         ConfigError: naming the first bad option.
 
     """
-    config = DataConfig(mean=_floats(params["mean"]), std=_floats(params["std"]), workers=params["workers"])
+    config = DataConfig(
+        mean=_floats(params["mean"]),
+        std=_floats(params["std"]),
+        workers=params["workers"],
+        scheduler=params["scheduler"],
+    )
     config.check()
     return config
 
@@ -308,10 +319,10 @@ OUTPUT = OptionGroup(
 
 #: The order `compress --help` lists the options in (as before they were grouped).
 COMPRESS_HELP_ORDER = (
-    "calib", "batch_size", "workers", "mean", "std", "output", "sparsity", "step", "method", "eval_path",
-    "eval_unseen", "holdout", "min_agreement", "max_rel_error", "no_guard", "no_reconstruct", "select",
-    "layer_cap", "no_sensitivity", "report_path", "seed", "stats_paths", "finetune_spec", "torch_model",
-    "train_path", "epochs", "lr",
+    "calib", "batch_size", "workers", "scheduler", "mean", "std", "output", "sparsity", "step", "method",
+    "eval_path", "eval_unseen", "holdout", "min_agreement", "max_rel_error", "no_guard", "no_reconstruct",
+    "select", "layer_cap", "no_sensitivity", "report_path", "seed", "stats_paths", "finetune_spec",
+    "torch_model", "train_path", "epochs", "lr",
     "no_surgery", "channels", "merge_tolerance", "quantize", "no_latency", "plot_path", "external_data",
     "quiet", "force",
 )  # fmt: skip

@@ -161,6 +161,14 @@ class CalibrationData:
         samples = max(1, next(iter(first.values())).shape[0])
         self.sample_bytes = max(1, sum(a.nbytes for a in first.values()) // samples)  # of the first shard
 
+    @property
+    def loaders(self) -> Sequence[Callable[[], tuple[Batch, np.ndarray | None]]]:
+        """The shards' loaders, in order (load/parts.py cuts them into parts for a cluster).
+
+        The same object at every call: a cluster shares it with its workers once per run.
+        """
+        return self._shards
+
     def _load(self, i: int) -> tuple[Batch, np.ndarray | None]:
         arrays, labels = self._shards[i]()
         where = self.description if len(self._shards) == 1 else f"{self.description} (part {i + 1})"

@@ -116,27 +116,44 @@ def image_shards(
     if (std_a == 0).any():
         raise CalibrationError("--std values must be non-zero")
     try:
-        from PIL import Image
+        import PIL.Image  # noqa: F401  (checked here, before any work; decoded in _load_images)
     except ImportError as exc:
         raise CalibrationError("reading images needs Pillow: pip install 'egp-onnx[images]'") from exc
 
-    def load(part: list[tuple[Path, int | None]]) -> tuple[Batch, np.ndarray | None]:
-        batch = np.empty((len(part), channels, height, width), dtype=np.float32)
-        for i, (path, _) in enumerate(part):
-            try:
-                with Image.open(path) as img:
-                    resized = img.convert("L" if channels == 1 else "RGB").resize((width, height))
-                    pixels = np.asarray(resized, dtype=np.float32) / 255.0
-            except (OSError, ValueError) as exc:
-                raise CalibrationError(f"cannot read image {path}: {exc}") from exc
-            pixels = pixels.reshape(height, width, -1).transpose(2, 0, 1)
-            batch[i] = (pixels - mean_a[:, None, None]) / std_a[:, None, None]
-        labels = None
-        if all(label is not None for _, label in part):
-            labels = np.array([label for _, label in part], dtype=np.int64)
-        return {spec.name: batch.astype(spec.dtype)}, labels
-
+    # A module-level function in a partial, not a closure: a shard is pickled to cluster workers.
+    load = partial(
+        _load_images, channels=channels, height=height, width=width, mean=mean_a, std=std_a, spec=spec
+    )
     return [partial(load, images[i : i + chunk]) for i in range(0, len(images), chunk)]
+
+
+def _load_images(
+    part: list[tuple[Path, int | None]],
+    *,
+    channels: int,
+    height: int,
+    width: int,
+    mean: np.ndarray,
+    std: np.ndarray,
+    spec: InputSpec,
+) -> tuple[Batch, np.ndarray | None]:
+    """One shard of images, decoded, resized to (height, width) and normalised."""
+    from PIL import Image
+
+    batch = np.empty((len(part), channels, height, width), dtype=np.float32)
+    for i, (path, _) in enumerate(part):
+        try:
+            with Image.open(path) as img:
+                resized = img.convert("L" if channels == 1 else "RGB").resize((width, height))
+                pixels = np.asarray(resized, dtype=np.float32) / 255.0
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"cannot read image {path}: {exc}") from exc
+        pixels = pixels.reshape(height, width, -1).transpose(2, 0, 1)
+        batch[i] = (pixels - mean[:, None, None]) / std[:, None, None]
+    labels = None
+    if all(label is not None for _, label in part):
+        labels = np.array([label for _, label in part], dtype=np.int64)
+    return {spec.name: batch.astype(spec.dtype)}, labels
 
 
 def _per_channel(values: Sequence[float], channels: int, option: str) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import onnx
@@ -22,6 +22,9 @@ from egp_onnx.prune import budget as prune
 from egp_onnx.prune.finetune import Finetune, apply_finetune
 from egp_onnx.reconstruct.refit import reconstruct
 from egp_onnx.report.records import Fidelity, LayerFit, StepRecord, StopRecord
+
+if TYPE_CHECKING:
+    from egp_onnx.runtime.cluster import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +186,7 @@ class LoopContext:
     on_batch: Callable[[int], None]
     finetune: Finetune | None = None
     start_passes: bool = False  # ``model`` already passed the guard (channel removal's result)
+    cluster: Cluster | None = None  # where the statistics passes run (None: in this process)
 
 
 @dataclass(frozen=True)
@@ -346,7 +350,9 @@ def _calibrate(ctx: LoopContext, candidate: onnx.ModelProto, number: int, sparsi
     """The statistics of a step's model on the calibration data."""
     ctx.on_stage(f"step {number}: calibrating at sparsity {sparsity:.3f}")
     held = ctx.layers.held(candidate)  # the session reads the loop's arrays, not a copy
-    return collect_statistics(candidate, ctx.sites, ctx.data, ctx.settings.batch_size, ctx.on_batch, held)
+    return collect_statistics(
+        candidate, ctx.sites, ctx.data, ctx.settings.batch_size, ctx.on_batch, held, ctx.cluster
+    )
 
 
 def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> StopRecord | None:

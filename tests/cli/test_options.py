@@ -44,13 +44,16 @@ def test_each_option_sets_its_field():
         "--no-surgery", "--merge-tolerance", "0.01", "--holdout", "0.2", "--min-agreement", "0.9",
         "--max-rel-error", "0.1", "--no-guard", "--no-reconstruct", "--select", "obs", "--layer-cap", "0.5",
         "--no-latency", "--mean", "0.5,0.25", "--std", "2", "--workers", "2", "--quantize", "int8",
+        "--scheduler", "local:2",
     )  # fmt: skip
     assert options.compress_settings(parsed) == Settings(
         sparsity=0.5, step=0.25, method="magnitude", batch_size=8, seed=3, surgery=False,
         merge_tolerance=0.01, holdout=0.2, min_agreement=0.9, max_rel_error=0.1, guard=False,
         reconstruct=False, select="obs", layer_cap=0.5, latency=False, quantize="int8",
     )  # fmt: skip
-    assert options.data_config(parsed) == DataConfig(mean=(0.5, 0.25), std=(2.0,), workers=2)
+    assert options.data_config(parsed) == DataConfig(
+        mean=(0.5, 0.25), std=(2.0,), workers=2, scheduler="local:2"
+    )
 
 
 @pytest.mark.parametrize(
@@ -105,6 +108,7 @@ def sweep_cases(
     data_bad = {
         "--batch-size": [["--batch-size", v] for v in ("0", "-1", "abc", "1.5")],
         "--workers": [["--workers", v] for v in ("-1", "abc")],
+        "--scheduler": [["--scheduler", v] for v in ("local:0", "local:x", "", " ")],
         "--mean": [["--mean", v] for v in ("nan", "inf", "abc", "")],
         "--std": [["--std", v] for v in ("0", "nan", "-inf", "abc")],
     }

@@ -1,0 +1,234 @@
+"""Passes over the calibration data on a Dask distributed cluster: the only importer of Dask.
+
+A pass (the statistics of one model version) becomes one task per part of the data. Each task
+returns partial sums only; :meth:`Cluster.map` hands them back in the parts' order, whatever order
+the workers finish in, so the caller merges them exactly as a single process would. A worker that
+dies mid-pass has its tasks rerun by the scheduler (Dask's own rescheduling); a task's result is
+read once from its future, so no part is merged twice.
+
+What moves per pass: the model once per worker (:meth:`Cluster.share`, broadcast) and the sums
+back, both independent of the number of samples. The data's shard loaders are shared once per run:
+a loader that reads a path needs that path on every worker (a shared file system), an in-memory
+shard (a held-out split, a reader's feeds) goes to each worker that runs one of its parts, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from egp_onnx.errors import ConfigError, one_line
+from egp_onnx.runtime.threads import cores
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: The one-line answer when the optional dependency is missing.
+INSTALL_HINT = "--scheduler needs Dask distributed: pip install 'egp-onnx[dask]'"
+#: Seconds the client waits for a scheduler before giving up (before any work starts).
+CONNECT_TIMEOUT = 10
+#: Model versions whose sessions a worker keeps (the loop's candidate and the one before).
+CACHED_VERSIONS = 2
+
+_LOCAL = re.compile(r"local:(\d+)")
+
+#: Worker-side objects built once per model version (see :func:`worker_cached`).
+_CACHE: dict[str, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def local_workers(spec: str) -> int | None:
+    """N for ``local:N``, None for a scheduler address.
+
+    Raises:
+        ConfigError: ``local:`` without a positive count, or an empty address.
+
+    """
+    if not spec.strip():
+        raise ConfigError("--scheduler needs an address (tcp://host:8786) or local:N")
+    if not spec.startswith("local:"):
+        return None
+    found = _LOCAL.fullmatch(spec)
+    if found is None or int(found.group(1)) < 1:
+        raise ConfigError(f"--scheduler {spec}: local:N takes a worker count N >= 1, e.g. local:2")
+    return int(found.group(1))
+
+
+class Cluster:
+    """A connected Dask client: shares objects with the workers and maps tasks over them."""
+
+    def __init__(self, client: Any, threads: int) -> None:
+        self.client = client
+        #: onnxruntime threads per task: a local cluster's workers share this machine's cores;
+        #: a remote worker uses its own machine's (0: onnxruntime's default, one per core).
+        self.threads = threads
+        self._shared: dict[int, tuple[Any, Any]] = {}
+
+    @property
+    def workers(self) -> int:
+        """Workers connected now."""
+        # nthreads() lists every worker in every Dask since 2024.1 (scheduler_info truncates to 5)
+        return len(self.client.nthreads())
+
+    def share(self, value: Any, broadcast: bool = True) -> tuple[str, Any]:
+        """``value`` placed on the workers: (a key naming this version, its future).
+
+        Tasks given the future receive the value itself; a task may build objects from it once
+        per key with :func:`worker_cached`.
+        """
+        (future,) = self.client.scatter([value], broadcast=broadcast, hash=False)
+        return uuid.uuid4().hex, future
+
+    def share_once(self, value: Any) -> Any:
+        """``value`` placed on every worker once for this run (the same object: the same future).
+
+        On every worker, not one: scattered data cannot be recomputed, so a copy held by a single
+        worker would be lost with it, and with it every task that reads it.
+        """
+        held = self._shared.get(id(value))
+        if held is None or held[0] is not value:
+            (future,) = self.client.scatter([value], broadcast=True, hash=False)
+            held = self._shared[id(value)] = (value, future)
+        return held[1]
+
+    def map(
+        self,
+        function: Callable[..., R],
+        items: Sequence[tuple[Any, ...]],
+        on_done: Callable[[int, R], None] | None = None,
+    ) -> list[R]:
+        """``[function(*item) for item in items]`` on the workers, in the order of ``items``.
+
+        ``on_done(index, result)`` is called as each task finishes (progress), in finishing order.
+        An error a task raises is raised here, as it is (an EgpError stays one).
+        """
+        from distributed import as_completed
+
+        futures = [self.client.submit(function, *item, pure=False) for item in items]
+        where = {future.key: i for i, future in enumerate(futures)}
+        results: list[Any] = [None] * len(items)
+        try:
+            for future in as_completed(futures):
+                i = where[future.key]
+                results[i] = future.result()  # raises the task's own exception
+                if on_done is not None:
+                    on_done(i, results[i])
+        except BaseException:
+            self.client.cancel([f for f in futures if not f.done()])  # the rest is not wanted
+            raise
+        return results
+
+    def close(self) -> None:
+        """Disconnect (and stop a local cluster this client started)."""
+        cluster = getattr(self.client, "cluster", None)
+        self.client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+@contextmanager
+def open_cluster(spec: str, processes: bool = True) -> Iterator[Cluster]:
+    """Connect to the scheduler at ``spec``, or start ``local:N`` workers; disconnect on exit.
+
+    ``processes=False`` runs a local cluster's workers as threads of this process (tests).
+
+    Raises:
+        ConfigError: Dask is not installed, ``spec`` is malformed, or no scheduler answers there
+            (before any work starts).
+
+    """
+    count = local_workers(spec)
+    try:
+        import dask
+        import distributed
+    except ImportError as exc:
+        raise ConfigError(INSTALL_HINT) from exc
+    # Dask logs every scheduler event at INFO; ours speak at warning and above (errors only when
+    # egp_onnx's own logger is quieter), for as long as the cluster lives.
+    dask_log = logging.getLogger("distributed")
+    previous = dask_log.level
+    dask_log.setLevel(max(logging.WARNING, logging.getLogger("egp_onnx").getEffectiveLevel()))
+    try:
+        with _connected(spec, count, processes, dask, distributed) as cluster:
+            yield cluster
+    finally:
+        dask_log.setLevel(previous)
+
+
+@contextmanager
+def _connected(
+    spec: str, count: int | None, processes: bool, dask: Any, distributed: Any
+) -> Iterator[Cluster]:
+    """The client of :func:`open_cluster`, closed on exit."""
+    if count is not None:
+        # Dask's nanny sets its workers' environment (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_,
+        # ...) in this process's os.environ before it spawns them, and leaves it there: a library
+        # must not change its caller's environment (a later torch, a subprocess would inherit it).
+        # Not asked for, and what was there is put back.
+        environ = dict(os.environ)
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
+            local = _local_cluster(distributed, count, processes)
+        os.environ.clear()
+        os.environ.update(environ)
+        client = distributed.Client(local)
+        threads = max(1, cores() // count)
+    else:
+        try:
+            client = distributed.Client(spec, timeout=CONNECT_TIMEOUT)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ConfigError(f"--scheduler {spec}: no Dask scheduler reachable ({one_line(exc)})") from exc
+        threads = 0
+    cluster = Cluster(client, threads)
+    try:
+        try:
+            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
+        except TimeoutError as exc:
+            raise ConfigError(f"--scheduler {spec}: the scheduler has no workers") from exc
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def _local_cluster(distributed: Any, count: int, processes: bool) -> Any:
+    """``count`` workers on 127.0.0.1, one task at a time each (its session has the cores)."""
+    return distributed.LocalCluster(
+        n_workers=count,
+        threads_per_worker=1,
+        processes=processes,
+        host="127.0.0.1",
+        protocol="tcp://",  # also for thread workers: the same transport as real ones
+        dashboard_address=":0",  # a free port: its HTTP server never collides with another cluster's
+        silence_logs=logging.ERROR,
+    )
+
+
+def worker_cached(key: str, build: Callable[[], T]) -> T:
+    """The object built for ``key`` in this worker process (built on first use).
+
+    Only the last :data:`CACHED_VERSIONS` keys are kept: a worker holds the sessions of the
+    model versions of the current step, not of every step.
+    """
+    with _CACHE_LOCK:  # workers of a thread-based local cluster share the process
+        if key not in _CACHE:
+            while len(_CACHE) >= CACHED_VERSIONS:
+                del _CACHE[next(iter(_CACHE))]
+            _CACHE[key] = build()
+        return _CACHE[key]
+
+
+@contextmanager
+def cluster_or_none(spec: str | None) -> Iterator[Cluster | None]:
+    """:func:`open_cluster` for a ``spec``; None (this process) without one."""
+    if spec is None:
+        yield None
+        return
+    with open_cluster(spec) as cluster:
+        yield cluster

@@ -1,0 +1,190 @@
+"""Statistics passes on a Dask cluster: the same bytes as one process, a dead worker's parts rerun.
+
+Every cluster here is a LocalCluster on 127.0.0.1 started by the test and stopped with it: thread
+workers (processes=False) where a process pool would only cost start-up time, real worker
+processes where the test is about processes (a killed worker, the command line's local:N).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_checks import one_line_error
+from conftest import SAMPLES
+from models import inputs, residual_block, toy_files
+
+import egp_onnx
+from egp_onnx.calibrate import collect
+from egp_onnx.cli.main import main
+from egp_onnx.errors import ConfigError
+from egp_onnx.graph.rectifiers import find_rectifiers
+from egp_onnx.load.calibration import open_calibration
+from egp_onnx.load.model import load_model, prepare_model
+from egp_onnx.runtime import cluster as cluster_module
+from egp_onnx.runtime.cluster import INSTALL_HINT, local_workers, open_cluster
+
+pytest.importorskip("distributed", reason="the cluster needs the optional egp-onnx[dask]")
+
+MNIST = SAMPLES / "mnist_resnet.onnx"
+MNIST_CALIB = SAMPLES / "mnist_calib.npz"
+
+
+@pytest.fixture(scope="module")
+def threads():
+    """Two thread workers in this process (one start for the module's tests)."""
+    with open_cluster("local:2", processes=False) as cluster:
+        yield cluster
+
+
+def same_statistics(a, b):
+    assert a.samples == b.samples and a.counts.keys() == b.counts.keys()
+    for name in a.counts:
+        assert np.array_equal(a.counts[name].on, b.counts[name].on), name
+        assert a.counts[name].on.dtype == b.counts[name].on.dtype == np.int64
+        assert a.counts[name].total == b.counts[name].total, name
+
+
+def test_scheduler_specs_are_checked():
+    assert local_workers("local:3") == 3
+    assert local_workers("tcp://10.0.0.1:8786") is None
+    for bad in ("local:0", "local:", "local:two", "  "):
+        with pytest.raises(ConfigError):
+            local_workers(bad)
+
+
+def _slow_square(x: int) -> int:
+    time.sleep(random.random() * 0.05)
+    return x * x
+
+
+def test_map_returns_results_in_the_order_of_the_items_whatever_finishes_first(threads):
+    done = []
+    found = threads.map(_slow_square, [(i,) for i in range(12)], lambda i, r: done.append((i, r)))
+    assert found == [i * i for i in range(12)]
+    assert sorted(done) == [(i, i * i) for i in range(12)]  # each task reported once
+
+
+def test_an_error_of_a_task_is_raised_as_it_is(threads, tmp_path, rng):
+    model = prepare_model(residual_block(rng))
+    np.savez(tmp_path / "c.npz", x=inputs(rng, 8, (4, 6, 6)))
+    data = open_calibration(tmp_path / "c.npz", model)
+    (tmp_path / "c.npz").write_bytes(b"not an npz any more")  # the workers read the path itself
+    with pytest.raises(egp_onnx.EgpError, match="cannot read calibration file"):
+        collect.collect_statistics(model, find_rectifiers(model), data, 4, cluster=threads)
+
+
+@pytest.mark.parametrize("batch_size", [3, 32])
+def test_statistics_on_a_cluster_equal_one_process(threads, tmp_path, rng, batch_size):
+    model = prepare_model(residual_block(rng))
+    for i, n in enumerate([100, 37, 300]):  # files of sizes that are no multiple of the batch
+        np.savez(tmp_path / f"{i}.npz", x=inputs(rng, n, (4, 6, 6)))
+    sites = find_rectifiers(model)
+    single = collect.collect_statistics(model, sites, open_calibration(tmp_path, model), batch_size)
+    seen: list[int] = []
+    data = open_calibration(tmp_path, model)
+    shared = len(threads._shared)
+    for _ in range(2):  # a second pass reuses the workers' copy of the loaders
+        seen.clear()
+        spread = collect.collect_statistics(model, sites, data, batch_size, seen.append, cluster=threads)
+        same_statistics(single, spread)
+        assert sum(seen) == 437  # progress: every part once
+        assert len(threads._shared) == shared + 1  # the data's loaders went to the workers once
+
+
+def test_compress_on_a_cluster_writes_the_same_model_and_report(threads, tmp_path, rng, monkeypatch):
+    model, calib = toy_files(tmp_path, rng)
+    options = {"sparsity": 0.5, "latency": False, "batch_size": 4}
+    single = egp_onnx.compress(model, calib, **options)
+    # local:2 as thread workers of this process (real processes: the killed worker's test)
+    monkeypatch.setattr(cluster_module, "open_cluster", partial(open_cluster, processes=False))
+    spread = egp_onnx.compress(model, calib, scheduler="local:2", **options)
+    assert spread.model.SerializeToString() == single.model.SerializeToString()
+    assert spread.report.to_dict() == single.report.to_dict()
+
+
+def test_stats_on_local_workers_write_the_same_bytes(runner, tmp_path, monkeypatch, caplog):
+    dask_level = logging.getLogger("distributed").level
+    monkeypatch.setattr(cluster_module, "open_cluster", partial(open_cluster, processes=False))
+    args = ["stats", str(MNIST), "--calib", str(MNIST_CALIB), "--batch-size", "64"]
+    alone = runner.invoke(main, [*args, "-o", str(tmp_path / "a.npz")])
+    assert alone.exit_code == 0, alone.output
+    with caplog.at_level(logging.INFO):
+        spread = runner.invoke(main, [*args, "-o", str(tmp_path / "b.npz"), "--scheduler", "local:2"])
+    assert spread.exit_code == 0, spread.output + spread.stderr
+    chatter = [r.getMessage() for r in caplog.records if r.name.startswith("distributed")]
+    assert not chatter, chatter[:3]  # Dask's INFO lines (a line per scheduler event) stay out
+    assert logging.getLogger("distributed").level == dask_level  # and its level is put back
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
+ORIGINAL_COUNT_PART = collect.count_part
+
+
+def count_part_or_die(*args):
+    """count_part, except that the first attempt at the second part kills its worker process."""
+    marker = Path(os.environ["EGP_TEST_DIE_ONCE"])
+    part = args[7]
+    if part.pieces[0][1] > 0 and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os._exit(1)  # the worker process dies mid-pass, as on a machine that goes away
+    return ORIGINAL_COUNT_PART(*args)
+
+
+def test_a_killed_worker_has_its_parts_rerun_and_merged_once(tmp_path, monkeypatch):
+    model = load_model(MNIST)
+    sites = find_rectifiers(model)
+    single = collect.collect_statistics(model, sites, open_calibration(MNIST_CALIB, model), 64)
+    marker = tmp_path / "died"
+    monkeypatch.setenv("EGP_TEST_DIE_ONCE", str(marker))  # before the workers start: they inherit it
+    monkeypatch.setattr(collect, "count_part", count_part_or_die)
+    seen: list[int] = []
+    environ = dict(os.environ)
+    with open_cluster("local:2") as cluster:
+        assert dict(os.environ) == environ  # Dask's nanny would leave OMP_NUM_THREADS=1 etc. here
+        pids = set(cluster.client.run(os.getpid).values())
+        data = open_calibration(MNIST_CALIB, model)
+        spread = collect.collect_statistics(model, sites, data, 64, seen.append, cluster=cluster)
+    assert int(marker.read_text()) in pids  # a worker did die
+    same_statistics(single, spread)
+    assert sum(seen) == 2000 and len(seen) == 8  # 8 parts of 256 (or fewer): each merged once
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_scheduler_is_one_line_before_any_work(runner, tmp_path, monkeypatch):
+    monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT", 1)
+    model, calib = toy_files(tmp_path, np.random.default_rng(0))
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    started = time.monotonic()
+    for command in (
+        ["stats", "-o", str(tmp_path / "s.npz")],
+        ["analyze"],
+        ["compress", "-o", str(tmp_path / "o.onnx")],
+    ):
+        result = runner.invoke(
+            main, [command[0], model, "--calib", calib, *command[1:], "--scheduler", address]
+        )
+        line = one_line_error(result)
+        assert f"--scheduler {address}: no Dask scheduler reachable" in line, line
+    assert time.monotonic() - started < 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "m.onnx"]  # nothing written
+
+
+def test_without_dask_the_option_says_how_to_get_it(runner, tmp_path, monkeypatch):
+    model, calib = toy_files(tmp_path, np.random.default_rng(0))
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed raises ImportError
+    result = runner.invoke(main, ["analyze", model, "--calib", calib, "--scheduler", "local:2"])
+    assert one_line_error(result) == f"egp-onnx: error: {INSTALL_HINT}"
