@@ -160,11 +160,11 @@ def _compress(
     channels = None
     if settings.channels:
         proto, inputs, base, guard, channels = _channel_stage(proto, inputs, base, guard, settings, progress)
-    limits = _measured_limits(proto, inputs, base.reference, settings, progress)
+    caps = _measured_caps(proto, inputs, base.reference, settings, progress)
     ctx = LoopContext(
-        proto, inputs.sites, inputs.layers, limits, inputs.data, settings, guard,
+        proto, inputs.sites, inputs.layers, inputs.limits, inputs.data, settings, guard,
         progress.stage, progress.advance, finetune,
-        cluster=cluster, start_passes=channels is not None and channels.removed > 0,
+        cluster=cluster, start_passes=channels is not None and channels.removed > 0, caps=caps,
     )  # fmt: skip
     try:
         outcome = run_loop(ctx, base.first_stats)
@@ -228,13 +228,18 @@ def _channel_stage(
     first = collect_statistics(narrow, sites, inputs.data, settings.batch_size, progress.advance, held)
     base = replace(base, first_stats=first, nnz_before=layers.nnz())
     return narrow, inputs, base, Guard(base.reference, settings, layers.held), result.record
-def _measured_limits(
+
+
+def _measured_caps(
     proto: onnx.ModelProto, inputs: Inputs, reference: Reference, settings: Settings, progress: Progress
-) -> dict[str, float]:
-    """The graph's layer limits, lowered where a layer pruned alone takes too much of the guard."""
+) -> dict[str, float] | None:
+    """The graph's layer limits, lowered where a layer pruned alone takes too much of the guard.
+
+    None without a guard, sparsity or ``settings.sensitivity``: the loop has the graph's limits only.
+    """
     limits = dict(inputs.limits)
     if not (settings.sensitivity and settings.guarded and settings.sparsity > 0):
-        return limits
+        return None
     progress.stage("measuring each layer's sensitivity")
     measured = sensitivity_caps(
         proto, inputs.layers.held(proto), limits, reference, settings.min_agreement, settings.max_rel_error

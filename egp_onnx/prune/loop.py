@@ -172,7 +172,9 @@ class LoopContext:
     """What the loop works on and with; it changes only through ``layers``.
 
     ``model`` is the original; ``limits`` the largest sparsity of each layer (by weight name, see
-    :mod:`egp_onnx.prune.limits`); ``data`` the calibration data.
+    :mod:`egp_onnx.prune.limits`); ``data`` the calibration data. ``caps`` are measured limits
+    below ``limits`` (:mod:`egp_onnx.verify.sensitivity`): the budget goes within them first, and
+    past them only once no layer has weights left within them, each step still under the guard.
     """
 
     model: onnx.ModelProto
@@ -186,6 +188,7 @@ class LoopContext:
     on_batch: Callable[[int], None]
     finetune: Finetune | None = None
     start_passes: bool = False  # ``model`` already passed the guard (channel removal's result)
+    caps: Mapping[str, float] | None = None  # measured limits, spent first (None: ``limits`` only)
     cluster: Cluster | None = None  # where the statistics passes run (None: in this process)
 
 
@@ -269,6 +272,9 @@ def run_loop(ctx: LoopContext, stats: Statistics) -> LoopOutcome:
     total = int(layers.sizes().sum())
     target_zeros = int(round(settings.sparsity * total))
     limit = np.array([ctx.limits[n] for n in layers.weight_names])
+    # The measured caps order the budget; they do not end the run: they are measured one layer at
+    # a time, without the refit, so the guard (which judges refit steps) may allow more.
+    capped = None if ctx.caps is None else np.minimum(limit, [ctx.caps[n] for n in layers.weight_names])
     state = _LoopState(ctx.model, stats)
     stop: StopRecord | None = None
     while stop is None:
@@ -287,8 +293,15 @@ def run_loop(ctx: LoopContext, stats: Statistics) -> LoopOutcome:
             break
         # at least one weight, so that a search never stalls on a step that removes nothing
         needed = max(1, min(target_zeros, int(round(aim * total))) - zeros)
-        capacity = prune.capacities(nnz, layers.sizes(), limit)
+        capacity = prune.capacities(nnz, layers.sizes(), limit if capped is None else capped)
         counts, rule = step_counts(layers, state.stats, settings.method, settings.step, needed, capacity)
+        if counts.sum() == 0 and capped is not None:
+            log.info(
+                "every layer is at its measured cap (sparsity %.4f); past them the guard decides",
+                zeros / total,
+            )
+            capped = None
+            continue
         if counts.sum() == 0:
             detail = "no prunable weight left to remove within the layers' limits"
             stop = StopRecord("no-weights-left", state.accepted, detail)
