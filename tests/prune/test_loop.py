@@ -264,3 +264,32 @@ def test_a_strict_guard_converges_in_few_steps_near_its_limit(ceiling):
 def test_a_guard_that_nothing_passes_fails_after_a_bounded_search():
     with pytest.raises(GuardError, match="step 1 failed the guard at"):
         _, guard = _guarded_loop(0.95, 0.0)
+
+
+def test_measured_caps_are_spent_first_and_past_them_the_guard_decides():
+    """Layers capped at 40% stay within it until every one is at its cap; then the guard decides."""
+    model = load_model(SAMPLES / "digits_resnet.onnx")
+    calib = open_calibration(SAMPLES / "digits_calib.npz", model)
+    sites = find_rectifiers(model)
+    layers = LayerSet(model, sites)
+    limits = sparsity_limits(model, layers.weight_names, 0.98)
+    caps = {n: min(limits[n], 0.4) for n in layers.weight_names}
+    settings = Settings(sparsity=0.9, step=0.3, batch_size=64, reconstruct=False, min_agreement=0.5)
+    most: list[float] = []  # per candidate, the largest sparsity of any layer
+
+    class Guard:
+        measures_only = False
+
+        def __call__(self, candidate):
+            weights = initializer_arrays(candidate, layers.weight_names)
+            most.append(max(float((w == 0).mean()) for w in weights.values()))
+            return Fidelity(1.0, 0.0, 0.0, None, None, 1, ()), []
+
+    quiet = lambda *args: None  # noqa: E731
+    context = LoopContext(model, sites, layers, limits, calib, settings, Guard(), quiet, quiet, caps=caps)
+    outcome = run_loop(context, collect_statistics(model, sites, calib, 64))
+    assert outcome.stop.reason == "target" and outcome.steps[-1].sparsity == pytest.approx(0.9, abs=1e-3)
+    sparsities = [s.sparsity for s in outcome.steps]
+    within = [m for m, s in zip(most, sparsities, strict=True) if s <= 0.4 - 1e-3]
+    assert len(within) >= 1 and max(within) <= 0.4 + 1e-3  # no layer past its cap while others have room
+    assert most[-1] > 0.4  # past every cap the budget goes on, each step under the guard
