@@ -260,13 +260,7 @@ def _copy_numbered(source: Any, before: Any, after: Any, split: int) -> None:
     for field, value in source.ListFields():
         if field.number == split:
             continue
-        target = before if field.number < split else after
-        if getattr(field, "is_repeated", None) or getattr(field, "label", None) == 3:
-            getattr(target, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
+        _set_field(before if field.number < split else after, field, value)
 
 
 def _varint(value: int) -> bytes:
@@ -311,13 +305,18 @@ def _copy_fields(source: Any, target: Any, skip: tuple[str, ...]) -> None:
     for field, value in source.ListFields():
         if field.name in skip:
             continue
-        # protobuf >= 6 has is_repeated; older versions only the label
-        if getattr(field, "is_repeated", None) or getattr(field, "label", None) == 3:
-            getattr(target, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
+        _set_field(target, field, value)
+
+
+def _set_field(target: Any, field: Any, value: Any) -> None:
+    """Set ``field`` of ``target`` to ``value``: extended if repeated, copied if a message."""
+    # protobuf >= 6 has is_repeated; older versions only the label
+    if getattr(field, "is_repeated", None) or getattr(field, "label", None) == 3:
+        getattr(target, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
 
 
 def static_shapes(
