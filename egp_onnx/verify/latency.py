@@ -8,9 +8,10 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx
 
+from egp_onnx.load.calibration import SampleShape, sample_shape
 from egp_onnx.load.readers import Batch
 from egp_onnx.report.records import LatencyRecord, Timing
-from egp_onnx.runtime.handle import ModelHandle, Shapes, shapes
+from egp_onnx.runtime.handle import ModelHandle, shapes
 from egp_onnx.runtime.session import run_session
 
 #: Per batch size: timed runs of each model stop at MAX_RUNS, or once BUDGET_S seconds have passed
@@ -31,10 +32,10 @@ def common_feed(feeds: Iterable[Batch]) -> Batch:
     at one stated shape: the one most samples have (the first seen, on a tie). Data of one shape
     gives its first batch: no later batch is larger.
     """
-    counts: dict[Shapes, int] = {}
-    largest: dict[Shapes, Batch] = {}
+    counts: dict[SampleShape, int] = {}
+    largest: dict[SampleShape, Batch] = {}
     for feed in feeds:
-        key = shapes({name: array[:0] for name, array in feed.items()})
+        key = sample_shape(feed)  # the key batching uses: batches never mix two of them
         size = _batch_size(feed)
         counts[key] = counts.get(key, 0) + size
         if key not in largest or size > _batch_size(largest[key]):
