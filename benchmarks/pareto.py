@@ -77,7 +77,8 @@ def cases(folder: Path, names: list[str]) -> list[Case]:
     from models import mobilenet, resnet
 
     out = []
-    for name, stem, key in (("mnist", "mnist", "image"), ("digits", "digits", "input")):
+    samples = (("mnist", "mnist", "image"), ("digits", "digits", "input"), ("fashion", "fashion", "image"))
+    for name, stem, key in samples:
         if name not in names:
             continue
         test = np.load(SAMPLES / f"{stem}_test.npz")
