@@ -12,7 +12,10 @@ Candidates (held-out split): ``agree`` plain top-1 agreement; ``lcb`` its 95% Wi
 the dense model's logit margin to another class (m0.9 is what the guard counts);
 ``noiseS`` agreement with Gaussian noise of S times the input's standard deviation added to both
 models' inputs; ``shift`` agreement on inputs shifted by one pixel (the four directions);
-``est`` the report's estimate (m0.9's count, Jeffreys' posterior mean); ``kl`` mean KL(dense || compressed) of
+``est`` the report's estimate (m0.9's count, Jeffreys' posterior mean); ``softL`` the same with
+a partial count: a sample whose candidate closes a fraction f of the margin counts as
+(f - L) / (1 - L) of a flip, clipped to [0, 1] (soft0.8 is m0.9 smoothed: 0 up to 80%, 1 from
+100%); ``kl`` mean KL(dense || compressed) of
 the softmax in nats; ``logit`` relative L2 error of the logits; ``accdrop`` dense minus
 compressed accuracy (labels of the held-out split).
 
@@ -50,6 +53,7 @@ SETS = {  # model, calibration (the default command's --calib), unseen test set,
 STRICT = ("mnist", "fashion")  # the samples with more than 1000 test images
 NOISE = (0.1, 0.25, 0.5)
 MARGINS = (0.9, 0.7, 0.5)
+SOFT = (0.8, 0.7)
 
 
 def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
@@ -82,6 +86,21 @@ def kl(z_ref: np.ndarray, z_cand: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(1).mean())
 
 
+def soft_estimate(ref: np.ndarray, cand: np.ndarray, low: float) -> float:
+    """Jeffreys' posterior mean of agreement, each sample counting (f - low) / (1 - low) of a flip
+    (clipped to [0, 1]) where f is the largest fraction of a margin the candidate closes."""
+    rows = np.arange(ref.shape[0])
+    top = ref.argmax(1)
+    margin = ref[rows, top][:, None] - ref
+    gain = (cand - cand[rows, top][:, None]) + margin
+    with np.errstate(divide="ignore", invalid="ignore"):
+        part = (gain - low * margin) / ((1 - low) * margin)
+    part = np.where(margin > 0, part, (gain > 0).astype(np.float64))
+    part[rows, top] = 0.0
+    flips = float(np.clip(np.nan_to_num(part, nan=0.0), 0.0, 1.0).max(1).sum())
+    return (len(ref) - flips + 0.5) / (len(ref) + 1)
+
+
 def shifted(x: np.ndarray) -> np.ndarray:
     return np.concatenate([np.roll(x, s, axis=a) for a in (2, 3) for s in (-1, 1)])
 
@@ -104,6 +123,8 @@ def candidates(dense, small, x: np.ndarray, y: np.ndarray, name: str, rng) -> di
         )
     xs = shifted(x)
     row["shift"] = float((logits(dense, xs, name).argmax(1) == logits(small, xs, name).argmax(1)).mean())
+    for low in SOFT:
+        row[f"soft{low}"] = soft_estimate(zd.astype(np.float64), zs.astype(np.float64), low)
     row["kl"] = kl(zd, zs)
     row["logit"] = float(np.linalg.norm(zs - zd) / np.linalg.norm(zd))
     row["accdrop"] = float((zd.argmax(1) == y).mean() - (zs.argmax(1) == y).mean())
@@ -194,6 +215,7 @@ def errors(sample: str, rows: list[list]) -> list[list]:
         *(f"noise{s}" for s in NOISE),
         "shift",
         "est",
+        *(f"soft{low}" for low in SOFT),
     ]
     for name in names:
         values = np.array([r[header.index(name)] for r in rows], dtype=float)
@@ -298,7 +320,7 @@ def default_run(sample: str, options: dict) -> list:
 
 HEADER = [
     "sample", "sparsity", "agree", "lcb", "low25", *(f"m{k}" for k in MARGINS), *(f"noise{s}" for s in NOISE),
-    "shift", "kl", "logit",
+    "shift", *(f"soft{low}" for low in SOFT), "kl", "logit",
     "accdrop", "est", "unseen_agree", "acc_dense", "acc", "acc_diff",
 ]  # fmt: skip
 
