@@ -157,7 +157,8 @@ def test_the_report_states_the_region_rule(rng, tmp_path):
     report_path = tmp_path / "r.json"
     args = [
         "compress", str(tmp_path / "det.onnx"), "--calib", str(tmp_path / "c.npz"),
-        "-o", str(tmp_path / "o.onnx"), "--report", str(report_path), "--sparsity", "0.5", "--no-latency", "--map-threshold", "0.4",
+        "-o", str(tmp_path / "o.onnx"), "--report", str(report_path),
+        "--sparsity", "0.5", "--no-latency", "--map-threshold", "0.4",
     ]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code in (0, 1), result.output
