@@ -27,6 +27,10 @@ ship in the ``rapidocr-onnxruntime==1.4.4`` wheel, the documents are rendered he
    det swapped in: the share of held-out lines read as the original reads them. Shows whether the
    region rule's verdicts hold on unseen pages, and where its threshold belongs.
 
+6. ``clsdiag``: where the compressed cls model's answers differ from the original's, on the
+   calibration and the held-out lines: its argmax (what the guard counts), and RapidOCR's decision
+   (rotate a line when the top class is "180" with probability > ``cls_thresh`` = 0.9).
+
 Run: python benchmarks/rapidocr.py WORKDIR [--docs 50] [--held-out 15] [--stages render,record,compress,score]
      [--models det,cls,rec] [--egp-args "cls=--sparsity 0.3"] [--all-shapes]
      python benchmarks/rapidocr.py WORKDIR --stages sweep --sweep 0.1,0.3,0.5,0.7 (after render,record)
@@ -266,15 +270,15 @@ def sweep(work: Path, held_out: int, sparsities: list[float], egp_args: list[str
     print("-" * len(header))
     truth = [line["text"] for page in lines for line in page]
     for sparsity in sparsities:
-        target = out / f"det-{sparsity:g}.onnx"
-        report = out / f"det-{sparsity:g}.json"
+        stem = "-".join(["det", *(a.lstrip("-") for a in egp_args), f"{sparsity:g}"])
+        target, report = out / f"{stem}.onnx", out / f"{stem}.json"
         command = [
             sys.executable, "-m", "egp_onnx", "compress", str(source), "--calib", str(work / "calib" / "det"),
             "-o", str(target), "--report", str(report), "--force", "--no-guard", "--sparsity", str(sparsity),
             "--no-latency", *egp_args,
         ]  # fmt: skip
         start = time.perf_counter()
-        with open(out / f"det-{sparsity:g}.log", "w") as log:
+        with open(out / f"{stem}.log", "w") as log:
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
             _, status, usage = os.wait4(child.pid, 0)
         seconds, peak = time.perf_counter() - start, usage.ru_maxrss / 2**20
@@ -305,6 +309,36 @@ def sweep(work: Path, held_out: int, sparsities: list[float], egp_args: list[str
 
 def _cer(got: list[str], truth: list[str]) -> float:
     return sum(_edit_distance(g, t) for g, t in zip(got, truth, strict=True)) / sum(len(t) for t in truth)
+
+
+# -------------------------------------------------------------------------------------- clsdiag
+CLS_THRESH = 0.9  # RapidOCR 1.4.4's config.yaml: a line is turned when "180" scores above this
+
+
+def cls_diagnosis(work: Path) -> None:
+    """The compressed cls model against the original: argmax and RapidOCR's rotate decision, per line."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sessions = [
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for path in (_rapidocr_models()["cls"], work / "compressed" / "cls.onnx")
+    ]
+    name = sessions[0].get_inputs()[0].name
+    print("data   lines  argmax_agree  decision_agree  turned_orig  turned_comp  near_thresh_orig")
+    for part in ("calib", "held"):
+        tensors = [np.load(f) for f in sorted((work / part / "cls").glob("*.npy"))]
+        probs = [np.concatenate([s.run(None, {name: x})[0] for x in tensors]) for s in sessions]
+        # labels ["0", "180"]: the decision is to turn where class 1 wins with p > CLS_THRESH
+        top = [p.argmax(1) for p in probs]
+        turn = [(t == 1) & (p.max(1) > CLS_THRESH) for t, p in zip(top, probs, strict=True)]
+        near = float(np.mean(np.abs(probs[0][:, 1] - CLS_THRESH) < 0.05))
+        agree, decided = np.mean(top[0] == top[1]), np.mean(turn[0] == turn[1])
+        print(
+            f"{part:5}  {len(top[0]):5d}  {agree:12.4f}  {decided:14.4f}  "
+            f"{turn[0].sum():11d}  {turn[1].sum():11d}  {near:16.4f}"
+        )
 
 
 # ----------------------------------------------------------------------------------------- score
@@ -409,6 +443,8 @@ def main() -> None:
         compress(args.work, models, extra)
     if "score" in stages:
         score(args.work, args.held_out, models)
+    if "clsdiag" in stages:
+        cls_diagnosis(args.work)
     if "sweep" in stages:
         sweep(args.work, args.held_out, [float(v) for v in args.sweep.split(",")], extra.get("det", []))
 
