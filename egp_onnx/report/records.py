@@ -87,6 +87,7 @@ class StepRecord:
     reconstructed: tuple[LayerFit, ...] = ()  # per-layer least-squares refits of this step
     estimate: float | None = None  # the guard's estimate of unseen top-1 agreement (Fidelity.estimate)
     problems: tuple[str, ...] = ()  # the guard's complaints, per output (empty: accepted)
+    iou: float | None = None  # the lowest mean region IoU of the probability maps (Fidelity.region_iou)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +166,11 @@ class Fidelity:
     estimate_high: float | None = None
     unseen: bool = False  # the data are unseen by training (--eval-unseen): the estimate is the agreement
     estimate_rule: str = ""  # how the estimate was made from the data, in words
+
+    @property
+    def region_iou(self) -> float | None:
+        """The lowest mean region IoU over the probability maps (None without one)."""
+        return min((o.iou for o in self.outputs if o.iou is not None), default=None)
 
 
 @dataclass(frozen=True)

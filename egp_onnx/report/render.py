@@ -83,6 +83,7 @@ def compression_table(report: CompressionReport) -> str:
 
 def steps_table(report: CompressionReport) -> str:
     """One row per loop step: what it pruned, how the refit went, what the guard said."""
+    regions = any(step.iou is not None for step in report.steps)
     rows = []
     for step in report.steps:
         refit = [f for f in step.reconstructed if f.error_after is not None and f.error_before is not None]
@@ -100,11 +101,14 @@ def steps_table(report: CompressionReport) -> str:
                 "-" if step.top1_agreement is None else step.top1_agreement,
                 "-" if step.estimate is None else step.estimate,
                 "-" if step.rel_error is None else f"{step.rel_error:.2e}",
+                *([] if not regions else ["-" if step.iou is None else f"{step.iou:.4f}"]),
                 "yes" if step.accepted else "rolled back",
             ]
         )
     headers = ["step", "rule", "removed", "sparsity", "refit", "worst layer error", "agree", "estimate"]
     headers.append("rel_err")
+    if regions:
+        headers.append("iou")  # a probability map's regions
     headers.append("accepted")
     return format_table(headers, rows)
 

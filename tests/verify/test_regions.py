@@ -168,5 +168,7 @@ def test_the_report_states_the_region_rule(rng, tmp_path):
     (out,) = report["fidelity"]["outputs"]
     assert out["kind"] == "probability" and out["threshold"] == 0.4
     assert 0 <= out["iou_worst"] <= out["iou"] <= 1 and out["iou_se"] >= 0
+    assert all(step["iou"] is not None for step in report["steps"])
+    assert "rel_err   iou     accepted" in result.output  # the step table's column
     assert "regions     y: mean IoU" in result.output
     assert f"mean IoU of the regions > 0.4 >= {DEFAULT_MIN_IOU} (probability maps)" in result.output
