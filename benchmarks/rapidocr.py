@@ -240,8 +240,13 @@ def compress(work: Path, models: list[str], egp_args: dict[str, list[str]]) -> N
 
 
 # ----------------------------------------------------------------------------------------- sweep
-def sweep(work: Path, held_out: int, sparsities: list[float], egp_args: list[str]) -> None:
-    """det at fixed sparsities, unguarded: the guard's figures on the holdout beside the pipeline's."""
+def sweep(
+    work: Path, held_out: int, sparsities: list[float], egp_args: list[str], guarded: bool = False
+) -> None:
+    """det at fixed sparsities, unguarded: the guard's figures on the holdout beside the pipeline's.
+
+    ``guarded``: keep the guard (and its per-layer sensitivity caps), with the thresholds in ``egp_args``.
+    """
     import onnxruntime as ort
     from rapidocr_onnxruntime import RapidOCR
 
@@ -270,12 +275,14 @@ def sweep(work: Path, held_out: int, sparsities: list[float], egp_args: list[str
     print("-" * len(header))
     truth = [line["text"] for page in lines for line in page]
     for sparsity in sparsities:
-        stem = "-".join(["det", *(a.lstrip("-") for a in egp_args), f"{sparsity:g}"])
+        stem = "-".join(
+            ["det", *(a.lstrip("-") for a in egp_args), *([] if guarded else ["noguard"]), f"{sparsity:g}"]
+        )
         target, report = out / f"{stem}.onnx", out / f"{stem}.json"
         command = [
             sys.executable, "-m", "egp_onnx", "compress", str(source), "--calib", str(work / "calib" / "det"),
-            "-o", str(target), "--report", str(report), "--force", "--no-guard", "--sparsity", str(sparsity),
-            "--no-latency", *egp_args,
+            "-o", str(target), "--report", str(report), "--force", *([] if guarded else ["--no-guard"]),
+            "--sparsity", str(sparsity), "--no-latency", *egp_args,
         ]  # fmt: skip
         start = time.perf_counter()
         with open(out / f"{stem}.log", "w") as log:
@@ -427,6 +434,7 @@ def main() -> None:
         "--egp-args", action="append", default=[], help='compress options for one model: "cls=--sparsity 0.3"'
     )
     parser.add_argument("--sweep", default="0.1,0.3,0.5,0.7", help="det sparsities of the sweep stage")
+    parser.add_argument("--sweep-guarded", action="store_true", help="sweep with the guard (and its caps) on")
     args = parser.parse_args()
     stages = args.stages.split(",")
     models = [m for m in args.models.split(",") if m]
@@ -446,7 +454,8 @@ def main() -> None:
     if "clsdiag" in stages:
         cls_diagnosis(args.work)
     if "sweep" in stages:
-        sweep(args.work, args.held_out, [float(v) for v in args.sweep.split(",")], extra.get("det", []))
+        sparsities = [float(v) for v in args.sweep.split(",")]
+        sweep(args.work, args.held_out, sparsities, extra.get("det", []), args.sweep_guarded)
 
 
 if __name__ == "__main__":
