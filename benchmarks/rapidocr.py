@@ -20,9 +20,24 @@ ship in the ``rapidocr-onnxruntime==1.4.4`` wheel, the documents are rendered he
    (the target: >= 99%), and its character error rate against the truth. The time per page of
    each configuration is the median over pages of its ratio to the original's time on that page.
 
+5. ``sweep`` (det only, with ``--sweep 0.1,0.3,...``): det compressed to each fixed sparsity with
+   ``--no-guard``; beside each, the guard's figures as its report gives them on the calibration
+   holdout (mean region IoU at ``--map-threshold``, relative L2), the same figures on the held-out
+   pages' tensors (unseen: IoU at 0.3, DBNet's binarization, and 0.5), and the pipeline with that
+   det swapped in: the share of held-out lines read as the original reads them. Shows whether the
+   region rule's verdicts hold on unseen pages, and where its threshold belongs.
+
+6. ``clsdiag``: where the compressed cls model's answers differ from the original's, on the
+   calibration and the held-out lines: its argmax (what the guard counts), and RapidOCR's decision
+   (rotate a line when the top class is "180" with probability > ``cls_thresh`` = 0.9).
+
 Run: python benchmarks/rapidocr.py WORKDIR [--docs 50] [--held-out 15] [--stages render,record,compress,score]
-     [--models det,cls,rec] [--egp-args "cls=--sparsity 0.3"]
-Needs: pip install 'rapidocr-onnxruntime==1.4.4' (in its own venv: it brings opencv and pyclipper).
+     [--models det,cls,rec] [--egp-args "cls=--sparsity 0.3"] [--all-shapes]
+     python benchmarks/rapidocr.py WORKDIR --stages sweep --sweep 0.1,0.3,0.5,0.7 (after render,record)
+Needs: pip install 'rapidocr-onnxruntime==1.4.4' (in its own venv: it brings opencv, pyclipper and
+onnxruntime 1.32, which egp-onnx accepts), then pip install -e . there: session 8 did
+``python3 -m venv /work/venv-ocr && /work/venv-ocr/bin/pip install rapidocr-onnxruntime==1.4.4 &&
+/work/venv-ocr/bin/pip install -e .`` (numpy 2.4, onnx 1.23, onnxruntime stays 1.32).
 """
 
 from __future__ import annotations
@@ -224,6 +239,115 @@ def compress(work: Path, models: list[str], egp_args: dict[str, list[str]]) -> N
         print(f"{m}: exit {code}, {seconds:.0f} s, peak {peak:.2f} GB {summary} {' '.join(tail)}")
 
 
+# ----------------------------------------------------------------------------------------- sweep
+def sweep(
+    work: Path, held_out: int, sparsities: list[float], egp_args: list[str], guarded: bool = False
+) -> None:
+    """det at fixed sparsities, unguarded: the guard's figures on the holdout beside the pipeline's.
+
+    ``guarded``: keep the guard (and its per-layer sensitivity caps), with the thresholds in ``egp_args``.
+    """
+    import onnxruntime as ort
+    from rapidocr_onnxruntime import RapidOCR
+
+    from egp_onnx.verify.fidelity import region_iou
+
+    source = _rapidocr_models()["det"]
+    out = work / "compressed" / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    pages = _pages(work)[-held_out:]
+    images = [_image(work, entry["page"]) for entry in pages]
+    lines = [entry["lines"] for entry in pages]
+    original = [_read_lines(RapidOCR()(image)[0], page) for image, page in zip(images, lines, strict=True)]
+    held = [np.load(f) for f in sorted((work / "held" / "det").glob("*.npy"))]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    reference = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    name = reference.get_inputs()[0].name
+    maps = [reference.run(None, {name: x})[0] for x in held]
+    del reference
+    header = (
+        "sparsity  seconds  peak_GB  hold_iou  hold_se  hold_worst  hold_rel  unseen_iou.3  unseen_worst.3  "
+        "unseen_iou.5  unseen_rel  same_lines  cer"
+    )
+    print(f"{len(pages)} held-out pages, {sum(len(p) for p in lines)} lines; {len(held)} det tensors")
+    print(header)
+    print("-" * len(header))
+    truth = [line["text"] for page in lines for line in page]
+    for sparsity in sparsities:
+        stem = "-".join(
+            ["det", *(a.lstrip("-") for a in egp_args), *([] if guarded else ["noguard"]), f"{sparsity:g}"]
+        )
+        target, report = out / f"{stem}.onnx", out / f"{stem}.json"
+        command = [
+            sys.executable, "-m", "egp_onnx", "compress", str(source), "--calib", str(work / "calib" / "det"),
+            "-o", str(target), "--report", str(report), "--force", *([] if guarded else ["--no-guard"]),
+            "--sparsity", str(sparsity), "--no-latency", *egp_args,
+        ]  # fmt: skip
+        start = time.perf_counter()
+        with open(out / f"{stem}.log", "w") as log:
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(child.pid, 0)
+        seconds, peak = time.perf_counter() - start, usage.ru_maxrss / 2**20
+        if os.waitstatus_to_exitcode(status) != 0:
+            print(f"{sparsity:8.3f}  exit {os.waitstatus_to_exitcode(status)}, see {log.name}")
+            continue
+        data = json.loads(report.read_text())
+        fid = data["fidelity"]["outputs"][0]
+        session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+        got = [session.run(None, {name: x})[0] for x in held]
+        del session
+        iou3 = np.concatenate([region_iou(r, c, 0.3) for r, c in zip(maps, got, strict=True)])
+        iou5 = np.concatenate([region_iou(r, c, 0.5) for r, c in zip(maps, got, strict=True)])
+        diff = sum(float(((r.astype(np.float64) - c) ** 2).sum()) for r, c in zip(maps, got, strict=True))
+        rel = (diff / sum(float((r.astype(np.float64) ** 2).sum()) for r in maps)) ** 0.5
+        engine = RapidOCR(det_model_path=str(target))
+        reads = [_read_lines(engine(image)[0], page) for image, page in zip(images, lines, strict=True)]
+        flat, base = [t for r in reads for t in r], [t for r in original for t in r]
+        same = float(np.mean([a == b for a, b in zip(flat, base, strict=True)]))
+        print(
+            f"{data['model']['sparsity']:8.3f}  {seconds:7.0f}  {peak:7.2f}  {fid['iou']:8.4f}  "
+            f"{fid['iou_se']:7.4f}  {fid['iou_worst']:10.4f}  {fid['rel_error']:8.4f}  {iou3.mean():12.4f}  "
+            f"{iou3.min():14.4f}  {iou5.mean():12.4f}  {rel:10.4f}  {same:10.3f}  {_cer(flat, truth):.4f}",
+            flush=True,
+        )
+    print(f"original: CER {_cer([t for r in original for t in r], truth):.4f} against the truth")
+
+
+def _cer(got: list[str], truth: list[str]) -> float:
+    return sum(_edit_distance(g, t) for g, t in zip(got, truth, strict=True)) / sum(len(t) for t in truth)
+
+
+# -------------------------------------------------------------------------------------- clsdiag
+CLS_THRESH = 0.9  # RapidOCR 1.4.4's config.yaml: a line is turned when "180" scores above this
+
+
+def cls_diagnosis(work: Path) -> None:
+    """The compressed cls model against the original: argmax and RapidOCR's rotate decision, per line."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sessions = [
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for path in (_rapidocr_models()["cls"], work / "compressed" / "cls.onnx")
+    ]
+    name = sessions[0].get_inputs()[0].name
+    print("data   lines  argmax_agree  decision_agree  turned_orig  turned_comp  near_thresh_orig")
+    for part in ("calib", "held"):
+        tensors = [np.load(f) for f in sorted((work / part / "cls").glob("*.npy"))]
+        probs = [np.concatenate([s.run(None, {name: x})[0] for x in tensors]) for s in sessions]
+        # labels ["0", "180"]: the decision is to turn where class 1 wins with p > CLS_THRESH
+        top = [p.argmax(1) for p in probs]
+        turn = [(t == 1) & (p.max(1) > CLS_THRESH) for t, p in zip(top, probs, strict=True)]
+        near = float(np.mean(np.abs(probs[0][:, 1] - CLS_THRESH) < 0.05))
+        agree, decided = np.mean(top[0] == top[1]), np.mean(turn[0] == turn[1])
+        print(
+            f"{part:5}  {len(top[0]):5d}  {agree:12.4f}  {decided:14.4f}  "
+            f"{turn[0].sum():11d}  {turn[1].sum():11d}  {near:16.4f}"
+        )
+
+
 # ----------------------------------------------------------------------------------------- score
 def _edit_distance(a: str, b: str) -> int:
     row = list(range(len(b) + 1))
@@ -309,6 +433,8 @@ def main() -> None:
     parser.add_argument(
         "--egp-args", action="append", default=[], help='compress options for one model: "cls=--sparsity 0.3"'
     )
+    parser.add_argument("--sweep", default="0.1,0.3,0.5,0.7", help="det sparsities of the sweep stage")
+    parser.add_argument("--sweep-guarded", action="store_true", help="sweep with the guard (and its caps) on")
     args = parser.parse_args()
     stages = args.stages.split(",")
     models = [m for m in args.models.split(",") if m]
@@ -325,6 +451,11 @@ def main() -> None:
         compress(args.work, models, extra)
     if "score" in stages:
         score(args.work, args.held_out, models)
+    if "clsdiag" in stages:
+        cls_diagnosis(args.work)
+    if "sweep" in stages:
+        sparsities = [float(v) for v in args.sweep.split(",")]
+        sweep(args.work, args.held_out, sparsities, extra.get("det", []), args.sweep_guarded)
 
 
 if __name__ == "__main__":

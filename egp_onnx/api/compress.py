@@ -242,7 +242,13 @@ def _measured_caps(
         return None
     progress.stage("measuring each layer's sensitivity")
     measured = sensitivity_caps(
-        proto, inputs.layers.held(proto), limits, reference, settings.min_agreement, settings.max_rel_error
+        proto,
+        inputs.layers.held(proto),
+        limits,
+        reference,
+        settings.min_agreement,
+        settings.max_rel_error,
+        min_iou=settings.min_iou,
     )
     for layer in measured:
         limits[layer.weight] = min(limits[layer.weight], layer.cap)
@@ -266,6 +272,7 @@ def _failure_report(
         reference,
         settings.min_agreement,
         settings.max_rel_error,
+        min_iou=settings.min_iou,
     )
     return GuardFailureReport(
         source=inputs.source,
@@ -308,8 +315,10 @@ def _baseline(
         # The reference outputs are computed while the statistics pass runs, which leaves cores
         # idle on a few batches. One data source is never read from two threads.
         held = inputs.held
-        unseen = settings.eval_unseen
-        pending = pool.submit(Reference, runs, held, batch_size, unseen) if held is not inputs.data else None
+        unseen, threshold = settings.eval_unseen, settings.map_threshold
+        pending = None
+        if held is not inputs.data:
+            pending = pool.submit(Reference, runs, held, batch_size, unseen, threshold)
         if stats:
             first_stats = stats_files(stats, proto, inputs.sites)
         else:
@@ -318,7 +327,9 @@ def _baseline(
                 proto, inputs.sites, inputs.data, batch_size, progress.advance, layers.held(proto), cluster
             )
         progress.stage(f"running the original model on the {inputs.held_name} data")
-        reference = pending.result() if pending is not None else Reference(runs, held, batch_size, unseen)
+        reference = (
+            pending.result() if pending is not None else Reference(runs, held, batch_size, unseen, threshold)
+        )
     del runs
     nnz_before = layers.nnz()
     # Latency and MACs at one stated shape: the one most held-out samples have.

@@ -17,6 +17,7 @@ import click
 from egp_onnx.cli.files import InputPath, input_path
 from egp_onnx.cli.plugins import load_attribute, source_file
 from egp_onnx.config import (
+    DEFAULT_MIN_IOU,
     METHODS,
     QUANTIZE_MODES,
     SELECTIONS,
@@ -228,8 +229,20 @@ GUARD = OptionGroup(
         click.option(
             "--max-rel-error",
             type=float,
-            help="Guard: largest relative output error [default: 0.05 for outputs that are not "
-            "(N, classes)].",
+            help="Guard: largest relative output error [default: 0.05 for outputs no other rule judges; "
+            "alone: every output].",
+        ),
+        click.option(
+            "--min-iou",
+            type=float,
+            help="Guard: lowest mean IoU of the regions above --map-threshold in the original's and the "
+            "compressed model's map, per probability map (rank >= 3, values in [0, 1], e.g. a text "
+            f"detector's Sigmoid) [default: {DEFAULT_MIN_IOU}].",
+        ),
+        _default(
+            "--map-threshold",
+            default=_SETTINGS.map_threshold,
+            help="Where probability maps are cut into regions for --min-iou (DBNet's binarization).",
         ),
         _flag("--no-guard", help="No fidelity guard: prune to --sparsity whatever it costs."),
     ),
@@ -238,6 +251,8 @@ GUARD = OptionGroup(
         "eval_unseen": params["eval_unseen"],
         "min_agreement": params["min_agreement"],
         "max_rel_error": params["max_rel_error"],
+        "min_iou": params["min_iou"],
+        "map_threshold": params["map_threshold"],
         "guard": not params["no_guard"],
     },
 )
@@ -320,7 +335,8 @@ OUTPUT = OptionGroup(
 #: The order `compress --help` lists the options in (as before they were grouped).
 COMPRESS_HELP_ORDER = (
     "calib", "batch_size", "workers", "scheduler", "mean", "std", "output", "sparsity", "step", "method",
-    "eval_path", "eval_unseen", "holdout", "min_agreement", "max_rel_error", "no_guard", "no_reconstruct",
+    "eval_path", "eval_unseen", "holdout", "min_agreement", "max_rel_error", "min_iou",
+    "map_threshold", "no_guard", "no_reconstruct",
     "select", "layer_cap", "no_sensitivity", "report_path", "seed", "stats_paths", "finetune_spec",
     "torch_model", "train_path", "epochs", "lr",
     "no_surgery", "channels", "merge_tolerance", "quantize", "no_latency", "plot_path", "external_data",

@@ -355,6 +355,7 @@ def _attempt_step(
         reconstructed=fits,
         estimate=fidelity.estimate if fidelity else None,
         problems=tuple(problems),
+        iou=fidelity.region_iou if fidelity else None,
     )
     return StepOutcome(candidate, record, problems, counted, counts)
 

@@ -87,6 +87,7 @@ class StepRecord:
     reconstructed: tuple[LayerFit, ...] = ()  # per-layer least-squares refits of this step
     estimate: float | None = None  # the guard's estimate of unseen top-1 agreement (Fidelity.estimate)
     problems: tuple[str, ...] = ()  # the guard's complaints, per output (empty: accepted)
+    iou: float | None = None  # the lowest mean region IoU of the probability maps (Fidelity.region_iou)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,13 +128,21 @@ class OutputFidelity:
     # |y' - y| <= min(atol, 0.5 max|y|) + rtol |y| everywhere: Polygraphy's test, with an absolute
     # tolerance that cannot swallow the signal of an output of tiny magnitude
     allclose: bool
-    kind: str = "tensor"  # classes (N, C) | sequence (N, T, C) | map (rank >= 3) | tensor: its rule
+    # its rule: classes (N, C) | sequence (N, T, C) | probability (rank >= 3, values in [0, 1]) |
+    # map (other rank >= 3) | tensor
+    kind: str = "tensor"
     agreement: float | None = None  # classes, sequence: argmax agreement per sample / per position
     estimate: float | None = None  # the same, estimated for unseen data (see Fidelity.estimate)
     estimate_low: float | None = None  # its 95% interval (Wilson, over samples)
     estimate_high: float | None = None
     flips: int | None = None  # samples (positions) the estimate counts as flipped ...
     positions: int | None = None  # ... of this many
+    # probability: mean over samples of the IoU of the regions above `threshold` in the original's
+    # and the candidate's map (1 where neither has any), its standard error, and the worst sample
+    iou: float | None = None
+    iou_se: float | None = None
+    iou_worst: float | None = None
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,11 @@ class Fidelity:
     estimate_high: float | None = None
     unseen: bool = False  # the data are unseen by training (--eval-unseen): the estimate is the agreement
     estimate_rule: str = ""  # how the estimate was made from the data, in words
+
+    @property
+    def region_iou(self) -> float | None:
+        """The lowest mean region IoU over the probability maps (None without one)."""
+        return min((o.iou for o in self.outputs if o.iou is not None), default=None)
 
 
 @dataclass(frozen=True)

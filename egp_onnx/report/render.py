@@ -83,6 +83,7 @@ def compression_table(report: CompressionReport) -> str:
 
 def steps_table(report: CompressionReport) -> str:
     """One row per loop step: what it pruned, how the refit went, what the guard said."""
+    regions = any(step.iou is not None for step in report.steps)
     rows = []
     for step in report.steps:
         refit = [f for f in step.reconstructed if f.error_after is not None and f.error_before is not None]
@@ -100,11 +101,14 @@ def steps_table(report: CompressionReport) -> str:
                 "-" if step.top1_agreement is None else step.top1_agreement,
                 "-" if step.estimate is None else step.estimate,
                 "-" if step.rel_error is None else f"{step.rel_error:.2e}",
+                *([] if not regions else ["-" if step.iou is None else f"{step.iou:.4f}"]),
                 "yes" if step.accepted else "rolled back",
             ]
         )
     headers = ["step", "rule", "removed", "sparsity", "refit", "worst layer error", "agree", "estimate"]
     headers.append("rel_err")
+    if regions:
+        headers.append("iou")  # a probability map's regions
     headers.append("accepted")
     return format_table(headers, rows)
 
@@ -165,8 +169,19 @@ def _fidelity_line(report: CompressionReport) -> list[str]:
         f"fidelity    top-1 agreement {agreement}, relative error {fid.rel_error:.2e} on {fid.samples} "
         f"{fid.data} samples"
     ]
+    lines.extend(region_lines(fid))
     estimate = estimate_line(fid)
     return [*lines, estimate] if estimate else lines
+
+
+def region_lines(fid: Fidelity) -> list[str]:
+    """One line per probability map: the mean IoU of its thresholded regions, its spread and worst sample."""
+    return [
+        f"regions     {out.name}: mean IoU {out.iou:.4f} (standard error {out.iou_se or 0.0:.4f}, worst "
+        f"sample {out.iou_worst:.4f}) of the regions > {out.threshold:g} on {fid.samples} {fid.data} samples"
+        for out in fid.outputs
+        if out.iou is not None and out.iou_worst is not None and out.threshold is not None
+    ]
 
 
 def estimate_line(fid: Fidelity) -> str:
@@ -285,8 +300,13 @@ def _guard_line(report: CompressionReport) -> list[str]:
     rules = []
     if settings.min_agreement is not None:
         rules.append(f"estimated unseen agreement >= {settings.min_agreement} (classifier, sequence outputs)")
+    if settings.min_iou is not None:
+        rules.append(
+            f"mean IoU of the regions > {settings.map_threshold:g} >= {settings.min_iou} (probability maps)"
+        )
     if settings.max_rel_error is not None:
-        others = "other outputs" if settings.min_agreement is not None else "every output"
+        judged = settings.min_agreement is not None or settings.min_iou is not None
+        others = "other outputs" if judged else "every output"
         rules.append(f"relative error <= {settings.max_rel_error} ({others})")
     rule = ", ".join(rules)
     text = f"guard       {rule} on {fid.samples} {fid.data} samples"

@@ -2,9 +2,11 @@
 
 Every output is compared by the rule for its kind (:func:`output_kind`): classifier outputs
 (N, classes) and sequence outputs (N, T, classes) by argmax agreement per sample or per position,
-maps and other tensors by relative L2 error and an element-wise test whose absolute tolerance
-never exceeds a small fraction of the output's own magnitude (so that a map of near-zero values
-is judged on its values, not waved through by the tolerance).
+probability maps (values in [0, 1], a detector's or segmenter's Sigmoid output) by what a
+pipeline does with them: the regions above a threshold, compared per sample by their IoU; other
+maps and tensors by relative L2 error and an element-wise test whose absolute tolerance never
+exceeds a small fraction of the output's own magnitude (so that a map of near-zero values is
+judged on its values, not waved through by the tolerance).
 
 Held-out data cut from the calibration set is easier than unseen data: the original is confident
 there, so its answers flip later than on unseen inputs near its decision boundaries. The estimate
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from egp_onnx.config import DEFAULT_MAP_THRESHOLD
 from egp_onnx.errors import ModelError
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.load.readers import Batch
@@ -47,6 +50,10 @@ SIGNAL_FRACTION = 0.5
 INTERVAL_Z = 1.96
 
 CLASSES, SEQUENCE, MAP, TENSOR = "classes", "sequence", "map", "tensor"
+#: A map whose values all lie in [0, 1] on the held-out data: judged by its thresholded regions.
+PROBABILITY = "probability"
+#: How far outside [0, 1] a probability map's values may stray (a Sigmoid's float rounding).
+PROBABILITY_SLACK = 1e-6
 
 
 def output_kind(shape: tuple[int, ...], values: np.ndarray | None = None) -> str:
@@ -55,14 +62,40 @@ def output_kind(shape: tuple[int, ...], values: np.ndarray | None = None) -> str
     ``classes``: (N, C) with C > 1, top-1 agreement per sample; ``sequence``: (N, T, C) with
     C > 1 whose rows are probability distributions or their logarithms (a recogniser's softmax
     or CTC log-softmax; a detector's (N, anchors, 4 + classes) is not one), argmax agreement per
-    position; ``map``: any other output of rank >= 3 (detection, segmentation, feature maps);
-    ``tensor``: the rest. Maps and tensors: relative L2 error.
+    position; ``probability``: any other output of rank >= 3 whose values lie in [0, 1] (a text
+    detector's or segmenter's probability map), IoU of the regions above a threshold per sample;
+    ``map``: any other output of rank >= 3 (feature maps, regressions); ``tensor``: the rest.
+    Maps and tensors: relative L2 error.
     """
     if len(shape) == 2 and shape[1] > 1:
         return CLASSES
     if len(shape) == 3 and shape[2] > 1 and values is not None and _distributions(values):
         return SEQUENCE
-    return MAP if len(shape) >= 3 else TENSOR
+    if len(shape) >= 3:
+        return PROBABILITY if values is not None and probabilities(values) else MAP
+    return TENSOR
+
+
+def probabilities(values: np.ndarray) -> bool:
+    """True when every value lies in [0, 1] (up to :data:`PROBABILITY_SLACK`)."""
+    v = np.asarray(values)
+    if not v.size or not np.isfinite(v).all():
+        return False
+    return bool(v.min() >= -PROBABILITY_SLACK and v.max() <= 1 + PROBABILITY_SLACK)
+
+
+def region_iou(ref: np.ndarray, cand: np.ndarray, threshold: float) -> np.ndarray:
+    """Per sample (first axis): IoU of the elements above ``threshold`` in ``ref`` and in ``cand``.
+
+    1 where neither has any (a page without text, read as such by both). A candidate's NaN or
+    Inf counts as the opposite of the original's answer there.
+    """
+    n = ref.shape[0] if ref.ndim else 1
+    a = (ref > threshold).reshape(n, -1)
+    b = np.where(np.isfinite(cand), cand > threshold, ~(ref > threshold)).reshape(n, -1)
+    inter = (a & b).sum(1)
+    union = (a | b).sum(1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def _distributions(values: np.ndarray) -> bool:
@@ -111,6 +144,40 @@ def wilson_interval(successes: float, n: int, z: float = INTERVAL_Z) -> tuple[fl
 
 
 @dataclass
+class _RegionSums:
+    """A probability map's per-sample region IoUs, summed: their mean, spread and worst."""
+
+    samples: int = 0
+    total: float = 0.0
+    squares: float = 0.0
+    worst: float = 1.0
+
+    def add(self, iou: np.ndarray) -> None:
+        if iou.size:
+            self.samples += int(iou.size)
+            self.total += float(iou.sum())
+            self.squares += float((iou**2).sum())
+            self.worst = min(self.worst, float(iou.min()))
+
+    def merge(self, other: _RegionSums) -> None:
+        self.samples += other.samples
+        self.total += other.total
+        self.squares += other.squares
+        self.worst = min(self.worst, other.worst)
+
+    def mean(self) -> float:
+        return self.total / self.samples
+
+    def standard_error(self) -> float:
+        """Of the mean, from the samples' spread (0 from a single sample)."""
+        n = self.samples
+        if n < 2:
+            return 0.0
+        variance = max(self.squares - self.total**2 / n, 0.0) / (n - 1)
+        return math.sqrt(variance / n)
+
+
+@dataclass
 class _OutputSums:
     """One output's sums over the batches seen: errors, and argmax counts for classes and sequences."""
 
@@ -123,13 +190,18 @@ class _OutputSums:
     agree: int = 0
     kept: int = 0  # rows not flipped under MARGIN_SCALE
     mismatched: bool = False  # the two models' shapes differ
+    threshold: float = DEFAULT_MAP_THRESHOLD  # probability maps: where regions are cut
+    regions: _RegionSums = field(default_factory=_RegionSums)
 
     def add(self, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float) -> None:
         if not self.kind:
             self.kind = output_kind(ref.shape, ref)
+        elif self.kind == PROBABILITY and not probabilities(ref):
+            self.kind = MAP  # probabilities on every batch, or a map
         if ref.shape != cand.shape:
             self.mismatched, self.close = True, False
             self.diff_sq = self.max_abs = math.inf
+            self.regions.add(np.zeros(ref.shape[0] if ref.ndim else 1))
             return
         r64, c64 = np.asarray(ref, np.float64), np.asarray(cand, np.float64)
         # Equal values (an Inf included) and NaN where the reference has NaN are no difference;
@@ -153,9 +225,12 @@ class _OutputSums:
             self.positions += rows_ref.shape[0]
             self.agree += int((rows_ref.argmax(1) == rows_cand.argmax(1)).sum())
             self.kept += int((~scaled_flips(rows_ref, rows_cand, MARGIN_SCALE)).sum())
+        if self.kind == PROBABILITY:
+            self.regions.add(region_iou(r64, c64, self.threshold))
 
     def merge(self, other: _OutputSums) -> None:
-        self.kind = self.kind or other.kind
+        self.kind = MAP if MAP in (self.kind, other.kind) else self.kind or other.kind
+        self.regions.merge(other.regions)
         self.diff_sq += other.diff_sq
         self.ref_sq += other.ref_sq
         self.max_abs = max(self.max_abs, other.max_abs)
@@ -185,6 +260,7 @@ class FidelitySums:
     rtol: float
     unseen: bool = False
     outputs: list[_OutputSums] = field(default_factory=list)
+    threshold: float = DEFAULT_MAP_THRESHOLD  # where probability maps are cut into regions
     samples: int = 0
     correct_ref: int = 0
     correct_cand: int = 0
@@ -192,7 +268,7 @@ class FidelitySums:
 
     def __post_init__(self) -> None:
         if not self.outputs:
-            self.outputs = [_OutputSums() for _ in self.names]
+            self.outputs = [_OutputSums(threshold=self.threshold) for _ in self.names]
 
     def add(self, ref: list[np.ndarray], cand: list[np.ndarray], labels: np.ndarray | None) -> None:
         """Add one batch: both models' outputs in ``names`` order, and the batch's labels if any."""
@@ -266,8 +342,21 @@ class FidelitySums:
         return OutputFidelity(
             name, sums.rel_error(), sums.max_abs, sums.close, kind=sums.kind or TENSOR,
             agreement=agreement, estimate=estimate, estimate_low=low, estimate_high=high, flips=flips,
-            positions=sums.positions if flips is not None else None,
+            positions=sums.positions if flips is not None else None, **_region_fields(sums),
         )  # fmt: skip
+
+
+def _region_fields(sums: _OutputSums) -> dict[str, float | None]:
+    """A probability map's region figures for its :class:`OutputFidelity` (None for other kinds)."""
+    regions = sums.regions
+    if sums.kind != PROBABILITY or not regions.samples:
+        return {}
+    return {
+        "iou": regions.mean(),
+        "iou_se": regions.standard_error(),
+        "iou_worst": regions.worst,
+        "threshold": sums.threshold,
+    }
 
 
 def compare(
@@ -278,11 +367,13 @@ def compare(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     unseen: bool = True,
+    threshold: float = DEFAULT_MAP_THRESHOLD,
 ) -> Fidelity:
     """Run both models in onnxruntime on ``data`` (streamed) and compare their outputs.
 
     A reference given as :class:`StoredOutputs` (taken on the same ``data`` and ``batch_size``) is not run.
     ``unseen``: ``data`` is not from the training set; its agreement is the estimate as is.
+    ``threshold``: where probability maps are cut into regions.
     """
     cand = ModelHandle.of(candidate)
     names, expected = _expected(reference)
@@ -293,7 +384,7 @@ def compare(
             f"the models' outputs differ: the compressed model has no output {', '.join(missing)} "
             f"(its outputs: {', '.join(found)}); outputs are compared by name"
         )
-    sums = FidelitySums(names, atol, rtol, unseen)
+    sums = FidelitySums(names, atol, rtol, unseen, threshold=threshold)
     for feed, labels in data.batches(batch_size):
         sums.add(expected(feed), cand.run(names, feed), labels)
     return sums.result()
@@ -324,11 +415,16 @@ class Reference:
         data: CalibrationData,
         batch_size: int,
         unseen: bool = False,
+        threshold: float = DEFAULT_MAP_THRESHOLD,
     ) -> None:
-        """``model`` as a ModelHandle keeps its session for later use (e.g. the latency measurement)."""
+        """``model`` as a ModelHandle keeps its session for later use (e.g. the latency measurement).
+
+        ``threshold``: where probability maps are cut into regions.
+        """
         handle = ModelHandle.of(model)
         self.names = [o.name for o in handle.session.get_outputs()]
         self.unseen = unseen
+        self.threshold = threshold
         self.batches: list[tuple[Batch, np.ndarray | None, list[np.ndarray]]] = [
             (feed, labels, handle.run(self.names, feed)) for feed, labels in data.batches(batch_size)
         ]
@@ -338,14 +434,21 @@ class Reference:
     ) -> Fidelity:
         """Fidelity of ``candidate`` against the stored outputs."""
         handle = ModelHandle.of(candidate)
-        sums = FidelitySums(self.names, atol, rtol, self.unseen)
+        sums = FidelitySums(self.names, atol, rtol, self.unseen, threshold=self.threshold)
         for feed, labels, ref in self.batches:
             sums.add(ref, handle.run(self.names, feed), labels)
         return sums.result()
 
     def kinds(self) -> list[str]:
-        """The kind of each output (:func:`output_kind`), from the first batch."""
-        return [output_kind(np.shape(o), o) for o in self.batches[0][2]]
+        """The kind of each output (:func:`output_kind`), from the first batch.
+
+        A probability map is one on every batch (else a map), as the comparison counts it.
+        """
+        kinds = [output_kind(np.shape(o), o) for o in self.batches[0][2]]
+        for i, kind in enumerate(kinds):
+            if kind == PROBABILITY and not all(probabilities(outputs[i]) for _, _, outputs in self.batches):
+                kinds[i] = MAP
+        return kinds
 
     def classifier(self) -> bool:
         """True when some output is judged by argmax agreement (classes or sequences)."""

@@ -2,7 +2,8 @@
 
 Policy: a pruning step is kept only when its model, run on the held-out data, still agrees with
 the original on every output, each by the rule for its kind: the estimate of unseen argmax
-agreement for classifier and sequence outputs, relative output error for maps and the rest; a
+agreement for classifier and sequence outputs, the IoU of the thresholded regions for probability
+maps, relative output error for other maps and the rest; a
 rewritten model is kept only when it reproduces the pruned model up to rounding.
 """
 
@@ -14,13 +15,15 @@ from dataclasses import replace
 import numpy as np
 import onnx
 
-from egp_onnx.config import DEFAULT_MAX_REL_ERROR, DEFAULT_MIN_AGREEMENT, Settings
+from egp_onnx.config import DEFAULT_MAX_REL_ERROR, DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_IOU, Settings
 from egp_onnx.report.records import Fidelity, OutputFidelity
 from egp_onnx.runtime.handle import ModelHandle
-from egp_onnx.verify.fidelity import CLASSES, SEQUENCE, Reference, wilson_interval
+from egp_onnx.verify.fidelity import CLASSES, PROBABILITY, SEQUENCE, Reference, wilson_interval
 
 #: Outputs judged by argmax agreement (the others by relative error).
 AGREEMENT_KINDS = (CLASSES, SEQUENCE)
+#: Outputs judged by the IoU of their thresholded regions (with ``min_iou``).
+REGION_KINDS = (PROBABILITY,)
 #: An agreement passes when the estimate, this many standard errors lower (the lower end of its
 #: Wilson interval), is still at least ``min_agreement``. The loop tries several candidates
 #: against the same held-out samples and keeps those that pass: a point estimate at the
@@ -45,36 +48,51 @@ def default_thresholds(settings: Settings, reference: Reference) -> Settings:
     """The guard's thresholds: the user's, with the defaults for the outputs no given rule judges.
 
     Outputs judged by argmax agreement (classes, sequences) get :data:`DEFAULT_MIN_AGREEMENT`,
-    every other output :data:`DEFAULT_MAX_REL_ERROR`; a user's ``max_rel_error`` alone judges
-    every output by relative error.
+    probability maps :data:`DEFAULT_MIN_IOU`, every other output :data:`DEFAULT_MAX_REL_ERROR`;
+    a user's ``max_rel_error`` judges every output that no other given rule covers by relative
+    error (alone: every output).
     """
     if not settings.guard or settings.max_rel_error is not None:
         return settings
     kinds = reference.kinds()
     voting = any(kind in AGREEMENT_KINDS for kind in kinds)
-    others = any(kind not in AGREEMENT_KINDS for kind in kinds)
-    min_agreement = settings.min_agreement
+    regions = any(kind in REGION_KINDS for kind in kinds)
+    others = any(kind not in AGREEMENT_KINDS + REGION_KINDS for kind in kinds)
+    min_agreement, min_iou = settings.min_agreement, settings.min_iou
     if min_agreement is None and voting:
         min_agreement = DEFAULT_MIN_AGREEMENT
-    max_rel_error = DEFAULT_MAX_REL_ERROR if others or min_agreement is None else None
-    return replace(settings, min_agreement=min_agreement, max_rel_error=max_rel_error)
+    if min_iou is None and regions:
+        min_iou = DEFAULT_MIN_IOU
+    unjudged = min_agreement is None and min_iou is None
+    max_rel_error = DEFAULT_MAX_REL_ERROR if others or unjudged else None
+    return replace(settings, min_agreement=min_agreement, max_rel_error=max_rel_error, min_iou=min_iou)
 
 
 def guard_problems(
-    fidelity: Fidelity, min_agreement: float | None, max_rel_error: float | None, z: float = GUARD_Z
+    fidelity: Fidelity,
+    min_agreement: float | None,
+    max_rel_error: float | None,
+    z: float = GUARD_Z,
+    min_iou: float | None = None,
 ) -> list[str]:
     """The guard's complaints about ``fidelity``, output by output; empty when it passes.
 
     With ``min_agreement``, classifier and sequence outputs are judged by their estimate of unseen
     argmax agreement (:mod:`egp_onnx.verify.fidelity`) ``z`` standard errors lower (0: as
-    measured); with ``max_rel_error``, every other output
-    (and all of them without ``min_agreement``) by its relative L2 error, unless it matches element
+    measured); with ``min_iou``, probability maps by their mean region IoU ``z`` standard errors
+    lower; with ``max_rel_error``, every other output
+    (and all of them without the other two) by its relative L2 error, unless it matches element
     by element within a tolerance scaled to its own magnitude.
     """
     problems = []
-    judged_by_agreement = False
+    judged_by_agreement = judged_by_regions = False
     for out in fidelity.outputs:
-        if min_agreement is not None and out.kind in AGREEMENT_KINDS:
+        if min_iou is not None and out.kind in REGION_KINDS:
+            judged_by_regions = True
+            problem = _region_problem(out, min_iou, z)
+            if problem:
+                problems.append(problem)
+        elif min_agreement is not None and out.kind in AGREEMENT_KINDS:
             judged_by_agreement = True
             value: float | None
             if out.flips is not None and out.positions:
@@ -93,7 +111,30 @@ def guard_problems(
             problems.append(f"output {out.name}: relative error {out.rel_error:.3g} > {max_rel_error}")
     if min_agreement is not None and not judged_by_agreement:
         problems.append("top-1 agreement is undefined: no output is (N, classes) or (N, T, classes)")
+    if min_iou is not None and not judged_by_regions:
+        problems.append("region IoU is undefined: no output is a probability map (values in [0, 1])")
     return problems
+
+
+def region_bound(out: OutputFidelity, z: float = GUARD_Z) -> float | None:
+    """What the guard compares with ``min_iou``: the mean region IoU ``z`` standard errors lower."""
+    if out.iou is None:
+        return None
+    return out.iou - z * (out.iou_se or 0.0)
+
+
+def _region_problem(out: OutputFidelity, min_iou: float, z: float) -> str:
+    """The complaint about a probability map's regions ("" when they pass)."""
+    low = region_bound(out, z)
+    if low is None:
+        return f"output {out.name}: region IoU is undefined"
+    if low >= min_iou:
+        return ""
+    lower = f", {low:.4f} at {z:g} standard error below," if z else ""
+    return (
+        f"output {out.name}: mean IoU of the regions > {out.threshold:g} {out.iou:.4f} "
+        f"(worst sample {out.iou_worst:.4f}){lower} < {min_iou}"
+    )
 
 
 def guard_bound(agreement: float, samples: int, z: float = GUARD_Z) -> float:
@@ -161,7 +202,10 @@ class Guard:
         """The fidelity of ``handle``'s model and the guard's complaints about it; its session is kept."""
         self._last = handle
         fidelity = self.reference.evaluate(handle, SURGERY_ATOL, SURGERY_RTOL)
-        return fidelity, guard_problems(fidelity, self.settings.min_agreement, self.settings.max_rel_error)
+        settings = self.settings
+        return fidelity, guard_problems(
+            fidelity, settings.min_agreement, settings.max_rel_error, min_iou=settings.min_iou
+        )
 
     def handle(self, model: onnx.ModelProto) -> ModelHandle:
         """The last candidate's handle if ``model`` is that candidate (its session kept), else a new one.

@@ -24,7 +24,7 @@ import onnx
 
 from egp_onnx.graph.weights import replace_initializers
 from egp_onnx.report.records import Fidelity, LayerBlame
-from egp_onnx.verify.fidelity import Reference
+from egp_onnx.verify.fidelity import PROBABILITY, Reference
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +50,25 @@ class LayerSensitivity:
     damage: float  # share of the guard's slack at the first level tried (1.0: emptied)
 
 
-def damage(fidelity: Fidelity, min_agreement: float | None, max_rel_error: float | None) -> float:
+def damage(
+    fidelity: Fidelity, min_agreement: float | None, max_rel_error: float | None, min_iou: float | None = None
+) -> float:
     """The share of the guard's slack ``fidelity`` takes: 0 unchanged, 1 at the guard's limit.
 
-    A guard without slack (agreement 1, relative error 0) makes any change infinite damage.
+    A guard without slack (agreement 1, relative error 0, IoU 1) makes any change infinite damage.
+    With ``min_iou``, probability maps count by their region IoU, not their relative error.
     """
     shares = [0.0]
     if min_agreement is not None and fidelity.top1_agreement is not None:
         shares.append(_share(1.0 - fidelity.top1_agreement, 1.0 - min_agreement))
+    if min_iou is not None:
+        shares.extend(_share(1.0 - o.iou, 1.0 - min_iou) for o in fidelity.outputs if o.iou is not None)
     if max_rel_error is not None:
-        shares.append(_share(fidelity.rel_error, max_rel_error))
+        if min_iou is None:
+            shares.append(_share(fidelity.rel_error, max_rel_error))
+        else:
+            rel = [o.rel_error for o in fidelity.outputs if o.kind != PROBABILITY]
+            shares.append(_share(max(rel, default=0.0), max_rel_error))
     return max(shares)
 
 
@@ -78,6 +87,7 @@ def sensitivity_caps(
     max_rel_error: float | None,
     levels: Sequence[float] = LEVELS,
     share: float = SHARE,
+    min_iou: float | None = None,
 ) -> list[LayerSensitivity]:
     """Each layer's measured cap, for the layers the graph lets go past the lowest level.
 
@@ -91,6 +101,7 @@ def sensitivity_caps(
         max_rel_error: the guard's relative-error threshold (None: not used).
         levels: the sparsity levels tried, highest first.
         share: the share of the guard's slack a layer alone may take.
+        min_iou: the guard's region-IoU threshold for probability maps (None: not used).
 
     """
     subset = reference.head(SAMPLES, ELEMENTS)
@@ -102,9 +113,8 @@ def sensitivity_caps(
         cap, first = tried[-1], None
         for level in tried:
             pruned = _magnitude(weight, level)
-            measured = damage(
-                subset.evaluate(replace_initializers(model, {name: pruned})), min_agreement, max_rel_error
-            )
+            fidelity = subset.evaluate(replace_initializers(model, {name: pruned}))
+            measured = damage(fidelity, min_agreement, max_rel_error, min_iou)
             first = measured if first is None else first
             if measured <= share:
                 cap = level
@@ -140,6 +150,7 @@ def layer_blame(
     min_agreement: float | None,
     max_rel_error: float | None,
     top: int = 8,
+    min_iou: float | None = None,
 ) -> list[LayerBlame]:
     """Which layers of a rejected step hurt most: each put back alone, and what the guard then reads.
 
@@ -151,6 +162,7 @@ def layer_blame(
         min_agreement: the guard's agreement threshold (None: not used).
         max_rel_error: the guard's relative-error threshold (None: not used).
         top: how many layers are measured.
+        min_iou: the guard's region-IoU threshold for probability maps (None: not used).
 
     Returns:
         the measured layers, the one whose restoring helps most first.
@@ -160,7 +172,7 @@ def layer_blame(
     blamed = []
     for name in sorted(removed, key=lambda n: -removed[n])[:top]:
         fidelity = subset.evaluate(replace_initializers(candidate, {name: accepted[name]}))
-        share = damage(fidelity, min_agreement, max_rel_error)
+        share = damage(fidelity, min_agreement, max_rel_error, min_iou)
         blamed.append((share, fidelity.rel_error, name, fidelity))
     blamed.sort(key=lambda b: (b[0], b[1]))
     return [

@@ -44,12 +44,13 @@ def test_each_option_sets_its_field():
         "--no-surgery", "--merge-tolerance", "0.01", "--holdout", "0.2", "--min-agreement", "0.9",
         "--max-rel-error", "0.1", "--no-guard", "--no-reconstruct", "--select", "obs", "--layer-cap", "0.5",
         "--no-latency", "--mean", "0.5,0.25", "--std", "2", "--workers", "2", "--quantize", "int8",
-        "--scheduler", "local:2",
+        "--scheduler", "local:2", "--min-iou", "0.8", "--map-threshold", "0.5",
     )  # fmt: skip
     assert options.compress_settings(parsed) == Settings(
         sparsity=0.5, step=0.25, method="magnitude", batch_size=8, seed=3, surgery=False,
         merge_tolerance=0.01, holdout=0.2, min_agreement=0.9, max_rel_error=0.1, guard=False,
-        reconstruct=False, select="obs", layer_cap=0.5, latency=False, quantize="int8",
+        reconstruct=False, select="obs", layer_cap=0.5, latency=False, quantize="int8", min_iou=0.8,
+        map_threshold=0.5,
     )  # fmt: skip
     assert options.data_config(parsed) == DataConfig(
         mean=(0.5, 0.25), std=(2.0,), workers=2, scheduler="local:2"
@@ -130,6 +131,8 @@ def sweep_cases(
         "--eval-unseen": [["--eval-unseen"]],  # without --eval
         "--min-agreement": [["--min-agreement", v] for v in ("nan", "-0.5", "1.5")],
         "--max-rel-error": [["--max-rel-error", v] for v in ("nan", "-1", "inf")],
+        "--min-iou": [["--min-iou", v] for v in ("nan", "-0.1", "1.5", "abc")],
+        "--map-threshold": [["--map-threshold", v] for v in ("nan", "0", "1", "-0.3", "inf", "abc")],
         "--report": [["--report", v] for v in (t, f"{t}/no/r.json", f"{t}/exists.onnx", calib)],
         "--seed": [["--seed", v] for v in ("-5", "abc", "1.5")],
         "--stats": [["--stats", v] for v in (*missing, calib, str(other))],
