@@ -11,7 +11,8 @@ original). Steps, as the loop's:
 3. the other channels are priced by what the consumers' refit cannot recover
    (reconstruct/channels.py) and the EGP budget over groups (prune/channels.py) picks them;
 4. the initializers are cut (surgery/narrow.py), the consumers refit by least squares against
-   the original, and the candidate is kept only if it lowers the dense MACs and passes the guard;
+   the original, and the candidate is kept only if it lowers the dense MACs and passes the guard
+   (in its shipped form too, with ``--quantize``: the INT8 stage after it keeps its share);
    a step that fails is rolled back and retried at half its size (:data:`RETRIES` times); when
    the smallest still fails, the group that lost the most in it keeps its channels and the
    others go on. The stage ends when no group can lose more. Without a guard only always-OFF
@@ -148,6 +149,10 @@ def remove_channels(
             stop = "no step lowers the MACs"
             break
         fidelity, problems = guard(candidate) if guard is not None else (None, [])
+        if guard is not None and not problems:
+            # a channel step costs a calibration pass and a refit: its shipped form (INT8) is
+            # judged on every candidate that passes in float, so the stage ends on one that ships
+            problems = guard.shipped_problems(candidate)
         agreement = fidelity.top1_agreement if fidelity else None
         error = fidelity.rel_error if fidelity else None
         if problems and guarded:
