@@ -4,7 +4,9 @@ For each sample (MNIST, digits) and variant, `egp_onnx.compress` runs with the c
 then the result is measured on the sample's unseen test split: accuracy, top-1 agreement with the
 dense model, dense MACs, and onnxruntime CPU latency (ORT_ENABLE_ALL, one intra-op thread, spinning
 off) at batch 1 and 32, the dense and the compressed model run in turn (ABAB..., one run each)
-so that both share whatever the machine is doing. Speeds are ratios dense / variant from one run.
+so that both share whatever the machine is doing. Speeds are ratios dense / variant from one run,
+of the 10th percentile of each one's runs (on a loaded machine the median of a run of a few
+milliseconds measures the neighbours; see README "INT8 as the last stage").
 
 Run: python benchmarks/channels.py [--budget 3] [--min-agreement A] [--samples mnist digits]
 """
@@ -41,7 +43,7 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def speed(dense: ort.InferenceSession, other: ort.InferenceSession, feed: dict, budget: float) -> float:
-    """Median dense latency over median ``other`` latency, runs interleaved for ``budget`` seconds."""
+    """Dense latency over ``other`` latency (10th percentiles), runs interleaved for ``budget`` seconds."""
     for s in (dense, other):
         for _ in range(3):
             s.run(None, feed)
@@ -53,7 +55,7 @@ def speed(dense: ort.InferenceSession, other: ort.InferenceSession, feed: dict, 
             began = time.perf_counter()
             (dense, other)[k].run(None, feed)
             times[k].append(time.perf_counter() - began)
-    return float(np.median(times[0]) / np.median(times[1]))
+    return float(np.percentile(times[0], 10) / np.percentile(times[1], 10))
 
 
 def predictions(s: ort.InferenceSession, x: np.ndarray, name: str) -> np.ndarray:

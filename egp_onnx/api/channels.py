@@ -11,10 +11,13 @@ original). Steps, as the loop's:
 3. the other channels are priced by what the consumers' refit cannot recover
    (reconstruct/channels.py) and the EGP budget over groups (prune/channels.py) picks them;
 4. the initializers are cut (surgery/narrow.py), the consumers refit by least squares against
-   the original, and the candidate is kept only if it lowers the dense MACs and passes the guard;
+   the original, and the candidate is kept only if it lowers the dense MACs and passes the guard
+   (in its shipped form too, with ``--quantize``: the INT8 stage after it keeps its share);
    a step that fails is rolled back and retried at half its size (:data:`RETRIES` times); when
-   the smallest still fails, the group that lost the most in it keeps its channels and the
-   others go on. The stage ends when no group can lose more. Without a guard only always-OFF
+   the smallest still fails (or rounds to nothing at the channel alignment), the stage goes on
+   one group at a time: the smallest aligned cut of the group that saves the most MACs per unit
+   of price (``_single_cut``); a group whose cut fails keeps its channels, the others are tried.
+   The stage ends when no group can lose more. Without a guard only always-OFF
    channels go.
 """
 
@@ -89,6 +92,8 @@ def remove_channels(
     exact = {g.producer: 0 for g in groups}
     guarded = guard is not None and not guard.measures_only
     current, step, retries, number = model, CHANNEL_STEP, 0, 0
+    single = False  # one group at a time (see _single_cut)
+    rejected: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()  # cuts of ``current`` the guard rejected
     steps: list[ChannelStepRecord] = []
     frozen: set[str] = set()  # groups the guard stopped
     stop = "max-steps"
@@ -113,7 +118,7 @@ def remove_channels(
                 dead[g.producer] = off[:take]
         chosen = dict(dead)
         if guarded:
-            chosen = _priced(
+            chosen, prices = _priced(
                 model,
                 current,
                 live,
@@ -126,36 +131,55 @@ def remove_channels(
                 data,
                 settings,
             )
+            if single or (retries and not any(v.size for v in chosen.values())):
+                # The halved steps round to nothing at the alignment (or failed): one group at a
+                # time from here, the one whose smallest aligned cut saves most MACs per price.
+                single = True
+                chosen = _single_cut(current, live, now_groups, dead, prices, settings, input_shapes)
         if not any(v.size for v in chosen.values()):
             stop = (
                 "nothing left to remove" if guarded else "always-OFF channels removed (no guard: no others)"
             )
             break
-        cut = [now_groups[p] for p in chosen]
-        candidate = _candidate(
-            model, current, cut, groups, chosen, dead, alive, data, settings, on_stage, number
-        )
+        signature = tuple(sorted((p, tuple(v.tolist())) for p, v in chosen.items()))
         removed_n = sum(v.size for v in chosen.values())
         dead_n = sum(v.size for v in dead.values())
-        macs = _macs(candidate, input_shapes)
-        if macs is not None and macs_now is not None and macs >= macs_now:
-            steps.append(
-                ChannelStepRecord(number, removed_n, dead_n, False, macs, None, None, "does not lower MACs")
+        if signature in rejected:
+            # a halved step that rounds to a cut the guard rejected: rejected again, unmeasured
+            candidate, macs, agreement, error = current, None, None, None
+            problems = ["the cut of a rejected step"]
+        else:
+            cut = [now_groups[p] for p in chosen]
+            candidate = _candidate(
+                model, current, cut, groups, chosen, dead, alive, data, settings, on_stage, number
             )
-            log.info(
-                "channels step %d skipped: it does not lower the MACs (%s >= %s)", number, macs, macs_now
-            )
-            stop = "no step lowers the MACs"
-            break
-        fidelity, problems = guard(candidate) if guard is not None else (None, [])
-        agreement = fidelity.top1_agreement if fidelity else None
-        error = fidelity.rel_error if fidelity else None
-        if problems and guarded:
-            steps.append(
-                ChannelStepRecord(
-                    number, removed_n, dead_n, False, macs, agreement, error, "; ".join(problems)
+            macs = _macs(candidate, input_shapes)
+            if macs is not None and macs_now is not None and macs >= macs_now:
+                skipped = "does not lower MACs"
+                steps.append(ChannelStepRecord(number, removed_n, dead_n, False, macs, None, None, skipped))
+                log.info(
+                    "channels step %d skipped: it does not lower the MACs (%s >= %s)", number, macs, macs_now
                 )
-            )
+                stop = "no step lowers the MACs"
+                break
+            fidelity, problems = guard(candidate) if guard is not None else (None, [])
+            if guard is not None and not problems:
+                # a channel step costs a calibration pass and a refit: its shipped form (INT8) is
+                # judged on every candidate that passes in float, so the stage ends on one that ships
+                problems = guard.shipped_problems(candidate)
+            agreement = fidelity.top1_agreement if fidelity else None
+            error = fidelity.rel_error if fidelity else None
+        if problems and guarded:
+            if signature not in rejected:
+                steps.append(
+                    ChannelStepRecord(
+                        number, removed_n, dead_n, False, macs, agreement, error, "; ".join(problems)
+                    )
+                )
+            rejected.add(signature)
+            if single:  # that group's smallest cut fails: it keeps its channels, the others are tried
+                frozen.update(chosen)
+                continue
             if retries < RETRIES:
                 retries += 1
                 step /= 2
@@ -172,6 +196,7 @@ def remove_channels(
             continue
         steps.append(ChannelStepRecord(number, removed_n, dead_n, True, macs, agreement, error, ""))
         retries = 0
+        rejected.clear()  # channel indices are the new model's from here
         for producer, local in chosen.items():
             exact[producer] += int(np.isin(local, dead.get(producer, np.zeros(0, np.int64))).sum())
             alive[producer] = np.delete(alive[producer], local)
@@ -241,8 +266,11 @@ def _priced(
     step: float,
     data: CalibrationData,
     settings: Settings,
-) -> dict[str, np.ndarray]:
-    """The always-OFF channels, and those the EGP budget takes by entropy and refit cost."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The always-OFF channels and those the EGP budget takes by entropy and refit cost; the prices.
+
+    Prices: per group, each channel's refit cost (always-OFF channels -1: they cost nothing).
+    """
     blocks: dict[str, list[np.ndarray]] = {}
     for g in live:
         now = now_groups[g.producer]
@@ -283,6 +311,7 @@ def _priced(
         entropy, np.where(np.isfinite(mean_cost), mean_cost, 0.0), capacity, after_dead, step
     )
     chosen = {}
+    prices = {}
     for g, amount, cap_left in zip(live, amounts, capacity, strict=True):
         off = dead.get(g.producer, np.zeros(0, dtype=np.int64))
         alive_now = now_groups[g.producer].channels
@@ -290,11 +319,53 @@ def _priced(
         count = aligned_count(g.channels, alive_now, off.size + int(amount), floor)
         cost = channel_cost[g.producer].copy()
         cost[off] = -1.0  # always-OFF channels first: they cost nothing
+        prices[g.producer] = cost
         picked = cheapest(cost, count)
         picked = picked[np.isfinite(cost[picked])]
         if picked.size:
             chosen[g.producer] = picked.astype(np.int64)
-    return chosen
+    return chosen, prices
+
+
+def _single_cut(
+    current: onnx.ModelProto,
+    live: list[ChannelGroup],
+    now_groups: Mapping[str, ChannelGroup],
+    dead: Mapping[str, np.ndarray],
+    prices: Mapping[str, np.ndarray],
+    settings: Settings,
+    input_shapes: Mapping[str, tuple[int, ...]],
+) -> dict[str, np.ndarray]:
+    """The smallest aligned cut of the one group that saves the most dense MACs per unit of price.
+
+    What the halved steps cannot reach once they round to nothing at the alignment: with blocks of
+    16 channels, a step over several groups moves several blocks at once, and fails where one would
+    pass. Empty when no group has a finite-priced cut that lowers the MACs.
+    """
+    macs_now = _macs(current, input_shapes)
+    floors = channel_capacity(
+        np.array([now_groups[g.producer].channels for g in live]),
+        np.array([g.channels for g in live]),
+        settings.layer_cap,
+    )
+    best: tuple[float, str, np.ndarray] | None = None
+    for g, capacity in zip(live, floors, strict=True):
+        now, cost = now_groups[g.producer], prices.get(g.producer)
+        if cost is None:
+            continue
+        off = dead.get(g.producer, np.zeros(0, dtype=np.int64))
+        count = aligned_count(g.channels, now.channels, off.size + 1, now.channels - int(capacity))
+        picked = cheapest(cost, count)
+        if not picked.size or not np.isfinite(cost[picked]).all():
+            continue
+        macs = _macs(narrowed(current, [now], {g.producer: picked}), input_shapes)
+        saved = (macs_now - macs) if macs is not None and macs_now is not None else picked.size
+        if saved <= 0:
+            continue
+        score = float(np.clip(cost[picked], 0, None).sum()) / saved
+        if best is None or score < best[0]:
+            best = (score, g.producer, picked.astype(np.int64))
+    return {} if best is None else {best[1]: best[2]}
 
 
 def _kept_outputs(groups: Sequence[ChannelGroup], alive: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

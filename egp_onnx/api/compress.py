@@ -26,7 +26,7 @@ from egp_onnx.api.analyze import (
     stats_files,
 )
 from egp_onnx.api.channels import remove_channels
-from egp_onnx.api.quantize import quantize_stage
+from egp_onnx.api.quantize import quantize_stage, shipped_form
 from egp_onnx.api.stages import Inputs, channel_states, open_inputs, run_options, strip_value_info, weightless
 from egp_onnx.api.summary import layer_records, model_summary
 from egp_onnx.calibrate.collect import collect_statistics
@@ -156,7 +156,9 @@ def _compress(
     proto, inputs = open_inputs(model, calib, eval_data, settings, options)
     base = _baseline(proto, inputs, stats, settings, progress, cluster)
     settings = default_thresholds(settings, base.reference)
-    guard = Guard(base.reference, settings, inputs.layers.held)  # without thresholds it only measures
+    # with --quantize the stages judge their candidates quantized too, so INT8 keeps its share
+    shipped = shipped_form(proto, inputs, base.reference, settings)
+    guard = Guard(base.reference, settings, inputs.layers.held, shipped)  # no thresholds: it only measures
     channels = None
     if settings.channels:
         proto, inputs, base, guard, channels = _channel_stage(proto, inputs, base, guard, settings, progress)
@@ -227,7 +229,7 @@ def _channel_stage(
     held = layers.held(narrow)
     first = collect_statistics(narrow, sites, inputs.data, settings.batch_size, progress.advance, held)
     base = replace(base, first_stats=first, nnz_before=layers.nnz())
-    return narrow, inputs, base, Guard(base.reference, settings, layers.held), result.record
+    return narrow, inputs, base, Guard(base.reference, settings, layers.held, guard.shipped), result.record
 
 
 def _measured_caps(

@@ -9,6 +9,12 @@ written; a faster model that breaks them is not it, and the float one still is. 
 
 The quantization runs after graph surgery (it quantizes the graph that ships: fewer layers, folded
 BatchNormalizations) on the calibration data, not the held-out data the guard measures on.
+
+The earlier stages leave it its share of the guard (:func:`shipped_form`): with ``quantize``, a
+channel or weight candidate that passes in float is quantized the same way and judged again, so
+their last accepted candidate is one whose INT8 form passes. Measured on the MNIST sample, one
+quantization costs about 1.5 s (most of it onnxruntime's calibration run over 1500 samples),
+paid only for the candidates the float verdict accepts (README "INT8 as the last stage").
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from egp_onnx.config import Settings
 from egp_onnx.errors import EgpError
 from egp_onnx.report.records import Fidelity, QuantizationRecord
 from egp_onnx.runtime.handle import ModelHandle
-from egp_onnx.runtime.quantize import INT8_SCHEME, quantize_int8
-from egp_onnx.verify.guard import Guard
+from egp_onnx.runtime.quantize import INT8_SCHEME, Quantized, quantize_int8
+from egp_onnx.verify.fidelity import Reference
+from egp_onnx.verify.guard import Guard, ShippedForm
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,33 @@ class QuantizeOutcome:
     record: QuantizationRecord
 
 
+def shipped_form(
+    model: onnx.ModelProto, inputs: Inputs, reference: Reference, settings: Settings
+) -> ShippedForm | None:
+    """How the stages before this one judge their candidates: quantized as here, or None (float only).
+
+    None without ``quantize`` or without the guard's thresholds, and when ``model`` (the one the
+    stages start from) fails the guard once quantized: then no candidate would pass in that form,
+    the stages are judged in float, and this stage keeps the float model and says why.
+    """
+    if settings.quantize is None or not settings.guarded:
+        return None
+    form = ShippedForm("INT8", lambda candidate: _quantized(candidate, inputs, settings).model)
+    problems = Guard(reference, settings, dict, form).shipped_problems(model)
+    if problems:
+        log.warning(
+            "the original model's INT8 form already fails the guard (%s): candidates are judged in float",
+            "; ".join(problems),
+        )
+        return None
+    return form
+
+
+def _quantized(model: onnx.ModelProto, inputs: Inputs, settings: Settings) -> Quantized:
+    """``model`` quantized as ``settings.quantize`` asks, its ranges from the calibration data."""
+    return quantize_int8(model, (feed for feed, _ in inputs.data.batches(settings.batch_size)))
+
+
 def quantize_stage(
     model: onnx.ModelProto,
     run: ModelHandle,
@@ -52,9 +86,8 @@ def quantize_stage(
     if settings.quantize is None:
         return None
     progress.stage("quantizing to INT8")
-    feeds = (feed for feed, _ in inputs.data.batches(settings.batch_size))
     try:
-        quantized = quantize_int8(model, feeds)
+        quantized = _quantized(model, inputs, settings)
     except EgpError as exc:
         reason = str(exc)
         log.warning("%s; keeping the float model", reason)

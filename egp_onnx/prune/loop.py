@@ -41,6 +41,9 @@ class Guard(Protocol):
     def __call__(self, candidate: onnx.ModelProto) -> tuple[Fidelity, list[str]]:
         """The candidate's fidelity and the guard's complaints about it (empty: it passes)."""
 
+    def shipped_problems(self, candidate: onnx.ModelProto) -> list[str]:
+        """The complaints about the candidate in the form a last stage ships it in (INT8); none without."""
+
 
 class LayerSet:
     """The prunable layers, the ReLU each owns, and their current weights."""
@@ -227,6 +230,11 @@ class _LoopState:
     rejected_from: float = 0.0  # the sparsity of the model that ``rejected`` was pruned from
     steps: list[StepRecord] = field(default_factory=list)
     accepted: int = 0
+    # The last accepted model known to pass in its shipped form (the start one passes: the channel
+    # stage or the INT8 stage's check of the original saw to it), with its statistics, sparsity
+    # and step; and whether every accepted step is now judged in that form (see run_loop).
+    shipped: tuple[onnx.ModelProto, Statistics, float, int] | None = None
+    shipped_each: bool = False
 
     def retry_ceiling(self) -> float | None:
         """The smallest rejected sparsity once more, if it was rejected from an earlier model.
@@ -275,7 +283,32 @@ def run_loop(ctx: LoopContext, stats: Statistics) -> LoopOutcome:
     # The measured caps order the budget; they do not end the run: they are measured one layer at
     # a time, without the refit, so the guard (which judges refit steps) may allow more.
     capped = None if ctx.caps is None else np.minimum(limit, [ctx.caps[n] for n in layers.weight_names])
-    state = _LoopState(ctx.model, stats)
+    state = _LoopState(ctx.model, stats, shipped=(ctx.model, stats, 0.0, 0))
+    stop = _search(ctx, state, total, target_zeros, limit, capped, rng)
+    back = _shipped_failure(ctx, state)
+    if back is not None:
+        log.warning(
+            "%s; searching again from sparsity %.4f, each step judged as it ships", back, state.sparsity
+        )
+        stop = _search(ctx, state, total, target_zeros, limit, capped, rng)
+    if stop is None:
+        stop = StopRecord("target", state.accepted, f"reached sparsity {settings.sparsity}")
+    if back is not None:
+        stop = replace(stop, detail=f"{stop.detail} (searched again after {back})")
+    return LoopOutcome(state.current, state.stats, tuple(state.steps), stop)
+
+
+def _search(
+    ctx: LoopContext,
+    state: _LoopState,
+    total: int,
+    target_zeros: int,
+    limit: np.ndarray,
+    capped: np.ndarray | None,
+    rng: np.random.Generator,
+) -> StopRecord | None:
+    """Step until the target (None), the guard's resolution or the layers' limits (the stop record)."""
+    layers, settings = ctx.layers, ctx.settings
     stop: StopRecord | None = None
     while stop is None:
         nnz = layers.nnz()  # one count per step: it scans every weight
@@ -307,13 +340,38 @@ def run_loop(ctx: LoopContext, stats: Statistics) -> LoopOutcome:
             stop = StopRecord("no-weights-left", state.accepted, detail)
             break
         outcome = _attempt_step(ctx, state.current, counts, rule, len(state.steps) + 1, total, rng)
+        if not outcome.problems and state.shipped_each and ctx.guard is not None:
+            shipped = ctx.guard.shipped_problems(outcome.candidate)
+            if shipped:
+                record = replace(outcome.record, accepted=False, problems=tuple(shipped))
+                outcome = replace(outcome, problems=shipped, record=record)
         if outcome.problems:
             stop = _roll_back(ctx, state, outcome)
         else:
             _accept(ctx, state, outcome)
-    if stop is None:
-        stop = StopRecord("target", state.accepted, f"reached sparsity {settings.sparsity}")
-    return LoopOutcome(state.current, state.stats, tuple(state.steps), stop)
+    return stop
+
+
+def _shipped_failure(ctx: LoopContext, state: _LoopState) -> str | None:
+    """Why the search's result fails as it ships, once rolled back to a model that passes; None: it passes.
+
+    The search judges its steps in float (the cheap verdict: a quantization costs a calibration
+    run of its own) and asks the shipped form of its result only. When that fails, the loop goes
+    back to the last model known to pass in that form (the start) and searches again, between it
+    and the failed sparsity, each step that passes in float judged in that form too.
+    """
+    if ctx.guard is None or state.shipped is None or state.current is state.shipped[0]:
+        return None
+    problems = ctx.guard.shipped_problems(state.current)
+    if not problems:
+        return None
+    failed = state.sparsity
+    model, stats, sparsity, step = state.shipped
+    ctx.layers.read(model)
+    state.current, state.stats, state.sparsity, state.accepted = model, stats, sparsity, step
+    state.rejected, state.rejected_from = failed, sparsity
+    state.shipped_each = True
+    return f"sparsity {failed:.4f} failed the guard as it ships ({'; '.join(problems)})"
 
 
 def _attempt_step(
@@ -385,7 +443,9 @@ def _roll_back(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> Sto
     if state.rejected is None or sparsity <= state.rejected:
         state.rejected, state.rejected_from = sparsity, state.sparsity
     log.info("step %d (sparsity %.4f) failed the guard: %s", number, sparsity, "; ".join(problems))
-    if state.accepted == 0 and not ctx.start_passes and state.next_target(ctx.settings.sparsity) is None:
+    # the second search (shipped_each) starts from a model known to pass: it ends there
+    first = state.accepted == 0 and not ctx.start_passes and not state.shipped_each
+    if first and state.next_target(ctx.settings.sparsity) is None:
         tried = f"step 1 failed the guard at {len(state.steps)} sizes, down to sparsity {sparsity:.4f}"
         advice = "no model passes, nothing written (lower the guard's threshold or give more data)"
         removed = {n: int(c) for n, c in zip(ctx.layers.weight_names, outcome.counts, strict=True) if c > 0}
@@ -419,6 +479,8 @@ def _accept(ctx: LoopContext, state: _LoopState, outcome: StepOutcome) -> None:
     entropies = ctx.layers.entropies(stats)
     state.steps.append(replace(record, zero_entropy_layers=int((entropies == 0).sum())))
     state.current = outcome.candidate
+    if state.shipped_each:  # judged as it ships: where a failure would go back to
+        state.shipped = (state.current, stats, state.sparsity, state.accepted)
 
 
 def _prune_step(

@@ -10,12 +10,13 @@ rewritten model is kept only when it reproduces the pruned model up to rounding.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 
 from egp_onnx.config import DEFAULT_MAX_REL_ERROR, DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_IOU, Settings
+from egp_onnx.errors import EgpError
 from egp_onnx.report.records import Fidelity, OutputFidelity
 from egp_onnx.runtime.handle import ModelHandle
 from egp_onnx.verify.fidelity import CLASSES, PROBABILITY, SEQUENCE, Reference, wilson_interval
@@ -164,8 +165,22 @@ def surgery_failures(check: Fidelity) -> list[OutputFidelity]:
     return [o for o in check.outputs if not o.allclose and not o.rel_error <= SURGERY_CHECK]
 
 
+@dataclass(frozen=True)
+class ShippedForm:
+    """The form the written model takes in a last stage (``--quantize int8``: the INT8 model).
+
+    A guard given one judges candidates in this form as well, when a stage asks: the stages before
+    the last leave it its share of the guard, instead of spending all of it in float.
+    """
+
+    name: str  # how complaints name it ("INT8")
+    make: Callable[[onnx.ModelProto], onnx.ModelProto]  # the candidate in that form (raises EgpError)
+
+
 class Guard:
     """Fidelity of a candidate against the original, and the guard's complaints about it.
+
+    With a :class:`ShippedForm` it also judges a candidate in that form (:meth:`shipped_problems`).
 
     It keeps the session of the last candidate it measured, so that when that candidate is the
     loop's result, graph surgery's check reuses it instead of building the same session again;
@@ -177,13 +192,15 @@ class Guard:
         reference: Reference,
         settings: Settings,
         held: Callable[[onnx.ModelProto], Mapping[str, np.ndarray]],
+        shipped: ShippedForm | None = None,
     ) -> None:
         """Measure against ``reference`` with ``settings``' thresholds.
 
         ``held(model)``: the weights of ``model`` already in memory, so its session reads them
-        instead of a copy.
+        instead of a copy. ``shipped``: judge candidates in that form too (see :class:`ShippedForm`).
         """
         self.reference, self.settings, self._held = reference, settings, held
+        self.shipped = shipped
         self._last: ModelHandle | None = None
 
     @property
@@ -194,16 +211,36 @@ class Guard:
     def __call__(self, candidate: onnx.ModelProto) -> tuple[Fidelity, list[str]]:
         """The fidelity of a loop candidate and the guard's complaints about it.
 
-        Its session reads the loop's copy of the pruned weights, not a new one.
+        Its session reads the loop's copy of the pruned weights, not a new one. This is the float
+        verdict; the stages ask :meth:`shipped_problems` when they want the shipped form's too.
         """
         return self.check(ModelHandle(candidate, known=self._held(candidate)))
+
+    def shipped_problems(self, candidate: onnx.ModelProto) -> list[str]:
+        """The guard's complaints about ``candidate`` in its shipped form (none without one).
+
+        Its cost is the form's (an INT8 quantization: a calibration run of its own), so the
+        stages ask it of candidates that already pass in float.
+        """
+        if self.shipped is None or self.measures_only:
+            return []
+        name = self.shipped.name
+        try:
+            handle = ModelHandle(self.shipped.make(candidate))
+            found = self.reference.evaluate(handle, SURGERY_ATOL, SURGERY_RTOL)
+        except EgpError as exc:  # it cannot be made, or onnxruntime cannot run it
+            return [f"as {name}: {exc}"]
+        return [f"as {name}: {p}" for p in self._problems(found)]
 
     def check(self, handle: ModelHandle) -> tuple[Fidelity, list[str]]:
         """The fidelity of ``handle``'s model and the guard's complaints about it; its session is kept."""
         self._last = handle
         fidelity = self.reference.evaluate(handle, SURGERY_ATOL, SURGERY_RTOL)
+        return fidelity, self._problems(fidelity)
+
+    def _problems(self, fidelity: Fidelity) -> list[str]:
         settings = self.settings
-        return fidelity, guard_problems(
+        return guard_problems(
             fidelity, settings.min_agreement, settings.max_rel_error, min_iou=settings.min_iou
         )
 

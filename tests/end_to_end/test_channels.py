@@ -9,10 +9,12 @@ import warnings
 import numpy as np
 import onnx
 import pytest
+from conftest import SAMPLES
 from models import Builder, f32
 from references import run_ort
 
 import egp_onnx
+from egp_onnx.config import Settings
 from egp_onnx.errors import ConfigError
 from egp_onnx.verify.cost import count_macs
 
@@ -161,3 +163,29 @@ def test_weight_pruning_after_channel_removal_ends_at_the_narrowed_model_when_it
     assert result.report.fidelity.rel_error <= 0.05
     assert result.report.stop.reason in ("guard", "target", "no-weights-left")
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_one_group_at_a_time_takes_the_aligned_cut_that_saves_most_macs_per_price():
+    """Once the halved steps round to nothing at the 16-channel alignment, the stage cuts one group."""
+    from egp_onnx.api.channels import _single_cut
+    from egp_onnx.graph.channels import channel_groups
+    from egp_onnx.surgery.narrow import narrowed
+
+    model = onnx.load(str(SAMPLES / "mnist_resnet.onnx"))
+    groups, _ = channel_groups(model)
+    now = {g.producer: g for g in groups}
+    shapes = {"image": (1, 1, 28, 28)}
+    rng = np.random.default_rng(0)
+    prices = {g.producer: rng.uniform(1, 2, size=g.channels) for g in groups}
+    cut = _single_cut(model, groups, now, {}, prices, Settings(), shapes)
+    ((producer, picked),) = cut.items()
+    assert picked.size == 16 and now[producer].channels in (32, 64)  # a 16-channel group keeps all
+    np.testing.assert_array_equal(picked, np.sort(np.argsort(prices[producer], kind="stable")[:16]))
+    before = count_macs(model, shapes)[0]
+
+    def score(g):  # independently: the price of its 16 cheapest channels per MAC saved
+        cheapest = np.sort(prices[g.producer])[:16]
+        index = np.sort(np.argsort(prices[g.producer], kind="stable")[:16])
+        return cheapest.sum() / (before - count_macs(narrowed(model, [g], {g.producer: index}), shapes)[0])
+
+    assert producer == min((g for g in groups if g.channels > 16), key=score).producer

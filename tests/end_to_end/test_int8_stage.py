@@ -134,3 +134,29 @@ def test_bad_quantize_values_are_refused_in_one_line(tmp_path):
         )
         assert "--quantize" in one_line_error(result)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_channels_then_int8_leave_int8_its_share_and_write_an_int8_model_that_passes_the_guard():
+    """On the digits sample the float stages alone end where the INT8 model fails the guard (1 flip in
+    256 held-out samples), and the float model was written; judged as they ship, they stop short of it."""
+    result = egp_onnx.compress(SAMPLE, SAMPLE_CALIB, channels=True, quantize="int8", latency=False)
+    report = result.report
+    record = report.quantization
+    assert record is not None and record.applied and record.reason is None
+    assert report.channels is not None and report.channels.removed > 0
+    # the float search's result failed as INT8; the loop searched again, each step judged as INT8
+    assert "failed the guard as it ships" in report.stop.detail
+    assert record.top1_agreement is not None and record.top1_agreement >= 0.99
+    assert report.fidelity.top1_agreement == record.top1_agreement
+    model = result.model
+    onnx.checker.check_model(model, full_check=True)
+    assert "QuantizeLinear" in {n.op_type for n in model.graph.node}
+    # zeros stay zero: every weight that was 0.0 dequantizes to exactly 0.0 (checked by the stage,
+    # counted here again on the written model's layers)
+    zeros = 0
+    for node in model.graph.node:
+        if node.op_type in LAYERS:
+            values = dequantized(model, node.input[1])
+            assert values is not None, f"{node.name}'s weight is not quantized"
+            zeros += int((values == 0).sum())
+    assert zeros >= record.zero_weights_checked > 0

@@ -157,6 +157,9 @@ def test_a_rejected_step_is_retried_from_the_last_accepted_weights():
             fidelity = Fidelity(0.0 if fails else 1.0, 0.0, 0.0, None, None, 1, ())
             return fidelity, ["rejected"] if fails else []
 
+        def shipped_problems(self, candidate):
+            return []
+
     stats = collect_statistics(model, sites, calib, 64)
     quiet = lambda *args: None  # noqa: E731
     context = LoopContext(model, sites, layers, limits, calib, settings, Guard(), quiet, quiet)
@@ -214,8 +217,9 @@ class _SparsityGuard:
 
     measures_only = False
 
-    def __init__(self, layers: LayerSet, ceiling: float) -> None:
+    def __init__(self, layers: LayerSet, ceiling: float, shipped: float = 1.0) -> None:
         self.layers, self.ceiling, self.seen = layers, ceiling, []
+        self.shipped, self.shipped_seen = shipped, []  # the same rule as it ships, with its own ceiling
 
     def __call__(self, candidate):
         sparsity = 1 - self.layers.nnz().sum() / self.layers.sizes().sum()
@@ -223,15 +227,20 @@ class _SparsityGuard:
         fails = sparsity > self.ceiling
         return Fidelity(0.0 if fails else 1.0, 0.0, 0.0, None, None, 1, ()), ["too sparse"] if fails else []
 
+    def shipped_problems(self, candidate):
+        sparsity = 1 - self.layers.nnz().sum() / self.layers.sizes().sum()
+        self.shipped_seen.append(sparsity)
+        return ["too sparse as it ships"] if sparsity > self.shipped else []
 
-def _guarded_loop(target: float, ceiling: float, step: float = 0.5):
+
+def _guarded_loop(target: float, ceiling: float, step: float = 0.5, shipped: float = 1.0):
     model = load_model(SAMPLES / "digits_resnet.onnx")
     calib = open_calibration(SAMPLES / "digits_calib.npz", model)
     sites = find_rectifiers(model)
     layers = LayerSet(model, sites)
     limits = sparsity_limits(model, layers.weight_names, 0.98)
     settings = Settings(sparsity=target, step=step, batch_size=128, reconstruct=False, min_agreement=0.5)
-    guard = _SparsityGuard(layers, ceiling)
+    guard = _SparsityGuard(layers, ceiling, shipped)
     quiet = lambda *args: None  # noqa: E731
     context = LoopContext(model, sites, layers, limits, calib, settings, guard, quiet, quiet)
     return run_loop(context, collect_statistics(model, sites, calib, 128)), guard
@@ -245,6 +254,25 @@ def test_retries_shrink_a_step_that_the_target_caps():
     assert rejected == sorted(rejected, reverse=True) and len(set(rejected)) == len(rejected)
     final = outcome.steps[outcome.stop.step - 1].sparsity
     assert outcome.stop.reason == "guard" and final <= 0.03
+
+
+def test_a_result_that_fails_as_it_ships_is_searched_again_from_the_start_judged_as_it_ships():
+    """Float allows 0.62, the shipped form (INT8) 0.4: the loop ends at most 0.4, near it, shipped-judged."""
+    outcome, guard = _guarded_loop(0.95, 0.62, shipped=0.4)
+    final = outcome.steps[outcome.stop.step - 1]
+    assert final.accepted and 0.35 <= final.sparsity <= 0.4
+    assert guard.shipped_seen[0] > 0.55  # the float search's result was asked first, and failed
+    assert outcome.stop.reason == "guard" and "failed the guard as it ships" in outcome.stop.detail
+    # after it, each step that passes in float is judged as it ships, and rejected when that fails
+    shipped_rejected = [s for s in outcome.steps if s.problems == ("too sparse as it ships",)]
+    assert shipped_rejected and all(0.4 < s.sparsity <= 0.62 for s in shipped_rejected)
+    assert len(guard.shipped_seen) < len(outcome.steps)  # asked of float-passing candidates only
+
+
+def test_a_result_that_passes_as_it_ships_costs_one_shipped_check():
+    outcome, guard = _guarded_loop(0.95, 0.62, shipped=0.7)
+    assert len(guard.shipped_seen) == 1 and "as it ships" not in outcome.stop.detail
+    assert outcome.steps[outcome.stop.step - 1].sparsity <= 0.62
 
 
 @pytest.mark.parametrize("ceiling", [0.62, 0.8])
@@ -284,6 +312,9 @@ def test_measured_caps_are_spent_first_and_past_them_the_guard_decides():
             weights = initializer_arrays(candidate, layers.weight_names)
             most.append(max(float((w == 0).mean()) for w in weights.values()))
             return Fidelity(1.0, 0.0, 0.0, None, None, 1, ()), []
+
+        def shipped_problems(self, candidate):
+            return []
 
     quiet = lambda *args: None  # noqa: E731
     context = LoopContext(model, sites, layers, limits, calib, settings, Guard(), quiet, quiet, caps=caps)

@@ -11,9 +11,11 @@ from conftest import compress_plain
 from onnx import TensorProto, helper, numpy_helper
 
 from egp_onnx.config import DEFAULT_MAX_REL_ERROR, DEFAULT_MIN_AGREEMENT, Settings
+from egp_onnx.errors import ModelError
 from egp_onnx.report.records import Fidelity, OutputFidelity
 from egp_onnx.verify.guard import (
     Guard,
+    ShippedForm,
     default_thresholds,
     guard_bound,
     guard_problems,
@@ -154,6 +156,32 @@ def test_a_guard_only_measures_without_thresholds():
     assert Guard(reference, Settings(guard=False), dict).measures_only
     assert Guard(reference, Settings(), dict).measures_only  # before default_thresholds
     assert not Guard(reference, Settings(min_agreement=0.9), dict).measures_only
+
+
+def test_the_shipped_form_is_judged_by_the_same_rule_and_named_in_its_complaints():
+    """A form that cannot be made is a complaint; one that runs is judged as the float candidate is."""
+    seen = []
+
+    def evaluate(handle, atol, rtol):
+        seen.append(handle.model)
+        return Fidelity(0.98, 0.5, 1.0, None, None, 1000, (classes(0.98),))
+
+    reference = SimpleNamespace(evaluate=evaluate)
+    settings = Settings(min_agreement=0.99)
+    candidate, shipped = onnx.ModelProto(), onnx.ModelProto()
+    assert Guard(reference, settings, dict).shipped_problems(candidate) == []  # no form: nothing to judge
+    guard = Guard(reference, settings, dict, ShippedForm("INT8", lambda model: shipped))
+    (problem,) = guard.shipped_problems(candidate)
+    assert problem.startswith("as INT8: output logits: top-1 agreement 0.9800") and seen == [shipped]
+
+    def refuses(model):
+        raise ModelError("onnxruntime cannot quantize the model to INT8: no")
+
+    refused = ShippedForm("INT8", refuses)
+    (problem,) = Guard(reference, settings, dict, refused).shipped_problems(candidate)
+    assert problem == "as INT8: onnxruntime cannot quantize the model to INT8: no"
+    # a guard that only measures never complains
+    assert Guard(reference, Settings(guard=False), dict, refused).shipped_problems(candidate) == []
 
 
 def test_surgery_reverts_on_a_change_not_on_rounding():
