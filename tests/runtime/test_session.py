@@ -26,18 +26,30 @@ def _preset(optimize: bool) -> SessionPreset:
     return SessionPreset(optimize=optimize, lean=False, spinning=True)
 
 
+PRIORITY, DEFAULT = ort.ExecutionOrder.PRIORITY_BASED, ort.ExecutionOrder.DEFAULT
+
+
 @pytest.mark.parametrize(
-    ("preset", "mem_pattern", "spinning"),
-    [(STATISTICS, False, True), (SEGMENTS, False, False), (MEASURE, True, False)],
+    ("preset", "mem_pattern", "spinning", "order"),
+    [
+        (STATISTICS, False, True, PRIORITY),
+        (SEGMENTS, False, False, PRIORITY),
+        (MEASURE, True, False, DEFAULT),
+    ],
     ids=["statistics", "segments", "measure"],
 )
-def test_each_preset_builds_its_session_options(preset, mem_pattern, spinning, rng):
-    """x(N,3,6,6) -> Conv Relu -> y (single_conv): every preset optimises; lean and spinning differ."""
+def test_each_preset_builds_its_session_options(preset, mem_pattern, spinning, order, rng):
+    """x(N,3,6,6) -> Conv Relu -> y (single_conv): every preset optimises; lean, spinning, order differ.
+
+    The graphs that read outputs off inner tensors (statistics probes, segments) run in priority
+    order, each probe as soon as its tensor exists; a measured model in onnxruntime's default order.
+    """
     session = make_session(prepare_model(single_conv(rng)), preset, threads=1)
     options = session.get_session_options()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert options.enable_mem_pattern is mem_pattern
     assert spins(session) is spinning
+    assert options.execution_order == order
     assert options.intra_op_num_threads == 1
     assert options.log_severity_level == 4  # FATAL: a failed node raises; its ERROR line would leak
     assert options.get_session_config_entry("session.use_device_allocator_for_initializers") == "1"
