@@ -34,6 +34,7 @@ from egp_onnx.graph.weights import IN_MEMORY, split_weights
 __all__ = [
     "MEASURE",
     "SEGMENTS",
+    "SHRINK_ARENA",
     "STATISTICS",
     "Session",
     "SessionPreset",
@@ -138,14 +139,33 @@ def _is_stub(tensor: onnx.TensorProto) -> bool:
     )
 
 
+def _shrinking() -> ort.RunOptions:
+    options = ort.RunOptions()
+    options.add_run_config_entry(SHRINK_ARENA, "cpu:0")
+    return options
+
+
+#: The run option that gives the CPU memory arena's free chunks back when a run ends.
+SHRINK_ARENA = "memory.enable_memory_arena_shrinkage"
+
+
 def run_session(
-    session: ort.InferenceSession, names: list[str] | None, feed: dict[str, np.ndarray]
+    session: ort.InferenceSession,
+    names: list[str] | None,
+    feed: dict[str, np.ndarray],
+    shrink: bool = False,
 ) -> list[np.ndarray]:
     """``session.run`` with onnxruntime's failures turned into a one-line CalibrationError.
 
     The message gives the batch's shapes: with inputs of many sizes, they say which data failed.
+    ``shrink`` gives the arena's free chunks back when the run ends: onnxruntime's arena never
+    shrinks otherwise, so a session kept for later (the original's, for the latency) would hold
+    what its largest batch needed for the rest of the run. Timed runs do not shrink (a deployment
+    keeps its arena).
     """
     try:
+        if shrink:
+            return list(session.run(names, feed, _shrinking()))
         return list(session.run(names, feed))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException types
         shapes = ", ".join(f"{name} {tuple(np.shape(array))}" for name, array in feed.items())

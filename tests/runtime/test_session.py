@@ -18,7 +18,15 @@ from references import run_ort, spins
 from egp_onnx.errors import CalibrationError, ModelError
 from egp_onnx.graph.weights import split_weights
 from egp_onnx.load.model import prepare_model
-from egp_onnx.runtime.session import MEASURE, SEGMENTS, STATISTICS, SessionPreset, make_session, run_session
+from egp_onnx.runtime.session import (
+    MEASURE,
+    SEGMENTS,
+    SHRINK_ARENA,
+    STATISTICS,
+    SessionPreset,
+    make_session,
+    run_session,
+)
 
 
 def _preset(optimize: bool) -> SessionPreset:
@@ -160,3 +168,28 @@ def test_onnxruntime_log_lines_never_reach_stderr(session, leaks):
 def test_no_onnxruntime_profile_dumps_in_the_repository():
     assert not list(ROOT.glob("onnxruntime_profile__*.json"))
     assert "onnxruntime_profile__*.json" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+class _Recording:
+    """Stands in for a session: records the run options it is given."""
+
+    def __init__(self) -> None:
+        self.options: list[ort.RunOptions | None] = []
+
+    def run(self, names, feed, options=None):
+        self.options.append(options)
+        return [feed["x"]]
+
+
+def test_a_shrinking_run_gives_the_arena_back_and_a_plain_run_keeps_it(rng):
+    """A kept session's arena would hold its largest batch's memory for the rest of the run."""
+    fake, x = _Recording(), inputs(rng, 2)
+    run_session(fake, None, {"x": x}, shrink=True)  # type: ignore[arg-type]
+    run_session(fake, None, {"x": x})  # type: ignore[arg-type]
+    shrinking, plain = fake.options
+    assert shrinking is not None and shrinking.get_run_config_entry(SHRINK_ARENA) == "cpu:0"
+    assert plain is None  # timed runs (verify/latency) keep the arena, as a deployment does
+    session = make_session(prepare_model(single_conv(rng)), MEASURE)
+    np.testing.assert_array_equal(
+        run_session(session, None, {"x": x}, shrink=True)[0], run_session(session, None, {"x": x})[0]
+    )
