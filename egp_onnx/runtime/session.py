@@ -13,10 +13,11 @@ should run as the user's deployment runs them. The presets differ in three thing
   spinning workers of one would slow the other's runs.
 - ``prompt`` runs the nodes in onnxruntime's priority-based order (Kahn's, ready nodes by
   index) instead of its default one (a depth-first walk back from the graph's outputs). The
-  statistics model and a segment read outputs off the model's inner tensors; in the default order
-  every such output's node ran after the whole model, so every probed tensor stayed alive to the
-  end (README, RapidOCR: the statistics pass on PP-OCRv4 rec).
-  A measured model runs in the default order, as the user's deployment runs it.
+  statistics model reads its outputs off the model's inner tensors through probe nodes; in the
+  default order every probe ran after the whole model, so every probed tensor stayed alive to the
+  end (README, RapidOCR: the statistics pass on PP-OCRv4 rec). A segment's outputs are inner
+  tensors too, and it runs the same way. A measured model runs in the default order, as the
+  user's deployment runs it.
 """
 
 from __future__ import annotations
