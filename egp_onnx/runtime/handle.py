@@ -75,8 +75,12 @@ class ModelHandle:
         return self._session
 
     def run(self, names: list[str] | None, feed: Batch) -> list[np.ndarray]:
-        """Run one batch; its input shapes are remembered (the session has planned its memory for them)."""
-        outputs = run_session(self.session, names, feed)
+        """Run one batch; its input shapes are remembered (the session has planned its memory for them).
+
+        The arena shrinks after the run: a handle runs whole data sets at their largest batches and
+        may be kept for long after (the original's session, for the latency at the end).
+        """
+        outputs = run_session(self.session, names, feed, shrink=True)
         self.warm.add(shapes(feed))
         return outputs
 

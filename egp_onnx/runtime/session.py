@@ -2,7 +2,7 @@
 
 Every session runs on the CPU with the graph optimised (``ORT_ENABLE_ALL``): the statistics probes
 are built to stay inside onnxruntime's fused, blocked-layout graph, segments and measured models
-should run as the user's deployment runs them. The presets differ in two things:
+should run as the user's deployment runs them. The presets differ in three things:
 
 - ``lean`` turns off onnxruntime's memory pattern planning, which keeps a plan (and its buffers)
   per input shape: the statistics pass and the segments run many batches and should stay flat in
@@ -11,6 +11,13 @@ should run as the user's deployment runs them. The presets differ in two things:
   pass keeps onnxruntime's default (only its own sessions run then). Segments alternate with numpy
   work whose BLAS threads spinning workers would starve; two measured models are timed in turn, and
   spinning workers of one would slow the other's runs.
+- ``prompt`` runs the nodes in onnxruntime's priority-based order (Kahn's, ready nodes by
+  index) instead of its default one (a depth-first walk back from the graph's outputs). The
+  statistics model reads its outputs off the model's inner tensors through probe nodes; in the
+  default order every probe ran after the whole model, so every probed tensor stayed alive to the
+  end (README, RapidOCR: the statistics pass on PP-OCRv4 rec). A segment's outputs are inner
+  tensors too, and it runs the same way. A measured model runs in the default order, as the
+  user's deployment runs it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from egp_onnx.graph.weights import IN_MEMORY, split_weights
 __all__ = [
     "MEASURE",
     "SEGMENTS",
+    "SHRINK_ARENA",
     "STATISTICS",
     "Session",
     "SessionPreset",
@@ -48,17 +56,18 @@ _FATAL = 4
 
 @dataclass(frozen=True)
 class SessionPreset:
-    """How a session is built: graph optimisation, memory planning and idle threads (see the module)."""
+    """How a session is built: optimisation, memory planning, idle threads, node order (see the module)."""
 
     optimize: bool
     lean: bool
     spinning: bool
+    prompt: bool = False
 
 
 #: The statistics pass (calibrate): many batches, flat memory, onnxruntime's default threads.
-STATISTICS = SessionPreset(optimize=True, lean=True, spinning=True)
+STATISTICS = SessionPreset(optimize=True, lean=True, spinning=True, prompt=True)
 #: Segments of a model being refit (runtime.segments): many batches between numpy work.
-SEGMENTS = SessionPreset(optimize=True, lean=True, spinning=False)
+SEGMENTS = SessionPreset(optimize=True, lean=True, spinning=False, prompt=True)
 #: Models that are compared and timed (runtime.handle, verify): planned memory, sleeping threads.
 MEASURE = SessionPreset(optimize=True, lean=False, spinning=False)
 
@@ -96,6 +105,8 @@ def make_session(
     options.log_severity_level = _FATAL
     options.enable_mem_pattern = not preset.lean
     options.intra_op_num_threads = threads
+    if preset.prompt:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if not preset.spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # The weights outside the memory arena, whose chunks round them up: a session takes less
@@ -129,14 +140,33 @@ def _is_stub(tensor: onnx.TensorProto) -> bool:
     )
 
 
+def _shrinking() -> ort.RunOptions:
+    options = ort.RunOptions()
+    options.add_run_config_entry(SHRINK_ARENA, "cpu:0")
+    return options
+
+
+#: The run option that gives the CPU memory arena's free chunks back when a run ends.
+SHRINK_ARENA = "memory.enable_memory_arena_shrinkage"
+
+
 def run_session(
-    session: ort.InferenceSession, names: list[str] | None, feed: dict[str, np.ndarray]
+    session: ort.InferenceSession,
+    names: list[str] | None,
+    feed: dict[str, np.ndarray],
+    shrink: bool = False,
 ) -> list[np.ndarray]:
     """``session.run`` with onnxruntime's failures turned into a one-line CalibrationError.
 
     The message gives the batch's shapes: with inputs of many sizes, they say which data failed.
+    ``shrink`` gives the arena's free chunks back when the run ends: onnxruntime's arena never
+    shrinks otherwise, so a session kept for later (the original's, for the latency) would hold
+    what its largest batch needed for the rest of the run. Timed runs do not shrink (a deployment
+    keeps its arena).
     """
     try:
+        if shrink:
+            return list(session.run(names, feed, _shrinking()))
         return list(session.run(names, feed))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException types
         shapes = ", ".join(f"{name} {tuple(np.shape(array))}" for name, array in feed.items())

@@ -80,3 +80,20 @@ def test_a_model_handle_remembers_the_shapes_it_has_run(rng, tmp_path):
     prepared = ModelHandle(model)
     Reference(prepared, data, 5)  # batches of 5, 5 and 2
     assert prepared.warm == {(("x", (5, 3, 6, 6)),), (("x", (2, 3, 6, 6)),)}
+
+
+def test_a_model_handle_shrinks_its_arena_after_every_run(rng, monkeypatch):
+    """The original's handle is kept to the end for the latency: its arena must not keep its largest batch."""
+    import egp_onnx.runtime.handle as handle_module
+
+    seen: list[bool] = []
+    real = handle_module.run_session
+
+    def recording(session, names, feed, shrink=False):
+        seen.append(shrink)
+        return real(session, names, feed, shrink)
+
+    monkeypatch.setattr(handle_module, "run_session", recording)
+    handle = ModelHandle(prepare_model(single_conv(rng)))
+    handle.run(None, {"x": inputs(rng, 3)})
+    assert seen == [True]

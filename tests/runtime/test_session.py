@@ -18,7 +18,15 @@ from references import run_ort, spins
 from egp_onnx.errors import CalibrationError, ModelError
 from egp_onnx.graph.weights import split_weights
 from egp_onnx.load.model import prepare_model
-from egp_onnx.runtime.session import MEASURE, SEGMENTS, STATISTICS, SessionPreset, make_session, run_session
+from egp_onnx.runtime.session import (
+    MEASURE,
+    SEGMENTS,
+    SHRINK_ARENA,
+    STATISTICS,
+    SessionPreset,
+    make_session,
+    run_session,
+)
 
 
 def _preset(optimize: bool) -> SessionPreset:
@@ -26,18 +34,30 @@ def _preset(optimize: bool) -> SessionPreset:
     return SessionPreset(optimize=optimize, lean=False, spinning=True)
 
 
+PRIORITY, DEFAULT = ort.ExecutionOrder.PRIORITY_BASED, ort.ExecutionOrder.DEFAULT
+
+
 @pytest.mark.parametrize(
-    ("preset", "mem_pattern", "spinning"),
-    [(STATISTICS, False, True), (SEGMENTS, False, False), (MEASURE, True, False)],
+    ("preset", "mem_pattern", "spinning", "order"),
+    [
+        (STATISTICS, False, True, PRIORITY),
+        (SEGMENTS, False, False, PRIORITY),
+        (MEASURE, True, False, DEFAULT),
+    ],
     ids=["statistics", "segments", "measure"],
 )
-def test_each_preset_builds_its_session_options(preset, mem_pattern, spinning, rng):
-    """x(N,3,6,6) -> Conv Relu -> y (single_conv): every preset optimises; lean and spinning differ."""
+def test_each_preset_builds_its_session_options(preset, mem_pattern, spinning, order, rng):
+    """x(N,3,6,6) -> Conv Relu -> y (single_conv): every preset optimises; lean, spinning, order differ.
+
+    The graphs that read outputs off inner tensors (statistics probes, segments) run in priority
+    order, each probe as soon as its tensor exists; a measured model in onnxruntime's default order.
+    """
     session = make_session(prepare_model(single_conv(rng)), preset, threads=1)
     options = session.get_session_options()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert options.enable_mem_pattern is mem_pattern
     assert spins(session) is spinning
+    assert options.execution_order == order
     assert options.intra_op_num_threads == 1
     assert options.log_severity_level == 4  # FATAL: a failed node raises; its ERROR line would leak
     assert options.get_session_config_entry("session.use_device_allocator_for_initializers") == "1"
@@ -148,3 +168,28 @@ def test_onnxruntime_log_lines_never_reach_stderr(session, leaks):
 def test_no_onnxruntime_profile_dumps_in_the_repository():
     assert not list(ROOT.glob("onnxruntime_profile__*.json"))
     assert "onnxruntime_profile__*.json" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+class _Recording:
+    """Stands in for a session: records the run options it is given."""
+
+    def __init__(self) -> None:
+        self.options: list[ort.RunOptions | None] = []
+
+    def run(self, names, feed, options=None):
+        self.options.append(options)
+        return [feed["x"]]
+
+
+def test_a_shrinking_run_gives_the_arena_back_and_a_plain_run_keeps_it(rng):
+    """A kept session's arena would hold its largest batch's memory for the rest of the run."""
+    fake, x = _Recording(), inputs(rng, 2)
+    run_session(fake, None, {"x": x}, shrink=True)  # type: ignore[arg-type]
+    run_session(fake, None, {"x": x})  # type: ignore[arg-type]
+    shrinking, plain = fake.options
+    assert shrinking is not None and shrinking.get_run_config_entry(SHRINK_ARENA) == "cpu:0"
+    assert plain is None  # timed runs (verify/latency) keep the arena, as a deployment does
+    session = make_session(prepare_model(single_conv(rng)), MEASURE)
+    np.testing.assert_array_equal(
+        run_session(session, None, {"x": x}, shrink=True)[0], run_session(session, None, {"x": x})[0]
+    )
