@@ -156,7 +156,7 @@ def _compress(
     proto, inputs = open_inputs(model, calib, eval_data, settings, options)
     base = _baseline(proto, inputs, stats, settings, progress, cluster)
     settings = default_thresholds(settings, base.reference)
-    guard = Guard(base.reference, settings, inputs.layers.held)  # without thresholds it only measures
+    guard = Guard(base.reference, settings, inputs.layers.held, cluster)  # no thresholds: it only measures
     channels = None
     if settings.channels:
         proto, inputs, base, guard, channels = _channel_stage(proto, inputs, base, guard, settings, progress)
@@ -225,9 +225,10 @@ def _channel_stage(
     inputs = replace(inputs, sites=sites, layers=layers, limits=limits)
     progress.stage("calibrating the narrowed model")
     held = layers.held(narrow)
-    first = collect_statistics(narrow, sites, inputs.data, settings.batch_size, progress.advance, held)
+    batch_size, cluster = settings.batch_size, guard.cluster
+    first = collect_statistics(narrow, sites, inputs.data, batch_size, progress.advance, held, cluster)
     base = replace(base, first_stats=first, nnz_before=layers.nnz())
-    return narrow, inputs, base, Guard(base.reference, settings, layers.held), result.record
+    return narrow, inputs, base, Guard(base.reference, settings, layers.held, cluster), result.record
 
 
 def _measured_caps(

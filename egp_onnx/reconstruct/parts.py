@@ -274,6 +274,20 @@ def _pcg(rng: np.random.Generator) -> np.random.PCG64:
     return bits
 
 
+def _skip(rng: np.random.Generator, draws: int) -> None:
+    """Advance ``rng`` by ``draws`` 64-bit draws, as ``rng.random(draws)`` would.
+
+    PCG64.advance also drops the half of a 64-bit draw kept for the next 32-bit one (a
+    permutation's draws leave one); rng.random never touches it, so it is put back.
+    """
+    bits = _pcg(rng)
+    kept = bits.state
+    bits.advance(draws)
+    state = bits.state
+    state["has_uint32"], state["uinteger"] = kept["has_uint32"], kept["uinteger"]
+    bits.state = state
+
+
 class ClusterSums:
     """Each part summed on the worker it is pinned to; the client adds the parts' sums in order."""
 
@@ -345,7 +359,7 @@ class ClusterSums:
             if attempt == RETRIES:
                 raise ConfigError(f"refit of {layer.name}: parts {todo} lost {RETRIES} workers in turn")
             self._rows(layer, later, todo, rebuild=True)  # rebuilt where they now run
-        _pcg(rng).advance(sum(counts))  # as if this process had drawn every part's positions
+        _skip(rng, sum(counts))  # as if this process had drawn every part's positions
         return merge_equations(layer, [s for s in sums if s is not None])
 
     def _rows(

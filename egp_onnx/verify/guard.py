@@ -8,16 +8,30 @@ rewritten model is kept only when it reproduces the pruned model up to rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from egp_onnx.config import DEFAULT_MAX_REL_ERROR, DEFAULT_MIN_AGREEMENT, Settings
 from egp_onnx.report.records import Fidelity, OutputFidelity
+from egp_onnx.runtime.cluster import worker_cached
 from egp_onnx.runtime.handle import ModelHandle
-from egp_onnx.verify.fidelity import CLASSES, SEQUENCE, Reference, wilson_interval
+from egp_onnx.verify.fidelity import (
+    CLASSES,
+    SEQUENCE,
+    FidelitySums,
+    Reference,
+    StoredBatch,
+    merge_sums,
+    part_sums,
+    wilson_interval,
+)
+
+if TYPE_CHECKING:
+    from egp_onnx.runtime.cluster import Cluster
 
 #: Outputs judged by argmax agreement (the others by relative error).
 AGREEMENT_KINDS = (CLASSES, SEQUENCE)
@@ -136,13 +150,16 @@ class Guard:
         reference: Reference,
         settings: Settings,
         held: Callable[[onnx.ModelProto], Mapping[str, np.ndarray]],
+        cluster: Cluster | None = None,
     ) -> None:
         """Measure against ``reference`` with ``settings``' thresholds.
 
         ``held(model)``: the weights of ``model`` already in memory, so its session reads them
-        instead of a copy.
+        instead of a copy. ``cluster``: loop candidates are measured there, part by part of the
+        held-out batches (:func:`guard_part`), with the same sums as here.
         """
         self.reference, self.settings, self._held = reference, settings, held
+        self.cluster = cluster
         self._last: ModelHandle | None = None
 
     @property
@@ -153,9 +170,25 @@ class Guard:
     def __call__(self, candidate: onnx.ModelProto) -> tuple[Fidelity, list[str]]:
         """The fidelity of a loop candidate and the guard's complaints about it.
 
-        Its session reads the loop's copy of the pruned weights, not a new one.
+        Its session reads the loop's copy of the pruned weights, not a new one; on a cluster, each
+        worker builds its own from the candidate shipped once (the statistics pass that follows
+        reuses it).
         """
-        return self.check(ModelHandle(candidate, known=self._held(candidate)))
+        if self.cluster is None:
+            return self.check(ModelHandle(candidate, known=self._held(candidate)))
+        fidelity = self._on_cluster(self.cluster, candidate)
+        return fidelity, guard_problems(fidelity, self.settings.min_agreement, self.settings.max_rel_error)
+
+    def _on_cluster(self, cluster: Cluster, candidate: onnx.ModelProto) -> Fidelity:
+        """The candidate's sums per part of the held-out batches on the workers, added in part order."""
+        reference = self.reference
+        if not reference.parts():
+            return FidelitySums(reference.names, SURGERY_ATOL, SURGERY_RTOL, reference.unseen).result()
+        version, model = cluster.share_model(candidate)
+        parts = cluster.share_once(reference.parts())  # once per run: every step reuses the workers' copy
+        args = (version, model, parts, reference.names, SURGERY_ATOL, SURGERY_RTOL, reference.unseen)
+        tasks = [(*args, p) for p in range(len(reference.parts()))]
+        return merge_sums(cluster.map(guard_part, tasks)).result()
 
     def check(self, handle: ModelHandle) -> tuple[Fidelity, list[str]]:
         """The fidelity of ``handle``'s model and the guard's complaints about it; its session is kept."""
@@ -170,3 +203,21 @@ class Guard:
         """
         last, self._last = self._last, None
         return last if last is not None and last.model is model else ModelHandle(model)
+
+
+def guard_part(
+    version: str,
+    model: bytes,
+    parts: Sequence[Sequence[StoredBatch]],
+    names: list[str],
+    atol: float,
+    rtol: float,
+    unseen: bool,
+    p: int,
+) -> FidelitySums:
+    """A cluster task: a candidate's sums over part ``p`` of the held-out batches (sums only go back).
+
+    The worker builds the candidate's session once per model version.
+    """
+    handle = worker_cached(f"{version}:guard", lambda: ModelHandle(onnx.load_from_string(model)))
+    return part_sums(handle, parts[p], names, atol, rtol, unseen)
