@@ -80,13 +80,17 @@ class Cluster:
         # nthreads() lists every worker in every Dask since 2024.1 (scheduler_info truncates to 5)
         return len(self.client.nthreads())
 
-    def share(self, value: Any, broadcast: bool = True) -> tuple[str, Any]:
+    def share(
+        self, value: Any, broadcast: bool = True, workers: Sequence[str] | None = None
+    ) -> tuple[str, Any]:
         """``value`` placed on the workers: (a key naming this version, its future).
 
-        Tasks given the future receive the value itself; a task may build objects from it once
-        per key with :func:`worker_cached`.
+        ``workers``: on those only (a task elsewhere fetches it from one of them). Tasks given
+        the future receive the value itself; a task may build objects from it once per key with
+        :func:`worker_cached`.
         """
-        (future,) = self.client.scatter([value], broadcast=broadcast, hash=False)
+        where = list(workers) if workers is not None else None
+        (future,) = self.client.scatter([value], broadcast=broadcast, hash=False, workers=where)
         return uuid.uuid4().hex, future
 
     @property
