@@ -158,7 +158,8 @@ def _compress(
     settings = default_thresholds(settings, base.reference)
     # with --quantize the stages judge their candidates quantized too, so INT8 keeps its share
     shipped = shipped_form(proto, inputs, base.reference, settings)
-    guard = Guard(base.reference, settings, inputs.layers.held, shipped)  # no thresholds: it only measures
+    # with no thresholds set (--no-guard) it only measures
+    guard = Guard(base.reference, settings, inputs.layers.held, shipped, cluster)
     channels = None
     if settings.channels:
         proto, inputs, base, guard, channels = _channel_stage(proto, inputs, base, guard, settings, progress)
@@ -227,9 +228,11 @@ def _channel_stage(
     inputs = replace(inputs, sites=sites, layers=layers, limits=limits)
     progress.stage("calibrating the narrowed model")
     held = layers.held(narrow)
-    first = collect_statistics(narrow, sites, inputs.data, settings.batch_size, progress.advance, held)
+    batch_size, cluster = settings.batch_size, guard.cluster
+    first = collect_statistics(narrow, sites, inputs.data, batch_size, progress.advance, held, cluster)
     base = replace(base, first_stats=first, nnz_before=layers.nnz())
-    return narrow, inputs, base, Guard(base.reference, settings, layers.held, guard.shipped), result.record
+    guard = Guard(base.reference, settings, layers.held, guard.shipped, cluster)
+    return narrow, inputs, base, guard, result.record
 
 
 def _measured_caps(

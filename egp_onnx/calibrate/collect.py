@@ -306,7 +306,7 @@ def _on_cluster(
     parts = plan_parts(data, batch_size)
     log.info("statistics pass: %d parts on %d workers", len(parts), cluster.workers)
     loaders = cluster.share_once(data.loaders)  # once per run: later passes reuse the workers' copy
-    version, shared = cluster.share(model.SerializeToString())
+    version, shared = cluster.share_model(model)  # a guarded candidate's is already there
     args = (version, shared, list(sites), data.specs, data.description, loaders, loaders.key)
     done = 0
 

@@ -161,3 +161,22 @@ def _piece(loader: Loader, key: tuple[str, int], begin: int, end: int) -> tuple[
             loaded = _LAST[key] = loader()
     arrays, labels = loaded
     return {k: v[begin:end] for k, v in arrays.items()}, None if labels is None else labels[begin:end]
+
+
+def batch_parts(samples: Sequence[int], size: int, part_samples: int = PART_SAMPLES) -> list[int]:
+    """Batches per part of a run of batches of ``samples`` each: :func:`plan_parts`' cuts, on batches.
+
+    ``size``: the batch size the batches were cut to (the model's, when it fixes one). A part
+    closes at the first batch start where it holds at least :func:`plan_parts`' target, so the
+    batches of the data's first parts come in the same parts here as there.
+    """
+    target = max(1, part_samples // size) * size
+    parts: list[int] = []
+    count = 0
+    for n in samples:
+        if not parts or count >= target:
+            parts.append(0)
+            count = 0
+        parts[-1] += 1
+        count += n
+    return parts

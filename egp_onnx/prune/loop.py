@@ -192,7 +192,7 @@ class LoopContext:
     finetune: Finetune | None = None
     start_passes: bool = False  # ``model`` already passed the guard (channel removal's result)
     caps: Mapping[str, float] | None = None  # measured limits, spent first (None: ``limits`` only)
-    cluster: Cluster | None = None  # where the statistics passes run (None: in this process)
+    cluster: Cluster | None = None  # where the statistics, refit sums and guard run (None: here)
 
 
 @dataclass(frozen=True)
@@ -509,6 +509,7 @@ def _prune_step(
         seed=settings.seed + number,
         on_layer=on_layer,
         known=layers.held(model),  # the loop's arrays, not a second copy of every weight
+        cluster=ctx.cluster,
     )
     layers.read(result.model)
     return result.model, result.fits

@@ -21,7 +21,8 @@ from egp_onnx.graph.layers import LinearLayer, linear_layers
 from egp_onnx.graph.weights import replace_initializers, split_weights
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.reconstruct.normal import NormalEquations, normal_equations
-from egp_onnx.reconstruct.refit import WIDTH_LIMIT, activation_pair, first_samples, refit_layer
+from egp_onnx.reconstruct.parts import activation_pair, first_samples
+from egp_onnx.reconstruct.refit import WIDTH_LIMIT, refit_layer
 from egp_onnx.reconstruct.solve import block_costs
 from egp_onnx.report.records import LayerFit
 from egp_onnx.runtime.threads import one_blas_thread

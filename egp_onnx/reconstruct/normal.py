@@ -9,7 +9,9 @@ type; memory is O(d^2) per layer plus :data:`CHUNK_BYTES` of rows, independent o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -126,6 +128,27 @@ def _products(rows: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return transposed @ rows, transposed @ y
 
 
+@dataclass(frozen=True)
+class PartRows:
+    """What a part's kept batches give a layer's normal equations, before any row is drawn.
+
+    ``areas``: a conv layer's samples per output area; ``rows``: a dense layer's rows. Its size
+    does not grow with the part's samples.
+    """
+
+    samples: int
+    areas: dict[int, int]
+    rows: int
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How every part draws its rows: positions per sample by output area, and the rows in all."""
+
+    takes: dict[int, int]
+    total: int
+
+
 def normal_equations(
     layer: LinearLayer,
     width: int,
@@ -137,32 +160,70 @@ def normal_equations(
     """The normal equations of a layer of ``width`` columns: input as now, target as in the dense model.
 
     A conv layer's targets (and shortcuts) are read at the sampled positions only, before any
-    arithmetic on them.
+    arithmetic on them. The batches' parts (see Activations) are summed one by one, in order,
+    and their sums added: a cluster adds the same partial sums (reconstruct/parts.py).
     """
-    kept = _batches(layer, now, then, later)
-    samples = sum(len(target) for *_, target in kept)
-    take = min(POSITIONS_PER_SAMPLE, max(1, -(-ROWS_PER_COLUMN * width // samples)))
-    spatial = layer.kind.spatial
+    parts = layer_batches(layer, now, then, later)
+    plan = plan_rows(layer, width, [part_rows(layer, kept) for kept in parts])
+    if plan.total < width:
+        return short_equations(plan.total)
+    return merge_equations(layer, [part_equations(layer, kept, plan.takes, rng) for kept in parts])
+
+
+def part_rows(layer: LinearLayer, kept: Sequence[tuple[np.ndarray, ...]]) -> PartRows:
+    """The samples, output areas and rows of one part's kept batches (input, [shortcut,] target)."""
+    areas: dict[int, int] = {}
+    rows = 0
+    for *_, target in kept:
+        if layer.kind.spatial:
+            area = target.shape[2] * target.shape[3]
+            areas[area] = areas.get(area, 0) + len(target)
+        else:
+            rows += target.size // target.shape[-1]
+    return PartRows(sum(len(target) for *_, target in kept), areas, rows)
+
+
+def plan_rows(layer: LinearLayer, width: int, parts: Sequence[PartRows]) -> RowPlan:
+    """Positions per sample for every part at once: about ROWS_PER_COLUMN rows per column in all."""
+    samples = sum(part.samples for part in parts)
+    take = min(POSITIONS_PER_SAMPLE, max(1, -(-ROWS_PER_COLUMN * width // max(samples, 1))))
+    if not layer.kind.spatial:
+        return RowPlan({}, sum(part.rows for part in parts))
     # Samples of several sizes (a model with symbolic H/W): positions in proportion to each area.
-    areas = [(len(t), t.shape[2] * t.shape[3]) for *_, t in kept] if spatial else []
-    takes = positions_per_sample(areas, take) if spatial else {}
-    total = sum(
-        len(t) * takes[t.shape[2] * t.shape[3]] if spatial else t.size // t.shape[-1] for *_, t in kept
-    )
-    if total < width:  # too few rows to refit: an empty system with the count, for the record
-        short = NormalEquations(1, 0, 0, bias=False)
-        short.rows = total
-        return short
-    normal = _accumulate(layer, kept, takes, rng)
-    if spatial:
+    areas = [(count, area) for part in parts for area, count in part.areas.items()]
+    takes = positions_per_sample(areas, take)
+    return RowPlan(takes, sum(count * takes[area] for count, area in areas))
+
+
+def draws(part: PartRows, takes: dict[int, int]) -> int:
+    """Numbers a part's positions take from the generator (rng.random, one 64-bit draw each)."""
+    return sum(count * area for area, count in part.areas.items() if takes[area] < area)
+
+
+def short_equations(rows: int) -> NormalEquations:
+    """Too few rows to refit: an empty system with the count, for the record."""
+    short = NormalEquations(1, 0, 0, bias=False)
+    short.rows = rows
+    return short
+
+
+def merge_equations(layer: LinearLayer, parts: Sequence[NormalEquations]) -> NormalEquations:
+    """The parts' sums added in their order (the first part's arrays are the result's), in solver order."""
+    normal = parts[0]
+    for other in parts[1:]:
+        normal.gram += other.gram
+        normal.cross += other.cross
+        normal.target_sq += other.target_sq
+        normal.rows += other.rows
+    if layer.kind.spatial:
         normal.reorder(patch_order(layer, normal.gram.shape[1] - int(normal.bias)))
     return normal
 
 
-def _batches(
+def layer_batches(
     layer: LinearLayer, now: Activations, then: Activations, later: Sequence[LinearLayer]
-) -> list[tuple[np.ndarray, ...]]:
-    """Per batch both models still keep: the current input [and shortcut], and the dense target."""
+) -> list[list[tuple[np.ndarray, ...]]]:
+    """Per part, per batch both models still keep: the current input [and shortcut], and the dense target."""
     inputs = [layer.input] + ([layer.shortcut] if layer.shortcut else [])
     targets = {other.residual or other.output for other in later}
     requests = [
@@ -172,15 +233,26 @@ def _batches(
     # The two models' segments run at once: a segment's small nodes keep two cores busier as two
     # one-thread sessions than as one two-thread session.
     current, (dense,) = map_parts(lambda request: request(), requests)
-    return list(zip(*current, dense, strict=False))
+    ours, theirs = _by_part(now.part_of, list(zip(*current, strict=True))), _by_part(then.part_of, dense)
+    return [[(*o, t) for o, t in zip(a, b, strict=False)] for a, b in zip(ours, theirs, strict=True)]
 
 
-def _accumulate(
+def _by_part(part_of: Sequence[int], batches: Sequence[object]) -> list[list[Any]]:
+    """Kept batches grouped by the part they belong to (every part keeps at least one)."""
+    grouped: list[list[Any]] = []
+    for p, batch in zip(part_of, batches, strict=True):
+        if p == len(grouped):
+            grouped.append([])
+        grouped[-1].append(batch)
+    return grouped
+
+
+def part_equations(
     layer: LinearLayer, kept: list[tuple[np.ndarray, ...]], takes: dict[int, int], rng: np.random.Generator
 ) -> NormalEquations:
-    """The products of every kept batch's rows, gathered a group of batches at a time.
+    """The sums of one part's kept batches' rows, gathered a group of batches at a time.
 
-    ``takes``: a conv layer's positions per sample, by output area (:func:`positions_per_sample`).
+    ``takes``: a conv layer's positions per sample, by output area (:func:`plan_rows`).
     """
     # Consecutive batches are joined so that each gather is larger and numpy is called less often;
     # PARTS groups at once. A group's positions are drawn for its samples at once, in order: the
@@ -198,7 +270,7 @@ def _accumulate(
             if normal is None:
                 normal = NormalEquations(rows.shape[0], rows.shape[2], y.shape[1], layer.bias is not None)
             normal.add(rows, y)
-    assert normal is not None  # CalibrationData is never empty
+    assert normal is not None  # every part keeps a batch
     normal.finish()
     return normal
 

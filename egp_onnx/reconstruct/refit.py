@@ -25,6 +25,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -33,19 +34,28 @@ from egp_onnx.graph.layers import LinearLayer, linear_layers
 from egp_onnx.graph.weights import replace_initializers, split_weights
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.prune.budget import prune_smallest
-from egp_onnx.reconstruct.normal import NormalEquations, normal_equations
+from egp_onnx.reconstruct.normal import NormalEquations
+from egp_onnx.reconstruct.parts import (
+    CACHE_BYTES,
+    MAX_SAMPLES,
+    ClusterSums,
+    LocalSums,
+    PartSums,
+    activation_pair,
+    first_samples,
+    part_size,
+)
 from egp_onnx.reconstruct.solve import obs_masks, residual_error, solve_masked
 from egp_onnx.report.records import LayerFit
-from egp_onnx.runtime.segments import Activations
-from egp_onnx.runtime.threads import cores, one_blas_thread
+
+if TYPE_CHECKING:
+    from egp_onnx.runtime.cluster import Cluster
+from egp_onnx.runtime.threads import one_blas_thread
 
 log = logging.getLogger(__name__)
 
-#: Calibration samples a layer's normal equations see at most (the first ones, in whole batches).
-MAX_SAMPLES = 1024
-#: Bytes the kept activations of the current and the dense model may take together; past it the
-#: last batches are dropped (see egp_onnx.runtime.segments), so memory does not grow with the model's size.
-CACHE_BYTES = 512 * 2**20
+__all__ = ["CACHE_BYTES", "MAX_SAMPLES", "activation_pair", "first_samples", "reconstruct", "refit_layer"]
+
 #: Layers wider than this (columns of the normal equations) are left as they are: the Gram matrix
 #: alone would take WIDTH_LIMIT^2 * 8 bytes (128 MiB at 4096).
 WIDTH_LIMIT = 4096
@@ -73,6 +83,7 @@ def reconstruct(
     seed: int = 0,
     on_layer: Callable[[str], None] | None = None,
     known: Mapping[str, np.ndarray] | None = None,
+    cluster: Cluster | None = None,
 ) -> ReconstructionResult:
     """Prune ``remove[weight]`` weights of each named layer, then refit the layers from there on.
 
@@ -90,6 +101,8 @@ def reconstruct(
         on_layer: called with each layer's name as its refit starts (progress).
         known: values of ``current``'s initializers already read (e.g. the loop's weights): they
             are used as they are instead of being read and copied again (never written).
+        cluster: sum the normal equations per part of the data on this Dask cluster
+            (reconstruct/parts.py): the same sums, so the same model, as without it.
 
     Returns:
         The new model (``current`` is not modified) and a record per layer from the first pruned
@@ -102,16 +115,21 @@ def reconstruct(
     first = next((i for i, layer in enumerate(layers) if remove.get(layer.weight, 0) > 0), None)
     todo = [] if first is None else layers[first:]
     changing = [n for layer in layers for n in (layer.weight, layer.bias) if n]
-    ours, values = split_weights(current, always=[*changing, *(w for w, _ in skipped.values())], known=known)
+    changing_names = [*changing, *(w for w, _ in skipped.values())]
+    ours, values = split_weights(current, always=changing_names, known=known)
     original = dict(values)  # the arrays themselves are never modified, only replaced in ``values``
     updates = _prune_unrefittable(values, [w for w, _ in skipped.values()], remove, rng)
     values.update(updates)
     fits = [LayerFit(name, 0, 0, None, None, f"not refit: {why}") for name, (_, why) in skipped.items()]
     if todo:
-        batches = first_samples(data, batch_size)
-        # The first step refits the dense model itself: its weights are read once, not twice.
-        theirs = (ours, original) if dense is current else split_weights(dense)
-        now, then = activation_pair((ours, values), theirs, batches)
+        sums: PartSums
+        if cluster is None:
+            # The first step refits the dense model itself: its weights are read once, not twice.
+            theirs = (ours, original) if dense is current else split_weights(dense)
+            batches = first_samples(data, batch_size)
+            sums = LocalSums((ours, values), theirs, batches, part_size(data, batch_size))
+        else:
+            sums = ClusterSums(cluster, dense, current, changing_names, updates, data, batch_size)
         refit = partial(
             _refit_in_turn, values=values, remove=remove, masked=set(masked), select=select, rng=rng
         )
@@ -122,26 +140,13 @@ def reconstruct(
             for k, layer in enumerate(todo):
                 if on_layer is not None:
                     on_layer(layer.name)
-                equations = partial(normal_equations, layer, now=now, then=then, later=todo[k + 1 :], rng=rng)
+                equations = partial(sums.equations, layer, later=todo[k + 1 :], rng=rng)
                 fit, new = refit(layer, equations)
                 values.update(new)  # the next requests to ``now`` run this layer with its new weights
+                sums.update(new)
                 updates.update(new)
                 fits.append(fit)
     return ReconstructionResult(replace_initializers(current, updates), tuple(fits))
-
-
-def activation_pair(
-    ours: tuple[onnx.ModelProto, dict[str, np.ndarray]],
-    theirs: tuple[onnx.ModelProto, dict[str, np.ndarray]],
-    batches: list[dict[str, np.ndarray]],
-) -> tuple[Activations, Activations]:
-    """The kept activations of the current and the dense model (each a stubbed model and its weights)."""
-    # Each layer's tensors of the two models are computed at once, each on half the cores.
-    threads = max(1, cores() // 2)
-    return (
-        Activations(*ours, batches, CACHE_BYTES // 2, threads),
-        Activations(*theirs, batches, CACHE_BYTES // 2, threads),
-    )
 
 
 def _prune_unrefittable(
@@ -187,17 +192,6 @@ def _refit_in_turn(
         refit[layer.weight] = prune_smallest(weight, count, rng)  # OBS impossible: magnitude
     refit.setdefault(layer.weight, weight)
     return fit, refit
-
-
-def first_samples(data: CalibrationData, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """The batches holding the first :data:`MAX_SAMPLES` samples (whole: a model may fix its batch size)."""
-    batches, seen = [], 0
-    for feed, _ in data.batches(batch_size):
-        if seen >= MAX_SAMPLES:
-            break
-        batches.append(feed)
-        seen += len(next(iter(feed.values())))
-    return batches
 
 
 def _width(layer: LinearLayer, weight: np.ndarray) -> int:

@@ -21,6 +21,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 from egp_onnx.errors import ConfigError, one_line
@@ -71,6 +72,7 @@ class Cluster:
         #: a remote worker uses its own machine's (0: onnxruntime's default, one per core).
         self.threads = threads
         self._shared: dict[int, tuple[Any, Any]] = {}
+        self._model: tuple[Any, str, Any] | None = None  # the last model shared (share_model)
 
     @property
     def workers(self) -> int:
@@ -78,14 +80,43 @@ class Cluster:
         # nthreads() lists every worker in every Dask since 2024.1 (scheduler_info truncates to 5)
         return len(self.client.nthreads())
 
-    def share(self, value: Any, broadcast: bool = True) -> tuple[str, Any]:
+    def share(
+        self, value: Any, broadcast: bool = True, workers: Sequence[str] | None = None
+    ) -> tuple[str, Any]:
         """``value`` placed on the workers: (a key naming this version, its future).
 
-        Tasks given the future receive the value itself; a task may build objects from it once
-        per key with :func:`worker_cached`.
+        ``workers``: on those only (a task elsewhere fetches it from one of them). Tasks given
+        the future receive the value itself; a task may build objects from it once per key with
+        :func:`worker_cached`.
         """
-        (future,) = self.client.scatter([value], broadcast=broadcast, hash=False)
+        where = list(workers) if workers is not None else None
+        (future,) = self.client.scatter([value], broadcast=broadcast, hash=False, workers=where)
         return uuid.uuid4().hex, future
+
+    @property
+    def addresses(self) -> list[str]:
+        """The connected workers' addresses, sorted (tasks are pinned to them by position)."""
+        return sorted(self.client.nthreads())
+
+    def share_model(self, model: Any) -> tuple[str, Any]:
+        """A model's serialised bytes on every worker: (its version key, the bytes' future).
+
+        The same model object as the last call's is not shipped again: a loop step's candidate
+        goes to the workers once for its guard measurement and its statistics pass.
+        """
+        last = self._model
+        if last is None or last[0] is not model:
+            key, future = self.share(model.SerializeToString())
+            last = self._model = (model, key, future)
+        return last[1], last[2]
+
+    def share_once_model(self, model: Any) -> Any:
+        """A model's serialised bytes on every worker once for this run (the same model: the same future)."""
+        held = self._shared.get(id(model))
+        if held is None or held[0] is not model:
+            (future,) = self.client.scatter([model.SerializeToString()], broadcast=True, hash=False)
+            held = self._shared[id(model)] = (model, future)
+        return held[1]
 
     def share_once(self, value: Any) -> Any:
         """``value`` placed on every worker once for this run (the same object: the same future).
@@ -104,15 +135,23 @@ class Cluster:
         function: Callable[..., R],
         items: Sequence[tuple[Any, ...]],
         on_done: Callable[[int, R], None] | None = None,
+        workers: Sequence[str | None] | None = None,
     ) -> list[R]:
         """``[function(*item) for item in items]`` on the workers, in the order of ``items``.
 
         ``on_done(index, result)`` is called as each task finishes (progress), in finishing order.
-        An error a task raises is raised here, as it is (an EgpError stays one).
+        An error a task raises is raised here, as it is (an EgpError stays one). ``workers``: per
+        item, the address of the worker it should run on (None: any); it runs elsewhere only if
+        that worker is gone.
         """
         from distributed import as_completed
 
-        futures = [self.client.submit(function, *item, pure=False) for item in items]
+        where_to = list(workers) if workers is not None else [None] * len(items)
+        submit = partial(self.client.submit, function, pure=False)
+        futures = [
+            submit(*item, workers=w and [w], allow_other_workers=w is not None)
+            for item, w in zip(items, where_to, strict=True)
+        ]
         where = {future.key: i for i, future in enumerate(futures)}
         results: list[Any] = [None] * len(items)
         try:
@@ -222,6 +261,13 @@ def worker_cached(key: str, build: Callable[[], T]) -> T:
                 del _CACHE[next(iter(_CACHE))]
             _CACHE[key] = build()
         return _CACHE[key]
+
+
+def worker_address() -> str:
+    """The address of the worker a task runs on (inside a task)."""
+    from distributed import get_worker
+
+    return str(get_worker().address)
 
 
 @contextmanager

@@ -11,6 +11,9 @@ A kept tensor is dropped as soon as every node that reads it has run and no late
 it. The graph inputs stay (a node is recomputed from them should a dropped tensor be needed again).
 When the kept tensors would pass the byte budget, the last batches are dropped, for every tensor
 alike: later requests see fewer samples, and memory stays bounded whatever the sample count.
+The batches may come in parts (consecutive runs, each with its own budget): each part keeps its
+first batches, decided from its own first batch, so the batches a part keeps are the same whether
+it is computed here with the others or alone (on a cluster worker).
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ class Activations:
         model: the graph; initializers that are stubs take their values from ``weights``.
         weights: values of the stubs; the caller may change them between requests.
         batches: the feeds, in order (each a dict of graph input arrays).
-        budget: bytes the kept tensors may take; beyond it the last batches are dropped.
+        budget: bytes the kept tensors may take; beyond it the last batches are dropped. With
+            ``parts``, one budget per part.
         threads: onnxruntime's intra-op threads per segment (0: its default, one per core).
+        parts: batches per part, in order (None: one part of every batch).
 
     """
 
@@ -43,12 +48,17 @@ class Activations:
         model: onnx.ModelProto,
         weights: Mapping[str, np.ndarray],
         batches: Sequence[Mapping[str, np.ndarray]],
-        budget: int,
+        budget: int | Sequence[int],
         threads: int = 0,
+        parts: Sequence[int] | None = None,
     ) -> None:
         if not batches:
             raise ValueError("no batches to compute tensors for")
-        self.model, self.weights, self.budget, self.threads = model, weights, budget, threads
+        sizes = [len(batches)] if parts is None else list(parts)
+        budgets = [budget] if isinstance(budget, int) else list(budget)
+        if sum(sizes) != len(batches) or len(budgets) != len(sizes) or min(sizes) < 1:
+            raise ValueError("parts must cover the batches, each with a budget")
+        self.model, self.weights, self.budgets, self.threads = model, weights, budgets, threads
         self.nodes = list(model.graph.node)
         self.producer = {out: i for i, node in enumerate(self.nodes) for out in node.output if out}
         self.reads = [reads(node) for node in self.nodes]  # bodies walked once, not per request
@@ -64,8 +74,11 @@ class Activations:
         self.batches = len(batches)
         # Per batch, its input bytes per sample relative to batch 0's: batches of images of other
         # sizes take that much more or less per sample (1 for every batch of data of one shape).
+        # The part of each kept batch, and its size relative to its part's first batch.
+        self.part_of = [p for p, size in enumerate(sizes) for _ in range(size)]
         per_sample = [sum(a.nbytes / max(len(a), 1) for a in batch.values()) for batch in batches]
-        self.scales = np.array(per_sample) / (per_sample[0] or 1.0)
+        firsts = np.repeat(np.cumsum([0, *sizes[:-1]]), sizes)
+        self.scales = np.array(per_sample) / np.array([per_sample[i] or 1.0 for i in firsts])
         self.done: set[int] = set()
         self.sessions = 0  # segments run so far (one onnxruntime session each)
 
@@ -131,23 +144,28 @@ class Activations:
             results = run_session(session, keep, {t: self.cache[t][b] for t in fed})
             for name, value in zip(keep, results, strict=True):
                 self.cache.setdefault(name, []).append(value)
-            if b == 0:
-                self._fit_budget()
+            if b == 0 or self.part_of[b] != self.part_of[b - 1]:
+                self._fit_budget(b)
             b += 1
         self.done |= segment
 
-    def _fit_budget(self) -> None:
-        """Drop the last batches when keeping every batch would pass the budget.
+    def _fit_budget(self, first: int) -> None:
+        """Drop the last batches of the part that starts at kept batch ``first`` past its budget.
 
-        Each batch is estimated from batch 0's size, scaled by its per-sample input size.
+        Each batch is estimated from the part's first batch's size, scaled by its per-sample input size.
         """
-        per_batch = max(sum(arrays[0].nbytes for arrays in self.cache.values()), 1)
-        kept = np.cumsum(per_batch * self.scales[: self.batches])
-        allowed = max(1, int(np.searchsorted(kept, self.budget, side="right")))
-        if allowed < self.batches:
-            self.batches = allowed
+        part = self.part_of[first]
+        end = first + self.part_of.count(part)
+        per_batch = max(sum(arrays[first].nbytes for arrays in self.cache.values()), 1)
+        kept = np.cumsum(per_batch * self.scales[first:end])
+        allowed = max(1, int(np.searchsorted(kept, self.budgets[part], side="right")))
+        if first + allowed < end:
+            cut = slice(first + allowed, end)
+            self.batches -= end - cut.start
             for arrays in self.cache.values():
-                del arrays[allowed:]
+                del arrays[cut]
+            del self.part_of[cut]
+            self.scales = np.delete(self.scales, np.arange(cut.start, end))
 
     def _model(self, order: list[int], fed: list[str], keep: list[str], read: list[str]) -> onnx.ModelProto:
         """The segment as a model: the kept tensors it reads are its inputs."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +30,7 @@ import onnx
 from egp_onnx.config import DEFAULT_MAP_THRESHOLD
 from egp_onnx.errors import ModelError
 from egp_onnx.load.calibration import CalibrationData
+from egp_onnx.load.parts import batch_parts
 from egp_onnx.load.readers import Batch
 from egp_onnx.report.records import Fidelity, OutputFidelity
 from egp_onnx.runtime.handle import ModelHandle, StoredOutputs
@@ -390,6 +391,34 @@ def compare(
     return sums.result()
 
 
+#: A held-out batch as the reference keeps it: the feed, its labels, the original's outputs.
+StoredBatch = tuple[Batch, np.ndarray | None, list[np.ndarray]]
+
+
+def part_sums(
+    handle: ModelHandle,
+    part: Sequence[StoredBatch],
+    names: list[str],
+    atol: float,
+    rtol: float,
+    unseen: bool,
+    threshold: float = DEFAULT_MAP_THRESHOLD,
+) -> FidelitySums:
+    """A candidate's sums over one part of the stored batches (a cluster task runs it on a worker)."""
+    sums = FidelitySums(names, atol, rtol, unseen, threshold=threshold)
+    for feed, labels, ref in part:
+        sums.add(ref, handle.run(names, feed), labels)
+    return sums
+
+
+def merge_sums(parts: Sequence[FidelitySums]) -> FidelitySums:
+    """The parts' sums added in their order (the first part's object is the result)."""
+    total = parts[0]
+    for other in parts[1:]:
+        total.merge(other)
+    return total
+
+
 def _expected(
     reference: onnx.ModelProto | ModelHandle | StoredOutputs,
 ) -> tuple[list[str], Callable[[Batch], list[np.ndarray]]]:
@@ -425,19 +454,38 @@ class Reference:
         self.names = [o.name for o in handle.session.get_outputs()]
         self.unseen = unseen
         self.threshold = threshold
+        self.batch_size = batch_size
         self.batches: list[tuple[Batch, np.ndarray | None, list[np.ndarray]]] = [
             (feed, labels, handle.run(self.names, feed)) for feed, labels in data.batches(batch_size)
         ]
+        self._parts: list[list[StoredBatch]] | None = None
+
+    def parts(self) -> list[list[StoredBatch]]:
+        """The batches in parts of about PART_SAMPLES samples (load/parts.py), the same object each call.
+
+        A candidate's sums are taken per part and the parts' sums added in order, here as on a
+        cluster, so that the two give the same bits (floating-point sums depend on their order).
+        """
+        if self._parts is None:
+            counts = [len(next(iter(feed.values()))) for feed, _, _ in self.batches]
+            self._parts, start = [], 0
+            for size in batch_parts(counts, self.batch_size):
+                self._parts.append(self.batches[start : start + size])
+                start += size
+        return self._parts
 
     def evaluate(
         self, candidate: onnx.ModelProto | ModelHandle, atol: float = 1e-5, rtol: float = 1e-5
     ) -> Fidelity:
         """Fidelity of ``candidate`` against the stored outputs."""
         handle = ModelHandle.of(candidate)
-        sums = FidelitySums(self.names, atol, rtol, self.unseen, threshold=self.threshold)
-        for feed, labels, ref in self.batches:
-            sums.add(ref, handle.run(self.names, feed), labels)
-        return sums.result()
+        parts = [
+            part_sums(handle, part, self.names, atol, rtol, self.unseen, self.threshold)
+            for part in self.parts()
+        ]
+        if not parts:
+            return FidelitySums(self.names, atol, rtol, self.unseen, threshold=self.threshold).result()
+        return merge_sums(parts).result()
 
     def kinds(self) -> list[str]:
         """The kind of each output (:func:`output_kind`), from the first batch.
@@ -460,7 +508,7 @@ class Reference:
         At most ``samples`` samples holding at most ``elements`` input values (at least one sample).
         """
         view = copy.copy(self)
-        view.batches, count, size = [], 0, 0
+        view.batches, view._parts, count, size = [], None, 0, 0
         for feed, labels, outputs in self.batches:
             per_sample = max(1, sum(int(np.prod(a.shape[1:])) for a in feed.values()))
             room = min(samples - count, (elements - size) // per_sample)

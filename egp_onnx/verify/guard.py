@@ -9,8 +9,9 @@ rewritten model is kept only when it reproduces the pruned model up to rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -18,8 +19,22 @@ import onnx
 from egp_onnx.config import DEFAULT_MAX_REL_ERROR, DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_IOU, Settings
 from egp_onnx.errors import EgpError
 from egp_onnx.report.records import Fidelity, OutputFidelity
+from egp_onnx.runtime.cluster import worker_cached
 from egp_onnx.runtime.handle import ModelHandle
-from egp_onnx.verify.fidelity import CLASSES, PROBABILITY, SEQUENCE, Reference, wilson_interval
+from egp_onnx.verify.fidelity import (
+    CLASSES,
+    PROBABILITY,
+    SEQUENCE,
+    FidelitySums,
+    Reference,
+    StoredBatch,
+    merge_sums,
+    part_sums,
+    wilson_interval,
+)
+
+if TYPE_CHECKING:
+    from egp_onnx.runtime.cluster import Cluster
 
 #: Outputs judged by argmax agreement (the others by relative error).
 AGREEMENT_KINDS = (CLASSES, SEQUENCE)
@@ -193,14 +208,18 @@ class Guard:
         settings: Settings,
         held: Callable[[onnx.ModelProto], Mapping[str, np.ndarray]],
         shipped: ShippedForm | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         """Measure against ``reference`` with ``settings``' thresholds.
 
         ``held(model)``: the weights of ``model`` already in memory, so its session reads them
         instead of a copy. ``shipped``: judge candidates in that form too (see :class:`ShippedForm`).
+        ``cluster``: loop candidates are measured there, part by part of the held-out batches
+        (:func:`guard_part`), with the same sums as here.
         """
         self.reference, self.settings, self._held = reference, settings, held
         self.shipped = shipped
+        self.cluster = cluster
         self._last: ModelHandle | None = None
 
     @property
@@ -211,10 +230,31 @@ class Guard:
     def __call__(self, candidate: onnx.ModelProto) -> tuple[Fidelity, list[str]]:
         """The fidelity of a loop candidate and the guard's complaints about it.
 
-        Its session reads the loop's copy of the pruned weights, not a new one. This is the float
-        verdict; the stages ask :meth:`shipped_problems` when they want the shipped form's too.
+        Its session reads the loop's copy of the pruned weights, not a new one; on a cluster, each
+        worker builds its own from the candidate shipped once (the statistics pass that follows
+        reuses it). This is the float verdict; the stages ask :meth:`shipped_problems` when they
+        want the shipped form's too.
         """
-        return self.check(ModelHandle(candidate, known=self._held(candidate)))
+        if self.cluster is None:
+            return self.check(ModelHandle(candidate, known=self._held(candidate)))
+        fidelity = self._on_cluster(self.cluster, candidate)
+        return fidelity, self._problems(fidelity)
+
+    def _on_cluster(self, cluster: Cluster, candidate: onnx.ModelProto) -> Fidelity:
+        """The candidate's sums per part of the held-out batches on the workers, added in part order."""
+        reference = self.reference
+        if not reference.parts():
+            return FidelitySums(
+                reference.names, SURGERY_ATOL, SURGERY_RTOL, reference.unseen, threshold=reference.threshold
+            ).result()
+        version, model = cluster.share_model(candidate)
+        parts = cluster.share_once(reference.parts())  # once per run: every step reuses the workers' copy
+        args = (
+            version, model, parts, reference.names, SURGERY_ATOL, SURGERY_RTOL, reference.unseen,
+            reference.threshold,
+        )  # fmt: skip
+        tasks = [(*args, p) for p in range(len(reference.parts()))]
+        return merge_sums(cluster.map(guard_part, tasks)).result()
 
     def shipped_problems(self, candidate: onnx.ModelProto) -> list[str]:
         """The guard's complaints about ``candidate`` in its shipped form (none without one).
@@ -251,3 +291,22 @@ class Guard:
         """
         last, self._last = self._last, None
         return last if last is not None and last.model is model else ModelHandle(model)
+
+
+def guard_part(
+    version: str,
+    model: bytes,
+    parts: Sequence[Sequence[StoredBatch]],
+    names: list[str],
+    atol: float,
+    rtol: float,
+    unseen: bool,
+    threshold: float,
+    p: int,
+) -> FidelitySums:
+    """A cluster task: a candidate's sums over part ``p`` of the held-out batches (sums only go back).
+
+    The worker builds the candidate's session once per model version.
+    """
+    handle = worker_cached(f"{version}:guard", lambda: ModelHandle(onnx.load_from_string(model)))
+    return part_sums(handle, parts[p], names, atol, rtol, unseen, threshold)

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from egp_onnx.load.calibration import InputSpec, in_memory, open_calibration
-from egp_onnx.load.parts import DataPart, part_data, plan_parts, shard_layout
+from egp_onnx.load.parts import DataPart, batch_parts, part_data, plan_parts, shard_layout
 
 
 def relu_model(shape):
@@ -65,6 +65,10 @@ def test_parts_of_npz_files_give_the_single_pass_batches(tmp_path, rng, sizes, b
     parts, found = part_batches(data, batch_size, part_samples)
     same_batches(whole, found)
     assert sum(p.samples for p in parts) == sum(sizes)
+    # the refit and the guard cut a list of batches the same way (batch_parts)
+    cut = batch_parts([len(x) for x, _ in whole], batch_size, part_samples)
+    cluster = [part_data(data.loaders, "k", data.specs, "", p) for p in parts]
+    assert [len(batches_of(part, batch_size)) for part in cluster] == cut
     target = max(1, part_samples // batch_size) * batch_size
     # every part but the last holds at least the target (cuts fall on batch starts only)
     assert all(p.samples >= target for p in parts[:-1])

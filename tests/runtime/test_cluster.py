@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import socket
 import sys
@@ -17,20 +18,29 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from cli_checks import one_line_error
 from conftest import SAMPLES
-from models import inputs, residual_block, toy_files
+from models import inputs, residual_block, save, toy_files
+from onnx import numpy_helper
 
 import egp_onnx
 from egp_onnx.calibrate import collect
 from egp_onnx.cli.main import main
+from egp_onnx.config import Settings
 from egp_onnx.errors import ConfigError
+from egp_onnx.graph.layers import linear_layers
 from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import load_model, prepare_model
+from egp_onnx.load.parts import plan_parts
+from egp_onnx.reconstruct import parts as refit_parts
+from egp_onnx.reconstruct.refit import reconstruct
 from egp_onnx.runtime import cluster as cluster_module
 from egp_onnx.runtime.cluster import INSTALL_HINT, local_workers, open_cluster
+from egp_onnx.verify.fidelity import Reference
+from egp_onnx.verify.guard import Guard
 
 pytest.importorskip("distributed", reason="the cluster needs the optional egp-onnx[dask]")
 
@@ -188,3 +198,155 @@ def test_without_dask_the_option_says_how_to_get_it(runner, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed raises ImportError
     result = runner.invoke(main, ["analyze", model, "--calib", calib, "--scheduler", "local:2"])
     assert one_line_error(result) == f"egp-onnx: error: {INSTALL_HINT}"
+
+
+# --- the refit's normal equations and the guard's comparison sums on the cluster ---------------
+
+
+def _pruned(model, rng, fraction=0.4):
+    """``model`` with ``fraction`` of each conv's weights zeroed at random (a loop step's model)."""
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    for t in pruned.graph.initializer:
+        if t.name.endswith(".w") or len(t.dims) == 4:
+            w = numpy_helper.to_array(t).copy()
+            w[rng.random(w.shape) < fraction] = 0
+            t.CopyFrom(numpy_helper.from_array(w, t.name))
+    return pruned
+
+
+def _refit_case(tmp_path, rng, samples=600):
+    model = prepare_model(residual_block(rng))
+    for i, n in enumerate([samples // 3, samples - samples // 3]):
+        np.savez(tmp_path / f"{i}.npz", x=inputs(rng, n, (4, 6, 6)))
+    layers, _ = linear_layers(model)
+    remove = {layer.weight: 5 for layer in layers}
+    return model, open_calibration(tmp_path, model), remove
+
+
+@pytest.mark.parametrize("step", [1, 2])  # the first step refits the dense model itself
+def test_refit_sums_on_a_cluster_equal_one_process(threads, tmp_path, rng, step):
+    model, data, remove = _refit_case(tmp_path, rng)
+    current = model if step == 1 else _pruned(model, rng)
+    assert len(plan_parts(data, 32)) == 3  # 600 samples: the sums of three parts are added
+    options = {"remove": remove, "masked": list(remove), "seed": 7}
+    alone = reconstruct(model, current, data, 32, **options)
+    spread = reconstruct(model, current, data, 32, cluster=threads, **options)
+    assert spread.fits == alone.fits and all(f.status == "refit" for f in alone.fits)
+    assert spread.model.SerializeToString() == alone.model.SerializeToString()
+
+
+_LOST = {"rows": 0, "sums": 0}
+ORIGINAL_ROWS, ORIGINAL_SUMS = refit_parts.part_layer_rows, refit_parts.part_layer_sums
+
+
+def _forget(g):
+    """As when the worker holding group g of the parts died: their activations are gone."""
+    for key in [k for k in refit_parts._STATES if k[1] == g]:
+        del refit_parts._STATES[key]
+
+
+def rows_then_lose(*args):
+    _LOST["rows"] += 1
+    if _LOST["rows"] == 5:  # the third layer's first task (two groups of parts a layer): lost before it
+        _forget(args[4])
+    return ORIGINAL_ROWS(*args)
+
+
+def sums_then_lose(*args):
+    _LOST["sums"] += 1
+    if _LOST["sums"] == 8:  # the last layer's group 1 lost between the layer's two tasks
+        _forget(args[1])
+    return ORIGINAL_SUMS(*args)
+
+
+def test_a_refit_part_that_loses_its_activations_is_rebuilt_with_the_same_sums(
+    threads, tmp_path, rng, monkeypatch
+):
+    model, data, remove = _refit_case(tmp_path, rng)
+    options = {"remove": remove, "masked": list(remove), "seed": 7}
+    alone = reconstruct(model, model, data, 32, **options)
+    _LOST.update(rows=0, sums=0)
+    monkeypatch.setattr(refit_parts, "part_layer_rows", rows_then_lose)
+    monkeypatch.setattr(refit_parts, "part_layer_sums", sums_then_lose)
+    spread = reconstruct(model, model, data, 32, cluster=threads, **options)
+    assert spread.fits == alone.fits
+    assert spread.model.SerializeToString() == alone.model.SerializeToString()
+    assert _LOST["rows"] == 2 * len(alone.fits) + 2, _LOST  # each lost group's first task again
+
+
+def test_guard_sums_on_a_cluster_equal_one_process(threads, tmp_path, rng):
+    model = prepare_model(residual_block(rng))
+    np.savez(tmp_path / "held.npz", x=inputs(rng, 700, (4, 6, 6)))
+    reference = Reference(model, open_calibration(tmp_path / "held.npz", model), 32)
+    assert len(reference.parts()) == 3
+    settings = Settings(max_rel_error=0.01)
+    candidate = _pruned(model, rng)
+    alone = Guard(reference, settings, lambda m: {})(candidate)
+    spread = Guard(reference, settings, lambda m: {}, cluster=threads)(candidate)
+    assert spread == alone and alone[1]  # the same fidelity, to the bit, and the same complaints
+    shared = len(threads._shared)
+    Guard(reference, settings, lambda m: {}, cluster=threads)(_pruned(model, rng))
+    assert len(threads._shared) == shared  # the held-out parts went to the workers once
+
+
+def _result_sizes(cluster, monkeypatch):
+    sizes: dict[str, list[int]] = {}
+    original = cluster.map
+
+    def recording(function, items, *args, **kwargs):
+        results = original(function, items, *args, **kwargs)
+        sizes.setdefault(function.__name__, []).extend(len(pickle.dumps(r)) for r in results)
+        return results
+
+    monkeypatch.setattr(cluster, "map", recording)
+    return sizes
+
+
+def test_what_a_refit_or_guard_task_sends_back_does_not_grow_with_its_samples(
+    threads, tmp_path, rng, monkeypatch
+):
+    found = []
+    for n in (64, 256):  # one part each: 4x the samples
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        model, data, remove = _refit_case(folder, np.random.default_rng(0), n)
+        sizes = _result_sizes(threads, monkeypatch)
+        reconstruct(model, model, data, 32, remove=remove, masked=list(remove), cluster=threads)
+        reference = Reference(model, data, 32)
+        Guard(reference, Settings(), lambda m: {}, cluster=threads)(_pruned(model, rng))
+        monkeypatch.undo()
+        found.append(sizes)
+    small, large = found
+    assert small.keys() == large.keys() == {"part_layer_rows", "part_layer_sums", "guard_part"}
+    for name in small:  # a few bytes for a larger integer count at most
+        assert len(small[name]) == len(large[name])
+        assert max(abs(a - b) for a, b in zip(small[name], large[name], strict=True)) <= 8, name
+
+
+def test_compress_with_refit_and_guard_on_a_cluster_writes_the_same_bytes(
+    threads, tmp_path, rng, monkeypatch
+):
+    model = save(residual_block(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=inputs(rng, 1200, (4, 6, 6)))  # a held-out split of 3 parts
+    options = {"sparsity": 0.5, "latency": False, "batch_size": 32, "max_rel_error": 0.2}
+    single = egp_onnx.compress(model, str(tmp_path / "c.npz"), **options)
+    monkeypatch.setattr(cluster_module, "open_cluster", partial(open_cluster, processes=False))
+    names = _task_names(monkeypatch)
+    spread = egp_onnx.compress(model, str(tmp_path / "c.npz"), scheduler="local:2", **options)
+    assert {"part_layer_sums", "guard_part", "count_part"} <= names  # each ran on the cluster
+    assert spread.model.SerializeToString() == single.model.SerializeToString()
+    assert spread.report.to_dict() == single.report.to_dict()
+
+
+def _task_names(monkeypatch):
+    """The task names every cluster compress opens runs (Cluster.map recorded)."""
+    names: set[str] = set()
+    original = cluster_module.Cluster.map
+
+    def recording(self, function, *args, **kwargs):
+        names.add(function.__name__)
+        return original(self, function, *args, **kwargs)
+
+    monkeypatch.setattr(cluster_module.Cluster, "map", recording)
+    return names

@@ -104,6 +104,25 @@ def test_a_small_budget_keeps_the_first_batches_only(rng):
     np.testing.assert_allclose(r1[0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_part_keeps_the_same_batches_alone_as_with_the_others(rng):
+    """Each part has its own budget, decided from its own first batch: a cluster worker holding
+    one part keeps what one process holding them all keeps of it (reconstruct/parts.py)."""
+    model = residual_model(rng)
+    x = f32(rng.normal(size=(28, 3, 6, 6)))  # 7 batches of 4: parts of 3, 2 and 2 batches
+    per_batch = 4 * 3 * 36 * 4 + 4 * 4 * 36 * 4
+    stubbed, values = split_weights(model, always=[f"{n}.w" for n in LAYERS])
+    batches = batches_of(x, 4)
+    together = Activations(stubbed, values, batches, [2 * per_batch] * 3, 0, [3, 2, 2])
+    alone = [Activations(stubbed, values, batches[a:b], 2 * per_batch) for a, b in [(0, 3), (3, 5), (5, 7)]]
+    for names, later in [(["r0"], {"r1"}), (["r1"], set())]:
+        (found,) = together.get(names, later)
+        parts = [acts.get(names, later)[0] for acts in alone]
+        assert together.part_of == [p for p, kept in enumerate(parts) for _ in kept]
+        for a, b in zip(found, [t for kept in parts for t in kept], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert together.part_of == [0, 1, 2]  # three tensors a batch: one batch of each part fits
+
+
 def test_segment_sessions_do_not_spin_and_take_the_thread_count(rng, monkeypatch):
     # Between runs the caller computes with numpy's BLAS threads; spinning onnxruntime workers
     # would take those cores. Reconstruction runs two models' segments at once, each on its share.
