@@ -267,6 +267,11 @@ def _refit(
     if not all(np.isfinite(v).all() for v in updates.values()):
         why = "not refit: the solution is not finite"
         return LayerFit(layer.name, normal.rows, width, None, None, why), {}
+    if support.any() and after >= before:
+        # The ridge's shrinkage can cost a layer that pruning barely moved more than it gains
+        # (RapidOCR's det: its first conv, 2.8e-6 -> 3.5e-3): keep the pruned weights then.
+        why = f"not refit: the refit's error {after / total:.2e} >= the pruned layer's {before / total:.2e}"
+        return LayerFit(layer.name, normal.rows, width, None, None, why), {}
     status = "refit" if support.any() else EMPTIED
     fit = LayerFit(layer.name, normal.rows, width, before / total, after / total, status)
     return fit, updates

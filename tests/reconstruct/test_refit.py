@@ -77,12 +77,25 @@ def test_too_few_rows_leaves_the_layer_pruned_by_magnitude_and_says_how_many(rng
     np.testing.assert_array_equal(initializer_arrays(result.model, ["conv.w"])["conv.w"], expected)
 
 
+def test_a_refit_that_fits_its_rows_worse_than_the_pruned_layer_is_not_applied(rng):
+    # White-noise inputs make the pruned weights the least-squares answer on their support
+    # already: the ridge's shrinkage could only add error, so the layer keeps its pruned weights.
+    model = conv_model(rng, **CONVS["plain"])
+    w = initializer_arrays(model, ["conv.w"])["conv.w"]
+    data = data_for(model, f32(rng.normal(size=(30, 4, 9, 9))))
+    result = rc.reconstruct(model, model, data, 30, remove={"conv.w": 10}, masked=["conv.w"])
+    (fit,) = result.fits
+    assert fit.status.startswith("not refit: the refit's error") and fit.error_after is None
+    expected = prune_smallest(w, 10, np.random.default_rng(0))
+    np.testing.assert_array_equal(initializer_arrays(result.model, ["conv.w"])["conv.w"], expected)
+
+
 def test_few_samples_with_many_positions_give_the_layer_its_rows_per_column(rng):
     # 30 samples of 90 positions for 37 columns: ROWS_PER_COLUMN x 37 = 2368 rows need 79
     # positions a sample. A cap of POSITIONS_PER_SAMPLE (64) a sample gave 1920 rows (RapidOCR's
     # det: 24 pages of 100k+ positions refit on a few hundred rows, which moved its map).
     model = conv_model(rng, **CONVS["plain"])
-    data = data_for(model, f32(rng.normal(size=(30, 4, 9, 9))))
+    data = data_for(model, correlated(rng, 30, 4))
     (fit,) = rc.reconstruct(model, model, data, 30, remove={"conv.w": 10}, masked=["conv.w"]).fits
     assert normal.POSITIONS_PER_SAMPLE * 30 < normal.ROWS_PER_COLUMN * fit.columns <= 30 * 90
     assert fit.status == "refit" and fit.rows >= normal.ROWS_PER_COLUMN * fit.columns
