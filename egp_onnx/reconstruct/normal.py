@@ -278,14 +278,31 @@ def part_equations(
             batches = [kept[i] for i in group]
             shape = (sum(len(batch[-1]) for batch in batches), *batches[0][-1].shape[1:])
             where = positions(shape, rng, takes[shape[2] * shape[3]]) if layer.kind.spatial else None
-            items.append((batches, where))
-        for rows, y in map_parts(partial(_group_rows, layer), items):
-            if normal is None:
-                normal = NormalEquations(rows.shape[0], rows.shape[2], y.shape[1], layer.bias is not None)
-            normal.add(rows, y)
+            items.extend((batches, piece) for piece in _pieces(layer, batches[0][0], where))
+        for first in range(0, len(items), PARTS):
+            for rows, y in map_parts(partial(_group_rows, layer), items[first : first + PARTS]):
+                if normal is None:
+                    normal = NormalEquations(rows.shape[0], rows.shape[2], y.shape[1], layer.bias is not None)
+                normal.add(rows, y)
     assert normal is not None  # every part keeps a batch
     normal.finish()
     return normal
+
+
+def _pieces(layer: LinearLayer, x: np.ndarray, where: Positions | None) -> list[Positions | None]:
+    """A group's positions in consecutive slices of at most CHUNK_BYTES of im2col rows each.
+
+    A few large samples take many positions each (ROWS_PER_COLUMN): their rows are gathered a
+    slice at a time, so a group's rows never hold more than PARTS chunks at once.
+    """
+    if where is None:
+        return [None]
+    row_bytes = int(np.prod(layer.kernel)) * x.shape[1] * x.itemsize
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    b_idx, oh, ow = where
+    return [
+        (b_idx[i : i + step], oh[i : i + step], ow[i : i + step]) for i in range(0, max(b_idx.size, 1), step)
+    ]
 
 
 def _group_rows(layer: LinearLayer, item: _Group) -> tuple[np.ndarray, np.ndarray]:
