@@ -29,11 +29,19 @@ from egp_onnx.reconstruct.im2col import (
 from egp_onnx.runtime.segments import Activations
 from egp_onnx.runtime.threads import PARTS, map_parts
 
-#: Output positions of one sample that enter a conv layer's normal equations at most (seeded).
+#: Output positions of one sample that enter a conv layer's normal equations at least, when
+#: the sample has them (seeded): more when there are too few samples for ROWS_PER_COLUMN.
 POSITIONS_PER_SAMPLE = 64
 #: Rows a conv layer's normal equations aim for, per column: positions per sample are cut to
 #: reach about this many rows over the samples (more rows cost time, not accuracy, past it).
+#: A few large samples (RapidOCR's det pages) give each sample more positions, not fewer rows:
+#: the rows are streamed in CHUNK_BYTES, so only time grows with them.
 ROWS_PER_COLUMN = 64
+#: Rows per column a layer needs to be refit at all: with fewer, its (lightly) ridge-regularised
+#: least squares fits the sampled rows' noise, and the refit can leave the layer worse on other
+#: inputs than its pruned weights (RapidOCR's det: squeeze-excitation layers of 6 rows, one per
+#: page, for 97 columns).
+MIN_ROWS_PER_COLUMN = 4
 #: Bytes of im2col rows a layer's normal equations collect before taking their products.
 CHUNK_BYTES = 16 * 2**20
 #: Bytes of layer input whose im2col rows are gathered in one call (consecutive batches joined).
@@ -165,7 +173,7 @@ def normal_equations(
     """
     parts = layer_batches(layer, now, then, later)
     plan = plan_rows(layer, width, [part_rows(layer, kept) for kept in parts])
-    if plan.total < width:
+    if not enough_rows(plan.total, width):
         return short_equations(plan.total)
     return merge_equations(layer, [part_equations(layer, kept, plan.takes, rng) for kept in parts])
 
@@ -186,13 +194,18 @@ def part_rows(layer: LinearLayer, kept: Sequence[tuple[np.ndarray, ...]]) -> Par
 def plan_rows(layer: LinearLayer, width: int, parts: Sequence[PartRows]) -> RowPlan:
     """Positions per sample for every part at once: about ROWS_PER_COLUMN rows per column in all."""
     samples = sum(part.samples for part in parts)
-    take = min(POSITIONS_PER_SAMPLE, max(1, -(-ROWS_PER_COLUMN * width // max(samples, 1))))
+    take = max(1, -(-ROWS_PER_COLUMN * width // max(samples, 1)))
     if not layer.kind.spatial:
         return RowPlan({}, sum(part.rows for part in parts))
     # Samples of several sizes (a model with symbolic H/W): positions in proportion to each area.
     areas = [(count, area) for part in parts for area, count in part.areas.items()]
     takes = positions_per_sample(areas, take)
     return RowPlan(takes, sum(count * takes[area] for count, area in areas))
+
+
+def enough_rows(rows: int, width: int) -> bool:
+    """Whether ``rows`` rows are enough to refit a layer of ``width`` columns (MIN_ROWS_PER_COLUMN)."""
+    return rows >= MIN_ROWS_PER_COLUMN * width
 
 
 def draws(part: PartRows, takes: dict[int, int]) -> int:
@@ -265,14 +278,31 @@ def part_equations(
             batches = [kept[i] for i in group]
             shape = (sum(len(batch[-1]) for batch in batches), *batches[0][-1].shape[1:])
             where = positions(shape, rng, takes[shape[2] * shape[3]]) if layer.kind.spatial else None
-            items.append((batches, where))
-        for rows, y in map_parts(partial(_group_rows, layer), items):
-            if normal is None:
-                normal = NormalEquations(rows.shape[0], rows.shape[2], y.shape[1], layer.bias is not None)
-            normal.add(rows, y)
+            items.extend((batches, piece) for piece in _pieces(layer, batches[0][0], where))
+        for first in range(0, len(items), PARTS):
+            for rows, y in map_parts(partial(_group_rows, layer), items[first : first + PARTS]):
+                if normal is None:
+                    normal = NormalEquations(rows.shape[0], rows.shape[2], y.shape[1], layer.bias is not None)
+                normal.add(rows, y)
     assert normal is not None  # every part keeps a batch
     normal.finish()
     return normal
+
+
+def _pieces(layer: LinearLayer, x: np.ndarray, where: Positions | None) -> list[Positions | None]:
+    """A group's positions in consecutive slices of at most CHUNK_BYTES of im2col rows each.
+
+    A few large samples take many positions each (ROWS_PER_COLUMN): their rows are gathered a
+    slice at a time, so a group's rows never hold more than PARTS chunks at once.
+    """
+    if where is None:
+        return [None]
+    row_bytes = int(np.prod(layer.kernel)) * x.shape[1] * x.itemsize
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    b_idx, oh, ow = where
+    return [
+        (b_idx[i : i + step], oh[i : i + step], ow[i : i + step]) for i in range(0, max(b_idx.size, 1), step)
+    ]
 
 
 def _group_rows(layer: LinearLayer, item: _Group) -> tuple[np.ndarray, np.ndarray]:

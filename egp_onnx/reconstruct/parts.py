@@ -39,6 +39,7 @@ from egp_onnx.reconstruct.normal import (
     NormalEquations,
     PartRows,
     draws,
+    enough_rows,
     layer_batches,
     merge_equations,
     normal_equations,
@@ -372,7 +373,7 @@ class ClusterSums:
         self.sent, self.pending = self.version, {}
         rows = self._rows(since, range(len(self.groups)), rebuild=False)
         plan = plan_rows(layer, width, rows)
-        if plan.total < width:
+        if not enough_rows(plan.total, width):
             return short_equations(plan.total)
         state = _pcg(rng).state
         counts = [draws(r, plan.takes) for r in rows]

@@ -34,7 +34,7 @@ from egp_onnx.graph.layers import LinearLayer, linear_layers
 from egp_onnx.graph.weights import replace_initializers, split_weights
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.prune.budget import prune_smallest
-from egp_onnx.reconstruct.normal import NormalEquations
+from egp_onnx.reconstruct.normal import MIN_ROWS_PER_COLUMN, NormalEquations, enough_rows
 from egp_onnx.reconstruct.parts import (
     CACHE_BYTES,
     MAX_SAMPLES,
@@ -213,8 +213,8 @@ def refit_layer(
     if width > WIDTH_LIMIT:
         return LayerFit(layer.name, 0, width, None, None, f"not refit: {width} columns > {WIDTH_LIMIT}"), {}
     normal = equations(width)
-    if normal.rows < width:
-        why = f"not refit: {normal.rows} rows < {width} columns"
+    if not enough_rows(normal.rows, width):
+        why = f"not refit: {normal.rows} rows < {MIN_ROWS_PER_COLUMN} x {width} columns"
         return LayerFit(layer.name, normal.rows, width, None, None, why), {}
     if not all(np.isfinite(a).all() for a in (normal.gram, normal.cross, normal.target_sq)):
         # Activations near float32's range (inputs ~1e30) overflow the sums of products: there is
@@ -266,6 +266,11 @@ def _refit(
     # bypassed or deleted by surgery), and the steps table leaves it out of "worst layer error".
     if not all(np.isfinite(v).all() for v in updates.values()):
         why = "not refit: the solution is not finite"
+        return LayerFit(layer.name, normal.rows, width, None, None, why), {}
+    if support.any() and after >= before:
+        # The ridge's shrinkage can cost a layer that pruning barely moved more than it gains
+        # (RapidOCR's det: its first conv, 2.8e-6 -> 3.5e-3): keep the pruned weights then.
+        why = f"not refit: the refit's error {after / total:.2e} >= the pruned layer's {before / total:.2e}"
         return LayerFit(layer.name, normal.rows, width, None, None, why), {}
     status = "refit" if support.any() else EMPTIED
     fit = LayerFit(layer.name, normal.rows, width, before / total, after / total, status)

@@ -76,3 +76,33 @@ def test_normal_equations_over_batches_of_several_sizes_sum_every_position(rng):
     np.testing.assert_allclose(sums.gram[0], a.T @ a, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(sums.cross[0], a.T @ t, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(sums.target_sq, (t**2).sum(axis=0), rtol=1e-5)
+
+
+def test_a_groups_rows_are_gathered_in_slices_of_at_most_a_chunk_with_the_same_sums(rng, monkeypatch):
+    # A few large samples take many positions each: their im2col rows are gathered a slice of
+    # CHUNK_BYTES at a time (here 10 rows of 27 float32 columns), and the sums do not change.
+    b = Builder(rng)
+    model = b.model(b.conv("x", "conv", 3, 4, 3, pad=1), ("N", 3, "H", "W"))
+    (layer,), _ = linear_layers(model)
+    batches = [{"x": f32(rng.normal(size=(3, 3, 6, 7)))}]
+
+    def sums() -> normal.NormalEquations:
+        now = Activations(*split_weights(model), batches, 2**30)
+        then = Activations(*split_weights(model), batches, 2**30)
+        return normal.normal_equations(layer, 28, now, then, [], np.random.default_rng(0))
+
+    whole = sums()
+    gathered: list[int] = []
+    group_rows = normal._group_rows
+
+    def counted(layer, item):
+        rows, y = group_rows(layer, item)
+        gathered.append(rows.shape[1])
+        return rows, y
+
+    monkeypatch.setattr(normal, "_group_rows", counted)
+    monkeypatch.setattr(normal, "CHUNK_BYTES", 10 * 27 * 4)
+    sliced = sums()
+    assert sliced.rows == whole.rows == 3 * 42 and max(gathered) == 10 and sum(gathered) == 126
+    np.testing.assert_allclose(sliced.gram, whole.gram, rtol=1e-5, atol=1e-5)  # float32 products
+    np.testing.assert_allclose(sliced.cross, whole.cross, rtol=1e-5, atol=1e-5)

@@ -63,17 +63,42 @@ def test_a_layer_left_without_weights_is_marked_and_not_the_steps_worst(rng):
     assert f"{emptied.error_before:.2e} ->" not in row
 
 
-def test_too_few_rows_leaves_the_layer_pruned_by_magnitude_and_says_how_many(rng, monkeypatch):
-    # Two samples x 4 positions = 8 rows for 37 columns: no refit (and no products taken).
-    monkeypatch.setattr(normal, "POSITIONS_PER_SAMPLE", 4)
+def test_too_few_rows_leaves_the_layer_pruned_by_magnitude_and_says_how_many(rng):
+    # One sample x 90 positions (10 x 9) = 90 rows for 37 columns: more rows than columns, but too few
+    # (MIN_ROWS_PER_COLUMN) for the ridge fit to beat the pruned weights on other inputs: no refit.
     model = conv_model(rng, **CONVS["plain"])
     w = initializer_arrays(model, ["conv.w"])["conv.w"]
-    data = data_for(model, f32(rng.normal(size=(2, 4, 9, 9))))
-    result = rc.reconstruct(model, model, data, 2, remove={"conv.w": 10}, masked=["conv.w"])
+    data = data_for(model, f32(rng.normal(size=(1, 4, 9, 9))))
+    result = rc.reconstruct(model, model, data, 1, remove={"conv.w": 10}, masked=["conv.w"])
     (fit,) = result.fits
-    assert fit.status == f"not refit: 8 rows < {fit.columns} columns" and fit.columns == w[0].size + 1
+    assert fit.columns == w[0].size + 1 and 90 < normal.MIN_ROWS_PER_COLUMN * fit.columns
+    assert fit.status == f"not refit: 90 rows < {normal.MIN_ROWS_PER_COLUMN} x {fit.columns} columns"
     expected = prune_smallest(w, 10, np.random.default_rng(0))
     np.testing.assert_array_equal(initializer_arrays(result.model, ["conv.w"])["conv.w"], expected)
+
+
+def test_a_refit_that_fits_its_rows_worse_than_the_pruned_layer_is_not_applied(rng):
+    # White-noise inputs make the pruned weights the least-squares answer on their support
+    # already: the ridge's shrinkage could only add error, so the layer keeps its pruned weights.
+    model = conv_model(rng, **CONVS["plain"])
+    w = initializer_arrays(model, ["conv.w"])["conv.w"]
+    data = data_for(model, f32(rng.normal(size=(30, 4, 9, 9))))
+    result = rc.reconstruct(model, model, data, 30, remove={"conv.w": 10}, masked=["conv.w"])
+    (fit,) = result.fits
+    assert fit.status.startswith("not refit: the refit's error") and fit.error_after is None
+    expected = prune_smallest(w, 10, np.random.default_rng(0))
+    np.testing.assert_array_equal(initializer_arrays(result.model, ["conv.w"])["conv.w"], expected)
+
+
+def test_few_samples_with_many_positions_give_the_layer_its_rows_per_column(rng):
+    # 30 samples of 90 positions for 37 columns: ROWS_PER_COLUMN x 37 = 2368 rows need 79
+    # positions a sample. A cap of POSITIONS_PER_SAMPLE (64) a sample gave 1920 rows (RapidOCR's
+    # det: 24 pages of 100k+ positions refit on a few hundred rows, which moved its map).
+    model = conv_model(rng, **CONVS["plain"])
+    data = data_for(model, correlated(rng, 30, 4))
+    (fit,) = rc.reconstruct(model, model, data, 30, remove={"conv.w": 10}, masked=["conv.w"]).fits
+    assert normal.POSITIONS_PER_SAMPLE * 30 < normal.ROWS_PER_COLUMN * fit.columns <= 30 * 90
+    assert fit.status == "refit" and fit.rows >= normal.ROWS_PER_COLUMN * fit.columns
 
 
 @pytest.mark.parametrize("name", CONVS)

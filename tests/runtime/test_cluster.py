@@ -232,7 +232,10 @@ def test_refit_sums_on_a_cluster_equal_one_process(threads, tmp_path, rng, step)
     options = {"remove": remove, "masked": list(remove), "seed": 7}
     alone = reconstruct(model, current, data, 32, **options)
     spread = reconstruct(model, current, data, 32, cluster=threads, **options)
-    assert spread.fits == alone.fits and all(f.status == "refit" for f in alone.fits)
+    # Every layer is solved (the first, barely pruned in step 1, may keep its pruned weights: its
+    # refit fits its rows no better, the same verdict from the same sums).
+    assert spread.fits == alone.fits and all(f.status == "refit" for f in alone.fits[1:])
+    assert alone.fits[0].status == "refit" or alone.fits[0].status.startswith("not refit: the refit's error")
     assert spread.model.SerializeToString() == alone.model.SerializeToString()
 
 
