@@ -29,9 +29,6 @@ from egp_onnx.reconstruct.im2col import (
 from egp_onnx.runtime.segments import Activations
 from egp_onnx.runtime.threads import PARTS, map_parts
 
-#: Output positions of one sample that enter a conv layer's normal equations at least, when
-#: the sample has them (seeded): more when there are too few samples for ROWS_PER_COLUMN.
-POSITIONS_PER_SAMPLE = 64
 #: Rows a conv layer's normal equations aim for, per column: positions per sample are cut to
 #: reach about this many rows over the samples (more rows cost time, not accuracy, past it).
 #: A few large samples (RapidOCR's det pages) give each sample more positions, not fewer rows:

@@ -92,12 +92,12 @@ def test_a_refit_that_fits_its_rows_worse_than_the_pruned_layer_is_not_applied(r
 
 def test_few_samples_with_many_positions_give_the_layer_its_rows_per_column(rng):
     # 30 samples of 90 positions for 37 columns: ROWS_PER_COLUMN x 37 = 2368 rows need 79
-    # positions a sample. A cap of POSITIONS_PER_SAMPLE (64) a sample gave 1920 rows (RapidOCR's
+    # positions a sample. The old cap of 64 positions a sample gave 1920 rows (RapidOCR's
     # det: 24 pages of 100k+ positions refit on a few hundred rows, which moved its map).
     model = conv_model(rng, **CONVS["plain"])
     data = data_for(model, correlated(rng, 30, 4))
     (fit,) = rc.reconstruct(model, model, data, 30, remove={"conv.w": 10}, masked=["conv.w"]).fits
-    assert normal.POSITIONS_PER_SAMPLE * 30 < normal.ROWS_PER_COLUMN * fit.columns <= 30 * 90
+    assert 64 * 30 < normal.ROWS_PER_COLUMN * fit.columns <= 30 * 90
     assert fit.status == "refit" and fit.rows >= normal.ROWS_PER_COLUMN * fit.columns
 
 
