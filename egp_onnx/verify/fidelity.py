@@ -483,6 +483,10 @@ class Reference:
             part_sums(handle, part, self.names, atol, rtol, self.unseen, self.threshold)
             for part in self.parts()
         ]
+        return self.merged(parts, atol, rtol)
+
+    def merged(self, parts: Sequence[FidelitySums], atol: float, rtol: float) -> Fidelity:
+        """The fidelity from the parts' sums, added in part order (here or from a cluster's tasks)."""
         if not parts:
             return FidelitySums(self.names, atol, rtol, self.unseen, threshold=self.threshold).result()
         return merge_sums(parts).result()

@@ -28,7 +28,6 @@ from egp_onnx.verify.fidelity import (
     FidelitySums,
     Reference,
     StoredBatch,
-    merge_sums,
     part_sums,
     wilson_interval,
 )
@@ -244,9 +243,7 @@ class Guard:
         """The candidate's sums per part of the held-out batches on the workers, added in part order."""
         reference = self.reference
         if not reference.parts():
-            return FidelitySums(
-                reference.names, SURGERY_ATOL, SURGERY_RTOL, reference.unseen, threshold=reference.threshold
-            ).result()
+            return reference.merged([], SURGERY_ATOL, SURGERY_RTOL)
         version, model = cluster.share_model(candidate)
         parts = cluster.share_once(reference.parts())  # once per run: every step reuses the workers' copy
         args = (
@@ -254,7 +251,7 @@ class Guard:
             reference.threshold,
         )  # fmt: skip
         tasks = [(*args, p) for p in range(len(reference.parts()))]
-        return merge_sums(cluster.map(guard_part, tasks)).result()
+        return reference.merged(cluster.map(guard_part, tasks), SURGERY_ATOL, SURGERY_RTOL)
 
     def shipped_problems(self, candidate: onnx.ModelProto) -> list[str]:
         """The guard's complaints about ``candidate`` in its shipped form (none without one).
