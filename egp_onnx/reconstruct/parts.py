@@ -74,7 +74,12 @@ Weights = dict[str, np.ndarray]
 
 def first_samples(data: CalibrationData, batch_size: int) -> list[dict[str, np.ndarray]]:
     """The batches holding the first :data:`MAX_SAMPLES` samples (whole: a model may fix its batch size)."""
-    batches, seen = [], 0
+    return _within_max(data, batch_size, 0)
+
+
+def _within_max(data: CalibrationData, batch_size: int, seen: int) -> list[dict[str, np.ndarray]]:
+    """``data``'s batches while fewer than :data:`MAX_SAMPLES` are seen, ``seen`` before the first."""
+    batches = []
     for feed, _ in data.batches(batch_size):
         if seen >= MAX_SAMPLES:
             break
@@ -200,13 +205,9 @@ def _open(
     sizes: list[int] = []
     for part, start in zip(parts, starts, strict=True):
         data = part_data(loaders, setup.loaders_key, setup.specs, setup.description, part)
-        seen, before = start, len(batches)
-        for feed, _ in data.batches(setup.batch_size):
-            if seen >= MAX_SAMPLES:
-                break
-            batches.append(feed)
-            seen += len(next(iter(feed.values())))
-        sizes.append(len(batches) - before)
+        kept = _within_max(data, setup.batch_size, start)
+        batches.extend(kept)
+        sizes.append(len(kept))
     threads = max(1, (setup.threads or cores()) // 2)
     pair = activation_pair((ours, values), theirs, batches, sizes, threads=threads, share=setup.parts)
     return _GroupState(*pair, values, 0)
