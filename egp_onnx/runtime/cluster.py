@@ -112,11 +112,7 @@ class Cluster:
 
     def share_once_model(self, model: Any) -> Any:
         """A model's serialised bytes on every worker once for this run (the same model: the same future)."""
-        held = self._shared.get(id(model))
-        if held is None or held[0] is not model:
-            (future,) = self.client.scatter([model.SerializeToString()], broadcast=True, hash=False)
-            held = self._shared[id(model)] = (model, future)
-        return held[1]
+        return self._scatter_once(model, model.SerializeToString)
 
     def share_once(self, value: Any) -> Any:
         """``value`` placed on every worker once for this run (the same object: the same future).
@@ -124,10 +120,14 @@ class Cluster:
         On every worker, not one: scattered data cannot be recomputed, so a copy held by a single
         worker would be lost with it, and with it every task that reads it.
         """
-        held = self._shared.get(id(value))
-        if held is None or held[0] is not value:
-            (future,) = self.client.scatter([value], broadcast=True, hash=False)
-            held = self._shared[id(value)] = (value, future)
+        return self._scatter_once(value, lambda: value)
+
+    def _scatter_once(self, owner: Any, payload: Callable[[], Any]) -> Any:
+        """``payload()`` broadcast to every worker once per ``owner`` (the same object: the same future)."""
+        held = self._shared.get(id(owner))
+        if held is None or held[0] is not owner:
+            (future,) = self.client.scatter([payload()], broadcast=True, hash=False)
+            held = self._shared[id(owner)] = (owner, future)
         return held[1]
 
     def map(
