@@ -8,9 +8,10 @@ shortcut, so the branch also absorbs the shortcut's error. Pruned weights stay e
 
 Gram matrices are streamed into float64 sums (reconstruct/normal.py) of im2col rows
 (reconstruct/im2col.py) and solved on each output's support (reconstruct/solve.py). Every layer
-sees the first :data:`MAX_SAMPLES` samples (rounded up to a whole batch); a conv layer about
-``ROWS_PER_COLUMN`` rows per column of its normal equations (seeded output positions; samples
-of several sizes get positions in proportion to their output area, each batch one size). The
+sees the first ``MAX_SAMPLES`` samples (reconstruct/parts.py; rounded up to a whole batch); a
+conv layer about ``ROWS_PER_COLUMN`` rows per column of its normal equations (seeded output
+positions; samples of several sizes get positions in proportion to their output area, each
+batch one size). The
 activations of the current and the dense model stay in memory from one layer to the next
 (egp_onnx.runtime.segments), so a step runs each node of both models once over those samples.
 Per-channel affine ops between a layer and its target (BatchNormalization, Mul/Add/Sub/Div by
@@ -35,26 +36,15 @@ from egp_onnx.graph.weights import replace_initializers, split_weights
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.prune.budget import prune_smallest
 from egp_onnx.reconstruct.normal import MIN_ROWS_PER_COLUMN, NormalEquations, enough_rows
-from egp_onnx.reconstruct.parts import (
-    CACHE_BYTES,
-    MAX_SAMPLES,
-    ClusterSums,
-    LocalSums,
-    PartSums,
-    activation_pair,
-    first_samples,
-    part_size,
-)
+from egp_onnx.reconstruct.parts import ClusterSums, LocalSums, PartSums, first_samples, part_size
 from egp_onnx.reconstruct.solve import obs_masks, residual_error, solve_masked
 from egp_onnx.report.records import LayerFit
+from egp_onnx.runtime.threads import one_blas_thread
 
 if TYPE_CHECKING:
     from egp_onnx.runtime.cluster import Cluster
-from egp_onnx.runtime.threads import one_blas_thread
 
 log = logging.getLogger(__name__)
-
-__all__ = ["CACHE_BYTES", "MAX_SAMPLES", "activation_pair", "first_samples", "reconstruct", "refit_layer"]
 
 #: Layers wider than this (columns of the normal equations) are left as they are: the Gram matrix
 #: alone would take WIDTH_LIMIT^2 * 8 bytes (128 MiB at 4096).
