@@ -502,10 +502,6 @@ class Reference:
                 kinds[i] = MAP
         return kinds
 
-    def classifier(self) -> bool:
-        """True when some output is judged by argmax agreement (classes or sequences)."""
-        return any(kind in (CLASSES, SEQUENCE) for kind in self.kinds())
-
     def head(self, samples: int, elements: int) -> Reference:
         """The same reference on its first samples, cut from its batches (nothing runs again).
 
