@@ -19,6 +19,13 @@ original). Steps, as the loop's:
    of price (``_single_cut``); a group whose cut fails keeps its channels, the others are tried.
    The stage ends when no group can lose more. Without a guard only always-OFF
    channels go.
+
+Before those steps, with a guard, whole residual branches go (``_empty_branches``): a block whose
+branch loses every channel is ``x + c`` (c: the least-squares constant), its layers out of the
+graph, the layers after it refit. A channel group keeps one aligned block at least, so only
+this takes a block's MACs to zero; one whole branch saves more time than the channel steps take
+from all groups of that stage (README "Channel removal"). The Add whose branch saves the most
+MACs is tried first, each kept when it passes the guard.
 """
 
 from __future__ import annotations
@@ -34,15 +41,15 @@ from egp_onnx import entropy as ent
 from egp_onnx.calibrate.collect import collect_statistics
 from egp_onnx.config import Settings
 from egp_onnx.entropy import Statistics
-from egp_onnx.graph.channels import ChannelGroup, channel_groups
+from egp_onnx.graph.channels import Branch, ChannelGroup, channel_groups, residual_branches
 from egp_onnx.graph.layers import linear_layers
 from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.prune.channels import aligned_count, channel_capacity, cheapest, exact_count, step_amounts
 from egp_onnx.prune.loop import Guard
-from egp_onnx.reconstruct.channels import refit_consumers, removal_costs
+from egp_onnx.reconstruct.channels import branch_constant, refit_consumers, removal_costs
 from egp_onnx.report.records import ChannelGroupRecord, ChannelsRecord, ChannelStepRecord
-from egp_onnx.surgery.narrow import narrowed
+from egp_onnx.surgery.narrow import narrowed, without_branch
 from egp_onnx.verify.cost import count_macs
 
 log = logging.getLogger(__name__)
@@ -98,15 +105,22 @@ def remove_channels(
     frozen: set[str] = set()  # groups the guard stopped
     stop = "max-steps"
     macs_now = macs_before
+    branches: list[str] = []
+    if guarded:
+        assert guard is not None
+        current, macs_now, number = _empty_branches(
+            model, groups, alive, data, settings, guard, input_shapes, on_stage, steps, branches, macs_now
+        )
     while number < MAX_CHANNEL_STEPS:
         number += 1
         on_stage(f"channels step {number}: calibrating")
-        now_groups = {g.producer: g for g in channel_groups(current)[0]}
+        now_groups = _now_groups(groups, current)
         live = [g for g in groups if g.producer in now_groups and g.producer not in frozen]
         if not live:
             stop = "every group stopped by the guard"
             break
-        counts = _rectifier_counts(current, [now_groups[g.producer] for g in live], data, settings)
+        now_live = {g.producer: now_groups[g.producer] for g in live}
+        counts = _rectifier_counts(current, now_live, data, settings)
         dead: dict[str, np.ndarray] = {}
         for g in live:
             on, _ = counts[g.producer]
@@ -219,6 +233,7 @@ def remove_channels(
         removed=removed,
         macs_before=macs_before,
         macs_after=macs_now,
+        branches=tuple(branches),
     )  # fmt: skip
     return ChannelOutcome(current, record)
 
@@ -228,14 +243,29 @@ def _macs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -
     return found[0] if found else None
 
 
+def _now_groups(groups: Sequence[ChannelGroup], current: onnx.ModelProto) -> dict[str, ChannelGroup]:
+    """Per original group (by its producer's name) its form in ``current``, when it still has a producer.
+
+    A group keeps its name while its first producer is there; an emptied branch takes a residual
+    stream's producer with it, so the stream is found by any producer it still has.
+    """
+    now = channel_groups(current)[0]
+    found = {}
+    for g in groups:
+        match = next((n for n in now if set(n.producers) & set(g.producers)), None)
+        if match is not None:
+            found[g.producer] = match
+    return found
+
+
 def _rectifier_counts(
-    model: onnx.ModelProto, groups: list[ChannelGroup], data: CalibrationData, settings: Settings
+    model: onnx.ModelProto, groups: Mapping[str, ChannelGroup], data: CalibrationData, settings: Settings
 ) -> dict[str, tuple[np.ndarray, int]]:
-    """Per group, ON counts of its channels summed over its rectifiers, and events per channel.
+    """Per group (keyed as given), the ON counts of its channels over its rectifiers, and their events.
 
     A channel is always OFF when its sum is 0: OFF at every rectifier the consumers read through.
     """
-    wanted = {name for g in groups for name, _ in g.rectifiers}
+    wanted = {name for g in groups.values() for name, _ in g.rectifiers}
     sites = [s for s in find_rectifiers(model) if s.node in wanted]
     stats: Statistics = collect_statistics(model, sites, data, settings.batch_size)
     parts: dict[str, list[tuple[int, np.ndarray]]] = {}
@@ -248,10 +278,87 @@ def _rectifier_counts(
         node: np.concatenate([on for _, on in sorted(p, key=lambda x: x[0])]) for node, p in parts.items()
     }
     out = {}
-    for g in groups:
+    for key, g in groups.items():
         on = sum(full[name][offset : offset + g.channels] for name, offset in g.rectifiers)
-        out[g.producer] = (np.asarray(on), sum(totals[name] for name, _ in g.rectifiers))
+        out[key] = (np.asarray(on), sum(totals[name] for name, _ in g.rectifiers))
     return out
+
+
+def _empty_branches(
+    dense: onnx.ModelProto,
+    groups: Sequence[ChannelGroup],
+    alive: dict[str, np.ndarray],
+    data: CalibrationData,
+    settings: Settings,
+    guard: Guard,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    on_stage: Callable[[str], None],
+    steps: list[ChannelStepRecord],
+    emptied: list[str],
+    macs_now: int | None,
+) -> tuple[onnx.ModelProto, int | None, int]:
+    """``dense`` without the residual branches the guard lets go, the most MACs first (module docstring).
+
+    Appends each attempt to ``steps`` and each emptied Add to ``emptied``; the groups inside an
+    emptied branch keep no channel in ``alive``. Returns the model, its MACs and the steps taken.
+    """
+    current, number = dense, 0
+    tried: set[str] = set()
+    while number < MAX_CHANNEL_STEPS:
+        options = _branch_options(current, tried, input_shapes)
+        if not options:
+            break
+        saved, branch = options[0]
+        tried.add(branch.add)
+        number += 1
+        on_stage(f"channels step {number}: emptying the branch into {branch.add}")
+        constant = branch_constant(dense, current, data, settings.batch_size, branch)
+        cut = without_branch(current, branch, constant)
+        order = [layer.name for layer in linear_layers(current)[0]]
+        first = min(order.index(name) for name in branch.layers if name in order) if order else 0
+        after = [name for name in order[first:] if name not in branch.layers]
+        inside = [g for g in groups if set(g.producers) <= set(branch.layers)]
+        gone = {g.producer: np.zeros(0, dtype=np.int64) for g in inside}
+        kept = _kept_outputs(groups, {**alive, **gone})
+        candidate, _ = refit_consumers(dense, cut, data, settings.batch_size, after, kept, settings.seed)
+        macs = _macs(candidate, input_shapes)
+        fidelity, problems = guard(candidate)
+        if not problems:
+            problems = guard.shipped_problems(candidate)
+        agreement = fidelity.top1_agreement if fidelity else None
+        error = fidelity.rel_error if fidelity else None
+        removed = sum(alive[g.producer].size for g in inside)
+        steps.append(
+            ChannelStepRecord(
+                number, removed, 0, not problems, macs, agreement, error, "; ".join(problems), branch.add
+            )
+        )
+        log.info(
+            "channels step %d: the branch into %s (%d MACs) %s",
+            number, branch.add, saved, "rejected: " + "; ".join(problems) if problems else "emptied",
+        )  # fmt: skip
+        if problems:
+            continue
+        alive.update(gone)
+        emptied.append(branch.add)
+        current, macs_now = candidate, macs
+    return current, macs_now, number
+
+
+def _branch_options(
+    current: onnx.ModelProto, tried: set[str], input_shapes: Mapping[str, tuple[int, ...]]
+) -> list[tuple[int, Branch]]:
+    """Per residual Add not tried yet, its operand whose removal saves the most MACs; most first."""
+    macs_now = _macs(current, input_shapes)
+    best: dict[str, tuple[int, Branch]] = {}
+    for branch in residual_branches(current):
+        if branch.add in tried:
+            continue
+        macs = _macs(without_branch(current, branch, np.zeros(branch.channels)), input_shapes)
+        saved = (macs_now - macs) if macs is not None and macs_now is not None else len(branch.layers)
+        if saved > 0 and (branch.add not in best or saved > best[branch.add][0]):
+            best[branch.add] = (saved, branch)
+    return sorted(best.values(), key=lambda option: -option[0])
 
 
 def _priced(

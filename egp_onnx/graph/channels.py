@@ -21,6 +21,10 @@ producers (found by walking back from each Add's other operand) and several rect
 channel is always OFF only when it is OFF at every one of them. A grouped Conv, a graph output,
 or any op not listed here ties the channels for good: the group is not offered (its reason is
 reported). Channels inside a residual branch (a block's first conv) form groups of their own.
+
+A residual branch (:func:`residual_branches`) is one operand of a residual Add with the nodes
+that feed it alone: once every channel inside it is gone it is a constant, and the block
+``x + F(x)`` becomes ``x + c`` (surgery/narrow.py: ``without_branch``), its layers out of the graph.
 """
 
 from __future__ import annotations
@@ -74,6 +78,22 @@ class ChannelGroup:
     def rectifier(self) -> str:
         """The rectifier nodes' names, joined (for the report)."""
         return ",".join(name for name, _ in self.rectifiers)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One operand of a residual Add and the nodes that feed only it (the branch's layers among them).
+
+    ``operand`` is the Add's input the branch computes, ``rank`` its rank (4: NCHW, 2: N x C),
+    ``channels`` its channel count.
+    """
+
+    add: str
+    operand: str
+    nodes: tuple[str, ...]  # in graph order
+    layers: tuple[str, ...]
+    rank: int
+    channels: int
 
 
 @dataclass
@@ -384,3 +404,69 @@ def _clip_from_zero(node: onnx.NodeProto, index: GraphIndex) -> bool:
     if low is None and len(node.input) > 1 and node.input[1]:
         low = index.scalar(node.input[1])
     return low is not None and float(low) == 0.0
+
+
+def residual_branches(model: onnx.ModelProto) -> list[Branch]:
+    """Every operand of a residual Add (two variables) fed by at least one layer of its own, in node order.
+
+    A node belongs to the branch when everything that reads its outputs does (and none is a graph
+    output): removing the operand removes exactly these nodes. Only NCHW (rank 4) and N x C (rank
+    2) operands are offered, whose per-channel constant is a (1, C, 1, 1) or (C,) tensor.
+    """
+    index = GraphIndex(model.graph)
+    outputs = {o.name for o in model.graph.output}
+    names = [node.name or node.output[0] for node in model.graph.node]
+    found = []
+    for add in model.graph.node:
+        if add.op_type != "Add" or len(add.input) != 2 or any(index.is_constant(t) for t in add.input):
+            continue
+        if add.input[0] == add.input[1]:
+            continue
+        for operand in add.input:
+            shape = index.shapes.get(operand)
+            if shape is None or len(shape) not in (2, 4) or not shape[1]:
+                continue
+            private = _feeding_only(operand, add, index, outputs)
+            layers = [n for n in private if layer_of(n, index) is not None]
+            if layers:
+                order = sorted(private, key=lambda n: names.index(n.name or n.output[0]))
+                found.append(
+                    Branch(
+                        add.name or add.output[0],
+                        operand,
+                        tuple(n.name or n.output[0] for n in order),
+                        tuple(n.name or n.output[0] for n in order if layer_of(n, index) is not None),
+                        len(shape),
+                        int(shape[1]),
+                    )
+                )
+    return found
+
+
+def _feeding_only(
+    operand: str, add: onnx.NodeProto, index: GraphIndex, outputs: set[str]
+) -> list[onnx.NodeProto]:
+    """The nodes every path from which to a graph output goes through ``operand`` into ``add``."""
+    private: list[onnx.NodeProto] = []
+    ids: set[int] = set()
+    todo = [index.producer[operand]] if operand in index.producer else []
+    while todo:
+        node = todo.pop()
+        if id(node) in ids:
+            continue
+        own = all(
+            out not in outputs
+            and all(
+                id(r) in ids or (r is add and out == operand and list(add.input).count(operand) == 1)
+                for r in index.consumers.get(out, [])
+            )
+            for out in node.output
+            if out
+        )
+        if not own:
+            continue
+        private.append(node)
+        ids.add(id(node))
+        todo.extend(index.producer[t] for t in node.input if t in index.producer)
+        # a node met before its last reader joined is met again through that reader
+    return private

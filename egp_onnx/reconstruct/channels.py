@@ -6,6 +6,8 @@ own output channels were cut, the dense output's kept channels; for one that end
 branch, the dense Add output minus the current shortcut). Before removal, the same equations
 price each input channel: :func:`egp_onnx.reconstruct.solve.block_costs`, the rise of the
 consumer's residual when that channel is gone and the rest refit: what the refit cannot recover.
+A residual branch that loses every channel is a constant: :func:`branch_constant` is the least
+squares one, the mean of what the dense block added to the current shortcut.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from functools import partial
 import numpy as np
 import onnx
 
+from egp_onnx.graph.channels import Branch
 from egp_onnx.graph.layers import LinearLayer, linear_layers
 from egp_onnx.graph.weights import replace_initializers, split_weights
 from egp_onnx.load.calibration import CalibrationData
@@ -157,6 +160,30 @@ def refit_consumers(
     updates, missing = _in_turn(dense, current, data, batch_size, names, outputs, seed, visit)
     fits.extend(LayerFit(text.split(":")[0], 0, 0, None, None, text.split(": ", 1)[1]) for text in missing)
     return replace_initializers(current, updates), tuple(fits)
+
+
+def branch_constant(
+    dense: onnx.ModelProto, current: onnx.ModelProto, data: CalibrationData, batch_size: int, branch: Branch
+) -> np.ndarray:
+    """The per-channel constant (C,) that best replaces ``branch`` in ``current``, by least squares.
+
+    The Add's output should stay the dense model's: ``c`` minimises the squared difference of
+    ``shortcut + c`` from it over the calibration samples, positions and batch alike, so it is the
+    mean of the dense Add output minus the current model's other operand.
+    """
+    add = next(node for node in current.graph.node if (node.name or node.output[0]) == branch.add)
+    other = next(t for t in add.input if t != branch.operand)
+    batches = first_samples(data, batch_size)
+    now, then = activation_pair(split_weights(current), split_weights(dense), batches)
+    (shortcut,) = now.get([other])
+    (target,) = then.get([add.output[0]])
+    axes = (0, 2, 3) if branch.rank == 4 else (0,)
+    total = sum(
+        np.asarray(t, np.float64).sum(axis=axes) - np.asarray(x, np.float64).sum(axis=axes)
+        for t, x in zip(target, shortcut, strict=True)
+    )
+    count = sum(int(np.prod(t.shape)) // t.shape[1] for t in target)
+    return np.asarray(total / count)
 
 
 def _given(normal: NormalEquations, width: int) -> NormalEquations:

@@ -336,6 +336,7 @@ class ChannelStepRecord:
     top1_agreement: float | None
     rel_error: float | None
     detail: str  # why it was rejected or skipped; "" when accepted
+    branch: str = ""  # the residual Add whose branch the step emptied whole ("" for a channel step)
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,9 @@ class ChannelsRecord:
     removed: int
     macs_before: int | None
     macs_after: int | None
+    branches: tuple[str, ...] = ()  # residual Adds whose branch was emptied: the block is x + c
+
+
 @dataclass(frozen=True, kw_only=True)
 class LayerBlame:
     """One layer of a step the guard rejected: what the guard reads with that layer alone put back.

@@ -218,6 +218,8 @@ def _size_line(report: CompressionReport) -> list[str]:
 def _shapes_text(shapes: dict[str, tuple[int, ...]]) -> str:
     """Input shapes for the summary: ``x 1x3x640x480``."""
     return ", ".join(f"{name} {'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
+
+
 def _bytes(value: int) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if value >= size:
@@ -273,7 +275,9 @@ def _channels_line(report: CompressionReport) -> list[str]:
     exact = sum(g.always_off_removed for g in c.groups)
     return [
         f"channels    {c.removed} of {total} removed in {len(c.groups)} groups ({exact} always OFF), "
-        f"{len(c.tied)} layers tied; MACs {_count(c.macs_before)} -> {_count(c.macs_after)} (stop: {c.stop})"
+        f"{len(c.tied)} layers tied"
+        + (f", {len(c.branches)} residual branches emptied (the block is x + c)" if c.branches else "")
+        + f"; MACs {_count(c.macs_before)} -> {_count(c.macs_after)} (stop: {c.stop})"
     ]
 
 

@@ -5,6 +5,10 @@ slice of the group (producer rows, bias, BatchNormalization vectors, per-channel
 depthwise filters) and the matching columns from every consumer's weight. A layer that is the
 consumer of one group and the producer of another loses both, from the same initializer. The
 narrowed tensors' shape records in ``value_info`` are inferred again.
+
+A residual branch whose channels all go (:func:`without_branch`) leaves the graph whole: its
+nodes and the initializers only they read are deleted, and the Add reads a per-channel constant
+instead, the block ``x + F(x)`` becoming ``x + c`` (as a BatchNormalization of unit scale).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from egp_onnx.graph.channels import ChannelGroup
+from egp_onnx.graph.channels import Branch, ChannelGroup
 from egp_onnx.graph.weights import replace_initializers, shape_skeleton
 
 
@@ -72,6 +76,56 @@ def narrowed(
             for attribute in node.attribute:
                 if attribute.name == "group":
                     attribute.CopyFrom(helper.make_attribute("group", group_attrs[node.name]))
+    return _shapes_again(out)
+
+
+def without_branch(model: onnx.ModelProto, branch: Branch, constant: np.ndarray) -> onnx.ModelProto:
+    """A copy of ``model`` in which ``branch``'s residual Add becomes ``x + constant`` (C,), its nodes gone.
+
+    ``x + c`` is written as a BatchNormalization of unit scale and zero mean (``epsilon`` 0: exact):
+    onnxruntime fuses it into the layer before or runs it in its blocked channel layout (NCHWc),
+    where an Add of a broadcast constant would take the tensor out of that layout and back (two
+    reorders: on the MNIST sample they cost more than the block's 1x1 projection).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    gone = {*branch.nodes, branch.add}
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    dtype = helper.tensor_dtype_to_np_dtype(types.get(branch.operand) or onnx.TensorProto.FLOAT)
+    nodes = []
+    for node in graph.node:
+        name = node.name or node.output[0]
+        if name == branch.add:
+            other = next(t for t in node.input if t != branch.operand)
+            base = f"{branch.add}.constant"
+            params = [f"{base}.{part}" for part in ("scale", "bias", "mean", "var")]
+            values = (np.ones(branch.channels), constant, np.zeros(branch.channels), np.ones(branch.channels))
+            graph.initializer.extend(
+                numpy_helper.from_array(np.asarray(v, dtype=dtype).reshape(-1), n)
+                for n, v in zip(params, values, strict=True)
+            )
+            shift = helper.make_node(
+                "BatchNormalization", [other, *params], [node.output[0]], name, epsilon=0.0
+            )
+            nodes.append(shift)
+        elif name not in gone:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    read = {t for node in graph.node for t in node.input}
+    weights = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(weights)
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers or v.name in read]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return _shapes_again(out)
+
+
+def _shapes_again(out: onnx.ModelProto) -> onnx.ModelProto:
+    """``out`` (modified in place) with its ``value_info`` inferred again."""
     # Shape records of tensors downstream of a narrowed one may be stale too (a Concat's output):
     # all are inferred again, on the graph without its weights' values.
     del out.graph.value_info[:]

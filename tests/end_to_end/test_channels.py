@@ -189,3 +189,46 @@ def test_one_group_at_a_time_takes_the_aligned_cut_that_saves_most_macs_per_pric
         return cheapest.sum() / (before - count_macs(narrowed(model, [g], {g.producer: index}), shapes)[0])
 
     assert producer == min((g for g in groups if g.channels > 16), key=score).producer
+
+
+def _faint_block(rng, scale: float) -> onnx.ModelProto:
+    """
+    x -> Conv "stem" -> Relu "r0" -+-> Conv "c1" -> BN -> Relu -> Conv "c2" -> BN -> Add "add1"
+                                   +----------------------------------------------------^
+    add1 -> Relu -> Conv "head" -> y
+    ``scale`` multiplies c2's weights: near 0 the branch is nearly a constant.
+    """
+    b = Builder(rng)
+    r0 = b.op("Relu", [b.conv("x", "stem", 3, 8, 3, pad=1)], "r0")
+    r1 = b.op("Relu", [b.bn(b.conv(r0, "c1", 8, 8, 3, pad=1), "bn1", 8)], "r1")
+    add = b.op("Add", [b.bn(b.conv(r1, "c2", 8, 8, 3, pad=1), "bn2", 8), r0], "add1")
+    model = b.model(b.conv(b.op("Relu", [add], "r2"), "head", 8, 3, 3, pad=1), ["N", 3, 6, 6])
+    for t in model.graph.initializer:
+        if t.name == "c2.w":
+            scaled = onnx.numpy_helper.to_array(t) * np.float32(scale)
+            t.CopyFrom(onnx.numpy_helper.from_array(scaled, t.name))
+    return model
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0])
+def test_a_residual_branch_goes_whole_when_the_guard_allows_it(rng, tmp_path, scale):
+    """A faint branch becomes x + c (its two convs leave the graph); a strong one fails the guard, stays."""
+    model = _faint_block(rng, scale)
+    np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(300, 3, 6, 6))))
+    result = egp_onnx.compress(
+        model, tmp_path / "calib.npz", channels=True, sparsity=0.0, max_rel_error=0.05, latency=False
+    )
+    record = result.report.channels
+    assert record is not None
+    attempt = next(s for s in record.steps if s.branch == "add1")
+    assert attempt.step == 1  # before any channel step
+    layers = {n.name for n in result.model.graph.node}
+    if scale < 1:
+        assert attempt.accepted and record.branches == ("add1",)
+        assert not {"c1", "c2"} & layers
+        assert {g.producer: g.kept for g in record.groups}["c1"] == 0
+        assert attempt.macs is not None and attempt.macs < record.macs_before / 2
+    else:
+        assert not attempt.accepted and record.branches == () and "rel" in attempt.detail
+    assert result.report.fidelity.rel_error <= 0.05
+    onnx.checker.check_model(result.model, full_check=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from models import Builder, f32
 from references import run_ort
 
@@ -65,3 +66,28 @@ def test_the_refit_consumer_beats_the_unrefit_one_on_held_out_data(rng, tmp_path
     held = x[300:]
     (want,), (plain,), (fitted,) = (run_ort(m, {"x": held}) for m in (model, cut, refit))
     assert np.linalg.norm(fitted - want) < 0.8 * np.linalg.norm(plain - want)
+
+
+def test_the_branch_constant_is_the_least_squares_one(rng, tmp_path):
+    """
+    x -> Conv "a" -> Relu "r" -+-> Conv "b" -> Add "add" -> Relu -> y
+                               +-------------^
+    With the model itself as the target, c is the mean of b's output over samples and positions.
+    """
+    from egp_onnx.graph.channels import residual_branches
+    from egp_onnx.reconstruct.channels import branch_constant
+
+    b = Builder(rng)
+    r = b.op("Relu", [b.conv("x", "a", 3, 4, 3, pad=1)], "r")
+    add = b.op("Add", [b.conv(r, "b", 4, 4, 3, pad=1), r], "add")
+    model = prepare_model(b.model(b.op("Relu", [add], "out"), ["N", 3, 6, 6]))
+    x = f32(rng.normal(size=(70, 3, 6, 6)))
+    np.savez(tmp_path / "fit.npz", x=x)
+    data = open_calibration(str(tmp_path / "fit.npz"), model)
+    (branch,) = residual_branches(model)
+    c = branch_constant(model, model, data, 32, branch)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, None))
+    out = run_ort(probe, {"x": x})[-1]
+    np.testing.assert_allclose(c, out.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ from references import run_ort
 
 from egp_onnx.graph.channels import channel_groups
 from egp_onnx.load.model import prepare_model
-from egp_onnx.surgery.narrow import narrowed
+from egp_onnx.surgery.narrow import narrowed, without_branch
 
 
 def _values(model):
@@ -142,3 +142,56 @@ def test_a_dead_channel_of_a_residual_stream_leaves_every_producer_and_consumer(
     assert got["stem.w"].shape[0] == got["c2.w"].shape[0] == 3  # both producers lose the row
     np.testing.assert_array_equal(got["c1.w"], np.delete(then["c1.w"], 1, axis=1))
     np.testing.assert_array_equal(got["head.w"], np.delete(then["head.w"], 1, axis=1))
+
+
+def _two_blocks(rng, scale=1.0):
+    """
+    x -> Conv "stem" -> Relu "r0" -+-> Conv "c1" -> BN "bn1" -> Relu "r1" -> Conv "c2" -> BN "bn2" -> Add
+                                   +---------------------------------------------------------------^
+    add1 -> Relu "r2" -+-> Conv "p1" -> Relu "rp" -> Conv "p2" (stride 2) -> Add "add2" -> Relu "r3"
+                       +-> Conv "down" (1x1, stride 2) ---------------------------^
+    r3 -> Conv "head" -> y
+    ``scale`` multiplies c2's weights (0: the first branch outputs bn2's constant on any input).
+    """
+    b = Builder(rng)
+    r0 = b.op("Relu", [b.conv("x", "stem", 3, 4, 3, pad=1)], "r0")
+    r1 = b.op("Relu", [b.bn(b.conv(r0, "c1", 4, 6, 3, pad=1), "bn1", 6)], "r1")
+    c2 = b.conv(r1, "c2", 6, 4, 3, pad=1)
+    r2 = b.op("Relu", [b.op("Add", [b.bn(c2, "bn2", 4), r0], "add1")], "r2")
+    p2 = b.conv(b.op("Relu", [b.conv(r2, "p1", 4, 5, 3, pad=1)], "rp"), "p2", 5, 4, 3, stride=2, pad=1)
+    r3 = b.op("Relu", [b.op("Add", [p2, b.conv(r2, "down", 4, 4, 1, stride=2)], "add2")], "r3")
+    model = b.model(b.conv(r3, "head", 4, 2, 3, pad=1), ["N", 3, 6, 6])
+    return _set(model, "c2.w", _values(model)["c2.w"] * scale)
+
+
+def test_residual_branches_are_the_nodes_only_one_add_operand_reads(rng):
+    from egp_onnx.graph.channels import residual_branches
+
+    found = {(b.add, b.operand): b for b in residual_branches(prepare_model(_two_blocks(rng)))}
+    # add1's other operand r0 is read by c1 too: not a branch; add2 has two (p2's and the projection)
+    assert set(found) == {("add1", "bn2"), ("add2", "p2"), ("add2", "down")}
+    assert found["add1", "bn2"].nodes == ("c1", "bn1", "r1", "c2", "bn2")
+    assert found["add1", "bn2"].layers == ("c1", "c2")
+    assert found["add2", "p2"].layers == ("p1", "p2") and found["add2", "down"].layers == ("down",)
+    assert {(b.rank, b.channels) for b in found.values()} == {(4, 4)}
+
+
+def test_a_branch_that_is_constant_leaves_exactly_and_takes_its_weights_with_it(rng):
+    """c2 all zero: the branch is bn2(c2.b) on any input, so x + c with that c is the same model."""
+    from egp_onnx.graph.channels import residual_branches
+
+    model = prepare_model(_two_blocks(rng, scale=0.0))
+    branch = next(b for b in residual_branches(model) if b.add == "add1")
+    v = _values(model)
+    c = v["bn2.scale"] * (v["c2.b"] - v["bn2.mean"]) / np.sqrt(v["bn2.var"] + 1e-5) + v["bn2.shift"]
+    out = without_branch(model, branch, c)
+    onnx.checker.check_model(out, full_check=True)
+    ops = {n.name: n.op_type for n in out.graph.node}
+    assert not {"c1", "bn1", "r1", "c2", "bn2"} & set(ops) and ops["add1"] == "BatchNormalization"
+    gone = {t.name for t in model.graph.initializer if t.name.startswith(("c1.", "c2.", "bn1.", "bn2."))}
+    assert len(gone) == 12 and not gone & {t.name for t in out.graph.initializer}
+    x = f32(rng.normal(size=(5, 3, 6, 6)) * 3)
+    (want,), (got,) = run_ort(model, {"x": x}), run_ort(out, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the stream stays one channel group: the stem and the projection block still narrow it
+    assert any("stem" in g.producers for g in channel_groups(out)[0])
