@@ -137,15 +137,17 @@ def test_bad_quantize_values_are_refused_in_one_line(tmp_path):
 
 
 def test_channels_then_int8_leave_int8_its_share_and_write_an_int8_model_that_passes_the_guard():
-    """On the digits sample the float stages alone end where the INT8 model fails the guard (1 flip in
-    256 held-out samples), and the float model was written; judged as they ship, they stop short of it."""
+    """On the digits sample the float stages alone ended where the INT8 model fails the guard (1 flip in
+    256 held-out samples), and the float model was written; judged as they ship, they stop short of it.
+
+    (Since whole residual branches go first, the loop's own result passes as INT8 here: the search
+    again from a model known to pass, after a result that fails as it ships, is prune/test_loop.py's.)
+    """
     result = egp_onnx.compress(SAMPLE, SAMPLE_CALIB, channels=True, quantize="int8", latency=False)
     report = result.report
     record = report.quantization
     assert record is not None and record.applied and record.reason is None
     assert report.channels is not None and report.channels.removed > 0
-    # the float search's result failed as INT8; the loop searched again, each step judged as INT8
-    assert "failed the guard as it ships" in report.stop.detail
     assert record.top1_agreement is not None and record.top1_agreement >= 0.99
     assert report.fidelity.top1_agreement == record.top1_agreement
     model = result.model
