@@ -276,7 +276,7 @@ def _channels_line(report: CompressionReport) -> list[str]:
     return [
         f"channels    {c.removed} of {total} removed in {len(c.groups)} groups ({exact} always OFF), "
         f"{len(c.tied)} layers tied"
-        + (f", {len(c.branches)} residual branches emptied (the block is x + c)" if c.branches else "")
+        + (f", residual branches emptied: {len(c.branches)} (the block is x + c)" if c.branches else "")
         + f"; MACs {_count(c.macs_before)} -> {_count(c.macs_after)} (stop: {c.stop})"
     ]
 

@@ -16,6 +16,7 @@ from references import run_ort
 import egp_onnx
 from egp_onnx.config import Settings
 from egp_onnx.errors import ConfigError
+from egp_onnx.report.render import compression_summary
 from egp_onnx.verify.cost import count_macs
 
 torch = pytest.importorskip("torch", reason="needs the optional torch extra: pip install 'egp-onnx[torch]'")
@@ -223,8 +224,10 @@ def test_a_residual_branch_goes_whole_when_the_guard_allows_it(rng, tmp_path, sc
     attempt = next(s for s in record.steps if s.branch == "add1")
     assert attempt.step == 1  # before any channel step
     layers = {n.name for n in result.model.graph.node}
+    summary = compression_summary(result.report, [])
     if scale < 1:
         assert attempt.accepted and record.branches == ("add1",)
+        assert "residual branches emptied: 1 (the block is x + c)" in " ".join(summary.split())
         assert not {"c1", "c2"} & layers
         assert {g.producer: g.kept for g in record.groups}["c1"] == 0
         assert attempt.macs is not None and attempt.macs < record.macs_before / 2
