@@ -23,6 +23,7 @@ CALIB = SAMPLES / "digits_calib.npz"
         ["--no-latency", "--no-surgery"],
         ["--holdout", "0.25", "--max-rel-error", "0.9"],
         ["--no-latency", "--quantize", "int8"],
+        ["--no-latency", "--channels", "--sparsity", "0"],
     ],
 )
 def test_reports_validate_against_documented_schema(extra, tmp_path):
