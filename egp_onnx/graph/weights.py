@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from egp_onnx.graph.index import attr
+from egp_onnx.graph.walk import reads
 
 log = logging.getLogger(__name__)
 
@@ -343,3 +344,18 @@ def static_shapes(
     for tensor in inferred.graph.initializer:
         shapes[tensor.name] = tuple(tensor.dims)
     return shapes
+
+
+def drop_unread(graph: onnx.GraphProto, before: Collection[str]) -> None:
+    """Remove the initializers of ``graph`` that no node reads (bodies included), in place.
+
+    ``before`` names the initializers the graph had when its nodes last changed: a graph input of
+    that name (IR < 4 lists initializers as inputs) goes with its initializer.
+    """
+    read = {t for node in graph.node for t in reads(node)}
+    kept = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    inputs = [v for v in graph.input if v.name not in before or v.name in read]
+    del graph.input[:]
+    graph.input.extend(inputs)

@@ -20,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from egp_onnx.graph.channels import Branch, ChannelGroup
-from egp_onnx.graph.weights import replace_initializers, shape_skeleton
+from egp_onnx.graph.weights import drop_unread, replace_initializers, shape_skeleton
 
 
 def narrowed(
@@ -113,14 +113,7 @@ def without_branch(model: onnx.ModelProto, branch: Branch, constant: np.ndarray)
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    read = {t for node in graph.node for t in node.input}
-    weights = [t for t in graph.initializer if t.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(weights)
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [v for v in graph.input if v.name not in initializers or v.name in read]
-    del graph.input[:]
-    graph.input.extend(inputs)
+    drop_unread(graph, {t.name for t in model.graph.initializer})
     return _shapes_again(out)
 
 

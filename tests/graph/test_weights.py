@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from egp_onnx.graph.weights import (
     count_parameters,
+    drop_unread,
     initializer_counts,
     replace_initializers,
     serialized_size,
@@ -136,3 +137,30 @@ def test_split_weights_and_counts_take_known_values_only_when_they_fit(rng):
     others = set(counts) - {name}
     assert {k: with_known[k] for k in others} == {k: counts[k] for k in others}
     assert initializer_counts(model, read) == counts
+
+
+def test_drop_unread_keeps_what_a_body_reads_and_drops_an_unread_initializer_with_its_input():
+    """
+    y = If(cond) then (x + inner) else x;  "inner" is read in the body only, "stale" by nothing
+    (IR 3 style: both initializers are listed as graph inputs too).
+    """
+    f = TensorProto.FLOAT
+    then = helper.make_graph(
+        [helper.make_node("Add", ["x", "inner"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", f, [2])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e"])], "else", [], [helper.make_tensor_value_info("e", f, [2])]
+    )
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)
+    inits = [numpy_helper.from_array(np.ones(2, np.float32), n) for n in ("inner", "stale")]
+    inputs = [
+        helper.make_tensor_value_info(n, t, s) for n, t, s in (("x", f, [2]), ("cond", TensorProto.BOOL, []))
+    ]
+    inputs += [helper.make_tensor_value_info(n, f, [2]) for n in ("inner", "stale")]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", f, [2])], inits)
+    drop_unread(graph, {"inner", "stale"})
+    assert [t.name for t in graph.initializer] == ["inner"]
+    assert [v.name for v in graph.input] == ["x", "cond", "inner"]
