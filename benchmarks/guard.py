@@ -12,6 +12,7 @@ Candidates (held-out split): ``agree`` plain top-1 agreement; ``lcb`` its 95% Wi
 the dense model's logit margin to another class (m0.9 is what the guard counts);
 ``noiseS`` agreement with Gaussian noise of S times the input's standard deviation added to both
 models' inputs; ``shift`` agreement on inputs shifted by one pixel (the four directions);
+``noiseSm``, ``shiftm`` the guard's count (m0.9) on those perturbed inputs;
 ``est`` the report's estimate (m0.9's count, Jeffreys' posterior mean); ``softL`` the same with
 a partial count: a sample whose candidate closes a fraction f of the margin counts as
 (f - L) / (1 - L) of a flip, clipped to [0, 1] (soft0.8 is m0.9 smoothed: 0 up to 80%, 1 from
@@ -25,7 +26,7 @@ estimate its report states. ``--strict``: MNIST and Fashion-MNIST (``--sample``)
 images (the step search's convergence). ``--trajectory "k=v;k=v/..."``: every candidate that guarded runs
 with those options judge, measured as above.
 Run: python benchmarks/guard.py [--sample digits|mnist|fashion|all] [--sparsities 0.5,0.6,...]
-     [--default | --trajectory OPTIONS]
+     [--default | --trajectory OPTIONS] [--options "k=v;k=v" (compress options of --default and the sweep)]
 """
 
 from __future__ import annotations
@@ -116,13 +117,16 @@ def candidates(dense, small, x: np.ndarray, y: np.ndarray, name: str, rng) -> di
         **{f"m{k}": 1 - float(scaled_flips(zd, zs, k).mean()) for k in MARGINS},
     }
     std = float(x.std())
+    perturbed = {}
     for s in NOISE:
         noisy = (x + rng.standard_normal(x.shape).astype(np.float32) * (s * std)).astype(np.float32)
-        row[f"noise{s}"] = float(
-            (logits(dense, noisy, name).argmax(1) == logits(small, noisy, name).argmax(1)).mean()
-        )
+        perturbed[f"noise{s}"] = logits(dense, noisy, name), logits(small, noisy, name)
     xs = shifted(x)
-    row["shift"] = float((logits(dense, xs, name).argmax(1) == logits(small, xs, name).argmax(1)).mean())
+    perturbed["shift"] = logits(dense, xs, name), logits(small, xs, name)
+    for key, (pd, ps) in perturbed.items():
+        row[key] = float((pd.argmax(1) == ps.argmax(1)).mean())
+    for key, (pd, ps) in perturbed.items():  # the guard's count on the perturbed inputs
+        row[f"{key}m"] = 1 - float(scaled_flips(pd, ps, MARGINS[0]).mean())
     for low in SOFT:
         row[f"soft{low}"] = soft_estimate(zd.astype(np.float64), zs.astype(np.float64), low)
     row["kl"] = kl(zd, zs)
@@ -214,6 +218,8 @@ def errors(sample: str, rows: list[list]) -> list[list]:
         *(f"m{k}" for k in MARGINS),
         *(f"noise{s}" for s in NOISE),
         "shift",
+        *(f"noise{s}m" for s in NOISE),
+        "shiftm",
         "est",
         *(f"soft{low}" for low in SOFT),
     ]
@@ -237,7 +243,7 @@ def errors(sample: str, rows: list[list]) -> list[list]:
     return table
 
 
-def sweep(sample: str, sparsities: list[float]) -> list[list]:
+def sweep(sample: str, sparsities: list[float], options: dict) -> list[list]:
     model_file, calib_file, test_file, name = SETS[sample]
     model, calib = SAMPLES / model_file, SAMPLES / calib_file
     with np.load(SAMPLES / test_file) as test:
@@ -250,7 +256,9 @@ def sweep(sample: str, sparsities: list[float]) -> list[list]:
     acc_dense = float((zd_test.argmax(1) == y_test).mean())
     rows = []
     for target in sparsities:
-        result = egp_onnx.compress(model, calib, sparsity=target, guard=False, latency=False)
+        result = egp_onnx.compress(
+            model, calib, **{"sparsity": target, "guard": False, "latency": False, **options}
+        )
         small = session(result.model)
         rng = np.random.default_rng(0)
         cand = candidates(dense, small, x_held, y_held, name, rng)
@@ -320,9 +328,23 @@ def default_run(sample: str, options: dict) -> list:
 
 HEADER = [
     "sample", "sparsity", "agree", "lcb", "low25", *(f"m{k}" for k in MARGINS), *(f"noise{s}" for s in NOISE),
-    "shift", *(f"soft{low}" for low in SOFT), "kl", "logit",
+    "shift", *(f"noise{s}m" for s in NOISE), "shiftm", *(f"soft{low}" for low in SOFT), "kl", "logit",
     "accdrop", "est", "unseen_agree", "acc_dense", "acc", "acc_diff",
 ]  # fmt: skip
+
+
+def parse_options(text: str) -> dict:
+    """``k=v;k=v`` as compress options: numbers, true/false, or strings (``select=obs``)."""
+
+    def value(v: str):
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return {"true": True, "false": False}.get(v.lower(), v)
+
+    return {k: value(v) for k, v in (kv.split("=") for kv in text.split(";") if kv)}
 
 
 def main() -> None:
@@ -330,6 +352,7 @@ def main() -> None:
     parser.add_argument("--sample", choices=[*SETS, "all"], default="all")
     parser.add_argument("--sparsities", default="0.5,0.6,0.7,0.75,0.8,0.85,0.9")
     parser.add_argument("--dump", default="")
+    parser.add_argument("--options", default="", help="compress options for --default and the sweep: k=v;k=v")
     parser.add_argument("--default", action="store_true", help="the default command, scored on unseen data")
     parser.add_argument("--strict", action="store_true", help="1000 unseen eval images, 0.995")
     parser.add_argument(
@@ -345,14 +368,17 @@ def main() -> None:
         print(format_table([*columns, "acc_dense", "acc"], rows), flush=True)
         return
     if args.default:
-        rows = [default_run(s, {}) for s in (SETS if args.sample == "all" else [args.sample])]
+        rows = [
+            default_run(s, parse_options(args.options))
+            for s in (SETS if args.sample == "all" else [args.sample])
+        ]
         print(format_table(DEFAULT_HEADER, rows), flush=True)
         return
     if args.trajectory:
         for sample in SETS if args.sample == "all" else [args.sample]:
             rows = []
             for run in args.trajectory.split("/"):
-                options = {k: float(v) for k, v in (kv.split("=") for kv in run.split(";") if kv)}
+                options = parse_options(run)
                 rows += trajectory(sample, options, args.dump)
             print(format_table(["sample", "options", "kept", *HEADER[2:]], rows), flush=True)
             columns = ["sample", "candidate", "n", "bias", "rms", "n>=.975", "bias>=.975", "rms>=.975"]
@@ -360,7 +386,7 @@ def main() -> None:
         return
     targets = [float(s) for s in args.sparsities.split(",")]
     for sample in SETS if args.sample == "all" else [args.sample]:
-        rows = sweep(sample, targets)
+        rows = sweep(sample, targets, parse_options(args.options))
         print(format_table(HEADER, rows), flush=True)
 
 
