@@ -111,6 +111,29 @@ class NormalEquations:
             self.cross[:, columns] += target.sum(axis=0).reshape(groups, -1)
         self.target_sq += (target**2).sum(axis=0)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (sent from a cluster worker) with the Gram matrices' upper triangles only.
+
+        G is symmetric to the bit in practice (``a.T @ a`` is BLAS's symmetric product, and the
+        bias column is added to both sides); only when it is are half of its bytes left out.
+        """
+        assert not self._pending  # finished: nothing left to add
+        state = dict(self.__dict__)
+        if np.array_equal(self.gram, self.gram.transpose(0, 2, 1)):
+            upper = np.triu_indices(self.gram.shape[1])
+            state["gram"] = (self.gram.shape, self.gram[:, upper[0], upper[1]])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["gram"], tuple):  # an upper triangle: mirrored back, the same bits
+            shape, values = state["gram"]
+            gram = np.empty(shape)
+            upper = np.triu_indices(shape[1])
+            gram[:, upper[0], upper[1]] = values
+            gram[:, upper[1], upper[0]] = values
+            state["gram"] = gram
+        self.__dict__.update(state)
+
     def reorder(self, order: np.ndarray) -> None:
         """Put the weight columns in solver order: column k of the result is column order[k]."""
         full = np.concatenate([order, np.arange(order.size, self.gram.shape[1])])

@@ -21,7 +21,6 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 from typing import Any, TypeVar
 
 from egp_onnx.errors import ConfigError, one_line
@@ -61,6 +60,21 @@ def local_workers(spec: str) -> int | None:
     if found is None or int(found.group(1)) < 1:
         raise ConfigError(f"--scheduler {spec}: local:N takes a worker count N >= 1, e.g. local:2")
     return int(found.group(1))
+
+
+class Resident:
+    """An object kept on one worker (see :meth:`Cluster.place`), its methods called by :meth:`Cluster.ask`.
+
+    :meth:`answer` hands back what a method raises as a value, so that an exception out of the
+    call itself can only mean that the worker was lost.
+    """
+
+    def answer(self, method: str, *args: Any) -> tuple[bool, Any]:
+        """(True, ``self.method(*args)``), or (False, the exception it raised)."""
+        try:
+            return True, getattr(self, method)(*args)
+        except Exception as exc:  # raised again on the client, as it is
+            return False, exc
 
 
 class Cluster:
@@ -135,23 +149,15 @@ class Cluster:
         function: Callable[..., R],
         items: Sequence[tuple[Any, ...]],
         on_done: Callable[[int, R], None] | None = None,
-        workers: Sequence[str | None] | None = None,
     ) -> list[R]:
         """``[function(*item) for item in items]`` on the workers, in the order of ``items``.
 
         ``on_done(index, result)`` is called as each task finishes (progress), in finishing order.
-        An error a task raises is raised here, as it is (an EgpError stays one). ``workers``: per
-        item, the address of the worker it should run on (None: any); it runs elsewhere only if
-        that worker is gone.
+        An error a task raises is raised here, as it is (an EgpError stays one).
         """
         from distributed import as_completed
 
-        where_to = list(workers) if workers is not None else [None] * len(items)
-        submit = partial(self.client.submit, function, pure=False)
-        futures = [
-            submit(*item, workers=w and [w], allow_other_workers=w is not None)
-            for item, w in zip(items, where_to, strict=True)
-        ]
+        futures = [self.client.submit(function, *item, pure=False) for item in items]
         where = {future.key: i for i, future in enumerate(futures)}
         results: list[Any] = [None] * len(items)
         try:
@@ -163,6 +169,43 @@ class Cluster:
         except BaseException:
             self.client.cancel([f for f in futures if not f.done()])  # the rest is not wanted
             raise
+        return results
+
+    def place(self, kind: type[Resident], args: tuple[Any, ...], worker: str | None) -> Any:
+        """A ``kind(*args)`` built and kept on ``worker`` (None: any; elsewhere if it is gone).
+
+        Returns its handle for :meth:`ask`; the object lives as long as the handle. Futures among
+        ``args`` arrive as their values.
+        """
+        if worker is None:
+            return self.client.submit(kind, *args, actor=True, pure=False)
+        return self.client.submit(
+            kind, *args, actor=True, workers=[worker], allow_other_workers=True, pure=False
+        )
+
+    def ask(self, calls: Sequence[tuple[Any, str, tuple[Any, ...]]]) -> list[Any]:
+        """``[handle.method(*args) for handle, method, args in calls]``, all at once, in that order.
+
+        Each call goes to its object's worker directly (through the scheduler's connection, no
+        task: a few milliseconds a round trip where a task takes 10-20 under load); an object
+        runs one call at a time. None for a call whose worker was lost, and its object with it
+        (place another). An error a method raises is raised here, as it is.
+        """
+        pending = []
+        for handle, method, args in calls:
+            try:
+                pending.append(handle.result().answer(method, *args))
+            except (OSError, RuntimeError):  # Dask: "Worker holding Actor was lost"
+                pending.append(None)
+        results = []
+        for call in pending:
+            try:
+                done, value = call.result() if call is not None else (True, None)
+            except OSError:  # the worker did not answer: lost
+                done, value = True, None
+            if not done:
+                raise value  # type: ignore[misc]  # the exception the method raised
+            results.append(value)
         return results
 
     def close(self) -> None:
@@ -217,7 +260,7 @@ def _connected(
             local = _local_cluster(distributed, count, processes)
         os.environ.clear()
         os.environ.update(environ)
-        client = distributed.Client(local)
+        client = distributed.Client(local, direct_to_workers=True)
         threads = max(1, cores() // count)
     else:
         try:
@@ -261,13 +304,6 @@ def worker_cached(key: str, build: Callable[[], T]) -> T:
                 del _CACHE[next(iter(_CACHE))]
             _CACHE[key] = build()
         return _CACHE[key]
-
-
-def worker_address() -> str:
-    """The address of the worker a task runs on (inside a task)."""
-    from distributed import get_worker
-
-    return str(get_worker().address)
 
 
 @contextmanager
