@@ -258,16 +258,24 @@ def layer_batches(
 ) -> list[list[tuple[np.ndarray, ...]]]:
     """Per part, per batch both models still keep: the current input [and shortcut], and the dense target."""
     inputs = [layer.input] + ([layer.shortcut] if layer.shortcut else [])
-    targets = {other.residual or other.output for other in later}
     requests = [
         partial(now.get, inputs, {t for other in later for t in (other.input, other.shortcut) if t}),
-        partial(then.get, [layer.residual or layer.output], targets),
+        partial(then.get, *dense_request(layer, later)),
     ]
     # The two models' segments run at once: a segment's small nodes keep two cores busier as two
     # one-thread sessions than as one two-thread session.
     current, (dense,) = map_parts(lambda request: request(), requests)
     ours, theirs = _by_part(now.part_of, list(zip(*current, strict=True))), _by_part(then.part_of, dense)
     return [[(*o, t) for o, t in zip(a, b, strict=False)] for a, b in zip(ours, theirs, strict=True)]
+
+
+def dense_request(layer: LinearLayer, later: Sequence[LinearLayer]) -> tuple[list[str], set[str]]:
+    """What a layer asks of the dense model's activations: its target, and the later layers' (kept).
+
+    The dense model's tensors do not depend on any refit: a cluster worker computes the next
+    layer's ahead, with this same request, while the client solves the current one.
+    """
+    return [layer.residual or layer.output], {other.residual or other.output for other in later}
 
 
 def _by_part(part_of: Sequence[int], batches: Sequence[object]) -> list[list[Any]]:

@@ -25,8 +25,9 @@ same segments, so the same bits as the first time).
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,6 +41,7 @@ from egp_onnx.load.parts import DataPart, Loader, batch_parts, part_data, plan_p
 from egp_onnx.reconstruct.normal import (
     NormalEquations,
     PartRows,
+    dense_request,
     draws,
     enough_rows,
     layer_batches,
@@ -50,7 +52,7 @@ from egp_onnx.reconstruct.normal import (
     plan_rows,
     short_equations,
 )
-from egp_onnx.runtime.cluster import Resident
+from egp_onnx.runtime.cluster import Placed, Resident
 from egp_onnx.runtime.segments import Activations
 from egp_onnx.runtime.threads import cores, one_blas_thread
 
@@ -191,6 +193,8 @@ class _Draw:
 Request = tuple[Weights, "LinearLayer", list["LinearLayer"]]
 #: Per group, a layer's answer: each part's rows, and its sums when they were drawn as planned.
 Answer = tuple[list[PartRows], "list[NormalEquations] | None"]
+#: A request of the dense model's activations (normal.dense_request): the tensors, those kept.
+DenseRequest = tuple[list[str], set[str]]
 
 
 class _Group(Resident):
@@ -216,10 +220,11 @@ class _Group(Resident):
         self.values: Weights = {}
         self.layer: LinearLayer | None = None
         self.kept: list[list[tuple[np.ndarray, ...]]] = []  # per part, the last layer's batches
+        self.ahead: tuple[threading.Thread, DenseRequest, list[BaseException]] | None = None
 
     def layer_rows(
         self, replay: Sequence[Request] | None, update: Weights, layer: LinearLayer,
-        later: Sequence[LinearLayer], draw: _Draw | None,
+        later: Sequence[LinearLayer], draw: _Draw | None, ahead: DenseRequest | None,
     ) -> Answer | None:  # fmt: skip
         """Run a layer's segments: what rows each part keeps, and their sums if ``draw`` planned them.
 
@@ -230,6 +235,8 @@ class _Group(Resident):
         graph may differ in its last bits). None, as for a lost group, when a group not yet opened
         gets no ``replay`` (Dask rebuilt it elsewhere unasked). ``draw``: the positions planned
         from the rows the client expects; the sums are taken only if the parts keep those rows.
+        ``ahead``: the next layer's request of the dense model, run once this one is answered,
+        while the client solves.
         """
         if self.opening is not None:
             if replay is None:
@@ -242,7 +249,10 @@ class _Group(Resident):
         self.values.update(update)
         self._run(layer, later)
         rows = [part_rows(layer, part) for part in self.kept]
-        return rows, self.sums(draw) if draw is not None and draw.rows == rows else None
+        answer = rows, self.sums(draw) if draw is not None and draw.rows == rows else None
+        if ahead is not None:
+            self._start_ahead(ahead)
+        return answer
 
     def sums(self, draw: _Draw) -> list[NormalEquations] | None:
         """Each part's sums of the last layer, its positions drawn its offset on (None: not opened)."""
@@ -259,9 +269,42 @@ class _Group(Resident):
 
     def _run(self, layer: LinearLayer, later: Sequence[LinearLayer]) -> None:
         assert self.now is not None and self.then is not None
+        self._join_ahead(dense_request(layer, later))
         with one_blas_thread():
             self.kept = layer_batches(layer, self.now, self.then, later)
         self.layer = layer
+
+    def _start_ahead(self, request: DenseRequest) -> None:
+        """The dense model's next request run on a thread of its own, its tensors kept for it.
+
+        Asking for the same tensors with them among the kept ones runs the same segment (the
+        same bits) and leaves the activations as the request itself will: it finds them there.
+        """
+        assert self.then is not None
+        names, kept = request
+        errors: list[BaseException] = []
+
+        def run(then: Activations) -> None:
+            try:
+                then.get(names, {*kept, *names})
+            except BaseException as exc:  # raised again by the request it was for
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, args=(self.then,), name="egp-dense-ahead", daemon=True)
+        thread.start()
+        self.ahead = thread, request, errors
+
+    def _join_ahead(self, request: DenseRequest) -> None:
+        """Wait for the dense model's request run ahead, which must be ``request``."""
+        if self.ahead is None:
+            return
+        thread, ahead, errors = self.ahead
+        thread.join()
+        self.ahead = None
+        if errors:
+            raise errors[0]
+        if ahead != request:  # the client's plan of the layers to come and its requests disagree
+            raise RuntimeError(f"refit: the dense tensors run ahead were {ahead[0]}, not {request[0]}")
 
     def _open(
         self,
@@ -344,8 +387,11 @@ class ClusterSums:
         initial: Weights,
         data: CalibrationData,
         batch_size: int,
+        asking: Collection[str],
     ) -> None:
+        """``asking``: the layers that will ask for their equations (the others are not refit)."""
         self.cluster = cluster
+        self.asking = asking
         parts, starts, seen = [], [], 0
         for part in plan_parts(data, batch_size, PART_SAMPLES):
             if seen >= MAX_SAMPLES:
@@ -372,11 +418,12 @@ class ClusterSums:
         self.opened = [False] * count  # whether the group has run a request (else it replays them)
         self.pending: Weights = {}  # updates since the last request
         self.requests: list[Request] = []  # every layer's request so far (a new group replays them)
+        self.next: DenseRequest | None = None
         self.guesses = _LAST_ROWS.setdefault(data, {})
         self.batch_size = batch_size
         log.info("refit: %d parts on %d workers", len(parts), count)
 
-    def _place(self, g: int, worker: str | None) -> Any:
+    def _place(self, g: int, worker: str | None) -> Placed:
         """Group ``g`` placed on ``worker`` (None: anywhere), to be opened by its first request."""
         mine = self.groups[g]
         opening = (*self.shared, [self.parts[p] for p in mine], [self.starts[p] for p in mine])
@@ -399,6 +446,14 @@ class ClusterSums:
         """
         self.requests.append((self.pending, layer, list(later)))
         self.pending = {}
+        self.next = next(
+            (
+                dense_request(other, later[i + 1 :])
+                for i, other in enumerate(later)
+                if other.name in self.asking
+            ),
+            None,
+        )  # the dense model's request of the next layer that asks, run ahead on the workers
         key = (layer.name, self.batch_size)
         guess = self.guesses.get(key)
         planned = None if guess is None else _draw(layer, width, guess, rng)
@@ -432,7 +487,8 @@ class ClusterSums:
                     calls.append((self.residents[g], "sums", (mine[g],)))
                 else:
                     replay = None if self.opened[g] else self.requests[:-1]
-                    calls.append((self.residents[g], "layer_rows", (replay, update, layer, later, mine[g])))
+                    args = (replay, update, layer, later, mine[g], self.next)
+                    calls.append((self.residents[g], "layer_rows", args))
             for g, (_, method, _), answer in zip(todo, calls, self.cluster.ask(calls), strict=True):
                 if answer is not None:
                     self.opened[g] = True

@@ -77,6 +77,19 @@ class Resident:
             return False, exc
 
 
+class Placed:
+    """A handle of an object kept on a worker (:meth:`Cluster.place`): its future, then the object's proxy."""
+
+    def __init__(self, future: Any) -> None:
+        self.future = future
+        self.actor: Any = None  # the Dask actor, once built
+
+
+async def _lost(exc: BaseException) -> BaseException:
+    """An awaitable of a call that could not be sent (its worker is gone): OSError, as a lost answer."""
+    return exc if isinstance(exc, OSError) else OSError(str(exc))
+
+
 class Cluster:
     """A connected Dask client: shares objects with the workers and maps tasks over them."""
 
@@ -171,41 +184,49 @@ class Cluster:
             raise
         return results
 
-    def place(self, kind: type[Resident], args: tuple[Any, ...], worker: str | None) -> Any:
+    def place(self, kind: type[Resident], args: tuple[Any, ...], worker: str | None) -> Placed:
         """A ``kind(*args)`` built and kept on ``worker`` (None: any; elsewhere if it is gone).
 
         Returns its handle for :meth:`ask`; the object lives as long as the handle. Futures among
         ``args`` arrive as their values.
         """
         if worker is None:
-            return self.client.submit(kind, *args, actor=True, pure=False)
-        return self.client.submit(
-            kind, *args, actor=True, workers=[worker], allow_other_workers=True, pure=False
-        )
+            return Placed(self.client.submit(kind, *args, actor=True, pure=False))
+        where = {"workers": [worker], "allow_other_workers": True}
+        return Placed(self.client.submit(kind, *args, actor=True, pure=False, **where))
 
-    def ask(self, calls: Sequence[tuple[Any, str, tuple[Any, ...]]]) -> list[Any]:
+    def ask(self, calls: Sequence[tuple[Placed, str, tuple[Any, ...]]]) -> list[Any]:
         """``[handle.method(*args) for handle, method, args in calls]``, all at once, in that order.
 
-        Each call goes to its object's worker directly (through the scheduler's connection, no
-        task: a few milliseconds a round trip where a task takes 10-20 under load); an object
-        runs one call at a time. None for a call whose worker was lost, and its object with it
-        (place another). An error a method raises is raised here, as it is.
+        Each call goes to its object's worker directly (no task: a round trip of a few
+        milliseconds where a task takes 10-20 under load), and the client waits for all of them
+        at once; an object runs one call at a time. None for a call whose worker was lost, and
+        its object with it (place another). An error a method raises is raised here, as it is.
         """
-        pending = []
-        for handle, method, args in calls:
-            try:
-                pending.append(handle.result().answer(method, *args))
-            except (OSError, RuntimeError):  # Dask: "Worker holding Actor was lost"
-                pending.append(None)
-        results = []
-        for call in pending:
-            try:
-                done, value = call.result() if call is not None else (True, None)
-            except OSError:  # the worker did not answer: lost
-                done, value = True, None
-            if not done:
-                raise value  # type: ignore[misc]  # the exception the method raised
-            results.append(value)
+        import asyncio
+
+        async def answers() -> list[Any]:
+            pending = []
+            for handle, method, args in calls:
+                try:
+                    if handle.actor is None:
+                        handle.actor = await handle.future
+                    pending.append(handle.actor.answer(method, *args))
+                except (OSError, RuntimeError) as exc:  # Dask: "Worker holding Actor was lost"
+                    pending.append(_lost(exc))
+            return await asyncio.gather(*pending, return_exceptions=True)
+
+        results: list[Any] = []
+        for answer in self.client.sync(answers):
+            if isinstance(answer, OSError):  # the worker did not answer: lost
+                results.append(None)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                done, value = answer
+                if not done:
+                    raise value  # the exception the method raised
+                results.append(value)
         return results
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import load_model, prepare_model
 from egp_onnx.load.parts import plan_parts
 from egp_onnx.reconstruct import parts as refit_parts
+from egp_onnx.reconstruct import refit as refit_module
 from egp_onnx.reconstruct.refit import reconstruct
 from egp_onnx.runtime import cluster as cluster_module
 from egp_onnx.runtime.cluster import INSTALL_HINT, local_workers, open_cluster
@@ -250,6 +251,23 @@ def test_a_later_step_asks_each_layer_once_for_the_same_sums(threads, tmp_path, 
     assert asked["asks"] == len(alone.fits)  # planned from the last step's rows: one request a layer
     assert spread.fits == alone.fits
     assert spread.model.SerializeToString() == alone.model.SerializeToString()
+
+
+def test_a_layer_too_wide_to_refit_is_skipped_by_the_dense_tensors_run_ahead(
+    threads, tmp_path, rng, monkeypatch
+):
+    # The workers run the dense model's next request while the client solves: the next layer
+    # that asks for its equations, past conv1 (37 columns), which is not refit.
+    monkeypatch.setattr(refit_module, "WIDTH_LIMIT", 36)
+    model, data, remove = _refit_case(tmp_path, rng)
+    current = _pruned(model, rng)
+    options = {"remove": remove, "masked": list(remove), "seed": 7}
+    alone = reconstruct(model, current, data, 32, **options)
+    assert [f.status.startswith("not refit: 37 columns") for f in alone.fits] == [False, True, False, False]
+    for _ in range(2):  # the second step planned from the first's rows
+        spread = reconstruct(model, current, data, 32, cluster=threads, **options)
+        assert spread.fits == alone.fits
+        assert spread.model.SerializeToString() == alone.model.SerializeToString()
 
 
 def _losing(cluster, monkeypatch, lost):
