@@ -38,6 +38,9 @@ CONNECT_TIMEOUT = 10
 #: Model versions whose sessions a worker keeps (the loop's candidate and the one before).
 CACHED_VERSIONS = 2
 
+#: What a local worker runs, imported before it starts (see _forked).
+WORKER_MODULES = ("egp_onnx.calibrate.collect", "egp_onnx.reconstruct.parts", "egp_onnx.verify.guard")
+
 _LOCAL = re.compile(r"local:(\d+)")
 
 #: Worker-side objects built once per model version (see :func:`worker_cached`).
@@ -117,7 +120,7 @@ class Cluster:
         :func:`worker_cached`.
         """
         where = list(workers) if workers is not None else None
-        (future,) = self.client.scatter([value], broadcast=broadcast, hash=False, workers=where)
+        (future,) = self.client.scatter([value], broadcast=broadcast, hash=False, workers=where, direct=False)
         return uuid.uuid4().hex, future
 
     @property
@@ -153,7 +156,8 @@ class Cluster:
         """``payload()`` broadcast to every worker once per ``owner`` (the same object: the same future)."""
         held = self._shared.get(id(owner))
         if held is None or held[0] is not owner:
-            (future,) = self.client.scatter([payload()], broadcast=True, hash=False)
+            # through the scheduler (direct=False), where replicas are placed as it records them
+            (future,) = self.client.scatter([payload()], broadcast=True, hash=False, direct=False)
             held = self._shared[id(owner)] = (owner, future)
         return held[1]
 
@@ -277,10 +281,12 @@ def _connected(
         # must not change its caller's environment (a later torch, a subprocess would inherit it).
         # Not asked for, and what was there is put back.
         environ = dict(os.environ)
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": {}, **_forked(dask, distributed)}):
             local = _local_cluster(distributed, count, processes)
         os.environ.clear()
         os.environ.update(environ)
+        # The workers are on this machine: the client talks to them directly (a resident's
+        # answers do not pass through the scheduler's process on their way).
         client = distributed.Client(local, direct_to_workers=True)
         threads = max(1, cores() // count)
     else:
@@ -300,8 +306,32 @@ def _connected(
         cluster.close()
 
 
+def _forked(dask: Any, distributed: Any) -> dict[str, str]:
+    """Dask's setting for local worker processes forked from one that imported :data:`WORKER_MODULES`.
+
+    Spawned, each worker imports them itself before its first task (onnx, onnxruntime, numpy:
+    about a second of a core each, several under load); a fork server imports them once and
+    every worker starts with them. Where there is no fork server (Windows): spawned, as Dask does.
+    """
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return {}
+    method = {"distributed.worker.multiprocessing-method": "forkserver"}
+    with dask.config.set(method):
+        distributed.utils.get_mp_context()  # Dask sets its own list once: ours after it
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["distributed", *WORKER_MODULES])
+    return method
+
+
 def _local_cluster(distributed: Any, count: int, processes: bool) -> Any:
-    """``count`` workers on 127.0.0.1, one task at a time each (its session has the cores)."""
+    """``count`` workers on 127.0.0.1, one task at a time each (its session has the cores).
+
+    Worker processes get this process's environment as it is now, as spawned ones would: a fork
+    server's children otherwise may have the one it had when it started (the first cluster's; the
+    two killed-worker tests in one session see the second's marker only with it).
+    """
+    environment = {"env": dict(os.environ)} if processes else {}  # thread workers: this process's
     return distributed.LocalCluster(
         n_workers=count,
         threads_per_worker=1,
@@ -310,6 +340,7 @@ def _local_cluster(distributed: Any, count: int, processes: bool) -> Any:
         protocol="tcp://",  # also for thread workers: the same transport as real ones
         dashboard_address=":0",  # a free port: its HTTP server never collides with another cluster's
         silence_logs=logging.ERROR,
+        **environment,
     )
 
 
