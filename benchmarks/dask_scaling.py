@@ -133,7 +133,7 @@ def child_sweep(config: str, kind: str, passes: int, batch_size: int) -> dict:
             return hashlib.sha256(result.model.SerializeToString()).hexdigest()
         candidate = onnx.ModelProto()
         candidate.CopyFrom(pruned)  # a new candidate each time: shipped and its sessions built again
-        fidelity, _ = Guard(reference, Settings(), lambda m: {}, cluster)(candidate)
+        fidelity, _ = Guard(reference, Settings(), lambda m: {}, cluster=cluster)(candidate)
         return repr(fidelity)
 
     def timed(cluster) -> list[float]:
