@@ -71,7 +71,7 @@ CACHE_BYTES = 512 * 2**20
 #: Samples a part of the refit's samples holds about (whole batches): parts, not workers, fix
 #: how the sums are added, so the sums are the same whatever the number of workers.
 PART_SAMPLES = 256
-#: Times a layer's tasks are sent again for parts whose worker was lost, before giving up.
+#: Times a layer's request is sent again to groups whose worker was lost, before giving up.
 RETRIES = 3
 
 Weights = dict[str, np.ndarray]

@@ -6,6 +6,12 @@ the workers finish in, so the caller merges them exactly as a single process wou
 dies mid-pass has its tasks rerun by the scheduler (Dask's own rescheduling); a task's result is
 read once from its future, so no part is merged twice.
 
+State that must stay on one worker from one request to the next (the refit's activations) lives
+in a :class:`Resident`, a Dask actor placed on a worker (:meth:`Cluster.place`) and called there
+directly (:meth:`Cluster.ask`): a few milliseconds a round trip, where a task through the
+scheduler takes 10-20 under load. A lost worker loses its residents: ``ask`` says so (None), and
+their owner places new ones.
+
 What moves per pass: the model once per worker (:meth:`Cluster.share`, broadcast) and the sums
 back, both independent of the number of samples. The data's shard loaders are shared once per run:
 a loader that reads a path needs that path on every worker (a shared file system), an in-memory
