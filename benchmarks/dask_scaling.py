@@ -18,10 +18,13 @@ measurement (a new candidate against the stored outputs of 1,024 held-out test i
 the results' digest (identical in every configuration or not) and the bytes moved per step:
 every task's arguments and result, pickled (a shared model counted once per worker).
 
-Then a whole ``egp-onnx compress --no-latency`` of the MNIST sample in each configuration, the
-model and report compared byte for byte; and the throughput model for ImageNet-size data.
+Then whole ``egp-onnx compress --no-latency`` runs of the MNIST sample, the configurations
+interleaved in rotating order (``--compress-repeats`` rounds; medians, each round's ratio and the
+load average of each run), every model and report compared byte for byte; and the throughput
+model for ImageNet-size data.
 
-Run: python benchmarks/dask_scaling.py [--repeats 3] [--passes 3] [--no-compress]
+Run: python benchmarks/dask_scaling.py [--repeats 3] [--passes 3] [--no-compress | --only-compress]
+[--compress-repeats 3]
 """
 
 from __future__ import annotations
@@ -52,21 +55,32 @@ def _peak_mib() -> float:
 
 
 def _moved(cluster, out: dict, label: str):
-    """Wrap ``cluster.map`` to add up the pickled bytes of every task's arguments and result."""
-    original = cluster.map
+    """Wrap ``cluster.map`` and ``cluster.ask`` to add up the pickled bytes of every task's and call's
+    arguments and result."""
+    original_map, original_ask = cluster.map, cluster.ask
 
-    def counting(function, items, *args, **kwargs):
-        results = original(function, items, *args, **kwargs)
-        sent = sum(len(pickle.dumps([a for a in item if type(a).__name__ != "Future"])) for item in items)
+    def count(items, results):
+        sent = sum(
+            len(pickle.dumps([a for a in item if type(a).__name__ not in ("Future", "Placed")]))
+            for item in items
+        )
         back = [len(pickle.dumps(r)) for r in results]
         out[f"{label}_sent"] = out.get(f"{label}_sent", 0) + sent
         out[f"{label}_back"] = out.get(f"{label}_back", 0) + sum(back)
         out[f"{label}_largest_result"] = max(out.get(f"{label}_largest_result", 0), *back)
         out[f"{label}_tasks"] = out.get(f"{label}_tasks", 0) + len(items)
+
+    def counting_map(function, items, *args, **kwargs):
+        results = original_map(function, items, *args, **kwargs)
+        count(items, results)
         return results
 
-    cluster.map = counting
-    return original
+    def counting_ask(calls):
+        results = original_ask(calls)
+        count([args for _, _, args in calls], results)
+        return results
+
+    cluster.map, cluster.ask = counting_map, counting_ask
 
 
 def _refit_case():
@@ -119,7 +133,7 @@ def child_sweep(config: str, kind: str, passes: int, batch_size: int) -> dict:
             return hashlib.sha256(result.model.SerializeToString()).hexdigest()
         candidate = onnx.ModelProto()
         candidate.CopyFrom(pruned)  # a new candidate each time: shipped and its sessions built again
-        fidelity, _ = Guard(reference, Settings(), lambda m: {}, cluster)(candidate)
+        fidelity, _ = Guard(reference, Settings(), lambda m: {}, cluster=cluster)(candidate)
         return repr(fidelity)
 
     def timed(cluster) -> list[float]:
@@ -381,12 +395,51 @@ def refit_guard_model(sample_seconds: float, workers: list[int], latency: float 
     return lines
 
 
+def compress_stage(repeats: int) -> None:
+    """Whole compresses interleaved: single, local:2, local:1 in rotating order, ``repeats`` rounds.
+
+    Each run's load average (1 minute) is printed beside its time: local:2 needs both cores, and
+    on a machine shared with other jobs it has them less often than one process does.
+    """
+    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    loads: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    same = True
+    with tempfile.TemporaryDirectory() as tmp:
+        first: tuple[bytes, bytes] | None = None
+        print("\nwhole compress --no-latency of the MNIST sample, interleaved:")
+        for r in range(repeats):
+            order = CONFIGS[r % 3 :] + CONFIGS[: r % 3]
+            for config in order:
+                load = os.getloadavg()[0]
+                seconds, model, report = run_compress(config, Path(tmp))
+                first = first or (model, report)
+                same = same and (model, report) == first
+                times[config].append(seconds)
+                loads[config].append(load)
+                print(f"  round {r + 1} {config:>8} {seconds:7.1f} s  load {load:5.1f}")
+    base = statistics.median(times["single"])
+    print(f"every model and report byte-identical to the first run's: {same}")
+    print(
+        f"{'config':>8} {'median s':>9} {'min s':>7} {'max s':>7} {'ratio':>6} {'per round':>12} {'load':>10}"
+    )
+    for config in CONFIGS:
+        t = times[config]
+        ratios = [a / b for a, b in zip(t, times["single"], strict=True)]  # each round's own pair
+        print(
+            f"{config:>8} {statistics.median(t):>9.1f} {min(t):>7.1f} {max(t):>7.1f} "
+            f"{statistics.median(t) / base:>6.2f} {min(ratios):>5.2f}-{max(ratios):<5.2f} "
+            f"{min(loads[config]):>4.1f}-{max(loads[config]):<4.1f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-compress", action="store_true")
+    parser.add_argument("--compress-repeats", type=int, default=3, help="rounds of the whole compress")
+    parser.add_argument("--only-compress", action="store_true", help="the whole compress alone")
     parser.add_argument("--sample-seconds", type=float, default=0.16, help="ResNet-50, one core, per image")
     parser.add_argument("--child")
     parser.add_argument("--kind", default="stats", choices=KINDS)
@@ -398,6 +451,10 @@ def main() -> None:
             print(json.dumps(child_sweep(args.child, args.kind, args.passes, args.batch_size)))
         return
     print(f"load average at start: {os.getloadavg()} on {os.cpu_count()} cores (shared with other jobs)")
+    if args.only_compress:
+        compress_stage(args.compress_repeats)
+        print(f"\nload average at end: {os.getloadavg()}")
+        return
     runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
     sweeps: dict[str, dict[str, list[dict]]] = {k: {c: [] for c in CONFIGS} for k in KINDS[1:]}
     for r in range(args.repeats):
@@ -441,18 +498,7 @@ def main() -> None:
     for kind, label in (("refit", "reconstruction sweep"), ("guard", "guard measurement")):
         print_sweep(kind, label, sweeps[kind], args)
     if not args.no_compress:
-        with tempfile.TemporaryDirectory() as tmp:
-            results = {}
-            for config in CONFIGS:
-                results[config] = run_compress(config, Path(tmp))
-            print("\nwhole compress --no-latency of the MNIST sample (one run each, in this order):")
-            for config in CONFIGS:
-                seconds, model, report = results[config]
-                same = model == results["single"][1] and report == results["single"][2]
-                print(
-                    f"{config:>8} {seconds:>7.1f} s  ratio {seconds / results['single'][0]:.2f}  "
-                    f"model and report byte-identical to single: {same}"
-                )
+        compress_stage(args.compress_repeats)
     print()
     for line in throughput_model(measured, args.sample_seconds, [1, 8, 32, 128]):
         print(line)

@@ -111,6 +111,29 @@ class NormalEquations:
             self.cross[:, columns] += target.sum(axis=0).reshape(groups, -1)
         self.target_sq += (target**2).sum(axis=0)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (sent from a cluster worker) with the Gram matrices' upper triangles only.
+
+        G is symmetric to the bit in practice (``a.T @ a`` is BLAS's symmetric product, and the
+        bias column is added to both sides); only when it is are half of its bytes left out.
+        """
+        assert not self._pending  # finished: nothing left to add
+        state = dict(self.__dict__)
+        if np.array_equal(self.gram, self.gram.transpose(0, 2, 1)):
+            upper = np.triu_indices(self.gram.shape[1])
+            state["gram"] = (self.gram.shape, self.gram[:, upper[0], upper[1]])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["gram"], tuple):  # an upper triangle: mirrored back, the same bits
+            shape, values = state["gram"]
+            gram = np.empty(shape)
+            upper = np.triu_indices(shape[1])
+            gram[:, upper[0], upper[1]] = values
+            gram[:, upper[1], upper[0]] = values
+            state["gram"] = gram
+        self.__dict__.update(state)
+
     def reorder(self, order: np.ndarray) -> None:
         """Put the weight columns in solver order: column k of the result is column order[k]."""
         full = np.concatenate([order, np.arange(order.size, self.gram.shape[1])])
@@ -235,16 +258,24 @@ def layer_batches(
 ) -> list[list[tuple[np.ndarray, ...]]]:
     """Per part, per batch both models still keep: the current input [and shortcut], and the dense target."""
     inputs = [layer.input] + ([layer.shortcut] if layer.shortcut else [])
-    targets = {other.residual or other.output for other in later}
     requests = [
         partial(now.get, inputs, {t for other in later for t in (other.input, other.shortcut) if t}),
-        partial(then.get, [layer.residual or layer.output], targets),
+        partial(then.get, *dense_request(layer, later)),
     ]
     # The two models' segments run at once: a segment's small nodes keep two cores busier as two
     # one-thread sessions than as one two-thread session.
     current, (dense,) = map_parts(lambda request: request(), requests)
     ours, theirs = _by_part(now.part_of, list(zip(*current, strict=True))), _by_part(then.part_of, dense)
     return [[(*o, t) for o, t in zip(a, b, strict=False)] for a, b in zip(ours, theirs, strict=True)]
+
+
+def dense_request(layer: LinearLayer, later: Sequence[LinearLayer]) -> tuple[list[str], set[str]]:
+    """What a layer asks of the dense model's activations: its target, and the later layers' (kept).
+
+    The dense model's tensors do not depend on any refit: a cluster worker computes the next
+    layer's ahead, with this same request, while the client solves the current one.
+    """
+    return [layer.residual or layer.output], {other.residual or other.output for other in later}
 
 
 def _by_part(part_of: Sequence[int], batches: Sequence[object]) -> list[list[Any]]:

@@ -8,23 +8,26 @@ bytes. A part's kept activations live where it is summed: on a cluster, on the w
 is pinned to, from one layer to the next; what moves per layer is the refit layer's new weights
 to each part and the part's sums back, neither of which grows with the samples.
 
-A layer on a cluster is two round trips: first each part runs its segments and says how many
-samples of which output area it keeps (:func:`part_rows`), then, once the client has drawn the
-positions' share of every part from the one seeded generator (``take`` depends on the samples of
-all parts, and the generator's numbers are drawn in the parts' order), each part sums its rows.
+On a cluster, each worker's parts are one group, kept on it as a resident object (a Dask
+actor, runtime/cluster.py) holding their activations of both models from one layer to the next:
+a layer's request goes to it directly, a round trip of a few milliseconds, not a task through the
+scheduler. A layer is one request when each part keeps the rows it kept for that layer in the last
+step (:func:`part_rows`: how many samples of which output area): the client draws every part's
+share of the seeded positions from those rows (``take`` depends on the samples of all parts, and
+the generator's numbers are drawn in the parts' order) and the parts sum them at once. Otherwise,
+the first step or rows that changed, the parts say what they keep and a second request sums them.
 
-A worker holds the parts pinned to it as one group (one set of kept activations: each segment
-runs once over all of them). A worker that dies takes its group's activations with it: the next
-task of the group, wherever it runs, finds none, and the client has it rebuilt there by
-replaying every earlier layer's request with the weights it had (the same segments, so the same
-bits as the first time).
+A worker that dies takes its group's activations with it: the client places the group again on
+another worker, where it replays every earlier layer's request with the weights it had (the
+same segments, so the same bits as the first time).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import weakref
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,6 +41,7 @@ from egp_onnx.load.parts import DataPart, Loader, batch_parts, part_data, plan_p
 from egp_onnx.reconstruct.normal import (
     NormalEquations,
     PartRows,
+    dense_request,
     draws,
     enough_rows,
     layer_batches,
@@ -48,6 +52,7 @@ from egp_onnx.reconstruct.normal import (
     plan_rows,
     short_equations,
 )
+from egp_onnx.runtime.cluster import Placed, Resident
 from egp_onnx.runtime.segments import Activations
 from egp_onnx.runtime.threads import cores, one_blas_thread
 
@@ -66,7 +71,7 @@ CACHE_BYTES = 512 * 2**20
 #: Samples a part of the refit's samples holds about (whole batches): parts, not workers, fix
 #: how the sums are added, so the sums are the same whatever the number of workers.
 PART_SAMPLES = 256
-#: Times a layer's tasks are sent again for parts whose worker was lost, before giving up.
+#: Times a layer's request is sent again to groups whose worker was lost, before giving up.
 RETRIES = 3
 
 Weights = dict[str, np.ndarray]
@@ -157,9 +162,8 @@ class LocalSums:
 
 @dataclass(frozen=True)
 class _Setup:
-    """What a worker needs to open a part: the step's models and the part of the data."""
+    """What a worker needs to open a group of parts: the step's models and the part of the data."""
 
-    key: str  # names this refit (one loop step)
     changing: tuple[str, ...]  # initializers the refit may change (stubs, as in the client)
     initial: Weights  # values changed before the first layer (unrefittable layers pruned)
     same: bool  # the dense model is the current one (the first step)
@@ -171,127 +175,162 @@ class _Setup:
     threads: int  # onnxruntime threads of each model's segments (0: the cores')
 
 
-@dataclass
-class _GroupState:
-    """A group's kept activations on a worker, between one layer's tasks and the next's."""
+@dataclass(frozen=True)
+class _Draw:
+    """How parts draw a layer's rows: the rows they were planned from, and each part's positions."""
 
-    now: Activations
-    then: Activations
-    values: Weights
-    version: int  # updates applied so far
-    kept: list[list[tuple[np.ndarray, ...]]] | None = None  # per part, the batches of the layer
+    rows: list[PartRows]  # per part, what the plan assumed it keeps
+    takes: dict[int, int]  # positions per sample by output area (plan_rows)
+    state: dict[str, Any]  # the refit generator's state before the layer's first draw
+    offsets: list[int]  # per part, the generator's draws before its own
+
+    def of(self, parts: Sequence[int]) -> _Draw:
+        """The draw of some of the parts (a group's)."""
+        return _Draw([self.rows[p] for p in parts], self.takes, self.state, [self.offsets[p] for p in parts])
 
 
-_STATES: dict[tuple[str, int], _GroupState] = {}
-#: A layer's request as the groups got it: the updates sent with it, the layer, the layers after it.
+#: A layer's request as the groups get it: the updates sent with it, the layer, the layers after it.
 Request = tuple[Weights, "LinearLayer", list["LinearLayer"]]
-_STATES_LOCK = threading.Lock()
+#: Per group, a layer's answer: each part's rows, and its sums when they were drawn as planned.
+Answer = tuple[list[PartRows], "list[NormalEquations] | None"]
+#: A request of the dense model's activations (normal.dense_request): the tensors, those kept.
+DenseRequest = tuple[list[str], set[str]]
 
 
-def _open(
-    setup: _Setup,
-    current: bytes,
-    dense: bytes | None,
-    loaders: Sequence[Loader],
-    parts: Sequence[DataPart],
-    starts: Sequence[int],
-) -> _GroupState:
-    """A group's activations from the step's models, its parts' batches read from the shared data."""
-    ours, values = split_weights(onnx.load_from_string(current), always=setup.changing)
-    original = dict(values)
-    values.update(setup.initial)
-    theirs = (ours, original) if setup.same else split_weights(onnx.load_from_string(dense or b""))
-    batches: list[dict[str, np.ndarray]] = []
-    sizes: list[int] = []
-    for part, start in zip(parts, starts, strict=True):
-        data = part_data(loaders, setup.loaders_key, setup.specs, setup.description, part)
-        kept = _within_max(data, setup.batch_size, start)
-        batches.extend(kept)
-        sizes.append(len(kept))
-    threads = max(1, (setup.threads or cores()) // 2)
-    pair = activation_pair((ours, values), theirs, batches, sizes, threads=threads, share=setup.parts)
-    return _GroupState(*pair, values, 0)
+class _Group(Resident):
+    """A group of parts on its worker: their kept activations, from one layer's request to the next.
 
-
-def part_layer_rows(
-    setup: _Setup,
-    current: bytes,
-    dense: bytes | None,
-    loaders: Sequence[Loader],
-    g: int,
-    parts: Sequence[DataPart],
-    starts: Sequence[int],
-    since: int,
-    version: int,
-    update: Weights,
-    replay: Sequence[Request] | None,
-    layer: LinearLayer,
-    later: Sequence[LinearLayer],
-) -> tuple[str, list[PartRows]] | None:
-    """A cluster task, the first of a layer: run group ``g``'s segments, say what rows each part keeps.
-
-    A group is the parts pinned to one worker: one set of kept activations, so each segment
-    runs in one session over all of them (each part still keeps, and is summed, on its own).
-    Its activations first take the updates since the last layer's task (``since``: the version
-    they should be at). None when the worker does not hold them (its worker was lost) and
-    ``replay`` is None: the client then sends every earlier layer's request (``replay``), and
-    they are opened again and run those requests in turn with the weights each had, so that
-    every segment is the same as the first time (onnxruntime fuses a segment's nodes its own
-    way: the same tensor from another cut of the graph may differ in its last bits).
+    A group is the parts pinned to one worker: one set of kept activations, so each segment runs
+    in one session over all of them (each part still keeps, and is summed, on its own). Its first
+    request opens it; it lives until the client drops its handle (the refit's end).
     """
-    from egp_onnx.runtime.cluster import worker_address
 
-    with _STATES_LOCK:
-        for other in [k for k in _STATES if k[0] != setup.key]:
-            del _STATES[other]  # a new step: the last one's activations are not wanted any more
-        state = _STATES.get((setup.key, g))
-    if state is not None and state.version == since:
-        state.values.update(update)
-        state.version = version
-    elif state is None or state.version != version:
-        if replay is None and since > 0:
+    def __init__(
+        self,
+        setup: _Setup,
+        current: bytes,
+        dense: bytes | None,
+        loaders: Sequence[Loader],
+        parts: Sequence[DataPart],
+        starts: Sequence[int],
+    ) -> None:
+        self.opening: tuple[Any, ...] | None = (setup, current, dense, loaders, parts, starts)
+        self.now: Activations | None = None
+        self.then: Activations | None = None
+        self.values: Weights = {}
+        self.layer: LinearLayer | None = None
+        self.kept: list[list[tuple[np.ndarray, ...]]] = []  # per part, the last layer's batches
+        self.ahead: tuple[threading.Thread, DenseRequest, list[BaseException]] | None = None
+
+    def layer_rows(
+        self, replay: Sequence[Request] | None, update: Weights, layer: LinearLayer,
+        later: Sequence[LinearLayer], draw: _Draw | None, ahead: DenseRequest | None,
+    ) -> Answer | None:  # fmt: skip
+        """Run a layer's segments: what rows each part keeps, and their sums if ``draw`` planned them.
+
+        The activations first take ``update`` (the weights refit since the last request). The
+        group's first request opens it and brings ``replay``, every earlier layer's request, run
+        first with the weights each had, so that every segment is the same as the first time
+        (onnxruntime fuses a segment's nodes its own way: the same tensor from another cut of the
+        graph may differ in its last bits). None, as for a lost group, when a group not yet opened
+        gets no ``replay`` (Dask rebuilt it elsewhere unasked). ``draw``: the positions planned
+        from the rows the client expects; the sums are taken only if the parts keep those rows.
+        ``ahead``: the next layer's request of the dense model, run once this one is answered,
+        while the client solves.
+        """
+        if self.opening is not None:
+            if replay is None:
+                return None
+            self._open(*self.opening)
+            self.opening = None
+            for earlier, done, after in replay:
+                self.values.update(earlier)
+                self._run(done, after)
+        self.values.update(update)
+        self._run(layer, later)
+        rows = [part_rows(layer, part) for part in self.kept]
+        answer = rows, self.sums(draw) if draw is not None and draw.rows == rows else None
+        if ahead is not None:
+            self._start_ahead(ahead)
+        return answer
+
+    def sums(self, draw: _Draw) -> list[NormalEquations] | None:
+        """Each part's sums of the last layer, its positions drawn its offset on (None: not opened)."""
+        if self.layer is None:
             return None
-        state = _open(setup, current, dense, loaders, parts, starts)
+        sums = []
+        for kept, offset in zip(self.kept, draw.offsets, strict=True):
+            bits = np.random.PCG64()
+            bits.state = draw.state  # type: ignore[assignment]  # the state dict another PCG64 gave
+            bits.advance(offset)
+            with one_blas_thread():
+                sums.append(part_equations(self.layer, kept, draw.takes, np.random.Generator(bits)))
+        return sums
+
+    def _run(self, layer: LinearLayer, later: Sequence[LinearLayer]) -> None:
+        assert self.now is not None and self.then is not None
+        self._join_ahead(dense_request(layer, later))
         with one_blas_thread():
-            for earlier, done, after in replay or []:
-                state.values.update(earlier)
-                layer_batches(done, state.now, state.then, after)
-        state.values.update(update)
-        state.version = version
-        with _STATES_LOCK:
-            _STATES[(setup.key, g)] = state
-    with one_blas_thread():
-        kept = layer_batches(layer, state.now, state.then, later)
-    state.kept = kept
-    return worker_address(), [part_rows(layer, part) for part in kept]
+            self.kept = layer_batches(layer, self.now, self.then, later)
+        self.layer = layer
 
+    def _start_ahead(self, request: DenseRequest) -> None:
+        """The dense model's next request run on a thread of its own, its tensors kept for it.
 
-def part_layer_sums(
-    key: str,
-    g: int,
-    version: int,
-    layer: LinearLayer,
-    takes: dict[int, int],
-    rng_state: dict[str, Any],
-    offsets: Sequence[int],
-) -> list[NormalEquations] | None:
-    """A cluster task, the second of a layer: each part's sums, its positions drawn its offset on.
+        Asking for the same tensors with them among the kept ones runs the same segment (the
+        same bits) and leaves the activations as the request itself will: it finds them there.
+        """
+        assert self.then is not None
+        names, kept = request
+        errors: list[BaseException] = []
 
-    None when the group's rows of this layer are not here (its worker was lost in between).
-    """
-    with _STATES_LOCK:
-        state = _STATES.get((key, g))
-    if state is None or state.kept is None or state.version != version:
-        return None
-    sums = []
-    for kept, offset in zip(state.kept, offsets, strict=True):
-        bits = np.random.PCG64()
-        bits.state = rng_state  # type: ignore[assignment]  # the state dict another PCG64 gave
-        bits.advance(offset)
-        with one_blas_thread():
-            sums.append(part_equations(layer, kept, takes, np.random.Generator(bits)))
-    state.kept = None
-    return sums
+        def run(then: Activations) -> None:
+            try:
+                then.get(names, {*kept, *names})
+            except BaseException as exc:  # raised again by the request it was for
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, args=(self.then,), name="egp-dense-ahead", daemon=True)
+        thread.start()
+        self.ahead = thread, request, errors
+
+    def _join_ahead(self, request: DenseRequest) -> None:
+        """Wait for the dense model's request run ahead, which must be ``request``."""
+        if self.ahead is None:
+            return
+        thread, ahead, errors = self.ahead
+        thread.join()
+        self.ahead = None
+        if errors:
+            raise errors[0]
+        if ahead != request:  # the client's plan of the layers to come and its requests disagree
+            raise RuntimeError(f"refit: the dense tensors run ahead were {ahead[0]}, not {request[0]}")
+
+    def _open(
+        self,
+        setup: _Setup,
+        current: bytes,
+        dense: bytes | None,
+        loaders: Sequence[Loader],
+        parts: Sequence[DataPart],
+        starts: Sequence[int],
+    ) -> None:
+        """The group's activations from the step's models, its parts' batches read from the shared data."""
+        ours, values = split_weights(onnx.load_from_string(current), always=setup.changing)
+        original = dict(values)
+        values.update(setup.initial)
+        theirs = (ours, original) if setup.same else split_weights(onnx.load_from_string(dense or b""))
+        batches: list[dict[str, np.ndarray]] = []
+        sizes: list[int] = []
+        for part, start in zip(parts, starts, strict=True):
+            data = part_data(loaders, setup.loaders_key, setup.specs, setup.description, part)
+            kept = _within_max(data, setup.batch_size, start)
+            batches.extend(kept)
+            sizes.append(len(kept))
+        threads = max(1, (setup.threads or cores()) // 2)
+        pair = activation_pair((ours, values), theirs, batches, sizes, threads=threads, share=setup.parts)
+        self.now, self.then = pair
+        self.values = values
 
 
 def _pcg(rng: np.random.Generator) -> np.random.PCG64:
@@ -316,8 +355,28 @@ def _skip(rng: np.random.Generator, draws: int) -> None:
     bits.state = state
 
 
+def _draw(layer: LinearLayer, width: int, rows: list[PartRows], rng: np.random.Generator) -> _Draw | None:
+    """Every part's positions planned from ``rows`` (None: too few rows to refit the layer)."""
+    plan = plan_rows(layer, width, rows)
+    if not enough_rows(plan.total, width):
+        return None
+    counts = [draws(r, plan.takes) for r in rows]
+    state = dict(_pcg(rng).state)
+    return _Draw(rows, plan.takes, state, np.cumsum([0, *counts[:-1]]).tolist())
+
+
+#: Per calibration data, the rows each layer's parts kept in the last refit (by layer name and
+#: batch size): the next step's guess, so that a layer is one round trip, not two.
+_LAST_ROWS: weakref.WeakKeyDictionary[CalibrationData, dict[tuple[str, int], list[PartRows]]]
+_LAST_ROWS = weakref.WeakKeyDictionary()
+
+
 class ClusterSums:
-    """Each worker sums the parts pinned to it; the client adds the parts' sums in their order."""
+    """Each worker sums the parts pinned to it; the client adds the parts' sums in their order.
+
+    Each group of parts is a :class:`_Group` kept on its worker (a resident, runtime/cluster.py):
+    a request goes straight to it, not through the scheduler as a task.
+    """
 
     def __init__(
         self,
@@ -328,8 +387,11 @@ class ClusterSums:
         initial: Weights,
         data: CalibrationData,
         batch_size: int,
+        asking: Collection[str],
     ) -> None:
+        """``asking``: the layers that will ask for their equations (the others are not refit)."""
         self.cluster = cluster
+        self.asking = asking
         parts, starts, seen = [], [], 0
         for part in plan_parts(data, batch_size, PART_SAMPLES):
             if seen >= MAX_SAMPLES:
@@ -342,94 +404,106 @@ class ClusterSums:
         # Part p goes to worker p mod n: groups of parts, one per worker (its activations one set).
         count = min(len(addresses), len(parts))
         self.groups = [list(range(g, len(parts), count)) for g in range(count)]
-        self.where: list[str | None] = list(addresses[:count])
-        self.loaders = cluster.share_once(data.loaders)
+        loaders = cluster.share_once(data.loaders)
         # on the groups' workers only, not every worker of a large cluster
-        key, self.current = cluster.share(current.SerializeToString(), workers=addresses[:count])
-        self.same = dense is current
-        self.dense = None if self.same else cluster.share_once_model(dense)
-        self.key = key
+        _, model = cluster.share(current.SerializeToString(), workers=addresses[:count])
+        same = dense is current
         setup = _Setup(
-            key, tuple(changing), dict(initial), self.same, self.loaders.key, data.specs,
-            data.description, batch_size, len(parts), cluster.threads,
+            tuple(changing), dict(initial), same, loaders.key, data.specs, data.description, batch_size,
+            len(parts), cluster.threads,
         )  # fmt: skip
-        _, self.setup = cluster.share(setup, workers=addresses[:count])  # initial weights may be large
-        self.version = 0  # updates so far
-        self.sent = 0  # the version the groups were last brought to
-        self.pending: Weights = {}  # updates since then
-        self.requests: list[Request] = []  # every layer's request so far (a lost group replays them)
+        _, shared = cluster.share(setup, workers=addresses[:count])  # initial weights may be large
+        self.shared = (shared, model, None if same else cluster.share_once_model(dense), loaders)
+        self.residents = [self._place(g, addresses[g]) for g in range(count)]
+        self.opened = [False] * count  # whether the group has run a request (else it replays them)
+        self.pending: Weights = {}  # updates since the last request
+        self.requests: list[Request] = []  # every layer's request so far (a new group replays them)
+        self.next: DenseRequest | None = None
+        self.guesses = _LAST_ROWS.setdefault(data, {})
+        self.batch_size = batch_size
         log.info("refit: %d parts on %d workers", len(parts), count)
 
+    def _place(self, g: int, worker: str | None) -> Placed:
+        """Group ``g`` placed on ``worker`` (None: anywhere), to be opened by its first request."""
+        mine = self.groups[g]
+        opening = (*self.shared, [self.parts[p] for p in mine], [self.starts[p] for p in mine])
+        return self.cluster.place(_Group, opening, worker)
+
     def update(self, new: Weights) -> None:
-        """Sent to every group with the next layer's first task."""
-        self.version += 1
+        """Sent to every group with the next layer's request."""
         self.pending.update(new)
 
     def equations(
         self, layer: LinearLayer, width: int, later: Sequence[LinearLayer], rng: np.random.Generator
     ) -> NormalEquations:
-        """Two round trips: each part's rows, then (positions drawn per part) each part's sums."""
-        since = self.sent
+        """One round trip when the parts keep the rows they kept in the last refit, two otherwise.
+
+        Every part's positions are drawn from the one seeded generator in the parts' order, and
+        how many each part takes depends on the samples of all parts: the client plans them from
+        the rows each part kept for this layer in the last step's refit, and a part sums its rows
+        at once if it keeps those rows again. Otherwise (the first step, or rows that changed)
+        the parts say what they keep, and a second request, planned from that, sums them.
+        """
         self.requests.append((self.pending, layer, list(later)))
-        self.sent, self.pending = self.version, {}
-        rows = self._rows(since, range(len(self.groups)), rebuild=False)
-        plan = plan_rows(layer, width, rows)
-        if not enough_rows(plan.total, width):
-            return short_equations(plan.total)
-        state = _pcg(rng).state
-        counts = [draws(r, plan.takes) for r in rows]
-        offsets = np.cumsum([0, *counts[:-1]]).tolist()
-        sums: list[list[NormalEquations] | None] = [None] * len(self.groups)
-        todo = list(range(len(self.groups)))
-        for attempt in range(RETRIES + 1):
-            items = [
-                (self.key, g, self.version, layer, plan.takes, state, [offsets[p] for p in self.groups[g]])
-                for g in todo
-            ]
-            found = self.cluster.map(part_layer_sums, items, workers=[self.where[g] for g in todo])
-            for g, normal in zip(todo, found, strict=True):
-                sums[g] = normal
-            todo = [g for g in todo if sums[g] is None]
-            if not todo:
-                break
-            if attempt == RETRIES:
-                raise ConfigError(f"refit of {layer.name}: groups {todo} lost {RETRIES} workers in turn")
-            self._rows(since, todo, rebuild=True)  # rebuilt where they now run
-        _skip(rng, sum(counts))  # as if this process had drawn every part's positions
-        by_part: dict[int, NormalEquations] = {}
-        for g, group in enumerate(self.groups):
-            by_part.update(zip(group, sums[g] or [], strict=True))
-        return merge_equations(layer, [by_part[p] for p in range(len(self.parts))])
+        self.pending = {}
+        self.next = next(
+            (
+                dense_request(other, later[i + 1 :])
+                for i, other in enumerate(later)
+                if other.name in self.asking
+            ),
+            None,
+        )  # the dense model's request of the next layer that asks, run ahead on the workers
+        key = (layer.name, self.batch_size)
+        guess = self.guesses.get(key)
+        planned = None if guess is None else _draw(layer, width, guess, rng)
+        found = self._ask(planned)
+        rows = [r for r, _ in found]
+        self.guesses[key] = rows
+        draw = _draw(layer, width, rows, rng)
+        if draw is None:
+            return short_equations(plan_rows(layer, width, rows).total)
+        if planned is None or planned.rows != rows:
+            found = self._ask(draw, sums=True)
+        _skip(rng, sum(draws(r, draw.takes) for r in rows))  # as if this process had drawn them all
+        sums = [s for _, s in found]
+        assert all(s is not None for s in sums)  # drawn as planned: every part summed its rows
+        return merge_equations(layer, sums)  # type: ignore[arg-type]
 
-    def _rows(self, since: int, which: Sequence[int], rebuild: bool) -> list[PartRows]:
-        """Bring the groups ``which`` to the current weights and run the last request's segments.
+    def _ask(self, draw: _Draw | None, sums: bool = False) -> list[tuple[PartRows, NormalEquations | None]]:
+        """Per part, its rows of the last request's layer and its sums if ``draw`` planned them.
 
-        Returns every part's rows of those groups, in part order.
+        ``sums``: the layer has run; only its sums are asked. A group whose worker was lost is
+        placed again (anywhere) and replays every request.
         """
         update, layer, later = self.requests[-1]
-        found: dict[int, list[PartRows]] = {}
-        todo = list(which)
-        shared = (self.setup, self.current, self.dense, self.loaders)
+        answers: list[Answer | None] = [None] * len(self.groups)
+        todo = list(range(len(self.groups)))
         for attempt in range(RETRIES + 1):
-            replay = self.requests[:-1] if rebuild else None
-            items = [
-                (
-                    *shared, g, [self.parts[p] for p in self.groups[g]],
-                    [self.starts[p] for p in self.groups[g]],
-                    since, self.version, update, replay, layer, later,
-                )  # fmt: skip
-                for g in todo
-            ]
-            results = self.cluster.map(part_layer_rows, items, workers=[self.where[g] for g in todo])
-            for g, result in zip(todo, results, strict=True):
-                if result is not None:
-                    self.where[g], found[g] = result
-            todo = [g for g in todo if g not in found]
+            mine = {g: draw.of(self.groups[g]) if draw is not None else None for g in todo}
+            calls: list[tuple[Any, str, tuple[Any, ...]]] = []
+            for g in todo:
+                if sums and self.opened[g]:
+                    calls.append((self.residents[g], "sums", (mine[g],)))
+                else:
+                    replay = None if self.opened[g] else self.requests[:-1]
+                    args = (replay, update, layer, later, mine[g], self.next)
+                    calls.append((self.residents[g], "layer_rows", args))
+            for g, (_, method, _), answer in zip(todo, calls, self.cluster.ask(calls), strict=True):
+                if answer is not None:
+                    self.opened[g] = True
+                    drawn = mine[g]
+                    answers[g] = (drawn.rows, answer) if method == "sums" and drawn else answer
+            todo = [g for g in todo if answers[g] is None]
             if not todo:
-                by_part = {p: r for g in which for p, r in zip(self.groups[g], found[g], strict=True)}
-                return [by_part[p] for p in sorted(by_part)]
+                by_part: list[Any] = [None] * len(self.parts)
+                for group, (rows, part_sums) in zip(self.groups, answers, strict=True):  # type: ignore[misc]
+                    for i, p in enumerate(group):
+                        by_part[p] = (rows[i], None if part_sums is None else part_sums[i])
+                return by_part
             if attempt == RETRIES:
                 break
             log.warning("refit: groups %s lost their worker; rebuilding them", todo)
-            rebuild = True
+            for g in todo:
+                self.residents[g], self.opened[g] = self._place(g, None), False
         raise ConfigError(f"refit of {layer.name}: groups {todo} lost {RETRIES} workers in turn")

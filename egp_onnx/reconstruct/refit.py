@@ -119,7 +119,8 @@ def reconstruct(
             batches = first_samples(data, batch_size)
             sums = LocalSums((ours, values), theirs, batches, part_size(data, batch_size))
         else:
-            sums = ClusterSums(cluster, dense, current, changing_names, updates, data, batch_size)
+            asking = [layer.name for layer in todo if _width(layer, values[layer.weight]) <= WIDTH_LIMIT]
+            sums = ClusterSums(cluster, dense, current, changing_names, updates, data, batch_size, asking)
         refit = partial(
             _refit_in_turn, values=values, remove=remove, masked=set(masked), select=select, rng=rng
         )

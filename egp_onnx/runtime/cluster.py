@@ -6,6 +6,12 @@ the workers finish in, so the caller merges them exactly as a single process wou
 dies mid-pass has its tasks rerun by the scheduler (Dask's own rescheduling); a task's result is
 read once from its future, so no part is merged twice.
 
+State that must stay on one worker from one request to the next (the refit's activations) lives
+in a :class:`Resident`, a Dask actor placed on a worker (:meth:`Cluster.place`) and called there
+directly (:meth:`Cluster.ask`): a few milliseconds a round trip, where a task through the
+scheduler takes 10-20 under load. A lost worker loses its residents: ``ask`` says so (None), and
+their owner places new ones.
+
 What moves per pass: the model once per worker (:meth:`Cluster.share`, broadcast) and the sums
 back, both independent of the number of samples. The data's shard loaders are shared once per run:
 a loader that reads a path needs that path on every worker (a shared file system), an in-memory
@@ -21,7 +27,6 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 from typing import Any, TypeVar
 
 from egp_onnx.errors import ConfigError, one_line
@@ -38,6 +43,9 @@ INSTALL_HINT = "--scheduler needs Dask distributed: pip install 'egp-onnx[dask]'
 CONNECT_TIMEOUT = 10
 #: Model versions whose sessions a worker keeps (the loop's candidate and the one before).
 CACHED_VERSIONS = 2
+
+#: What a local worker runs, imported before it starts (see _forked).
+WORKER_MODULES = ("egp_onnx.calibrate.collect", "egp_onnx.reconstruct.parts", "egp_onnx.verify.guard")
 
 _LOCAL = re.compile(r"local:(\d+)")
 
@@ -61,6 +69,34 @@ def local_workers(spec: str) -> int | None:
     if found is None or int(found.group(1)) < 1:
         raise ConfigError(f"--scheduler {spec}: local:N takes a worker count N >= 1, e.g. local:2")
     return int(found.group(1))
+
+
+class Resident:
+    """An object kept on one worker (see :meth:`Cluster.place`), its methods called by :meth:`Cluster.ask`.
+
+    :meth:`answer` hands back what a method raises as a value, so that an exception out of the
+    call itself can only mean that the worker was lost.
+    """
+
+    def answer(self, method: str, *args: Any) -> tuple[bool, Any]:
+        """(True, ``self.method(*args)``), or (False, the exception it raised)."""
+        try:
+            return True, getattr(self, method)(*args)
+        except Exception as exc:  # raised again on the client, as it is
+            return False, exc
+
+
+class Placed:
+    """A handle of an object kept on a worker (:meth:`Cluster.place`): its future, then the object's proxy."""
+
+    def __init__(self, future: Any) -> None:
+        self.future = future
+        self.actor: Any = None  # the Dask actor, once built
+
+
+async def _lost(exc: BaseException) -> BaseException:
+    """An awaitable of a call that could not be sent (its worker is gone): OSError, as a lost answer."""
+    return exc if isinstance(exc, OSError) else OSError(str(exc))
 
 
 class Cluster:
@@ -90,7 +126,7 @@ class Cluster:
         :func:`worker_cached`.
         """
         where = list(workers) if workers is not None else None
-        (future,) = self.client.scatter([value], broadcast=broadcast, hash=False, workers=where)
+        (future,) = self.client.scatter([value], broadcast=broadcast, hash=False, workers=where, direct=False)
         return uuid.uuid4().hex, future
 
     @property
@@ -126,7 +162,8 @@ class Cluster:
         """``payload()`` broadcast to every worker once per ``owner`` (the same object: the same future)."""
         held = self._shared.get(id(owner))
         if held is None or held[0] is not owner:
-            (future,) = self.client.scatter([payload()], broadcast=True, hash=False)
+            # through the scheduler (direct=False), where replicas are placed as it records them
+            (future,) = self.client.scatter([payload()], broadcast=True, hash=False, direct=False)
             held = self._shared[id(owner)] = (owner, future)
         return held[1]
 
@@ -135,23 +172,15 @@ class Cluster:
         function: Callable[..., R],
         items: Sequence[tuple[Any, ...]],
         on_done: Callable[[int, R], None] | None = None,
-        workers: Sequence[str | None] | None = None,
     ) -> list[R]:
         """``[function(*item) for item in items]`` on the workers, in the order of ``items``.
 
         ``on_done(index, result)`` is called as each task finishes (progress), in finishing order.
-        An error a task raises is raised here, as it is (an EgpError stays one). ``workers``: per
-        item, the address of the worker it should run on (None: any); it runs elsewhere only if
-        that worker is gone.
+        An error a task raises is raised here, as it is (an EgpError stays one).
         """
         from distributed import as_completed
 
-        where_to = list(workers) if workers is not None else [None] * len(items)
-        submit = partial(self.client.submit, function, pure=False)
-        futures = [
-            submit(*item, workers=w and [w], allow_other_workers=w is not None)
-            for item, w in zip(items, where_to, strict=True)
-        ]
+        futures = [self.client.submit(function, *item, pure=False) for item in items]
         where = {future.key: i for i, future in enumerate(futures)}
         results: list[Any] = [None] * len(items)
         try:
@@ -163,6 +192,51 @@ class Cluster:
         except BaseException:
             self.client.cancel([f for f in futures if not f.done()])  # the rest is not wanted
             raise
+        return results
+
+    def place(self, kind: type[Resident], args: tuple[Any, ...], worker: str | None) -> Placed:
+        """A ``kind(*args)`` built and kept on ``worker`` (None: any; elsewhere if it is gone).
+
+        Returns its handle for :meth:`ask`; the object lives as long as the handle. Futures among
+        ``args`` arrive as their values.
+        """
+        if worker is None:
+            return Placed(self.client.submit(kind, *args, actor=True, pure=False))
+        where = {"workers": [worker], "allow_other_workers": True}
+        return Placed(self.client.submit(kind, *args, actor=True, pure=False, **where))
+
+    def ask(self, calls: Sequence[tuple[Placed, str, tuple[Any, ...]]]) -> list[Any]:
+        """``[handle.method(*args) for handle, method, args in calls]``, all at once, in that order.
+
+        Each call goes to its object's worker directly (no task: a round trip of a few
+        milliseconds where a task takes 10-20 under load), and the client waits for all of them
+        at once; an object runs one call at a time. None for a call whose worker was lost, and
+        its object with it (place another). An error a method raises is raised here, as it is.
+        """
+        import asyncio
+
+        async def answers() -> list[Any]:
+            pending = []
+            for handle, method, args in calls:
+                try:
+                    if handle.actor is None:
+                        handle.actor = await handle.future
+                    pending.append(handle.actor.answer(method, *args))
+                except (OSError, RuntimeError) as exc:  # Dask: "Worker holding Actor was lost"
+                    pending.append(_lost(exc))
+            return await asyncio.gather(*pending, return_exceptions=True)
+
+        results: list[Any] = []
+        for answer in self.client.sync(answers):
+            if isinstance(answer, OSError):  # the worker did not answer: lost
+                results.append(None)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                done, value = answer
+                if not done:
+                    raise value  # the exception the method raised
+                results.append(value)
         return results
 
     def close(self) -> None:
@@ -213,11 +287,13 @@ def _connected(
         # must not change its caller's environment (a later torch, a subprocess would inherit it).
         # Not asked for, and what was there is put back.
         environ = dict(os.environ)
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": {}, **_forked(dask, distributed)}):
             local = _local_cluster(distributed, count, processes)
         os.environ.clear()
         os.environ.update(environ)
-        client = distributed.Client(local)
+        # The workers are on this machine: the client talks to them directly (a resident's
+        # answers do not pass through the scheduler's process on their way).
+        client = distributed.Client(local, direct_to_workers=True)
         threads = max(1, cores() // count)
     else:
         try:
@@ -236,8 +312,32 @@ def _connected(
         cluster.close()
 
 
+def _forked(dask: Any, distributed: Any) -> dict[str, str]:
+    """Dask's setting for local worker processes forked from one that imported :data:`WORKER_MODULES`.
+
+    Spawned, each worker imports them itself before its first task (onnx, onnxruntime, numpy:
+    about a second of a core each, several under load); a fork server imports them once and
+    every worker starts with them. Where there is no fork server (Windows): spawned, as Dask does.
+    """
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return {}
+    method = {"distributed.worker.multiprocessing-method": "forkserver"}
+    with dask.config.set(method):
+        distributed.utils.get_mp_context()  # Dask sets its own list once: ours after it
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["distributed", *WORKER_MODULES])
+    return method
+
+
 def _local_cluster(distributed: Any, count: int, processes: bool) -> Any:
-    """``count`` workers on 127.0.0.1, one task at a time each (its session has the cores)."""
+    """``count`` workers on 127.0.0.1, one task at a time each (its session has the cores).
+
+    Worker processes get this process's environment as it is now, as spawned ones would: a fork
+    server's children otherwise may have the one it had when it started (the first cluster's; the
+    two killed-worker tests in one session see the second's marker only with it).
+    """
+    environment = {"env": dict(os.environ)} if processes else {}  # thread workers: this process's
     return distributed.LocalCluster(
         n_workers=count,
         threads_per_worker=1,
@@ -246,6 +346,7 @@ def _local_cluster(distributed: Any, count: int, processes: bool) -> Any:
         protocol="tcp://",  # also for thread workers: the same transport as real ones
         dashboard_address=":0",  # a free port: its HTTP server never collides with another cluster's
         silence_logs=logging.ERROR,
+        **environment,
     )
 
 
@@ -261,13 +362,6 @@ def worker_cached(key: str, build: Callable[[], T]) -> T:
                 del _CACHE[next(iter(_CACHE))]
             _CACHE[key] = build()
         return _CACHE[key]
-
-
-def worker_address() -> str:
-    """The address of the worker a task runs on (inside a task)."""
-    from distributed import get_worker
-
-    return str(get_worker().address)
 
 
 @contextmanager

@@ -3,6 +3,8 @@ several sizes."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from models import Builder, f32
@@ -35,6 +37,26 @@ def test_normal_equations_in_chunks_equal_the_products_of_all_rows(rng, monkeypa
         np.testing.assert_allclose(sums.cross[g], a.T @ target[:, 3 * g : 3 * g + 3], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sums.target_sq, (target**2).sum(axis=0))
     assert sums.rows == 19
+
+
+def test_pickled_equations_are_the_same_bits_in_half_the_bytes_of_a_symmetric_gram(rng):
+    # What a cluster worker sends back: the Gram matrices' upper triangles, mirrored on arrival.
+    sums = normal.NormalEquations(2, 40, 6, bias=True)
+    sums.add(f32(rng.normal(size=(2, 50, 40))), rng.normal(size=(50, 6)))
+    sums.finish()
+    full = len(pickle.dumps(sums.__dict__))
+    assert np.array_equal(sums.gram, sums.gram.transpose(0, 2, 1))  # grouped products too
+    for gram in (
+        sums.gram,
+        sums.gram + np.triu(np.full(sums.gram.shape[1:], 1e-9), 1),
+    ):  # the second not symmetric
+        sums.gram = gram
+        back = pickle.loads(pickle.dumps(sums))
+        for name in ("gram", "cross", "target_sq"):
+            assert np.array_equal(getattr(back, name), getattr(sums, name)), name
+        assert (back.rows, back.bias) == (sums.rows, sums.bias)
+        symmetric = np.array_equal(gram, gram.transpose(0, 2, 1))
+        assert len(pickle.dumps(sums)) < 0.6 * full if symmetric else len(pickle.dumps(sums)) >= full
 
 
 def test_samples_of_several_sizes_get_positions_in_proportion_to_their_area():

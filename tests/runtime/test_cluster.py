@@ -36,6 +36,7 @@ from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import load_model, prepare_model
 from egp_onnx.load.parts import plan_parts
 from egp_onnx.reconstruct import parts as refit_parts
+from egp_onnx.reconstruct import refit as refit_module
 from egp_onnx.reconstruct.refit import reconstruct
 from egp_onnx.runtime import cluster as cluster_module
 from egp_onnx.runtime.cluster import INSTALL_HINT, local_workers, open_cluster
@@ -239,43 +240,109 @@ def test_refit_sums_on_a_cluster_equal_one_process(threads, tmp_path, rng, step)
     assert spread.model.SerializeToString() == alone.model.SerializeToString()
 
 
-_LOST = {"rows": 0, "sums": 0}
-ORIGINAL_ROWS, ORIGINAL_SUMS = refit_parts.part_layer_rows, refit_parts.part_layer_sums
+def test_a_later_step_asks_each_layer_once_for_the_same_sums(threads, tmp_path, rng, monkeypatch):
+    model, data, remove = _refit_case(tmp_path, rng)
+    current = _pruned(model, rng)
+    options = {"remove": remove, "masked": list(remove), "seed": 7}
+    alone = reconstruct(model, current, data, 32, **options)
+    reconstruct(model, current, data, 32, cluster=threads, **options)  # a step: the rows each part keeps
+    asked = _losing(threads, monkeypatch, set())
+    spread = reconstruct(model, current, data, 32, cluster=threads, **options)
+    assert asked["asks"] == len(alone.fits)  # planned from the last step's rows: one request a layer
+    assert spread.fits == alone.fits
+    assert spread.model.SerializeToString() == alone.model.SerializeToString()
 
 
-def _forget(g):
-    """As when the worker holding group g of the parts died: their activations are gone."""
-    for key in [k for k in refit_parts._STATES if k[1] == g]:
-        del refit_parts._STATES[key]
+def test_a_layer_too_wide_to_refit_is_skipped_by_the_dense_tensors_run_ahead(
+    threads, tmp_path, rng, monkeypatch
+):
+    # The workers run the dense model's next request while the client solves: the next layer
+    # that asks for its equations, past conv1 (37 columns), which is not refit.
+    monkeypatch.setattr(refit_module, "WIDTH_LIMIT", 36)
+    model, data, remove = _refit_case(tmp_path, rng)
+    current = _pruned(model, rng)
+    options = {"remove": remove, "masked": list(remove), "seed": 7}
+    alone = reconstruct(model, current, data, 32, **options)
+    assert [f.status.startswith("not refit: 37 columns") for f in alone.fits] == [False, True, False, False]
+    for _ in range(2):  # the second step planned from the first's rows
+        spread = reconstruct(model, current, data, 32, cluster=threads, **options)
+        assert spread.fits == alone.fits
+        assert spread.model.SerializeToString() == alone.model.SerializeToString()
 
 
-def rows_then_lose(*args):
-    _LOST["rows"] += 1
-    if _LOST["rows"] == 5:  # the third layer's first task (two groups of parts a layer): lost before it
-        _forget(args[4])
-    return ORIGINAL_ROWS(*args)
+def _losing(cluster, monkeypatch, lost):
+    """``cluster.ask`` as if the workers of some calls were lost: ``lost`` holds (ask, call, method).
+
+    ``ask`` counts the calls of ``ask`` from 1, ``call`` the calls in it from 0. Such a call is not
+    sent and its answer is None, as for a lost worker: the client places the group again, and the
+    new one replays every earlier request.
+    """
+    original, asked = cluster.ask, {"asks": 0, "lost": []}
+
+    def ask(calls):
+        asked["asks"] += 1
+        keep = [(asked["asks"], i, method) not in lost for i, (_, method, _) in enumerate(calls)]
+        answers = iter(original([call for call, sent in zip(calls, keep, strict=True) if sent]))
+        asked["lost"] += [(asked["asks"], i, m) for i, (_, m, _) in enumerate(calls) if not keep[i]]
+        return [next(answers) if sent else None for sent in keep]
+
+    monkeypatch.setattr(cluster, "ask", ask)
+    return asked
 
 
-def sums_then_lose(*args):
-    _LOST["sums"] += 1
-    if _LOST["sums"] == 8:  # the last layer's group 1 lost between the layer's two tasks
-        _forget(args[1])
-    return ORIGINAL_SUMS(*args)
-
-
-def test_a_refit_part_that_loses_its_activations_is_rebuilt_with_the_same_sums(
+def test_a_refit_group_that_loses_its_worker_is_rebuilt_with_the_same_sums(
     threads, tmp_path, rng, monkeypatch
 ):
     model, data, remove = _refit_case(tmp_path, rng)
     options = {"remove": remove, "masked": list(remove), "seed": 7}
     alone = reconstruct(model, model, data, 32, **options)
-    _LOST.update(rows=0, sums=0)
-    monkeypatch.setattr(refit_parts, "part_layer_rows", rows_then_lose)
-    monkeypatch.setattr(refit_parts, "part_layer_sums", sums_then_lose)
+    # The first step: two asks per layer (rows, then sums). Lost: group 0 before the third
+    # layer's first request (one more ask: its replacement's), and group 1 between the last
+    # layer's two requests.
+    lost = {(5, 0, "layer_rows"), (2 * len(alone.fits) + 1, 1, "sums")}
+    asked = _losing(threads, monkeypatch, lost)
     spread = reconstruct(model, model, data, 32, cluster=threads, **options)
+    assert set(asked["lost"]) == lost
     assert spread.fits == alone.fits
     assert spread.model.SerializeToString() == alone.model.SerializeToString()
-    assert _LOST["rows"] == 2 * len(alone.fits) + 2, _LOST  # each lost group's first task again
+
+
+class _DyingGroup(refit_parts._Group):
+    """A group whose worker process dies on its third layer, in one worker once (a machine that goes away)."""
+
+    calls = 0
+
+    def layer_rows(self, *args):
+        _DyingGroup.calls += 1
+        if _DyingGroup.calls == 3:
+            try:  # the first worker here creates the marker; the others go on
+                marker = os.open(os.environ["EGP_TEST_DIE_ONCE"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.write(marker, str(os.getpid()).encode())
+                os._exit(1)
+        return super().layer_rows(*args)
+
+
+def test_a_refit_on_workers_one_of_which_dies_gives_the_same_model(tmp_path, rng, monkeypatch):
+    model, data, remove = _refit_case(tmp_path, rng)
+    pruned = _pruned(model, rng)
+    options = {"remove": remove, "masked": list(remove), "seed": 7}
+    alone = reconstruct(model, pruned, data, 32, **options)
+    marker = tmp_path / "died"
+    monkeypatch.setenv("EGP_TEST_DIE_ONCE", str(marker))  # before the workers start: they inherit it
+    monkeypatch.setattr(refit_parts, "_Group", _DyingGroup)
+    with open_cluster("local:2") as cluster:
+        pids = set(cluster.client.run(os.getpid).values())
+        spread = reconstruct(model, pruned, data, 32, cluster=cluster, **options)
+        # a second step: the groups plan their rows from the first's, one request a layer
+        again = reconstruct(model, pruned, data, 32, cluster=cluster, **options)
+    assert int(marker.read_text()) in pids  # a worker did die
+    assert spread.fits == again.fits == alone.fits
+    assert (
+        spread.model.SerializeToString() == again.model.SerializeToString() == alone.model.SerializeToString()
+    )
 
 
 def test_guard_sums_on_a_cluster_equal_one_process(threads, tmp_path, rng):
@@ -294,15 +361,23 @@ def test_guard_sums_on_a_cluster_equal_one_process(threads, tmp_path, rng):
 
 
 def _result_sizes(cluster, monkeypatch):
+    """The pickled size of every task's result and every resident's answer, by name."""
     sizes: dict[str, list[int]] = {}
-    original = cluster.map
+    original_map, original_ask = cluster.map, cluster.ask
 
-    def recording(function, items, *args, **kwargs):
-        results = original(function, items, *args, **kwargs)
+    def mapping(function, items, *args, **kwargs):
+        results = original_map(function, items, *args, **kwargs)
         sizes.setdefault(function.__name__, []).extend(len(pickle.dumps(r)) for r in results)
         return results
 
-    monkeypatch.setattr(cluster, "map", recording)
+    def asking(calls):
+        answers = original_ask(calls)
+        for (_, method, _), answer in zip(calls, answers, strict=True):
+            sizes.setdefault(method, []).append(len(pickle.dumps(answer)))
+        return answers
+
+    monkeypatch.setattr(cluster, "map", mapping)
+    monkeypatch.setattr(cluster, "ask", asking)
     return sizes
 
 
@@ -321,7 +396,7 @@ def test_what_a_refit_or_guard_task_sends_back_does_not_grow_with_its_samples(
         monkeypatch.undo()
         found.append(sizes)
     small, large = found
-    assert small.keys() == large.keys() == {"part_layer_rows", "part_layer_sums", "guard_part"}
+    assert small.keys() == large.keys() == {"layer_rows", "sums", "guard_part"}
     for name in small:  # a few bytes for a larger integer count at most
         assert len(small[name]) == len(large[name])
         assert max(abs(a - b) for a, b in zip(small[name], large[name], strict=True)) <= 8, name
@@ -337,19 +412,24 @@ def test_compress_with_refit_and_guard_on_a_cluster_writes_the_same_bytes(
     monkeypatch.setattr(cluster_module, "open_cluster", partial(open_cluster, processes=False))
     names = _task_names(monkeypatch)
     spread = egp_onnx.compress(model, str(tmp_path / "c.npz"), scheduler="local:2", **options)
-    assert {"part_layer_sums", "guard_part", "count_part"} <= names  # each ran on the cluster
+    assert {"layer_rows", "sums", "guard_part", "count_part"} <= names  # each ran on the cluster
     assert spread.model.SerializeToString() == single.model.SerializeToString()
     assert spread.report.to_dict() == single.report.to_dict()
 
 
 def _task_names(monkeypatch):
-    """The task names every cluster compress opens runs (Cluster.map recorded)."""
+    """The tasks and residents' methods every cluster compress opens runs (map and ask recorded)."""
     names: set[str] = set()
-    original = cluster_module.Cluster.map
+    original_map, original_ask = cluster_module.Cluster.map, cluster_module.Cluster.ask
 
-    def recording(self, function, *args, **kwargs):
+    def mapping(self, function, *args, **kwargs):
         names.add(function.__name__)
-        return original(self, function, *args, **kwargs)
+        return original_map(self, function, *args, **kwargs)
 
-    monkeypatch.setattr(cluster_module.Cluster, "map", recording)
+    def asking(self, calls):
+        names.update(method for _, method, _ in calls)
+        return original_ask(self, calls)
+
+    monkeypatch.setattr(cluster_module.Cluster, "map", mapping)
+    monkeypatch.setattr(cluster_module.Cluster, "ask", asking)
     return names
