@@ -32,7 +32,9 @@ def test_a_signal_while_outputs_are_staged_leaves_nothing(
 
     def signalled(self):
         staged.extend(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
-        os.kill(os.getpid(), sig)  # arrives while the model (external data: a staging folder) is staged
+        # raise_signal runs the handler before it returns; os.kill may hand the signal to another
+        # thread, and the main thread then meets it later, at times only after commit (flaky under load)
+        signal.raise_signal(sig)  # while the model (external data: a staging folder) is staged
         return commit(self)
 
     monkeypatch.setattr(files.OutputWriter, "commit", signalled)
