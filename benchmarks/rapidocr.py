@@ -480,7 +480,8 @@ def ceiling(
                 command = [
                     sys.executable, "-m", "egp_onnx", "compress", str(source[m]), "--calib",
                     str(work / "calib" / m), "-o", str(target), "--report", str(report), "--force",
-                    "--no-guard", "--sparsity", str(sparsity), "--no-latency", *CEILING_CONFIGS[config], *extra,
+                    "--no-guard", "--sparsity", str(sparsity), "--no-latency", *CEILING_CONFIGS[config],
+                    *extra,
                 ]  # fmt: skip
                 code, seconds, peak = _compress_child(command, out / f"{stem}.log")
                 print(f"{stem}: exit {code}, {seconds:.0f} s, peak {peak:.2f} GB", flush=True)
@@ -542,7 +543,7 @@ def main() -> None:
         "--egp-args", action="append", default=[], help='compress options for one model: "cls=--sparsity 0.3"'
     )
     parser.add_argument("--sweep", default="0.1,0.3,0.5,0.7", help="det sparsities of the sweep stage")
-    parser.add_argument("--ceiling", default=",".join(CEILING_CONFIGS), help="configurations of the ceiling stage")
+    parser.add_argument("--ceiling", default=",".join(CEILING_CONFIGS), help="ceiling stage: selections")
     parser.add_argument("--ceiling-sparsity", type=float, default=0.3)
     parser.add_argument("--sweep-guarded", action="store_true", help="sweep with the guard (and its caps) on")
     args = parser.parse_args()

@@ -120,8 +120,11 @@ def scaled_flips(ref: np.ndarray, cand: np.ndarray, scale: float) -> np.ndarray:
 
 
 def _overshoot(ref: np.ndarray, cand: np.ndarray, scale: float) -> np.ndarray:
-    """Per row and class j: how far the candidate moved j toward the original's top class, beyond
-    ``scale`` times the original's margin to it (> 0: a flip under ``scale``; the top class: -inf)."""
+    """Per row and class j: how far the candidate moved j toward the original's top class.
+
+    Beyond ``scale`` times the original's margin to it: > 0 is a flip under ``scale``; the top
+    class itself reads -inf.
+    """
     rows = np.arange(ref.shape[0])
     top = ref.argmax(1)
     margin = ref[rows, top][:, None] - ref  # >= 0

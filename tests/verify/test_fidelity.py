@@ -190,7 +190,9 @@ def test_sequence_agreement_against_the_per_sample_reading(rng):
     moved[::3, 5] = (moved[::3, 5] + 1) % 4  # every third sample: one position changed
     cand = np.stack([_ctc_path(list(p), classes=4) for p in moved])
     agree, kept = sequence_agreement(ref, cand, 1.0)
-    expected = [np.array_equal(greedy_decode(a, 0), greedy_decode(b, 0)) for a, b in zip(paths, moved, strict=True)]
+    expected = [
+        np.array_equal(greedy_decode(a, 0), greedy_decode(b, 0)) for a, b in zip(paths, moved, strict=True)
+    ]
     np.testing.assert_array_equal(agree, expected)
     np.testing.assert_array_equal(kept, agree)  # scale 1: near flips are plain flips
     assert not all(expected)
