@@ -31,9 +31,17 @@ ship in the ``rapidocr-onnxruntime==1.4.4`` wheel, the documents are rendered he
    calibration and the held-out lines: its argmax (what the guard counts), and RapidOCR's decision
    (rotate a line when the top class is "180" with probability > ``cls_thresh`` = 0.9).
 
+7. ``ceiling``: what post-training compression can reach at all on this client: each model
+   compressed to ``--ceiling-sparsity`` (0.3) with ``--no-guard`` (so no sensitivity caps either)
+   under each selection of ``--ceiling`` (EGP or magnitude budget, ``--select magnitude`` or
+   ``obs``, always with the refit), read into the pipeline one at a time and all three at once,
+   one selection at a time beside the original; a markdown table at the end.
+   ``ceiling-compress`` only compresses (run one process per model, then ``ceiling`` reads).
+
 Run: python benchmarks/rapidocr.py WORKDIR [--docs 50] [--held-out 15] [--stages render,record,compress,score]
      [--models det,cls,rec] [--egp-args "cls=--sparsity 0.3"] [--all-shapes]
      python benchmarks/rapidocr.py WORKDIR --stages sweep --sweep 0.1,0.3,0.5,0.7 (after render,record)
+     python benchmarks/rapidocr.py WORKDIR --stages ceiling [--ceiling egp,magnitude+obs] (after record)
 Needs: pip install 'rapidocr-onnxruntime==1.4.4' (in its own venv: it brings opencv, pyclipper and
 onnxruntime 1.32, which egp-onnx accepts), then pip install -e . there: session 8 did
 ``python3 -m venv /work/venv-ocr && /work/venv-ocr/bin/pip install rapidocr-onnxruntime==1.4.4 &&
