@@ -38,6 +38,9 @@ ship in the ``rapidocr-onnxruntime==1.4.4`` wheel, the documents are rendered he
    one selection at a time beside the original; a markdown table at the end.
    ``ceiling-compress`` only compresses (run one process per model, then ``ceiling`` reads).
 
+8. ``recdiag`` (with ``--rec-models a.onnx,b.onnx``): each rec model against the original on the
+   held-out lines' tensors, by per-position argmax agreement and by the line's greedy CTC reading.
+
 Run: python benchmarks/rapidocr.py WORKDIR [--docs 50] [--held-out 15] [--stages render,record,compress,score]
      [--models det,cls,rec] [--egp-args "cls=--sparsity 0.3"] [--all-shapes]
      python benchmarks/rapidocr.py WORKDIR --stages sweep --sweep 0.1,0.3,0.5,0.7 (after render,record)
@@ -356,6 +359,39 @@ def cls_diagnosis(work: Path) -> None:
         )
 
 
+# -------------------------------------------------------------------------------------- recdiag
+def rec_diagnosis(work: Path, models: list[Path]) -> None:
+    """Each rec model against the original on the held-out lines' tensors: per position and per reading.
+
+    Per position: argmax agreement over every position of every line (the guard's rule before
+    session 9). Per reading: the line's greedy CTC reading is the same (the guard's rule since),
+    plainly and counting near-flips; what the pipeline with that rec swapped in should read.
+    """
+    import onnxruntime as ort
+
+    from egp_onnx.verify.fidelity import MARGIN_SCALE, sequence_agreement
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    tensors = [np.load(f) for f in sorted((work / "held" / "rec").glob("*.npy"))]
+
+    def outputs(path: Path) -> list[np.ndarray]:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return [session.run(None, {name: x})[0].astype(np.float64) for x in tensors]
+
+    reference = outputs(_rapidocr_models()["rec"])
+    print("model  lines  per_position  readings  readings_near_flips")
+    for path in models:
+        got = outputs(path)
+        same = sum(int((r.argmax(-1) == c.argmax(-1)).sum()) for r, c in zip(reference, got, strict=True))
+        positions = sum(r.shape[0] * r.shape[1] for r in reference)
+        counts = [sequence_agreement(r, c, MARGIN_SCALE) for r, c in zip(reference, got, strict=True)]
+        lines = sum(len(a) for a, _ in counts)
+        agree, kept = sum(int(a.sum()) for a, _ in counts), sum(int(k.sum()) for _, k in counts)
+        print(f"{path.stem}  {lines}  {same / positions:.4f}  {agree / lines:.4f}  {kept / lines:.4f}")
+
+
 # ----------------------------------------------------------------------------------------- score
 def _edit_distance(a: str, b: str) -> int:
     row = list(range(len(b) + 1))
@@ -553,6 +589,7 @@ def main() -> None:
     parser.add_argument("--sweep", default="0.1,0.3,0.5,0.7", help="det sparsities of the sweep stage")
     parser.add_argument("--ceiling", default=",".join(CEILING_CONFIGS), help="ceiling stage: selections")
     parser.add_argument("--ceiling-sparsity", type=float, default=0.3)
+    parser.add_argument("--rec-models", default="", help="recdiag stage: rec models to compare (comma list)")
     parser.add_argument("--sweep-guarded", action="store_true", help="sweep with the guard (and its caps) on")
     args = parser.parse_args()
     stages = args.stages.split(",")
@@ -572,6 +609,8 @@ def main() -> None:
         score(args.work, args.held_out, models)
     if "clsdiag" in stages:
         cls_diagnosis(args.work)
+    if "recdiag" in stages:
+        rec_diagnosis(args.work, [Path(m) for m in args.rec_models.split(",") if m])
     if "ceiling" in stages or "ceiling-compress" in stages:
         configs = [c for c in args.ceiling.split(",") if c]
         read = "ceiling" in stages
