@@ -31,9 +31,20 @@ ship in the ``rapidocr-onnxruntime==1.4.4`` wheel, the documents are rendered he
    calibration and the held-out lines: its argmax (what the guard counts), and RapidOCR's decision
    (rotate a line when the top class is "180" with probability > ``cls_thresh`` = 0.9).
 
+7. ``ceiling``: what post-training compression can reach at all on this client: each model
+   compressed to ``--ceiling-sparsity`` (0.3) with ``--no-guard`` (so no sensitivity caps either)
+   under each selection of ``--ceiling`` (EGP or magnitude budget, ``--select magnitude`` or
+   ``obs``, always with the refit), read into the pipeline one at a time and all three at once,
+   one selection at a time beside the original; a markdown table at the end.
+   ``ceiling-compress`` only compresses (run one process per model, then ``ceiling`` reads).
+
+8. ``recdiag`` (with ``--rec-models a.onnx,b.onnx``): each rec model against the original on the
+   held-out lines' tensors, by per-position argmax agreement and by the line's greedy CTC reading.
+
 Run: python benchmarks/rapidocr.py WORKDIR [--docs 50] [--held-out 15] [--stages render,record,compress,score]
      [--models det,cls,rec] [--egp-args "cls=--sparsity 0.3"] [--all-shapes]
      python benchmarks/rapidocr.py WORKDIR --stages sweep --sweep 0.1,0.3,0.5,0.7 (after render,record)
+     python benchmarks/rapidocr.py WORKDIR --stages ceiling [--ceiling egp,magnitude+obs] (after record)
 Needs: pip install 'rapidocr-onnxruntime==1.4.4' (in its own venv: it brings opencv, pyclipper and
 onnxruntime 1.32, which egp-onnx accepts), then pip install -e . there: session 8 did
 ``python3 -m venv /work/venv-ocr && /work/venv-ocr/bin/pip install rapidocr-onnxruntime==1.4.4 &&
@@ -348,6 +359,39 @@ def cls_diagnosis(work: Path) -> None:
         )
 
 
+# -------------------------------------------------------------------------------------- recdiag
+def rec_diagnosis(work: Path, models: list[Path]) -> None:
+    """Each rec model against the original on the held-out lines' tensors: per position and per reading.
+
+    Per position: argmax agreement over every position of every line (the guard's rule before
+    session 9). Per reading: the line's greedy CTC reading is the same (the guard's rule since),
+    plainly and counting near-flips; what the pipeline with that rec swapped in should read.
+    """
+    import onnxruntime as ort
+
+    from egp_onnx.verify.fidelity import MARGIN_SCALE, sequence_agreement
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    tensors = [np.load(f) for f in sorted((work / "held" / "rec").glob("*.npy"))]
+
+    def outputs(path: Path) -> list[np.ndarray]:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return [session.run(None, {name: x})[0].astype(np.float64) for x in tensors]
+
+    reference = outputs(_rapidocr_models()["rec"])
+    print("model  lines  per_position  readings  readings_near_flips")
+    for path in models:
+        got = outputs(path)
+        same = sum(int((r.argmax(-1) == c.argmax(-1)).sum()) for r, c in zip(reference, got, strict=True))
+        positions = sum(r.shape[0] * r.shape[1] for r in reference)
+        counts = [sequence_agreement(r, c, MARGIN_SCALE) for r, c in zip(reference, got, strict=True)]
+        lines = sum(len(a) for a, _ in counts)
+        agree, kept = sum(int(a.sum()) for a, _ in counts), sum(int(k.sum()) for _, k in counts)
+        print(f"{path.stem}  {lines}  {same / positions:.4f}  {agree / lines:.4f}  {kept / lines:.4f}")
+
+
 # ----------------------------------------------------------------------------------------- score
 def _edit_distance(a: str, b: str) -> int:
     row = list(range(len(b) + 1))
@@ -372,17 +416,29 @@ def _read_lines(result: Any, lines: list[dict[str, Any]]) -> list[str]:
     return [" ".join(t for _, t in sorted(parts)) for parts in found]
 
 
+def _swaps(paths: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """The original, each model of ``paths`` swapped in alone, and all of them at once."""
+    configs: dict[str, dict[str, str]] = {"original": {}}
+    for m, path in paths.items():
+        configs[f"{m} swapped"] = {f"{m}_model_path": str(path)}
+    if len(paths) > 1:
+        configs["all swapped"] = {f"{m}_model_path": str(path) for m, path in paths.items()}
+    return configs
+
+
 def score(work: Path, held_out: int, models: list[str]) -> dict[str, Any]:
-    """Read the held-out pages with each configuration; print line agreement, CER and time."""
+    """Read the held-out pages with each compressed model swapped in; print line agreement, CER, time."""
+    compressed = work / "compressed"
+    paths = {m: compressed / f"{m}.onnx" for m in models if (compressed / f"{m}.onnx").exists()}
+    figures = read_held_out(work, held_out, _swaps(paths))
+    (work / "score.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+def read_held_out(work: Path, held_out: int, configs: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Read the held-out pages with each configuration (RapidOCR keyword arguments), interleaved."""
     from rapidocr_onnxruntime import RapidOCR
 
-    compressed = work / "compressed"
-    available = [m for m in models if (compressed / f"{m}.onnx").exists()]
-    configs: dict[str, dict[str, str]] = {"original": {}}
-    for m in available:
-        configs[f"{m} swapped"] = {f"{m}_model_path": str(compressed / f"{m}.onnx")}
-    if len(available) > 1:
-        configs["all swapped"] = {f"{m}_model_path": str(compressed / f"{m}.onnx") for m in available}
     engines = {}
     for name, paths in configs.items():
         try:
@@ -417,8 +473,105 @@ def score(work: Path, held_out: int, models: list[str]) -> dict[str, Any]:
             f"{name:>12}: same as original {same:.3f}, exact vs truth {exact_truth:.3f}, CER {cer:.4f}, "
             f"time x{ratio:.2f} (median per page {np.median(times[name]) * 1000:.0f} ms)"
         )
-    (work / "score.json").write_text(json.dumps(figures, indent=1))
     return figures
+
+
+# --------------------------------------------------------------------------------------- ceiling
+CEILING_CONFIGS = {
+    "egp": ["--method", "egp", "--select", "magnitude"],
+    "egp+obs": ["--method", "egp", "--select", "obs"],
+    "magnitude": ["--method", "magnitude", "--select", "magnitude"],
+    "magnitude+obs": ["--method", "magnitude", "--select", "obs"],
+}
+
+
+def _compress_child(command: list[str], log_path: Path) -> tuple[int, float, float]:
+    """Run one compress command; its exit code, wall seconds and peak resident GB (``wait4``)."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss / 2**20
+
+
+def ceiling(
+    work: Path,
+    held_out: int,
+    models: list[str],
+    sparsity: float,
+    configs: list[str],
+    extra: list[str],
+    read: bool = True,
+) -> None:
+    """What post-training compression can reach at all: the guard off, every selection, swapped in.
+
+    Each model compressed to ``sparsity`` with ``--no-guard`` (with the refit) under each of
+    ``CEILING_CONFIGS``, then read into the pipeline one model at a time and all three at once,
+    one configuration group at a time (the original read beside each, for the time ratios).
+    A model already written is not compressed again; ``read`` False only compresses (so that
+    the models can be compressed in parallel processes, then read in one).
+    """
+    source = _rapidocr_models()
+    out = work / "compressed" / "ceiling"
+    out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, Any] = {}
+    for config in configs:
+        paths: dict[str, Path] = {}
+        for m in models:
+            stem = f"{m}-{config}-{sparsity:g}"
+            target, report = out / f"{stem}.onnx", out / f"{stem}.json"
+            if not target.exists():
+                command = [
+                    sys.executable, "-m", "egp_onnx", "compress", str(source[m]), "--calib",
+                    str(work / "calib" / m), "-o", str(target), "--report", str(report), "--force",
+                    "--no-guard", "--sparsity", str(sparsity), "--no-latency", *CEILING_CONFIGS[config],
+                    *extra,
+                ]  # fmt: skip
+                code, seconds, peak = _compress_child(command, out / f"{stem}.log")
+                print(f"{stem}: exit {code}, {seconds:.0f} s, peak {peak:.2f} GB", flush=True)
+                if code != 0:
+                    continue
+            data = json.loads(report.read_text())
+            rows[stem] = {"sparsity": data["model"]["sparsity"], "guard": _guard_figure(data)}
+            print(f"{stem}: sparsity {rows[stem]['sparsity']:.3f}, {rows[stem]['guard']}", flush=True)
+            paths[m] = target
+        if not read:
+            continue
+        print(f"== {config}", flush=True)
+        for name, figure in read_held_out(work, held_out, _swaps(paths)).items():
+            rows[f"{config}: {name}"] = figure
+        (work / "ceiling.json").write_text(json.dumps(rows, indent=1))
+    if read:
+        _ceiling_table(rows, configs, models, sparsity)
+
+
+def _guard_figure(report: dict[str, Any]) -> str:
+    """The report's holdout figure for the model's output, by its kind (what the guard would judge)."""
+    out = report["fidelity"]["outputs"][0]
+    if out["kind"] == "probability":
+        return f"IoU {out['iou']:.4f}"
+    if out.get("positions"):
+        return f"agreement {out['agreement']:.4f}, kept {1 - out['flips'] / out['positions']:.4f}"
+    return f"rel error {out['rel_error']:.4f}"
+
+
+def _ceiling_table(rows: dict[str, Any], configs: list[str], models: list[str], sparsity: float) -> None:
+    """The ceiling as a markdown table: per configuration and swap, lines as the original, CER, time."""
+    print(f"\n| selection (--no-guard --sparsity {sparsity:g}) | swapped | sparsity | holdout (report) "
+          "| same lines | CER | time |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for config in configs:
+        for name in ["original", *(f"{m} swapped" for m in models), "all swapped"]:
+            figure = rows.get(f"{config}: {name}")
+            if figure is None:
+                continue
+            model = name.split()[0]
+            stem = rows.get(f"{model}-{config}-{sparsity:g}", {})
+            spars = f"{stem['sparsity']:.3f}" if stem else ""
+            print(
+                f"| {config} | {name} | {spars} | {stem.get('guard', '')} | {figure['same_as_original']:.3f} "
+                f"| {figure['cer']:.4f} | x{figure['time']:.2f} |"
+            )
 
 
 def main() -> None:
@@ -434,6 +587,9 @@ def main() -> None:
         "--egp-args", action="append", default=[], help='compress options for one model: "cls=--sparsity 0.3"'
     )
     parser.add_argument("--sweep", default="0.1,0.3,0.5,0.7", help="det sparsities of the sweep stage")
+    parser.add_argument("--ceiling", default=",".join(CEILING_CONFIGS), help="ceiling stage: selections")
+    parser.add_argument("--ceiling-sparsity", type=float, default=0.3)
+    parser.add_argument("--rec-models", default="", help="recdiag stage: rec models to compare (comma list)")
     parser.add_argument("--sweep-guarded", action="store_true", help="sweep with the guard (and its caps) on")
     args = parser.parse_args()
     stages = args.stages.split(",")
@@ -453,6 +609,12 @@ def main() -> None:
         score(args.work, args.held_out, models)
     if "clsdiag" in stages:
         cls_diagnosis(args.work)
+    if "recdiag" in stages:
+        rec_diagnosis(args.work, [Path(m) for m in args.rec_models.split(",") if m])
+    if "ceiling" in stages or "ceiling-compress" in stages:
+        configs = [c for c in args.ceiling.split(",") if c]
+        read = "ceiling" in stages
+        ceiling(args.work, args.held_out, models, args.ceiling_sparsity, configs, extra.get("all", []), read)
     if "sweep" in stages:
         sparsities = [float(v) for v in args.sweep.split(",")]
         sweep(args.work, args.held_out, sparsities, extra.get("det", []), args.sweep_guarded)

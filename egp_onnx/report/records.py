@@ -131,11 +131,11 @@ class OutputFidelity:
     # its rule: classes (N, C) | sequence (N, T, C) | probability (rank >= 3, values in [0, 1]) |
     # map (other rank >= 3) | tensor
     kind: str = "tensor"
-    agreement: float | None = None  # classes, sequence: argmax agreement per sample / per position
+    agreement: float | None = None  # classes, sequence: argmax agreement / greedy readings per sample
     estimate: float | None = None  # the same, estimated for unseen data (see Fidelity.estimate)
     estimate_low: float | None = None  # its 95% interval (Wilson, over samples)
     estimate_high: float | None = None
-    flips: int | None = None  # samples (positions) the estimate counts as flipped ...
+    flips: int | None = None  # samples the estimate counts as flipped ...
     positions: int | None = None  # ... of this many
     # probability: mean over samples of the IoU of the regions above `threshold` in the original's
     # and the candidate's map (1 where neither has any), its standard error, and the worst sample

@@ -1,7 +1,8 @@
 """Fidelity: run a reference and a candidate model on the same data and compare their outputs.
 
 Every output is compared by the rule for its kind (:func:`output_kind`): classifier outputs
-(N, classes) and sequence outputs (N, T, classes) by argmax agreement per sample or per position,
+(N, classes) by argmax agreement per sample, sequence outputs (N, T, classes) by the agreement of
+their greedy CTC readings per sample (:func:`sequence_agreement`),
 probability maps (values in [0, 1], a detector's or segmenter's Sigmoid output) by what a
 pipeline does with them: the regions above a threshold, compared per sample by their IoU; other
 maps and tensors by relative L2 error and an element-wise test whose absolute tolerance never
@@ -62,8 +63,8 @@ def output_kind(shape: tuple[int, ...], values: np.ndarray | None = None) -> str
 
     ``classes``: (N, C) with C > 1, top-1 agreement per sample; ``sequence``: (N, T, C) with
     C > 1 whose rows are probability distributions or their logarithms (a recogniser's softmax
-    or CTC log-softmax; a detector's (N, anchors, 4 + classes) is not one), argmax agreement per
-    position; ``probability``: any other output of rank >= 3 whose values lie in [0, 1] (a text
+    or CTC log-softmax; a detector's (N, anchors, 4 + classes) is not one), agreement of the greedy
+    readings per sample; ``probability``: any other output of rank >= 3 whose values lie in [0, 1] (a text
     detector's or segmenter's probability map), IoU of the regions above a threshold per sample;
     ``map``: any other output of rank >= 3 (feature maps, regressions); ``tensor``: the rest.
     Maps and tensors: relative L2 error.
@@ -115,13 +116,55 @@ def scaled_flips(ref: np.ndarray, cand: np.ndarray, scale: float) -> np.ndarray:
     Far: the original's margin ``z_c - z_j`` to its top class c shrank by more than ``scale``
     times itself. ``scale = 1`` is a plain flip of the top-1 answer (ties aside).
     """
+    return np.asarray(_overshoot(ref, cand, scale).max(1) > 0)
+
+
+def _overshoot(ref: np.ndarray, cand: np.ndarray, scale: float) -> np.ndarray:
+    """Per row and class j: how far the candidate moved j toward the original's top class.
+
+    Beyond ``scale`` times the original's margin to it: > 0 is a flip under ``scale``; the top
+    class itself reads -inf.
+    """
     rows = np.arange(ref.shape[0])
     top = ref.argmax(1)
     margin = ref[rows, top][:, None] - ref  # >= 0
     gain = (cand - cand[rows, top][:, None]) + margin  # how far each class moved toward the top one
     over = gain - scale * margin
     over[rows, top] = -np.inf
-    return np.asarray(over.max(1) > 0)
+    return over
+
+
+def greedy_decode(path: np.ndarray, blank: int) -> np.ndarray:
+    """A CTC head's greedy reading of one argmax path: repeats collapsed, then the blank dropped."""
+    start = np.ones(len(path), dtype=bool)
+    start[1:] = path[1:] != path[:-1]
+    runs = path[start]
+    return runs[runs != blank]
+
+
+def sequence_agreement(ref: np.ndarray, cand: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per sequence of (N, T, classes): the same greedy reading, plainly and under ``scale``.
+
+    A recogniser's (N, T, classes) output is read by its decoder, not position by position: a
+    CTC head's positions are mostly its blank, and a character's edges move between it and the
+    blank without changing the reading. So a sequence agrees when the candidate's greedy decode
+    (:func:`greedy_decode`) equals the original's, the blank being the class the original's path
+    holds most (a CTC head's blank); it is kept (the estimate's count) when it still does with
+    every position that flips under ``scale`` (:func:`scaled_flips`) turned to the class that
+    flips it. An output decoded otherwise (one label per position) is judged more leniently.
+    """
+    agree = np.zeros(ref.shape[0], dtype=bool)
+    kept = np.zeros(ref.shape[0], dtype=bool)
+    for n in range(ref.shape[0]):
+        path, moved = ref[n].argmax(1), cand[n].argmax(1)
+        blank = int(np.bincount(path).argmax())
+        reading = greedy_decode(path, blank)
+        agree[n] = np.array_equal(greedy_decode(moved, blank), reading)
+        over = _overshoot(ref[n], cand[n], scale)
+        flipped = over.max(1) > 0
+        rival = np.where(flipped, over.argmax(1), moved)
+        kept[n] = agree[n] and np.array_equal(greedy_decode(rival, blank), reading)
+    return agree, kept
 
 
 def jeffreys_mean(successes: int, n: int) -> float:
@@ -187,7 +230,7 @@ class _OutputSums:
     ref_sq: float = 0.0
     max_abs: float = 0.0
     close: bool = True
-    positions: int = 0  # rows compared by argmax (samples, or samples x positions)
+    positions: int = 0  # samples compared by argmax (a sequence is one, read by its greedy decode)
     agree: int = 0
     kept: int = 0  # rows not flipped under MARGIN_SCALE
     mismatched: bool = False  # the two models' shapes differ
@@ -220,12 +263,15 @@ class _OutputSums:
             tolerance = min(atol, SIGNAL_FRACTION * signal)
             with np.errstate(invalid="ignore"):
                 self.close &= bool((same | (diff <= tolerance + rtol * np.abs(r64))).all())
-        if self.kind in (CLASSES, SEQUENCE) and r64.size:
-            rows_ref = r64.reshape(-1, r64.shape[-1])
-            rows_cand = c64.reshape(-1, c64.shape[-1])
-            self.positions += rows_ref.shape[0]
-            self.agree += int((rows_ref.argmax(1) == rows_cand.argmax(1)).sum())
-            self.kept += int((~scaled_flips(rows_ref, rows_cand, MARGIN_SCALE)).sum())
+        if self.kind == CLASSES and r64.size:
+            self.positions += r64.shape[0]
+            self.agree += int((r64.argmax(1) == c64.argmax(1)).sum())
+            self.kept += int((~scaled_flips(r64, c64, MARGIN_SCALE)).sum())
+        if self.kind == SEQUENCE and r64.size:
+            agree, kept = sequence_agreement(r64, c64, MARGIN_SCALE)
+            self.positions += r64.shape[0]
+            self.agree += int(agree.sum())
+            self.kept += int(kept.sum())
         if self.kind == PROBABILITY:
             self.regions.add(region_iou(r64, c64, self.threshold))
 
@@ -336,7 +382,6 @@ class FidelitySums:
             agreement = sums.agree / sums.positions
             flips = sums.positions - (sums.agree if self.unseen else sums.kept)
             estimate = jeffreys_mean(sums.positions - flips, sums.positions)
-            # samples, not positions: the positions of one sequence do not flip independently
             low, high = wilson_interval((1 - flips / sums.positions) * self.samples, self.samples)
         elif sums.kind in (CLASSES, SEQUENCE):
             agreement = estimate = low = high = 0.0 if sums.mismatched else None

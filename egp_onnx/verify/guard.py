@@ -164,7 +164,7 @@ def guard_bound(agreement: float, samples: int, z: float = GUARD_Z) -> float:
 
 def _agreement_words(out: OutputFidelity, value: float, unseen: bool) -> str:
     """How an agreement complaint reads: the judged value, and the plain agreement when they differ."""
-    per = "top-1 agreement" if out.kind == CLASSES else "per-position agreement"
+    per = "top-1 agreement" if out.kind == CLASSES else "sequence agreement"
     if unseen or out.agreement is None or value == out.agreement:
         return f"{per} {value:.4f}"
     return f"{per} {value:.4f} counting near-flips (measured {out.agreement:.4f})"

@@ -13,7 +13,15 @@ from onnx import helper, numpy_helper
 
 from egp_onnx.cli.main import main
 from egp_onnx.load.calibration import open_calibration
-from egp_onnx.verify.fidelity import FidelitySums, Reference, compare, output_kind, scaled_flips
+from egp_onnx.verify.fidelity import (
+    FidelitySums,
+    Reference,
+    compare,
+    greedy_decode,
+    output_kind,
+    scaled_flips,
+    sequence_agreement,
+)
 from egp_onnx.verify.guard import guard_problems
 
 MODEL = SAMPLES / "digits_resnet.onnx"
@@ -130,15 +138,64 @@ def test_the_estimate_sees_flips_that_confident_held_out_data_hides(tmp_path):
     assert truth.unseen and not measured.unseen
 
 
-def test_sequences_are_scored_per_position(rng):
-    logits = rng.normal(size=(4, 6, 5))
-    ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # log-softmax, as CTC heads give
-    cand = ref.copy()
-    cand[0, 2] = ref[0, 2] - 10 * np.eye(5)[ref[0, 2].argmax()]  # one position flips
-    sums = FidelitySums(["seq"], 1e-5, 1e-5, unseen=True)
-    sums.add([ref], [cand], None)
+def _ctc_path(path: list[int], classes: int = 5, margin: float = 4.0) -> np.ndarray:
+    """A CTC head's log-softmax over ``path`` (class 0 the blank), each position's top ``margin`` ahead."""
+    logits = np.zeros((len(path), classes))
+    logits[np.arange(len(path)), path] = margin
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+def _reading(ref: np.ndarray, cand: np.ndarray, unseen: bool = True) -> tuple[float | None, int | None]:
+    sums = FidelitySums(["seq"], 1e-5, 1e-5, unseen=unseen)
+    sums.add([ref[None]], [cand[None]], None)
     out = sums.result().outputs[0]
-    assert out.kind == "sequence" and out.agreement == pytest.approx(23 / 24)
+    assert out.kind == "sequence" and out.positions == 1  # one sequence, one sample
+    return out.agreement, out.flips
+
+
+def test_greedy_decode_collapses_repeats_then_drops_the_blank():
+    np.testing.assert_array_equal(greedy_decode(np.array([0, 1, 1, 0, 1, 2, 2, 0]), 0), [1, 1, 2])
+    np.testing.assert_array_equal(greedy_decode(np.array([3, 3, 3]), 3), np.zeros(0))
+
+
+def test_a_sequence_is_judged_by_its_reading_not_its_positions():
+    """A character's edge moving into the blank keeps the reading; a changed character does not."""
+    ref = _ctc_path([0, 1, 1, 0, 0, 2, 0, 0])
+    edge = _ctc_path([0, 1, 0, 0, 0, 2, 2, 0])  # two positions differ, the reading "1 2" is the same
+    assert _reading(ref, edge) == (1.0, 0)
+    changed = _ctc_path([0, 1, 1, 0, 0, 3, 0, 0])  # one position differs: "1 3"
+    assert _reading(ref, changed) == (0.0, 1)
+    split = _ctc_path([0, 1, 0, 1, 0, 2, 0, 0])  # a blank inside a run: "1 1 2"
+    assert _reading(ref, split) == (0.0, 1)
+
+
+def test_a_sequence_near_flip_counts_only_where_it_would_change_the_reading():
+    """Under the estimate (data not unseen), a position that nearly flips counts when its rival
+    class would change the reading: not at a character's edge toward the blank, yes at its centre."""
+    ref = _ctc_path([0, 1, 1, 0, 2, 0])
+    edge = ref.copy()
+    edge[2, 0] += 3.8  # the blank comes within 5% of the margin at the run's second position
+    assert _reading(ref, edge, unseen=False) == (1.0, 0)
+    centre = ref.copy()
+    centre[4, 0] += 3.8  # the same toward the blank at the only position of "2"
+    assert _reading(ref, centre, unseen=False) == (1.0, 1)
+    assert _reading(ref, centre, unseen=True) == (1.0, 0)  # unseen data: plain agreement
+
+
+def test_sequence_agreement_against_the_per_sample_reading(rng):
+    """Batches of random paths: the sums count the samples whose readings differ."""
+    paths = rng.choice(4, p=[0.7, 0.1, 0.1, 0.1], size=(12, 20))
+    ref = np.stack([_ctc_path(list(p), classes=4) for p in paths])
+    moved = paths.copy()
+    moved[::3, 5] = (moved[::3, 5] + 1) % 4  # every third sample: one position changed
+    cand = np.stack([_ctc_path(list(p), classes=4) for p in moved])
+    agree, kept = sequence_agreement(ref, cand, 1.0)
+    expected = [
+        np.array_equal(greedy_decode(a, 0), greedy_decode(b, 0)) for a, b in zip(paths, moved, strict=True)
+    ]
+    np.testing.assert_array_equal(agree, expected)
+    np.testing.assert_array_equal(kept, agree)  # scale 1: near flips are plain flips
+    assert not all(expected)
 
 
 def test_a_near_zero_map_is_judged_on_its_own_scale(rng):

@@ -123,7 +123,7 @@ def test_every_output_is_judged_by_its_own_rule():
         "chars", 0.3, 1.0, False, kind="sequence", agreement=0.98, estimate=0.98, flips=2, positions=100
     )
     assert guard_problems(fidelity(classes(1.0), sequence), 0.99, 0.05, z=0.0) == [
-        "output chars: per-position agreement 0.9800 < 0.99"
+        "output chars: sequence agreement 0.9800 < 0.99"
     ]
 
 
