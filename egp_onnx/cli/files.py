@@ -12,6 +12,7 @@ nothing is committed; with ``force`` the targets are replaced.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import logging
 import mmap
@@ -38,6 +39,10 @@ from egp_onnx.load.model import (
 )
 
 log = logging.getLogger(__name__)
+
+#: The targets the current run has committed (set by cli/run.py): an interrupt that lands after a
+#: commit must not say that nothing was written.
+committed: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("committed", default=None)
 
 PathLike = str | os.PathLike[str]
 
@@ -332,6 +337,9 @@ class OutputWriter:
             _remove(created)
             raise
         targets = [t for _, t in self._staged]
+        written = committed.get()
+        if written is not None:
+            written.extend(targets)
         self._staged = []
         self.discard()
         return targets

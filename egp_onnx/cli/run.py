@@ -11,10 +11,12 @@ import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
 
+from egp_onnx.cli.files import committed
 from egp_onnx.errors import INTERNAL_ERROR_EXIT, EgpError, one_line
 
 
@@ -64,8 +66,11 @@ def run(action: Callable[[], None], quiet: bool = False) -> None:
     EgpError: its exit code (2, or 1 for a failed guard); an interrupt (SIGINT): 130; SIGTERM:
     143 (128 + 15, as a shell reports a process the signal ended); anything else is a defect of
     egp-onnx: exit code 3. `egp-onnx --debug` prints the trace as well. An interrupt or a
-    termination unwinds like an error, so staged outputs are removed and nothing is written.
+    termination unwinds like an error, so staged outputs are removed and nothing is written; one
+    that lands after the outputs were committed (while the summary prints) names them instead.
     """
+    written: list[Path] = []
+    token = committed.set(written)
     try:
         with warnings.catch_warnings(), _quiet(quiet), _terminate_as_interrupt():
             warnings.showwarning = _log_warning
@@ -76,10 +81,10 @@ def run(action: Callable[[], None], quiet: bool = False) -> None:
         click.echo(f"egp-onnx: {exc.label}: {one_line(exc, limit=2000)}", err=True)
         sys.exit(exc.exit_code)
     except Terminated:
-        click.echo("egp-onnx: terminated; nothing was written", err=True)
+        click.echo(f"egp-onnx: terminated; {_what_was_written(written)}", err=True)
         sys.exit(TERMINATED_EXIT)
     except KeyboardInterrupt:
-        click.echo("egp-onnx: interrupted; nothing was written", err=True)
+        click.echo(f"egp-onnx: interrupted; {_what_was_written(written)}", err=True)
         sys.exit(130)
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -96,6 +101,15 @@ def run(action: Callable[[], None], quiet: bool = False) -> None:
             err=True,
         )
         sys.exit(INTERNAL_ERROR_EXIT)
+    finally:
+        committed.reset(token)
+
+
+def _what_was_written(written: list[Path]) -> str:
+    """The end of an interrupt's line: nothing was written, or what was, in full."""
+    if not written:
+        return "nothing was written"
+    return "the outputs were already written: " + ", ".join(str(p) for p in written)
 
 
 #: The exit code of a run ended by SIGTERM.

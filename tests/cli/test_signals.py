@@ -5,18 +5,20 @@ finetune callback that calls sys.exit() is an error, not a finished run.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import onnx
 import pytest
 from cli_checks import cli, compress_args, digests, one_line_error
 from conftest import ROOT
 from models import toy_files
 
-from egp_onnx.cli import files
+from egp_onnx.cli import commands, files
 from egp_onnx.cli.main import main
 
 
@@ -48,6 +50,31 @@ def test_a_signal_while_outputs_are_staged_leaves_nothing(
     assert sorted(os.listdir(tmp_path)) == sorted(before)  # no output, no temporary
     assert digests(tmp_path) == before
     assert signal.getsignal(signal.SIGTERM) == handler  # the run's handler lasts only while it runs
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_a_signal_after_the_commit_names_what_was_written(
+    runner, tmp_path, rng, monkeypatch, sig, code, word
+):
+    """Past the commit the outputs are in place: the line says so instead of "nothing was written"."""
+    model, calib = toy_files(tmp_path, rng)
+    summary = commands.compression_summary
+
+    def signalled(*args, **kwargs):
+        signal.raise_signal(sig)  # while the summary is being printed, after every output is committed
+        return summary(*args, **kwargs)
+
+    monkeypatch.setattr(commands, "compression_summary", signalled)
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    args = compress_args(model, calib, out, "--sparsity", "0", "--no-latency")
+    result = runner.invoke(main, [*args, "--report", str(report)])
+    line = one_line_error(result, code)
+    assert line == f"egp-onnx: {word}; the outputs were already written: {out}, {report}"
+    onnx.checker.check_model(onnx.load(out))
+    assert json.loads(report.read_text())["model"]["sparsity"] == 0.0  # the whole report, as committed
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def _dead_pid() -> int:
