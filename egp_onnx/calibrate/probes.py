@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 from egp_onnx.graph.ops import ACTIVATIONS
 from egp_onnx.graph.rectifiers import RectifierSite
 from egp_onnx.graph.walk import graph_names, subgraphs
+from egp_onnx.graph.weights import drop_unread
 
 #: float32's largest value: HardSigmoid's slope in the fast probe (any positive normal float -> 1)
 _BIG = float(np.finfo(np.float32).max)
@@ -260,11 +261,4 @@ def _drop_unused_nodes(graph: onnx.GraphProto) -> None:
     kept = list(reversed(keep))
     del graph.node[:]
     graph.node.extend(kept)
-    dropped = {t.name for t in graph.initializer if t.name not in needed}
-    used_inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(used_inits)
-    # an input that named a dropped initializer (the IR < 4 habit) would become a required feed
-    inputs = [i for i in graph.input if i.name not in dropped]
-    del graph.input[:]
-    graph.input.extend(inputs)
+    drop_unread(graph)

@@ -346,16 +346,17 @@ def static_shapes(
     return shapes
 
 
-def drop_unread(graph: onnx.GraphProto, before: Collection[str]) -> None:
+def drop_unread(graph: onnx.GraphProto) -> None:
     """Remove the initializers of ``graph`` that no node reads (bodies included), in place.
 
-    ``before`` names the initializers the graph had when its nodes last changed: a graph input of
-    that name (IR < 4 lists initializers as inputs) goes with its initializer.
+    An initializer that is a graph output stays. A graph input named like a dropped initializer
+    (IR < 4 lists initializers as inputs) goes with it: it would become a required feed.
     """
-    read = {t for node in graph.node for t in reads(node)}
+    read = {t for node in graph.node for t in reads(node)} | {o.name for o in graph.output}
+    dropped = {t.name for t in graph.initializer if t.name not in read}
     kept = [t for t in graph.initializer if t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    inputs = [v for v in graph.input if v.name not in before or v.name in read]
+    inputs = [v for v in graph.input if v.name not in dropped]
     del graph.input[:]
     graph.input.extend(inputs)

@@ -113,7 +113,7 @@ def without_branch(model: onnx.ModelProto, branch: Branch, constant: np.ndarray)
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    drop_unread(graph, {t.name for t in model.graph.initializer})
+    drop_unread(graph)
     return _shapes_again(out)
 
 

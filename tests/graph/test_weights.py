@@ -161,6 +161,22 @@ def test_drop_unread_keeps_what_a_body_reads_and_drops_an_unread_initializer_wit
     ]
     inputs += [helper.make_tensor_value_info(n, f, [2]) for n in ("inner", "stale")]
     graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", f, [2])], inits)
-    drop_unread(graph, {"inner", "stale"})
+    drop_unread(graph)
     assert [t.name for t in graph.initializer] == ["inner"]
     assert [v.name for v in graph.input] == ["x", "cond", "inner"]
+
+
+def test_drop_unread_keeps_an_initializer_that_is_a_graph_output():
+    """y = Identity(x) and the constant c is the second output: no node reads c, yet it stays."""
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", f, [2])],
+        [helper.make_tensor_value_info(n, f, [2]) for n in ("y", "c")],
+        [numpy_helper.from_array(np.ones(2, np.float32), n) for n in ("c", "stale")],
+    )
+    drop_unread(graph)
+    assert [t.name for t in graph.initializer] == ["c"]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
