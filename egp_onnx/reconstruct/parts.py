@@ -195,6 +195,9 @@ Request = tuple[Weights, "LinearLayer", list["LinearLayer"]]
 Answer = tuple[list[PartRows], "list[NormalEquations] | None"]
 #: A request of the dense model's activations (normal.dense_request): the tensors, those kept.
 DenseRequest = tuple[list[str], set[str]]
+#: What opens a group (:meth:`_Group._open`): the setup, the current and dense models' bytes (None:
+#: the same), the shared loaders, the group's parts and each part's first sample.
+Opening = tuple[_Setup, bytes, "bytes | None", Sequence[Loader], Sequence[DataPart], Sequence[int]]
 
 
 class _Group(Resident):
@@ -214,7 +217,7 @@ class _Group(Resident):
         parts: Sequence[DataPart],
         starts: Sequence[int],
     ) -> None:
-        self.opening: tuple[Any, ...] | None = (setup, current, dense, loaders, parts, starts)
+        self.opening: Opening | None = (setup, current, dense, loaders, parts, starts)
         self.now: Activations | None = None
         self.then: Activations | None = None
         self.values: Weights = {}
@@ -241,7 +244,7 @@ class _Group(Resident):
         if self.opening is not None:
             if replay is None:
                 return None
-            self._open(*self.opening)
+            self._open(self.opening)
             self.opening = None
             for earlier, done, after in replay:
                 self.values.update(earlier)
@@ -306,16 +309,9 @@ class _Group(Resident):
         if ahead != request:  # the client's plan of the layers to come and its requests disagree
             raise RuntimeError(f"refit: the dense tensors run ahead were {ahead[0]}, not {request[0]}")
 
-    def _open(
-        self,
-        setup: _Setup,
-        current: bytes,
-        dense: bytes | None,
-        loaders: Sequence[Loader],
-        parts: Sequence[DataPart],
-        starts: Sequence[int],
-    ) -> None:
+    def _open(self, opening: Opening) -> None:
         """The group's activations from the step's models, its parts' batches read from the shared data."""
+        setup, current, dense, loaders, parts, starts = opening
         ours, values = split_weights(onnx.load_from_string(current), always=setup.changing)
         original = dict(values)
         values.update(setup.initial)
