@@ -304,8 +304,9 @@ def _empty_branches(
     """
     current, number = dense, 0
     tried: set[str] = set()
+    savings: dict[Branch, int] = {}
     while number < MAX_CHANNEL_STEPS:
-        options = _branch_options(current, tried, input_shapes)
+        options = _branch_options(current, tried, input_shapes, savings)
         if not options:
             break
         saved, branch = options[0]
@@ -346,16 +347,26 @@ def _empty_branches(
 
 
 def _branch_options(
-    current: onnx.ModelProto, tried: set[str], input_shapes: Mapping[str, tuple[int, ...]]
+    current: onnx.ModelProto,
+    tried: set[str],
+    input_shapes: Mapping[str, tuple[int, ...]],
+    savings: dict[Branch, int],
 ) -> list[tuple[int, Branch]]:
-    """Per residual Add not tried yet, its operand whose removal saves the most MACs; most first."""
-    macs_now = _macs(current, input_shapes)
+    """Per residual Add not tried yet, its operand whose removal saves the most MACs; most first.
+
+    ``savings`` keeps what each branch saved when first measured: the same nodes cost the same
+    MACs whatever else went, and each measure is a copy of the model without the branch.
+    """
+    branches = [branch for branch in residual_branches(current) if branch.add not in tried]
+    new = [branch for branch in branches if branch not in savings]
+    if new:
+        macs_now = _macs(current, input_shapes)
+        for branch in new:
+            macs = _macs(without_branch(current, branch, np.zeros(branch.channels)), input_shapes)
+            savings[branch] = len(branch.layers) if macs is None or macs_now is None else macs_now - macs
     best: dict[str, tuple[int, Branch]] = {}
-    for branch in residual_branches(current):
-        if branch.add in tried:
-            continue
-        macs = _macs(without_branch(current, branch, np.zeros(branch.channels)), input_shapes)
-        saved = (macs_now - macs) if macs is not None and macs_now is not None else len(branch.layers)
+    for branch in branches:
+        saved = savings[branch]
         if saved > 0 and (branch.add not in best or saved > best[branch.add][0]):
             best[branch.add] = (saved, branch)
     return sorted(best.values(), key=lambda option: -option[0])
