@@ -176,13 +176,7 @@ def remove_channels(
                 )
                 stop = "no step lowers the MACs"
                 break
-            fidelity, problems = guard(candidate) if guard is not None else (None, [])
-            if guard is not None and not problems:
-                # a channel step costs a calibration pass and a refit: its shipped form (INT8) is
-                # judged on every candidate that passes in float, so the stage ends on one that ships
-                problems = guard.shipped_problems(candidate)
-            agreement = fidelity.top1_agreement if fidelity else None
-            error = fidelity.rel_error if fidelity else None
+            problems, agreement, error = _judged(guard, candidate) if guard is not None else ([], None, None)
         if problems and guarded:
             if signature not in rejected:
                 steps.append(
@@ -323,11 +317,7 @@ def _empty_branches(
         kept = _kept_outputs(groups, {**alive, **gone})
         candidate, _ = refit_consumers(dense, cut, data, settings.batch_size, after, kept, settings.seed)
         macs = _macs(candidate, input_shapes)
-        fidelity, problems = guard(candidate)
-        if not problems:
-            problems = guard.shipped_problems(candidate)
-        agreement = fidelity.top1_agreement if fidelity else None
-        error = fidelity.rel_error if fidelity else None
+        problems, agreement, error = _judged(guard, candidate)
         removed = sum(alive[g.producer].size for g in inside)
         steps.append(
             ChannelStepRecord(
@@ -344,6 +334,20 @@ def _empty_branches(
         emptied.append(branch.add)
         current, macs_now = candidate, macs
     return current, macs_now, number
+
+
+def _judged(guard: Guard, candidate: onnx.ModelProto) -> tuple[list[str], float | None, float | None]:
+    """The guard's problems with ``candidate``, then its top-1 agreement and relative error.
+
+    A channel step or a branch costs a calibration pass and a refit: its shipped form (INT8) is
+    judged on every candidate that passes in float, so the stage ends on one that ships.
+    """
+    fidelity, problems = guard(candidate)
+    if not problems:
+        problems = guard.shipped_problems(candidate)
+    if fidelity is None:
+        return problems, None, None
+    return problems, fidelity.top1_agreement, fidelity.rel_error
 
 
 def _branch_options(
