@@ -230,13 +230,7 @@ def compress(work: Path, models: list[str], egp_args: dict[str, list[str]]) -> N
             sys.executable, "-m", "egp_onnx", "compress", str(sources[m]), "--calib", str(work / "calib" / m),
             "-o", str(target), "--report", str(report), "--force", *egp_args.get(m, []),
         ]  # fmt: skip
-        start = time.perf_counter()
-        with open(out / f"{m}.log", "w") as log:
-            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(child.pid, 0)
-        seconds = time.perf_counter() - start
-        code = os.waitstatus_to_exitcode(status)
-        peak = usage.ru_maxrss / 2**20  # KiB -> GiB
+        code, seconds, peak = _compress_child(command, out / f"{m}.log")
         summary = ""
         if report.exists() and code == 0:
             data = json.loads(report.read_text())
@@ -295,13 +289,9 @@ def sweep(
             "-o", str(target), "--report", str(report), "--force", *([] if guarded else ["--no-guard"]),
             "--sparsity", str(sparsity), "--no-latency", *egp_args,
         ]  # fmt: skip
-        start = time.perf_counter()
-        with open(out / f"{stem}.log", "w") as log:
-            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(child.pid, 0)
-        seconds, peak = time.perf_counter() - start, usage.ru_maxrss / 2**20
-        if os.waitstatus_to_exitcode(status) != 0:
-            print(f"{sparsity:8.3f}  exit {os.waitstatus_to_exitcode(status)}, see {log.name}")
+        code, seconds, peak = _compress_child(command, out / f"{stem}.log")
+        if code != 0:
+            print(f"{sparsity:8.3f}  exit {code}, see {out / f'{stem}.log'}")
             continue
         data = json.loads(report.read_text())
         fid = data["fidelity"]["outputs"][0]
@@ -486,7 +476,7 @@ CEILING_CONFIGS = {
 
 
 def _compress_child(command: list[str], log_path: Path) -> tuple[int, float, float]:
-    """Run one compress command; its exit code, wall seconds and peak resident GB (``wait4``)."""
+    """Run one compress command; its exit code, wall seconds and peak resident GB (``wait4``: KiB)."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
