@@ -43,7 +43,7 @@ import egp_onnx
 from egp_onnx.load.calibration import open_calibration, split_holdout
 from egp_onnx.load.model import load_model
 from egp_onnx.report.render import format_table
-from egp_onnx.verify.fidelity import scaled_flips
+from egp_onnx.verify.fidelity import MARGIN_SCALE, scaled_flips
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 SETS = {  # model, calibration (the default command's --calib), unseen test set, input name
@@ -126,7 +126,7 @@ def candidates(dense, small, x: np.ndarray, y: np.ndarray, name: str, rng) -> di
     for key, (pd, ps) in perturbed.items():
         row[key] = float((pd.argmax(1) == ps.argmax(1)).mean())
     for key, (pd, ps) in perturbed.items():  # the guard's count on the perturbed inputs
-        row[f"{key}m"] = 1 - float(scaled_flips(pd, ps, MARGINS[0]).mean())
+        row[f"{key}m"] = 1 - float(scaled_flips(pd, ps, MARGIN_SCALE).mean())
     for low in SOFT:
         row[f"soft{low}"] = soft_estimate(zd.astype(np.float64), zs.astype(np.float64), low)
     row["kl"] = kl(zd, zs)
