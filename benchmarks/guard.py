@@ -48,6 +48,7 @@ from egp_onnx.verify.fidelity import MARGIN_SCALE, scaled_flips
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 SETS = {  # model, calibration (the default command's --calib), unseen test set, input name
     "digits": ("digits_resnet.onnx", "digits_calib.npz", "digits_test.npz", "input"),
+    "digits_train": ("digits_resnet.onnx", "digits_train.npz", "digits_test.npz", "input"),
     "mnist": ("mnist_resnet.onnx", "mnist_calib.npz", "mnist_test.npz", "image"),
     "fashion": ("fashion_resnet.onnx", "fashion_calib.npz", "fashion_test.npz", "image"),
 }
