@@ -63,11 +63,18 @@ def main() -> None:
                 size = deflate_size(model)
                 accuracy, agreement = scores[name]
                 rows.append(
-                    [name, f"{size / 1e3:.1f}", f"{reference / size:.2f}", f"{accuracy:.4f}",
-                     f"{100 * (accuracy - scores['dense'][0]):+.2f}", f"{agreement:.4f}"]
+                    [
+                        name,
+                        f"{size / 1e3:.1f}",
+                        f"{reference / size:.2f}",
+                        f"{accuracy:.4f}",
+                        f"{100 * (accuracy - scores['dense'][0]):+.2f}",
+                        f"{agreement:.4f}",
+                    ]
                 )
             print(f"\n{case.name}: INT8 alone deflates to {reference / 1e3:.1f} kB; select {args.select}")
-            print(format_table(["variant", "deflate kB", "x smaller than INT8 alone", "unseen acc", "pt", "agreement"], rows))
+            headers = ["variant", "deflate kB", "x smaller than INT8 alone", "unseen acc", "pt", "agreement"]
+            print(format_table(headers, rows))
 
 
 if __name__ == "__main__":
