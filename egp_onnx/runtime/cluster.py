@@ -102,11 +102,13 @@ async def _lost(exc: BaseException) -> BaseException:
 class Cluster:
     """A connected Dask client: shares objects with the workers and maps tasks over them."""
 
-    def __init__(self, client: Any, threads: int) -> None:
+    def __init__(self, client: Any, threads: int, in_loop: bool = False) -> None:
         self.client = client
         #: onnxruntime threads per task: a local cluster's workers share this machine's cores;
         #: a remote worker uses its own machine's (0: onnxruntime's default, one per core).
         self.threads = threads
+        #: Whether a resident's methods run on its worker's event loop (see :meth:`ask`).
+        self.in_loop = in_loop
         self._shared: dict[int, tuple[Any, Any]] = {}
         self._model: tuple[Any, str, Any] | None = None  # the last model shared (share_model)
 
@@ -212,8 +214,15 @@ class Cluster:
         milliseconds where a task takes 10-20 under load), and the client waits for all of them
         at once; an object runs one call at a time. None for a call whose worker was lost, and
         its object with it (place another). An error a method raises is raised here, as it is.
+
+        With :attr:`in_loop` (local worker processes), a call runs on its worker's event loop
+        rather than being handed to the worker's actor thread and its answer handed back: with
+        the cores busy, each hand-off waits for the thread to be scheduled. A worker runs one
+        call at a time either way, and its loop has nothing else to do meanwhile.
         """
         import asyncio
+
+        where = {"separate_thread": False} if self.in_loop else {}
 
         async def answers() -> list[Any]:
             pending = []
@@ -221,7 +230,7 @@ class Cluster:
                 try:
                     if handle.actor is None:
                         handle.actor = await handle.future
-                    pending.append(handle.actor.answer(method, *args))
+                    pending.append(handle.actor.answer(method, *args, **where))
                 except (OSError, RuntimeError) as exc:  # Dask: "Worker holding Actor was lost"
                     pending.append(_lost(exc))
             return await asyncio.gather(*pending, return_exceptions=True)
@@ -295,13 +304,14 @@ def _connected(
         # answers do not pass through the scheduler's process on their way).
         client = distributed.Client(local, direct_to_workers=True)
         threads = max(1, cores() // count)
+        in_loop = processes  # thread workers share this process's event loop: one at a time on it
     else:
         try:
             client = distributed.Client(spec, timeout=CONNECT_TIMEOUT)
         except (OSError, TimeoutError, ValueError) as exc:
             raise ConfigError(f"--scheduler {spec}: no Dask scheduler reachable ({one_line(exc)})") from exc
-        threads = 0
-    cluster = Cluster(client, threads)
+        threads, in_loop = 0, False  # a remote worker's long calls would stall its heartbeats
+    cluster = Cluster(client, threads, in_loop)
     try:
         try:
             client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
