@@ -92,6 +92,7 @@ class Placed:
     def __init__(self, future: Any) -> None:
         self.future = future
         self.actor: Any = None  # the Dask actor, once built
+        self.answered = False  # whether a call has been answered (the first may open the object)
 
 
 async def _lost(exc: BaseException) -> BaseException:
@@ -218,15 +219,16 @@ class Cluster:
         With :attr:`in_loop` (local worker processes), a call runs on its worker's event loop
         rather than being handed to the worker's actor thread and its answer handed back: with
         the cores busy, each hand-off waits for the thread to be scheduled. A worker runs one
-        call at a time either way, and its loop has nothing else to do meanwhile.
+        call at a time either way, and its loop has nothing else to do meanwhile. An object's
+        first call still runs on the thread: it may open the object (load its data, replay
+        earlier requests), long enough for the worker's heartbeats to need the loop.
         """
         import asyncio
-
-        where = {"separate_thread": False} if self.in_loop else {}
 
         async def answers() -> list[Any]:
             pending = []
             for handle, method, args in calls:
+                where = {"separate_thread": False} if self.in_loop and handle.answered else {}
                 try:
                     if handle.actor is None:
                         handle.actor = await handle.future
@@ -236,12 +238,13 @@ class Cluster:
             return await asyncio.gather(*pending, return_exceptions=True)
 
         results: list[Any] = []
-        for answer in self.client.sync(answers):
+        for (handle, _, _), answer in zip(calls, self.client.sync(answers), strict=True):
             if isinstance(answer, OSError):  # the worker did not answer: lost
                 results.append(None)
             elif isinstance(answer, BaseException):
                 raise answer
             else:
+                handle.answered = True
                 done, value = answer
                 if not done:
                     raise value  # the exception the method raised
