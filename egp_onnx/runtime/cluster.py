@@ -92,6 +92,7 @@ class Placed:
     def __init__(self, future: Any) -> None:
         self.future = future
         self.actor: Any = None  # the Dask actor, once built
+        self.answered = False  # whether a call has been answered (the first may open the object)
 
 
 async def _lost(exc: BaseException) -> BaseException:
@@ -102,11 +103,13 @@ async def _lost(exc: BaseException) -> BaseException:
 class Cluster:
     """A connected Dask client: shares objects with the workers and maps tasks over them."""
 
-    def __init__(self, client: Any, threads: int) -> None:
+    def __init__(self, client: Any, threads: int, in_loop: bool = False) -> None:
         self.client = client
         #: onnxruntime threads per task: a local cluster's workers share this machine's cores;
         #: a remote worker uses its own machine's (0: onnxruntime's default, one per core).
         self.threads = threads
+        #: Whether a resident's methods run on its worker's event loop (see :meth:`ask`).
+        self.in_loop = in_loop
         self._shared: dict[int, tuple[Any, Any]] = {}
         self._model: tuple[Any, str, Any] | None = None  # the last model shared (share_model)
 
@@ -212,27 +215,36 @@ class Cluster:
         milliseconds where a task takes 10-20 under load), and the client waits for all of them
         at once; an object runs one call at a time. None for a call whose worker was lost, and
         its object with it (place another). An error a method raises is raised here, as it is.
+
+        With :attr:`in_loop` (local worker processes), a call runs on its worker's event loop
+        rather than being handed to the worker's actor thread and its answer handed back: with
+        the cores busy, each hand-off waits for the thread to be scheduled. A worker runs one
+        call at a time either way, and its loop has nothing else to do meanwhile. An object's
+        first call still runs on the thread: it may open the object (load its data, replay
+        earlier requests), long enough for the worker's heartbeats to need the loop.
         """
         import asyncio
 
         async def answers() -> list[Any]:
             pending = []
             for handle, method, args in calls:
+                where = {"separate_thread": False} if self.in_loop and handle.answered else {}
                 try:
                     if handle.actor is None:
                         handle.actor = await handle.future
-                    pending.append(handle.actor.answer(method, *args))
+                    pending.append(handle.actor.answer(method, *args, **where))
                 except (OSError, RuntimeError) as exc:  # Dask: "Worker holding Actor was lost"
                     pending.append(_lost(exc))
             return await asyncio.gather(*pending, return_exceptions=True)
 
         results: list[Any] = []
-        for answer in self.client.sync(answers):
+        for (handle, _, _), answer in zip(calls, self.client.sync(answers), strict=True):
             if isinstance(answer, OSError):  # the worker did not answer: lost
                 results.append(None)
             elif isinstance(answer, BaseException):
                 raise answer
             else:
+                handle.answered = True
                 done, value = answer
                 if not done:
                     raise value  # the exception the method raised
@@ -295,13 +307,14 @@ def _connected(
         # answers do not pass through the scheduler's process on their way).
         client = distributed.Client(local, direct_to_workers=True)
         threads = max(1, cores() // count)
+        in_loop = processes  # thread workers share this process's event loop: one at a time on it
     else:
         try:
             client = distributed.Client(spec, timeout=CONNECT_TIMEOUT)
         except (OSError, TimeoutError, ValueError) as exc:
             raise ConfigError(f"--scheduler {spec}: no Dask scheduler reachable ({one_line(exc)})") from exc
-        threads = 0
-    cluster = Cluster(client, threads)
+        threads, in_loop = 0, False  # a remote worker's long calls would stall its heartbeats
+    cluster = Cluster(client, threads, in_loop)
     try:
         try:
             client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
