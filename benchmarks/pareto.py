@@ -22,7 +22,8 @@ as they have no class to keep):
 - --channels, --channels --quantize int8: when ``Settings`` has a ``channels`` field (channel
   removal, another branch); else the rows say "n/a (--channels not available)".
 
-Run: nice -n 10 python benchmarks/pareto.py [--budget 3] [--models mnist,digits,fashion,fashion_wide,resnet,mobilenet]
+Run: nice -n 10 python benchmarks/pareto.py [--budget 3]
+     [--models mnist,digits,fashion,fashion_wide,resnet,mobilenet]
 """
 
 from __future__ import annotations

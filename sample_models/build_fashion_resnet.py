@@ -171,7 +171,12 @@ def main() -> None:
     parser.add_argument("--test-count", type=int, default=5000, help="test images to ship (default 5000)")
     parser.add_argument("--data-only", action="store_true", help="write the data files, keep the model")
     parser.add_argument(
-        "--widths", type=int, nargs=3, default=WIDTHS, metavar="W", help="the three stages' channels (default 16 32 64)"
+        "--widths",
+        type=int,
+        nargs=3,
+        default=WIDTHS,
+        metavar="W",
+        help="the stages' channels (default 16 32 64)",
     )
     parser.add_argument("--hidden", type=int, default=64, help="the head's hidden Gemm width (default 64)")
     parser.add_argument("--name", default="fashion_resnet", help="the model's file name without .onnx")
