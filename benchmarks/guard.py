@@ -1,6 +1,6 @@
 """Which guard statistic predicts unseen agreement: candidates on the held-out split vs the test set.
 
-For each sample (digits, MNIST, Fashion-MNIST: each has calibration data cut from its training
+For each sample (digits, MNIST, Fashion-MNIST at two widths: each has calibration data cut from its training
 set and an unseen test split never used for fitting or the guard), the model is compressed with the
 default command's options and the guard off at a sweep of sparsities. The compressed model is
 then measured against the dense one on the automatic held-out split of the calibration data
@@ -25,7 +25,7 @@ estimate its report states. ``--strict``: MNIST and Fashion-MNIST (``--sample``)
 1000 test images as --eval --eval-unseen and --min-agreement 0.995, scored on the other test
 images (the step search's convergence). ``--trajectory "k=v;k=v/..."``: every candidate that guarded runs
 with those options judge, measured as above.
-Run: python benchmarks/guard.py [--sample digits|mnist|fashion|all] [--sparsities 0.5,0.6,...]
+Run: python benchmarks/guard.py [--sample digits|mnist|fashion|fashion_wide|all] [--sparsities 0.5,0.6,...]
      [--default | --trajectory OPTIONS] [--options "k=v;k=v" (compress options of --default and the sweep)]
 """
 
@@ -51,6 +51,8 @@ SETS = {  # model, calibration (the default command's --calib), unseen test set,
     "digits_train": ("digits_resnet.onnx", "digits_train.npz", "digits_test.npz", "input"),
     "mnist": ("mnist_resnet.onnx", "mnist_calib.npz", "mnist_test.npz", "image"),
     "fashion": ("fashion_resnet.onnx", "fashion_calib.npz", "fashion_test.npz", "image"),
+    # the same data, the network at twice the width (22.5 M MACs, toward the issues' 45 M)
+    "fashion_wide": ("fashion_wide_resnet.onnx", "fashion_calib.npz", "fashion_test.npz", "image"),
 }
 STRICT = ("mnist", "fashion")  # the samples with more than 1000 test images
 NOISE = (0.1, 0.25, 0.5)

@@ -22,7 +22,8 @@ as they have no class to keep):
 - --channels, --channels --quantize int8: when ``Settings`` has a ``channels`` field (channel
   removal, another branch); else the rows say "n/a (--channels not available)".
 
-Run: nice -n 10 python benchmarks/pareto.py [--budget 3] [--models mnist,digits,resnet,mobilenet]
+Run: nice -n 10 python benchmarks/pareto.py [--budget 3]
+     [--models mnist,digits,fashion,fashion_wide,resnet,mobilenet]
 """
 
 from __future__ import annotations
@@ -82,15 +83,20 @@ def cases(folder: Path, names: list[str]) -> list[Case]:
     from models import mobilenet, resnet
 
     out = []
-    samples = (("mnist", "mnist", "image"), ("digits", "digits", "input"), ("fashion", "fashion", "image"))
-    for name, stem, key in samples:
+    samples = (  # name, model file, the data files' stem, input name
+        ("mnist", "mnist_resnet", "mnist", "image"),
+        ("digits", "digits_resnet", "digits", "input"),
+        ("fashion", "fashion_resnet", "fashion", "image"),
+        ("fashion_wide", "fashion_wide_resnet", "fashion", "image"),
+    )
+    for name, model_file, stem, key in samples:
         if name not in names:
             continue
         test = np.load(SAMPLES / f"{stem}_test.npz")
         out.append(
             Case(
                 name,
-                onnx.load(str(SAMPLES / f"{stem}_resnet.onnx")),
+                onnx.load(str(SAMPLES / f"{model_file}.onnx")),
                 SAMPLES / f"{stem}_calib.npz",
                 key,
                 tuple(test[key].shape[1:]),

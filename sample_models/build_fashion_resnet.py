@@ -13,7 +13,9 @@ Normalisation: every file and the model input hold float32 images (N,1,28,28) no
 
 Network: the MNIST sample's (sample_models/mnist_torch.py:MnistResNet; 3 stages of 2 basic
 blocks, 16/32/64 channels, 1x1 stride-2 projection shortcuts, a Gemm -> Relu -> Gemm head), a
-residual CNN of 6 basic blocks and 10 classes.
+residual CNN of 6 basic blocks and 10 classes. `--widths 32 64 128 --hidden 128 --name
+fashion_wide_resnet` builds the wide sample (the same network at twice the width, ~4x the MACs)
+from the same data files.
 
 Trained with torch==2.13.0 on the CPU (seeded, one thread unless --threads), 4 epochs of AdamW
 with a one-cycle schedule, batch 128, random horizontal flips, then exported with the TorchScript
@@ -21,13 +23,16 @@ exporter (dynamo=False) with constant folding off, so that the BatchNormalizatio
 graph, and a dynamic batch axis.
 
 Writes:
-- fashion_resnet.onnx: input "image" (N,1,28,28) float32, output "logits" (N,10);
+- fashion_resnet.onnx (or NAME.onnx with --name): input "image" (N,1,28,28) float32, output
+  "logits" (N,10);
 - fashion_calib.npz: 1000 training images ("image") and their "labels";
 - fashion_test.npz: 5000 of the 10,000 test images with labels (--test-count; float32 images of
   clothing compress to ~0.64 MB a thousand, so not all are shipped).
 
 Needs: pip install torch==2.13.0, and apt-get to reach Debian's archive (unless --deb).
 Run: python sample_models/build_fashion_resnet.py            (trains; the README says how long)
+     python sample_models/build_fashion_resnet.py --widths 32 64 128 --hidden 128 \
+         --name fashion_wide_resnet --epochs N --threads 2       (the wide sample)
      python sample_models/build_fashion_resnet.py --data-only (data files only)
 """
 
@@ -46,7 +51,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from mnist_torch import MnistResNet
+from mnist_torch import WIDTHS, MnistResNet
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -165,6 +170,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, reproducible)")
     parser.add_argument("--test-count", type=int, default=5000, help="test images to ship (default 5000)")
     parser.add_argument("--data-only", action="store_true", help="write the data files, keep the model")
+    parser.add_argument(
+        "--widths",
+        type=int,
+        nargs=3,
+        default=WIDTHS,
+        metavar="W",
+        help="the stages' channels (default 16 32 64)",
+    )
+    parser.add_argument("--hidden", type=int, default=64, help="the head's hidden Gemm width (default 64)")
+    parser.add_argument("--name", default="fashion_resnet", help="the model's file name without .onnx")
     args = parser.parse_args()
     # One thread, as for the MNIST sample: a fixed kernel order reruns to the same weights, and on
     # 2 shared cores 2 threads spin on each other.
@@ -182,11 +197,15 @@ def main() -> None:
     np.savez_compressed(HERE / "fashion_calib.npz", **{INPUT: x_train[calib]}, labels=y_train[calib])
     np.savez_compressed(HERE / "fashion_test.npz", **{INPUT: x_test[shipped]}, labels=y_test[shipped])
 
-    path = HERE / "fashion_resnet.onnx"
+    path = HERE / f"{args.name}.onnx"
     if not args.data_only:
-        model = MnistResNet()
+        model = MnistResNet(tuple(args.widths), args.hidden)
         params = sum(p.numel() for p in model.parameters())
-        print(f"MnistResNet on Fashion-MNIST: {params} parameters; training {args.epochs} epochs", flush=True)
+        print(
+            f"MnistResNet{tuple(args.widths)}, hidden {args.hidden}, on Fashion-MNIST: {params} parameters; "
+            f"training {args.epochs} epochs",
+            flush=True,
+        )
         start = time.perf_counter()
         train(model, x_train, y_train, args.epochs)
         print(f"training took {time.perf_counter() - start:.0f} s", flush=True)

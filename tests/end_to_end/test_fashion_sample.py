@@ -1,7 +1,8 @@
-"""The Fashion-MNIST sample: shipped files consistent with the model, accuracy measured, analysable.
+"""The Fashion-MNIST samples: shipped files consistent with the models, accuracy measured, analysable.
 
-The sample (sample_models/build_fashion_resnet.py) is the MNIST sample's residual CNN trained on
-Fashion-MNIST (photos of clothing, from Debian's dataset-fashion-mnist):
+The samples (sample_models/build_fashion_resnet.py) are the MNIST sample's residual CNN trained on
+Fashion-MNIST (photos of clothing, from Debian's dataset-fashion-mnist), at its widths (16/32/64,
+fashion_resnet.onnx) and at twice them (32/64/128, fashion_wide_resnet.onnx), on the same data:
 
     image (N,1,28,28) -> stem Conv BN Relu -> 3 stages x 2 basic blocks (Conv BN Relu Conv BN
     (+ shortcut) Relu) -> GlobalAveragePool Flatten Gemm Relu Gemm -> logits (N,10)
@@ -19,14 +20,17 @@ from references import run_ort
 import egp_onnx
 
 MODEL = SAMPLES / "fashion_resnet.onnx"
+WIDE = SAMPLES / "fashion_wide_resnet.onnx"
+MODELS = pytest.mark.parametrize("path", [MODEL, WIDE], ids=["fashion", "fashion_wide"])
 CALIB = SAMPLES / "fashion_calib.npz"
 TEST = SAMPLES / "fashion_test.npz"
 MEAN, STD = 0.2860, 0.3530  # the normalisation the build script documents
 ACCURACY = 0.915  # measured 0.9200 on these 5000 (0.9177 on all 10,000)
 
 
-def test_fashion_model_is_valid_and_keeps_batchnorm():
-    model = onnx.load(str(MODEL))
+@MODELS
+def test_fashion_model_is_valid_and_keeps_batchnorm(path):
+    model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("Conv") == ops.count("BatchNormalization") == 16  # stem, 12 block convs, 3 shortcuts
@@ -55,6 +59,7 @@ def test_fashion_data_files_match_the_model_input(path):
 def test_fashion_shipped_files_stay_small_and_distinct():
     files = (MODEL, CALIB, TEST)
     assert sum(f.stat().st_size for f in files) < 6_000_000
+    assert WIDE.stat().st_size < 3_000_000  # the wide model reuses both data files
     calib, test = load_npz(CALIB)["image"], load_npz(TEST)["image"]
     assert len(calib) == 1000 and len(test) == 5000
     keys = {x.tobytes() for x in calib}
@@ -69,11 +74,33 @@ def test_fashion_onnx_accuracy_on_the_shipped_test_set():
     assert float((logits.argmax(1) == data["labels"]).mean()) >= ACCURACY
 
 
-def test_fashion_analyze_finds_the_prunable_layers():
-    model = onnx.load(str(MODEL))
-    report = egp_onnx.analyze(MODEL, CALIB, batch_size=500)
+@MODELS
+def test_fashion_analyze_finds_the_prunable_layers(path):
+    model = onnx.load(str(path))
+    report = egp_onnx.analyze(path, CALIB, batch_size=500)
     assert report.samples == 1000
     relus = [n.name for n in model.graph.node if n.op_type == "Relu"]
     assert [r.rectifier for r in report.layers] == relus
     assert all(r.prunable for r in report.layers)
     assert report.layers[-1].op_type == "Gemm"  # the head's hidden layer
+
+
+def test_the_wide_fashion_model_is_wider_and_compresses(tmp_path):
+    # one unguarded EGP step on 256 calibration images: the pipeline runs on the wide net, and what
+    # it writes still answers like the dense model on unseen test images
+    def conv_widths(path):
+        return [int(i.dims[0]) for i in onnx.load(str(path)).graph.initializer if len(i.dims) == 4]
+
+    small, wide = conv_widths(MODEL), conv_widths(WIDE)
+    assert len(wide) == len(small) == 16 and wide == [2 * w for w in small]
+    calib = load_npz(CALIB)
+    np.savez(tmp_path / "calib.npz", image=calib["image"][:256])
+    result = egp_onnx.compress(
+        WIDE, tmp_path / "calib.npz", sparsity=0.5, step=0.5, guard=False, sensitivity=False, latency=False
+    )
+    assert result.report.model.sparsity == pytest.approx(0.5, abs=0.02)
+    onnx.checker.check_model(result.model, full_check=True)
+    x = load_npz(TEST)["image"][:500]
+    (dense,) = run_ort(WIDE, {"image": x})
+    (pruned,) = run_ort(result.model, {"image": x})
+    assert float((dense.argmax(1) == pruned.argmax(1)).mean()) >= 0.9
