@@ -32,7 +32,7 @@ Writes:
 Needs: pip install torch==2.13.0, and apt-get to reach Debian's archive (unless --deb).
 Run: python sample_models/build_fashion_resnet.py            (trains; the README says how long)
      python sample_models/build_fashion_resnet.py --widths 32 64 128 --hidden 128 \
-         --name fashion_wide_resnet --epochs N --threads 2       (the wide sample)
+         --name fashion_wide_resnet --epochs 5    (the wide sample: 1111 s of training here)
      python sample_models/build_fashion_resnet.py --data-only (data files only)
 """
 
