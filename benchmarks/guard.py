@@ -32,6 +32,7 @@ Run: python benchmarks/guard.py [--sample digits|mnist|fashion|fashion_wide|all]
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -45,15 +46,10 @@ from egp_onnx.load.model import load_model
 from egp_onnx.report.render import format_table
 from egp_onnx.verify.fidelity import MARGIN_SCALE, scaled_flips
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
-SETS = {  # model, calibration (the default command's --calib), unseen test set, input name
-    "digits": ("digits_resnet.onnx", "digits_calib.npz", "digits_test.npz", "input"),
-    "digits_train": ("digits_resnet.onnx", "digits_train.npz", "digits_test.npz", "input"),
-    "mnist": ("mnist_resnet.onnx", "mnist_calib.npz", "mnist_test.npz", "image"),
-    "fashion": ("fashion_resnet.onnx", "fashion_calib.npz", "fashion_test.npz", "image"),
-    # the same data, the network at twice the width (22.5 M MACs, toward the issues' 45 M)
-    "fashion_wide": ("fashion_wide_resnet.onnx", "fashion_calib.npz", "fashion_test.npz", "image"),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from samples import SAMPLES, SETS  # noqa: E402
+
 STRICT = ("mnist", "fashion")  # the samples with more than 1000 test images
 NOISE = (0.1, 0.25, 0.5)
 MARGINS = (0.9, 0.7, 0.5)

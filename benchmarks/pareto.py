@@ -52,8 +52,9 @@ from egp_onnx.runtime.session import MEASURE, make_session
 from egp_onnx.verify.cost import deflate_size, model_cost
 
 HERE = Path(__file__).resolve().parent
-SAMPLES = HERE.parent / "sample_models"
 sys.path.insert(0, str(HERE))
+
+from samples import SAMPLES, SETS  # noqa: E402
 
 HAS_CHANNELS = "channels" in {f.name for f in dataclasses.fields(Settings)}
 VARIANTS = ("dense", "INT8 alone", "egp-onnx", "egp-onnx + INT8", "--channels", "--channels + INT8")
@@ -83,21 +84,16 @@ def cases(folder: Path, names: list[str]) -> list[Case]:
     from models import mobilenet, resnet
 
     out = []
-    samples = (  # name, model file, the data files' stem, input name
-        ("mnist", "mnist_resnet", "mnist", "image"),
-        ("digits", "digits_resnet", "digits", "input"),
-        ("fashion", "fashion_resnet", "fashion", "image"),
-        ("fashion_wide", "fashion_wide_resnet", "fashion", "image"),
-    )
-    for name, model_file, stem, key in samples:
+    for name in ("mnist", "digits", "fashion", "fashion_wide"):
         if name not in names:
             continue
-        test = np.load(SAMPLES / f"{stem}_test.npz")
+        model_file, calib_file, test_file, key = SETS[name]
+        test = np.load(SAMPLES / test_file)
         out.append(
             Case(
                 name,
-                onnx.load(str(SAMPLES / f"{model_file}.onnx")),
-                SAMPLES / f"{stem}_calib.npz",
+                onnx.load(str(SAMPLES / model_file)),
+                SAMPLES / calib_file,
                 key,
                 tuple(test[key].shape[1:]),
                 (test[key], test["labels"]),
