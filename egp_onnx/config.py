@@ -58,6 +58,7 @@ class Settings:
         layer_cap: largest sparsity of a layer that every path to the outputs needs.
         sensitivity: before the loop, measure on the held-out data how far each layer may be
             pruned alone, and cap it there (with a guard; :mod:`egp_onnx.verify.sensitivity`).
+            None: only when fewer than 1000 samples are held out (the report has what was done).
         latency: measure onnxruntime latency before and after.
         finetune: the finetune callback's name, when one is given (set by `compress`).
         channels: remove whole channels before pruning weights (api/channels.py): always-OFF
@@ -84,7 +85,7 @@ class Settings:
     reconstruct: bool = True
     select: str = "magnitude"
     layer_cap: float = 0.98
-    sensitivity: bool = True  # cap each layer where pruning it alone moves the held-out outputs
+    sensitivity: bool | None = None  # cap each layer where pruning it alone moves the held-out outputs
     latency: bool = True
     finetune: str | None = None  # the finetune callback's name, when one is given
     channels: bool = False  # --channels: remove whole channels first (api/channels.py)

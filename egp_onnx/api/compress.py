@@ -66,7 +66,7 @@ from egp_onnx.verify.guard import (
     surgery_failures,
 )
 from egp_onnx.verify.latency import common_feed, compare_latency, latency_feeds, one_sample, sample_shapes
-from egp_onnx.verify.sensitivity import layer_blame, sensitivity_caps
+from egp_onnx.verify.sensitivity import caps_wanted, layer_blame, sensitivity_caps
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ def _compress(
     proto, inputs = open_inputs(model, calib, eval_data, settings, options)
     base = _baseline(proto, inputs, stats, settings, progress, cluster)
     settings = default_thresholds(settings, base.reference)
+    settings = replace(settings, sensitivity=caps_wanted(settings.sensitivity, base.reference.samples))
     # with --quantize the stages judge their candidates quantized too, so INT8 keeps its share
     shipped = shipped_form(proto, inputs, base.reference, settings)
     # with no thresholds set (--no-guard) it only measures

@@ -183,10 +183,11 @@ PRUNE = OptionGroup(
             default=_SETTINGS.layer_cap,
             help="Largest sparsity of a layer that every path to the outputs goes through.",
         ),
-        _flag(
-            "--no-sensitivity",
-            help="Do not cap each layer where pruning it alone moves the held-out outputs (measured "
-            "before the loop, with a guard).",
+        click.option(
+            "--sensitivity/--no-sensitivity",
+            default=None,
+            help="Cap each layer where pruning it alone moves the held-out outputs (measured before "
+            "the loop, with a guard). Default: only with fewer than 1000 held-out samples.",
         ),
         _default(
             "--seed",
@@ -201,7 +202,7 @@ PRUNE = OptionGroup(
         "reconstruct": not params["no_reconstruct"],
         "select": params["select"],
         "layer_cap": params["layer_cap"],
-        "sensitivity": not params["no_sensitivity"],
+        "sensitivity": params["sensitivity"],
         "seed": params["seed"],
     },
 )
@@ -337,7 +338,7 @@ COMPRESS_HELP_ORDER = (
     "calib", "batch_size", "workers", "scheduler", "mean", "std", "output", "sparsity", "step", "method",
     "eval_path", "eval_unseen", "holdout", "min_agreement", "max_rel_error", "min_iou",
     "map_threshold", "no_guard", "no_reconstruct",
-    "select", "layer_cap", "no_sensitivity", "report_path", "seed", "stats_paths", "finetune_spec",
+    "select", "layer_cap", "sensitivity", "report_path", "seed", "stats_paths", "finetune_spec",
     "torch_model", "train_path", "epochs", "lr",
     "no_surgery", "channels", "merge_tolerance", "quantize", "no_latency", "plot_path", "external_data",
     "quiet", "force",

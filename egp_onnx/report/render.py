@@ -316,6 +316,8 @@ def _guard_line(report: CompressionReport) -> list[str]:
     text = f"guard       {rule} on {fid.samples} {fid.data} samples"
     if fid.samples < COARSE_GUARD:
         text += f" (coarse: fewer than {COARSE_GUARD} samples; give --eval or more data)"
+    if settings.sensitivity and settings.sparsity > 0:
+        text += "; each layer capped where pruning it alone moves these samples (--sensitivity)"
     if report.stop.reason == "guard":
         text += f"; stopped: {report.stop.detail}"
     return [text]

@@ -547,6 +547,11 @@ class Reference:
                 kinds[i] = MAP
         return kinds
 
+    @property
+    def samples(self) -> int:
+        """How many samples the reference holds."""
+        return sum(len(next(iter(feed.values()))) for feed, _, _ in self.batches)
+
     def head(self, samples: int, elements: int) -> Reference:
         """The same reference on its first samples, cut from its batches (nothing runs again).
 
