@@ -58,6 +58,13 @@ def test_each_option_sets_its_field():
 
 
 @pytest.mark.parametrize(
+    ("args", "sensitivity"), [([], None), (["--sensitivity"], True), (["--no-sensitivity"], False)]
+)
+def test_the_sensitivity_caps_are_automatic_unless_forced(args, sensitivity):
+    assert options.compress_settings(params(*args)).sensitivity is sensitivity
+
+
+@pytest.mark.parametrize(
     ("build", "args", "message"),
     [
         (options.compress_settings, ["--step", "0"], "--step must be in (0, 1], got 0.0"),
