@@ -15,6 +15,7 @@ from references import run_ort
 
 import egp_onnx
 from egp_onnx.config import Settings
+from egp_onnx.errors import FinetuneError
 from egp_onnx.report.render import compression_summary
 from egp_onnx.verify.cost import count_macs
 
@@ -259,3 +260,21 @@ def test_under_finetuning_a_branch_is_narrowed_not_emptied(rng, tmp_path):
     assert len(recorder.seen) == len(measured) > 0
     assert record.removed > 0 and recorder.seen[0]["c1.w"][0] < 8  # narrowed inside the branch
     assert result.report.fidelity.rel_error <= 0.05
+
+
+def test_a_failing_start_is_one_finetune_error(rng, tmp_path):
+    model = _faint_block(rng, 1.0)
+    np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(40, 3, 6, 6))))
+
+    class Broken:
+        def start(self, model):
+            raise RuntimeError("no such layer\nin the module")
+
+        def __call__(self, model, masks):
+            return model
+
+    with pytest.raises(
+        FinetuneError, match=r"^the finetune callback Broken's start\(\) failed: Runtime"
+    ) as info:
+        egp_onnx.compress(model, tmp_path / "calib.npz", channels=True, finetune=Broken(), latency=False)
+    assert "\n" not in str(info.value) and "no such layer" in str(info.value)
