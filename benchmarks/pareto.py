@@ -22,8 +22,17 @@ as they have no class to keep):
 - --channels, --channels --quantize int8: when ``Settings`` has a ``channels`` field (channel
   removal, another branch); else the rows say "n/a (--channels not available)".
 
+With ``--torch-model file.py:factory --train PATH [--epochs N --lr X]`` every compress run of the
+first sample in ``--models`` is finetuned (``ClassificationFinetune``, a fresh module from the
+factory per run) after each channel step and each weight step. The training images must not be
+the calibration file's (the guard's holdout is split from it): benchmarks/finetune_split.py makes
+such a file for MNIST. ``--only-channels`` times dense, INT8 alone and the two ``--channels``
+variants only.
+
 Run: nice -n 10 python benchmarks/pareto.py [--budget 3]
      [--models mnist,digits,fashion,fashion_wide,resnet,mobilenet]
+     [--torch-model sample_models/mnist_torch.py:factory --train mnist_finetune.npz --epochs 1
+      --lr 3e-4 --only-channels]
 """
 
 from __future__ import annotations
@@ -125,14 +134,36 @@ def int8_alone(case: Case, folder: Path) -> onnx.ModelProto:
     return onnx.load(output)
 
 
-def variants(case: Case, folder: Path) -> tuple[dict[str, onnx.ModelProto | str], dict[str, str]]:
+@dataclasses.dataclass(frozen=True)
+class Finetuning:
+    """--torch-model and its training options: a fresh callback per compress run."""
+
+    factory: str
+    train: Path
+    epochs: int
+    lr: float
+
+    def callback(self) -> object:
+        from egp_onnx.cli.plugins import load_attribute
+        from egp_onnx.integrations.torch import ClassificationFinetune
+
+        module = load_attribute(self.factory, "--torch-model")()
+        return ClassificationFinetune(module, self.train, epochs=self.epochs, lr=self.lr)
+
+
+def variants(
+    case: Case, folder: Path, finetuning: Finetuning | None = None, only_channels: bool = False
+) -> tuple[dict[str, onnx.ModelProto | str], dict[str, str]]:
     """The models of each variant (a string: why there is none), and notes from the reports."""
     models: dict[str, onnx.ModelProto | str] = {"dense": case.model}
     notes: dict[str, str] = {}
     began = time.perf_counter()
     models["INT8 alone"] = int8_alone(case, folder)
     notes["INT8 alone"] = f"{time.perf_counter() - began:.1f} s"
-    runs = {"egp-onnx": {}, "egp-onnx + INT8": {"quantize": "int8"}}
+    runs: dict[str, dict[str, object]] = {"egp-onnx": {}, "egp-onnx + INT8": {"quantize": "int8"}}
+    if only_channels:
+        runs = {}
+        models["egp-onnx"] = models["egp-onnx + INT8"] = "not run (--only-channels)"
     if HAS_CHANNELS:
         runs["--channels"] = {"channels": True}
         runs["--channels + INT8"] = {"channels": True, "quantize": "int8"}
@@ -140,6 +171,8 @@ def variants(case: Case, folder: Path) -> tuple[dict[str, onnx.ModelProto | str]
         models["--channels"] = models["--channels + INT8"] = "n/a (--channels not available)"
     for variant, options in runs.items():
         began = time.perf_counter()
+        if finetuning is not None:
+            options = {**options, "finetune": finetuning.callback()}
         try:
             result = egp_onnx.compress(case.model, case.calib, latency=False, **case.options, **options)
         except EgpError as exc:  # e.g. the guard refuses even the first step: nothing to time
@@ -150,6 +183,10 @@ def variants(case: Case, folder: Path) -> tuple[dict[str, onnx.ModelProto | str]
         m = r.model
         note = f"{time.perf_counter() - began:.1f} s; sparsity {m.sparsity:.3f}, depth {m.depth_before}->"
         note += f"{m.depth_after}, stop {r.stop.reason}"
+        if r.channels is not None:
+            ch = r.channels
+            accepted = sum(step.accepted for step in ch.steps)
+            note += f"; channels {ch.removed} removed, {accepted}/{len(ch.steps)} steps kept, stop {ch.stop}"
         if r.quantization is not None and not r.quantization.applied:
             note += f"; INT8 NOT APPLIED: {r.quantization.reason}"
         notes[variant] = note
@@ -200,7 +237,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of interleaved runs per cell")
     parser.add_argument("--models", default="mnist,digits,resnet,mobilenet")
+    parser.add_argument("--torch-model", help="file.py:factory: finetune the first model's runs")
+    parser.add_argument(
+        "--train", type=Path, help="training images for --torch-model (not the calibration's)"
+    )
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--only-channels", action="store_true", help="skip the egp-onnx variants")
     args = parser.parse_args()
+    if (args.torch_model is None) != (args.train is None):
+        parser.error("give --torch-model and --train together")
+    finetuning = (
+        Finetuning(args.torch_model, args.train, args.epochs, args.lr)
+        if args.torch_model is not None
+        else None
+    )
     ort.set_default_logger_severity(3)
     logging.getLogger("egp_onnx").setLevel(
         logging.ERROR
@@ -210,8 +261,12 @@ def main() -> None:
     summary = []
     with tempfile.TemporaryDirectory(prefix="egp-pareto-") as tmp:
         folder = Path(tmp)
-        for case in cases(folder, args.models.split(",")):
-            built, notes = variants(case, folder)
+        for number, case in enumerate(cases(folder, args.models.split(","))):
+            tuned = finetuning if number == 0 else None  # the factory builds one network
+            built, notes = variants(case, folder, tuned, args.only_channels)
+            if tuned is not None:
+                how = f"{tuned.epochs} epoch(s) a step, lr {tuned.lr}"
+                print(f"\n{case.name}: finetuned by {tuned.factory} on {tuned.train}, {how}")
             models = {v: m for v, m in built.items() if isinstance(m, onnx.ModelProto)}
             accuracy = unseen(case, models) if case.test is not None else {}
             shapes = {case.input_name: (1, *case.shape)}
@@ -241,6 +296,17 @@ def main() -> None:
         print("\n## targets (--quantize int8 against INT8 alone; accuracy against dense, unseen)")
         target_rows = []
         for case, built, accuracy, speed in summary:
+            if isinstance(built["--channels"], onnx.ModelProto):
+                vs_dense = [
+                    speed[t, b]["dense"] / speed[t, b]["--channels"] for t in THREADS for b in BATCHES
+                ]
+                lost = (accuracy["dense"][0] - accuracy["--channels"][0]) * 100 if accuracy else None
+                b32 = [speed[t, 32]["dense"] / speed[t, 32]["--channels"] for t in THREADS]
+                print(
+                    f"{case.name} --channels vs dense: {min(vs_dense):.3f}-{max(vs_dense):.3f}x (batch 32: "
+                    f"{', '.join(f'{r:.3f}' for r in b32)}; target >= 1.5), pt lost "
+                    f"{'n/a' if lost is None else f'{lost:.2f}'} (target <= 0.5)"
+                )
             for variant in ("egp-onnx + INT8", "--channels + INT8"):
                 model = built[variant]
                 if not isinstance(model, onnx.ModelProto):

@@ -26,6 +26,11 @@ graph, the layers after it refit. A channel group keeps one aligned block at lea
 this takes a block's MACs to zero; on the MNIST sample one branch gone bought as much time as
 every group cut to 16 channels (README "Channel removal"). The Add whose branch saves the most
 MACs is tried first, each kept when it passes the guard.
+
+With a finetune callback, every candidate (a channel step) is retrained before the guard judges
+it, as the weight loop's steps are, and whole branches are not emptied: ``x + c`` is a constant
+the callback's module cannot represent (it has no layer for it), so the two would no longer
+match. Channels inside branches are narrowed as usual.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from egp_onnx.graph.layers import linear_layers
 from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.prune.channels import aligned_count, channel_capacity, cheapest, exact_count, step_amounts
-from egp_onnx.prune.loop import Guard
+from egp_onnx.prune.finetune import Finetune, apply_finetune
+from egp_onnx.prune.loop import Guard, LayerSet
 from egp_onnx.reconstruct.channels import branch_constant, refit_consumers, removal_costs
 from egp_onnx.report.records import ChannelGroupRecord, ChannelsRecord, ChannelStepRecord
 from egp_onnx.surgery.narrow import narrowed, without_branch
@@ -86,6 +92,7 @@ def remove_channels(
     guard: Guard | None,
     input_shapes: Mapping[str, tuple[int, ...]],
     on_stage: Callable[[str], None] = lambda _: None,
+    finetune: Finetune | None = None,
 ) -> ChannelOutcome:
     """Remove whole channels from ``model`` (never modified) as the module docstring says."""
     groups, tied = channel_groups(model)
@@ -106,7 +113,7 @@ def remove_channels(
     stop = "max-steps"
     macs_now = macs_before
     branches: list[str] = []
-    if guarded:
+    if guarded and finetune is None:
         assert guard is not None
         current, macs_now, number = _empty_branches(
             model, groups, alive, data, settings, guard, input_shapes, on_stage, steps, branches, macs_now
@@ -176,6 +183,10 @@ def remove_channels(
                 )
                 stop = "no step lowers the MACs"
                 break
+            if finetune is not None:  # dense MACs do not change with the values: measured before
+                on_stage(f"channels step {number}: finetuning")
+                layers = LayerSet(candidate, find_rectifiers(candidate))
+                candidate = apply_finetune(candidate, layers, finetune)
             problems, agreement, error = _judged(guard, candidate) if guard is not None else ([], None, None)
         if problems and guarded:
             if signature not in rejected:

@@ -39,7 +39,7 @@ from egp_onnx.graph.structure import depth
 from egp_onnx.graph.weights import initializer_counts, shape_skeleton
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.load.model import checked_split
-from egp_onnx.prune.finetune import Finetune
+from egp_onnx.prune.finetune import Finetune, start_finetune
 from egp_onnx.prune.limits import sparsity_limits
 from egp_onnx.prune.loop import LayerSet, LoopContext, LoopOutcome, run_loop
 from egp_onnx.report.records import (
@@ -161,9 +161,13 @@ def _compress(
     shipped = shipped_form(proto, inputs, base.reference, settings)
     # with no thresholds set (--no-guard) it only measures
     guard = Guard(base.reference, settings, inputs.layers.held, shipped, cluster)
+    if finetune is not None:
+        start_finetune(finetune, proto)
     channels = None
     if settings.channels:
-        proto, inputs, base, guard, channels = _channel_stage(proto, inputs, base, guard, settings, progress)
+        proto, inputs, base, guard, channels = _channel_stage(
+            proto, inputs, base, guard, settings, progress, finetune
+        )
     caps = _measured_caps(proto, inputs, base.reference, settings, progress)
     ctx = LoopContext(
         proto, inputs.sites, inputs.layers, inputs.limits, inputs.data, settings, guard,
@@ -210,16 +214,18 @@ def _channel_stage(
     guard: Guard,
     settings: Settings,
     progress: Progress,
+    finetune: Finetune | None,
 ) -> tuple[onnx.ModelProto, Inputs, _Baseline, Guard, ChannelsRecord]:
     """Remove whole channels first; the loop then starts from the narrowed model as its dense one.
 
     Channels go before weights: their refit and their price need the dense consumers' equations
     (a consumer already sparse would be refit on its support only), and weight pruning then works
     on, and refits against, the model that will be written. The guard keeps judging against the
-    original's outputs, so the two stages together stay within it.
+    original's outputs, so the two stages together stay within it. With ``finetune``, each
+    candidate is retrained before the guard judges it, as each weight step is.
     """
     progress.stage("removing channels")
-    result = remove_channels(proto, inputs.data, settings, guard, base.shapes, progress.stage)
+    result = remove_channels(proto, inputs.data, settings, guard, base.shapes, progress.stage, finetune)
     if result.model is proto:
         return proto, inputs, base, guard, result.record
     narrow = result.model

@@ -51,11 +51,6 @@ def run_options(
         raise ConfigError("--eval-unseen describes the --eval data; give --eval with it")
     if settings.select == "obs" and not settings.reconstruct:
         raise ConfigError("--select obs needs reconstruction; drop --no-reconstruct")
-    if settings.channels and finetune is not None:
-        raise ConfigError(
-            "--channels cannot be combined with finetuning: the narrowed weights no longer match the "
-            "trained module; drop one of them"
-        )
     return settings, replace(data or DataConfig(), **data_overrides)
 
 

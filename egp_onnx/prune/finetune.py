@@ -16,12 +16,39 @@ if TYPE_CHECKING:
 
 #: Retrains a pruned model: gets the model and, per prunable initializer, the mask of kept weights;
 #: returns the retrained model (same initializer names) or new values for some of its tensors.
+#: A callback may also have a ``start(model)`` method: it is called once, with the model compress
+#: starts from, before any channel or weight goes (see :func:`start_finetune`).
 Finetune = Callable[[onnx.ModelProto, dict[str, np.ndarray]], "onnx.ModelProto | Mapping[str, np.ndarray]"]
 
 
 def callback_name(finetune: Finetune) -> str:
     """The name a finetune callback goes by in messages and the report."""
     return getattr(finetune, "__qualname__", type(finetune).__name__)
+
+
+def start_finetune(finetune: Finetune, model: onnx.ModelProto) -> None:
+    """Call the callback's optional ``start(model)`` with the original model, before any stage.
+
+    Under ``--channels`` the callback's first model is already narrower than its module: binding
+    the module to the original's initializers here is what lets it follow (names stay, shapes
+    change; integrations/torch.py's ``narrow_module``).
+
+    Raises:
+        FinetuneError: one line when ``start`` fails.
+
+    """
+    start = getattr(finetune, "start", None)
+    if start is None:
+        return
+    name = callback_name(finetune)
+    try:
+        start(model)
+    except EgpError:
+        raise
+    except Exception as exc:  # the user's code may fail in any way
+        raise FinetuneError(
+            f"the finetune callback {name}'s start() failed: {type(exc).__name__}: {one_line(exc)}"
+        ) from exc
 
 
 def apply_finetune(candidate: onnx.ModelProto, layers: LayerSet, finetune: Finetune) -> onnx.ModelProto:

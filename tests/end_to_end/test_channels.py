@@ -15,7 +15,7 @@ from references import run_ort
 
 import egp_onnx
 from egp_onnx.config import Settings
-from egp_onnx.errors import ConfigError
+from egp_onnx.errors import FinetuneError
 from egp_onnx.report.render import compression_summary
 from egp_onnx.verify.cost import count_macs
 
@@ -140,16 +140,6 @@ def test_a_model_with_nothing_removable_says_so_in_one_line(rng, tmp_path, caplo
     assert result.report.channels is not None and result.report.channels.removed == 0
 
 
-def test_channels_with_a_finetune_callback_is_refused_before_any_work(rng, tmp_path):
-    b = Builder(rng)
-    model = b.model(
-        b.conv(b.op("Relu", [b.conv("x", "a", 3, 4, 3, pad=1)], "r"), "b", 4, 2, 3), ["N", 3, 6, 6]
-    )
-    np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(8, 3, 6, 6))))
-    with pytest.raises(ConfigError, match="--channels cannot be combined with finetuning"):
-        egp_onnx.compress(model, tmp_path / "calib.npz", channels=True, finetune=lambda m, masks: m)
-
-
 def test_weight_pruning_after_channel_removal_ends_at_the_narrowed_model_when_its_first_step_fails(
     rng, tmp_path
 ):
@@ -235,3 +225,56 @@ def test_a_residual_branch_goes_whole_when_the_guard_allows_it(rng, tmp_path, sc
         assert not attempt.accepted and record.branches == () and "rel" in attempt.detail
     assert result.report.fidelity.rel_error <= 0.05
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_under_finetuning_a_branch_is_narrowed_not_emptied(rng, tmp_path):
+    """The faint branch that goes whole without a callback stays: x + c has no layer in the module.
+
+    The callback starts on the original, then sees every channel candidate before the guard does.
+    """
+    model = _faint_block(rng, 0.01)
+    np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(300, 3, 6, 6))))
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.started: list[int] = []
+            self.seen: list[dict[str, tuple[int, ...]]] = []
+
+        def start(self, model: onnx.ModelProto) -> None:
+            self.started.append(len(model.graph.initializer))
+
+        def __call__(self, model, masks):
+            self.seen.append({t.name: tuple(t.dims) for t in model.graph.initializer})
+            return model
+
+    recorder = Recorder()
+    result = egp_onnx.compress(
+        model, tmp_path / "calib.npz", channels=True, sparsity=0.0, max_rel_error=0.05, latency=False,
+        finetune=recorder,
+    )  # fmt: skip
+    record = result.report.channels
+    assert record is not None and record.branches == () and not any(s.branch for s in record.steps)
+    assert {"c1", "c2"} <= {n.name for n in result.model.graph.node}
+    assert recorder.started == [len(model.graph.initializer)]
+    measured = [s for s in record.steps if s.top1_agreement is not None or s.rel_error is not None]
+    assert len(recorder.seen) == len(measured) > 0
+    assert record.removed > 0 and recorder.seen[0]["c1.w"][0] < 8  # narrowed inside the branch
+    assert result.report.fidelity.rel_error <= 0.05
+
+
+def test_a_failing_start_is_one_finetune_error(rng, tmp_path):
+    model = _faint_block(rng, 1.0)
+    np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(40, 3, 6, 6))))
+
+    class Broken:
+        def start(self, model):
+            raise RuntimeError("no such layer\nin the module")
+
+        def __call__(self, model, masks):
+            return model
+
+    with pytest.raises(
+        FinetuneError, match=r"^the finetune callback Broken's start\(\) failed: Runtime"
+    ) as info:
+        egp_onnx.compress(model, tmp_path / "calib.npz", channels=True, finetune=Broken(), latency=False)
+    assert "\n" not in str(info.value) and "no such layer" in str(info.value)
