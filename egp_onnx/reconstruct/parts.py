@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import onnx
 
-from egp_onnx.errors import ConfigError
 from egp_onnx.graph.weights import split_weights
 from egp_onnx.load.calibration import CalibrationData, InputSpec
 from egp_onnx.load.parts import DataPart, Loader, batch_parts, part_data, plan_parts
@@ -52,7 +51,7 @@ from egp_onnx.reconstruct.normal import (
     plan_rows,
     short_equations,
 )
-from egp_onnx.runtime.cluster import Placed, Resident
+from egp_onnx.runtime.cluster import Payload, Placed, Resident
 from egp_onnx.runtime.segments import Activations
 from egp_onnx.runtime.threads import cores, one_blas_thread
 
@@ -71,8 +70,6 @@ CACHE_BYTES = 512 * 2**20
 #: Samples a part of the refit's samples holds about (whole batches): parts, not workers, fix
 #: how the sums are added, so the sums are the same whatever the number of workers.
 PART_SAMPLES = 256
-#: Times a layer's request is sent again to groups whose worker was lost, before giving up.
-RETRIES = 3
 
 Weights = dict[str, np.ndarray]
 
@@ -226,10 +223,12 @@ class _Group(Resident):
         self.ahead: tuple[threading.Thread, DenseRequest, list[BaseException]] | None = None
 
     def layer_rows(
-        self, replay: Sequence[Request] | None, update: Weights, layer: LinearLayer,
-        later: Sequence[LinearLayer], draw: _Draw | None, ahead: DenseRequest | None,
+        self, replay: Sequence[Request] | None,
+        request: tuple[Weights, LinearLayer, Sequence[LinearLayer], DenseRequest | None], draw: _Draw | None,
     ) -> Answer | None:  # fmt: skip
         """Run a layer's segments: what rows each part keeps, and their sums if ``draw`` planned them.
+
+        ``request``: (``update``, ``layer``, ``later``, ``ahead``), the same for every group.
 
         The activations first take ``update`` (the weights refit since the last request). The
         group's first request opens it and brings ``replay``, every earlier layer's request, run
@@ -241,6 +240,7 @@ class _Group(Resident):
         ``ahead``: the next layer's request of the dense model, run once this one is answered,
         while the client solves.
         """
+        update, layer, later, ahead = request
         if self.opening is not None:
             if replay is None:
                 return None
@@ -473,33 +473,29 @@ class ClusterSums:
         placed again (anywhere) and replays every request.
         """
         update, layer, later = self.requests[-1]
-        answers: list[Answer | None] = [None] * len(self.groups)
-        todo = list(range(len(self.groups)))
-        for attempt in range(RETRIES + 1):
-            mine = {g: draw.of(self.groups[g]) if draw is not None else None for g in todo}
-            calls: list[tuple[Any, str, tuple[Any, ...]]] = []
-            for g in todo:
-                if sums and self.opened[g]:
-                    calls.append((self.residents[g], "sums", (mine[g],)))
-                else:
-                    replay = None if self.opened[g] else self.requests[:-1]
-                    args = (replay, update, layer, later, mine[g], self.next)
-                    calls.append((self.residents[g], "layer_rows", args))
-            for g, (_, method, _), answer in zip(todo, calls, self.cluster.ask(calls), strict=True):
-                if answer is not None:
-                    self.opened[g] = True
-                    drawn = mine[g]
-                    answers[g] = (drawn.rows, answer) if method == "sums" and drawn else answer
-            todo = [g for g in todo if answers[g] is None]
-            if not todo:
-                by_part: list[Any] = [None] * len(self.parts)
-                for group, (rows, part_sums) in zip(self.groups, answers, strict=True):  # type: ignore[misc]
-                    for i, p in enumerate(group):
-                        by_part[p] = (rows[i], None if part_sums is None else part_sums[i])
-                return by_part
-            if attempt == RETRIES:
-                break
-            log.warning("refit: groups %s lost their worker; rebuilding them", todo)
-            for g in todo:
+        mine = {g: draw.of(group) if draw is not None else None for g, group in enumerate(self.groups)}
+        # The layer's request, pickled once for every group (a new group gets the earlier ones too).
+        request = Payload((update, layer, later, self.next))
+        only_sums: dict[int, bool] = {}
+
+        def call(g: int) -> tuple[Placed, str, tuple[Any, ...]]:
+            only_sums[g] = sums and self.opened[g]
+            if only_sums[g]:
+                return self.residents[g], "sums", (mine[g],)
+            replay = None if self.opened[g] else self.requests[:-1]
+            return self.residents[g], "layer_rows", (replay, request, mine[g])
+
+        def replace(lost: Sequence[int]) -> None:
+            log.warning("refit: groups %s lost their worker; rebuilding them", list(lost))
+            for g in lost:
                 self.residents[g], self.opened[g] = self._place(g, None), False
-        raise ConfigError(f"refit of {layer.name}: groups {todo} lost {RETRIES} workers in turn")
+
+        answers = self.cluster.ask_all(len(self.groups), call, replace, f"refit of {layer.name}")
+        by_part: list[Any] = [None] * len(self.parts)
+        for g, (group, answer) in enumerate(zip(self.groups, answers, strict=True)):
+            self.opened[g] = True
+            drawn = mine[g]
+            rows, part_sums = (drawn.rows, answer) if only_sums[g] and drawn is not None else answer
+            for i, p in enumerate(group):
+                by_part[p] = (rows[i], None if part_sums is None else part_sums[i])
+        return by_part
