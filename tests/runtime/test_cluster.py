@@ -40,6 +40,7 @@ from egp_onnx.reconstruct import refit as refit_module
 from egp_onnx.reconstruct.refit import reconstruct
 from egp_onnx.runtime import cluster as cluster_module
 from egp_onnx.runtime.cluster import INSTALL_HINT, local_workers, open_cluster
+from egp_onnx.verify import guard as guard_module
 from egp_onnx.verify.fidelity import Reference
 from egp_onnx.verify.guard import Guard
 
@@ -371,6 +372,72 @@ def test_guard_sums_on_a_cluster_equal_one_process(threads, tmp_path, rng):
     kept = len(threads._kept)
     Guard(reference, settings, lambda m: {}, cluster=threads)(_pruned(model, rng))
     assert len(threads._kept) == kept  # the held-out parts went to the workers once
+
+
+def test_a_statistics_pass_that_loses_a_worker_reruns_its_parts_and_merges_each_once(
+    threads, tmp_path, rng, monkeypatch
+):
+    model, data, _ = _refit_case(tmp_path, rng)
+    sites = find_rectifiers(model)
+    alone = collect.collect_statistics(model, sites, data, 32)
+    assert len(plan_parts(data, 32)) == 3  # on two runners: parts 0 and 2 on one, 1 on the other
+    asked = _losing(threads, monkeypatch, {(1, 1, "count_part")})  # part 1's worker lost
+    seen: list[int] = []
+    spread = collect.collect_statistics(model, sites, data, 32, seen.append, cluster=threads)
+    assert asked["lost"] == [(1, 1, "count_part")] and asked["asks"] == 2  # part 1 asked again, alone
+    assert sorted(seen) == sorted(p.samples for p in plan_parts(data, 32))  # each part counted once
+    same_statistics(alone, spread)
+
+
+def test_a_guard_measurement_that_loses_a_worker_reruns_its_parts_and_merges_each_once(
+    threads, tmp_path, rng, monkeypatch
+):
+    model = prepare_model(residual_block(rng))
+    np.savez(tmp_path / "held.npz", x=inputs(rng, 700, (4, 6, 6)))
+    reference = Reference(model, open_calibration(tmp_path / "held.npz", model), 32)
+    assert len(reference.parts()) == 3
+    settings = Settings(max_rel_error=0.01)
+    candidate = _pruned(model, rng)
+    alone = Guard(reference, settings, lambda m: {})(candidate)
+    # Two runners: parts 0 and 2 on one, 1 on the other. Lost: part 1 (the only call to its
+    # runner) in the first ask, and part 2 (after part 0, answered, on the same runner) in the
+    # next candidate's first ask; each is asked again alone, on a runner placed anew.
+    asked = _losing(threads, monkeypatch, {(1, 1, "guard_part"), (3, 2, "guard_part")})
+    spread = Guard(reference, settings, lambda m: {}, cluster=threads)(candidate)
+    assert asked["asks"] == 2 and spread == alone  # the same sums: no part merged twice, none missing
+    other = _pruned(model, rng)
+    again = Guard(reference, settings, lambda m: {}, cluster=threads)(other)
+    assert asked["asks"] == 4 and again == Guard(reference, settings, lambda m: {})(other)
+    assert asked["lost"] == [(1, 1, "guard_part"), (3, 2, "guard_part")]
+
+
+def guard_part_or_die(*args):
+    """guard_part, except that the first attempt at the second part kills its worker process."""
+    marker = Path(os.environ["EGP_TEST_DIE_ONCE"])
+    if args[-1] == 1 and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os._exit(1)  # the worker process dies mid-measurement
+    return ORIGINAL_GUARD_PART(*args)
+
+
+ORIGINAL_GUARD_PART = guard_module.guard_part
+
+
+def test_a_killed_worker_during_a_guard_measurement_has_its_parts_rerun(tmp_path, rng, monkeypatch):
+    model = prepare_model(residual_block(rng))
+    np.savez(tmp_path / "held.npz", x=inputs(rng, 700, (4, 6, 6)))
+    reference = Reference(model, open_calibration(tmp_path / "held.npz", model), 32)
+    settings = Settings(max_rel_error=0.01)
+    candidate = _pruned(model, rng)
+    alone = Guard(reference, settings, lambda m: {})(candidate)
+    marker = tmp_path / "died"
+    monkeypatch.setenv("EGP_TEST_DIE_ONCE", str(marker))  # before the workers start: they inherit it
+    monkeypatch.setattr(guard_module, "guard_part", guard_part_or_die)
+    with open_cluster("local:2") as cluster:
+        pids = set(cluster.client.run(os.getpid).values())
+        spread = Guard(reference, settings, lambda m: {}, cluster=cluster)(candidate)
+    assert int(marker.read_text()) in pids  # a worker did die
+    assert spread == alone  # every part's sums once: a part merged twice would change them
 
 
 def _name(call):
