@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 import weakref
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from egp_onnx.reconstruct.normal import (
     plan_rows,
     short_equations,
 )
-from egp_onnx.runtime.cluster import Payload, Placed, Resident
+from egp_onnx.runtime.cluster import Kept, Payload, Placed, Resident
 from egp_onnx.runtime.segments import Activations
 from egp_onnx.runtime.threads import cores, one_blas_thread
 
@@ -192,9 +193,9 @@ Request = tuple[Weights, "LinearLayer", list["LinearLayer"]]
 Answer = tuple[list[PartRows], "list[NormalEquations] | None"]
 #: A request of the dense model's activations (normal.dense_request): the tensors, those kept.
 DenseRequest = tuple[list[str], set[str]]
-#: What opens a group (:meth:`_Group._open`): the setup, the current and dense models' bytes (None:
-#: the same), the shared loaders, the group's parts and each part's first sample.
-Opening = tuple[_Setup, bytes, "bytes | None", Sequence[Loader], Sequence[DataPart], Sequence[int]]
+#: What opens a group (:meth:`_Group._open`), with its first request: the setup, the current and
+#: dense models' bytes (None: the same) and the data's loaders.
+Opening = tuple[_Setup, bytes, "bytes | None", Sequence[Loader]]
 
 
 class _Group(Resident):
@@ -205,16 +206,10 @@ class _Group(Resident):
     request opens it; it lives until the client drops its handle (the refit's end).
     """
 
-    def __init__(
-        self,
-        setup: _Setup,
-        current: bytes,
-        dense: bytes | None,
-        loaders: Sequence[Loader],
-        parts: Sequence[DataPart],
-        starts: Sequence[int],
-    ) -> None:
-        self.opening: Opening | None = (setup, current, dense, loaders, parts, starts)
+    def __init__(self, parts: Sequence[DataPart], starts: Sequence[int]) -> None:
+        """The group of ``parts`` (each part's first sample in ``starts``), opened by its first request."""
+        self.parts, self.starts = parts, starts
+        self.opened = False
         self.now: Activations | None = None
         self.then: Activations | None = None
         self.values: Weights = {}
@@ -225,27 +220,31 @@ class _Group(Resident):
     def layer_rows(
         self, replay: Sequence[Request] | None,
         request: tuple[Weights, LinearLayer, Sequence[LinearLayer], DenseRequest | None], draw: _Draw | None,
+        *opening: Any,
     ) -> Answer | None:  # fmt: skip
         """Run a layer's segments: what rows each part keeps, and their sums if ``draw`` planned them.
 
         ``request``: (``update``, ``layer``, ``later``, ``ahead``), the same for every group.
 
         The activations first take ``update`` (the weights refit since the last request). The
-        group's first request opens it and brings ``replay``, every earlier layer's request, run
+        group's first request opens it (``opening``, an :data:`Opening`: the models and the data
+        come with it, not scattered, which Dask's memory manager would keep on one worker only)
+        and brings ``replay``, every earlier layer's request, run
         first with the weights each had, so that every segment is the same as the first time
         (onnxruntime fuses a segment's nodes its own way: the same tensor from another cut of the
         graph may differ in its last bits). None, as for a lost group, when a group not yet opened
-        gets no ``replay`` (Dask rebuilt it elsewhere unasked). ``draw``: the positions planned
-        from the rows the client expects; the sums are taken only if the parts keep those rows.
+        gets no ``replay`` and ``opening`` (Dask rebuilt it elsewhere unasked). ``draw``: the
+        positions planned from the rows the client expects; the sums are taken only if the parts
+        keep those rows.
         ``ahead``: the next layer's request of the dense model, run once this one is answered,
         while the client solves.
         """
         update, layer, later, ahead = request
-        if self.opening is not None:
-            if replay is None:
+        if not self.opened:
+            if replay is None or not opening:
                 return None
-            self._open(self.opening)
-            self.opening = None
+            self._open(opening)
+            self.opened = True
             for earlier, done, after in replay:
                 self.values.update(earlier)
                 self._run(done, after)
@@ -311,7 +310,8 @@ class _Group(Resident):
 
     def _open(self, opening: Opening) -> None:
         """The group's activations from the step's models, its parts' batches read from the shared data."""
-        setup, current, dense, loaders, parts, starts = opening
+        setup, current, dense, loaders = opening
+        parts, starts = self.parts, self.starts
         ours, values = split_weights(onnx.load_from_string(current), always=setup.changing)
         original = dict(values)
         values.update(setup.initial)
@@ -400,16 +400,17 @@ class ClusterSums:
         # Part p goes to worker p mod n: groups of parts, one per worker (its activations one set).
         count = min(len(addresses), len(parts))
         self.groups = [list(range(g, len(parts), count)) for g in range(count)]
-        loaders = cluster.share_once(data.loaders)
-        # on the groups' workers only, not every worker of a large cluster
-        _, model = cluster.share(current.SerializeToString(), workers=addresses[:count])
+        # Sent with each group's first request, pickled once for all groups: the data's loaders and
+        # the dense model pickled once per run, the step's model once per step.
+        loaders = cluster.kept_once("loaders", data.loaders)
+        model = Kept("model", uuid.uuid4().hex, current.SerializeToString())
         same = dense is current
         setup = _Setup(
             tuple(changing), dict(initial), same, loaders.key, data.specs, data.description, batch_size,
             len(parts), cluster.threads,
         )  # fmt: skip
-        _, shared = cluster.share(setup, workers=addresses[:count])  # initial weights may be large
-        self.shared = (shared, model, None if same else cluster.share_once_model(dense), loaders)
+        theirs = None if same else cluster.kept_once("dense", dense, dense.SerializeToString)
+        self.opening = (Kept("setup", uuid.uuid4().hex, setup), model, theirs, loaders)
         self.residents = [self._place(g, addresses[g]) for g in range(count)]
         self.opened = [False] * count  # whether the group has run a request (else it replays them)
         self.pending: Weights = {}  # updates since the last request
@@ -422,8 +423,8 @@ class ClusterSums:
     def _place(self, g: int, worker: str | None) -> Placed:
         """Group ``g`` placed on ``worker`` (None: anywhere), to be opened by its first request."""
         mine = self.groups[g]
-        opening = (*self.shared, [self.parts[p] for p in mine], [self.starts[p] for p in mine])
-        return self.cluster.place(_Group, opening, worker)
+        args = ([self.parts[p] for p in mine], [self.starts[p] for p in mine])
+        return self.cluster.place(_Group, args, worker)
 
     def update(self, new: Weights) -> None:
         """Sent to every group with the next layer's request."""
@@ -482,8 +483,9 @@ class ClusterSums:
             only_sums[g] = sums and self.opened[g]
             if only_sums[g]:
                 return self.residents[g], "sums", (mine[g],)
-            replay = None if self.opened[g] else self.requests[:-1]
-            return self.residents[g], "layer_rows", (replay, request, mine[g])
+            if self.opened[g]:
+                return self.residents[g], "layer_rows", (None, request, mine[g])
+            return self.residents[g], "layer_rows", (self.requests[:-1], request, mine[g], *self.opening)
 
         def replace(lost: Sequence[int]) -> None:
             log.warning("refit: groups %s lost their worker; rebuilding them", list(lost))

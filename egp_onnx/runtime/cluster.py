@@ -194,7 +194,6 @@ class Cluster:
         self.threads = threads
         #: Whether a resident's methods run on its worker's event loop (see :meth:`ask`).
         self.in_loop = in_loop
-        self._shared: dict[int, tuple[Any, Any]] = {}
         self._kept: dict[int, tuple[Any, Kept]] = {}  # kept_once's arguments, by their value's id
         self._model: tuple[Any, Kept] | None = None  # the last model sent (kept_model)
         self._runners: list[Placed] = []  # one per worker (run_parts), placed at first use
@@ -204,19 +203,6 @@ class Cluster:
         """Workers connected now."""
         # nthreads() lists every worker in every Dask since 2024.1 (scheduler_info truncates to 5)
         return len(self.client.nthreads())
-
-    def share(
-        self, value: Any, broadcast: bool = True, workers: Sequence[str] | None = None
-    ) -> tuple[str, Any]:
-        """``value`` placed on the workers: (a key naming this version, its future).
-
-        ``workers``: on those only (a task elsewhere fetches it from one of them). Tasks given
-        the future receive the value itself; a task may build objects from it once per key with
-        :func:`worker_cached`.
-        """
-        where = list(workers) if workers is not None else None
-        (future,) = self.client.scatter([value], broadcast=broadcast, hash=False, workers=where, direct=False)
-        return uuid.uuid4().hex, future
 
     @property
     def addresses(self) -> list[str]:
@@ -234,32 +220,15 @@ class Cluster:
             last = self._model = (model, Kept("model", uuid.uuid4().hex, model.SerializeToString()))
         return last[1]
 
-    def kept_once(self, slot: str, value: Any) -> Kept:
-        """``value`` as a :class:`Kept` argument for this run (the same object: the same argument)."""
+    def kept_once(self, slot: str, value: Any, payload: Callable[[], Any] | None = None) -> Kept:
+        """``value`` (or what ``payload()`` makes of it) as a :class:`Kept` argument for this run.
+
+        The same object: the same argument, pickled once per run.
+        """
         held = self._kept.get(id(value))
         if held is None or held[0] is not value:
-            held = self._kept[id(value)] = (value, Kept(slot, uuid.uuid4().hex, value))
-        return held[1]
-
-    def share_once_model(self, model: Any) -> Any:
-        """A model's serialised bytes on every worker once for this run (the same model: the same future)."""
-        return self._scatter_once(model, model.SerializeToString)
-
-    def share_once(self, value: Any) -> Any:
-        """``value`` placed on every worker once for this run (the same object: the same future).
-
-        On every worker, not one: scattered data cannot be recomputed, so a copy held by a single
-        worker would be lost with it, and with it every task that reads it.
-        """
-        return self._scatter_once(value, lambda: value)
-
-    def _scatter_once(self, owner: Any, payload: Callable[[], Any]) -> Any:
-        """``payload()`` broadcast to every worker once per ``owner`` (the same object: the same future)."""
-        held = self._shared.get(id(owner))
-        if held is None or held[0] is not owner:
-            # through the scheduler (direct=False), where replicas are placed as it records them
-            (future,) = self.client.scatter([payload()], broadcast=True, hash=False, direct=False)
-            held = self._shared[id(owner)] = (owner, future)
+            kept = Kept(slot, uuid.uuid4().hex, value if payload is None else payload())
+            held = self._kept[id(value)] = (value, kept)
         return held[1]
 
     def run_parts(
