@@ -185,11 +185,11 @@ class _Runner(Resident):
 
 
 class Cluster:
-    """A connected Dask client: shares objects with the workers and maps tasks over them."""
+    """A connected Dask client: places objects on the workers and sends them calls."""
 
     def __init__(self, client: Any, threads: int, in_loop: bool = False) -> None:
         self.client = client
-        #: onnxruntime threads per task: a local cluster's workers share this machine's cores;
+        #: onnxruntime threads per part: a local cluster's workers share this machine's cores;
         #: a remote worker uses its own machine's (0: onnxruntime's default, one per core).
         self.threads = threads
         #: Whether a resident's methods run on its worker's event loop (see :meth:`ask`).
@@ -197,6 +197,7 @@ class Cluster:
         self._kept: dict[int, tuple[Any, Kept]] = {}  # kept_once's arguments, by their value's id
         self._model: tuple[Any, Kept] | None = None  # the last model sent (kept_model)
         self._runners: list[Placed] = []  # one per worker (run_parts), placed at first use
+        self._runner_workers: set[str] = set()  # the workers runners were placed on
 
     @property
     def workers(self) -> int:
@@ -242,15 +243,18 @@ class Cluster:
     ) -> list[R]:
         """``[function(*kept, *shared, *item) for item in items]`` on the workers, in the order of ``items``.
 
-        Each worker has a runner (a :class:`Resident` placed at its first pass, kept for the run);
+        Each worker has a runner (a :class:`Resident` placed at its first pass, kept for the run,
+        a worker that joins later gets one at the next pass);
         item i goes to runner i mod n as a direct call, no task through the scheduler. ``kept``
         (the model, the data's loaders) go to each runner once (:class:`Kept`), ``shared`` is
         pickled once for all calls. A lost worker's items run again on a runner placed elsewhere
         (:meth:`ask_all`): each item's result is read once. ``on_done(index, result)`` as each
         item is answered (progress). An error ``function`` raises is raised here, as it is.
         """
-        if not self._runners:
-            self._runners = [self.place(_Runner, (), address, in_loop=False) for address in self.addresses]
+        for address in self.addresses:
+            if address not in self._runner_workers:
+                self._runner_workers.add(address)
+                self._runners.append(self.place(_Runner, (), address, in_loop=False))
         runners = self._runners
         where = [i % len(runners) for i in range(len(items))]
         payload = Payload(shared)
