@@ -16,7 +16,7 @@ of each layer's weights pruned, refit against the original on the first 1024 sam
 cluster each part's activations stay on its worker, two round trips per layer) and one guard
 measurement (a new candidate against the stored outputs of 1,024 held-out test images). For each,
 the results' digest (identical in every configuration or not) and the bytes moved per step:
-every task's arguments and result, pickled (a shared model counted once per worker).
+every call's arguments and answer, pickled (a model counted once per worker).
 
 Then whole ``egp-onnx compress --no-latency`` runs of the MNIST sample, the configurations
 interleaved in rotating order (``--compress-repeats`` rounds; medians, each round's ratio and the
@@ -55,32 +55,33 @@ def _peak_mib() -> float:
 
 
 def _moved(cluster, out: dict, label: str):
-    """Wrap ``cluster.map`` and ``cluster.ask`` to add up the pickled bytes of every task's and call's
-    arguments and result."""
-    original_map, original_ask = cluster.map, cluster.ask
+    """Wrap ``cluster.ask`` to add up the pickled bytes of every call's arguments and answer.
 
-    def count(items, results):
-        sent = sum(
-            len(pickle.dumps([a for a in item if type(a).__name__ not in ("Future", "Placed")]))
-            for item in items
-        )
+    A Kept argument (the model, the data) counts only where it is sent with its value (once per
+    worker); a Payload (a layer's request) counts once per call, as it is sent.
+    """
+    from egp_onnx.runtime.cluster import Kept, Placed
+
+    original_ask = cluster.ask
+
+    def size(handle, arg) -> int:
+        if isinstance(arg, Kept):
+            return 0 if arg.key in handle.kept.get(arg.slot, {}) else len(arg.pickled)
+        if isinstance(arg, Placed) or type(arg).__name__ == "Future":
+            return 0
+        return len(pickle.dumps(arg))
+
+    def counting_ask(calls, on_answer=None):
+        sent = sum(size(handle, a) for handle, _, args in calls for a in args)
+        results = original_ask(calls, on_answer)
         back = [len(pickle.dumps(r)) for r in results]
         out[f"{label}_sent"] = out.get(f"{label}_sent", 0) + sent
         out[f"{label}_back"] = out.get(f"{label}_back", 0) + sum(back)
         out[f"{label}_largest_result"] = max(out.get(f"{label}_largest_result", 0), *back)
-        out[f"{label}_tasks"] = out.get(f"{label}_tasks", 0) + len(items)
-
-    def counting_map(function, items, *args, **kwargs):
-        results = original_map(function, items, *args, **kwargs)
-        count(items, results)
+        out[f"{label}_calls"] = out.get(f"{label}_tasks", 0) + len(calls)
         return results
 
-    def counting_ask(calls):
-        results = original_ask(calls)
-        count([args for _, _, args in calls], results)
-        return results
-
-    cluster.map, cluster.ask = counting_map, counting_ask
+    cluster.ask = counting_ask
 
 
 def _refit_case():
@@ -209,11 +210,10 @@ def child_pass(config: str, passes: int, batch_size: int) -> dict:
             out.update(times=times, client_mib=_peak_mib(), worker_mib=sorted(peaks.values()))
             # What moves per step, measured on the objects themselves.
             parts = plan_parts(data, batch_size)
-            version, shared = cluster.share(model.SerializeToString())
-            args = (version, shared, sites, data.specs, data.description, cluster.share_once(data.loaders))
-            one = cluster.map(
-                collect.count_part, [(*args, args[-1].key, parts[0], batch_size, cluster.threads)]
-            )[0]
+            kept = (cluster.kept_model(model), cluster.kept_once("loaders", data.loaders))
+            shared = (kept[0].key, sites, data.specs, data.description, kept[1].key)
+            item = (parts[0], batch_size, cluster.threads)
+            one = cluster.run_parts(collect.count_part, kept, shared, [item])[0]
             out["result_bytes"] = len(pickle.dumps(one))
             out["channels"] = sum(on.size for on, _ in one.totals)
             out["parts"] = len(parts)
@@ -311,7 +311,7 @@ def print_sweep(kind: str, label: str, runs: dict[str, list[dict]], args: argpar
     )
     print(
         f"{'config':>8} {'step s':>8} {'ratio':>6} {'start s':>8} {'warm-up s':>9} {'client MiB':>10} "
-        f"{'worker MiB':>14} {'KiB out':>8} {'KiB back':>8} {'tasks':>6} {'largest B':>9}"
+        f"{'worker MiB':>14} {'KiB out':>8} {'KiB back':>8} {'calls':>6} {'largest B':>9}"
     )
     for config in CONFIGS:
         t = statistics.median(x for run in runs[config] for x in run["times"])
@@ -321,7 +321,7 @@ def print_sweep(kind: str, label: str, runs: dict[str, list[dict]], args: argpar
         client = max(run["client_mib"] for run in runs[config])
         workers = [max(run["worker_mib"][i] for run in runs[config]) for i in range(len(first["worker_mib"]))]
         moved = (
-            f"{first['step_sent'] / 1024:>8.0f} {first['step_back'] / 1024:>8.0f} {first['step_tasks']:>6} "
+            f"{first['step_sent'] / 1024:>8.0f} {first['step_back'] / 1024:>8.0f} {first['step_calls']:>6} "
             f"{first['step_largest_result']:>9}"
             if "step_sent" in first
             else f"{'-':>8} {'-':>8} {'-':>6} {'-':>9}"

@@ -261,18 +261,18 @@ class PartCounts:
 
 
 def count_part(
-    version: str,
     model_bytes: bytes,
+    loaders: Sequence[Callable[[], tuple[Batch, np.ndarray | None]]],
+    version: str,
     sites: Sequence[RectifierSite],
     specs: Sequence[InputSpec],
     description: str,
-    loaders: Sequence[Callable[[], tuple[Batch, np.ndarray | None]]],
     loaders_key: str,
     part: DataPart,
     batch_size: int,
     threads: int,
 ) -> PartCounts:
-    """A cluster task: the ON counts of one part of the data (runs on a worker).
+    """The ON counts of one part of the data, on a cluster worker (Cluster.run_parts).
 
     The worker builds the statistics session once per model ``version`` and reuses it for every
     part it is given; only the per-channel counts go back.
@@ -305,9 +305,10 @@ def _on_cluster(
     """The totals of ``data`` counted part by part on the cluster, merged in the parts' order."""
     parts = plan_parts(data, batch_size)
     log.info("statistics pass: %d parts on %d workers", len(parts), cluster.workers)
-    loaders = cluster.share_once(data.loaders)  # once per run: later passes reuse the workers' copy
-    version, shared = cluster.share_model(model)  # a guarded candidate's is already there
-    args = (version, shared, list(sites), data.specs, data.description, loaders, loaders.key)
+    # each worker gets the loaders once per run, and a model version once (a guarded candidate's
+    # is there already)
+    model_bytes, loaders = cluster.kept_model(model), cluster.kept_once("loaders", data.loaders)
+    shared = (model_bytes.key, list(sites), data.specs, data.description, loaders.key)
     done = 0
 
     def progress(i: int, result: PartCounts) -> None:
@@ -317,8 +318,9 @@ def _on_cluster(
         if on_batch is not None:
             on_batch(result.samples)
 
-    tasks = [(*args, part, batch_size, cluster.threads) for part in parts]
-    results = cluster.map(count_part, tasks, progress)
+    items = [(part, batch_size, cluster.threads) for part in parts]
+    kept = (model_bytes, loaders)
+    results = cluster.run_parts(count_part, kept, shared, items, progress, "statistics pass")
     totals = [(np.zeros_like(on), 0) for on, _ in results[0].totals]
     for result in results:  # in the parts' order (integers: exact in any order, kept for the float sums)
         pairs = zip(totals, result.totals, strict=True)

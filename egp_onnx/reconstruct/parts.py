@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 import weakref
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import onnx
 
-from egp_onnx.errors import ConfigError
 from egp_onnx.graph.weights import split_weights
 from egp_onnx.load.calibration import CalibrationData, InputSpec
 from egp_onnx.load.parts import DataPart, Loader, batch_parts, part_data, plan_parts
@@ -52,7 +52,7 @@ from egp_onnx.reconstruct.normal import (
     plan_rows,
     short_equations,
 )
-from egp_onnx.runtime.cluster import Placed, Resident
+from egp_onnx.runtime.cluster import Kept, Payload, Placed, Resident
 from egp_onnx.runtime.segments import Activations
 from egp_onnx.runtime.threads import cores, one_blas_thread
 
@@ -71,8 +71,6 @@ CACHE_BYTES = 512 * 2**20
 #: Samples a part of the refit's samples holds about (whole batches): parts, not workers, fix
 #: how the sums are added, so the sums are the same whatever the number of workers.
 PART_SAMPLES = 256
-#: Times a layer's request is sent again to groups whose worker was lost, before giving up.
-RETRIES = 3
 
 Weights = dict[str, np.ndarray]
 
@@ -195,9 +193,9 @@ Request = tuple[Weights, "LinearLayer", list["LinearLayer"]]
 Answer = tuple[list[PartRows], "list[NormalEquations] | None"]
 #: A request of the dense model's activations (normal.dense_request): the tensors, those kept.
 DenseRequest = tuple[list[str], set[str]]
-#: What opens a group (:meth:`_Group._open`): the setup, the current and dense models' bytes (None:
-#: the same), the shared loaders, the group's parts and each part's first sample.
-Opening = tuple[_Setup, bytes, "bytes | None", Sequence[Loader], Sequence[DataPart], Sequence[int]]
+#: What opens a group (:meth:`_Group._open`), with its first request: the setup, the current and
+#: dense models' bytes (None: the same) and the data's loaders.
+Opening = tuple[_Setup, bytes, "bytes | None", Sequence[Loader]]
 
 
 class _Group(Resident):
@@ -208,16 +206,10 @@ class _Group(Resident):
     request opens it; it lives until the client drops its handle (the refit's end).
     """
 
-    def __init__(
-        self,
-        setup: _Setup,
-        current: bytes,
-        dense: bytes | None,
-        loaders: Sequence[Loader],
-        parts: Sequence[DataPart],
-        starts: Sequence[int],
-    ) -> None:
-        self.opening: Opening | None = (setup, current, dense, loaders, parts, starts)
+    def __init__(self, parts: Sequence[DataPart], starts: Sequence[int]) -> None:
+        """The group of ``parts`` (each part's first sample in ``starts``), opened by its first request."""
+        self.parts, self.starts = parts, starts
+        self.opened = False
         self.now: Activations | None = None
         self.then: Activations | None = None
         self.values: Weights = {}
@@ -226,26 +218,33 @@ class _Group(Resident):
         self.ahead: tuple[threading.Thread, DenseRequest, list[BaseException]] | None = None
 
     def layer_rows(
-        self, replay: Sequence[Request] | None, update: Weights, layer: LinearLayer,
-        later: Sequence[LinearLayer], draw: _Draw | None, ahead: DenseRequest | None,
+        self, replay: Sequence[Request] | None,
+        request: tuple[Weights, LinearLayer, Sequence[LinearLayer], DenseRequest | None], draw: _Draw | None,
+        *opening: Any,
     ) -> Answer | None:  # fmt: skip
         """Run a layer's segments: what rows each part keeps, and their sums if ``draw`` planned them.
 
+        ``request``: (``update``, ``layer``, ``later``, ``ahead``), the same for every group.
+
         The activations first take ``update`` (the weights refit since the last request). The
-        group's first request opens it and brings ``replay``, every earlier layer's request, run
+        group's first request opens it (``opening``, an :data:`Opening`: the models and the data
+        come with it, not scattered, which Dask's memory manager would keep on one worker only)
+        and brings ``replay``, every earlier layer's request, run
         first with the weights each had, so that every segment is the same as the first time
         (onnxruntime fuses a segment's nodes its own way: the same tensor from another cut of the
         graph may differ in its last bits). None, as for a lost group, when a group not yet opened
-        gets no ``replay`` (Dask rebuilt it elsewhere unasked). ``draw``: the positions planned
-        from the rows the client expects; the sums are taken only if the parts keep those rows.
+        gets no ``replay`` and ``opening`` (Dask rebuilt it elsewhere unasked). ``draw``: the
+        positions planned from the rows the client expects; the sums are taken only if the parts
+        keep those rows.
         ``ahead``: the next layer's request of the dense model, run once this one is answered,
         while the client solves.
         """
-        if self.opening is not None:
-            if replay is None:
+        update, layer, later, ahead = request
+        if not self.opened:
+            if replay is None or not opening:
                 return None
-            self._open(self.opening)
-            self.opening = None
+            self._open(opening)
+            self.opened = True
             for earlier, done, after in replay:
                 self.values.update(earlier)
                 self._run(done, after)
@@ -311,7 +310,8 @@ class _Group(Resident):
 
     def _open(self, opening: Opening) -> None:
         """The group's activations from the step's models, its parts' batches read from the shared data."""
-        setup, current, dense, loaders, parts, starts = opening
+        setup, current, dense, loaders = opening
+        parts, starts = self.parts, self.starts
         ours, values = split_weights(onnx.load_from_string(current), always=setup.changing)
         original = dict(values)
         values.update(setup.initial)
@@ -400,16 +400,17 @@ class ClusterSums:
         # Part p goes to worker p mod n: groups of parts, one per worker (its activations one set).
         count = min(len(addresses), len(parts))
         self.groups = [list(range(g, len(parts), count)) for g in range(count)]
-        loaders = cluster.share_once(data.loaders)
-        # on the groups' workers only, not every worker of a large cluster
-        _, model = cluster.share(current.SerializeToString(), workers=addresses[:count])
+        # Sent with each group's first request, pickled once for all groups: the data's loaders and
+        # the dense model pickled once per run, the step's model once per step.
+        loaders = cluster.kept_once("loaders", data.loaders)
+        model = Kept("model", uuid.uuid4().hex, current.SerializeToString())
         same = dense is current
         setup = _Setup(
             tuple(changing), dict(initial), same, loaders.key, data.specs, data.description, batch_size,
             len(parts), cluster.threads,
         )  # fmt: skip
-        _, shared = cluster.share(setup, workers=addresses[:count])  # initial weights may be large
-        self.shared = (shared, model, None if same else cluster.share_once_model(dense), loaders)
+        theirs = None if same else cluster.kept_once("dense", dense, dense.SerializeToString)
+        self.opening = (Kept("setup", uuid.uuid4().hex, setup), model, theirs, loaders)
         self.residents = [self._place(g, addresses[g]) for g in range(count)]
         self.opened = [False] * count  # whether the group has run a request (else it replays them)
         self.pending: Weights = {}  # updates since the last request
@@ -422,8 +423,8 @@ class ClusterSums:
     def _place(self, g: int, worker: str | None) -> Placed:
         """Group ``g`` placed on ``worker`` (None: anywhere), to be opened by its first request."""
         mine = self.groups[g]
-        opening = (*self.shared, [self.parts[p] for p in mine], [self.starts[p] for p in mine])
-        return self.cluster.place(_Group, opening, worker)
+        args = ([self.parts[p] for p in mine], [self.starts[p] for p in mine])
+        return self.cluster.place(_Group, args, worker)
 
     def update(self, new: Weights) -> None:
         """Sent to every group with the next layer's request."""
@@ -473,33 +474,30 @@ class ClusterSums:
         placed again (anywhere) and replays every request.
         """
         update, layer, later = self.requests[-1]
-        answers: list[Answer | None] = [None] * len(self.groups)
-        todo = list(range(len(self.groups)))
-        for attempt in range(RETRIES + 1):
-            mine = {g: draw.of(self.groups[g]) if draw is not None else None for g in todo}
-            calls: list[tuple[Any, str, tuple[Any, ...]]] = []
-            for g in todo:
-                if sums and self.opened[g]:
-                    calls.append((self.residents[g], "sums", (mine[g],)))
-                else:
-                    replay = None if self.opened[g] else self.requests[:-1]
-                    args = (replay, update, layer, later, mine[g], self.next)
-                    calls.append((self.residents[g], "layer_rows", args))
-            for g, (_, method, _), answer in zip(todo, calls, self.cluster.ask(calls), strict=True):
-                if answer is not None:
-                    self.opened[g] = True
-                    drawn = mine[g]
-                    answers[g] = (drawn.rows, answer) if method == "sums" and drawn else answer
-            todo = [g for g in todo if answers[g] is None]
-            if not todo:
-                by_part: list[Any] = [None] * len(self.parts)
-                for group, (rows, part_sums) in zip(self.groups, answers, strict=True):  # type: ignore[misc]
-                    for i, p in enumerate(group):
-                        by_part[p] = (rows[i], None if part_sums is None else part_sums[i])
-                return by_part
-            if attempt == RETRIES:
-                break
-            log.warning("refit: groups %s lost their worker; rebuilding them", todo)
-            for g in todo:
+        mine = {g: draw.of(group) if draw is not None else None for g, group in enumerate(self.groups)}
+        # The layer's request, pickled once for every group (a new group gets the earlier ones too).
+        request = Payload((update, layer, later, self.next))
+        only_sums: dict[int, bool] = {}
+
+        def call(g: int) -> tuple[Placed, str, tuple[Any, ...]]:
+            only_sums[g] = sums and self.opened[g]
+            if only_sums[g]:
+                return self.residents[g], "sums", (mine[g],)
+            if self.opened[g]:
+                return self.residents[g], "layer_rows", (None, request, mine[g])
+            return self.residents[g], "layer_rows", (self.requests[:-1], request, mine[g], *self.opening)
+
+        def replace(lost: Sequence[int]) -> None:
+            log.warning("refit: groups %s lost their worker; rebuilding them", list(lost))
+            for g in lost:
                 self.residents[g], self.opened[g] = self._place(g, None), False
-        raise ConfigError(f"refit of {layer.name}: groups {todo} lost {RETRIES} workers in turn")
+
+        answers = self.cluster.ask_all(len(self.groups), call, replace, f"refit of {layer.name}")
+        by_part: list[Any] = [None] * len(self.parts)
+        for g, (group, answer) in enumerate(zip(self.groups, answers, strict=True)):
+            self.opened[g] = True
+            drawn = mine[g]
+            rows, part_sums = (drawn.rows, answer) if only_sums[g] and drawn is not None else answer
+            for i, p in enumerate(group):
+                by_part[p] = (rows[i], None if part_sums is None else part_sums[i])
+        return by_part

@@ -1,27 +1,31 @@
 """Passes over the calibration data on a Dask distributed cluster: the only importer of Dask.
 
-A pass (the statistics of one model version) becomes one task per part of the data. Each task
-returns partial sums only; :meth:`Cluster.map` hands them back in the parts' order, whatever order
-the workers finish in, so the caller merges them exactly as a single process would. A worker that
-dies mid-pass has its tasks rerun by the scheduler (Dask's own rescheduling); a task's result is
-read once from its future, so no part is merged twice.
+Every pass talks to objects kept on the workers (:class:`Resident`, Dask actors placed by
+:meth:`Cluster.place`) with direct calls (:meth:`Cluster.ask`): a few milliseconds a round trip,
+where a task through the scheduler takes 10-20 under load. A pass whose parts need no state from
+one call to the next (a statistics pass, a guard measurement) sends each part to its worker's
+runner (:meth:`Cluster.run_parts`) and gets the partial sums back in the parts' order, whatever
+order they finish in, so the caller merges them as a single process would. The refit keeps its
+parts' activations on their workers in residents of its own (egp_onnx.reconstruct.parts).
 
-State that must stay on one worker from one request to the next (the refit's activations) lives
-in a :class:`Resident`, a Dask actor placed on a worker (:meth:`Cluster.place`) and called there
-directly (:meth:`Cluster.ask`): a few milliseconds a round trip, where a task through the
-scheduler takes 10-20 under load. A lost worker loses its residents: ``ask`` says so (None), and
-their owner places new ones.
+A lost worker loses its residents and their calls are answered None; :meth:`Cluster.ask_all`
+is the one place that places them again elsewhere and sends their calls again, for every pass.
+A call answered is never sent again, so no part is merged twice.
 
-What moves per pass: the model once per worker (:meth:`Cluster.share`, broadcast) and the sums
-back, both independent of the number of samples. The data's shard loaders are shared once per run:
-a loader that reads a path needs that path on every worker (a shared file system), an in-memory
-shard (a held-out split, a reader's feeds) goes to each worker that runs one of its parts, once.
+What moves per pass: the model once per worker (a :class:`Kept` argument: each resident gets it
+once, the bytes pickled once for all), each call's own arguments (pickled once for every worker
+when they are the same, :class:`Payload`) and the sums back, all independent of the number of
+samples. The data's shard loaders go to each worker once per run: a loader that reads a path
+needs that path on every worker (a shared file system), an in-memory shard (a held-out split, a
+reader's feeds) goes in the loaders themselves.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
+import queue
 import re
 import threading
 import uuid
@@ -43,6 +47,8 @@ INSTALL_HINT = "--scheduler needs Dask distributed: pip install 'egp-onnx[dask]'
 CONNECT_TIMEOUT = 10
 #: Model versions whose sessions a worker keeps (the loop's candidate and the one before).
 CACHED_VERSIONS = 2
+#: Times a pass's calls are sent again to objects whose worker was lost, before giving up.
+RETRIES = 3
 
 #: What a local worker runs, imported before it starts (see _forked).
 WORKER_MODULES = ("egp_onnx.calibrate.collect", "egp_onnx.reconstruct.parts", "egp_onnx.verify.guard")
@@ -79,39 +85,119 @@ class Resident:
     """
 
     def answer(self, method: str, *args: Any) -> tuple[bool, Any]:
-        """(True, ``self.method(*args)``), or (False, the exception it raised)."""
+        """(True, ``self.method(*args)``), or (False, the exception it raised).
+
+        A :class:`Payload` argument arrives as its value; a :class:`Kept` one as its value,
+        kept here for the later calls that name it without it.
+        """
         try:
-            return True, getattr(self, method)(*args)
+            values = [self._unpacked(arg) for arg in args]
+            return True, getattr(self, method)(*values)
         except Exception as exc:  # raised again on the client, as it is
             return False, exc
+
+    def _unpacked(self, arg: Any) -> Any:
+        if isinstance(arg, Payload):
+            return arg.value()
+        if not isinstance(arg, Kept):
+            return arg
+        kept: dict[str, dict[str, Any]] = self.__dict__.setdefault("_kept", {})
+        slot = kept.setdefault(arg.slot, {})
+        if arg.pickled is not None:
+            _remember(slot, arg.key, pickle.loads(arg.pickled))
+        return slot[arg.key]  # a KeyError here: the client's record of what is kept here is wrong
+
+
+def _remember(slot: dict[str, Any], key: str, value: Any) -> None:
+    """``slot[key] = value``, the slot holding the last :data:`CACHED_VERSIONS` keys only.
+
+    The client keeps the same record of each resident's slots (:meth:`Placed.keeps`), by the same rule.
+    """
+    slot.pop(key, None)
+    while len(slot) >= CACHED_VERSIONS:
+        del slot[next(iter(slot))]
+    slot[key] = value
+
+
+class Payload:
+    """A call's argument pickled once, however many residents it is sent to (a layer's request)."""
+
+    def __init__(self, value: Any) -> None:
+        self.pickled = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def value(self) -> Any:
+        """The value, unpickled (on the resident)."""
+        return pickle.loads(self.pickled)
+
+
+class Kept:
+    """A call's argument that a resident keeps once it has it: sent to each resident once.
+
+    ``slot`` names what it is (the model, the data's loaders); a resident keeps the last
+    :data:`CACHED_VERSIONS` keys of each slot (a loop step's candidate and the one before). The
+    value is pickled once here, for every resident that gets it.
+    """
+
+    def __init__(self, slot: str, key: str, value: Any) -> None:
+        self.slot, self.key = slot, key
+        self.pickled: bytes | None = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def named(self) -> Kept:
+        """The argument without its value: for a resident that keeps it already."""
+        empty = Kept.__new__(Kept)
+        empty.slot, empty.key, empty.pickled = self.slot, self.key, None
+        return empty
 
 
 class Placed:
     """A handle of an object kept on a worker (:meth:`Cluster.place`): its future, then the object's proxy."""
 
-    def __init__(self, future: Any) -> None:
+    def __init__(self, future: Any, in_loop: bool = True) -> None:
         self.future = future
         self.actor: Any = None  # the Dask actor, once built
         self.answered = False  # whether a call has been answered (the first may open the object)
+        self.in_loop = in_loop  # its later calls may run on the worker's event loop (Cluster.ask)
+        self.kept: dict[str, dict[str, None]] = {}  # per slot, the Kept keys sent to it (as it keeps them)
+
+    def keeps(self, arg: Kept) -> bool:
+        """Whether the object keeps ``arg`` already (else it is sent with its value, and recorded)."""
+        slot = self.kept.setdefault(arg.slot, {})
+        if arg.key in slot:
+            return True
+        _remember(slot, arg.key, None)
+        return False
 
 
-async def _lost(exc: BaseException) -> BaseException:
-    """An awaitable of a call that could not be sent (its worker is gone): OSError, as a lost answer."""
-    return exc if isinstance(exc, OSError) else OSError(str(exc))
+def _sent(handle: Placed, arg: Any) -> Any:
+    """``arg`` as it is sent to ``handle``'s object: a :class:`Kept` it keeps already, without its value."""
+    if isinstance(arg, Kept) and handle.keeps(arg):
+        return arg.named()
+    return arg
+
+
+class _Runner(Resident):
+    """A worker's runner of parts of a pass (:meth:`Cluster.run_parts`): holds what it was sent to keep."""
+
+    def run(self, function: Callable[..., Any], count: int, *args: Any) -> Any:
+        """``function(*kept, *shared, *item)``: ``count`` kept values, the shared tuple, the item."""
+        kept, shared, item = args[:count], args[count], args[count + 1 :]
+        return function(*kept, *shared, *item)
 
 
 class Cluster:
-    """A connected Dask client: shares objects with the workers and maps tasks over them."""
+    """A connected Dask client: places objects on the workers and sends them calls."""
 
     def __init__(self, client: Any, threads: int, in_loop: bool = False) -> None:
         self.client = client
-        #: onnxruntime threads per task: a local cluster's workers share this machine's cores;
+        #: onnxruntime threads per part: a local cluster's workers share this machine's cores;
         #: a remote worker uses its own machine's (0: onnxruntime's default, one per core).
         self.threads = threads
         #: Whether a resident's methods run on its worker's event loop (see :meth:`ask`).
         self.in_loop = in_loop
-        self._shared: dict[int, tuple[Any, Any]] = {}
-        self._model: tuple[Any, str, Any] | None = None  # the last model shared (share_model)
+        self._kept: dict[int, tuple[Any, Kept]] = {}  # kept_once's arguments, by their value's id
+        self._model: tuple[Any, Kept] | None = None  # the last model sent (kept_model)
+        self._runners: list[Placed] = []  # one per worker (run_parts), placed at first use
+        self._runner_workers: set[str] = set()  # the workers runners were placed on
 
     @property
     def workers(self) -> int:
@@ -119,136 +205,206 @@ class Cluster:
         # nthreads() lists every worker in every Dask since 2024.1 (scheduler_info truncates to 5)
         return len(self.client.nthreads())
 
-    def share(
-        self, value: Any, broadcast: bool = True, workers: Sequence[str] | None = None
-    ) -> tuple[str, Any]:
-        """``value`` placed on the workers: (a key naming this version, its future).
-
-        ``workers``: on those only (a task elsewhere fetches it from one of them). Tasks given
-        the future receive the value itself; a task may build objects from it once per key with
-        :func:`worker_cached`.
-        """
-        where = list(workers) if workers is not None else None
-        (future,) = self.client.scatter([value], broadcast=broadcast, hash=False, workers=where, direct=False)
-        return uuid.uuid4().hex, future
-
     @property
     def addresses(self) -> list[str]:
         """The connected workers' addresses, sorted (tasks are pinned to them by position)."""
         return sorted(self.client.nthreads())
 
-    def share_model(self, model: Any) -> tuple[str, Any]:
-        """A model's serialised bytes on every worker: (its version key, the bytes' future).
+    def kept_model(self, model: Any) -> Kept:
+        """A model's serialised bytes as a :class:`Kept` argument: each runner gets them once.
 
-        The same model object as the last call's is not shipped again: a loop step's candidate
-        goes to the workers once for its guard measurement and its statistics pass.
+        The same model object as the last call's is the same argument: a loop step's candidate
+        goes to each worker once, for its guard measurement and its statistics pass.
         """
         last = self._model
         if last is None or last[0] is not model:
-            key, future = self.share(model.SerializeToString())
-            last = self._model = (model, key, future)
-        return last[1], last[2]
+            last = self._model = (model, Kept("model", uuid.uuid4().hex, model.SerializeToString()))
+        return last[1]
 
-    def share_once_model(self, model: Any) -> Any:
-        """A model's serialised bytes on every worker once for this run (the same model: the same future)."""
-        return self._scatter_once(model, model.SerializeToString)
+    def kept_once(self, slot: str, value: Any, payload: Callable[[], Any] | None = None) -> Kept:
+        """``value`` (or what ``payload()`` makes of it) as a :class:`Kept` argument for this run.
 
-    def share_once(self, value: Any) -> Any:
-        """``value`` placed on every worker once for this run (the same object: the same future).
-
-        On every worker, not one: scattered data cannot be recomputed, so a copy held by a single
-        worker would be lost with it, and with it every task that reads it.
+        The same object: the same argument, pickled once per run.
         """
-        return self._scatter_once(value, lambda: value)
-
-    def _scatter_once(self, owner: Any, payload: Callable[[], Any]) -> Any:
-        """``payload()`` broadcast to every worker once per ``owner`` (the same object: the same future)."""
-        held = self._shared.get(id(owner))
-        if held is None or held[0] is not owner:
-            # through the scheduler (direct=False), where replicas are placed as it records them
-            (future,) = self.client.scatter([payload()], broadcast=True, hash=False, direct=False)
-            held = self._shared[id(owner)] = (owner, future)
+        held = self._kept.get(id(value))
+        if held is None or held[0] is not value:
+            kept = Kept(slot, uuid.uuid4().hex, value if payload is None else payload())
+            held = self._kept[id(value)] = (value, kept)
         return held[1]
 
-    def map(
+    def run_parts(
         self,
         function: Callable[..., R],
+        kept: Sequence[Kept],
+        shared: tuple[Any, ...],
         items: Sequence[tuple[Any, ...]],
         on_done: Callable[[int, R], None] | None = None,
+        what: str = "pass",
     ) -> list[R]:
-        """``[function(*item) for item in items]`` on the workers, in the order of ``items``.
+        """``[function(*kept, *shared, *item) for item in items]`` on the workers, in the order of ``items``.
 
-        ``on_done(index, result)`` is called as each task finishes (progress), in finishing order.
-        An error a task raises is raised here, as it is (an EgpError stays one).
+        Each worker has a runner (a :class:`Resident` placed at its first pass, kept for the run,
+        a worker that joins later gets one at the next pass);
+        item i goes to runner i mod n as a direct call, no task through the scheduler. ``kept``
+        (the model, the data's loaders) go to each runner once (:class:`Kept`), ``shared`` is
+        pickled once for all calls. A lost worker's items run again on a runner placed elsewhere
+        (:meth:`ask_all`): each item's result is read once. ``on_done(index, result)`` as each
+        item is answered (progress). An error ``function`` raises is raised here, as it is.
         """
-        from distributed import as_completed
+        for address in self.addresses:
+            if address not in self._runner_workers:
+                self._runner_workers.add(address)
+                self._runners.append(self.place(_Runner, (), address, in_loop=False))
+        runners = self._runners
+        where = [i % len(runners) for i in range(len(items))]
+        payload = Payload(shared)
 
-        futures = [self.client.submit(function, *item, pure=False) for item in items]
-        where = {future.key: i for i, future in enumerate(futures)}
-        results: list[Any] = [None] * len(items)
-        try:
-            for future in as_completed(futures):
-                i = where[future.key]
-                results[i] = future.result()  # raises the task's own exception
-                if on_done is not None:
-                    on_done(i, results[i])
-        except BaseException:
-            self.client.cancel([f for f in futures if not f.done()])  # the rest is not wanted
-            raise
-        return results
+        def call(i: int) -> tuple[Placed, str, tuple[Any, ...]]:
+            return runners[where[i]], "run", (function, len(kept), *kept, payload, *items[i])
 
-    def place(self, kind: type[Resident], args: tuple[Any, ...], worker: str | None) -> Placed:
+        def replace(lost: Sequence[int]) -> None:
+            for r in sorted({where[i] for i in lost}):
+                runners[r] = self.place(_Runner, (), None, in_loop=False)
+
+        return self.ask_all(len(items), call, replace, what, on_done)
+
+    def ask_all(
+        self,
+        count: int,
+        call: Callable[[int], tuple[Placed, str, tuple[Any, ...]]],
+        replace: Callable[[Sequence[int]], None],
+        what: str,
+        on_answer: Callable[[int, Any], None] | None = None,
+    ) -> list[Any]:
+        """Per unit ``u < count``, the answer of the call ``call(u)``, all sent at once (:meth:`ask`).
+
+        The one place where a lost worker's work is done again, for every pass (the statistics,
+        the guard, the refit): the units whose worker was lost go to ``replace`` (which places
+        their objects again, elsewhere) and are asked again, at most :data:`RETRIES` times. A
+        unit answered is never asked again, so no answer is read, or merged, twice.
+
+        Raises:
+            ConfigError: units lost their workers :data:`RETRIES` times in turn.
+
+        """
+        answers: list[Any] = [None] * count
+        todo = list(range(count))
+        for attempt in range(RETRIES + 1):
+            calls = [call(u) for u in todo]
+
+            def answered(i: int, value: Any, todo: list[int] = todo) -> None:
+                if on_answer is not None:
+                    on_answer(todo[i], value)
+
+            for u, answer in zip(todo, self.ask(calls, answered), strict=True):
+                answers[u] = answer
+            todo = [u for u in todo if answers[u] is None]
+            if not todo:
+                return answers
+            if attempt == RETRIES:
+                break
+            log.warning("%s: %d of %d calls lost their worker; sending them again", what, len(todo), count)
+            replace(todo)
+        raise ConfigError(f"{what}: {len(todo)} parts lost {RETRIES} workers in turn")
+
+    def place(
+        self, kind: type[Resident], args: tuple[Any, ...], worker: str | None, in_loop: bool = True
+    ) -> Placed:
         """A ``kind(*args)`` built and kept on ``worker`` (None: any; elsewhere if it is gone).
 
         Returns its handle for :meth:`ask`; the object lives as long as the handle. Futures among
-        ``args`` arrive as their values.
+        ``args`` arrive as their values. ``in_loop``: its calls may run on the worker's event loop
+        (:meth:`ask`); False for calls that may be long (a part of a pass).
         """
         if worker is None:
-            return Placed(self.client.submit(kind, *args, actor=True, pure=False))
+            return Placed(self.client.submit(kind, *args, actor=True, pure=False), in_loop)
         where = {"workers": [worker], "allow_other_workers": True}
-        return Placed(self.client.submit(kind, *args, actor=True, pure=False, **where))
+        return Placed(self.client.submit(kind, *args, actor=True, pure=False, **where), in_loop)
 
-    def ask(self, calls: Sequence[tuple[Placed, str, tuple[Any, ...]]]) -> list[Any]:
+    def ask(
+        self,
+        calls: Sequence[tuple[Placed, str, tuple[Any, ...]]],
+        on_answer: Callable[[int, Any], None] | None = None,
+    ) -> list[Any]:
         """``[handle.method(*args) for handle, method, args in calls]``, all at once, in that order.
 
         Each call goes to its object's worker directly (no task: a round trip of a few
         milliseconds where a task takes 10-20 under load), and the client waits for all of them
         at once; an object runs one call at a time. None for a call whose worker was lost, and
         its object with it (place another). An error a method raises is raised here, as it is.
+        ``on_answer(i, value)`` is called in this thread as each call is answered (progress).
+
+        A :class:`Kept` argument goes with its value only to an object that does not keep it
+        yet; that call goes first, and the object's other calls once it is answered (calls sent
+        at once may arrive in any order). A :class:`Payload` is pickled once for every call.
 
         With :attr:`in_loop` (local worker processes), a call runs on its worker's event loop
         rather than being handed to the worker's actor thread and its answer handed back: with
         the cores busy, each hand-off waits for the thread to be scheduled. A worker runs one
         call at a time either way, and its loop has nothing else to do meanwhile. An object's
         first call still runs on the thread: it may open the object (load its data, replay
-        earlier requests), long enough for the worker's heartbeats to need the loop.
+        earlier requests), long enough for the worker's heartbeats to need the loop; so do the
+        calls of an object placed with ``in_loop=False`` (a pass's parts).
         """
         import asyncio
 
-        async def answers() -> list[Any]:
-            pending = []
-            for handle, method, args in calls:
-                where = {"separate_thread": False} if self.in_loop and handle.answered else {}
-                try:
-                    if handle.actor is None:
-                        handle.actor = await handle.future
-                    pending.append(handle.actor.answer(method, *args, **where))
-                except (OSError, RuntimeError) as exc:  # Dask: "Worker holding Actor was lost"
-                    pending.append(_lost(exc))
-            return await asyncio.gather(*pending, return_exceptions=True)
+        sent = [tuple(_sent(handle, arg) for arg in args) for handle, _, args in calls]
+        first: dict[int, int] = {}  # per object, its call that brings it a Kept value
+        for i, (handle, _, _) in enumerate(calls):
+            if any(isinstance(a, Kept) and a.pickled is not None for a in sent[i]):
+                first.setdefault(id(handle), i)
+        done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
 
-        results: list[Any] = []
-        for (handle, _, _), answer in zip(calls, self.client.sync(answers), strict=True):
+        async def one(i: int) -> None:
+            handle, method, _ = calls[i]
+            where = {"separate_thread": False} if self.in_loop and handle.in_loop and handle.answered else {}
+            try:
+                if handle.actor is None:
+                    handle.actor = await handle.future
+                answer = await handle.actor.answer(method, *sent[i], **where)
+            except (OSError, RuntimeError, asyncio.CancelledError) as exc:
+                # Dask: "Worker holding Actor was lost", or its placement cancelled with the worker
+                answer = exc if isinstance(exc, OSError) else OSError(str(exc))
+            except BaseException as exc:  # raised again on the client
+                answer = exc
+            done.put((i, answer))
+
+        async def after(i: int, later: list[int]) -> None:
+            await one(i)
+            await asyncio.gather(*(one(j) for j in later))
+
+        async def send() -> None:
+            by_object: dict[int, list[int]] = {}
+            for i, (handle, _, _) in enumerate(calls):
+                by_object.setdefault(id(handle), []).append(i)
+            pending = []
+            for key, mine in by_object.items():
+                if key in first:
+                    head = first[key]
+                    pending.append(after(head, [j for j in mine if j != head]))
+                else:
+                    pending.extend(one(j) for j in mine)
+            await asyncio.gather(*pending)
+
+        running = asyncio.run_coroutine_threadsafe(send(), self.client.loop.asyncio_loop)
+        results: list[Any] = [None] * len(calls)
+        for _ in calls:
+            i, answer = done.get()
+            handle = calls[i][0]
             if isinstance(answer, OSError):  # the worker did not answer: lost
-                results.append(None)
-            elif isinstance(answer, BaseException):
+                continue
+            if isinstance(answer, BaseException):
+                running.cancel()
                 raise answer
-            else:
-                handle.answered = True
-                done, value = answer
-                if not done:
-                    raise value  # the exception the method raised
-                results.append(value)
+            handle.answered = True
+            ok, value = answer
+            if not ok:
+                running.cancel()
+                raise value  # the exception the method raised
+            results[i] = value
+            if on_answer is not None:
+                on_answer(i, value)
+        running.result()
         return results
 
     def close(self) -> None:

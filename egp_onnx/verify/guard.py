@@ -244,14 +244,13 @@ class Guard:
         reference = self.reference
         if not reference.parts():
             return reference.merged([], SURGERY_ATOL, SURGERY_RTOL)
-        version, model = cluster.share_model(candidate)
-        parts = cluster.share_once(reference.parts())  # once per run: every step reuses the workers' copy
-        args = (
-            version, model, parts, reference.names, SURGERY_ATOL, SURGERY_RTOL, reference.unseen,
-            reference.threshold,
-        )  # fmt: skip
-        tasks = [(*args, p) for p in range(len(reference.parts()))]
-        return reference.merged(cluster.map(guard_part, tasks), SURGERY_ATOL, SURGERY_RTOL)
+        # the held-out parts go to each worker once per run, the candidate once (with its statistics pass)
+        model, parts = cluster.kept_model(candidate), cluster.kept_once("held", reference.parts())
+        tolerances = (SURGERY_ATOL, SURGERY_RTOL)
+        shared = (model.key, reference.names, *tolerances, reference.unseen, reference.threshold)
+        items = [(p,) for p in range(len(reference.parts()))]
+        sums = cluster.run_parts(guard_part, (model, parts), shared, items, what="guard measurement")
+        return reference.merged(sums, SURGERY_ATOL, SURGERY_RTOL)
 
     def shipped_problems(self, candidate: onnx.ModelProto) -> list[str]:
         """The guard's complaints about ``candidate`` in its shipped form (none without one).
@@ -291,9 +290,9 @@ class Guard:
 
 
 def guard_part(
-    version: str,
     model: bytes,
     parts: Sequence[Sequence[StoredBatch]],
+    version: str,
     names: list[str],
     atol: float,
     rtol: float,
@@ -301,9 +300,9 @@ def guard_part(
     threshold: float,
     p: int,
 ) -> FidelitySums:
-    """A cluster task: a candidate's sums over part ``p`` of the held-out batches (sums only go back).
+    """A candidate's sums over part ``p`` of the held-out batches, on a worker (Cluster.run_parts).
 
-    The worker builds the candidate's session once per model version.
+    Only the sums go back. The worker builds the candidate's session once per model version.
     """
     handle = worker_cached(f"{version}:guard", lambda: ModelHandle(onnx.load_from_string(model)))
     return part_sums(handle, parts[p], names, atol, rtol, unseen, threshold)

@@ -40,6 +40,7 @@ from egp_onnx.reconstruct import refit as refit_module
 from egp_onnx.reconstruct.refit import reconstruct
 from egp_onnx.runtime import cluster as cluster_module
 from egp_onnx.runtime.cluster import INSTALL_HINT, local_workers, open_cluster
+from egp_onnx.verify import guard as guard_module
 from egp_onnx.verify.fidelity import Reference
 from egp_onnx.verify.guard import Guard
 
@@ -77,11 +78,18 @@ def _slow_square(x: int) -> int:
     return x * x
 
 
-def test_map_returns_results_in_the_order_of_the_items_whatever_finishes_first(threads):
+def _slow_power(exponent: int, offset: int, x: int) -> int:
+    time.sleep(random.random() * 0.05)
+    return (x + offset) ** exponent
+
+
+def test_run_parts_returns_results_in_the_order_of_the_items_whatever_finishes_first(threads):
     done = []
-    found = threads.map(_slow_square, [(i,) for i in range(12)], lambda i, r: done.append((i, r)))
-    assert found == [i * i for i in range(12)]
-    assert sorted(done) == [(i, i * i) for i in range(12)]  # each task reported once
+    kept = threads.kept_once("test", 2)
+    items = [(i,) for i in range(12)]
+    found = threads.run_parts(_slow_power, [kept], (1,), items, lambda i, r: done.append((i, r)))
+    assert found == [(i + 1) ** 2 for i in range(12)]
+    assert sorted(done) == [(i, (i + 1) ** 2) for i in range(12)]  # each part reported once
 
 
 def test_an_error_of_a_task_is_raised_as_it_is(threads, tmp_path, rng):
@@ -102,13 +110,13 @@ def test_statistics_on_a_cluster_equal_one_process(threads, tmp_path, rng, batch
     single = collect.collect_statistics(model, sites, open_calibration(tmp_path, model), batch_size)
     seen: list[int] = []
     data = open_calibration(tmp_path, model)
-    shared = len(threads._shared)
+    kept = len(threads._kept)
     for _ in range(2):  # a second pass reuses the workers' copy of the loaders
         seen.clear()
         spread = collect.collect_statistics(model, sites, data, batch_size, seen.append, cluster=threads)
         same_statistics(single, spread)
         assert sum(seen) == 437  # progress: every part once
-        assert len(threads._shared) == shared + 1  # the data's loaders went to the workers once
+        assert len(threads._kept) == kept + 1  # the data's loaders went to the workers once
 
 
 def test_compress_on_a_cluster_writes_the_same_model_and_report(threads, tmp_path, rng, monkeypatch):
@@ -279,12 +287,18 @@ def _losing(cluster, monkeypatch, lost):
     """
     original, asked = cluster.ask, {"asks": 0, "lost": []}
 
-    def ask(calls):
+    def ask(calls, on_answer=None):
         asked["asks"] += 1
-        keep = [(asked["asks"], i, method) not in lost for i, (_, method, _) in enumerate(calls)]
-        answers = iter(original([call for call, sent in zip(calls, keep, strict=True) if sent]))
-        asked["lost"] += [(asked["asks"], i, m) for i, (_, m, _) in enumerate(calls) if not keep[i]]
-        return [next(answers) if sent else None for sent in keep]
+        keep = [(asked["asks"], i, _name(call)) not in lost for i, call in enumerate(calls)]
+        sent = [i for i, k in enumerate(keep) if k]
+
+        def answered(j, value):
+            if on_answer is not None:
+                on_answer(sent[j], value)
+
+        answers = iter(original([calls[i] for i in sent], answered))
+        asked["lost"] += [(asked["asks"], i, _name(call)) for i, call in enumerate(calls) if not keep[i]]
+        return [next(answers) if k else None for k in keep]
 
     monkeypatch.setattr(cluster, "ask", ask)
     return asked
@@ -355,28 +369,94 @@ def test_guard_sums_on_a_cluster_equal_one_process(threads, tmp_path, rng):
     alone = Guard(reference, settings, lambda m: {})(candidate)
     spread = Guard(reference, settings, lambda m: {}, cluster=threads)(candidate)
     assert spread == alone and alone[1]  # the same fidelity, to the bit, and the same complaints
-    shared = len(threads._shared)
+    kept = len(threads._kept)
     Guard(reference, settings, lambda m: {}, cluster=threads)(_pruned(model, rng))
-    assert len(threads._shared) == shared  # the held-out parts went to the workers once
+    assert len(threads._kept) == kept  # the held-out parts went to the workers once
+
+
+def test_a_statistics_pass_that_loses_a_worker_reruns_its_parts_and_merges_each_once(
+    threads, tmp_path, rng, monkeypatch
+):
+    model, data, _ = _refit_case(tmp_path, rng)
+    sites = find_rectifiers(model)
+    alone = collect.collect_statistics(model, sites, data, 32)
+    assert len(plan_parts(data, 32)) == 3  # on two runners: parts 0 and 2 on one, 1 on the other
+    asked = _losing(threads, monkeypatch, {(1, 1, "count_part")})  # part 1's worker lost
+    seen: list[int] = []
+    spread = collect.collect_statistics(model, sites, data, 32, seen.append, cluster=threads)
+    assert asked["lost"] == [(1, 1, "count_part")] and asked["asks"] == 2  # part 1 asked again, alone
+    assert sorted(seen) == sorted(p.samples for p in plan_parts(data, 32))  # each part counted once
+    same_statistics(alone, spread)
+
+
+def test_a_guard_measurement_that_loses_a_worker_reruns_its_parts_and_merges_each_once(
+    threads, tmp_path, rng, monkeypatch
+):
+    model = prepare_model(residual_block(rng))
+    np.savez(tmp_path / "held.npz", x=inputs(rng, 700, (4, 6, 6)))
+    reference = Reference(model, open_calibration(tmp_path / "held.npz", model), 32)
+    assert len(reference.parts()) == 3
+    settings = Settings(max_rel_error=0.01)
+    candidate = _pruned(model, rng)
+    alone = Guard(reference, settings, lambda m: {})(candidate)
+    # Two runners: parts 0 and 2 on one, 1 on the other. Lost: part 1 (the only call to its
+    # runner) in the first ask, and part 2 (after part 0, answered, on the same runner) in the
+    # next candidate's first ask; each is asked again alone, on a runner placed anew.
+    asked = _losing(threads, monkeypatch, {(1, 1, "guard_part"), (3, 2, "guard_part")})
+    spread = Guard(reference, settings, lambda m: {}, cluster=threads)(candidate)
+    assert asked["asks"] == 2 and spread == alone  # the same sums: no part merged twice, none missing
+    other = _pruned(model, rng)
+    again = Guard(reference, settings, lambda m: {}, cluster=threads)(other)
+    assert asked["asks"] == 4 and again == Guard(reference, settings, lambda m: {})(other)
+    assert asked["lost"] == [(1, 1, "guard_part"), (3, 2, "guard_part")]
+
+
+def guard_part_or_die(*args):
+    """guard_part, except that the first attempt at the second part kills its worker process."""
+    marker = Path(os.environ["EGP_TEST_DIE_ONCE"])
+    if args[-1] == 1 and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os._exit(1)  # the worker process dies mid-measurement
+    return ORIGINAL_GUARD_PART(*args)
+
+
+ORIGINAL_GUARD_PART = guard_module.guard_part
+
+
+def test_a_killed_worker_during_a_guard_measurement_has_its_parts_rerun(tmp_path, rng, monkeypatch):
+    model = prepare_model(residual_block(rng))
+    np.savez(tmp_path / "held.npz", x=inputs(rng, 700, (4, 6, 6)))
+    reference = Reference(model, open_calibration(tmp_path / "held.npz", model), 32)
+    settings = Settings(max_rel_error=0.01)
+    candidate = _pruned(model, rng)
+    alone = Guard(reference, settings, lambda m: {})(candidate)
+    marker = tmp_path / "died"
+    monkeypatch.setenv("EGP_TEST_DIE_ONCE", str(marker))  # before the workers start: they inherit it
+    monkeypatch.setattr(guard_module, "guard_part", guard_part_or_die)
+    with open_cluster("local:2") as cluster:
+        pids = set(cluster.client.run(os.getpid).values())
+        spread = Guard(reference, settings, lambda m: {}, cluster=cluster)(candidate)
+    assert int(marker.read_text()) in pids  # a worker did die
+    assert spread == alone  # every part's sums once: a part merged twice would change them
+
+
+def _name(call):
+    """A call's method, or for a pass's part (a runner's ``run``) the function it runs."""
+    _, method, args = call
+    return args[0].__name__ if method == "run" else method
 
 
 def _result_sizes(cluster, monkeypatch):
     """The pickled size of every task's result and every resident's answer, by name."""
     sizes: dict[str, list[int]] = {}
-    original_map, original_ask = cluster.map, cluster.ask
+    original_ask = cluster.ask
 
-    def mapping(function, items, *args, **kwargs):
-        results = original_map(function, items, *args, **kwargs)
-        sizes.setdefault(function.__name__, []).extend(len(pickle.dumps(r)) for r in results)
-        return results
-
-    def asking(calls):
-        answers = original_ask(calls)
-        for (_, method, _), answer in zip(calls, answers, strict=True):
-            sizes.setdefault(method, []).append(len(pickle.dumps(answer)))
+    def asking(calls, on_answer=None):
+        answers = original_ask(calls, on_answer)
+        for call, answer in zip(calls, answers, strict=True):
+            sizes.setdefault(_name(call), []).append(len(pickle.dumps(answer)))
         return answers
 
-    monkeypatch.setattr(cluster, "map", mapping)
     monkeypatch.setattr(cluster, "ask", asking)
     return sizes
 
@@ -418,18 +498,13 @@ def test_compress_with_refit_and_guard_on_a_cluster_writes_the_same_bytes(
 
 
 def _task_names(monkeypatch):
-    """The tasks and residents' methods every cluster compress opens runs (map and ask recorded)."""
+    """The residents' methods (a pass's parts: their functions) every cluster compress opens runs."""
     names: set[str] = set()
-    original_map, original_ask = cluster_module.Cluster.map, cluster_module.Cluster.ask
+    original_ask = cluster_module.Cluster.ask
 
-    def mapping(self, function, *args, **kwargs):
-        names.add(function.__name__)
-        return original_map(self, function, *args, **kwargs)
+    def asking(self, calls, on_answer=None):
+        names.update(_name(call) for call in calls)
+        return original_ask(self, calls, on_answer)
 
-    def asking(self, calls):
-        names.update(method for _, method, _ in calls)
-        return original_ask(self, calls)
-
-    monkeypatch.setattr(cluster_module.Cluster, "map", mapping)
     monkeypatch.setattr(cluster_module.Cluster, "ask", asking)
     return names
