@@ -359,13 +359,17 @@ def test_a_refit_on_workers_one_of_which_dies_gives_the_same_model(tmp_path, rng
     )
 
 
-def test_guard_sums_on_a_cluster_equal_one_process(threads, tmp_path, rng):
+def _guard_case(tmp_path, rng):
+    """A residual block, its reference on 700 held-out samples (3 parts), an error guard, a candidate."""
     model = prepare_model(residual_block(rng))
     np.savez(tmp_path / "held.npz", x=inputs(rng, 700, (4, 6, 6)))
     reference = Reference(model, open_calibration(tmp_path / "held.npz", model), 32)
     assert len(reference.parts()) == 3
-    settings = Settings(max_rel_error=0.01)
-    candidate = _pruned(model, rng)
+    return model, reference, Settings(max_rel_error=0.01), _pruned(model, rng)
+
+
+def test_guard_sums_on_a_cluster_equal_one_process(threads, tmp_path, rng):
+    model, reference, settings, candidate = _guard_case(tmp_path, rng)
     alone = Guard(reference, settings, lambda m: {})(candidate)
     spread = Guard(reference, settings, lambda m: {}, cluster=threads)(candidate)
     assert spread == alone and alone[1]  # the same fidelity, to the bit, and the same complaints
@@ -392,12 +396,7 @@ def test_a_statistics_pass_that_loses_a_worker_reruns_its_parts_and_merges_each_
 def test_a_guard_measurement_that_loses_a_worker_reruns_its_parts_and_merges_each_once(
     threads, tmp_path, rng, monkeypatch
 ):
-    model = prepare_model(residual_block(rng))
-    np.savez(tmp_path / "held.npz", x=inputs(rng, 700, (4, 6, 6)))
-    reference = Reference(model, open_calibration(tmp_path / "held.npz", model), 32)
-    assert len(reference.parts()) == 3
-    settings = Settings(max_rel_error=0.01)
-    candidate = _pruned(model, rng)
+    model, reference, settings, candidate = _guard_case(tmp_path, rng)
     alone = Guard(reference, settings, lambda m: {})(candidate)
     # Two runners: parts 0 and 2 on one, 1 on the other. Lost: part 1 (the only call to its
     # runner) in the first ask, and part 2 (after part 0, answered, on the same runner) in the
