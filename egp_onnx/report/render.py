@@ -317,7 +317,7 @@ def _guard_line(report: CompressionReport) -> list[str]:
     if fid.samples < COARSE_GUARD:
         text += f" (coarse: fewer than {COARSE_GUARD} samples; give --eval or more data)"
     if settings.sensitivity and settings.sparsity > 0:
-        text += "; each layer capped where pruning it alone moves these samples (--sensitivity)"
+        text += "; each layer capped where pruning it alone moves these samples (--no-sensitivity skips)"
     if report.stop.reason == "guard":
         text += f"; stopped: {report.stop.detail}"
     return [text]

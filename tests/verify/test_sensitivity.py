@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import egp_onnx.api.compress as compress_module
 from egp_onnx.load.calibration import open_calibration
+from egp_onnx.report.render import compression_summary
 from egp_onnx.verify.fidelity import Reference
 from egp_onnx.verify.sensitivity import ENOUGH_SAMPLES, caps_wanted, sensitivity_caps
 
@@ -81,3 +82,4 @@ def test_the_run_measures_the_caps_as_the_rule_says_and_reports_it(
     )  # fmt: skip
     assert result.report.settings["sensitivity"] is measured
     assert bool(calls) is measured
+    assert ("each layer capped" in compression_summary(result.report, [])) is measured
