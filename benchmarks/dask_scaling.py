@@ -78,7 +78,7 @@ def _moved(cluster, out: dict, label: str):
         out[f"{label}_sent"] = out.get(f"{label}_sent", 0) + sent
         out[f"{label}_back"] = out.get(f"{label}_back", 0) + sum(back)
         out[f"{label}_largest_result"] = max(out.get(f"{label}_largest_result", 0), *back)
-        out[f"{label}_calls"] = out.get(f"{label}_tasks", 0) + len(calls)
+        out[f"{label}_calls"] = out.get(f"{label}_calls", 0) + len(calls)
         return results
 
     cluster.ask = counting_ask
