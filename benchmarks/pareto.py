@@ -93,9 +93,7 @@ def cases(folder: Path, names: list[str]) -> list[Case]:
     from models import mobilenet, resnet
 
     out = []
-    for name in ("mnist", "digits", "fashion", "fashion_wide"):
-        if name not in names:
-            continue
+    for name in [n for n in names if n in SETS]:
         model_file, calib_file, test_file, key = SETS[name]
         test = np.load(SAMPLES / test_file)
         out.append(

@@ -27,10 +27,11 @@ this takes a block's MACs to zero; on the MNIST sample one branch gone bought as
 every group cut to 16 channels (README "Channel removal"). The Add whose branch saves the most
 MACs is tried first, each kept when it passes the guard.
 
-With a finetune callback, every candidate (a channel step) is retrained before the guard judges
-it, as the weight loop's steps are, and whole branches are not emptied: ``x + c`` is a constant
-the callback's module cannot represent (it has no layer for it), so the two would no longer
-match. Channels inside branches are narrowed as usual.
+With a finetune callback, every candidate (an emptied branch, a channel step) is retrained before
+the guard judges it, as the weight loop's steps are. Whole branches are emptied only under a
+callback that ``follows_branches`` (integrations/torch.py's does: the branch's layers pass their
+input through and its last returns c); under any other the constant would have no layer in the
+callback's module. Channels inside branches are narrowed either way.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from egp_onnx.graph.layers import linear_layers
 from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.load.calibration import CalibrationData
 from egp_onnx.prune.channels import aligned_count, channel_capacity, cheapest, exact_count, step_amounts
-from egp_onnx.prune.finetune import Finetune, apply_finetune
+from egp_onnx.prune.finetune import Finetune, apply_finetune, follows_branches
 from egp_onnx.prune.loop import Guard, LayerSet
 from egp_onnx.reconstruct.channels import branch_constant, refit_consumers, removal_costs
 from egp_onnx.report.records import ChannelGroupRecord, ChannelsRecord, ChannelStepRecord
@@ -113,11 +114,12 @@ def remove_channels(
     stop = "max-steps"
     macs_now = macs_before
     branches: list[str] = []
-    if guarded and finetune is None:
+    if guarded and (finetune is None or follows_branches(finetune)):
         assert guard is not None
         current, macs_now, number = _empty_branches(
-            model, groups, alive, data, settings, guard, input_shapes, on_stage, steps, branches, macs_now
-        )
+            model, groups, alive, data, settings, guard, input_shapes, on_stage, steps, branches, macs_now,
+            finetune,
+        )  # fmt: skip
     while number < MAX_CHANNEL_STEPS:
         number += 1
         on_stage(f"channels step {number}: calibrating")
@@ -185,8 +187,7 @@ def remove_channels(
                 break
             if finetune is not None:  # dense MACs do not change with the values: measured before
                 on_stage(f"channels step {number}: finetuning")
-                layers = LayerSet(candidate, find_rectifiers(candidate))
-                candidate = apply_finetune(candidate, layers, finetune)
+                candidate = _finetuned(candidate, finetune)
             problems, agreement, error = _judged(guard, candidate) if guard is not None else ([], None, None)
         if problems and guarded:
             if signature not in rejected:
@@ -301,6 +302,7 @@ def _empty_branches(
     steps: list[ChannelStepRecord],
     emptied: list[str],
     macs_now: int | None,
+    finetune: Finetune | None = None,
 ) -> tuple[onnx.ModelProto, int | None, int]:
     """``dense`` without the residual branches the guard lets go, the most MACs first (module docstring).
 
@@ -328,6 +330,9 @@ def _empty_branches(
         kept = _kept_outputs(groups, {**alive, **gone})
         candidate, _ = refit_consumers(dense, cut, data, settings.batch_size, after, kept, settings.seed)
         macs = _macs(candidate, input_shapes)
+        if finetune is not None:
+            on_stage(f"channels step {number}: finetuning")
+            candidate = _finetuned(candidate, finetune)
         problems, agreement, error = _judged(guard, candidate)
         removed = sum(alive[g.producer].size for g in inside)
         steps.append(
@@ -345,6 +350,11 @@ def _empty_branches(
         emptied.append(branch.add)
         current, macs_now = candidate, macs
     return current, macs_now, number
+
+
+def _finetuned(candidate: onnx.ModelProto, finetune: Finetune) -> onnx.ModelProto:
+    """``candidate`` retrained by the callback, its zero weights held at zero."""
+    return apply_finetune(candidate, LayerSet(candidate, find_rectifiers(candidate)), finetune)
 
 
 def _judged(guard: Guard, candidate: onnx.ModelProto) -> tuple[list[str], float | None, float | None]:

@@ -6,6 +6,10 @@ The mapping pairs the ONNX graph's parametric nodes (Conv, Gemm, MatMul with a c
 BatchNormalization), in graph order, with the module's Conv/Linear/BatchNorm submodules, in
 registration order, preferring exact export names. A torch BatchNorm that the exporter folded
 into the preceding convolution is recognised and unfolded on the way in, folded on the way out.
+
+A residual branch that ``--channels`` emptied (the block ``x + c``, surgery/narrow.py) is put out
+of the module while the model lacks it: its layers pass their input through and the layer that
+ended it returns c, so the module computes ``x + c`` and finetuning trains c (:class:`BranchSwap`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from egp_onnx.errors import FinetuneError, MappingError
 from egp_onnx.graph.index import attr
 from egp_onnx.graph.weights import tensor_values
 from egp_onnx.load.model import write_bytes_atomic
+from egp_onnx.surgery.narrow import emptied_branches
 
 try:
     import torch
@@ -208,6 +213,117 @@ def _check_shape(
 
 def _bn_scale(bn: nn.Module) -> torch.Tensor:
     return bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+
+
+def present_bindings(model: onnx.ModelProto, bindings: Sequence[Binding]) -> list[Binding]:
+    """The bindings whose tensors ``model`` still has: an emptied branch's layers are not in it.
+
+    Raises:
+        FinetuneError: a layer has some of its tensors and not others.
+
+    """
+    values = tensor_values(model)
+    present = []
+    for b in bindings:
+        have = [t in values for t in b.tensors.values()]
+        if all(have):
+            present.append(b)
+        elif any(have):
+            missing = [t for t in b.tensors.values() if t not in values]
+            raise FinetuneError(
+                f"the model lacks {', '.join(missing)} of layer {b.node}, but has its other tensors"
+            )
+    return present
+
+
+@dataclass(frozen=True)
+class BranchEnd:
+    """The torch layer that ends an emptied branch, by module name, and where its c is in the model."""
+
+    add: str  # the ONNX Add the branch fed, now ``x + c``
+    constant: str  # the ONNX initializer holding c
+    module: str  # the torch module whose output is the branch's
+
+
+def branch_ends(
+    original: onnx.ModelProto, model: onnx.ModelProto, bindings: Sequence[Binding]
+) -> list[BranchEnd]:
+    """For each branch ``model`` has emptied, the module of ``bindings`` (the original's) that ends it.
+
+    The branch's output in the original is made by a BatchNormalization node, or a conv or
+    linear layer (with a torch BatchNorm folded into it, which is then the end).
+
+    Raises:
+        FinetuneError: the branch ends in a node no module of ``bindings`` holds.
+
+    """
+    producers = {o: n for n in original.graph.node for o in n.output}
+    by_node = {b.node: b for b in bindings}
+    ends = []
+    for branch in emptied_branches(original, model):
+        node = producers.get(branch.operand)
+        b = by_node.get(node.name) if node is not None else None
+        if b is None:
+            what = f"a {node.op_type} node" if node is not None else "no node"
+            raise FinetuneError(
+                f"the branch emptied into {branch.add} ends in {what}, which no torch module holds"
+            )
+        ends.append(BranchEnd(branch.add, branch.bias, b.folded_bn or b.module))
+    return ends
+
+
+class BranchConstant(nn.Module):
+    """An emptied branch in the module: c per channel, whatever its input (the block adds it to x)."""
+
+    def __init__(self, constant: np.ndarray) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor(np.asarray(constant, np.float32).reshape(-1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The constant as (1, C, 1, ...): the block's Add broadcasts it over the batch and the positions."""
+        return self.bias.reshape(1, -1, *[1] * (x.dim() - 2))
+
+
+class BranchSwap:
+    """Puts an emptied branch's modules out of a module and back: the layers gone from the model.
+
+    Each layer of the bindings the model no longer has becomes ``nn.Identity`` (its input passes
+    through; nothing reads it but the branch), and each branch's end a :class:`BranchConstant`
+    holding the model's c, so the module computes ``x + c`` where the model does. The modules
+    are kept: when a later model has the branch again (a candidate the guard rejected), they go
+    back in as they were, and loading the model's weights sets them.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.out: dict[str, nn.Module] = {}  # module name -> the module put out
+
+    def apply(self, model: onnx.ModelProto, ends: Sequence[BranchEnd], gone: Sequence[Binding]) -> None:
+        """The module as ``model`` has it: ``gone`` layers passed through, ``ends`` constants."""
+        for name, original in self.out.items():
+            self._put(name, original)
+        self.out = {}
+        values = tensor_values(model)
+        stand_ins: dict[str, nn.Module] = {}
+        for b in gone:
+            for name in (b.module, b.folded_bn):
+                if name is not None:
+                    stand_ins[name] = nn.Identity()
+        for end in ends:
+            stand_ins[end.module] = BranchConstant(values[end.constant])
+        mods = dict(self.module.named_modules())
+        for name, stand_in in stand_ins.items():
+            self.out[name] = mods[name]
+            self._put(name, stand_in)
+
+    def constants(self, ends: Sequence[BranchEnd]) -> dict[str, np.ndarray]:
+        """Each emptied branch's c as the module holds it now."""
+        mods = dict(self.module.named_modules())
+        return {end.constant: mods[end.module].bias.detach().numpy().copy() for end in ends}
+
+    def _put(self, name: str, module: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(self.module.get_submodule(parent) if parent else self.module, child, module)
 
 
 def load_onnx_weights(module: nn.Module, model: onnx.ModelProto, bindings: Sequence[Binding]) -> None:
@@ -403,7 +519,10 @@ class ClassificationFinetune:
     step it loads the pruned ONNX weights into ``module``, trains ``epochs`` with the masks
     hooked (pruned weights stay zero after every optimizer step), and returns the new values.
     ``start`` binds the module to the original model; under ``--channels`` each step first
-    resizes the module to the narrowed model (:func:`narrow_module`).
+    resizes the module to the narrowed model (:func:`narrow_module`), and a residual branch the
+    model has emptied is held at ``x + c`` in the module (:func:`branch_ends`), so it
+    ``follows_branches``: the channel stage may empty branches under this callback
+    (:class:`BranchSwap`).
 
     ``threads``: torch's intra-op threads while it trains (None: torch's setting). One by default:
     its kernels then run in a fixed order (a rerun gives the same weights), and the small models
@@ -411,6 +530,8 @@ class ClassificationFinetune:
     other jobs, where torch's threads spin on each other (the digits sample's epoch: 0.7 s on one
     thread, 17 s on two at load 9 on 2 cores).
     """
+
+    follows_branches = True
 
     def __init__(
         self,
@@ -434,28 +555,40 @@ class ClassificationFinetune:
         self.inputs = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.bindings: list[Binding] | None = None
+        self.original: onnx.ModelProto | None = None
+        self.swap = BranchSwap(module)
 
     def start(self, model: onnx.ModelProto) -> None:
         """Bind the module to ``model``, the one compress starts from, before any channel goes."""
         self.bindings = map_initializers(self.module, model)
+        self.original = model
 
     def __call__(self, model: onnx.ModelProto, masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Train on the pruned (or narrowed) ``model`` with ``masks`` held; return the new tensor values."""
-        if self.bindings is None:
-            self.bindings = map_initializers(self.module, model)
-        narrow_module(self.module, model, self.bindings)
-        load_onnx_weights(self.module, model, self.bindings)
+        if self.bindings is None or self.original is None:
+            self.start(model)
+        assert self.bindings is not None and self.original is not None
+        ends = branch_ends(self.original, model, self.bindings)
+        present = present_bindings(model, self.bindings)
+        self.swap.apply(model, ends, [b for b in self.bindings if b not in present])
+        narrow_module(self.module, model, present)
+        load_onnx_weights(self.module, model, present)
         previous = torch.get_num_threads()
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         try:
-            return self._train(masks)
+            return self._train(model, present, ends, masks)
         finally:
             torch.set_num_threads(previous)
 
-    def _train(self, masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        assert self.bindings is not None  # bound by start() or the first call
-        hooked = apply_masks(self.module, self.bindings, masks)
+    def _train(
+        self,
+        model: onnx.ModelProto,
+        present: Sequence[Binding],
+        ends: Sequence[BranchEnd],
+        masks: Mapping[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        hooked = apply_masks(self.module, present, masks)
         generator = torch.Generator().manual_seed(self.seed)
         optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
         self.module.train()
@@ -467,4 +600,4 @@ class ClassificationFinetune:
                 optimizer.step()
         self.module.eval()
         remove_masks(hooked)
-        return onnx_weights(self.module, self.bindings)
+        return onnx_weights(self.module, present) | self.swap.constants(ends)

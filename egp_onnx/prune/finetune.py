@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 #: Retrains a pruned model: gets the model and, per prunable initializer, the mask of kept weights;
 #: returns the retrained model (same initializer names) or new values for some of its tensors.
 #: A callback may also have a ``start(model)`` method: it is called once, with the model compress
-#: starts from, before any channel or weight goes (see :func:`start_finetune`).
+#: starts from, before any channel or weight goes (see :func:`start_finetune`); and a true
+#: ``follows_branches`` attribute: it can train a model in which ``--channels`` has emptied a
+#: residual branch into ``x + c`` (see :func:`follows_branches`).
 Finetune = Callable[[onnx.ModelProto, dict[str, np.ndarray]], "onnx.ModelProto | Mapping[str, np.ndarray]"]
 
 
@@ -49,6 +51,15 @@ def start_finetune(finetune: Finetune, model: onnx.ModelProto) -> None:
         raise FinetuneError(
             f"the finetune callback {name}'s start() failed: {type(exc).__name__}: {one_line(exc)}"
         ) from exc
+
+
+def follows_branches(finetune: Finetune) -> bool:
+    """Whether ``finetune`` can train a model whose residual branches were emptied into ``x + c``.
+
+    Only a callback that says so: the constant has no layer in a module made for the original, so
+    one that loads the model's tensors into such a module by name would find the branch's gone.
+    """
+    return getattr(finetune, "follows_branches", False) is True
 
 
 def apply_finetune(candidate: onnx.ModelProto, layers: LayerSet, finetune: Finetune) -> onnx.ModelProto:

@@ -227,15 +227,19 @@ def test_a_residual_branch_goes_whole_when_the_guard_allows_it(rng, tmp_path, sc
     onnx.checker.check_model(result.model, full_check=True)
 
 
-def test_under_finetuning_a_branch_is_narrowed_not_emptied(rng, tmp_path):
-    """The faint branch that goes whole without a callback stays: x + c has no layer in the module.
-
-    The callback starts on the original, then sees every channel candidate before the guard does.
+@pytest.mark.parametrize("follows", [False, True], ids=["plain_callback", "follows_branches"])
+def test_under_finetuning_a_branch_goes_only_if_the_callback_follows(follows, rng, tmp_path):
+    """The faint branch that goes whole without a callback stays under one that cannot train
+    ``x + c`` (no layer in its module); one that says it ``follows_branches`` is handed the
+    emptied candidate. The callback starts on the original, then sees every candidate before the
+    guard does.
     """
     model = _faint_block(rng, 0.01)
     np.savez(tmp_path / "calib.npz", x=f32(rng.normal(size=(300, 3, 6, 6))))
 
     class Recorder:
+        follows_branches = follows
+
         def __init__(self) -> None:
             self.started: list[int] = []
             self.seen: list[dict[str, tuple[int, ...]]] = []
@@ -253,12 +257,17 @@ def test_under_finetuning_a_branch_is_narrowed_not_emptied(rng, tmp_path):
         finetune=recorder,
     )  # fmt: skip
     record = result.report.channels
-    assert record is not None and record.branches == () and not any(s.branch for s in record.steps)
-    assert {"c1", "c2"} <= {n.name for n in result.model.graph.node}
-    assert recorder.started == [len(model.graph.initializer)]
+    assert record is not None and recorder.started == [len(model.graph.initializer)]
     measured = [s for s in record.steps if s.top1_agreement is not None or s.rel_error is not None]
     assert len(recorder.seen) == len(measured) > 0
-    assert record.removed > 0 and recorder.seen[0]["c1.w"][0] < 8  # narrowed inside the branch
+    if follows:
+        assert record.branches == ("add1",) and record.steps[0].branch == "add1"
+        assert "c1.w" not in recorder.seen[0] and "add1.constant.bias" in recorder.seen[0]
+        assert not {"c1", "c2"} & {n.name for n in result.model.graph.node}
+    else:
+        assert record.branches == () and not any(s.branch for s in record.steps)
+        assert {"c1", "c2"} <= {n.name for n in result.model.graph.node}
+        assert record.removed > 0 and recorder.seen[0]["c1.w"][0] < 8  # narrowed inside the branch
     assert result.report.fidelity.rel_error <= 0.05
 
 

@@ -16,20 +16,23 @@ from torch import nn  # noqa: E402
 
 import egp_onnx  # noqa: E402
 from egp_onnx.errors import FinetuneError, MappingError  # noqa: E402
-from egp_onnx.graph.channels import channel_groups  # noqa: E402
+from egp_onnx.graph.channels import channel_groups, residual_branches  # noqa: E402
 from egp_onnx.graph.weights import replace_tensors, tensor_values  # noqa: E402
 from egp_onnx.integrations.torch import (  # noqa: E402
+    BranchSwap,
     ClassificationFinetune,
     apply_masks,
+    branch_ends,
     export_onnx,
     load_onnx_weights,
     map_initializers,
     narrow_module,
     onnx_weights,
+    present_bindings,
     remove_masks,
 )
 from egp_onnx.load.model import load_model  # noqa: E402
-from egp_onnx.surgery.narrow import narrowed  # noqa: E402
+from egp_onnx.surgery.narrow import emptied_branches, narrowed, without_branch  # noqa: E402
 
 sys.path.insert(0, str(SAMPLES))
 
@@ -299,12 +302,48 @@ def test_mnist_factory_binds_to_the_model_compress_prepares():
     np.testing.assert_allclose(got, run_ort(model, {"image": x})[0], rtol=1e-4, atol=1e-4)
 
 
-def test_channels_with_a_torch_finetune_on_the_digits_sample():
-    """``--channels`` with the ready callback: each narrowed candidate is finetuned, then judged.
+@pytest.mark.parametrize(
+    ("sample", "add", "key"),
+    [("digits", "block2.add", "input"), ("mnist", "/stage1/stage1.0/Add", "image")],
+    ids=["bn_folded", "bn_nodes"],
+)
+def test_an_emptied_branch_leaves_the_module_and_comes_back(sample, add, key):
+    """A block emptied into ``x + c`` (its stride-2 branch; the shortcut a projection): the module,
+    its branch swapped out, computes what onnxruntime does with the model; swapped back, the original.
+    """
+    factory = __import__(f"{sample}_torch").factory
+    model = load_model(SAMPLES / f"{sample}_resnet.onnx")
+    branch = max((b for b in residual_branches(model) if b.add == add), key=lambda b: len(b.layers))
+    constant = np.linspace(-0.5, 0.5, branch.channels)
+    cut = without_branch(model, branch, constant)
+    assert [(e.add, e.operand) for e in emptied_branches(model, cut)] == [(add, branch.operand)]
+    module = factory()
+    bindings = map_initializers(module, model)
+    ends = branch_ends(model, cut, bindings)
+    present = present_bindings(cut, bindings)
+    assert len(ends) == 1 and len(bindings) - len(present) >= 2  # the branch's two convs at least
+    swap = BranchSwap(module)
+    swap.apply(cut, ends, [b for b in bindings if b not in present])
+    load_onnx_weights(module, cut, present)
+    x = load_npz(SAMPLES / f"{sample}_calib.npz")[key][:8]
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, run_ort(cut, {key: x})[0], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, run_ort(model, {key: x})[0], atol=1e-2)  # the branch mattered
+    np.testing.assert_allclose(swap.constants(ends)[ends[0].constant], constant, rtol=1e-6)
+    swap.apply(model, [], [])  # the branch back: a candidate the guard rejected
+    load_onnx_weights(module, model, bindings)
+    with torch.no_grad():
+        back = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(back, run_ort(model, {key: x})[0], rtol=1e-4, atol=1e-4)
 
-    Every value the callback returns is what its (resized) module computes, to float tolerance,
-    and the weights the masks hold stay exactly zero; the weight steps after the channel stage
-    are finetuned too.
+
+def test_channels_with_a_torch_finetune_on_the_digits_sample():
+    """``--channels`` with the ready callback: each candidate is finetuned, then judged.
+
+    Branches are emptied too (the callback follows them). Every value the callback returns is
+    what its module (resized, branches swapped out) computes, to float tolerance, and the weights
+    the masks hold stay exactly zero; the weight steps after the channel stage are finetuned too.
     """
     from digits_torch import factory
 
@@ -333,7 +372,7 @@ def test_channels_with_a_torch_finetune_on_the_digits_sample():
         latency=False,
     )
     record = result.report.channels
-    assert record is not None and record.removed > 0 and record.branches == ()
+    assert record is not None and record.removed > 0 and record.branches  # it follows branches
     widths = {tuple(t.dims) for _, model, _, _ in callback.calls for t in model.graph.initializer}
     original = {tuple(t.dims) for t in load_model(SAMPLES / "digits_resnet.onnx").graph.initializer}
     assert widths - original, "some candidate the callback trained was narrower than the original"
