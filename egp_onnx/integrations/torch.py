@@ -306,9 +306,8 @@ class BranchSwap:
         values = tensor_values(model)
         stand_ins: dict[str, nn.Module] = {}
         for b in gone:
-            for name in (b.module, b.folded_bn):
-                if name is not None:
-                    stand_ins[name] = nn.Identity()
+            for name in [b.module] + ([b.folded_bn] if b.folded_bn else []):
+                stand_ins[name] = nn.Identity()
         for end in ends:
             stand_ins[end.module] = BranchConstant(values[end.constant])
         mods = dict(self.module.named_modules())
@@ -520,9 +519,8 @@ class ClassificationFinetune:
     hooked (pruned weights stay zero after every optimizer step), and returns the new values.
     ``start`` binds the module to the original model; under ``--channels`` each step first
     resizes the module to the narrowed model (:func:`narrow_module`), and a residual branch the
-    model has emptied is held at ``x + c`` in the module (:func:`branch_ends`), so it
-    ``follows_branches``: the channel stage may empty branches under this callback
-    (:class:`BranchSwap`).
+    model has emptied is put out of the module (:class:`BranchSwap`): the callback
+    ``follows_branches``, so the channel stage may empty branches under it.
 
     ``threads``: torch's intra-op threads while it trains (None: torch's setting). One by default:
     its kernels then run in a fixed order (a rerun gives the same weights), and the small models
@@ -577,16 +575,12 @@ class ClassificationFinetune:
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         try:
-            return self._train(model, present, ends, masks)
+            return self._train(present, ends, masks)
         finally:
             torch.set_num_threads(previous)
 
     def _train(
-        self,
-        model: onnx.ModelProto,
-        present: Sequence[Binding],
-        ends: Sequence[BranchEnd],
-        masks: Mapping[str, np.ndarray],
+        self, present: Sequence[Binding], ends: Sequence[BranchEnd], masks: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         hooked = apply_masks(self.module, present, masks)
         generator = torch.Generator().manual_seed(self.seed)
