@@ -96,6 +96,21 @@ class Branch:
     channels: int
 
 
+#: The initializers of an emptied branch's ``x + c`` are named after its Add and this suffix
+#: (``<add>.constant.bias`` holds c): what :func:`emptied_branches` reads back.
+CONSTANT = ".constant"
+CONSTANT_PARTS = ("scale", "bias", "mean", "var")
+
+
+@dataclass(frozen=True)
+class EmptiedBranch:
+    """A residual Add of the original that a model has as ``x + c`` (surgery/narrow.py writes it)."""
+
+    add: str  # the Add's name, and the BatchNormalization's that replaced it
+    operand: str  # the Add's input the branch computed (the original's tensor)
+    bias: str  # the initializer holding c
+
+
 @dataclass
 class _Walk:
     """What the forward walk from one producer collected; ``problem`` set when the group is tied."""
@@ -470,3 +485,24 @@ def _feeding_only(
         todo.extend(index.producer[t] for t in node.input if t in index.producer)
         # a node met before its last reader joined is met again through that reader
     return private
+
+
+def emptied_branches(original: onnx.ModelProto, model: onnx.ModelProto) -> list[EmptiedBranch]:
+    """The residual Adds of ``original`` that ``model`` has emptied into ``x + c``, in graph order.
+
+    Found by the form ``without_branch`` writes: a BatchNormalization named as an Add of the
+    original, reading the initializers named with :data:`CONSTANT`; the branch's operand is the
+    Add's input the BatchNormalization does not read.
+    """
+    adds = {n.name: n for n in original.graph.node if n.op_type == "Add" and n.name}
+    found = []
+    for node in model.graph.node:
+        add = adds.get(node.name)
+        if add is None or node.op_type != "BatchNormalization" or len(node.input) != 5:
+            continue
+        if list(node.input[1:]) != [f"{node.name}{CONSTANT}.{part}" for part in CONSTANT_PARTS]:
+            continue
+        operand = next((t for t in add.input if t != node.input[0]), None)
+        if operand is not None:
+            found.append(EmptiedBranch(node.name, operand, node.input[2]))
+    return found

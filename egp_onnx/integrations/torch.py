@@ -25,10 +25,10 @@ import numpy as np
 import onnx
 
 from egp_onnx.errors import FinetuneError, MappingError
+from egp_onnx.graph.channels import emptied_branches
 from egp_onnx.graph.index import attr
 from egp_onnx.graph.weights import tensor_values
 from egp_onnx.load.model import write_bytes_atomic
-from egp_onnx.surgery.narrow import emptied_branches
 
 try:
     import torch

@@ -14,28 +14,13 @@ instead, the block ``x + F(x)`` becoming ``x + c`` (as a BatchNormalization of u
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from egp_onnx.graph.channels import Branch, ChannelGroup
+from egp_onnx.graph.channels import CONSTANT, CONSTANT_PARTS, Branch, ChannelGroup
 from egp_onnx.graph.weights import drop_unread, replace_initializers, shape_skeleton
-
-#: The initializers of an emptied branch's ``x + c`` are named after its Add and this suffix
-#: (``<add>.constant.bias`` holds c): what :func:`emptied_branches` reads back.
-CONSTANT = ".constant"
-_PARTS = ("scale", "bias", "mean", "var")
-
-
-@dataclass(frozen=True)
-class EmptiedBranch:
-    """A residual Add of the original that a model has as ``x + c`` (:func:`without_branch`)."""
-
-    add: str  # the Add's name, and the BatchNormalization's that replaced it
-    operand: str  # the Add's input the branch computed (the original's tensor)
-    bias: str  # the initializer holding c
 
 
 def narrowed(
@@ -113,7 +98,7 @@ def without_branch(model: onnx.ModelProto, branch: Branch, constant: np.ndarray)
         name = node.name or node.output[0]
         if name == branch.add:
             other = next(t for t in node.input if t != branch.operand)
-            params = [f"{branch.add}{CONSTANT}.{part}" for part in _PARTS]
+            params = [f"{branch.add}{CONSTANT}.{part}" for part in CONSTANT_PARTS]
             values = (np.ones(branch.channels), constant, np.zeros(branch.channels), np.ones(branch.channels))
             graph.initializer.extend(
                 numpy_helper.from_array(np.asarray(v, dtype=dtype).reshape(-1), n)
@@ -129,27 +114,6 @@ def without_branch(model: onnx.ModelProto, branch: Branch, constant: np.ndarray)
     graph.node.extend(nodes)
     drop_unread(graph)
     return _shapes_again(out)
-
-
-def emptied_branches(original: onnx.ModelProto, model: onnx.ModelProto) -> list[EmptiedBranch]:
-    """The residual Adds of ``original`` that ``model`` has emptied into ``x + c``, in graph order.
-
-    Found by the form :func:`without_branch` writes: a BatchNormalization named as an Add of the
-    original, reading the initializers named with :data:`CONSTANT`; the branch's operand is the
-    Add's input the BatchNormalization does not read.
-    """
-    adds = {n.name: n for n in original.graph.node if n.op_type == "Add" and n.name}
-    found = []
-    for node in model.graph.node:
-        add = adds.get(node.name)
-        if add is None or node.op_type != "BatchNormalization" or len(node.input) != 5:
-            continue
-        if list(node.input[1:]) != [f"{node.name}{CONSTANT}.{part}" for part in _PARTS]:
-            continue
-        operand = next((t for t in add.input if t != node.input[0]), None)
-        if operand is not None:
-            found.append(EmptiedBranch(node.name, operand, node.input[2]))
-    return found
 
 
 def _shapes_again(out: onnx.ModelProto) -> onnx.ModelProto:

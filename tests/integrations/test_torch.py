@@ -16,7 +16,7 @@ from torch import nn  # noqa: E402
 
 import egp_onnx  # noqa: E402
 from egp_onnx.errors import FinetuneError, MappingError  # noqa: E402
-from egp_onnx.graph.channels import channel_groups, residual_branches  # noqa: E402
+from egp_onnx.graph.channels import channel_groups, emptied_branches, residual_branches  # noqa: E402
 from egp_onnx.graph.weights import replace_tensors, tensor_values  # noqa: E402
 from egp_onnx.integrations.torch import (  # noqa: E402
     BranchSwap,
@@ -32,7 +32,7 @@ from egp_onnx.integrations.torch import (  # noqa: E402
     remove_masks,
 )
 from egp_onnx.load.model import load_model  # noqa: E402
-from egp_onnx.surgery.narrow import emptied_branches, narrowed, without_branch  # noqa: E402
+from egp_onnx.surgery.narrow import narrowed, without_branch  # noqa: E402
 
 sys.path.insert(0, str(SAMPLES))
 
