@@ -10,6 +10,8 @@ fashion_resnet.onnx) and at twice them (32/64/128, fashion_wide_resnet.onnx), on
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -72,6 +74,35 @@ def test_fashion_onnx_accuracy_on_the_shipped_test_set():
     (logits,) = run_ort(MODEL, {"image": data["image"]}, batch=500, optimize=True)
     assert logits.shape == (len(data["labels"]), 10)
     assert float((logits.argmax(1) == data["labels"]).mean()) >= ACCURACY
+
+
+@pytest.mark.parametrize(
+    ("path", "factory"),
+    [(MODEL, "fashion_factory"), (WIDE, "fashion_wide_factory")],
+    ids=["fashion", "fashion_wide"],
+)
+def test_fashion_torch_module_reproduces_onnx(path, factory):
+    """mnist_torch's factory for each sample (``--torch-model``) computes what the file computes.
+
+    Bound to the model compress prepares, as the finetune callback's ``start`` binds it: every
+    BatchNormalization stays a node (none taken as folded into a conv).
+    """
+    pytest.importorskip("torch", reason="needs the optional torch extra: pip install 'egp-onnx[torch]'")
+    import torch
+
+    from egp_onnx.integrations.torch import map_initializers
+    from egp_onnx.load.model import load_model
+
+    sys.path.insert(0, str(SAMPLES))
+    import mnist_torch
+
+    module = getattr(mnist_torch, factory)()
+    bindings = map_initializers(module, load_model(path))
+    assert sum(b.kind == "bn" for b in bindings) == 16 and not any(b.folded_bn for b in bindings)
+    x = load_npz(TEST)["image"][:32]
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, run_ort(path, {"image": x})[0], rtol=0, atol=1e-4)
 
 
 @MODELS
