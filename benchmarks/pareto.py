@@ -26,11 +26,12 @@ With ``--torch-model file.py:factory --train PATH [--epochs N --lr X]`` every co
 first sample in ``--models`` is finetuned (``ClassificationFinetune``, a fresh module from the
 factory per run) after each channel step and each weight step. The training images must not be
 the calibration file's (the guard's holdout is split from it): benchmarks/finetune_split.py makes
-such a file for MNIST. ``--only-channels`` times dense, INT8 alone and the two ``--channels``
-variants only.
+such a file for MNIST and Fashion-MNIST. ``--only-channels`` times dense, INT8 alone and the two
+``--channels`` variants only.
 
 Run: nice -n 10 python benchmarks/pareto.py [--budget 3]
-     [--models mnist,digits,fashion,fashion_wide,resnet,mobilenet]
+     [--models mnist,digits,fashion,fashion_wide,fashion_wide_4000,resnet,mobilenet] (any sample of
+      benchmarks/samples.py)
      [--torch-model sample_models/mnist_torch.py:factory --train mnist_finetune.npz --epochs 1
       --lr 3e-4 --only-channels]
 """

@@ -1,9 +1,12 @@
-"""The MNIST sample's network in PyTorch, and a factory that loads the shipped ONNX weights into it.
+"""The MNIST sample's network in PyTorch, and factories that load the shipped ONNX weights into it.
 
 `egp-onnx compress sample_models/mnist_resnet.onnx ... --torch-model
 sample_models/mnist_torch.py:factory --train sample_models/mnist_train.npz` finetunes the sample
 between pruning steps (`python sample_models/build_mnist_resnet.py --data-only --write-train`
-writes mnist_train.npz, which is too large to ship).
+writes mnist_train.npz, which is too large to ship). The Fashion-MNIST samples are the same
+network (sample_models/build_fashion_resnet.py): `fashion_factory` for fashion_resnet.onnx,
+`fashion_wide_factory` for fashion_wide_resnet.onnx (widths 32/64/128, hidden 128); their
+finetune data: `benchmarks/finetune_split.py --dataset fashion`.
 
     image (N,1,28,28), normalised as (x/255 - 0.1307)/0.3081
       stem:   Conv3x3(1->16) BN Relu                                    28x28
@@ -47,12 +50,28 @@ class MnistResNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def factory() -> MnistResNet:
-    """MnistResNet holding the weights of sample_models/mnist_resnet.onnx."""
+def loaded(module: MnistResNet, file: str) -> MnistResNet:
+    """``module`` holding the weights of sample_models/``file``, in eval mode."""
     from egp_onnx.integrations.torch import load_onnx_weights, map_initializers
 
-    torch.manual_seed(0)
-    module = MnistResNet()
-    model = onnx.load(str(HERE / "mnist_resnet.onnx"))
+    model = onnx.load(str(HERE / file))
     load_onnx_weights(module, model, map_initializers(module, model))
     return module.eval()
+
+
+def factory() -> MnistResNet:
+    """MnistResNet holding the weights of sample_models/mnist_resnet.onnx."""
+    torch.manual_seed(0)
+    return loaded(MnistResNet(), "mnist_resnet.onnx")
+
+
+def fashion_factory() -> MnistResNet:
+    """MnistResNet holding the weights of sample_models/fashion_resnet.onnx."""
+    torch.manual_seed(0)
+    return loaded(MnistResNet(), "fashion_resnet.onnx")
+
+
+def fashion_wide_factory() -> MnistResNet:
+    """The wide MnistResNet (32/64/128, hidden 128) holding sample_models/fashion_wide_resnet.onnx."""
+    torch.manual_seed(0)
+    return loaded(MnistResNet((32, 64, 128), hidden=128), "fashion_wide_resnet.onnx")

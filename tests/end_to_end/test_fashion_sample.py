@@ -10,6 +10,8 @@ fashion_resnet.onnx) and at twice them (32/64/128, fashion_wide_resnet.onnx), on
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -23,6 +25,7 @@ MODEL = SAMPLES / "fashion_resnet.onnx"
 WIDE = SAMPLES / "fashion_wide_resnet.onnx"
 MODELS = pytest.mark.parametrize("path", [MODEL, WIDE], ids=["fashion", "fashion_wide"])
 CALIB = SAMPLES / "fashion_calib.npz"
+CALIB_4000 = SAMPLES / "fashion_calib_4000.npz"
 TEST = SAMPLES / "fashion_test.npz"
 MEAN, STD = 0.2860, 0.3530  # the normalisation the build script documents
 ACCURACY = 0.915  # measured 0.9200 on these 5000 (0.9177 on all 10,000)
@@ -72,6 +75,54 @@ def test_fashion_onnx_accuracy_on_the_shipped_test_set():
     (logits,) = run_ort(MODEL, {"image": data["image"]}, batch=500, optimize=True)
     assert logits.shape == (len(data["labels"]), 10)
     assert float((logits.argmax(1) == data["labels"]).mean()) >= ACCURACY
+
+
+@pytest.mark.parametrize(
+    ("path", "factory"),
+    [(MODEL, "fashion_factory"), (WIDE, "fashion_wide_factory")],
+    ids=["fashion", "fashion_wide"],
+)
+def test_fashion_torch_module_reproduces_onnx(path, factory):
+    """mnist_torch's factory for each sample (``--torch-model``) computes what the file computes.
+
+    Bound to the model compress prepares, as the finetune callback's ``start`` binds it: every
+    BatchNormalization stays a node (none taken as folded into a conv).
+    """
+    pytest.importorskip("torch", reason="needs the optional torch extra: pip install 'egp-onnx[torch]'")
+    import torch
+
+    from egp_onnx.integrations.torch import map_initializers
+    from egp_onnx.load.model import load_model
+
+    sys.path.insert(0, str(SAMPLES))
+    import mnist_torch
+
+    module = getattr(mnist_torch, factory)()
+    bindings = map_initializers(module, load_model(path))
+    assert sum(b.kind == "bn" for b in bindings) == 16 and not any(b.folded_bn for b in bindings)
+    x = load_npz(TEST)["image"][:32]
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, run_ort(path, {"image": x})[0], rtol=0, atol=1e-4)
+
+
+def test_the_finetune_split_leaves_out_the_calibration_draw():
+    """benchmarks/finetune_split.py's Fashion split: the build script's calibration draw, left out.
+
+    The shipped files are that draw: fashion_calib.npz's images sit in fashion_calib_4000.npz at
+    the positions the rebuilt indices give (a superset, both sorted by training index).
+    """
+    sys.path.insert(0, str(SAMPLES.parent / "benchmarks"))
+    from finetune_split import calibration_draw, draw
+
+    small, large = calibration_draw(60_000, 1000), calibration_draw(60_000, 4000)
+    assert np.isin(small, large).all()
+    shipped = load_npz(CALIB_4000)["image"]
+    np.testing.assert_array_equal(load_npz(CALIB)["image"], shipped[np.searchsorted(large, small)])
+    pick = draw(60_000, large, 6000, seed=3)
+    assert len(np.unique(pick)) == 6000 and not np.isin(pick, large).any()
+    with pytest.raises(SystemExit, match="only 56000 training images"):
+        draw(60_000, large, 56_001, seed=3)
 
 
 @MODELS
