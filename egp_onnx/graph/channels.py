@@ -99,7 +99,11 @@ class Branch:
 #: The initializers of an emptied branch's ``x + c`` are named after its Add and this suffix
 #: (``<add>.constant.bias`` holds c): what :func:`emptied_branches` reads back.
 CONSTANT = ".constant"
-CONSTANT_PARTS = ("scale", "bias", "mean", "var")
+
+
+def constant_names(add: str) -> list[str]:
+    """The initializers of ``add``'s ``x + c`` BatchNormalization: scale, bias (c), mean, var."""
+    return [f"{add}{CONSTANT}.{part}" for part in ("scale", "bias", "mean", "var")]
 
 
 @dataclass(frozen=True)
@@ -494,13 +498,14 @@ def emptied_branches(original: onnx.ModelProto, model: onnx.ModelProto) -> list[
     original, reading the initializers named with :data:`CONSTANT`; the branch's operand is the
     Add's input the BatchNormalization does not read.
     """
-    adds = {n.name: n for n in original.graph.node if n.op_type == "Add" and n.name}
+    # named as without_branch names them: an unnamed node by its output
+    adds = {n.name or n.output[0]: n for n in original.graph.node if n.op_type == "Add"}
     found = []
     for node in model.graph.node:
         add = adds.get(node.name)
         if add is None or node.op_type != "BatchNormalization" or len(node.input) != 5:
             continue
-        if list(node.input[1:]) != [f"{node.name}{CONSTANT}.{part}" for part in CONSTANT_PARTS]:
+        if list(node.input[1:]) != constant_names(node.name):
             continue
         operand = next((t for t in add.input if t != node.input[0]), None)
         if operand is not None:

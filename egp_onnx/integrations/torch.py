@@ -215,14 +215,15 @@ def _bn_scale(bn: nn.Module) -> torch.Tensor:
     return bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
 
 
-def present_bindings(model: onnx.ModelProto, bindings: Sequence[Binding]) -> list[Binding]:
-    """The bindings whose tensors ``model`` still has: an emptied branch's layers are not in it.
+def present_bindings(values: Mapping[str, np.ndarray], bindings: Sequence[Binding]) -> list[Binding]:
+    """The bindings whose tensors a model still has (``values``: its tensor values, by name).
+
+    An emptied branch's layers are not in it.
 
     Raises:
         FinetuneError: a layer has some of its tensors and not others.
 
     """
-    values = tensor_values(model)
     present = []
     for b in bindings:
         have = [t in values for t in b.tensors.values()]
@@ -240,7 +241,6 @@ def present_bindings(model: onnx.ModelProto, bindings: Sequence[Binding]) -> lis
 class BranchEnd:
     """The torch layer that ends an emptied branch, by module name, and where its c is in the model."""
 
-    add: str  # the ONNX Add the branch fed, now ``x + c``
     constant: str  # the ONNX initializer holding c
     module: str  # the torch module whose output is the branch's
 
@@ -268,7 +268,7 @@ def branch_ends(
             raise FinetuneError(
                 f"the branch emptied into {branch.add} ends in {what}, which no torch module holds"
             )
-        ends.append(BranchEnd(branch.add, branch.bias, b.folded_bn or b.module))
+        ends.append(BranchEnd(branch.bias, b.folded_bn or b.module))
     return ends
 
 
@@ -298,12 +298,13 @@ class BranchSwap:
         self.module = module
         self.out: dict[str, nn.Module] = {}  # module name -> the module put out
 
-    def apply(self, model: onnx.ModelProto, ends: Sequence[BranchEnd], gone: Sequence[Binding]) -> None:
-        """The module as ``model`` has it: ``gone`` layers passed through, ``ends`` constants."""
+    def apply(
+        self, values: Mapping[str, np.ndarray], ends: Sequence[BranchEnd], gone: Sequence[Binding]
+    ) -> None:
+        """The module as the model of ``values`` has it: ``gone`` layers pass through, ``ends`` are c."""
         for name, original in self.out.items():
             self._put(name, original)
         self.out = {}
-        values = tensor_values(model)
         stand_ins: dict[str, nn.Module] = {}
         for b in gone:
             for name in [b.module] + ([b.folded_bn] if b.folded_bn else []):
@@ -567,8 +568,9 @@ class ClassificationFinetune:
             self.start(model)
         assert self.bindings is not None and self.original is not None
         ends = branch_ends(self.original, model, self.bindings)
-        present = present_bindings(model, self.bindings)
-        self.swap.apply(model, ends, [b for b in self.bindings if b not in present])
+        values = tensor_values(model)
+        present = present_bindings(values, self.bindings)
+        self.swap.apply(values, ends, [b for b in self.bindings if b not in present])
         narrow_module(self.module, model, present)
         load_onnx_weights(self.module, model, present)
         previous = torch.get_num_threads()

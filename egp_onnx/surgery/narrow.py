@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from egp_onnx.graph.channels import CONSTANT, CONSTANT_PARTS, Branch, ChannelGroup
+from egp_onnx.graph.channels import Branch, ChannelGroup, constant_names
 from egp_onnx.graph.weights import drop_unread, replace_initializers, shape_skeleton
 
 
@@ -98,7 +98,7 @@ def without_branch(model: onnx.ModelProto, branch: Branch, constant: np.ndarray)
         name = node.name or node.output[0]
         if name == branch.add:
             other = next(t for t in node.input if t != branch.operand)
-            params = [f"{branch.add}{CONSTANT}.{part}" for part in CONSTANT_PARTS]
+            params = constant_names(branch.add)
             values = (np.ones(branch.channels), constant, np.zeros(branch.channels), np.ones(branch.channels))
             graph.initializer.extend(
                 numpy_helper.from_array(np.asarray(v, dtype=dtype).reshape(-1), n)

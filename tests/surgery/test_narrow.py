@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from models import Builder, f32
 from onnx import numpy_helper
 from references import run_ort
@@ -195,3 +196,19 @@ def test_a_branch_that_is_constant_leaves_exactly_and_takes_its_weights_with_it(
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # the stream stays one channel group: the stem and the projection block still narrow it
     assert any("stem" in g.producers for g in channel_groups(out)[0])
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named_add", "unnamed_add"])
+def test_an_emptied_branch_is_read_back_from_the_model(rng, named):
+    """``emptied_branches`` finds the x + c that ``without_branch`` wrote, an unnamed Add by its output."""
+    from egp_onnx.graph.channels import emptied_branches, residual_branches
+
+    model = prepare_model(_two_blocks(rng))
+    if not named:
+        next(n for n in model.graph.node if n.name == "add1").name = ""
+    branch = next(b for b in residual_branches(model) if b.operand == "bn2")
+    out = without_branch(model, branch, np.arange(4.0))
+    (found,) = emptied_branches(model, out)
+    assert (found.add, found.operand) == (branch.add, "bn2")
+    assert np.array_equal(_values(out)[found.bias], np.arange(4.0, dtype=np.float32))
+    assert emptied_branches(model, model) == []
