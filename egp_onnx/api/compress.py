@@ -154,7 +154,9 @@ def _compress(
     """:func:`compress` once its options are checked (statistics passes on ``cluster`` if given)."""
     progress = progress or Silent()
     proto, inputs = open_inputs(model, calib, eval_data, settings, options)
-    base = _baseline(proto, inputs, stats, settings, progress, cluster)
+    # local:N workers start in the background: the original's pass runs here if they are not up
+    # yet (the same cores, the same counts), and the loop's first refit waits for them
+    base = _baseline(proto, inputs, stats, settings, progress, cluster if cluster and cluster.ready else None)
     settings = default_thresholds(settings, base.reference)
     settings = replace(settings, sensitivity=caps_wanted(settings.sensitivity, base.reference.samples))
     # with --quantize the stages judge their candidates quantized too, so INT8 keeps its share

@@ -13,6 +13,7 @@ import pickle
 import random
 import socket
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from models import inputs, residual_block, save, toy_files
 from onnx import numpy_helper
 
 import egp_onnx
+from egp_onnx.api import compress as compress_module
 from egp_onnx.calibrate import collect
 from egp_onnx.cli.main import main
 from egp_onnx.config import Settings
@@ -35,6 +37,7 @@ from egp_onnx.graph.rectifiers import find_rectifiers
 from egp_onnx.load.calibration import open_calibration
 from egp_onnx.load.model import load_model, prepare_model
 from egp_onnx.load.parts import plan_parts
+from egp_onnx.prune import loop as loop_module
 from egp_onnx.reconstruct import parts as refit_parts
 from egp_onnx.reconstruct import refit as refit_module
 from egp_onnx.reconstruct.refit import reconstruct
@@ -168,13 +171,69 @@ def test_a_killed_worker_has_its_parts_rerun_and_merged_once(tmp_path, monkeypat
     seen: list[int] = []
     environ = dict(os.environ)
     with open_cluster("local:2") as cluster:
+        pids = set(cluster.client.run(os.getpid).values())  # the workers are up
         assert dict(os.environ) == environ  # Dask's nanny would leave OMP_NUM_THREADS=1 etc. here
-        pids = set(cluster.client.run(os.getpid).values())
         data = open_calibration(MNIST_CALIB, model)
         spread = collect.collect_statistics(model, sites, data, 64, seen.append, cluster=cluster)
     assert int(marker.read_text()) in pids  # a worker did die
     same_statistics(single, spread)
     assert sum(seen) == 2000 and len(seen) == 8  # 8 parts of 256 (or fewer): each merged once
+
+
+def _held_start(monkeypatch, release):
+    """local:N workers whose start waits for ``release`` (threading.Event)."""
+    start = cluster_module._local_client
+
+    def held(*args):
+        assert release.wait(60)
+        return start(*args)
+
+    monkeypatch.setattr(cluster_module, "_local_client", held)
+
+
+def test_local_workers_start_while_the_caller_goes_on(monkeypatch):
+    release = threading.Event()
+    _held_start(monkeypatch, release)
+    with open_cluster("local:1", processes=False) as cluster:
+        assert not cluster.ready  # open_cluster returned before the workers are up
+        release.set()
+        assert cluster.workers == 1  # the first use waits for them
+        assert cluster.ready
+
+
+def test_a_local_start_that_fails_raises_where_the_workers_are_first_needed(monkeypatch):
+    def failing(*args):
+        raise ConfigError("--scheduler local:1: the scheduler has no workers")
+
+    monkeypatch.setattr(cluster_module, "_local_client", failing)
+    with open_cluster("local:1", processes=False) as cluster:
+        with pytest.raises(ConfigError, match="has no workers"):
+            _ = cluster.workers
+        assert not cluster.ready
+    # and the exit closed nothing twice: leaving the block did not raise
+
+
+def test_a_compress_whose_workers_are_not_up_calibrates_the_original_here(tmp_path, rng, monkeypatch):
+    model, calib = toy_files(tmp_path, rng)
+    options = {"sparsity": 0.5, "latency": False, "batch_size": 4}
+    single = egp_onnx.compress(model, calib, **options)
+    monkeypatch.setattr(cluster_module, "open_cluster", partial(open_cluster, processes=False))
+    release, where = threading.Event(), []
+    _held_start(monkeypatch, release)
+    original = collect.collect_statistics
+
+    def passes(*args, **kwargs):
+        cluster = kwargs.get("cluster", args[6] if len(args) > 6 else None)
+        where.append(cluster is not None)
+        release.set()  # the workers come up once the first pass has started here
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "collect_statistics", passes)
+    monkeypatch.setattr(loop_module, "collect_statistics", passes)
+    spread = egp_onnx.compress(model, calib, scheduler="local:2", **options)
+    assert where[0] is False and any(where[1:]), where  # the original's pass here, later ones there
+    assert spread.model.SerializeToString() == single.model.SerializeToString()
+    assert spread.report.to_dict() == single.report.to_dict()
 
 
 def _closed_port() -> int:
