@@ -240,14 +240,48 @@ def short_equations(rows: int) -> NormalEquations:
     return short
 
 
+def sum_blocks(parts: int, count: int) -> list[tuple[int, int]]:
+    """``count`` blocks of consecutive parts (ranges), each a node of :func:`tree_sum`'s tree.
+
+    A block's sum is the same wherever it is taken (a worker sums its own block of parts), so
+    the total is the same bits whatever the number of blocks. The largest block is halved first:
+    blocks differ in size by at most a factor of two.
+    """
+    blocks = [(0, parts)]
+    while len(blocks) < min(count, parts):
+        lo, hi = max(blocks, key=lambda b: (b[1] - b[0], -b[0]))
+        mid = (lo + hi) // 2
+        i = blocks.index((lo, hi))
+        blocks[i : i + 1] = [(lo, mid), (mid, hi)]
+    return blocks
+
+
+def tree_sum(lo: int, hi: int, known: dict[tuple[int, int], NormalEquations]) -> NormalEquations:
+    """The sums of parts ``lo`` to ``hi``: halves first, each half's sums taken alike, then added.
+
+    ``known``: sums already taken, by range (each part's alone, or a block's). The left half's
+    arrays are the result's. A fixed tree, not the parts in a row, so that a block of parts
+    (:func:`sum_blocks`) is summed where its parts are and only the blocks' sums move.
+    """
+    found = known.get((lo, hi))
+    if found is not None:
+        return found
+    mid = (lo + hi) // 2
+    normal, other = tree_sum(lo, mid, known), tree_sum(mid, hi, known)
+    normal.gram += other.gram
+    normal.cross += other.cross
+    normal.target_sq += other.target_sq
+    normal.rows += other.rows
+    return normal
+
+
 def merge_equations(layer: LinearLayer, parts: Sequence[NormalEquations]) -> NormalEquations:
-    """The parts' sums added in their order (the first part's arrays are the result's), in solver order."""
-    normal = parts[0]
-    for other in parts[1:]:
-        normal.gram += other.gram
-        normal.cross += other.cross
-        normal.target_sq += other.target_sq
-        normal.rows += other.rows
+    """Every part's sums added (:func:`tree_sum`), in solver order."""
+    return in_solver_order(layer, tree_sum(0, len(parts), {(p, p + 1): sums for p, sums in enumerate(parts)}))
+
+
+def in_solver_order(layer: LinearLayer, normal: NormalEquations) -> NormalEquations:
+    """All the parts' sums of ``layer`` with its weight columns in solver order."""
     if layer.kind.spatial:
         normal.reorder(patch_order(layer, normal.gram.shape[1] - int(normal.bias)))
     return normal

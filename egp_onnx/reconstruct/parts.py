@@ -44,13 +44,15 @@ from egp_onnx.reconstruct.normal import (
     dense_request,
     draws,
     enough_rows,
+    in_solver_order,
     layer_batches,
-    merge_equations,
     normal_equations,
     part_equations,
     part_rows,
     plan_rows,
     short_equations,
+    sum_blocks,
+    tree_sum,
 )
 from egp_onnx.runtime.cluster import Kept, Payload, Placed, Resident
 from egp_onnx.runtime.segments import Activations
@@ -189,8 +191,8 @@ class _Draw:
 
 #: A layer's request as the groups get it: the updates sent with it, the layer, the layers after it.
 Request = tuple[Weights, "LinearLayer", list["LinearLayer"]]
-#: Per group, a layer's answer: each part's rows, and its sums when they were drawn as planned.
-Answer = tuple[list[PartRows], "list[NormalEquations] | None"]
+#: Per group, a layer's answer: each part's rows, and its parts' sums when they were drawn as planned.
+Answer = tuple[list[PartRows], "NormalEquations | None"]
 #: A request of the dense model's activations (normal.dense_request): the tensors, those kept.
 DenseRequest = tuple[list[str], set[str]]
 #: What opens a group (:meth:`_Group._open`), with its first request: the setup, the current and
@@ -206,9 +208,13 @@ class _Group(Resident):
     request opens it; it lives until the client drops its handle (the refit's end).
     """
 
-    def __init__(self, parts: Sequence[DataPart], starts: Sequence[int]) -> None:
-        """The group of ``parts`` (each part's first sample in ``starts``), opened by its first request."""
-        self.parts, self.starts = parts, starts
+    def __init__(self, parts: Sequence[DataPart], starts: Sequence[int], first: int) -> None:
+        """The group of ``parts`` (each part's first sample in ``starts``), opened by its first request.
+
+        ``first``: the number of the group's first part: its parts are a block of
+        :func:`~egp_onnx.reconstruct.normal.sum_blocks`, summed here.
+        """
+        self.parts, self.starts, self.first = parts, starts, first
         self.opened = False
         self.now: Activations | None = None
         self.then: Activations | None = None
@@ -256,18 +262,24 @@ class _Group(Resident):
             self._start_ahead(ahead)
         return answer
 
-    def sums(self, draw: _Draw) -> list[NormalEquations] | None:
-        """Each part's sums of the last layer, its positions drawn its offset on (None: not opened)."""
+    def sums(self, draw: _Draw) -> NormalEquations | None:
+        """The group's parts' sums of the last layer, added (None: not opened).
+
+        Each part's positions are drawn its offset on; the parts' sums are added as the client's
+        tree adds them (:func:`~egp_onnx.reconstruct.normal.tree_sum`): only their sum goes back.
+        """
         if self.layer is None:
             return None
-        sums = []
-        for kept, offset in zip(self.kept, draw.offsets, strict=True):
+        sums = {}
+        for i, (kept, offset) in enumerate(zip(self.kept, draw.offsets, strict=True)):
             bits = np.random.PCG64()
             bits.state = draw.state  # type: ignore[assignment]  # the state dict another PCG64 gave
             bits.advance(offset)
             with one_blas_thread():
-                sums.append(part_equations(self.layer, kept, draw.takes, np.random.Generator(bits)))
-        return sums
+                part = part_equations(self.layer, kept, draw.takes, np.random.Generator(bits))
+            sums[self.first + i, self.first + i + 1] = part
+        with np.errstate(over="ignore", invalid="ignore"):  # as in NormalEquations.finish
+            return tree_sum(self.first, self.first + len(self.kept), sums)
 
     def _run(self, layer: LinearLayer, later: Sequence[LinearLayer]) -> None:
         assert self.now is not None and self.then is not None
@@ -397,9 +409,10 @@ class ClusterSums:
             seen += part.samples
         self.parts, self.starts = parts, starts
         addresses = cluster.addresses
-        # Part p goes to worker p mod n: groups of parts, one per worker (its activations one set).
-        count = min(len(addresses), len(parts))
-        self.groups = [list(range(g, len(parts), count)) for g in range(count)]
+        # A block of consecutive parts per worker (its activations one set), summed there.
+        self.blocks = sum_blocks(len(parts), len(addresses))
+        self.groups = [list(range(lo, hi)) for lo, hi in self.blocks]
+        count = len(self.groups)
         # Sent with each group's first request, pickled once for all groups: the data's loaders and
         # the dense model pickled once per run, the step's model once per step.
         loaders = cluster.kept_once("loaders", data.loaders)
@@ -423,7 +436,7 @@ class ClusterSums:
     def _place(self, g: int, worker: str | None) -> Placed:
         """Group ``g`` placed on ``worker`` (None: anywhere), to be opened by its first request."""
         mine = self.groups[g]
-        args = ([self.parts[p] for p in mine], [self.starts[p] for p in mine])
+        args = ([self.parts[p] for p in mine], [self.starts[p] for p in mine], mine[0])
         return self.cluster.place(_Group, args, worker)
 
     def update(self, new: Weights) -> None:
@@ -454,21 +467,25 @@ class ClusterSums:
         key = (layer.name, self.batch_size)
         guess = self.guesses.get(key)
         planned = None if guess is None else _draw(layer, width, guess, rng)
-        found = self._ask(planned)
-        rows = [r for r, _ in found]
+        rows, sums = self._ask(planned)
         self.guesses[key] = rows
         draw = _draw(layer, width, rows, rng)
         if draw is None:
             return short_equations(plan_rows(layer, width, rows).total)
         if planned is None or planned.rows != rows:
-            found = self._ask(draw, sums=True)
+            _, sums = self._ask(draw, sums=True)
         _skip(rng, sum(draws(r, draw.takes) for r in rows))  # as if this process had drawn them all
-        sums = [s for _, s in found]
-        assert all(s is not None for s in sums)  # drawn as planned: every part summed its rows
-        return merge_equations(layer, sums)  # type: ignore[arg-type]
+        known = {}
+        for block, block_sums in zip(self.blocks, sums, strict=True):
+            assert block_sums is not None  # drawn as planned: every part summed its rows
+            known[block] = block_sums
+        with np.errstate(over="ignore", invalid="ignore"):
+            return in_solver_order(layer, tree_sum(0, len(self.parts), known))
 
-    def _ask(self, draw: _Draw | None, sums: bool = False) -> list[tuple[PartRows, NormalEquations | None]]:
-        """Per part, its rows of the last request's layer and its sums if ``draw`` planned them.
+    def _ask(
+        self, draw: _Draw | None, sums: bool = False
+    ) -> tuple[list[PartRows], list[NormalEquations | None]]:
+        """Per part, its rows of the last request's layer; per group, its sums if ``draw`` planned them.
 
         ``sums``: the layer has run; only its sums are asked. A group whose worker was lost is
         placed again (anywhere) and replays every request.
@@ -493,11 +510,12 @@ class ClusterSums:
                 self.residents[g], self.opened[g] = self._place(g, None), False
 
         answers = self.cluster.ask_all(len(self.groups), call, replace, f"refit of {layer.name}")
-        by_part: list[Any] = [None] * len(self.parts)
-        for g, (group, answer) in enumerate(zip(self.groups, answers, strict=True)):
+        rows: list[PartRows] = []
+        sums_of: list[NormalEquations | None] = []
+        for g, answer in enumerate(answers):
             self.opened[g] = True
             drawn = mine[g]
-            rows, part_sums = (drawn.rows, answer) if only_sums[g] and drawn is not None else answer
-            for i, p in enumerate(group):
-                by_part[p] = (rows[i], None if part_sums is None else part_sums[i])
-        return by_part
+            group_rows, group_sums = (drawn.rows, answer) if only_sums[g] and drawn is not None else answer
+            rows.extend(group_rows)
+            sums_of.append(group_sums)
+        return rows, sums_of

@@ -128,3 +128,37 @@ def test_a_groups_rows_are_gathered_in_slices_of_at_most_a_chunk_with_the_same_s
     assert sliced.rows == whole.rows == 3 * 42 and max(gathered) == 10 and sum(gathered) == 126
     np.testing.assert_allclose(sliced.gram, whole.gram, rtol=1e-5, atol=1e-5)  # float32 products
     np.testing.assert_allclose(sliced.cross, whole.cross, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 5, 7, 8])
+def test_blocks_of_parts_summed_apart_give_the_bits_of_all_parts_summed_together(rng, parts):
+    # A cluster worker adds its block of parts' sums and sends one; the client adds the blocks.
+    # Float sums are not associative: only a fixed tree whose nodes the blocks are gives the
+    # same bits for every number of workers.
+    def one(seed):
+        local = np.random.default_rng(seed)
+        sums = normal.NormalEquations(1, 6, 3, bias=True)
+        scale = 10.0 ** local.integers(-3, 4)  # magnitudes far apart: the order of the additions shows
+        sums.add(f32(local.normal(size=(1, 40, 6)) * scale), local.normal(size=(40, 3)))
+        sums.finish()
+        return sums
+
+    seeds = rng.integers(0, 2**31, parts)
+    leaves = lambda: {(p, p + 1): one(s) for p, s in enumerate(seeds)}  # noqa: E731
+    whole = normal.tree_sum(0, parts, leaves())
+    for count in range(1, parts + 2):
+        blocks = normal.sum_blocks(parts, count)
+        assert len(blocks) == min(count, parts)
+        assert [lo for lo, _ in blocks] == sorted(lo for lo, _ in blocks) and blocks[0][0] == 0
+        assert all(a[1] == b[0] for a, b in zip(blocks[:-1], blocks[1:], strict=True))
+        assert blocks[-1][1] == parts
+        sizes = [hi - lo for lo, hi in blocks]
+        assert max(sizes) <= 2 * min(sizes)
+        known = {}
+        for lo, hi in blocks:  # each block summed alone, as its worker does
+            mine = {k: v for k, v in leaves().items() if lo <= k[0] < hi}
+            known[lo, hi] = normal.tree_sum(lo, hi, mine)
+        total = normal.tree_sum(0, parts, known)
+        for name in ("gram", "cross", "target_sq"):
+            assert np.array_equal(getattr(total, name), getattr(whole, name)), (count, name)
+        assert total.rows == whole.rows == 40 * parts
