@@ -156,7 +156,8 @@ def _compress(
     proto, inputs = open_inputs(model, calib, eval_data, settings, options)
     # local:N workers start in the background: the original's pass runs here if they are not up
     # yet (the same cores, the same counts), and the loop's first refit waits for them
-    base = _baseline(proto, inputs, stats, settings, progress, cluster if cluster is not None and cluster.ready else None)
+    up = cluster if cluster is not None and cluster.ready else None
+    base = _baseline(proto, inputs, stats, settings, progress, up)
     settings = default_thresholds(settings, base.reference)
     settings = replace(settings, sensitivity=caps_wanted(settings.sensitivity, base.reference.samples))
     # with --quantize the stages judge their candidates quantized too, so INT8 keeps its share
