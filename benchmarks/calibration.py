@@ -115,6 +115,7 @@ def _without_indicator() -> None:
     the same session, scheduling and pooling: the floor of any probe that reads each once.
     """
     from egp_onnx.calibrate import collect as calibrate
+
     build = calibrate.statistics_model
 
     def pooled_directly(*args, **kwargs):

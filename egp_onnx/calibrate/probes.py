@@ -87,9 +87,7 @@ def probes(model: onnx.ModelProto, sites: Sequence[RectifierSite], fast: bool = 
     return result
 
 
-def plan(
-    model: onnx.ModelProto, sites: Sequence[RectifierSite], fast: bool
-) -> tuple[list[Probe], list[int]]:
+def plan(model: onnx.ModelProto, sites: Sequence[RectifierSite], fast: bool) -> tuple[list[Probe], list[int]]:
     """The distinct probes (sites on slices of one tensor share one) and each site's probe index."""
     unique: dict[Probe, int] = {}
     index = []
@@ -192,9 +190,7 @@ def _fast_probe_nodes(probe: Probe, pre: str, i: int) -> list[onnx.NodeProto]:
     ]
 
 
-def _add_general_probe(
-    graph: onnx.GraphProto, probe: Probe, pre: str, i: int, elem: int, opset: int
-) -> None:
+def _add_general_probe(graph: onnx.GraphProto, probe: Probe, pre: str, i: int, elem: int, opset: int) -> None:
     """Add the general probe's nodes, constants and its two outputs (count and size) to ``graph``."""
     prefix = f"{pre}_stats__{i}"
     count = count_name(pre, i)

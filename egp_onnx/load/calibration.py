@@ -451,9 +451,13 @@ def holdout_count(samples: int, fraction: float | None, batch: int | None = None
     held = int(round(fraction * samples))
     need = batch or 1
     if held < need or samples - held < need:
-        rule = "both need at least one" if batch is None else (
-            f"the model's batch size is fixed at {batch}, so both need at least {batch} "
-            "(--holdout 0 measures on the calibration data)"
+        rule = (
+            "both need at least one"
+            if batch is None
+            else (
+                f"the model's batch size is fixed at {batch}, so both need at least {batch} "
+                "(--holdout 0 measures on the calibration data)"
+            )
         )
         raise CalibrationError(
             f"--holdout {fraction} of {samples} samples leaves {held} held out and {samples - held} "

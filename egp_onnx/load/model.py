@@ -277,5 +277,3 @@ def external_data_path(path: str | os.PathLike[str]) -> Path:
     """Where the weights of a model saved with external data go: OUT.data beside OUT."""
     target = Path(path)
     return target.with_name(target.name + ".data")
-
-

@@ -275,6 +275,8 @@ def test_holdout_split_of_mixed_shapes_keeps_each_shape_apart(rng, tmp_path):
         data.arrays()
     again = [lab.tolist() for _, lab in split_holdout(data, 0.3, seed=1)[1].batches(3)]
     assert again == [lab.tolist() for _, lab in held.batches(3)], "seeded"
+
+
 def test_large_samples_go_in_batches_of_bounded_bytes(rng, tmp_path):
     """Pages of 3x512x512 float32 (3 MiB each): 16 MiB hold 5 of them, whatever --batch-size asks."""
     model = single_conv(rng)

@@ -113,6 +113,8 @@ def test_macs_inference_cannot_give_are_measured_on_a_sample(rng):
     assert count_macs(model, shapes, feed=feed) == (want, want)
     assert model_cost(model, shapes, feed=feed).macs == want
     assert len(model.graph.output) == 1, "the caller's model is not modified"
+
+
 @pytest.mark.parametrize("name", ["digits_resnet.onnx", "mnist_resnet.onnx"])
 def test_the_streamed_deflate_size_is_that_of_the_whole_file(name):
     """serialized_chunks gives the serialised model piece by piece; deflating them is deflating the file."""
