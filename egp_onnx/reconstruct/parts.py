@@ -434,10 +434,16 @@ class ClusterSums:
         log.info("refit: %d parts on %d workers", len(parts), count)
 
     def _place(self, g: int, worker: str | None) -> Placed:
-        """Group ``g`` placed on ``worker`` (None: anywhere), to be opened by its first request."""
+        """Group ``g`` placed on ``worker`` (None: anywhere), to be opened by its first request.
+
+        On its worker it is one placed ahead by the last refit (the same parts every step); one
+        placed again after its worker was lost is placed now.
+        """
         mine = self.groups[g]
         args = ([self.parts[p] for p in mine], [self.starts[p] for p in mine], mine[0])
-        return self.cluster.place(_Group, args, worker)
+        if worker is None:
+            return self.cluster.place(_Group, args, worker)
+        return self.cluster.place_ahead(_Group, args, worker)
 
     def update(self, new: Weights) -> None:
         """Sent to every group with the next layer's request."""

@@ -201,6 +201,7 @@ class Cluster:
         self._model: tuple[Any, Kept] | None = None  # the last model sent (kept_model)
         self._runners: list[Placed] = []  # one per worker (run_parts), placed at first use
         self._runner_workers: set[str] = set()  # the workers runners were placed on
+        self._ahead: dict[bytes, Placed] = {}  # place_ahead's objects for its next calls, by their arguments
 
     @property
     def client(self) -> Any:
@@ -339,6 +340,19 @@ class Cluster:
             return Placed(self.client.submit(kind, *args, actor=True, pure=False), in_loop)
         where = {"workers": [worker], "allow_other_workers": True}
         return Placed(self.client.submit(kind, *args, actor=True, pure=False, **where), in_loop)
+
+    def place_ahead(self, kind: type[Resident], args: tuple[Any, ...], worker: str | None) -> Placed:
+        """:meth:`place`, from objects placed ahead: the next call with the same arguments is ready.
+
+        Placing an object is a task through the scheduler (15-30 ms to its first answer, against
+        2-4 ms for a later call, on an idle machine): a loop step's refit groups, the same each
+        step, are placed while the step before runs. The one placed for the next call lives until
+        then, or until the cluster closes.
+        """
+        key = pickle.dumps((kind, args, worker), protocol=pickle.HIGHEST_PROTOCOL)
+        placed = self._ahead.pop(key, None) or self.place(kind, args, worker)
+        self._ahead[key] = self.place(kind, args, worker)
+        return placed
 
     def ask(
         self,

@@ -86,6 +86,32 @@ def _slow_power(exponent: int, offset: int, x: int) -> int:
     return (x + offset) ** exponent
 
 
+class _Counter(cluster_module.Resident):
+    """A resident that says what it was built with and how many calls it has had."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.calls = name, 0
+
+    def ping(self) -> tuple[str, int]:
+        self.calls += 1
+        return self.name, self.calls
+
+
+def test_an_object_placed_ahead_is_the_next_calls_and_a_fresh_one_waits_for_the_one_after(threads):
+    worker = threads.addresses[0]
+    threads._ahead.clear()  # what other tests' refits placed ahead
+    first = threads.place_ahead(_Counter, ("a",), worker)
+    ahead = next(iter(threads._ahead.values())) if len(threads._ahead) == 1 else None
+    assert ahead is not None and ahead is not first  # the next call's object, placed now
+    assert threads.ask([(first, "ping", ())]) == [("a", 1)]
+    second = threads.place_ahead(_Counter, ("a",), worker)
+    assert second is ahead  # placed by the call before
+    assert threads.ask([(second, "ping", ())]) == [("a", 1)]  # a new object, not the first again
+    other = threads.place_ahead(_Counter, ("b",), worker)  # other arguments: placed now
+    assert other is not ahead and threads.ask([(other, "ping", ())]) == [("b", 1)]
+    threads._ahead.clear()
+
+
 def test_run_parts_returns_results_in_the_order_of_the_items_whatever_finishes_first(threads):
     done = []
     kept = threads.kept_once("test", 2)
