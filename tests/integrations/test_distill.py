@@ -129,3 +129,28 @@ def test_an_unlabelled_train_file_without_distill_one_is_one_line(runner, tmp_pa
     extra = [*torch_model, "--train", str(tmp_path / "unlabelled.npz"), "--distill", "0.5"]
     line = one_line_error(runner.invoke(main, sample_args(tmp_path, *extra)))
     assert "needs an .npz with an input array and 'labels' (or --distill 1)" in line
+
+
+def test_distill_one_on_an_unlabelled_train_file_from_the_command_line(runner, tmp_path):
+    import json
+
+    from egp_onnx.cli.main import main
+
+    np.savez(tmp_path / "unlabelled.npz", input=load_npz(SAMPLES / "digits_train.npz")["input"][:256])
+    torch_model = ["--torch-model", f"{SAMPLES / 'digits_torch.py'}:factory", "--lr", "3e-4"]
+    extra = [
+        *torch_model,
+        "--train",
+        str(tmp_path / "unlabelled.npz"),
+        "--distill",
+        "1",
+        "--temperature",
+        "2",
+    ]
+    result = runner.invoke(
+        main, sample_args(tmp_path, *extra, "--no-latency", "--report", str(tmp_path / "r.json"))
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["settings"]["finetune"] == "ClassificationFinetune"
+    assert report["steps"] and all(step["finetuned"] for step in report["steps"])
