@@ -143,6 +143,7 @@ class Finetuning:
     lr: float
     distill: float = 0.0
     temperature: float = 1.0
+    freeze_bn: bool = False
 
     def callback(self) -> object:
         from egp_onnx.cli.plugins import load_attribute
@@ -156,6 +157,7 @@ class Finetuning:
             lr=self.lr,
             distill=self.distill,
             temperature=self.temperature,
+            freeze_bn=self.freeze_bn,
         )
 
 
@@ -253,12 +255,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--distill", type=float, default=0.0, help="distillation weight (--torch-model)")
     parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    parser.add_argument("--freeze-bn", action="store_true", help="BatchNorm in eval mode while finetuning")
     parser.add_argument("--only-channels", action="store_true", help="skip the egp-onnx variants")
     args = parser.parse_args()
     if (args.torch_model is None) != (args.train is None):
         parser.error("give --torch-model and --train together")
     finetuning = (
-        Finetuning(args.torch_model, args.train, args.epochs, args.lr, args.distill, args.temperature)
+        Finetuning(
+            args.torch_model, args.train, args.epochs, args.lr, args.distill, args.temperature, args.freeze_bn
+        )
         if args.torch_model is not None
         else None
     )
@@ -278,6 +283,8 @@ def main() -> None:
                 how = f"{tuned.epochs} epoch(s) a step, lr {tuned.lr}"
                 if tuned.distill > 0:
                     how += f", distill {tuned.distill} at T {tuned.temperature}"
+                if tuned.freeze_bn:
+                    how += ", BatchNorm frozen"
                 print(f"\n{case.name}: finetuned by {tuned.factory} on {tuned.train}, {how}")
             models = {v: m for v, m in built.items() if isinstance(m, onnx.ModelProto)}
             accuracy = unseen(case, models) if case.test is not None else {}

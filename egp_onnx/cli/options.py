@@ -316,6 +316,11 @@ FINETUNE = OptionGroup(
             "in [0, 1], for --torch-model (1: no labels needed). The original's first output must be logits.",
         ),
         _default("--temperature", default=1.0, help="Softmax temperature of --distill."),
+        _flag(
+            "--freeze-bn",
+            help="Keep --torch-model's BatchNorm layers in eval mode while finetuning (their running "
+            "statistics, the ONNX model's, do not move).",
+        ),
     )
 )
 
@@ -346,7 +351,7 @@ COMPRESS_HELP_ORDER = (
     "eval_path", "eval_unseen", "holdout", "min_agreement", "max_rel_error", "min_iou",
     "map_threshold", "no_guard", "no_reconstruct",
     "select", "layer_cap", "sensitivity", "report_path", "seed", "stats_paths", "finetune_spec",
-    "torch_model", "train_path", "epochs", "lr", "distill", "temperature",
+    "torch_model", "train_path", "epochs", "lr", "distill", "temperature", "freeze_bn",
     "no_surgery", "channels", "merge_tolerance", "quantize", "no_latency", "plot_path", "external_data",
     "quiet", "force",
 )  # fmt: skip
@@ -387,6 +392,7 @@ class FinetuneArgs:
     lr: float
     distill: float = 0.0
     temperature: float = 1.0
+    freeze_bn: bool = False
 
     @classmethod
     def of(cls, params: Params) -> FinetuneArgs:
@@ -400,6 +406,8 @@ class FinetuneArgs:
         check_positive("--temperature", temperature)
         if params["torch_model"] is None and (distill != 0.0 or temperature != 1.0):
             raise ConfigError("--distill and --temperature are used with --torch-model")
+        if params["torch_model"] is None and params["freeze_bn"]:
+            raise ConfigError("--freeze-bn is used with --torch-model")
         if distill == 0.0 and temperature != 1.0:
             raise ConfigError("--temperature is used with --distill W (W > 0)")
         return cls(
@@ -410,6 +418,7 @@ class FinetuneArgs:
             params["lr"],
             distill,
             temperature,
+            params["freeze_bn"],
         )
 
     def reads(self) -> list[tuple[str, Path | None]]:
@@ -455,6 +464,7 @@ class FinetuneArgs:
                 lr=self.lr,
                 distill=self.distill,
                 temperature=self.temperature,
+                freeze_bn=self.freeze_bn,
             )
         except (OSError, KeyError, ValueError, StopIteration) as exc:
             labels = "" if self.distill == 1.0 else " and 'labels' (or --distill 1)"

@@ -534,6 +534,13 @@ class ClassificationFinetune:
     cross-entropy on labels moves away from; distill=1.0 needs no labels (the train file may lack
     them).
 
+    ``freeze_bn``: BatchNormalization layers stay in eval mode while the rest trains: they
+    normalise by the running statistics (the ones the ONNX model holds, which the module then
+    computes exactly) and those do not move. Training mode normalises each batch by its own
+    statistics and moves the running ones toward the training file's: with nothing pruned, one
+    epoch of distillation on the wide Fashion sample at lr 1e-4 kept 0.9884 unseen agreement with
+    them moving and 0.9940 with them frozen (cross-entropy: 0.9858 and 0.9758; README).
+
     ``threads``: torch's intra-op threads while it trains (None: torch's setting). One by default:
     its kernels then run in a fixed order (a rerun gives the same weights), and the small models
     this is for train faster on one thread than on cores shared with onnxruntime's sessions and
@@ -555,6 +562,7 @@ class ClassificationFinetune:
         threads: int | None = 1,
         distill: float = 0.0,
         temperature: float = 1.0,
+        freeze_bn: bool = False,
     ) -> None:
         if not 0.0 <= distill <= 1.0:
             raise ConfigError(f"distill must be in [0, 1], got {distill}")
@@ -571,6 +579,7 @@ class ClassificationFinetune:
             raise ConfigError("training on labels (distill < 1) needs labels beside the inputs")
         self.module, self.epochs, self.lr, self.batch_size, self.seed = module, epochs, lr, batch_size, seed
         self.threads, self.distill, self.temperature = threads, distill, temperature
+        self.freeze_bn = freeze_bn
         self.inputs = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
         self.labels = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.teacher: torch.Tensor | None = None
@@ -614,6 +623,10 @@ class ClassificationFinetune:
         generator = torch.Generator().manual_seed(self.seed)
         optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
         self.module.train()
+        if self.freeze_bn:  # normalised by the running statistics the ONNX model holds, kept as they are
+            for bn in self.module.modules():
+                if isinstance(bn, _BN):
+                    bn.eval()
         for _ in range(self.epochs):
             for idx in torch.randperm(len(self.inputs), generator=generator).split(self.batch_size):
                 optimizer.zero_grad()

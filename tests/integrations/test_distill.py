@@ -111,6 +111,7 @@ TORCH = [
         ([*TORCH, "--distill", "1", "--temperature", "0"], "--temperature must be a finite number > 0"),
         ([*TORCH, "--temperature", "2"], "--temperature is used with --distill"),
         (["--distill", "0.5"], "--distill and --temperature are used with --torch-model"),
+        (["--freeze-bn"], "--freeze-bn is used with --torch-model"),
     ],
 )
 def test_bad_distillation_options_are_one_line(extra, message, runner, tmp_path):
@@ -154,3 +155,32 @@ def test_distill_one_on_an_unlabelled_train_file_from_the_command_line(runner, t
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["settings"]["finetune"] == "ClassificationFinetune"
     assert report["steps"] and all(step["finetuned"] for step in report["steps"])
+
+
+def _batchnorm_statistics(model) -> dict[str, np.ndarray]:
+    from egp_onnx.graph.weights import tensor_values
+
+    values = tensor_values(model)
+    return {
+        name: values[name]
+        for node in model.graph.node
+        if node.op_type == "BatchNormalization"
+        for name in node.input[3:5]
+    }
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_frozen_batchnorm_keeps_the_onnx_models_running_statistics(freeze):
+    mnist_torch = pytest.importorskip("mnist_torch")
+    model = load_model(SAMPLES / "mnist_resnet.onnx")
+    data = load_npz(SAMPLES / "mnist_calib.npz")
+    before = _batchnorm_statistics(model)
+    assert before  # the MNIST sample keeps its BatchNormalization nodes
+    finetune = ClassificationFinetune(
+        mnist_torch.factory(), (data["image"][:128], data["labels"][:128]), lr=1e-3, freeze_bn=freeze
+    )
+    finetune.start(model)
+    after = _batchnorm_statistics(replace_tensors(model, finetune(model, {})))
+    moved = [name for name in before if not np.array_equal(before[name], after[name])]
+    assert (not moved) if freeze else len(moved) == len(before), moved  # training mode moves them all
+    assert finetune.module.training is False  # left in eval mode either way
