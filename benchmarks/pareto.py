@@ -22,12 +22,12 @@ as they have no class to keep):
 - --channels, --channels --quantize int8: when ``Settings`` has a ``channels`` field (channel
   removal, another branch); else the rows say "n/a (--channels not available)".
 
-With ``--torch-model file.py:factory --train PATH [--epochs N --lr X]`` every compress run of the
-first sample in ``--models`` is finetuned (``ClassificationFinetune``, a fresh module from the
-factory per run) after each channel step and each weight step. The training images must not be
-the calibration file's (the guard's holdout is split from it): benchmarks/finetune_split.py makes
-such a file for MNIST and Fashion-MNIST. ``--only-channels`` times dense, INT8 alone and the two
-``--channels`` variants only.
+With ``--torch-model file.py:factory --train PATH [--epochs N --lr X --distill W --temperature T]``
+every compress run of the first sample in ``--models`` is finetuned (``ClassificationFinetune``,
+a fresh module from the factory per run) after each channel step and each weight step. The
+training images must not be the calibration file's (the guard's holdout is split from it):
+benchmarks/finetune_split.py makes such a file for MNIST and Fashion-MNIST. ``--only-channels``
+times dense, INT8 alone and the two ``--channels`` variants only.
 
 Run: nice -n 10 python benchmarks/pareto.py [--budget 3]
      [--models mnist,digits,fashion,fashion_wide,fashion_wide_4000,resnet,mobilenet] (any sample of
@@ -141,13 +141,24 @@ class Finetuning:
     train: Path
     epochs: int
     lr: float
+    distill: float = 0.0
+    temperature: float = 1.0
+    freeze_bn: bool = False
 
     def callback(self) -> object:
         from egp_onnx.cli.plugins import load_attribute
         from egp_onnx.integrations.torch import ClassificationFinetune
 
         module = load_attribute(self.factory, "--torch-model")()
-        return ClassificationFinetune(module, self.train, epochs=self.epochs, lr=self.lr)
+        return ClassificationFinetune(
+            module,
+            self.train,
+            epochs=self.epochs,
+            lr=self.lr,
+            distill=self.distill,
+            temperature=self.temperature,
+            freeze_bn=self.freeze_bn,
+        )
 
 
 def variants(
@@ -242,12 +253,17 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--distill", type=float, default=0.0, help="distillation weight (--torch-model)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    parser.add_argument("--freeze-bn", action="store_true", help="BatchNorm in eval mode while finetuning")
     parser.add_argument("--only-channels", action="store_true", help="skip the egp-onnx variants")
     args = parser.parse_args()
     if (args.torch_model is None) != (args.train is None):
         parser.error("give --torch-model and --train together")
     finetuning = (
-        Finetuning(args.torch_model, args.train, args.epochs, args.lr)
+        Finetuning(
+            args.torch_model, args.train, args.epochs, args.lr, args.distill, args.temperature, args.freeze_bn
+        )
         if args.torch_model is not None
         else None
     )
@@ -265,6 +281,10 @@ def main() -> None:
             built, notes = variants(case, folder, tuned, args.only_channels)
             if tuned is not None:
                 how = f"{tuned.epochs} epoch(s) a step, lr {tuned.lr}"
+                if tuned.distill > 0:
+                    how += f", distill {tuned.distill} at T {tuned.temperature}"
+                if tuned.freeze_bn:
+                    how += ", BatchNorm frozen"
                 print(f"\n{case.name}: finetuned by {tuned.factory} on {tuned.train}, {how}")
             models = {v: m for v, m in built.items() if isinstance(m, onnx.ModelProto)}
             accuracy = unseen(case, models) if case.test is not None else {}

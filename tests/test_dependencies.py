@@ -43,7 +43,7 @@ ALLOWED: dict[str, set[str]] = {
     "reconstruct": {"errors", "graph", "runtime", "load", "report", "prune"},
     "surgery": {"errors", "graph", "report"},
     "verify": {"errors", "config", "graph", "runtime", "load", "report"},
-    "integrations": {"errors", "graph", "load"},
+    "integrations": {"errors", "graph", "load", "runtime"},  # runtime: the distillation teacher
     "api": {
         "errors", "config", "entropy", "report", "graph", "runtime", "load", "calibrate", "prune",
         "reconstruct", "surgery", "verify",

@@ -309,6 +309,18 @@ FINETUNE = OptionGroup(
         _path("--train", "train_path", help="Training data (.npz with labels) for --torch-model."),
         _default("--epochs", default=1, help="Epochs per step for --torch-model."),
         _default("--lr", default=1e-3, help="Adam learning rate for --torch-model."),
+        _default(
+            "--distill",
+            default=0.0,
+            help="Weight of distillation on the original's outputs against cross-entropy on the labels, "
+            "in [0, 1], for --torch-model (1: no labels needed). The original's first output must be logits.",
+        ),
+        _default("--temperature", default=1.0, help="Softmax temperature of --distill."),
+        _flag(
+            "--freeze-bn",
+            help="Keep --torch-model's BatchNorm layers in eval mode while finetuning (their running "
+            "statistics, the ONNX model's, do not move).",
+        ),
     )
 )
 
@@ -339,7 +351,7 @@ COMPRESS_HELP_ORDER = (
     "eval_path", "eval_unseen", "holdout", "min_agreement", "max_rel_error", "min_iou",
     "map_threshold", "no_guard", "no_reconstruct",
     "select", "layer_cap", "sensitivity", "report_path", "seed", "stats_paths", "finetune_spec",
-    "torch_model", "train_path", "epochs", "lr",
+    "torch_model", "train_path", "epochs", "lr", "distill", "temperature", "freeze_bn",
     "no_surgery", "channels", "merge_tolerance", "quantize", "no_latency", "plot_path", "external_data",
     "quiet", "force",
 )  # fmt: skip
@@ -371,13 +383,16 @@ def compress_settings(params: Params) -> Settings:
 
 @dataclass(frozen=True)
 class FinetuneArgs:
-    """--finetune, or --torch-model with --train, --epochs and --lr."""
+    """--finetune, or --torch-model with --train, --epochs, --lr, --distill and --temperature."""
 
     spec: str | None
     torch_model: str | None
     train: Path | None
     epochs: int
     lr: float
+    distill: float = 0.0
+    temperature: float = 1.0
+    freeze_bn: bool = False
 
     @classmethod
     def of(cls, params: Params) -> FinetuneArgs:
@@ -385,12 +400,25 @@ class FinetuneArgs:
         if params["epochs"] < 1:
             raise ConfigError(f"--epochs must be at least 1, got {params['epochs']}")
         check_positive("--lr", params["lr"])
+        distill, temperature = params["distill"], params["temperature"]
+        if not 0.0 <= distill <= 1.0:
+            raise ConfigError(f"--distill must be in [0, 1], got {distill}")
+        check_positive("--temperature", temperature)
+        if params["torch_model"] is None and (distill != 0.0 or temperature != 1.0):
+            raise ConfigError("--distill and --temperature are used with --torch-model")
+        if params["torch_model"] is None and params["freeze_bn"]:
+            raise ConfigError("--freeze-bn is used with --torch-model")
+        if distill == 0.0 and temperature != 1.0:
+            raise ConfigError("--temperature is used with --distill W (W > 0)")
         return cls(
             params["finetune_spec"],
             params["torch_model"],
             params["train_path"],
             params["epochs"],
             params["lr"],
+            distill,
+            temperature,
+            params["freeze_bn"],
         )
 
     def reads(self) -> list[tuple[str, Path | None]]:
@@ -429,11 +457,18 @@ class FinetuneArgs:
         except Exception as exc:  # the user's factory may fail in any way
             raise ConfigError(f"--torch-model: {torch_model}() failed: {type(exc).__name__}: {exc}") from exc
         try:
-            return ClassificationFinetune(module, train, epochs=self.epochs, lr=self.lr)
+            return ClassificationFinetune(
+                module,
+                train,
+                epochs=self.epochs,
+                lr=self.lr,
+                distill=self.distill,
+                temperature=self.temperature,
+                freeze_bn=self.freeze_bn,
+            )
         except (OSError, KeyError, ValueError, StopIteration) as exc:
-            raise ConfigError(
-                f"--train {train}: needs an .npz with an input array and 'labels' ({exc})"
-            ) from exc
+            labels = "" if self.distill == 1.0 else " and 'labels' (or --distill 1)"
+            raise ConfigError(f"--train {train}: needs an .npz with an input array{labels} ({exc})") from exc
 
 
 VERIFY = OptionGroup(

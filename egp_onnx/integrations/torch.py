@@ -15,6 +15,7 @@ ended it returns c, so the module computes ``x + c`` and finetuning trains c (:c
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from egp_onnx.errors import FinetuneError, MappingError
+from egp_onnx.errors import ConfigError, FinetuneError, MappingError
 from egp_onnx.graph.channels import emptied_branches
 from egp_onnx.graph.index import attr
 from egp_onnx.graph.weights import tensor_values
@@ -39,6 +40,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "egp_onnx.integrations.torch needs PyTorch: pip install 'egp-onnx[torch]' "
         "(torch==2.13.0, a CPU build)"
     ) from exc
+
+from egp_onnx.integrations.distill import finetune_loss, teacher_logits  # noqa: E402 (needs torch)
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -513,7 +516,7 @@ def export_onnx(
 
 
 class ClassificationFinetune:
-    """A ready finetune callback: cross-entropy training of ``module`` on (inputs, labels).
+    """A ready finetune callback: training of ``module`` on (inputs, labels) and/or the original's outputs.
 
     Call it as ``compress(..., finetune=ClassificationFinetune(module, "train.npz"))``: at every
     step it loads the pruned ONNX weights into ``module``, trains ``epochs`` with the masks
@@ -522,6 +525,21 @@ class ClassificationFinetune:
     resizes the module to the narrowed model (:func:`narrow_module`), and a residual branch the
     model has emptied is put out of the module (:class:`BranchSwap`): the callback
     ``follows_branches``, so the channel stage may empty branches under it.
+
+    ``distill`` weighs knowledge distillation against the labels: the loss is ``(1 - distill) *
+    cross_entropy(labels) + distill * T^2 * KL(softmax(teacher / T) || softmax(student / T))``
+    with T ``temperature`` (integrations/distill.py). The teacher is the original model (the one
+    ``start`` gets): its first output, which must be the class logits, on the training inputs,
+    computed once by onnxruntime. The guard measures agreement with the original, which
+    cross-entropy on labels moves away from; distill=1.0 needs no labels (the train file may lack
+    them).
+
+    ``freeze_bn``: BatchNormalization layers stay in eval mode while the rest trains: they
+    normalise by the running statistics (the ones the ONNX model holds, which the module then
+    computes exactly) and those do not move. Training mode normalises each batch by its own
+    statistics and moves the running ones toward the training file's: with nothing pruned, one
+    epoch of distillation on the wide Fashion sample at lr 1e-4 kept 0.9884 unseen agreement with
+    them moving and 0.9940 with them frozen (cross-entropy: 0.9858 and 0.9758; README).
 
     ``threads``: torch's intra-op threads while it trains (None: torch's setting). One by default:
     its kernels then run in a fixed order (a rerun gives the same weights), and the small models
@@ -542,25 +560,42 @@ class ClassificationFinetune:
         batch_size: int = 64,
         seed: int = 0,
         threads: int | None = 1,
+        distill: float = 0.0,
+        temperature: float = 1.0,
+        freeze_bn: bool = False,
     ) -> None:
+        if not 0.0 <= distill <= 1.0:
+            raise ConfigError(f"distill must be in [0, 1], got {distill}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"the distillation temperature must be a finite number > 0, got {temperature}")
+        labels: np.ndarray | None
         if isinstance(train, (str, Path)):
             with np.load(train, allow_pickle=False) as npz:
-                labels = npz["labels"]
+                labels = npz["labels"] if "labels" in npz.files or distill < 1.0 else None
                 inputs = npz[next(k for k in npz.files if k != "labels")]
         else:
             inputs, labels = train
+        if labels is None and distill < 1.0:
+            raise ConfigError("training on labels (distill < 1) needs labels beside the inputs")
         self.module, self.epochs, self.lr, self.batch_size, self.seed = module, epochs, lr, batch_size, seed
-        self.threads = threads
+        self.threads, self.distill, self.temperature = threads, distill, temperature
+        self.freeze_bn = freeze_bn
         self.inputs = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.labels = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.teacher: torch.Tensor | None = None
         self.bindings: list[Binding] | None = None
         self.original: onnx.ModelProto | None = None
         self.swap = BranchSwap(module)
 
     def start(self, model: onnx.ModelProto) -> None:
-        """Bind the module to ``model``, the one compress starts from, before any channel goes."""
+        """Bind the module to ``model``, the one compress starts from, before any channel goes.
+
+        With ``distill`` > 0 the teacher's logits are ``model``'s on the training inputs.
+        """
         self.bindings = map_initializers(self.module, model)
         self.original = model
+        if self.distill > 0.0:
+            self.teacher = torch.from_numpy(teacher_logits(model, self.inputs.numpy()))
 
     def __call__(self, model: onnx.ModelProto, masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Train on the pruned (or narrowed) ``model`` with ``masks`` held; return the new tensor values."""
@@ -588,10 +623,17 @@ class ClassificationFinetune:
         generator = torch.Generator().manual_seed(self.seed)
         optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
         self.module.train()
+        if self.freeze_bn:  # normalised by the running statistics the ONNX model holds, kept as they are
+            for bn in self.module.modules():
+                if isinstance(bn, _BN):
+                    bn.eval()
         for _ in range(self.epochs):
             for idx in torch.randperm(len(self.inputs), generator=generator).split(self.batch_size):
                 optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(self.module(self.inputs[idx]), self.labels[idx])
+                labels = None if self.labels is None else self.labels[idx]
+                teacher = None if self.teacher is None else self.teacher[idx]
+                logits = self.module(self.inputs[idx])
+                loss = finetune_loss(logits, labels, teacher, self.distill, self.temperature)
                 loss.backward()
                 optimizer.step()
         self.module.eval()

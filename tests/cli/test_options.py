@@ -163,6 +163,8 @@ def sweep_cases(
         "--train": [["--train", calib], ["--train", *missing]],
         "--epochs": [["--epochs", v] for v in ("0", "-1", "abc")],
         "--lr": [["--lr", v] for v in ("nan", "0", "-1", "inf")],
+        "--distill": [["--distill", v] for v in ("nan", "-0.1", "1.5", "abc", "0.5")],  # 0.5: alone
+        "--temperature": [["--temperature", v] for v in ("nan", "0", "-1", "inf", "2")],  # 2: no --distill
         "--merge-tolerance": [["--merge-tolerance", v] for v in ("nan", "-1", "inf")],
         "--select": [["--select", "foo"], ["--select", "obs", "--no-reconstruct"]],
         "--quantize": [["--quantize", v] for v in ("int4", "INT8", "")],
