@@ -383,7 +383,7 @@ def compress_settings(params: Params) -> Settings:
 
 @dataclass(frozen=True)
 class FinetuneArgs:
-    """--finetune, or --torch-model with --train, --epochs, --lr, --distill and --temperature."""
+    """--finetune, or --torch-model with --train, --epochs, --lr, --distill, --temperature, --freeze-bn."""
 
     spec: str | None
     torch_model: str | None
