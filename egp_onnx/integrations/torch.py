@@ -538,8 +538,8 @@ class ClassificationFinetune:
     normalise by the running statistics (the ones the ONNX model holds, which the module then
     computes exactly) and those do not move. Training mode normalises each batch by its own
     statistics and moves the running ones toward the training file's, away from the original
-    the guard compares with. Frozen suits distillation; cross-entropy does better with them
-    training (README, "Finetuning").
+    the guard compares with. Which keeps the original's answers better depends on the model, the
+    loss and the learning rate (measured both ways: README, "Finetuning"): off by default.
 
     ``threads``: torch's intra-op threads while it trains (None: torch's setting). One by default:
     its kernels then run in a fixed order (a rerun gives the same weights), and the small models
