@@ -249,10 +249,9 @@ def sum_blocks(parts: int, count: int) -> list[tuple[int, int]]:
     """
     blocks = [(0, parts)]
     while len(blocks) < min(count, parts):
-        lo, hi = max(blocks, key=lambda b: (b[1] - b[0], -b[0]))
-        mid = (lo + hi) // 2
-        i = blocks.index((lo, hi))
-        blocks[i : i + 1] = [(lo, mid), (mid, hi)]
+        i = max(range(len(blocks)), key=lambda b: blocks[b][1] - blocks[b][0])  # the first largest
+        lo, hi = blocks[i]
+        blocks[i : i + 1] = [(lo, (lo + hi) // 2), ((lo + hi) // 2, hi)]
     return blocks
 
 
@@ -268,9 +267,12 @@ def tree_sum(lo: int, hi: int, known: dict[tuple[int, int], NormalEquations]) ->
         return found
     mid = (lo + hi) // 2
     normal, other = tree_sum(lo, mid, known), tree_sum(mid, hi, known)
-    normal.gram += other.gram
-    normal.cross += other.cross
-    normal.target_sq += other.target_sq
+    # sums that overflowed stay Inf or NaN without a warning, as in NormalEquations.finish: the
+    # refit sees they are not finite (in this process and on a worker alike)
+    with np.errstate(over="ignore", invalid="ignore"):
+        normal.gram += other.gram
+        normal.cross += other.cross
+        normal.target_sq += other.target_sq
     normal.rows += other.rows
     return normal
 

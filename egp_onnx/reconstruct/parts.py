@@ -278,8 +278,7 @@ class _Group(Resident):
             with one_blas_thread():
                 part = part_equations(self.layer, kept, draw.takes, np.random.Generator(bits))
             sums[self.first + i, self.first + i + 1] = part
-        with np.errstate(over="ignore", invalid="ignore"):  # as in NormalEquations.finish
-            return tree_sum(self.first, self.first + len(self.kept), sums)
+        return tree_sum(self.first, self.first + len(self.kept), sums)
 
     def _run(self, layer: LinearLayer, later: Sequence[LinearLayer]) -> None:
         assert self.now is not None and self.then is not None
@@ -485,8 +484,7 @@ class ClusterSums:
         for block, block_sums in zip(self.blocks, sums, strict=True):
             assert block_sums is not None  # drawn as planned: every part summed its rows
             known[block] = block_sums
-        with np.errstate(over="ignore", invalid="ignore"):
-            return in_solver_order(layer, tree_sum(0, len(self.parts), known))
+        return in_solver_order(layer, tree_sum(0, len(self.parts), known))
 
     def _ask(
         self, draw: _Draw | None, sums: bool = False
